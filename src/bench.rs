@@ -1,0 +1,87 @@
+//! `quiver bench tpch`: the same TPC-H queries on a local cluster and on single-node DataFusion,
+//! same data, same process, same run, so that the ratio means something on a noisy machine.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::prelude::SessionContext;
+use futures::TryStreamExt;
+
+use crate::client::Client;
+use crate::cluster::{LocalCluster, LocalOptions};
+use crate::config::{default_parallelism, session_config, CoordinatorConfig, WorkerConfig};
+use crate::tpch;
+
+#[derive(Debug, Clone)]
+pub struct TpchBench {
+    pub sf: f64,
+    pub workers: usize,
+    pub queries: Vec<usize>,
+    pub data_dir: PathBuf,
+    /// Runs per query and engine; the fastest counts.
+    pub iterations: usize,
+}
+
+pub struct Row {
+    pub query: usize,
+    pub single_ms: f64,
+    pub cluster_ms: f64,
+    pub rows: usize,
+}
+
+pub async fn run_tpch(bench: &TpchBench) -> Result<Vec<Row>> {
+    let dir = tpch::generate(&bench.data_dir, bench.sf, tpch::Layout::for_scale(bench.sf))?;
+    let cores = default_parallelism();
+    let single = SessionContext::new_with_config(session_config(cores));
+    for sql in tpch::create_tables_sql(&dir) {
+        single.sql(&sql).await?;
+    }
+    let opts = LocalOptions {
+        workers: bench.workers,
+        worker: WorkerConfig { slots: cores.div_ceil(bench.workers.max(1)).max(1), ..WorkerConfig::default() },
+        coordinator: CoordinatorConfig::default(),
+        data_dir: tempdir()?,
+        listen: "127.0.0.1:0".parse().expect("valid address"),
+    };
+    let cluster = LocalCluster::start(opts.clone()).await?;
+    let client = Client::connect(&cluster.url()).await?;
+    for sql in tpch::create_tables_sql(&dir) {
+        client.collect(&sql).await?;
+    }
+    println!("TPC-H SF {} | {} workers x {} slots | {} cores | best of {}", bench.sf, bench.workers, opts.worker.slots, cores, bench.iterations);
+    println!("{:>5} {:>12} {:>12} {:>7} {:>8}", "query", "single_ms", "cluster_ms", "ratio", "rows");
+    let mut rows = Vec::new();
+    for &q in &bench.queries {
+        let sql = tpch::query_sql(q)?;
+        let (mut single_ms, mut cluster_ms) = (f64::MAX, f64::MAX);
+        let mut counts = (0, 0);
+        for _ in 0..bench.iterations.max(1) {
+            let started = Instant::now();
+            let batches: Vec<RecordBatch> = single.sql(&sql).await?.execute_stream().await?.try_collect().await?;
+            single_ms = single_ms.min(started.elapsed().as_secs_f64() * 1e3);
+            counts.0 = batches.iter().map(|b| b.num_rows()).sum();
+            let started = Instant::now();
+            let (_, batches) = client.collect(&sql).await?;
+            cluster_ms = cluster_ms.min(started.elapsed().as_secs_f64() * 1e3);
+            counts.1 = batches.iter().map(|b| b.num_rows()).sum();
+        }
+        if counts.0 != counts.1 {
+            return Err(DataFusionError::Execution(format!("q{q}: single node returned {} rows, cluster {}", counts.0, counts.1)));
+        }
+        println!("{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>8}", format!("q{q:02}"), single_ms, cluster_ms, cluster_ms / single_ms, counts.0);
+        rows.push(Row { query: q, single_ms, cluster_ms, rows: counts.0 });
+    }
+    let single_total: f64 = rows.iter().map(|r| r.single_ms).sum();
+    let cluster_total: f64 = rows.iter().map(|r| r.cluster_ms).sum();
+    println!("{:>5} {:>12.1} {:>12.1} {:>6.2}x", "total", single_total, cluster_total, cluster_total / single_total);
+    cluster.shutdown().await;
+    Ok(rows)
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("quiver-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

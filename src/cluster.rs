@@ -1,0 +1,88 @@
+//! `quiver local`: a coordinator and N workers in one process, talking over real loopback gRPC.
+//! Tests and benchmarks use it too, so that what they measure is the network path users run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use datafusion::common::{DataFusionError, Result};
+use tokio::net::TcpListener;
+
+use crate::config::{CoordinatorConfig, WorkerConfig};
+use crate::coordinator::Coordinator;
+use crate::worker::Worker;
+
+/// How long `start` waits for every worker to register.
+const REGISTRATION_WAIT_MS: u64 = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    pub workers: usize,
+    pub worker: WorkerConfig,
+    pub coordinator: CoordinatorConfig,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+}
+
+pub struct LocalCluster {
+    pub coordinator: Coordinator,
+    /// Workers by index; `None` once killed or stopped.
+    pub workers: Vec<Option<Worker>>,
+    worker_config: WorkerConfig,
+}
+
+impl LocalCluster {
+    pub async fn start(opts: LocalOptions) -> Result<Self> {
+        let listener = TcpListener::bind(opts.listen).await.map_err(|e| {
+            DataFusionError::Execution(format!("cannot listen on {}: {e}", opts.listen))
+        })?;
+        let coordinator = Coordinator::start(opts.coordinator, &opts.data_dir, listener).await?;
+        let mut cluster = Self { coordinator, workers: vec![], worker_config: opts.worker };
+        for _ in 0..opts.workers {
+            cluster.add_worker().await?;
+        }
+        cluster.wait_for_workers(opts.workers).await?;
+        Ok(cluster)
+    }
+
+    pub fn url(&self) -> String {
+        self.coordinator.url()
+    }
+
+    /// Starts one more worker on an ephemeral loopback port.
+    pub async fn add_worker(&mut self) -> Result<usize> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let worker = Worker::start(self.worker_config.clone(), &self.url(), listener).await?;
+        self.workers.push(Some(worker));
+        Ok(self.workers.len() - 1)
+    }
+
+    /// Waits until `n` workers are registered and alive.
+    pub async fn wait_for_workers(&self, n: usize) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_millis(REGISTRATION_WAIT_MS);
+        loop {
+            let alive = self.coordinator.core.cluster.workers().iter().filter(|w| w.alive).count();
+            if alive >= n {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(DataFusionError::Execution(format!("only {alive} of {n} workers registered")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills worker `i` as a crash would.
+    pub fn kill_worker(&mut self, i: usize) {
+        if let Some(worker) = self.workers.get_mut(i).and_then(Option::take) {
+            worker.kill();
+        }
+    }
+
+    pub async fn shutdown(self) {
+        for worker in self.workers.into_iter().flatten() {
+            worker.shutdown().await;
+        }
+        self.coordinator.shutdown().await;
+    }
+}

@@ -1,0 +1,140 @@
+//! Every limit Quiver enforces, in one place: message sizes, queue depths, timeouts, memory.
+//! Units are part of the names so that a reader never has to guess.
+
+use datafusion::prelude::SessionConfig;
+
+/// Largest gRPC message either side accepts or sends (plans, batches, control messages).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// How long a worker's task poll waits at the coordinator for a Task before answering "none".
+pub const TASK_POLL_WAIT_MS: u64 = 500;
+/// How often a worker tells the coordinator it is alive.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
+/// A worker silent for this long is declared lost and its queries fail.
+pub const WORKER_TIMEOUT_MS: u64 = 3_000;
+/// Pause between a worker's attempts to reach a coordinator that is not up yet.
+pub const REGISTER_RETRY_MS: u64 = 250;
+/// Timeout for connecting to a peer (worker → coordinator, coordinator → worker).
+pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// How many finished queries `quiver.queries` / `quiver.tasks` remember.
+pub const QUERY_HISTORY_MAX: usize = 1_000;
+/// How many Tasks may wait in the coordinator's queue at once (across all queries).
+pub const TASK_QUEUE_MAX: usize = 100_000;
+/// Batches a Stage reader buffers ahead of its consumer.
+pub const READER_BUFFER_BATCHES: usize = 4;
+
+/// How the distributed planner cuts leaf Stages into Tasks.
+#[derive(Debug, Clone)]
+pub struct PlannerConfig {
+    /// Tasks per worker slot a leaf Stage aims for (over-subscription lets fast workers take more).
+    pub tasks_per_slot: usize,
+    /// A Task reads at least this many bytes of input, unless a file is smaller.
+    pub task_min_bytes: u64,
+    /// Upper bound on Tasks in one Stage.
+    pub tasks_per_stage_max: usize,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        Self { tasks_per_slot: 2, task_min_bytes: 16 * 1024 * 1024, tasks_per_stage_max: 4096 }
+    }
+}
+
+impl PlannerConfig {
+    /// Settings that cut even tiny tables into many Tasks; tests use them to exercise the merge.
+    pub fn many_small_tasks() -> Self {
+        Self { tasks_per_slot: 8, task_min_bytes: 1, tasks_per_stage_max: 4096 }
+    }
+}
+
+/// Settings a coordinator starts with.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub planner: PlannerConfig,
+    /// Row-group size of Parquet files written by CREATE TABLE AS / INSERT.
+    pub write_row_group_rows: usize,
+    /// DataFusion's partition count for the parts of a query that run on the coordinator.
+    pub target_partitions: usize,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            planner: PlannerConfig::default(),
+            write_row_group_rows: 1024 * 1024,
+            target_partitions: default_parallelism(),
+        }
+    }
+}
+
+/// Settings a worker starts with.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Tasks this worker runs at once.
+    pub slots: usize,
+    /// Memory budget for executing Tasks and holding their outputs; outputs beyond it spill.
+    pub memory_limit_bytes: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self { slots: default_parallelism(), memory_limit_bytes: 2 * 1024 * 1024 * 1024 }
+    }
+}
+
+pub fn default_parallelism() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+
+/// DataFusion settings shared by the coordinator, the workers and the single-node reference, so
+/// that distributed and single-node results are computed by the same rules.
+pub fn session_config(target_partitions: usize) -> SessionConfig {
+    let mut config = SessionConfig::new()
+        .with_target_partitions(target_partitions.max(1))
+        .with_information_schema(true);
+    let options = config.options_mut();
+    // Partitions of one scan run in different processes: a partition must read exactly its own
+    // files, never steal a sibling's (that duplicates rows across workers).
+    options.execution.enable_file_stream_work_stealing = false;
+    config
+}
+
+/// Parses sizes such as `2GiB`, `512MiB`, `100MB`, `1024`.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("invalid size '{text}'"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit '{other}' in '{text}'")),
+    };
+    Ok((value * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes_with_units() {
+        assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("100").unwrap(), 100);
+        assert_eq!(parse_bytes("1.5kib").unwrap(), 1536);
+        assert!(parse_bytes("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn session_config_disables_file_stream_work_stealing() {
+        let config = session_config(4);
+        assert!(!config.options().execution.enable_file_stream_work_stealing);
+    }
+}

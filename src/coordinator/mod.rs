@@ -1,0 +1,176 @@
+//! The Coordinator: owns the catalog, plans every Query once with DataFusion, cuts it into
+//! Stages and Tasks, hands Tasks to Workers as they poll with free slots, runs the final Stage
+//! and streams the result to the client.
+
+mod catalog;
+mod cluster;
+mod session;
+mod source;
+mod system_tables;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::prelude::SessionContext;
+use prost::Message;
+use tokio::net::TcpListener;
+use tonic::Status;
+
+pub use cluster::{Cluster, QueryRecord, TaskRecord, WorkerRecord};
+
+use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS};
+use crate::protocol::{
+    action, Empty, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, QueryRequest, RegisterWorker,
+    RegisterWorkerResponse, ReleaseQuery, TaskReport,
+};
+use crate::transport::{call, serve, status_from_error, FlightHandler, ServerHandle};
+
+/// Everything a running coordinator holds.
+pub struct Core {
+    pub config: CoordinatorConfig,
+    pub ctx: SessionContext,
+    pub cluster: Arc<Cluster>,
+    peers: Arc<source::Peers>,
+    catalog: catalog::Catalog,
+    /// Serialises catalog changes (DDL and writes) so that each one commits whole.
+    catalog_lock: tokio::sync::Mutex<()>,
+}
+
+impl Core {
+    /// Records a Query's end and frees its outputs on the workers that hold them.
+    fn finish(&self, id: &str, rows: u64, error: Option<&DataFusionError>, cancelled: bool) {
+        let workers = self.cluster.finish_query(id, rows, error, cancelled);
+        match error {
+            Some(e) => tracing::warn!(query = %id, rows, "query failed: {e}"),
+            None => tracing::info!(query = %id, rows, cancelled, "query ended"),
+        }
+        let peers = Arc::clone(&self.peers);
+        let release = ReleaseQuery { query_id: id.to_string() };
+        for url in workers {
+            let (peers, release) = (Arc::clone(&peers), release.clone());
+            tokio::spawn(async move {
+                let peer = peers.get(&url).await;
+                if let Ok(peer) = peer {
+                    if let Err(e) = call::<_, Empty>(&peer, action::RELEASE_QUERY, &release).await {
+                        tracing::debug!(%url, "release of {} failed: {e}", release.query_id);
+                    }
+                }
+            });
+        }
+    }
+
+    /// Runs one SQL statement, as a client would.
+    pub async fn sql(self: &Arc<Self>, sql: &str) -> Result<SendableRecordBatchStream> {
+        session::execute(self, sql).await
+    }
+}
+
+/// A coordinator serving on a socket.
+pub struct Coordinator {
+    pub core: Arc<Core>,
+    server: ServerHandle,
+    monitor: tokio::task::JoinHandle<()>,
+}
+
+impl Coordinator {
+    /// Opens the catalog under `data_dir`, restores its tables and serves on `listener`.
+    pub async fn start(config: CoordinatorConfig, data_dir: &Path, listener: TcpListener) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let data_dir: PathBuf = std::fs::canonicalize(data_dir)?;
+        let mut session = session_config(config.target_partitions);
+        // Quiver cuts files into Task slices itself; whole files keep that cut exact.
+        session.options_mut().optimizer.repartition_file_scans = false;
+        let ctx = SessionContext::new_with_config(session);
+        let cluster = Arc::new(Cluster::default());
+        system_tables::register(&ctx, &cluster)?;
+        let catalog = catalog::Catalog::new(&data_dir);
+        restore_catalog(&ctx, &catalog).await?;
+        let core = Arc::new(Core {
+            config,
+            ctx,
+            cluster: Arc::clone(&cluster),
+            peers: Arc::default(),
+            catalog,
+            catalog_lock: tokio::sync::Mutex::new(()),
+        });
+        let server = serve(Arc::new(Service(Arc::clone(&core))), listener)?;
+        let monitor = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MS));
+            loop {
+                tick.tick().await;
+                cluster.detect_lost_workers();
+            }
+        });
+        tracing::info!(addr = %server.addr, data_dir = %data_dir.display(), "coordinator listening");
+        Ok(Self { core, server, monitor })
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    pub async fn shutdown(self) {
+        self.monitor.abort();
+        self.server.shutdown().await;
+    }
+}
+
+async fn restore_catalog(ctx: &SessionContext, catalog: &catalog::Catalog) -> Result<()> {
+    let mut defs = catalog.load()?;
+    // Views last: they may read the tables.
+    defs.sort_by_key(|d| matches!(d, catalog::TableDef::View { .. }));
+    for def in defs {
+        if let Err(e) = catalog.register(ctx, &def).await {
+            tracing::error!(table = def.name(), "cannot restore table: {e}");
+        }
+    }
+    Ok(())
+}
+
+fn decode<M: Message + Default>(body: &Bytes) -> Result<M, Status> {
+    M::decode(body.clone()).map_err(|e| Status::invalid_argument(format!("malformed message: {e}")))
+}
+
+/// The coordinator's Flight service: client queries and the worker control plane.
+struct Service(Arc<Core>);
+
+#[async_trait::async_trait]
+impl FlightHandler for Service {
+    async fn do_get(&self, ticket: Bytes) -> Result<SendableRecordBatchStream, Status> {
+        let request: QueryRequest = decode(&ticket)?;
+        session::execute(&self.0, &request.sql).await.map_err(|e| status_from_error(&e))
+    }
+
+    async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes, Status> {
+        let core = &self.0;
+        let reply = match name {
+            action::REGISTER_WORKER => {
+                let r: RegisterWorker = decode(&body)?;
+                let worker_id = core.cluster.register_worker(r.address, r.slots, r.memory_limit_bytes);
+                RegisterWorkerResponse { worker_id }.encode_to_vec()
+            }
+            action::HEARTBEAT => {
+                let h: Heartbeat = decode(&body)?;
+                HeartbeatResponse { known: core.cluster.heartbeat(&h.worker_id, h.memory_used_bytes) }.encode_to_vec()
+            }
+            action::POLL_TASK => {
+                let p: PollTask = decode(&body)?;
+                match core.cluster.poll(&p.worker_id).await {
+                    Ok(task) => PollTaskResponse { task, known: true },
+                    Err(()) => PollTaskResponse { task: None, known: false },
+                }
+                .encode_to_vec()
+            }
+            action::REPORT_TASK => {
+                core.cluster.report(decode::<TaskReport>(&body)?);
+                Empty {}.encode_to_vec()
+            }
+            other => return Err(Status::invalid_argument(format!("unknown action '{other}'"))),
+        };
+        Ok(reply.into())
+    }
+}

@@ -1,0 +1,291 @@
+//! Running one SQL statement on the coordinator: DDL against the persistent catalog, writes as
+//! distributed Tasks that each write a Parquet file, and queries as a Stage DAG whose final Stage
+//! streams to the client.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use datafusion::arrow::array::{AsArray, RecordBatch, UInt64Array};
+use datafusion::arrow::datatypes::{Schema, SchemaRef, UInt64Type};
+use datafusion::common::{not_impl_err, plan_err, DataFusionError, Result};
+use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream};
+use datafusion::logical_expr::{DdlStatement, DmlStatement, LogicalPlan, WriteOp};
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{EmptyRecordBatchStream, ExecutionPlan, ExecutionPlanProperties};
+use futures::{Stream, StreamExt, TryStreamExt};
+
+use super::catalog::TableDef;
+use super::cluster::NewTask;
+use super::source::QueryTasks;
+use super::Core;
+use crate::planner::{self, count_schema, DistributeOptions, WriteTarget};
+use crate::protocol::encode_plan;
+
+/// How long a Query that needs workers waits for the first one to register.
+const WORKER_WAIT_MS: u64 = 10_000;
+
+/// Runs one statement; the returned stream is the result. The Query is recorded from start to end.
+pub async fn execute(core: &Arc<Core>, sql: &str) -> Result<SendableRecordBatchStream> {
+    let id = format!("q-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    core.cluster.begin_query(&id, sql);
+    tracing::info!(query = %id, "query started: {}", sql.trim());
+    match run(core, &id, sql).await {
+        Ok(stream) => Ok(Box::pin(QueryStream { inner: stream, rows: 0, core: Some(Arc::clone(core)), id })),
+        Err(error) => {
+            core.finish(&id, 0, Some(&error), false);
+            Err(error)
+        }
+    }
+}
+
+async fn run(core: &Arc<Core>, id: &str, sql: &str) -> Result<SendableRecordBatchStream> {
+    let plan = core.ctx.state().create_logical_plan(sql).await?;
+    match plan {
+        LogicalPlan::Ddl(DdlStatement::CreateExternalTable(c)) => {
+            let (name, skip) = (c.name.table().to_string(), c.if_not_exists);
+            define(core, name, skip, LogicalPlan::Ddl(DdlStatement::CreateExternalTable(c)), |name| {
+                TableDef::External { name, sql: sql.to_string() }
+            })
+            .await
+        }
+        LogicalPlan::Ddl(DdlStatement::CreateView(v)) => {
+            let name = v.name.table().to_string();
+            define(core, name, false, LogicalPlan::Ddl(DdlStatement::CreateView(v)), |name| TableDef::View {
+                name,
+                sql: sql.to_string(),
+            })
+            .await
+        }
+        LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(c)) => {
+            let name = c.name.table().to_string();
+            create_table(core, id, &name, c.input, c.if_not_exists, c.or_replace).await
+        }
+        LogicalPlan::Ddl(DdlStatement::DropTable(d)) => drop_table(core, d.name.table(), d.if_exists).await,
+        LogicalPlan::Ddl(DdlStatement::DropView(d)) => drop_table(core, d.name.table(), d.if_exists).await,
+        LogicalPlan::Dml(DmlStatement { op: WriteOp::Insert(_), table_name, input, .. }) => {
+            let rows = insert(core, id, table_name.table(), &input).await?;
+            Ok(count_stream(rows))
+        }
+        LogicalPlan::Dml(dml) => not_impl_err!("{} is not supported yet; Quiver tables are append-only", dml.op),
+        LogicalPlan::Ddl(other) => not_impl_err!("{} is not supported", other.name()),
+        plan => {
+            let physical = core.ctx.execute_logical_plan(plan).await?.create_physical_plan().await?;
+            run_physical(core, id, physical, None).await
+        }
+    }
+}
+
+/// Executes a catalog definition with DataFusion, then persists it.
+async fn define(
+    core: &Arc<Core>,
+    name: String,
+    if_not_exists: bool,
+    plan: LogicalPlan,
+    def: impl FnOnce(String) -> TableDef,
+) -> Result<SendableRecordBatchStream> {
+    let _catalog = core.catalog_lock.lock().await;
+    let existed = core.ctx.table_exist(name.as_str())?;
+    core.ctx.execute_logical_plan(plan).await?;
+    if !(existed && if_not_exists) {
+        core.catalog.put(def(name))?;
+    }
+    Ok(empty_stream())
+}
+
+async fn create_table(
+    core: &Arc<Core>,
+    id: &str,
+    name: &str,
+    input: Arc<LogicalPlan>,
+    if_not_exists: bool,
+    or_replace: bool,
+) -> Result<SendableRecordBatchStream> {
+    let _catalog = core.catalog_lock.lock().await;
+    let old = core.catalog.get(name)?;
+    if core.ctx.table_exist(name)? {
+        if if_not_exists {
+            return Ok(empty_stream());
+        }
+        if !or_replace {
+            return plan_err!("table '{name}' already exists");
+        }
+    }
+    let schema: Schema = input.schema().as_arrow().clone();
+    let has_rows = !matches!(input.as_ref(), LogicalPlan::EmptyRelation(e) if !e.produce_one_row);
+    let mut segments = vec![];
+    let mut rows = 0;
+    if has_rows {
+        rows = write_segment(core, id, name, &input).await?;
+        segments.extend(commit_segment(core, id, name)?);
+    }
+    let def = TableDef::Managed { name: name.to_string(), schema, segments: segments.clone() };
+    core.catalog.put(def.clone())?;
+    core.catalog.register(&core.ctx, &def).await?;
+    if let Some(TableDef::Managed { segments: old_segments, .. }) = old {
+        for s in old_segments.iter().filter(|s| !segments.contains(s)) {
+            let _ = std::fs::remove_dir_all(core.catalog.table_dir(name).join(s));
+        }
+    }
+    Ok(count_stream(rows))
+}
+
+async fn insert(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan) -> Result<u64> {
+    let _catalog = core.catalog_lock.lock().await;
+    let Some(TableDef::Managed { name, schema, mut segments }) = core.catalog.get(table)? else {
+        return plan_err!("cannot INSERT INTO '{table}': only tables created by Quiver (CREATE TABLE) accept writes");
+    };
+    let rows = write_segment(core, id, table, input).await?;
+    segments.extend(commit_segment(core, id, table)?);
+    let def = TableDef::Managed { name, schema, segments };
+    core.catalog.put(def.clone())?;
+    core.catalog.register(&core.ctx, &def).await?;
+    Ok(rows)
+}
+
+/// Runs `input` as a distributed write into the staging directory of `table`. On failure the
+/// staging directory is removed: nothing of a failed write remains.
+async fn write_segment(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan) -> Result<u64> {
+    let staging = staging_dir(core, id, table);
+    let result = async {
+        let physical = core.ctx.state().create_physical_plan(input).await?;
+        let target = WriteTarget { dir: staging.clone(), row_group_rows: core.config.write_row_group_rows };
+        let stream = run_physical(core, id, physical, Some(target)).await?;
+        let batches: Vec<RecordBatch> = stream.try_collect().await?;
+        Ok::<u64, DataFusionError>(
+            batches.iter().flat_map(|b| b.column(0).as_primitive::<UInt64Type>().iter().flatten()).sum(),
+        )
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+fn staging_dir(core: &Core, id: &str, table: &str) -> std::path::PathBuf {
+    core.catalog.table_dir(table).join(format!(".staging-{id}"))
+}
+
+/// Moves a finished write's files to their segment directory; None when it wrote no file.
+fn commit_segment(core: &Core, id: &str, table: &str) -> Result<Option<String>> {
+    let staging = staging_dir(core, id, table);
+    if !has_files(&staging) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Ok(None);
+    }
+    std::fs::rename(&staging, core.catalog.table_dir(table).join(id))?;
+    Ok(Some(id.to_string()))
+}
+
+fn has_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false)
+}
+
+async fn drop_table(core: &Arc<Core>, name: &str, if_exists: bool) -> Result<SendableRecordBatchStream> {
+    let _catalog = core.catalog_lock.lock().await;
+    if !core.ctx.table_exist(name)? {
+        if if_exists {
+            return Ok(empty_stream());
+        }
+        return plan_err!("table '{name}' does not exist");
+    }
+    let removed = core.catalog.remove(name)?;
+    core.ctx.deregister_table(name)?;
+    if let Some(TableDef::Managed { .. }) = removed {
+        let _ = std::fs::remove_dir_all(core.catalog.table_dir(name));
+    }
+    Ok(empty_stream())
+}
+
+/// Distributes a physical plan, queues its Tasks and starts the final Stage.
+async fn run_physical(
+    core: &Arc<Core>,
+    id: &str,
+    physical: Arc<dyn ExecutionPlan>,
+    write: Option<WriteTarget>,
+) -> Result<SendableRecordBatchStream> {
+    let source = Arc::new(QueryTasks { query_id: id.to_string(), cluster: Arc::clone(&core.cluster), peers: Arc::clone(&core.peers) });
+    let mut opts = DistributeOptions { config: &core.config.planner, total_slots: core.cluster.total_slots(), source, write_dir: write };
+    let mut plan = planner::distribute(Arc::clone(&physical), &opts)?;
+    if plan.is_distributed() && opts.total_slots == 0 {
+        opts.total_slots = core.cluster.wait_for_slots(Duration::from_millis(WORKER_WAIT_MS)).await;
+        if opts.total_slots == 0 {
+            return Err(DataFusionError::Execution(format!(
+                "no live workers after waiting {WORKER_WAIT_MS} ms: start one with `quiver worker --coordinator <url>`"
+            )));
+        }
+        plan = planner::distribute(physical, &opts)?;
+    }
+    if plan.is_distributed() {
+        let mut tasks = Vec::with_capacity(plan.task_count());
+        for stage in &plan.stages {
+            for t in &stage.tasks {
+                let bytes = encode_plan(Arc::clone(&t.plan))?;
+                tasks.push(NewTask { stage: t.stage as u32, task: t.task as u32, summary: t.summary.clone(), plan: bytes });
+            }
+        }
+        core.cluster.submit(id, plan.stages.len() as u32, tasks)?;
+    }
+    let mut root = plan.root;
+    if root.output_partitioning().partition_count() > 1 {
+        root = Arc::new(CoalescePartitionsExec::new(root));
+    }
+    root.execute(0, core.ctx.task_ctx())
+}
+
+fn empty_stream() -> SendableRecordBatchStream {
+    Box::pin(EmptyRecordBatchStream::new(Arc::new(Schema::empty())))
+}
+
+fn count_stream(rows: u64) -> SendableRecordBatchStream {
+    let batch = RecordBatch::try_new(count_schema(), vec![Arc::new(UInt64Array::from(vec![rows]))]);
+    let schema: SchemaRef = count_schema();
+    Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::iter([batch.map_err(Into::into)])))
+}
+
+/// The client's result stream. Records the Query's end when exhausted, failed or dropped.
+struct QueryStream {
+    inner: SendableRecordBatchStream,
+    rows: u64,
+    core: Option<Arc<Core>>,
+    id: String,
+}
+
+impl QueryStream {
+    fn end(&mut self, error: Option<&DataFusionError>, cancelled: bool) {
+        if let Some(core) = self.core.take() {
+            core.finish(&self.id, self.rows, error, cancelled);
+        }
+    }
+}
+
+impl Stream for QueryStream {
+    type Item = Result<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let polled = self.inner.poll_next_unpin(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(batch))) => self.rows += batch.num_rows() as u64,
+            Poll::Ready(Some(Err(e))) => self.end(Some(e), false),
+            Poll::Ready(None) => self.end(None, false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+}
+
+impl RecordBatchStream for QueryStream {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+}
+
+impl Drop for QueryStream {
+    fn drop(&mut self) {
+        self.end(None, true);
+    }
+}

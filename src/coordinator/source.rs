@@ -1,0 +1,101 @@
+//! How the final Stage reads a worker Stage: wait for the Task's outcome, then fetch its output
+//! from the worker that holds it, over Flight.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::{StreamExt, TryStreamExt};
+use prost::Message;
+
+use super::cluster::{outcome_error, Cluster, TaskOutcome};
+use crate::planner::{StageId, StageSource};
+use crate::protocol::OutputTicket;
+use crate::transport::{connect, fetch_batches, Peer};
+
+/// Connections to workers, shared by all Queries.
+#[derive(Default, Debug)]
+pub struct Peers {
+    peers: Mutex<HashMap<String, Peer>>,
+}
+
+impl Peers {
+    pub async fn get(&self, url: &str) -> Result<Peer> {
+        if let Some(peer) = self.peers.lock().expect("peers lock").get(url) {
+            return Ok(peer.clone());
+        }
+        let peer = connect(url).await?;
+        self.peers.lock().expect("peers lock").insert(url.to_string(), peer.clone());
+        Ok(peer)
+    }
+}
+
+/// The [`StageSource`] of one Query.
+pub struct QueryTasks {
+    pub query_id: String,
+    pub cluster: Arc<Cluster>,
+    pub peers: Arc<Peers>,
+}
+
+impl std::fmt::Debug for QueryTasks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QueryTasks({})", self.query_id)
+    }
+}
+
+impl StageSource for QueryTasks {
+    fn open(&self, stage: StageId, task: usize, schema: SchemaRef) -> Result<SendableRecordBatchStream> {
+        let (stage, task) = (stage as u32, task as u32);
+        let mut outcome = self.cluster.subscribe(&self.query_id, stage, task)?;
+        let (cluster, peers, query_id) = (Arc::clone(&self.cluster), Arc::clone(&self.peers), self.query_id.clone());
+        let fetch_schema = Arc::clone(&schema);
+        let open = async move {
+            let outcome = outcome
+                .wait_for(|o| o.is_some())
+                .await
+                .map_err(|_| DataFusionError::Execution(format!("query {query_id} ended")))?
+                .clone()
+                .expect("waited for an outcome");
+            let key = match outcome {
+                TaskOutcome::Succeeded { key, worker_url } => (key, worker_url),
+                TaskOutcome::Failed(error) => return Err(outcome_error(error)),
+            };
+            let peer = peers.get(&key.1).await?;
+            let ticket = OutputTicket { key: Some(key.0) }.encode_to_vec();
+            let batches = fetch_batches(&peer, ticket, Some(fetch_schema)).await?;
+            Ok::<_, DataFusionError>(count_until_done(batches, cluster, query_id, stage, task))
+        };
+        let stream = futures::stream::once(open).try_flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+    }
+}
+
+/// Passes batches through and marks the Task consumed once its output has been read whole.
+fn count_until_done(
+    batches: SendableRecordBatchStream,
+    cluster: Arc<Cluster>,
+    query_id: String,
+    stage: u32,
+    task: u32,
+) -> futures::stream::BoxStream<'static, Result<datafusion::arrow::array::RecordBatch>> {
+    let state = (batches, 0u64, Some((cluster, query_id)));
+    futures::stream::unfold(state, move |(mut batches, bytes, done)| async move {
+        match batches.next().await {
+            Some(Ok(batch)) => {
+                let bytes = bytes + batch.get_array_memory_size() as u64;
+                Some((Ok(batch), (batches, bytes, done)))
+            }
+            Some(Err(e)) => Some((Err(e), (batches, bytes, None))),
+            None => {
+                if let Some((cluster, query_id)) = done {
+                    cluster.mark_consumed(&query_id, stage, task, bytes);
+                }
+                None
+            }
+        }
+    })
+    .boxed()
+}

@@ -1,0 +1,168 @@
+//! `quiver.workers`, `quiver.queries`, `quiver.tasks`: the cluster's state as SQL tables, read
+//! from the coordinator's memory at scan time.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray, TimestampMillisecondArray, UInt32Array, UInt64Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::{MemorySchemaProvider, Session, TableProvider};
+use datafusion::common::Result;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::logical_expr::{Expr, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::SessionContext;
+
+use super::cluster::Cluster;
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Workers,
+    Queries,
+    Tasks,
+}
+
+#[derive(Debug)]
+struct SystemTable {
+    kind: Kind,
+    schema: SchemaRef,
+    cluster: Arc<Cluster>,
+}
+
+pub fn register(ctx: &SessionContext, cluster: &Arc<Cluster>) -> Result<()> {
+    let catalog = ctx.catalog("datafusion").expect("default catalog exists");
+    catalog.register_schema("quiver", Arc::new(MemorySchemaProvider::new()))?;
+    for (name, kind) in [("workers", Kind::Workers), ("queries", Kind::Queries), ("tasks", Kind::Tasks)] {
+        let table = SystemTable { kind, schema: schema(kind), cluster: Arc::clone(cluster) };
+        ctx.register_table(format!("quiver.{name}").as_str(), Arc::new(table))?;
+    }
+    Ok(())
+}
+
+fn timestamp() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+fn schema(kind: Kind) -> SchemaRef {
+    let s = |n: &str| Field::new(n, DataType::Utf8, false);
+    let sn = |n: &str| Field::new(n, DataType::Utf8, true);
+    let u32f = |n: &str| Field::new(n, DataType::UInt32, false);
+    let u64f = |n: &str| Field::new(n, DataType::UInt64, false);
+    let fields = match kind {
+        Kind::Workers => vec![
+            s("worker_id"), s("address"), u32f("slots"), s("state"), Field::new("alive", DataType::Boolean, false),
+            Field::new("last_heartbeat", timestamp(), false), u32f("running_tasks"),
+            u64f("memory_limit_bytes"), u64f("memory_used_bytes"),
+        ],
+        Kind::Queries => vec![
+            s("query_id"), s("sql"), s("state"), s("mode"), u32f("stages"), u32f("tasks"), u32f("workers_used"),
+            u64f("rows"), u64f("bytes_from_workers"), Field::new("started", timestamp(), false), u64f("duration_ms"), sn("error"),
+        ],
+        Kind::Tasks => vec![
+            s("query_id"), u32f("stage"), u32f("task"), u32f("attempt"), sn("worker_id"), s("plan"), s("state"),
+            u64f("rows"), u64f("bytes"), u64f("elapsed_ms"), sn("error"),
+        ],
+    };
+    Arc::new(Schema::new(fields))
+}
+
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn strings<'a>(v: impl Iterator<Item = &'a str>) -> ArrayRef {
+    Arc::new(StringArray::from_iter_values(v))
+}
+
+fn opt_strings<'a>(v: impl Iterator<Item = Option<&'a str>>) -> ArrayRef {
+    Arc::new(StringArray::from_iter(v))
+}
+
+fn u32s(v: impl Iterator<Item = u32>) -> ArrayRef {
+    Arc::new(UInt32Array::from_iter_values(v))
+}
+
+fn u64s(v: impl Iterator<Item = u64>) -> ArrayRef {
+    Arc::new(UInt64Array::from_iter_values(v))
+}
+
+fn stamps(v: impl Iterator<Item = SystemTime>) -> ArrayRef {
+    Arc::new(TimestampMillisecondArray::from_iter_values(v.map(millis)).with_timezone("UTC"))
+}
+
+impl SystemTable {
+    fn batch(&self) -> Result<RecordBatch> {
+        let columns = match self.kind {
+            Kind::Workers => {
+                let w = self.cluster.workers();
+                vec![
+                    strings(w.iter().map(|w| w.id.as_str())),
+                    strings(w.iter().map(|w| w.url.as_str())),
+                    u32s(w.iter().map(|w| w.slots)),
+                    strings(w.iter().map(|w| if w.alive { "alive" } else { "lost" })),
+                    Arc::new(BooleanArray::from_iter(w.iter().map(|w| Some(w.alive)))) as ArrayRef,
+                    stamps(w.iter().map(|w| w.last_heartbeat)),
+                    u32s(w.iter().map(|w| w.running_tasks)),
+                    u64s(w.iter().map(|w| w.memory_limit_bytes)),
+                    u64s(w.iter().map(|w| w.memory_used_bytes)),
+                ]
+            }
+            Kind::Queries => {
+                let q = self.cluster.queries();
+                vec![
+                    strings(q.iter().map(|q| q.id.as_str())),
+                    strings(q.iter().map(|q| q.sql.as_str())),
+                    strings(q.iter().map(|q| q.state)),
+                    strings(q.iter().map(|q| q.mode)),
+                    u32s(q.iter().map(|q| q.stages)),
+                    u32s(q.iter().map(|q| q.tasks)),
+                    u32s(q.iter().map(|q| q.workers_used)),
+                    u64s(q.iter().map(|q| q.rows)),
+                    u64s(q.iter().map(|q| q.bytes_from_workers)),
+                    stamps(q.iter().map(|q| q.started)),
+                    u64s(q.iter().map(|q| q.duration_ms)),
+                    opt_strings(q.iter().map(|q| q.error.as_deref())),
+                ]
+            }
+            Kind::Tasks => {
+                let t = self.cluster.tasks();
+                vec![
+                    strings(t.iter().map(|t| t.key.query_id.as_str())),
+                    u32s(t.iter().map(|t| t.key.stage)),
+                    u32s(t.iter().map(|t| t.key.task)),
+                    u32s(t.iter().map(|t| t.key.attempt)),
+                    opt_strings(t.iter().map(|t| t.worker_id.as_deref())),
+                    strings(t.iter().map(|t| t.plan.as_str())),
+                    strings(t.iter().map(|t| t.state.as_str())),
+                    u64s(t.iter().map(|t| t.rows)),
+                    u64s(t.iter().map(|t| t.bytes)),
+                    u64s(t.iter().map(|t| t.elapsed_ms)),
+                    opt_strings(t.iter().map(|t| t.error.as_deref())),
+                ]
+            }
+        };
+        Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for SystemTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let batch = self.batch()?;
+        Ok(MemorySourceConfig::try_new_exec(&[vec![batch]], self.schema(), projection.cloned())?)
+    }
+}

@@ -1,0 +1,261 @@
+//! The `quiver` binary: command-line glue over the library. No logic lives here.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use datafusion::common::{DataFusionError, Result};
+use quiver::bench::{run_tpch, TpchBench};
+use quiver::client::{split_statements, Client};
+use quiver::cluster::{LocalCluster, LocalOptions};
+use quiver::config::{parse_bytes, CoordinatorConfig, WorkerConfig};
+use quiver::coordinator::Coordinator;
+use quiver::format::{self, Format};
+use quiver::tpch;
+use quiver::worker::Worker;
+
+#[derive(Parser)]
+#[command(name = "quiver", version, about = "Quiver: distributed SQL on DataFusion and Arrow Flight")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Input {
+    /// Run these SQL statements and exit.
+    #[arg(short = 'c', long = "command")]
+    command: Option<String>,
+    /// Run the SQL statements in this file and exit.
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a coordinator.
+    Coordinator {
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        listen: SocketAddr,
+        /// Where the catalog and the tables Quiver writes live.
+        #[arg(long, default_value = "quiver-data")]
+        data_dir: PathBuf,
+    },
+    /// Run a worker that pulls Tasks from a coordinator.
+    Worker {
+        #[arg(long, default_value = "http://127.0.0.1:50050")]
+        coordinator: String,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Tasks run at once (default: the number of cores).
+        #[arg(long)]
+        slots: Option<usize>,
+        /// Memory for executing Tasks and holding their outputs, e.g. 2GiB.
+        #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
+        memory_limit: u64,
+    },
+    /// Run a coordinator and N workers in this process, over loopback gRPC.
+    Local {
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Generate TPC-H data at this scale factor (cached) and register its 8 tables.
+        #[arg(long)]
+        tpch: Option<f64>,
+        #[arg(long, default_value = "quiver-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        listen: SocketAddr,
+        /// Keep serving outside clients until interrupted.
+        #[arg(long)]
+        serve: bool,
+        #[command(flatten)]
+        input: Input,
+    },
+    /// Send SQL to a coordinator.
+    Sql {
+        #[arg(long, default_value = "http://127.0.0.1:50050")]
+        coordinator: String,
+        #[command(flatten)]
+        input: Input,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        bench: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// TPC-H on a local cluster against single-node DataFusion, side by side.
+    Tpch {
+        #[arg(long, default_value_t = 1.0)]
+        sf: f64,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Comma-separated query numbers (default: all 22).
+        #[arg(long, value_delimiter = ',')]
+        queries: Option<Vec<usize>>,
+        #[arg(long, default_value = "quiver-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        iterations: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet = matches!(cli.command, Command::Sql { .. } | Command::Bench { .. })
+        || matches!(&cli.command, Command::Local { input, serve: false, .. } if input.command.is_some() || input.file.is_some());
+    init_logging(if quiet { "warn" } else { "info" });
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Coordinator { listen, data_dir } => {
+            let listener = bind(listen).await?;
+            let coordinator = Coordinator::start(CoordinatorConfig::default(), &data_dir, listener).await?;
+            eprintln!("coordinator listening on {}", coordinator.url());
+            wait_for_ctrl_c().await;
+            coordinator.shutdown().await;
+        }
+        Command::Worker { coordinator, listen, slots, memory_limit } => {
+            let config = WorkerConfig { slots: slots.unwrap_or_else(quiver::config::default_parallelism), memory_limit_bytes: memory_limit };
+            let worker = Worker::start(config, &coordinator, bind(listen).await?).await?;
+            eprintln!("worker serving on {}", worker.url());
+            wait_for_ctrl_c().await;
+            worker.shutdown().await;
+        }
+        Command::Local { workers, tpch: sf, data_dir, listen, serve, input } => {
+            let opts = LocalOptions {
+                workers,
+                worker: WorkerConfig { slots: quiver::config::default_parallelism().div_ceil(workers.max(1)).max(1), ..WorkerConfig::default() },
+                coordinator: CoordinatorConfig::default(),
+                data_dir: data_dir.clone(),
+                listen,
+            };
+            let cluster = LocalCluster::start(opts).await?;
+            let client = Client::connect(&cluster.url()).await?;
+            if let Some(sf) = sf {
+                let dir = tpch::generate(&data_dir, sf, tpch::Layout::for_scale(sf))?;
+                for sql in tpch::create_tables_sql(&dir) {
+                    client.collect(&sql).await?;
+                }
+            }
+            let result = if serve {
+                eprintln!("quiver local: {workers} workers, coordinator at {}; Ctrl-C to stop", cluster.url());
+                wait_for_ctrl_c().await;
+                Ok(())
+            } else {
+                run_input(&client, &input).await
+            };
+            cluster.shutdown().await;
+            result?;
+        }
+        Command::Sql { coordinator, input } => {
+            let client = Client::connect(&coordinator).await?;
+            run_input(&client, &input).await?;
+        }
+        Command::Bench { bench: BenchCommand::Tpch { sf, workers, queries, data_dir, iterations } } => {
+            let queries = queries.unwrap_or_else(|| (1..=22).collect());
+            run_tpch(&TpchBench { sf, workers, queries, data_dir, iterations }).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| DataFusionError::Execution(format!("cannot listen on {addr}: {e}")))
+}
+
+async fn wait_for_ctrl_c() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn run_input(client: &Client, input: &Input) -> Result<()> {
+    let script = match (&input.command, &input.file) {
+        (Some(sql), _) => sql.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| DataFusionError::Execution(format!("cannot read {}: {e}", path.display())))?,
+        (None, None) => return repl(client, input.format).await,
+    };
+    for statement in split_statements(&script)? {
+        run_statement(client, &statement, input.format).await?;
+    }
+    Ok(())
+}
+
+async fn run_statement(client: &Client, sql: &str, format: Format) -> Result<()> {
+    let (schema, batches) = client.collect(sql).await?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    format::write(&mut out, format, &schema, &batches)?;
+    out.flush().map_err(|e| DataFusionError::External(Box::new(e)))
+}
+
+/// A line-oriented REPL: statements end with `;`, `\q` quits. Errors are printed, not fatal.
+async fn repl(client: &Client, format: Format) -> Result<()> {
+    let interactive = std::io::stdin().is_terminal();
+    let mut buffer = String::new();
+    let mut failed = false;
+    let prompt = |buffer: &str| {
+        if interactive {
+            eprint!("{}", if buffer.is_empty() { "quiver> " } else { "   ...> " });
+        }
+    };
+    prompt(&buffer);
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| DataFusionError::External(Box::new(e)))?;
+        if buffer.is_empty() && matches!(line.trim(), "\\q" | "quit" | "exit") {
+            break;
+        }
+        buffer.push_str(&line);
+        buffer.push('\n');
+        if line.trim_end().ends_with(';') {
+            let script = std::mem::take(&mut buffer);
+            let result = match split_statements(&script) {
+                Ok(statements) => {
+                    let mut result = Ok(());
+                    for s in statements {
+                        result = run_statement(client, &s, format).await;
+                        if result.is_err() {
+                            break;
+                        }
+                    }
+                    result
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                eprintln!("Error: {e}");
+                failed = true;
+            }
+        }
+        prompt(&buffer);
+    }
+    if failed && !interactive {
+        return Err(DataFusionError::Execution("some statements failed".into()));
+    }
+    Ok(())
+}

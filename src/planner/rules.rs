@@ -1,0 +1,153 @@
+//! Which operators may run inside a Task, and how a Task's plan is derived from a Stage's.
+//!
+//! An operator is *task-local* when running it on every slice of its input separately and
+//! concatenating the outputs equals running it once on the whole input: filters, projections,
+//! partial aggregates, per-partition sorts and limits. A subtree made only of task-local operators
+//! over one file scan can be cut into Tasks by cutting its scan's files.
+
+use std::sync::Arc;
+
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::{internal_err, Result};
+use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
+use datafusion::datasource::physical_plan::{FileScanConfig, FileScanConfigBuilder};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+#[allow(deprecated)]
+use datafusion::physical_plan::coalesce_batches::CoalesceBatchesExec;
+use datafusion::physical_plan::coop::CooperativeExec;
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::limit::LocalLimitExec;
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::{replace_children_if_necessary, ExecutionPlan, ExecutionPlanProperties, Partitioning};
+
+use super::split::TaskSlice;
+
+/// Returns the file scan config of a DataSourceExec over files, if `plan` is one.
+pub(super) fn file_scan(plan: &dyn ExecutionPlan) -> Option<&FileScanConfig> {
+    let exec = plan.downcast_ref::<DataSourceExec>()?;
+    exec.data_source().downcast_ref::<FileScanConfig>()
+}
+
+/// True when `plan` is a chain of task-local operators ending in exactly one file scan.
+pub(super) fn is_task_local_tree(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    if file_scan(plan.as_ref()).is_some() {
+        return !reads_scalar_subquery(plan.as_ref());
+    }
+    let children = plan.children();
+    children.len() == 1
+        && is_task_local_operator(plan.as_ref())
+        && !reads_scalar_subquery(plan.as_ref())
+        && is_task_local_tree(children[0])
+}
+
+/// A limit inside a Task limits only that Task's slice. That is still exact when every
+/// operator above the limit keeps or reorders rows without dropping any, because the final
+/// Stage applies the limit again after merging ([`chain_fetch`]). Above a filter or an
+/// aggregate it is not, and the subtree must not be cut there.
+pub(super) fn limits_are_restorable(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let mut dropping_rows_above = false;
+    let mut node = Some(plan);
+    while let Some(current) = node {
+        if current.fetch().is_some() && dropping_rows_above {
+            return false;
+        }
+        dropping_rows_above |= !keeps_all_rows(current.as_ref());
+        node = current.children().into_iter().next();
+    }
+    true
+}
+
+#[allow(deprecated)]
+fn keeps_all_rows(plan: &dyn ExecutionPlan) -> bool {
+    plan.is::<ProjectionExec>()
+        || plan.is::<CoalesceBatchesExec>()
+        || plan.is::<CooperativeExec>()
+        || plan.is::<RepartitionExec>()
+        || plan.is::<SortExec>()
+        || plan.is::<LocalLimitExec>()
+        || file_scan(plan).is_some()
+}
+
+/// The smallest limit in a task-local chain that held for a single partition, i.e. for the
+/// whole input (a round-robin repartition above it only spread its rows): the merged Task
+/// outputs must be cut to it again.
+pub(super) fn chain_fetch(plan: &Arc<dyn ExecutionPlan>) -> Option<usize> {
+    let here = plan.fetch().filter(|_| plan.output_partitioning().partition_count() == 1);
+    let below = plan.children().into_iter().next().and_then(chain_fetch);
+    match (here, below) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Scalar subquery results are computed by a `ScalarSubqueryExec` above; an expression that
+/// reads one can only run where that operator runs (the final Stage).
+fn reads_scalar_subquery(plan: &dyn ExecutionPlan) -> bool {
+    let mut found = false;
+    let _ = plan.apply_expressions(&mut |expr| {
+        expr.apply(|e| {
+            found |= e.is::<ScalarSubqueryExpr>();
+            Ok(if found { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+        })
+    });
+    found
+}
+
+#[allow(deprecated)]
+fn is_task_local_operator(plan: &dyn ExecutionPlan) -> bool {
+    if let Some(agg) = plan.downcast_ref::<AggregateExec>() {
+        return *agg.mode() == AggregateMode::Partial;
+    }
+    if let Some(sort) = plan.downcast_ref::<SortExec>() {
+        return sort.preserve_partitioning();
+    }
+    if let Some(repartition) = plan.downcast_ref::<RepartitionExec>() {
+        // Round-robin only spreads work over threads; it is dropped from Task plans.
+        return matches!(repartition.partitioning(), Partitioning::RoundRobinBatch(_))
+            && !repartition.preserve_order();
+    }
+    plan.is::<FilterExec>()
+        || plan.is::<ProjectionExec>()
+        || plan.is::<CoalesceBatchesExec>()
+        || plan.is::<LocalLimitExec>()
+        || plan.is::<CooperativeExec>()
+}
+
+/// Rebuilds a task-local subtree so that it reads only `slice` and has one output partition.
+pub(super) fn task_plan(plan: &Arc<dyn ExecutionPlan>, slice: &TaskSlice) -> Result<Arc<dyn ExecutionPlan>> {
+    if let Some(config) = file_scan(plan.as_ref()) {
+        let config = FileScanConfigBuilder::from(config.clone())
+            .with_file_groups(vec![slice.group.clone()])
+            .build();
+        return Ok(DataSourceExec::from_data_source(config));
+    }
+    let children = plan.children();
+    let [child] = children.as_slice() else {
+        return internal_err!("task plan over {} with {} children", plan.name(), children.len());
+    };
+    let child = task_plan(child, slice)?;
+    if plan.is::<RepartitionExec>() {
+        return Ok(child);
+    }
+    replace_children_if_necessary(Arc::clone(plan), vec![child])
+}
+
+/// "AggregateExec(Partial) ← FilterExec ← DataSourceExec" for Task summaries.
+#[allow(deprecated)]
+pub(super) fn operator_chain(plan: &Arc<dyn ExecutionPlan>) -> String {
+    let mut names = Vec::new();
+    let mut node = Some(plan);
+    while let Some(current) = node {
+        if !current.is::<RepartitionExec>() && !current.is::<CooperativeExec>() && !current.is::<CoalesceBatchesExec>() {
+            names.push(match current.downcast_ref::<AggregateExec>() {
+                Some(agg) => format!("{}({:?})", current.name(), agg.mode()),
+                None => current.name().to_string(),
+            });
+        }
+        node = current.children().into_iter().next();
+    }
+    names.join(" <- ")
+}

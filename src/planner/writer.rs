@@ -1,0 +1,136 @@
+//! [`TaskWriterExec`]: writes its input to one Parquet file and returns the row count. Workers
+//! run it inside write Tasks (one file per Task); the coordinator runs it when the last Stage of
+//! a write is its own.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock};
+
+use datafusion::arrow::array::{RecordBatch, UInt64Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::{internal_err, DataFusionError, Result};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::parquet::arrow::AsyncArrowWriter;
+use datafusion::parquet::file::properties::WriterProperties;
+use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning, PlanProperties,
+};
+use futures::StreamExt;
+
+static COUNT_SCHEMA: LazyLock<SchemaRef> =
+    LazyLock::new(|| Arc::new(Schema::new(vec![Field::new("count", DataType::UInt64, false)])));
+
+/// The schema of every write's result: one `count` column, as DataFusion's own DML returns.
+pub fn count_schema() -> SchemaRef {
+    Arc::clone(&COUNT_SCHEMA)
+}
+
+#[derive(Debug)]
+pub struct TaskWriterExec {
+    input: Arc<dyn ExecutionPlan>,
+    path: PathBuf,
+    row_group_rows: usize,
+    properties: Arc<PlanProperties>,
+}
+
+impl TaskWriterExec {
+    pub fn new(input: Arc<dyn ExecutionPlan>, path: PathBuf, row_group_rows: usize) -> Self {
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(count_schema()),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        );
+        Self { input, path, row_group_rows, properties: Arc::new(properties) }
+    }
+
+    pub fn path(&self) -> &PathBuf {
+        &self.path
+    }
+
+    pub fn row_group_rows(&self) -> usize {
+        self.row_group_rows
+    }
+
+    pub fn input(&self) -> &Arc<dyn ExecutionPlan> {
+        &self.input
+    }
+}
+
+impl DisplayAs for TaskWriterExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "TaskWriterExec: path={}", self.path.display())
+    }
+}
+
+impl ExecutionPlan for TaskWriterExec {
+    fn name(&self) -> &str {
+        "TaskWriterExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn datafusion::physical_expr::PhysicalExpr>) -> Result<datafusion::common::tree_node::TreeNodeRecursion>,
+    ) -> Result<datafusion::common::tree_node::TreeNodeRecursion> {
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn with_new_children(self: Arc<Self>, mut children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
+        if children.len() != 1 {
+            return internal_err!("TaskWriterExec takes one child");
+        }
+        Ok(Arc::new(Self::new(children.remove(0), self.path.clone(), self.row_group_rows)))
+    }
+
+    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+        if partition != 0 || self.input.output_partitioning().partition_count() != 1 {
+            return internal_err!("TaskWriterExec writes exactly one input partition");
+        }
+        let input = self.input.execute(0, context)?;
+        let write = write_parquet(input, self.path.clone(), self.row_group_rows);
+        let stream = futures::stream::once(write);
+        Ok(Box::pin(RecordBatchStreamAdapter::new(count_schema(), stream)))
+    }
+}
+
+/// Writes the stream to `path` (no file for an empty input) and returns `count` as a batch.
+async fn write_parquet(mut input: SendableRecordBatchStream, path: PathBuf, row_group_rows: usize) -> Result<RecordBatch> {
+    let mut writer = None;
+    let mut rows = 0u64;
+    while let Some(batch) = input.next().await {
+        let batch = batch?;
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        if writer.is_none() {
+            writer = Some(open_writer(&path, input.schema(), row_group_rows).await?);
+        }
+        rows += batch.num_rows() as u64;
+        writer.as_mut().expect("opened above").write(&batch).await?;
+    }
+    if let Some(writer) = writer {
+        writer.close().await?;
+    }
+    let counts = UInt64Array::from(vec![rows]);
+    Ok(RecordBatch::try_new(count_schema(), vec![Arc::new(counts)])?)
+}
+
+async fn open_writer(path: &PathBuf, schema: SchemaRef, row_group_rows: usize) -> Result<AsyncArrowWriter<tokio::fs::File>> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await.map_err(|e| DataFusionError::External(Box::new(e)))?;
+    }
+    let file = tokio::fs::File::create(path).await.map_err(|e| DataFusionError::External(Box::new(e)))?;
+    let props = WriterProperties::builder().set_max_row_group_row_count(Some(row_group_rows.max(1))).build();
+    Ok(AsyncArrowWriter::try_new(file, schema, Some(props))?)
+}

@@ -1,0 +1,169 @@
+//! Control-plane messages. Field tags are the wire contract: never reuse or renumber one.
+
+use std::fmt;
+
+/// Names of the Flight actions the coordinator serves.
+pub mod action {
+    pub const REGISTER_WORKER: &str = "register_worker";
+    pub const HEARTBEAT: &str = "heartbeat";
+    pub const POLL_TASK: &str = "poll_task";
+    pub const REPORT_TASK: &str = "report_task";
+    /// Served by workers: drop a Query's outputs and stop its running Tasks.
+    pub const RELEASE_QUERY: &str = "release_query";
+}
+
+/// Identifies one Attempt of one Task: the unit a worker runs and stores output for.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Message)]
+pub struct TaskKey {
+    #[prost(string, tag = "1")]
+    pub query_id: String,
+    #[prost(uint32, tag = "2")]
+    pub stage: u32,
+    #[prost(uint32, tag = "3")]
+    pub task: u32,
+    #[prost(uint32, tag = "4")]
+    pub attempt: u32,
+}
+
+impl fmt::Display for TaskKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/stage-{}/task-{}/attempt-{}", self.query_id, self.stage, self.task, self.attempt)
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RegisterWorker {
+    /// Address other processes reach this worker's Flight service at, e.g. `http://127.0.0.1:4100`.
+    #[prost(string, tag = "1")]
+    pub address: String,
+    #[prost(uint32, tag = "2")]
+    pub slots: u32,
+    #[prost(uint64, tag = "3")]
+    pub memory_limit_bytes: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RegisterWorkerResponse {
+    #[prost(string, tag = "1")]
+    pub worker_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Heartbeat {
+    #[prost(string, tag = "1")]
+    pub worker_id: String,
+    #[prost(uint32, tag = "2")]
+    pub running_tasks: u32,
+    #[prost(uint64, tag = "3")]
+    pub memory_used_bytes: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeartbeatResponse {
+    /// False when the coordinator does not know the worker (it restarted, or declared the
+    /// worker lost): the worker registers again.
+    #[prost(bool, tag = "1")]
+    pub known: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PollTask {
+    #[prost(string, tag = "1")]
+    pub worker_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PollTaskResponse {
+    #[prost(message, optional, tag = "1")]
+    pub task: Option<TaskAssignment>,
+    /// False when the coordinator does not know the worker.
+    #[prost(bool, tag = "2")]
+    pub known: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TaskAssignment {
+    #[prost(message, optional, tag = "1")]
+    pub key: Option<TaskKey>,
+    /// The Task's physical plan, encoded by [`super::encode_plan`].
+    #[prost(bytes = "vec", tag = "2")]
+    pub plan: Vec<u8>,
+}
+
+/// Where an Attempt is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, prost::Enumeration)]
+#[repr(i32)]
+pub enum TaskState {
+    Queued = 0,
+    Running = 1,
+    Succeeded = 2,
+    Failed = 3,
+    Cancelled = 4,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled)
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TaskReport {
+    #[prost(message, optional, tag = "1")]
+    pub key: Option<TaskKey>,
+    #[prost(string, tag = "2")]
+    pub worker_id: String,
+    #[prost(enumeration = "TaskState", tag = "3")]
+    pub state: i32,
+    #[prost(uint64, tag = "4")]
+    pub rows: u64,
+    #[prost(uint64, tag = "5")]
+    pub bytes: u64,
+    #[prost(uint64, tag = "6")]
+    pub elapsed_ms: u64,
+    #[prost(message, optional, tag = "7")]
+    pub error: Option<RemoteError>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Empty {}
+
+/// A DataFusionError carried across the network with its kind, so that the receiver can
+/// rebuild the same variant.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RemoteError {
+    #[prost(string, tag = "1")]
+    pub kind: String,
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReleaseQuery {
+    #[prost(string, tag = "1")]
+    pub query_id: String,
+}
+
+/// A client's request to run one SQL statement; carried in a Flight ticket.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct QueryRequest {
+    #[prost(string, tag = "1")]
+    pub sql: String,
+}
+
+/// Ticket of a Task output, as served by the worker that produced it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OutputTicket {
+    #[prost(message, optional, tag = "1")]
+    pub key: Option<TaskKey>,
+}

@@ -1,0 +1,13 @@
+//! The messages Quiver's processes exchange, and how plans and errors become bytes.
+//!
+//! Control messages are protobuf (prost) structs carried in Arrow Flight actions and tickets;
+//! Task plans are DataFusion physical plans encoded with datafusion-proto plus [`QuiverCodec`]
+//! for Quiver's own plan nodes. Workers decode plans; they never see SQL and never re-plan.
+
+mod codec;
+mod error;
+mod messages;
+
+pub use codec::{decode_plan, encode_plan, QuiverCodec};
+pub use error::{error_from_remote, error_to_remote};
+pub use messages::*;

@@ -1,0 +1,126 @@
+//! Flight clients: connecting with limits, one-shot actions, and fetching batch streams.
+
+use std::time::Duration;
+
+use arrow_flight::{Action, FlightClient, Ticket};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::{StreamExt, TryStreamExt};
+use prost::Message;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{error_from_flight, error_from_status};
+use crate::config::{CONNECT_TIMEOUT_MS, MAX_MESSAGE_BYTES};
+
+/// A connection to another Quiver process. Cheap to clone: clones share the HTTP/2 channel.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub url: String,
+    channel: Channel,
+}
+
+impl Peer {
+    fn client(&self) -> FlightClient {
+        let inner = arrow_flight::flight_service_client::FlightServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        FlightClient::new_from_inner(inner)
+    }
+}
+
+/// Connects to `url` (`http://host:port`), failing after [`CONNECT_TIMEOUT_MS`].
+pub async fn connect(url: &str) -> Result<Peer> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| DataFusionError::Configuration(format!("invalid address '{url}': {e}")))?
+        .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+        .tcp_nodelay(true);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| DataFusionError::Execution(format!("cannot reach {url}: {}", source_chain(&e))))?;
+    Ok(Peer { url: url.to_string(), channel })
+}
+
+/// A connection that is made on first use and remade after failures: what a worker keeps to a
+/// coordinator that may not be up yet or may restart.
+pub fn connect_lazy(url: &str) -> Result<Peer> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| DataFusionError::Configuration(format!("invalid address '{url}': {e}")))?
+        .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+        .tcp_nodelay(true);
+    Ok(Peer { url: url.to_string(), channel: endpoint.connect_lazy() })
+}
+
+/// Sends one action and decodes its reply.
+pub async fn call<Req: Message, Resp: Message + Default>(peer: &Peer, action: &str, request: &Req) -> Result<Resp> {
+    let action = Action::new(action, request.encode_to_vec());
+    let mut replies = peer.client().do_action(action).await.map_err(|e| unreachable_or(peer, e))?;
+    let body = match replies.next().await {
+        Some(reply) => reply.map_err(|e| unreachable_or(peer, e))?,
+        None => return Err(DataFusionError::Execution(format!("{} sent no reply", peer.url))),
+    };
+    // Read the stream to its end: dropping it early resets the HTTP/2 stream, and servers
+    // treat many resets as abuse and close the connection.
+    while replies.next().await.is_some() {}
+    Resp::decode(body).map_err(|e| DataFusionError::Execution(format!("malformed reply from {}: {e}", peer.url)))
+}
+
+/// Fetches the batch stream a ticket names. Errors in the stream keep their kind.
+pub async fn fetch_batches(peer: &Peer, ticket: Vec<u8>, schema: Option<SchemaRef>) -> Result<SendableRecordBatchStream> {
+    let stream = peer.client().do_get(Ticket::new(ticket)).await.map_err(|e| unreachable_or(peer, e))?;
+    let mut decoder = stream.into_inner();
+    let schema = match schema {
+        Some(schema) => schema,
+        None => first_schema(&mut decoder).await?,
+    };
+    let stream = arrow_flight::decode::FlightRecordBatchStream::new(decoder);
+    let url = peer.url.clone();
+    let batches = stream.map_err(move |e| {
+        let error = error_from_flight(e);
+        if matches!(error, DataFusionError::Execution(_)) {
+            DataFusionError::Execution(format!("{error} (from {url})"))
+        } else {
+            error
+        }
+    });
+    Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
+}
+
+/// Waits for the schema message that opens every Quiver stream.
+async fn first_schema(inner: &mut arrow_flight::decode::FlightDataDecoder) -> Result<SchemaRef> {
+    use arrow_flight::decode::DecodedPayload;
+    loop {
+        match inner.next().await {
+            Some(Ok(data)) => {
+                if let DecodedPayload::Schema(schema) = data.payload {
+                    return Ok(schema);
+                }
+            }
+            Some(Err(e)) => return Err(error_from_flight(e)),
+            None => return Err(DataFusionError::Execution("stream ended before its schema".into())),
+        }
+    }
+}
+
+fn unreachable_or(peer: &Peer, error: arrow_flight::error::FlightError) -> DataFusionError {
+    match &error {
+        arrow_flight::error::FlightError::Tonic(status) if status.code() == tonic::Code::Unavailable => {
+            DataFusionError::Execution(format!("{} is unreachable: {}", peer.url, status.message()))
+        }
+        arrow_flight::error::FlightError::Tonic(status) => error_from_status(status),
+        _ => error_from_flight(error),
+    }
+}
+
+fn source_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}

@@ -1,0 +1,52 @@
+//! The only module that speaks gRPC: Arrow Flight servers and clients, message limits, and the
+//! mapping of errors to gRPC statuses and back.
+//!
+//! Both the coordinator and the worker serve Flight through [`FlightHandler`], which reduces the
+//! Flight service to the two calls Quiver uses: `do_get` (a stream of record batches) and
+//! `do_action` (one protobuf request, one protobuf reply).
+
+mod client;
+mod server;
+
+pub use client::{call, connect, connect_lazy, fetch_batches, Peer};
+pub use server::{serve, FlightHandler, ServerHandle};
+
+use arrow_flight::error::FlightError;
+use datafusion::common::DataFusionError;
+use tonic::{Code, Status};
+
+/// How a DataFusionError travels as a gRPC status: the code keeps its kind.
+pub fn status_from_error(error: &DataFusionError) -> Status {
+    let root = error.find_root();
+    let code = match root {
+        DataFusionError::Plan(_) | DataFusionError::SQL(..) | DataFusionError::SchemaError(..) => Code::InvalidArgument,
+        DataFusionError::NotImplemented(_) => Code::Unimplemented,
+        DataFusionError::ResourcesExhausted(_) => Code::ResourceExhausted,
+        DataFusionError::Configuration(_) => Code::FailedPrecondition,
+        DataFusionError::Internal(_) => Code::Internal,
+        _ => Code::Aborted,
+    };
+    Status::new(code, root.message().into_owned())
+}
+
+/// The reverse of [`status_from_error`].
+pub fn error_from_status(status: &Status) -> DataFusionError {
+    let message = status.message().to_string();
+    match status.code() {
+        Code::InvalidArgument => DataFusionError::Plan(message),
+        Code::Unimplemented => DataFusionError::NotImplemented(message),
+        Code::ResourceExhausted => DataFusionError::ResourcesExhausted(message),
+        Code::FailedPrecondition => DataFusionError::Configuration(message),
+        Code::Internal => DataFusionError::Internal(message),
+        Code::Aborted => DataFusionError::Execution(message),
+        code => DataFusionError::Execution(format!("{message} ({code:?})")),
+    }
+}
+
+pub fn error_from_flight(error: FlightError) -> DataFusionError {
+    match error {
+        FlightError::Tonic(status) => error_from_status(&status),
+        FlightError::Arrow(e) => DataFusionError::ArrowError(Box::new(e), None),
+        other => DataFusionError::Execution(other.to_string()),
+    }
+}

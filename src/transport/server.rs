@@ -1,0 +1,159 @@
+//! A Flight server over a [`FlightHandler`], with Quiver's message limits and clean shutdown.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo, HandshakeRequest,
+    HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+};
+use bytes::Bytes;
+use datafusion::execution::SendableRecordBatchStream;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::status_from_error;
+use crate::config::MAX_MESSAGE_BYTES;
+
+/// What a Quiver process serves over Flight.
+#[async_trait::async_trait]
+pub trait FlightHandler: Send + Sync + 'static {
+    /// Streams the batches a ticket names.
+    async fn do_get(&self, ticket: Bytes) -> Result<SendableRecordBatchStream, Status>;
+    /// Answers one action; the reply is an encoded protobuf message.
+    async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes, Status>;
+}
+
+/// A running server; dropping the handle leaves it running, [`ServerHandle::shutdown`] stops it.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl ServerHandle {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = self.task.await;
+    }
+
+    /// Stops accepting and drops every connection at once, as a crash would.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+/// Serves `handler` on `listener` until shut down.
+pub fn serve<H: FlightHandler>(handler: Arc<H>, listener: TcpListener) -> std::io::Result<ServerHandle> {
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let service = FlightServiceServer::new(FlightAdapter { handler })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let task = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(%addr, "flight server stopped: {e}");
+        }
+    });
+    Ok(ServerHandle { addr, stop: Some(stop), task })
+}
+
+struct FlightAdapter<H> {
+    handler: Arc<H>,
+}
+
+type Stream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn unsupported<T>(what: &str) -> Result<T, Status> {
+    Err(Status::unimplemented(format!("Flight call {what} is not served by Quiver")))
+}
+
+#[async_trait::async_trait]
+impl<H: FlightHandler> FlightService for FlightAdapter<H> {
+    type HandshakeStream = Stream<HandshakeResponse>;
+    type ListFlightsStream = Stream<FlightInfo>;
+    type DoGetStream = Stream<FlightData>;
+    type DoPutStream = Stream<PutResult>;
+    type DoActionStream = Stream<arrow_flight::Result>;
+    type ListActionsStream = Stream<ActionType>;
+    type DoExchangeStream = Stream<FlightData>;
+
+    async fn handshake(&self, _r: Request<Streaming<HandshakeRequest>>) -> Result<Response<Self::HandshakeStream>, Status> {
+        unsupported("handshake")
+    }
+
+    async fn list_flights(&self, _r: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+        unsupported("list_flights")
+    }
+
+    async fn get_flight_info(&self, _r: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        unsupported("get_flight_info")
+    }
+
+    async fn poll_flight_info(&self, _r: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
+        unsupported("poll_flight_info")
+    }
+
+    async fn get_schema(&self, _r: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
+        unsupported("get_schema")
+    }
+
+    async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+        let stream = self.handler.do_get(request.into_inner().ticket).await?;
+        Ok(Response::new(encode_batches(stream)))
+    }
+
+    async fn do_put(&self, _r: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
+        unsupported("do_put")
+    }
+
+    async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+        let action = request.into_inner();
+        let body = self.handler.do_action(&action.r#type, action.body).await?;
+        let reply = futures::stream::once(async move { Ok(arrow_flight::Result { body }) });
+        Ok(Response::new(Box::pin(reply)))
+    }
+
+    async fn list_actions(&self, _r: Request<Empty>) -> Result<Response<Self::ListActionsStream>, Status> {
+        unsupported("list_actions")
+    }
+
+    async fn do_exchange(&self, _r: Request<Streaming<FlightData>>) -> Result<Response<Self::DoExchangeStream>, Status> {
+        unsupported("do_exchange")
+    }
+}
+
+/// Encodes a batch stream as Flight data; the schema goes first even when no batch follows.
+fn encode_batches(stream: SendableRecordBatchStream) -> Stream<FlightData> {
+    let schema = stream.schema();
+    let batches: BoxStream<'static, Result<_, FlightError>> =
+        stream.map_err(|e| FlightError::Tonic(Box::new(status_from_error(&e)))).boxed();
+    let encoded = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .with_max_flight_data_size(MAX_MESSAGE_BYTES / 4)
+        .build(batches)
+        .map_err(Status::from);
+    Box::pin(encoded)
+}

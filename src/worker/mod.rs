@@ -1,0 +1,273 @@
+//! The Worker: registers with the coordinator, heartbeats, and runs one poll loop per slot.
+//! Each loop pulls a Task when its slot is free, executes the Task's plan with DataFusion,
+//! keeps the output for the final Stage to fetch, and reports the Attempt's state as it goes.
+
+mod outputs;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::execute_stream;
+use datafusion::prelude::SessionContext;
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::task::{AbortHandle, JoinHandle};
+use tonic::Status;
+
+use crate::config::{session_config, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS};
+use crate::protocol::{
+    action, decode_plan, error_to_remote, Empty, Heartbeat, HeartbeatResponse, OutputTicket, PollTask,
+    PollTaskResponse, RegisterWorker, RegisterWorkerResponse, ReleaseQuery, TaskAssignment, TaskKey, TaskReport,
+    TaskState,
+};
+use crate::transport::{call, connect_lazy, serve, status_from_error, FlightHandler, Peer, ServerHandle};
+use outputs::OutputStore;
+
+struct State {
+    config: WorkerConfig,
+    url: String,
+    coordinator: Peer,
+    ctx: SessionContext,
+    outputs: OutputStore,
+    /// The id the coordinator gave this worker; None until registered, or after the
+    /// coordinator forgot it (restart) and before registering again.
+    id: RwLock<Option<String>>,
+    running: Mutex<HashMap<TaskKey, AbortHandle>>,
+}
+
+/// A running worker.
+pub struct Worker {
+    state: Arc<State>,
+    server: ServerHandle,
+    loops: Vec<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Serves outputs on `listener` and starts pulling Tasks from `coordinator_url`. Returns at
+    /// once: registration keeps retrying in the background until the coordinator answers.
+    pub async fn start(config: WorkerConfig, coordinator_url: &str, listener: TcpListener) -> Result<Self> {
+        let url = format!("http://{}", listener.local_addr()?);
+        let half = (config.memory_limit_bytes / 2) as usize;
+        let runtime = RuntimeEnvBuilder::new().with_memory_limit(half.max(1 << 20), 1.0).build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(session_config(config.slots), runtime);
+        let spill_dir = std::env::temp_dir().join(format!("quiver-worker-{}", uuid::Uuid::new_v4().simple()));
+        let state = Arc::new(State {
+            outputs: OutputStore::new(config.memory_limit_bytes / 2, spill_dir),
+            config,
+            url,
+            coordinator: connect_lazy(coordinator_url)?,
+            ctx,
+            id: RwLock::new(None),
+            running: Mutex::default(),
+        });
+        let server = serve(Arc::new(Service(Arc::clone(&state))), listener)?;
+        let mut loops = vec![tokio::spawn(membership_loop(Arc::clone(&state)))];
+        for _ in 0..state.config.slots.max(1) {
+            loops.push(tokio::spawn(slot_loop(Arc::clone(&state))));
+        }
+        tracing::info!(url = %state.url, coordinator = coordinator_url, slots = state.config.slots, "worker started");
+        Ok(Self { state, server, loops })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.state.url
+    }
+
+    pub fn id(&self) -> Option<String> {
+        self.state.id()
+    }
+
+    /// Number of Task outputs this worker holds.
+    pub fn stored_outputs(&self) -> usize {
+        self.state.outputs.len()
+    }
+
+    pub async fn shutdown(self) {
+        for l in &self.loops {
+            l.abort();
+        }
+        self.state.abort_all();
+        self.server.shutdown().await;
+    }
+
+    /// Stops at once, as a crash would: no goodbye to the coordinator.
+    pub fn kill(self) {
+        for l in &self.loops {
+            l.abort();
+        }
+        self.state.abort_all();
+        self.server.abort();
+    }
+}
+
+impl State {
+    fn id(&self) -> Option<String> {
+        self.id.read().expect("id lock").clone()
+    }
+
+    fn forget_id(&self, id: &str) {
+        let mut current = self.id.write().expect("id lock");
+        if current.as_deref() == Some(id) {
+            *current = None;
+        }
+    }
+
+    fn memory_used(&self) -> u64 {
+        self.outputs.memory_used() + self.ctx.runtime_env().memory_pool.reserved() as u64
+    }
+
+    fn abort_all(&self) {
+        for (_, handle) in self.running.lock().expect("running lock").drain() {
+            handle.abort();
+        }
+    }
+
+    fn release_query(&self, query_id: &str) {
+        let mut running = self.running.lock().expect("running lock");
+        running.retain(|key, handle| {
+            if key.query_id == query_id {
+                handle.abort();
+            }
+            key.query_id != query_id
+        });
+        drop(running);
+        self.outputs.release_query(query_id);
+    }
+}
+
+/// Registers (retrying until the coordinator answers), then heartbeats; registers again when
+/// the coordinator no longer knows this worker.
+async fn membership_loop(state: Arc<State>) {
+    loop {
+        let Some(id) = state.id() else {
+            let request = RegisterWorker {
+                address: state.url.clone(),
+                slots: state.config.slots as u32,
+                memory_limit_bytes: state.config.memory_limit_bytes,
+            };
+            match call::<_, RegisterWorkerResponse>(&state.coordinator, action::REGISTER_WORKER, &request).await {
+                Ok(reply) => {
+                    tracing::info!(worker = %reply.worker_id, "registered with {}", state.coordinator.url);
+                    *state.id.write().expect("id lock") = Some(reply.worker_id);
+                }
+                Err(e) => {
+                    tracing::debug!("coordinator not reachable yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(REGISTER_RETRY_MS)).await;
+                }
+            }
+            continue;
+        };
+        let beat = Heartbeat {
+            worker_id: id.clone(),
+            running_tasks: state.running.lock().expect("running lock").len() as u32,
+            memory_used_bytes: state.memory_used(),
+        };
+        match call::<_, HeartbeatResponse>(&state.coordinator, action::HEARTBEAT, &beat).await {
+            Ok(reply) if !reply.known => state.forget_id(&id),
+            Ok(_) => {}
+            Err(e) => tracing::debug!("heartbeat failed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(HEARTBEAT_INTERVAL_MS)).await;
+    }
+}
+
+/// One slot: pull a Task, run it, report it, repeat.
+async fn slot_loop(state: Arc<State>) {
+    loop {
+        let Some(id) = state.id() else {
+            tokio::time::sleep(Duration::from_millis(REGISTER_RETRY_MS)).await;
+            continue;
+        };
+        let poll = PollTask { worker_id: id.clone() };
+        match call::<_, PollTaskResponse>(&state.coordinator, action::POLL_TASK, &poll).await {
+            Ok(PollTaskResponse { known: false, .. }) => state.forget_id(&id),
+            Ok(PollTaskResponse { task: Some(task), .. }) => run_task(&state, &id, task).await,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!("task poll failed: {e}");
+                tokio::time::sleep(Duration::from_millis(REGISTER_RETRY_MS)).await;
+            }
+        }
+    }
+}
+
+async fn run_task(state: &Arc<State>, worker_id: &str, task: TaskAssignment) {
+    let Some(key) = task.key else { return };
+    let started = Instant::now();
+    report(state, worker_id, &key, TaskState::Running, None, None, started).await;
+    let job = tokio::spawn({
+        let (state, key) = (Arc::clone(state), key.clone());
+        async move {
+            let plan = decode_plan(&task.plan, &state.ctx.task_ctx())?;
+            let stream = execute_stream(plan, state.ctx.task_ctx())?;
+            state.outputs.store(&key, stream).await
+        }
+    });
+    state.running.lock().expect("running lock").insert(key.clone(), job.abort_handle());
+    let outcome = job.await;
+    state.running.lock().expect("running lock").remove(&key);
+    match outcome {
+        Ok(Ok(stored)) => report(state, worker_id, &key, TaskState::Succeeded, Some(&stored), None, started).await,
+        Ok(Err(e)) => report(state, worker_id, &key, TaskState::Failed, None, Some(&e), started).await,
+        Err(join) if join.is_cancelled() => {
+            state.outputs.release_query(&key.query_id);
+            let e = DataFusionError::Execution(format!("task {key} was cancelled"));
+            report(state, worker_id, &key, TaskState::Cancelled, None, Some(&e), started).await;
+        }
+        Err(join) => {
+            let e = DataFusionError::Execution(format!("task {key} panicked: {join}"));
+            report(state, worker_id, &key, TaskState::Failed, None, Some(&e), started).await;
+        }
+    }
+}
+
+async fn report(
+    state: &State,
+    worker_id: &str,
+    key: &TaskKey,
+    task_state: TaskState,
+    stored: Option<&outputs::Stored>,
+    error: Option<&DataFusionError>,
+    started: Instant,
+) {
+    let report = TaskReport {
+        key: Some(key.clone()),
+        worker_id: worker_id.to_string(),
+        state: task_state as i32,
+        rows: stored.map_or(0, |s| s.rows),
+        bytes: stored.map_or(0, |s| s.bytes),
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        error: error.map(error_to_remote),
+    };
+    if let Err(e) = call::<_, Empty>(&state.coordinator, action::REPORT_TASK, &report).await {
+        tracing::warn!(task = %key, "cannot report {} to the coordinator: {e}", task_state.as_str());
+    }
+}
+
+/// The worker's Flight service: Task outputs by ticket, and Query release.
+struct Service(Arc<State>);
+
+#[async_trait::async_trait]
+impl FlightHandler for Service {
+    async fn do_get(&self, ticket: Bytes) -> Result<SendableRecordBatchStream, Status> {
+        let ticket = OutputTicket::decode(ticket).map_err(|e| Status::invalid_argument(format!("malformed ticket: {e}")))?;
+        let key = ticket.key.ok_or_else(|| Status::invalid_argument("ticket without a task key"))?;
+        self.0.outputs.open(&key).map_err(|e| status_from_error(&e))
+    }
+
+    async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes, Status> {
+        match name {
+            action::RELEASE_QUERY => {
+                let release = ReleaseQuery::decode(body).map_err(|e| Status::invalid_argument(format!("malformed message: {e}")))?;
+                self.0.release_query(&release.query_id);
+                Ok(Empty {}.encode_to_vec().into())
+            }
+            other => Err(Status::invalid_argument(format!("unknown action '{other}'"))),
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Real `quiver coordinator`, `quiver worker` and `quiver sql` processes on 127.0.0.1.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::quiver_binary;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn(args: &[&str]) -> Proc {
+    let child = Command::new(quiver_binary())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("quiver starts");
+    Proc(child)
+}
+
+fn coordinator(port: u16, dir: &Path) -> Proc {
+    spawn(&["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", dir.to_str().unwrap()])
+}
+
+fn worker(port: u16) -> Proc {
+    spawn(&["worker", "--coordinator", &format!("http://127.0.0.1:{port}"), "--slots", "2", "--memory-limit", "512MiB"])
+}
+
+fn sql(port: u16, sql: &str) -> Output {
+    Command::new(quiver_binary())
+        .args(["sql", "--coordinator", &format!("http://127.0.0.1:{port}"), "--format", "csv", "-c", sql])
+        .output()
+        .expect("quiver sql runs")
+}
+
+fn sql_ok(port: u16, statement: &str) -> String {
+    let out = sql(port, statement);
+    assert!(out.status.success(), "{statement} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Retries until `statement` prints `expected` (servers start and register asynchronously).
+fn eventually(port: u16, statement: &str, expected: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = sql(port, statement);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && stdout.trim() == expected.trim() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{statement}: last output {stdout:?} {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const ALIVE: &str = "SELECT count(*) AS n FROM quiver.workers WHERE alive";
+
+#[test]
+fn workers_register_join_late_and_the_catalog_survives_a_coordinator_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // The worker starts first and keeps retrying until the coordinator is up.
+    let _w1 = worker(port);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut coord = coordinator(port, dir.path());
+    eventually(port, ALIVE, "n\n1");
+    sql_ok(port, "CREATE TABLE t AS SELECT value AS v, value % 3 AS k FROM generate_series(1, 1000)");
+    assert_eq!(sql_ok(port, "SELECT k, count(*) AS c FROM t GROUP BY k ORDER BY k"), "k,c\n0,333\n1,334\n2,333\n");
+
+    let _w2 = worker(port);
+    eventually(port, ALIVE, "n\n2");
+    assert_eq!(sql_ok(port, "SELECT sum(v) AS s FROM t"), "s\n500500\n");
+
+    // Restart the coordinator on the same data directory: tables come back, workers rejoin.
+    drop(coord);
+    coord = coordinator(port, dir.path());
+    eventually(port, ALIVE, "n\n2");
+    assert_eq!(sql_ok(port, "SELECT count(*) AS c FROM t WHERE v > 500"), "c\n500\n");
+    drop(coord);
+}
+
+#[test]
+fn bad_sql_exits_non_zero_with_the_engines_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _coord = coordinator(port, dir.path());
+    let _w = worker(port);
+    eventually(port, ALIVE, "n\n1");
+    let out = sql(port, "SELECT * FROM missing_table");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("missing_table"), "{stderr}");
+    assert_eq!(sql_ok(port, "SELECT 40 + 2 AS x"), "x\n42\n");
+}
+
+#[test]
+fn a_killed_worker_fails_the_query_with_a_clear_error_and_the_coordinator_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _coord = coordinator(port, dir.path());
+    let w = worker(port);
+    eventually(port, ALIVE, "n\n1");
+    sql_ok(port, "CREATE TABLE t AS SELECT value AS v FROM generate_series(1, 100)");
+    drop(w); // SIGKILL: no goodbye
+    let out = sql(port, "SELECT v % 10, count(*) FROM t GROUP BY 1");
+    assert!(!out.status.success(), "a query with no live worker must fail, not hang or return partial rows");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("lost") || stderr.contains("no live workers") || stderr.contains("unreachable"), "{stderr}");
+    assert_eq!(sql_ok(port, "SELECT count(*) AS n FROM quiver.workers WHERE NOT alive"), "n\n1\n");
+}
