@@ -77,3 +77,45 @@ async fn task_outputs_are_freed_when_queries_end() {
     }
     panic!("workers still hold Task outputs after the query ended");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_queries_run_at_once_and_each_gets_its_own_answer() {
+    let t = TestCluster::start(3).await;
+    t.client.collect("CREATE TABLE c AS SELECT value AS v, value % 13 AS k FROM generate_series(1, 20000)").await.unwrap();
+    let queries: Vec<String> = (0..6).map(|i| format!("SELECT count(*), sum(v) FROM c WHERE k = {i}")).collect();
+    let results = futures::future::join_all(queries.iter().map(|q| t.cluster_rows(q))).await;
+    for (q, rows) in queries.iter().zip(results) {
+        assert_eq!(rows, t.single_rows_after_copy(q, "c").await, "{q}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_messages_are_rejected_and_the_coordinator_keeps_serving() {
+    use arrow_flight::{Action, FlightClient, Ticket};
+    let t = TestCluster::start(1).await;
+    let channel = tonic::transport::Endpoint::from_shared(t.cluster.url()).unwrap().connect().await.unwrap();
+    let mut raw = FlightClient::new(channel);
+    let err = raw.do_get(Ticket::new(vec![0xff, 0xff, 0xff, 0x01])).await.err().expect("garbage ticket must fail");
+    assert!(err.to_string().contains("malformed"), "{err}");
+    let err = raw.do_action(Action::new("poll_task", vec![0x0a, 0xff])).await.err().expect("garbage action must fail");
+    assert!(err.to_string().contains("malformed"), "{err}");
+    let err = raw.do_action(Action::new("no_such_action", vec![])).await.err().expect("unknown action must fail");
+    assert!(err.to_string().contains("unknown action"), "{err}");
+    assert_eq!(t.cluster_rows("SELECT 7 AS x").await, vec![vec!["7".to_string()]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_stops_reading_cancels_its_query() {
+    let t = TestCluster::start(2).await;
+    t.client.collect("CREATE TABLE big AS SELECT value AS v FROM generate_series(1, 50000)").await.unwrap();
+    let stream = t.client.query("SELECT v FROM big").await.unwrap();
+    drop(stream);
+    for _ in 0..100 {
+        let rows = t.cluster_rows("SELECT state FROM quiver.queries WHERE sql = 'SELECT v FROM big'").await;
+        if rows == vec![vec!["cancelled".to_string()]] {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the query was not recorded as cancelled");
+}

@@ -83,6 +83,16 @@ impl TestCluster {
 }
 
 impl TestCluster {
+    /// Runs `sql` on single-node DataFusion after copying `table` from the cluster into it.
+    pub async fn single_rows_after_copy(&self, sql: &str, table: &str) -> Vec<Vec<String>> {
+        if !self.single.table_exist(table).unwrap() {
+            let (schema, batches) = self.client.collect(&format!("SELECT * FROM {table}")).await.unwrap();
+            let mem = datafusion::datasource::MemTable::try_new(schema, vec![batches]).unwrap();
+            self.single.register_table(table, Arc::new(mem)).unwrap();
+        }
+        self.single_rows(sql).await
+    }
+
     /// Asserts the single row a query returns on the cluster.
     pub async fn check_same_count(&self, sql: &str, expected: Vec<&str>) {
         let rows = self.cluster_rows(sql).await;
