@@ -5,6 +5,9 @@ use datafusion::prelude::SessionConfig;
 
 /// Largest gRPC message either side accepts or sends (plans, batches, control messages).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// HTTP/2 receive windows: how much of a batch stream may be in flight unread.
+pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 /// How long a worker's task poll waits at the coordinator for a Task before answering "none".
 pub const TASK_POLL_WAIT_MS: u64 = 500;
 /// How often a worker tells the coordinator it is alive.

@@ -256,6 +256,7 @@ impl Cluster {
             if let Some(w) = inner.workers.get_mut(worker_id) {
                 w.running_tasks += 1;
             }
+            tracing::debug!(task = %queued.key, worker = worker_id, "task assigned");
             let plan = Arc::try_unwrap(queued.plan).unwrap_or_else(|shared| (*shared).clone());
             return Ok(Some(TaskAssignment { key: Some(queued.key), plan }));
         }
@@ -274,6 +275,7 @@ impl Cluster {
         if task.record.state.is_final() || task.record.key.attempt != key.attempt {
             return;
         }
+        tracing::debug!(task = %key, state = state.as_str(), elapsed_ms = report.elapsed_ms, "task reported");
         task.record.state = state;
         task.record.rows = report.rows;
         task.record.bytes = report.bytes;

@@ -208,7 +208,7 @@ async fn run_physical(
     physical: Arc<dyn ExecutionPlan>,
     write: Option<WriteTarget>,
 ) -> Result<SendableRecordBatchStream> {
-    let source = Arc::new(QueryTasks { query_id: id.to_string(), cluster: Arc::clone(&core.cluster), peers: Arc::clone(&core.peers) });
+    let source = Arc::new(QueryTasks { query_id: id.to_string(), cluster: Arc::clone(&core.cluster) });
     let mut opts = DistributeOptions { config: &core.config.planner, total_slots: core.cluster.total_slots(), source, write_dir: write };
     let mut plan = planner::distribute(Arc::clone(&physical), &opts)?;
     if plan.is_distributed() && opts.total_slots == 0 {

@@ -37,7 +37,6 @@ impl Peers {
 pub struct QueryTasks {
     pub query_id: String,
     pub cluster: Arc<Cluster>,
-    pub peers: Arc<Peers>,
 }
 
 impl std::fmt::Debug for QueryTasks {
@@ -50,7 +49,7 @@ impl StageSource for QueryTasks {
     fn open(&self, stage: StageId, task: usize, schema: SchemaRef) -> Result<SendableRecordBatchStream> {
         let (stage, task) = (stage as u32, task as u32);
         let mut outcome = self.cluster.subscribe(&self.query_id, stage, task)?;
-        let (cluster, peers, query_id) = (Arc::clone(&self.cluster), Arc::clone(&self.peers), self.query_id.clone());
+        let (cluster, query_id) = (Arc::clone(&self.cluster), self.query_id.clone());
         let fetch_schema = Arc::clone(&schema);
         let open = async move {
             let outcome = outcome
@@ -63,10 +62,14 @@ impl StageSource for QueryTasks {
                 TaskOutcome::Succeeded { key, worker_url } => (key, worker_url),
                 TaskOutcome::Failed(error) => return Err(outcome_error(error)),
             };
-            let peer = peers.get(&key.1).await?;
+            tracing::debug!(task = %key.0, "task output fetch starts");
+            // One connection per output: HTTP/2 flow control is shared by the streams of a
+            // connection, and an output the final Stage does not read yet (a join's probe side
+            // while it builds) must not stall the ones it does read.
+            let peer = connect(&key.1).await?;
             let ticket = OutputTicket { key: Some(key.0) }.encode_to_vec();
             let batches = fetch_batches(&peer, ticket, Some(fetch_schema)).await?;
-            Ok::<_, DataFusionError>(count_until_done(batches, cluster, query_id, stage, task))
+            Ok::<_, DataFusionError>(count_until_done(batches, peer, cluster, query_id, stage, task))
         };
         let stream = futures::stream::once(open).try_flatten();
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
@@ -76,13 +79,17 @@ impl StageSource for QueryTasks {
 /// Passes batches through and marks the Task consumed once its output has been read whole.
 fn count_until_done(
     batches: SendableRecordBatchStream,
+    connection: Peer,
     cluster: Arc<Cluster>,
     query_id: String,
     stage: u32,
     task: u32,
 ) -> futures::stream::BoxStream<'static, Result<datafusion::arrow::array::RecordBatch>> {
     let state = (batches, 0u64, Some((cluster, query_id)));
-    futures::stream::unfold(state, move |(mut batches, bytes, done)| async move {
+    futures::stream::unfold(state, move |(mut batches, bytes, done)| {
+        // The connection lives as long as the stream that reads from it.
+        let _connection = connection.clone();
+        async move {
         match batches.next().await {
             Some(Ok(batch)) => {
                 let bytes = bytes + batch.get_array_memory_size() as u64;
@@ -90,11 +97,13 @@ fn count_until_done(
             }
             Some(Err(e)) => Some((Err(e), (batches, bytes, None))),
             None => {
+                tracing::debug!(stage, task, bytes, "task output read");
                 if let Some((cluster, query_id)) = done {
                     cluster.mark_consumed(&query_id, stage, task, bytes);
                 }
                 None
             }
+        }
         }
     })
     .boxed()

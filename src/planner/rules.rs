@@ -51,7 +51,10 @@ pub(super) fn limits_are_restorable(plan: &Arc<dyn ExecutionPlan>) -> bool {
     let mut dropping_rows_above = false;
     let mut node = Some(plan);
     while let Some(current) = node {
-        if current.fetch().is_some() && dropping_rows_above {
+        let whole_input = current.output_partitioning().partition_count() == 1;
+        // A limit on an operator that merges rows (e.g. a partial aggregate limited to N groups)
+        // cannot be re-applied to the merged outputs of several Tasks either.
+        if current.fetch().is_some() && (dropping_rows_above || (whole_input && !keeps_all_rows(current.as_ref()))) {
             return false;
         }
         dropping_rows_above |= !keeps_all_rows(current.as_ref());

@@ -12,7 +12,7 @@ use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{error_from_flight, error_from_status};
-use crate::config::{CONNECT_TIMEOUT_MS, MAX_MESSAGE_BYTES};
+use crate::config::{CONNECT_TIMEOUT_MS, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES, MAX_MESSAGE_BYTES};
 
 /// A connection to another Quiver process. Cheap to clone: clones share the HTTP/2 channel.
 #[derive(Clone, Debug)]
@@ -32,10 +32,7 @@ impl Peer {
 
 /// Connects to `url` (`http://host:port`), failing after [`CONNECT_TIMEOUT_MS`].
 pub async fn connect(url: &str) -> Result<Peer> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| DataFusionError::Configuration(format!("invalid address '{url}': {e}")))?
-        .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-        .tcp_nodelay(true);
+    let endpoint = endpoint(url)?;
     let channel = endpoint
         .connect()
         .await
@@ -46,11 +43,16 @@ pub async fn connect(url: &str) -> Result<Peer> {
 /// A connection that is made on first use and remade after failures: what a worker keeps to a
 /// coordinator that may not be up yet or may restart.
 pub fn connect_lazy(url: &str) -> Result<Peer> {
-    let endpoint = Endpoint::from_shared(url.to_string())
+    Ok(Peer { url: url.to_string(), channel: endpoint(url)?.connect_lazy() })
+}
+
+fn endpoint(url: &str) -> Result<Endpoint> {
+    Ok(Endpoint::from_shared(url.to_string())
         .map_err(|e| DataFusionError::Configuration(format!("invalid address '{url}': {e}")))?
         .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-        .tcp_nodelay(true);
-    Ok(Peer { url: url.to_string(), channel: endpoint.connect_lazy() })
+        .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW_BYTES))
+        .tcp_nodelay(true))
 }
 
 /// Sends one action and decodes its reply.

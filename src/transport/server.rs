@@ -64,7 +64,8 @@ pub fn serve<H: FlightHandler>(handler: Arc<H>, listener: TcpListener) -> std::i
     let service = FlightServiceServer::new(FlightAdapter { handler })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Small control messages must not wait for Nagle's algorithm (40 ms per round trip).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)

@@ -4,7 +4,7 @@
 
 mod outputs;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,9 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tonic::Status;
 
 use crate::config::{session_config, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS};
+
+/// How many released Query ids a worker remembers (see `State::released`).
+const RELEASED_QUERIES_MAX: usize = 4096;
 use crate::protocol::{
     action, decode_plan, error_to_remote, Empty, Heartbeat, HeartbeatResponse, OutputTicket, PollTask,
     PollTaskResponse, RegisterWorker, RegisterWorkerResponse, ReleaseQuery, TaskAssignment, TaskKey, TaskReport,
@@ -38,6 +41,9 @@ struct State {
     /// coordinator forgot it (restart) and before registering again.
     id: RwLock<Option<String>>,
     running: Mutex<HashMap<TaskKey, AbortHandle>>,
+    /// Queries released recently: a Task of one of them that arrives or finishes late (its
+    /// assignment crossed the release on the wire) must not leave an output behind.
+    released: Mutex<VecDeque<String>>,
 }
 
 /// A running worker.
@@ -64,6 +70,7 @@ impl Worker {
             ctx,
             id: RwLock::new(None),
             running: Mutex::default(),
+            released: Mutex::default(),
         });
         let server = serve(Arc::new(Service(Arc::clone(&state))), listener)?;
         let mut loops = vec![tokio::spawn(membership_loop(Arc::clone(&state)))];
@@ -127,7 +134,19 @@ impl State {
         }
     }
 
+    fn is_released(&self, query_id: &str) -> bool {
+        self.released.lock().expect("released lock").iter().any(|q| q == query_id)
+    }
+
     fn release_query(&self, query_id: &str) {
+        let mut released = self.released.lock().expect("released lock");
+        if !released.iter().any(|q| q == query_id) {
+            released.push_back(query_id.to_string());
+            while released.len() > RELEASED_QUERIES_MAX {
+                released.pop_front();
+            }
+        }
+        drop(released);
         let mut running = self.running.lock().expect("running lock");
         running.retain(|key, handle| {
             if key.query_id == query_id {
@@ -199,6 +218,9 @@ async fn slot_loop(state: Arc<State>) {
 async fn run_task(state: &Arc<State>, worker_id: &str, task: TaskAssignment) {
     let Some(key) = task.key else { return };
     let started = Instant::now();
+    if state.is_released(&key.query_id) {
+        return;
+    }
     report(state, worker_id, &key, TaskState::Running, None, None, started).await;
     let job = tokio::spawn({
         let (state, key) = (Arc::clone(state), key.clone());
@@ -211,6 +233,10 @@ async fn run_task(state: &Arc<State>, worker_id: &str, task: TaskAssignment) {
     state.running.lock().expect("running lock").insert(key.clone(), job.abort_handle());
     let outcome = job.await;
     state.running.lock().expect("running lock").remove(&key);
+    if state.is_released(&key.query_id) {
+        state.outputs.release_query(&key.query_id);
+        return;
+    }
     match outcome {
         Ok(Ok(stored)) => report(state, worker_id, &key, TaskState::Succeeded, Some(&stored), None, started).await,
         Ok(Err(e)) => report(state, worker_id, &key, TaskState::Failed, None, Some(&e), started).await,
