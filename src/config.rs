@@ -5,6 +5,9 @@ use datafusion::prelude::SessionConfig;
 
 /// Largest gRPC message either side accepts or sends (plans, batches, control messages).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Largest build side (input bytes) a Task recomputes so that a hash join runs in the Tasks of
+/// its probe side instead of on the coordinator.
+pub const BROADCAST_BUILD_MAX_BYTES: u64 = 32 * 1024 * 1024;
 /// HTTP/2 receive windows: how much of a batch stream may be in flight unread.
 pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;

@@ -68,6 +68,9 @@ async fn tpch_sf001_matches_official_answers_and_single_node() {
     let modes = t.cluster_rows("SELECT sql, mode, tasks FROM quiver.queries WHERE sql LIKE '%lineitem%' AND sql NOT LIKE 'CREATE%' AND sql NOT LIKE '%quiver.%'").await;
     let local: Vec<_> = modes.iter().filter(|r| r[1] != "distributed").collect();
     assert!(local.is_empty(), "queries that did not distribute: {local:?}");
+    // Filtered small build sides are joined inside the probe side's Tasks (q5, q8, q9, ...).
+    let joins = t.cluster_rows("SELECT count(*) FROM quiver.tasks WHERE plan LIKE 'HashJoinExec%' AND state = 'succeeded'").await;
+    assert_ne!(joins[0][0], "0", "no hash join ran inside Tasks");
 }
 
 /// Regression guard for DataFusion's file-stream work stealing: with it on, a partition run in

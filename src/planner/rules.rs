@@ -4,6 +4,11 @@
 //! concatenating the outputs equals running it once on the whole input: filters, projections,
 //! partial aggregates, per-partition sorts and limits. A subtree made only of task-local operators
 //! over one file scan can be cut into Tasks by cutting its scan's files.
+//!
+//! A hash join that collects a small build side is task-local on its probe side when its
+//! output for a probe row depends only on that row (inner, right semi, right anti): each
+//! Task then computes the whole build side itself from its files (a broadcast by recomputation)
+//! and joins it with its slice of the probe side.
 
 use std::sync::Arc;
 
@@ -16,7 +21,9 @@ use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 #[allow(deprecated)]
 use datafusion::physical_plan::coalesce_batches::CoalesceBatchesExec;
 use datafusion::physical_plan::coop::CooperativeExec;
+use datafusion::common::JoinType;
 use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
 use datafusion::physical_plan::limit::LocalLimitExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
@@ -24,6 +31,7 @@ use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::{replace_children_if_necessary, ExecutionPlan, ExecutionPlanProperties, Partitioning};
 
 use super::split::TaskSlice;
+use crate::config::BROADCAST_BUILD_MAX_BYTES;
 
 /// Returns the file scan config of a DataSourceExec over files, if `plan` is one.
 pub(super) fn file_scan(plan: &dyn ExecutionPlan) -> Option<&FileScanConfig> {
@@ -31,10 +39,57 @@ pub(super) fn file_scan(plan: &dyn ExecutionPlan) -> Option<&FileScanConfig> {
     exec.data_source().downcast_ref::<FileScanConfig>()
 }
 
+/// The child through which a task-local chain reaches its scan: the probe side of a broadcast
+/// join, the only child otherwise.
+pub(super) fn chain_child(plan: &Arc<dyn ExecutionPlan>) -> Option<&Arc<dyn ExecutionPlan>> {
+    match broadcast_join(plan.as_ref()) {
+        Some(join) => Some(join.right()),
+        None => plan.children().into_iter().next(),
+    }
+}
+
+/// A hash join whose small build side every Task can compute for itself.
+fn broadcast_join(plan: &dyn ExecutionPlan) -> Option<&HashJoinExec> {
+    let join = plan.downcast_ref::<HashJoinExec>()?;
+    // Right outer and right mark joins are task-local too, but never drop a probe row, so
+    // running them in the Tasks saves nothing.
+    let probe_preserving = matches!(join.join_type(), JoinType::Inner | JoinType::RightSemi | JoinType::RightAnti);
+    let collect_left = *join.partition_mode() == PartitionMode::CollectLeft;
+    let small = build_side_bytes(join.left()).is_some_and(|b| b <= BROADCAST_BUILD_MAX_BYTES);
+    // Joining in the Tasks pays off when the build side is filtered, so the join drops probe
+    // rows before they travel; an unfiltered dimension only widens what the Tasks ship.
+    (collect_left && probe_preserving && small && is_filtered(join.left())).then_some(join)
+}
+
+fn is_filtered(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    plan.is::<FilterExec>()
+        || file_scan(plan.as_ref()).is_some_and(|scan| scan.file_source().filter().is_some())
+        || plan.children().into_iter().any(is_filtered)
+}
+
+/// Input bytes of a subtree that reads only files, or None when it reads anything else (or
+/// reads a scalar subquery's result, which only the final Stage has).
+fn build_side_bytes(plan: &Arc<dyn ExecutionPlan>) -> Option<u64> {
+    if reads_scalar_subquery(plan.as_ref()) {
+        return None;
+    }
+    if let Some(scan) = file_scan(plan.as_ref()) {
+        return Some(scan.file_groups.iter().flat_map(|g| g.iter()).map(|f| f.object_meta.size).sum());
+    }
+    let children = plan.children();
+    if children.is_empty() {
+        return None;
+    }
+    children.into_iter().map(build_side_bytes).sum()
+}
+
 /// True when `plan` is a chain of task-local operators ending in exactly one file scan.
 pub(super) fn is_task_local_tree(plan: &Arc<dyn ExecutionPlan>) -> bool {
     if file_scan(plan.as_ref()).is_some() {
         return !reads_scalar_subquery(plan.as_ref());
+    }
+    if let Some(join) = broadcast_join(plan.as_ref()) {
+        return !reads_scalar_subquery(plan.as_ref()) && is_task_local_tree(join.right());
     }
     let children = plan.children();
     children.len() == 1
@@ -58,7 +113,7 @@ pub(super) fn limits_are_restorable(plan: &Arc<dyn ExecutionPlan>) -> bool {
             return false;
         }
         dropping_rows_above |= !keeps_all_rows(current.as_ref());
-        node = current.children().into_iter().next();
+        node = chain_child(current);
     }
     true
 }
@@ -79,7 +134,7 @@ fn keeps_all_rows(plan: &dyn ExecutionPlan) -> bool {
 /// outputs must be cut to it again.
 pub(super) fn chain_fetch(plan: &Arc<dyn ExecutionPlan>) -> Option<usize> {
     let here = plan.fetch().filter(|_| plan.output_partitioning().partition_count() == 1);
-    let below = plan.children().into_iter().next().and_then(chain_fetch);
+    let below = chain_child(plan).and_then(chain_fetch);
     match (here, below) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -127,6 +182,10 @@ pub(super) fn task_plan(plan: &Arc<dyn ExecutionPlan>, slice: &TaskSlice) -> Res
             .build();
         return Ok(DataSourceExec::from_data_source(config));
     }
+    if let Some(join) = broadcast_join(plan.as_ref()) {
+        let probe = task_plan(join.right(), slice)?;
+        return replace_children_if_necessary(Arc::clone(plan), vec![Arc::clone(join.left()), probe]);
+    }
     let children = plan.children();
     let [child] = children.as_slice() else {
         return internal_err!("task plan over {} with {} children", plan.name(), children.len());
@@ -150,7 +209,7 @@ pub(super) fn operator_chain(plan: &Arc<dyn ExecutionPlan>) -> String {
                 None => current.name().to_string(),
             });
         }
-        node = current.children().into_iter().next();
+        node = chain_child(current);
     }
     names.join(" <- ")
 }

@@ -60,7 +60,7 @@ fn find_scan(plan: &Arc<dyn ExecutionPlan>) -> Option<&datafusion::datasource::p
     if let Some(scan) = file_scan(plan.as_ref()) {
         return Some(scan);
     }
-    plan.children().into_iter().next().and_then(find_scan)
+    super::rules::chain_child(plan).and_then(find_scan)
 }
 
 fn file_bytes(file: &PartitionedFile) -> u64 {
