@@ -173,16 +173,3 @@ fn merge_partitions(plan: Arc<dyn ExecutionPlan>, fetch: Option<usize>) -> Arc<d
         None => Arc::new(CoalescePartitionsExec::new(plan).with_fetch(fetch)),
     }
 }
-
-/// Renders the Stage DAG for EXPLAIN and logs.
-pub fn display(plan: &DistributedPlan) -> String {
-    use datafusion::physical_plan::displayable;
-    let mut out = format!("Final stage (coordinator):\n{}", displayable(plan.root.as_ref()).indent(true));
-    for stage in &plan.stages {
-        out.push_str(&format!("Stage {} ({} tasks, workers):\n", stage.id, stage.tasks.len()));
-        if let Some(task) = stage.tasks.first() {
-            out.push_str(&format!("{}", displayable(task.plan.as_ref()).indent(true)));
-        }
-    }
-    out
-}

@@ -153,7 +153,3 @@ pub fn tpch_answer(sf: &str, q: usize) -> (Vec<String>, Vec<Vec<String>>) {
 pub fn quiver_binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_quiver"))
 }
-
-pub fn shared<T>(value: T) -> Arc<T> {
-    Arc::new(value)
-}
