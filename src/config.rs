@@ -21,6 +21,8 @@ pub const WORKER_TIMEOUT_MS: u64 = 3_000;
 pub const REGISTER_RETRY_MS: u64 = 250;
 /// Timeout for connecting to a peer (worker → coordinator, coordinator → worker).
 pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// How many released Query ids a worker remembers, to drop outputs of Tasks that finish late.
+pub const RELEASED_QUERIES_MAX: usize = 4096;
 /// How many finished queries `quiver.queries` / `quiver.tasks` remember.
 pub const QUERY_HISTORY_MAX: usize = 1_000;
 /// How many Tasks may wait in the coordinator's queue at once (across all queries).

@@ -77,6 +77,7 @@ impl StageSource for QueryTasks {
 }
 
 /// Passes batches through and marks the Task consumed once its output has been read whole.
+/// The connection travels with the stream: it lives as long as the stream reads from it.
 fn count_until_done(
     batches: SendableRecordBatchStream,
     connection: Peer,
@@ -85,17 +86,14 @@ fn count_until_done(
     stage: u32,
     task: u32,
 ) -> futures::stream::BoxStream<'static, Result<datafusion::arrow::array::RecordBatch>> {
-    let state = (batches, 0u64, Some((cluster, query_id)));
-    futures::stream::unfold(state, move |(mut batches, bytes, done)| {
-        // The connection lives as long as the stream that reads from it.
-        let _connection = connection.clone();
-        async move {
+    let state = (batches, connection, 0u64, Some((cluster, query_id)));
+    futures::stream::unfold(state, move |(mut batches, connection, bytes, done)| async move {
         match batches.next().await {
             Some(Ok(batch)) => {
                 let bytes = bytes + batch.get_array_memory_size() as u64;
-                Some((Ok(batch), (batches, bytes, done)))
+                Some((Ok(batch), (batches, connection, bytes, done)))
             }
-            Some(Err(e)) => Some((Err(e), (batches, bytes, None))),
+            Some(Err(e)) => Some((Err(e), (batches, connection, bytes, None))),
             None => {
                 tracing::debug!(stage, task, bytes, "task output read");
                 if let Some((cluster, query_id)) = done {
@@ -103,7 +101,6 @@ fn count_until_done(
                 }
                 None
             }
-        }
         }
     })
     .boxed()

@@ -68,7 +68,6 @@ pub fn serve<H: FlightHandler>(handler: Arc<H>, listener: TcpListener) -> std::i
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;

@@ -19,10 +19,9 @@ use tokio::net::TcpListener;
 use tokio::task::{AbortHandle, JoinHandle};
 use tonic::Status;
 
-use crate::config::{session_config, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS};
-
-/// How many released Query ids a worker remembers (see `State::released`).
-const RELEASED_QUERIES_MAX: usize = 4096;
+use crate::config::{
+    session_config, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS, RELEASED_QUERIES_MAX,
+};
 use crate::protocol::{
     action, decode_plan, error_to_remote, Empty, Heartbeat, HeartbeatResponse, OutputTicket, PollTask,
     PollTaskResponse, RegisterWorker, RegisterWorkerResponse, ReleaseQuery, TaskAssignment, TaskKey, TaskReport,
