@@ -5,12 +5,16 @@ use datafusion::prelude::SessionConfig;
 
 /// Largest gRPC message either side accepts or sends (plans, batches, control messages).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-/// Largest build side (input bytes) a Task recomputes so that a hash join runs in the Tasks of
-/// its probe side instead of on the coordinator.
-pub const BROADCAST_BUILD_MAX_BYTES: u64 = 32 * 1024 * 1024;
+/// How many producer outputs a shuffle reader fetches at once.
+pub const EXCHANGE_FETCHES_MAX: usize = 8;
 /// HTTP/2 receive windows: how much of a batch stream may be in flight unread.
 pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+/// Connection window of the connections that fetch Task outputs: HTTP/2's maximum, so that only
+/// per-stream windows ever hold a sender back (unread outputs must not block read ones).
+pub const HTTP2_DATA_CONNECTION_WINDOW_BYTES: u32 = (1 << 31) - 1;
+/// Workers a process keeps an output-fetch connection to; beyond it the pool starts over.
+pub const OUTPUT_CONNECTIONS_MAX: usize = 1024;
 /// How long a worker's task poll waits at the coordinator for a Task before answering "none".
 pub const TASK_POLL_WAIT_MS: u64 = 500;
 /// How often a worker tells the coordinator it is alive.

@@ -11,7 +11,7 @@ use datafusion::common::{DataFusionError, Result};
 use tokio::sync::{watch, Notify};
 
 use crate::config::{QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS};
-use crate::protocol::{error_from_remote, RemoteError, TaskAssignment, TaskKey, TaskReport, TaskState};
+use crate::protocol::{error_from_remote, OutputLocation, RemoteError, TaskAssignment, TaskKey, TaskReport, TaskState};
 
 /// What the final Stage learns about a Task: where its output is, or why there is none.
 #[derive(Debug, Clone)]
@@ -46,7 +46,10 @@ pub struct QueryRecord {
     pub started: SystemTime,
     pub duration_ms: u64,
     pub error: Option<String>,
-    pub bytes_from_workers: u64,
+    /// Bytes of Task outputs that went through shuffles (worker to worker).
+    pub bytes_shuffled: u64,
+    /// Bytes of Task outputs read whole: broadcasts and the final Stage's gathers.
+    pub bytes_gathered: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +57,8 @@ pub struct TaskRecord {
     pub key: TaskKey,
     pub worker_id: Option<String>,
     pub plan: String,
+    /// How the Task's output is read: "shuffle" or "gather".
+    pub output: &'static str,
     pub state: TaskState,
     pub rows: u64,
     pub bytes: u64,
@@ -65,25 +70,60 @@ struct TaskEntry {
     record: TaskRecord,
     outcome: watch::Sender<Option<TaskOutcome>>,
     consumed: bool,
+    /// The worker that holds the output, once the Task succeeded.
+    output_url: Option<String>,
+    started: Option<Instant>,
+    finished: Option<Instant>,
+}
+
+struct StageEntry {
+    inputs: Vec<u32>,
+    shuffle: bool,
+    /// Tasks held back until every input Stage has finished.
+    waiting: Vec<QueuedTask>,
+    /// Tasks that have not succeeded yet.
+    unfinished: usize,
 }
 
 struct QueryEntry {
     record: QueryRecord,
     started: Instant,
     tasks: BTreeMap<(u32, u32), TaskEntry>,
+    stages: Vec<StageEntry>,
 }
 
 struct QueuedTask {
     key: TaskKey,
     plan: Arc<Vec<u8>>,
+    partition: u32,
+    inputs: Arc<Vec<OutputLocation>>,
 }
 
-/// A Task ready to be queued: its Stage and index, summary and encoded plan.
+/// A Task to be queued: its Stage and index, the partition it computes, summary and plan.
 pub struct NewTask {
     pub stage: u32,
     pub task: u32,
+    pub partition: u32,
     pub summary: String,
     pub plan: Vec<u8>,
+}
+
+/// A Stage to be run: the Stages it reads (they run first) and its Tasks.
+pub struct NewStage {
+    pub inputs: Vec<u32>,
+    pub shuffle: bool,
+    pub tasks: Vec<NewTask>,
+}
+
+/// What one Stage of a Query did, for EXPLAIN ANALYZE.
+#[derive(Debug, Clone)]
+pub struct StageMetrics {
+    pub stage: u32,
+    pub tasks: usize,
+    pub rows: u64,
+    pub bytes: u64,
+    /// From the first Task's start to the last Task's end.
+    pub elapsed_ms: u64,
 }
 
 #[derive(Default)]
@@ -178,20 +218,22 @@ impl Cluster {
             started: SystemTime::now(),
             duration_ms: 0,
             error: None,
-            bytes_from_workers: 0,
+            bytes_shuffled: 0,
+            bytes_gathered: 0,
         };
-        let entry = QueryEntry { record, started: Instant::now(), tasks: BTreeMap::new() };
+        let entry = QueryEntry { record, started: Instant::now(), tasks: BTreeMap::new(), stages: Vec::new() };
         self.lock().queries.insert(id.to_string(), entry);
     }
 
-    /// Queues a distributed Query's Tasks (attempt 0 of each).
-    pub fn submit(&self, query_id: &str, stages: u32, tasks: Vec<NewTask>) -> Result<()> {
+    /// Takes a distributed Query's Stages (inputs first) and queues the Tasks of those whose
+    /// inputs are ready (attempt 0 of each); the others wait for their inputs to finish.
+    pub fn submit(&self, query_id: &str, stages: Vec<NewStage>) -> Result<()> {
+        let task_count: usize = stages.iter().map(|s| s.tasks.len()).sum();
         let mut inner = self.lock();
-        if inner.queue.len() + tasks.len() > TASK_QUEUE_MAX {
+        if inner.queue.len() + task_count > TASK_QUEUE_MAX {
             return Err(DataFusionError::ResourcesExhausted(format!(
-                "task queue full: {} queued, {} more would exceed {TASK_QUEUE_MAX}",
+                "task queue full: {} queued, {task_count} more would exceed {TASK_QUEUE_MAX}",
                 inner.queue.len(),
-                tasks.len()
             )));
         }
         let Inner { queries, queue, .. } = &mut *inner;
@@ -199,24 +241,38 @@ impl Cluster {
             return Err(DataFusionError::Internal(format!("unknown query {query_id}")));
         };
         query.record.mode = "distributed";
-        query.record.stages = stages;
-        query.record.tasks = tasks.len() as u32;
-        for t in tasks {
-            let key = TaskKey { query_id: query_id.to_string(), stage: t.stage, task: t.task, attempt: 0 };
-            let record = TaskRecord {
-                key: key.clone(),
-                worker_id: None,
-                plan: t.summary,
-                state: TaskState::Queued,
-                rows: 0,
-                bytes: 0,
-                elapsed_ms: 0,
-                error: None,
-            };
-            let entry = TaskEntry { record, outcome: watch::channel(None).0, consumed: false };
-            query.tasks.insert((t.stage, t.task), entry);
-            queue.push_back(QueuedTask { key, plan: Arc::new(t.plan) });
+        query.record.stages = stages.len() as u32;
+        query.record.tasks = task_count as u32;
+        for stage in stages {
+            let mut waiting = Vec::with_capacity(stage.tasks.len());
+            for t in stage.tasks {
+                let key = TaskKey { query_id: query_id.to_string(), stage: t.stage, task: t.task, attempt: 0 };
+                let record = TaskRecord {
+                    key: key.clone(),
+                    worker_id: None,
+                    plan: t.summary,
+                    output: if stage.shuffle { "shuffle" } else { "gather" },
+                    state: TaskState::Queued,
+                    rows: 0,
+                    bytes: 0,
+                    elapsed_ms: 0,
+                    error: None,
+                };
+                let entry = TaskEntry {
+                    record,
+                    outcome: watch::channel(None).0,
+                    consumed: false,
+                    output_url: None,
+                    started: None,
+                    finished: None,
+                };
+                query.tasks.insert((t.stage, t.task), entry);
+                waiting.push(QueuedTask { key, plan: Arc::new(t.plan), partition: t.partition, inputs: Arc::default() });
+            }
+            let unfinished = waiting.len();
+            query.stages.push(StageEntry { inputs: stage.inputs, shuffle: stage.shuffle, waiting, unfinished });
         }
+        query.queue_ready_stages(queue);
         drop(inner);
         self.task_ready.notify_waiters();
         Ok(())
@@ -253,12 +309,14 @@ impl Cluster {
             }
             task.record.state = TaskState::Running;
             task.record.worker_id = Some(worker_id.to_string());
+            task.started = Some(Instant::now());
             if let Some(w) = inner.workers.get_mut(worker_id) {
                 w.running_tasks += 1;
             }
             tracing::debug!(task = %queued.key, worker = worker_id, "task assigned");
             let plan = Arc::try_unwrap(queued.plan).unwrap_or_else(|shared| (*shared).clone());
-            return Ok(Some(TaskAssignment { key: Some(queued.key), plan }));
+            let inputs = (*queued.inputs).clone();
+            return Ok(Some(TaskAssignment { key: Some(queued.key), plan, partition: queued.partition, inputs }));
         }
         Ok(None)
     }
@@ -268,10 +326,11 @@ impl Cluster {
         let Some(key) = report.key else { return };
         let state = TaskState::try_from(report.state).unwrap_or(TaskState::Failed);
         let mut inner = self.lock();
-        let Inner { queries, workers, .. } = &mut *inner;
-        let Some(task) = queries.get_mut(&key.query_id).and_then(|q| q.tasks.get_mut(&(key.stage, key.task))) else {
+        let Inner { queries, workers, queue, .. } = &mut *inner;
+        let Some(query) = queries.get_mut(&key.query_id) else {
             return; // a report for a Query that already ended
         };
+        let Some(task) = query.tasks.get_mut(&(key.stage, key.task)) else { return };
         if task.record.state.is_final() || task.record.key.attempt != key.attempt {
             return;
         }
@@ -280,27 +339,29 @@ impl Cluster {
         task.record.rows = report.rows;
         task.record.bytes = report.bytes;
         task.record.elapsed_ms = report.elapsed_ms;
-        if state.is_final() {
-            if let Some(w) = workers.get_mut(&report.worker_id) {
-                w.running_tasks = w.running_tasks.saturating_sub(1);
-            }
+        if !state.is_final() {
+            return;
         }
-        let worker_url = workers.get(&report.worker_id).map(|w| w.url.clone()).unwrap_or_default();
-        let outcome = match state {
-            TaskState::Succeeded => Some(TaskOutcome::Succeeded { key, worker_url }),
-            TaskState::Failed | TaskState::Cancelled => {
-                let error = report.error.unwrap_or(RemoteError {
-                    kind: "execution".into(),
-                    message: format!("task {key} {} without an error", state.as_str()),
-                });
-                task.record.error = Some(error.message.clone());
-                Some(TaskOutcome::Failed(error))
-            }
-            _ => None,
-        };
-        if let Some(outcome) = outcome {
-            task.outcome.send_replace(Some(outcome));
+        task.finished = Some(Instant::now());
+        if let Some(w) = workers.get_mut(&report.worker_id) {
+            w.running_tasks = w.running_tasks.saturating_sub(1);
         }
+        if state == TaskState::Succeeded {
+            let worker_url = workers.get(&report.worker_id).map(|w| w.url.clone()).unwrap_or_default();
+            task.output_url = Some(worker_url.clone());
+            task.outcome.send_replace(Some(TaskOutcome::Succeeded { key: key.clone(), worker_url }));
+            query.task_succeeded(key.stage, report.bytes, queue);
+            drop(inner);
+            self.task_ready.notify_waiters();
+            return;
+        }
+        let error = report.error.unwrap_or(RemoteError {
+            kind: "execution".into(),
+            message: format!("task {key} {} without an error", state.as_str()),
+        });
+        task.record.error = Some(error.message.clone());
+        task.outcome.send_replace(Some(TaskOutcome::Failed(error.clone())));
+        query.fail(&error, workers);
     }
 
     /// Waits for the outcome of a Task of a running Query.
@@ -315,10 +376,9 @@ impl Cluster {
     }
 
     /// The final Stage has read all of a Task's output: losing its worker no longer matters.
-    pub fn mark_consumed(&self, query_id: &str, stage: u32, task: u32, bytes: u64) {
+    pub fn mark_consumed(&self, query_id: &str, stage: u32, task: u32) {
         let mut inner = self.lock();
         if let Some(query) = inner.queries.get_mut(query_id) {
-            query.record.bytes_from_workers += bytes;
             if let Some(t) = query.tasks.get_mut(&(stage, task)) {
                 t.consumed = true;
             }
@@ -374,6 +434,7 @@ impl Cluster {
         let Inner { workers, queries, .. } = &mut *inner;
         let timeout = Duration::from_millis(WORKER_TIMEOUT_MS);
         let mut lost_any = false;
+        let mut lost = Vec::new();
         for worker in workers.values_mut().filter(|w| w.alive && w.last_seen.elapsed() > timeout) {
             worker.alive = false;
             worker.running_tasks = 0;
@@ -392,9 +453,15 @@ impl Cluster {
                         task.record.state = TaskState::Failed;
                         task.record.error = Some(message.clone());
                         let error = RemoteError { kind: "execution".into(), message: format!("task {}: {message}", task.record.key) };
-                        task.outcome.send_replace(Some(TaskOutcome::Failed(error)));
+                        task.outcome.send_replace(Some(TaskOutcome::Failed(error.clone())));
+                        lost.push((query.record.id.clone(), error));
                     }
                 }
+            }
+        }
+        for (query_id, error) in lost {
+            if let Some(query) = queries.get_mut(&query_id) {
+                query.fail(&error, workers);
             }
         }
         drop(inner);
@@ -409,13 +476,12 @@ impl Cluster {
         if inner.workers.values().any(|w| w.alive) {
             return;
         }
-        let Inner { queries, .. } = &mut *inner;
+        let Inner { queries, workers, .. } = &mut *inner;
+        let message = "no live workers: every worker was lost or none registered".to_string();
+        let error = RemoteError { kind: "execution".into(), message };
         for query in queries.values_mut().filter(|q| q.record.state == "running") {
-            for task in query.tasks.values_mut().filter(|t| t.record.state == TaskState::Queued) {
-                let message = "no live workers: every worker was lost or none registered".to_string();
-                task.record.state = TaskState::Failed;
-                task.record.error = Some(message.clone());
-                task.outcome.send_replace(Some(TaskOutcome::Failed(RemoteError { kind: "execution".into(), message })));
+            if query.tasks.values().any(|t| !t.record.state.is_final()) {
+                query.fail(&error, workers);
             }
         }
     }
@@ -446,6 +512,92 @@ impl Cluster {
 
     pub fn query(&self, id: &str) -> Option<QueryRecord> {
         self.lock().queries.get(id).map(|q| q.record.clone())
+    }
+
+    /// Rows, bytes and time of each Stage of a Query, from its Tasks' reports.
+    pub fn stage_metrics(&self, query_id: &str) -> Vec<StageMetrics> {
+        let inner = self.lock();
+        let Some(query) = inner.queries.get(query_id) else { return vec![] };
+        (0..query.stages.len() as u32)
+            .map(|stage| {
+                let tasks: Vec<&TaskEntry> = query.tasks.range((stage, 0)..(stage + 1, 0)).map(|(_, t)| t).collect();
+                let first = tasks.iter().filter_map(|t| t.started).min();
+                let last = tasks.iter().filter_map(|t| t.finished).max();
+                let elapsed_ms = match (first, last) {
+                    (Some(a), Some(b)) => b.saturating_duration_since(a).as_millis() as u64,
+                    _ => 0,
+                };
+                StageMetrics {
+                    stage,
+                    tasks: tasks.len(),
+                    rows: tasks.iter().map(|t| t.record.rows).sum(),
+                    bytes: tasks.iter().map(|t| t.record.bytes).sum(),
+                    elapsed_ms,
+                }
+            })
+            .collect()
+    }
+}
+
+impl QueryEntry {
+    /// Queues the waiting Tasks of every Stage whose inputs have all finished, telling each
+    /// where its inputs' outputs are.
+    fn queue_ready_stages(&mut self, queue: &mut VecDeque<QueuedTask>) {
+        for index in 0..self.stages.len() {
+            let stage = &self.stages[index];
+            if stage.waiting.is_empty() || stage.inputs.iter().any(|&i| self.stages[i as usize].unfinished > 0) {
+                continue;
+            }
+            let locations: Vec<OutputLocation> = stage
+                .inputs
+                .iter()
+                .flat_map(|&input| self.tasks.range((input, 0)..(input + 1, 0)))
+                .map(|(_, t)| OutputLocation { key: Some(t.record.key.clone()), worker_url: t.output_url.clone().unwrap_or_default() })
+                .collect();
+            let locations = Arc::new(locations);
+            for mut task in std::mem::take(&mut self.stages[index].waiting) {
+                task.inputs = Arc::clone(&locations);
+                queue.push_back(task);
+            }
+        }
+    }
+
+    /// Counts a Task's success; when its Stage is complete, its inputs are consumed and the
+    /// Stages that read it may start.
+    fn task_succeeded(&mut self, stage: u32, bytes: u64, queue: &mut VecDeque<QueuedTask>) {
+        let Some(entry) = self.stages.get_mut(stage as usize) else { return };
+        if entry.shuffle {
+            self.record.bytes_shuffled += bytes;
+        } else {
+            self.record.bytes_gathered += bytes;
+        }
+        entry.unfinished = entry.unfinished.saturating_sub(1);
+        if entry.unfinished > 0 {
+            return;
+        }
+        for input in entry.inputs.clone() {
+            for (_, task) in self.tasks.range_mut((input, 0)..(input + 1, 0)) {
+                task.consumed = true;
+            }
+        }
+        self.queue_ready_stages(queue);
+    }
+
+    /// One Task failed, so the Query fails: every Task that has not ended is cancelled, and
+    /// whoever waits on one learns the error that ended the Query.
+    fn fail(&mut self, error: &RemoteError, workers: &mut BTreeMap<String, WorkerRecord>) {
+        for stage in &mut self.stages {
+            stage.waiting.clear();
+        }
+        for task in self.tasks.values_mut().filter(|t| !t.record.state.is_final()) {
+            if task.record.state == TaskState::Running {
+                if let Some(w) = task.record.worker_id.as_ref().and_then(|id| workers.get_mut(id)) {
+                    w.running_tasks = w.running_tasks.saturating_sub(1);
+                }
+            }
+            task.record.state = TaskState::Cancelled;
+            task.outcome.send_replace(Some(TaskOutcome::Failed(error.clone())));
+        }
     }
 }
 

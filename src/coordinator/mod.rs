@@ -4,6 +4,7 @@
 
 mod catalog;
 mod cluster;
+mod explain;
 mod session;
 mod source;
 mod system_tables;
@@ -20,7 +21,7 @@ use prost::Message;
 use tokio::net::TcpListener;
 use tonic::Status;
 
-pub use cluster::{Cluster, QueryRecord, TaskRecord, WorkerRecord};
+pub use cluster::{Cluster, QueryRecord, StageMetrics, TaskRecord, WorkerRecord};
 
 use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS};
 use crate::protocol::{

@@ -19,10 +19,10 @@ use datafusion::physical_plan::{EmptyRecordBatchStream, ExecutionPlan, Execution
 use futures::{Stream, StreamExt, TryStreamExt};
 
 use super::catalog::TableDef;
-use super::cluster::NewTask;
+use super::cluster::{NewStage, NewTask};
 use super::source::QueryTasks;
 use super::Core;
-use crate::planner::{self, count_schema, DistributeOptions, WriteTarget};
+use crate::planner::{self, count_schema, DistributeOptions, DistributedPlan, Exchange, WriteTarget};
 use crate::protocol::encode_plan;
 
 /// How long a Query that needs workers waits for the first one to register.
@@ -72,6 +72,8 @@ async fn run(core: &Arc<Core>, id: &str, sql: &str) -> Result<SendableRecordBatc
         }
         LogicalPlan::Dml(dml) => not_impl_err!("{} is not supported yet; Quiver tables are append-only", dml.op),
         LogicalPlan::Ddl(other) => not_impl_err!("{} is not supported", other.name()),
+        LogicalPlan::Explain(explain) => super::explain::explain(core, id, &explain.plan).await,
+        LogicalPlan::Analyze(analyze) => super::explain::analyze(core, id, &analyze.input).await,
         plan => {
             let physical = core.ctx.execute_logical_plan(plan).await?.create_physical_plan().await?;
             run_physical(core, id, physical, None).await
@@ -208,33 +210,69 @@ async fn run_physical(
     physical: Arc<dyn ExecutionPlan>,
     write: Option<WriteTarget>,
 ) -> Result<SendableRecordBatchStream> {
+    Ok(start_physical(core, id, physical, write).await?.1)
+}
+
+/// Distributes a physical plan for a Query: readers read the Query's Task outputs.
+pub(super) async fn plan_query(
+    core: &Arc<Core>,
+    id: &str,
+    physical: Arc<dyn ExecutionPlan>,
+    write: Option<WriteTarget>,
+) -> Result<DistributedPlan> {
     let source = Arc::new(QueryTasks { query_id: id.to_string(), cluster: Arc::clone(&core.cluster) });
     let mut opts = DistributeOptions { config: &core.config.planner, total_slots: core.cluster.total_slots(), source, write_dir: write };
-    let mut plan = planner::distribute(Arc::clone(&physical), &opts)?;
-    if plan.is_distributed() && opts.total_slots == 0 {
-        opts.total_slots = core.cluster.wait_for_slots(Duration::from_millis(WORKER_WAIT_MS)).await;
-        if opts.total_slots == 0 {
-            return Err(DataFusionError::Execution(format!(
-                "no live workers after waiting {WORKER_WAIT_MS} ms: start one with `quiver worker --coordinator <url>`"
-            )));
-        }
-        plan = planner::distribute(physical, &opts)?;
+    let plan = planner::distribute(Arc::clone(&physical), &opts)?;
+    if !plan.is_distributed() || opts.total_slots > 0 {
+        return Ok(plan);
     }
+    opts.total_slots = core.cluster.wait_for_slots(Duration::from_millis(WORKER_WAIT_MS)).await;
+    if opts.total_slots == 0 {
+        return Err(DataFusionError::Execution(format!(
+            "no live workers after waiting {WORKER_WAIT_MS} ms: start one with `quiver worker --coordinator <url>`"
+        )));
+    }
+    planner::distribute(physical, &opts)
+}
+
+/// Plans, queues the Stages' Tasks and starts the final Stage; returns the plan as executed.
+pub(super) async fn start_physical(
+    core: &Arc<Core>,
+    id: &str,
+    physical: Arc<dyn ExecutionPlan>,
+    write: Option<WriteTarget>,
+) -> Result<(DistributedPlan, SendableRecordBatchStream)> {
+    let mut plan = plan_query(core, id, physical, write).await?;
     if plan.is_distributed() {
-        let mut tasks = Vec::with_capacity(plan.task_count());
-        for stage in &plan.stages {
-            for t in &stage.tasks {
-                let bytes = encode_plan(Arc::clone(&t.plan))?;
-                tasks.push(NewTask { stage: t.stage as u32, task: t.task as u32, summary: t.summary.clone(), plan: bytes });
-            }
+        core.cluster.submit(id, encode_stages(&plan)?)?;
+    }
+    if plan.root.output_partitioning().partition_count() > 1 {
+        plan.root = Arc::new(CoalescePartitionsExec::new(Arc::clone(&plan.root)));
+    }
+    let stream = plan.root.execute(0, core.ctx.task_ctx())?;
+    Ok((plan, stream))
+}
+
+/// The Stages as the cluster queues them. Tasks of one Stage often share one plan (they
+/// compute different partitions of it): it is encoded once.
+fn encode_stages(plan: &DistributedPlan) -> Result<Vec<NewStage>> {
+    let mut stages = Vec::with_capacity(plan.stages.len());
+    for stage in &plan.stages {
+        let mut tasks = Vec::with_capacity(stage.tasks.len());
+        let mut last: Option<(&Arc<dyn ExecutionPlan>, Vec<u8>)> = None;
+        for t in &stage.tasks {
+            let bytes = match &last {
+                Some((shared, bytes)) if Arc::ptr_eq(shared, &t.plan) => bytes.clone(),
+                _ => encode_plan(Arc::clone(&t.plan))?,
+            };
+            last = Some((&t.plan, bytes.clone()));
+            tasks.push(NewTask { stage: t.stage as u32, task: t.task as u32, partition: t.partition as u32, summary: t.summary.clone(), plan: bytes });
         }
-        core.cluster.submit(id, plan.stages.len() as u32, tasks)?;
+        let inputs = stage.inputs.iter().map(|&i| i as u32).collect();
+        let shuffle = matches!(stage.exchange, Exchange::Shuffle { .. });
+        stages.push(NewStage { inputs, shuffle, tasks });
     }
-    let mut root = plan.root;
-    if root.output_partitioning().partition_count() > 1 {
-        root = Arc::new(CoalescePartitionsExec::new(root));
-    }
-    root.execute(0, core.ctx.task_ctx())
+    Ok(stages)
 }
 
 fn empty_stream() -> SendableRecordBatchStream {

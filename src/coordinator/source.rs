@@ -1,5 +1,5 @@
 //! How the final Stage reads a worker Stage: wait for the Task's outcome, then fetch its output
-//! from the worker that holds it, over Flight.
+//! (or one part of it, for a shuffle) from the worker that holds it, over Flight.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,12 +9,10 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::{StreamExt, TryStreamExt};
-use prost::Message;
 
 use super::cluster::{outcome_error, Cluster, TaskOutcome};
 use crate::planner::{StageId, StageSource};
-use crate::protocol::OutputTicket;
-use crate::transport::{connect, fetch_batches, Peer};
+use crate::transport::{connect, fetch_output, Peer};
 
 /// Connections to workers, shared by all Queries.
 #[derive(Default, Debug)]
@@ -46,7 +44,7 @@ impl std::fmt::Debug for QueryTasks {
 }
 
 impl StageSource for QueryTasks {
-    fn open(&self, stage: StageId, task: usize, schema: SchemaRef) -> Result<SendableRecordBatchStream> {
+    fn open(&self, stage: StageId, task: usize, partition: usize, schema: SchemaRef) -> Result<SendableRecordBatchStream> {
         let (stage, task) = (stage as u32, task as u32);
         let mut outcome = self.cluster.subscribe(&self.query_id, stage, task)?;
         let (cluster, query_id) = (Arc::clone(&self.cluster), self.query_id.clone());
@@ -58,18 +56,13 @@ impl StageSource for QueryTasks {
                 .map_err(|_| DataFusionError::Execution(format!("query {query_id} ended")))?
                 .clone()
                 .expect("waited for an outcome");
-            let key = match outcome {
+            let (key, url) = match outcome {
                 TaskOutcome::Succeeded { key, worker_url } => (key, worker_url),
                 TaskOutcome::Failed(error) => return Err(outcome_error(error)),
             };
-            tracing::debug!(task = %key.0, "task output fetch starts");
-            // One connection per output: HTTP/2 flow control is shared by the streams of a
-            // connection, and an output the final Stage does not read yet (a join's probe side
-            // while it builds) must not stall the ones it does read.
-            let peer = connect(&key.1).await?;
-            let ticket = OutputTicket { key: Some(key.0) }.encode_to_vec();
-            let batches = fetch_batches(&peer, ticket, Some(fetch_schema)).await?;
-            Ok::<_, DataFusionError>(count_until_done(batches, peer, cluster, query_id, stage, task))
+            tracing::debug!(task = %key, partition, "task output fetch starts");
+            let batches = fetch_output(&url, key, partition as u32, fetch_schema).await?;
+            Ok::<_, DataFusionError>(mark_consumed_at_end(batches, cluster, query_id, stage, task))
         };
         let stream = futures::stream::once(open).try_flatten();
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
@@ -77,31 +70,16 @@ impl StageSource for QueryTasks {
 }
 
 /// Passes batches through and marks the Task consumed once its output has been read whole.
-/// The connection travels with the stream: it lives as long as the stream reads from it.
-fn count_until_done(
+fn mark_consumed_at_end(
     batches: SendableRecordBatchStream,
-    connection: Peer,
     cluster: Arc<Cluster>,
     query_id: String,
     stage: u32,
     task: u32,
 ) -> futures::stream::BoxStream<'static, Result<datafusion::arrow::array::RecordBatch>> {
-    let state = (batches, connection, 0u64, Some((cluster, query_id)));
-    futures::stream::unfold(state, move |(mut batches, connection, bytes, done)| async move {
-        match batches.next().await {
-            Some(Ok(batch)) => {
-                let bytes = bytes + batch.get_array_memory_size() as u64;
-                Some((Ok(batch), (batches, connection, bytes, done)))
-            }
-            Some(Err(e)) => Some((Err(e), (batches, connection, bytes, None))),
-            None => {
-                tracing::debug!(stage, task, bytes, "task output read");
-                if let Some((cluster, query_id)) = done {
-                    cluster.mark_consumed(&query_id, stage, task, bytes);
-                }
-                None
-            }
-        }
-    })
-    .boxed()
+    let done = futures::stream::once(async move {
+        cluster.mark_consumed(&query_id, stage, task);
+        None
+    });
+    batches.map(Some).chain(done).filter_map(futures::future::ready).boxed()
 }

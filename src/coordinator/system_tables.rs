@@ -56,10 +56,10 @@ fn schema(kind: Kind) -> SchemaRef {
         ],
         Kind::Queries => vec![
             s("query_id"), s("sql"), s("state"), s("mode"), u32f("stages"), u32f("tasks"), u32f("workers_used"),
-            u64f("rows"), u64f("bytes_from_workers"), Field::new("started", timestamp(), false), u64f("duration_ms"), sn("error"),
+            u64f("rows"), u64f("bytes_shuffled"), u64f("bytes_gathered"), Field::new("started", timestamp(), false), u64f("duration_ms"), sn("error"),
         ],
         Kind::Tasks => vec![
-            s("query_id"), u32f("stage"), u32f("task"), u32f("attempt"), sn("worker_id"), s("plan"), s("state"),
+            s("query_id"), u32f("stage"), u32f("task"), u32f("attempt"), sn("worker_id"), s("plan"), s("output"), s("state"),
             u64f("rows"), u64f("bytes"), u64f("elapsed_ms"), sn("error"),
         ],
     };
@@ -118,7 +118,8 @@ impl SystemTable {
                     u32s(q.iter().map(|q| q.tasks)),
                     u32s(q.iter().map(|q| q.workers_used)),
                     u64s(q.iter().map(|q| q.rows)),
-                    u64s(q.iter().map(|q| q.bytes_from_workers)),
+                    u64s(q.iter().map(|q| q.bytes_shuffled)),
+                    u64s(q.iter().map(|q| q.bytes_gathered)),
                     stamps(q.iter().map(|q| q.started)),
                     u64s(q.iter().map(|q| q.duration_ms)),
                     opt_strings(q.iter().map(|q| q.error.as_deref())),
@@ -133,6 +134,7 @@ impl SystemTable {
                     u32s(t.iter().map(|t| t.key.attempt)),
                     opt_strings(t.iter().map(|t| t.worker_id.as_deref())),
                     strings(t.iter().map(|t| t.plan.as_str())),
+                    strings(t.iter().map(|t| t.output)),
                     strings(t.iter().map(|t| t.state.as_str())),
                     u64s(t.iter().map(|t| t.rows)),
                     u64s(t.iter().map(|t| t.bytes)),

@@ -1,12 +1,21 @@
 //! The distributed planner: turns one DataFusion physical plan into a DAG of Stages.
 //!
-//! DataFusion plans the Query once, on the coordinator. This module then finds the largest
-//! subtrees that can run as independent Tasks, each reading its own slice of the input files,
-//! and replaces each with a [`StageReaderExec`] that reads the Tasks' outputs. What remains above
-//! the readers is the final Stage: it runs on the coordinator and performs the real combine
-//! (final aggregation, sorted-run merge, global limit, joins). It knows nothing of the network:
-//! how a reader gets its data is the business of the [`StageSource`] the caller supplies.
+//! DataFusion plans the Query once, on the coordinator. This module cuts the plan at the
+//! Exchanges DataFusion put in it:
+//! - a hash `RepartitionExec` becomes a *shuffle*: the Stage below it hash-partitions its output
+//!   and the Stage above reads part `p` of every Task's output in its Task `p`;
+//! - a `CoalescePartitionsExec` or `SortPreservingMergeExec` becomes a *gather*: the Stage below
+//!   runs on workers and the operator reads all its Task outputs. Inside a worker Stage that is a
+//!   broadcast (every Task reads the whole output, e.g. a join's build side); at the top of the
+//!   plan it is the final merge on the coordinator.
+//!
+//! A chain of task-local operators over one file scan (see [`rules`]) is cut into Tasks by
+//! slicing its files; every other Stage has one Task per partition of its plan fragment. What
+//! only the coordinator can run (scalar subqueries, in-memory tables) stays in the final Stage
+//! with everything above it. The planner knows nothing of the network: how a reader gets its
+//! data is the business of the [`StageSource`] the caller supplies.
 
+mod display;
 mod reader;
 mod rules;
 mod split;
@@ -16,40 +25,52 @@ use std::sync::Arc;
 
 use datafusion::common::Result;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::{
-    replace_children_if_necessary, ExecutionPlan, ExecutionPlanProperties,
+    replace_children_if_necessary, ExecutionPlan, ExecutionPlanProperties, Partitioning,
 };
 
 use crate::config::PlannerConfig;
-pub use reader::{StageReaderExec, StageSource};
+pub use reader::{Exchange, StageReaderExec, StageSource};
 pub use split::TaskSlice;
 pub use writer::{count_schema, TaskWriterExec};
 
-/// Index of a Stage within its Query.
+/// Index of a Stage within its Query. Stages are numbered so that inputs come first.
 pub type StageId = usize;
 
-/// One Task: a plan fragment with exactly one output partition that reads one slice of input.
+/// One Task: a plan fragment and the one partition of it the Task computes.
 #[derive(Debug, Clone)]
 pub struct TaskSpec {
     pub stage: StageId,
     pub task: usize,
+    /// The plan the worker runs. When its root is a hash `RepartitionExec`, the worker computes
+    /// partition `partition` of the repartition's input and keeps one output part per hash
+    /// partition; otherwise it computes partition `partition` of the plan.
     pub plan: Arc<dyn ExecutionPlan>,
+    pub partition: usize,
     /// What a person needs to know about the Task: the operators and the input it reads.
     pub summary: String,
 }
 
-/// A Stage that runs on workers as a set of Tasks; its output is read by the final Stage.
+/// A Stage that runs on workers as a set of Tasks.
 #[derive(Debug, Clone)]
 pub struct Stage {
     pub id: StageId,
     pub tasks: Vec<TaskSpec>,
+    /// Stages whose outputs this Stage's Tasks read: they must have finished first.
+    pub inputs: Vec<StageId>,
+    /// How the consumer reads this Stage.
+    pub exchange: Exchange,
+    /// The plan fragment every Task runs a part of, for EXPLAIN.
+    pub fragment: Arc<dyn ExecutionPlan>,
 }
 
 /// The result of distributing one physical plan.
 #[derive(Debug, Clone)]
 pub struct DistributedPlan {
-    /// Stages that run on workers. Empty when nothing could be distributed.
+    /// Stages that run on workers, inputs first. Empty when nothing could be distributed.
     pub stages: Vec<Stage>,
     /// The final Stage, run by the coordinator; it reads the worker Stages through readers.
     pub root: Arc<dyn ExecutionPlan>,
@@ -63,6 +84,12 @@ impl DistributedPlan {
     pub fn is_distributed(&self) -> bool {
         !self.stages.is_empty()
     }
+
+    /// The Stage DAG as text: one block per Stage, then the final Stage. With `annotate`, each
+    /// Stage's header gets its text and the final Stage shows its operators' metrics.
+    pub fn display(&self, annotate: Option<&dyn Fn(StageId) -> String>) -> String {
+        display::render(self, annotate)
+    }
 }
 
 /// What the planner needs to know about the cluster and the caller.
@@ -70,10 +97,10 @@ pub struct DistributeOptions<'a> {
     pub config: &'a PlannerConfig,
     /// Total Task slots over all live workers.
     pub total_slots: usize,
-    /// Where the readers of the final Stage get Task outputs from.
+    /// Where readers get Task outputs from.
     pub source: Arc<dyn StageSource>,
-    /// When set, every Task writes its output to a Parquet file in this directory instead of
-    /// returning it (INSERT and CREATE TABLE AS), and returns a row count.
+    /// When set, the last Stage's Tasks write their output to Parquet files in this directory
+    /// (INSERT and CREATE TABLE AS) and return row counts.
     pub write_dir: Option<WriteTarget>,
 }
 
@@ -84,79 +111,206 @@ pub struct WriteTarget {
     pub row_group_rows: usize,
 }
 
+/// What a Stage does with its Tasks' results.
+enum Output<'a> {
+    Gather,
+    Shuffle(Partitioning),
+    Write(&'a WriteTarget),
+}
+
 /// Cuts `plan` into Stages. The result computes exactly what `plan` computes.
 pub fn distribute(plan: Arc<dyn ExecutionPlan>, opts: &DistributeOptions) -> Result<DistributedPlan> {
-    let mut stages = Vec::new();
-    let root_is_stage = rules::is_task_local_tree(&plan);
-    let write = opts.write_dir.as_ref().filter(|_| root_is_stage);
-    let root = cut(plan, opts, write, &mut stages)?;
-    let root = match (&opts.write_dir, write) {
-        // The whole plan ran as Tasks that wrote their own files; the root sums their counts.
-        (Some(_), Some(_)) => root,
-        // The writes happen on the coordinator, after the final Stage.
-        (Some(target), None) => {
-            let single = single_partition(root);
+    let mut builder = Builder { opts, stages: Vec::new() };
+    let root: Arc<dyn ExecutionPlan> = match &opts.write_dir {
+        Some(target) if rules::runs_on_workers(&plan) => {
+            let (id, tasks, _) = builder.stage(Arc::clone(&plan), Output::Write(target))?;
+            Arc::new(StageReaderExec::from_schema(id, tasks, Exchange::Gather, count_schema(), Arc::clone(&opts.source)))
+        }
+        // The coordinator writes what only it can compute, after the final Stage.
+        Some(target) => {
+            let single = single_partition(builder.coordinator(plan)?);
             let path = target.dir.join("part-final.parquet");
-            Arc::new(TaskWriterExec::new(single, path, target.row_group_rows)) as _
+            Arc::new(TaskWriterExec::new(single, 0, path, target.row_group_rows))
         }
-        (None, _) => root,
+        None => builder.coordinator(plan)?,
     };
-    Ok(DistributedPlan { stages, root })
+    Ok(DistributedPlan { stages: builder.stages, root })
 }
 
-/// Top-down: the first task-local subtree met on each path becomes a Stage.
-fn cut(
-    plan: Arc<dyn ExecutionPlan>,
-    opts: &DistributeOptions,
-    write: Option<&WriteTarget>,
-    stages: &mut Vec<Stage>,
-) -> Result<Arc<dyn ExecutionPlan>> {
-    if rules::is_task_local_tree(&plan) && rules::limits_are_restorable(&plan) {
-        return make_stage(plan, opts, write, stages);
-    }
-    let children = plan
-        .children()
-        .into_iter()
-        .map(|child| cut(Arc::clone(child), opts, None, stages))
-        .collect::<Result<Vec<_>>>()?;
-    replace_children_if_necessary(plan, children)
+struct Builder<'a> {
+    opts: &'a DistributeOptions<'a>,
+    stages: Vec<Stage>,
 }
 
-fn make_stage(
-    plan: Arc<dyn ExecutionPlan>,
-    opts: &DistributeOptions,
-    write: Option<&WriteTarget>,
-    stages: &mut Vec<Stage>,
-) -> Result<Arc<dyn ExecutionPlan>> {
-    let id = stages.len();
-    let slices = split::slice_scan(&plan, opts.config, opts.total_slots)?;
-    let mut tasks = Vec::with_capacity(slices.len());
-    for (task, slice) in slices.into_iter().enumerate() {
-        let summary = format!("{} over {}", rules::operator_chain(&plan), slice.describe());
-        let mut task_plan = rules::task_plan(&plan, &slice)?;
-        if let Some(target) = write {
-            let path = target.dir.join(format!("part-{id}-{task}.parquet"));
-            task_plan = Arc::new(TaskWriterExec::new(task_plan, path, target.row_group_rows));
+impl Builder<'_> {
+    /// Cuts a subtree that runs in the final Stage: every maximal subtree that can run on
+    /// workers becomes Stages, read back through a gather or a shuffle reader.
+    fn coordinator(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        if rules::runs_on_workers(&plan) {
+            if let Some(partitioning) = rules::hash_partitioning(&plan) {
+                return self.shuffle(plan, partitioning);
+            }
+            if !rules::is_gather(plan.as_ref()) {
+                return self.gather(plan);
+            }
         }
-        tasks.push(TaskSpec { stage: id, task, plan: task_plan, summary });
+        let children = plan
+            .children()
+            .into_iter()
+            .map(|child| self.coordinator(Arc::clone(child)))
+            .collect::<Result<Vec<_>>>()?;
+        replace_children_if_necessary(plan, children)
     }
-    let schema_source: Arc<dyn ExecutionPlan> = match &tasks.first() {
-        Some(t) if write.is_some() => Arc::clone(&t.plan),
-        _ => Arc::clone(&plan),
-    };
-    let reader =
-        StageReaderExec::new(id, tasks.len(), schema_source.as_ref(), Arc::clone(&opts.source));
-    let original_partitions = plan.output_partitioning().partition_count();
-    let fetch = if write.is_some() { None } else { rules::chain_fetch(&plan) };
-    stages.push(Stage { id, tasks });
-    let reader: Arc<dyn ExecutionPlan> = Arc::new(reader);
-    // A consumer that was given one partition must still get one: merge the Task outputs, and
-    // apply again the limit that held for that one partition.
-    let tasks_count = reader.output_partitioning().partition_count();
-    if (original_partitions == 1 || fetch.is_some()) && tasks_count != 1 {
-        return Ok(merge_partitions(reader, fetch));
+
+    /// Cuts a subtree that runs inside a worker Stage's Tasks at its Exchanges.
+    fn fragment(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        if let Some(partitioning) = rules::hash_partitioning(&plan) {
+            return self.shuffle(plan, partitioning);
+        }
+        if let Some(repartition) = plan.downcast_ref::<RepartitionExec>() {
+            // A round-robin repartition only spreads rows over threads; across Tasks it would
+            // make each Task recompute its whole input for a share of the rows.
+            return self.fragment(Arc::clone(repartition.input()));
+        }
+        if rules::is_gather(plan.as_ref()) {
+            let child = Arc::clone(plan.children()[0]);
+            let child = self.gather(child)?;
+            return replace_children_if_necessary(plan, vec![child]);
+        }
+        let plan = rules::whole_probe_side(plan)?;
+        if rules::collects_build_side(plan.as_ref()) {
+            let children = plan.children();
+            let build = self.broadcast(Arc::clone(children[0]))?;
+            let probe = self.fragment(Arc::clone(children[1]))?;
+            return replace_children_if_necessary(plan, vec![build, probe]);
+        }
+        let children = plan
+            .children()
+            .into_iter()
+            .map(|child| self.fragment(Arc::clone(child)))
+            .collect::<Result<Vec<_>>>()?;
+        replace_children_if_necessary(plan, children)
     }
-    Ok(reader)
+
+    /// A join's build side: computed once by a Stage of its own, read whole by every Task.
+    fn broadcast(&mut self, build: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        if rules::is_gather(build.as_ref()) {
+            return self.fragment(build);
+        }
+        self.gather(build)
+    }
+
+    /// `plan` becomes a Stage whose Task outputs the enclosing plan reads whole.
+    fn gather(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        let original_partitions = plan.output_partitioning().partition_count();
+        let (id, tasks, fetch) = self.stage(Arc::clone(&plan), Output::Gather)?;
+        let reader: Arc<dyn ExecutionPlan> =
+            Arc::new(StageReaderExec::new(id, tasks, Exchange::Gather, plan.as_ref(), Arc::clone(&self.opts.source)));
+        // A consumer that was given one partition must still get one: merge the Task outputs,
+        // and apply again the limit that held for that one partition.
+        if (original_partitions == 1 || fetch.is_some()) && tasks != 1 {
+            return Ok(merge_partitions(reader, fetch));
+        }
+        Ok(reader)
+    }
+
+    /// `repartition`'s input becomes a Stage that hash-partitions its output; the enclosing
+    /// plan reads it through a shuffle reader.
+    fn shuffle(&mut self, repartition: Arc<dyn ExecutionPlan>, partitioning: Partitioning) -> Result<Arc<dyn ExecutionPlan>> {
+        let input = Arc::clone(repartition.children()[0]);
+        let partitions = partitioning.partition_count();
+        let (id, tasks, _) = self.stage(input, Output::Shuffle(partitioning))?;
+        let exchange = Exchange::Shuffle { partitions };
+        let reader = StageReaderExec::new(id, tasks, exchange, repartition.as_ref(), Arc::clone(&self.opts.source));
+        let reader: Arc<dyn ExecutionPlan> = Arc::new(reader);
+        // Parts from many producers arrive interleaved: restore a per-partition order that
+        // a sort-preserving repartition promised.
+        match repartition.output_ordering() {
+            Some(ordering) => Ok(Arc::new(SortExec::new(ordering.clone(), reader).with_preserve_partitioning(true))),
+            None => Ok(reader),
+        }
+    }
+
+    /// Makes `plan` a Stage; returns its id, its Task count and the limit its consumer must
+    /// apply again after merging the Tasks' outputs.
+    fn stage(&mut self, plan: Arc<dyn ExecutionPlan>, output: Output) -> Result<(StageId, usize, Option<usize>)> {
+        let sliceable = rules::is_task_local_tree(&plan)
+            && rules::limits_are_restorable(&plan)
+            && (matches!(output, Output::Gather) || rules::chain_fetch(&plan).is_none());
+        let (fragment, parts, fetch) = if sliceable {
+            let chain = self.prepare_chain(plan)?;
+            let slices = split::slice_scan(&chain, self.opts.config, self.opts.total_slots)?;
+            let parts = slices
+                .iter()
+                .map(|slice| {
+                    let summary = format!("{} over {}", rules::operator_chain(&chain), slice.describe());
+                    Ok((rules::task_plan(&chain, slice)?, 0, summary))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let fetch = rules::chain_fetch(&chain);
+            (chain, parts, fetch)
+        } else {
+            let fragment = self.fragment(plan)?;
+            let count = fragment.output_partitioning().partition_count();
+            let summary = rules::operator_chain(&fragment);
+            let parts = (0..count).map(|p| (Arc::clone(&fragment), p, format!("{summary}, partition {p}"))).collect();
+            (fragment, parts, None)
+        };
+        let id = self.stages.len();
+        let mut tasks = Vec::with_capacity(parts.len());
+        // Tasks that compute partitions of one fragment share one plan (encoded once).
+        let mut shared: Option<(Arc<dyn ExecutionPlan>, Arc<dyn ExecutionPlan>)> = None;
+        for (task, (plan, partition, summary)) in parts.into_iter().enumerate() {
+            let (plan, partition) = match &output {
+                Output::Gather => (plan, partition),
+                Output::Shuffle(partitioning) => match &shared {
+                    Some((input, wrapped)) if Arc::ptr_eq(input, &plan) => (Arc::clone(wrapped), partition),
+                    _ => {
+                        let wrapped: Arc<dyn ExecutionPlan> = Arc::new(RepartitionExec::try_new(Arc::clone(&plan), partitioning.clone())?);
+                        shared = Some((plan, Arc::clone(&wrapped)));
+                        (wrapped, partition)
+                    }
+                },
+                Output::Write(target) => {
+                    let path = target.dir.join(format!("part-{id}-{task}.parquet"));
+                    (Arc::new(TaskWriterExec::new(plan, partition, path, target.row_group_rows)) as _, 0)
+                }
+            };
+            tasks.push(TaskSpec { stage: id, task, plan, partition, summary });
+        }
+        let exchange = match &output {
+            Output::Shuffle(partitioning) => Exchange::Shuffle { partitions: partitioning.partition_count() },
+            _ => Exchange::Gather,
+        };
+        let fragment = match &output {
+            Output::Shuffle(partitioning) => Arc::new(RepartitionExec::try_new(fragment, partitioning.clone())?) as _,
+            _ => fragment,
+        };
+        let inputs = display::stage_inputs(&fragment);
+        let count = tasks.len();
+        self.stages.push(Stage { id, tasks, inputs, exchange, fragment });
+        Ok((id, count, fetch))
+    }
+
+    /// A task-local chain with the build sides of its broadcast joins cut into Stages of their
+    /// own: each Task of the chain reads them whole.
+    fn prepare_chain(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        if rules::file_scan(plan.as_ref()).is_some() {
+            return Ok(plan);
+        }
+        if let Some(join) = rules::broadcast_join(plan.as_ref()) {
+            let (build, probe) = (Arc::clone(join.left()), Arc::clone(join.right()));
+            let build = self.broadcast(build)?;
+            let probe = self.prepare_chain(probe)?;
+            return replace_children_if_necessary(plan, vec![build, probe]);
+        }
+        let children = plan
+            .children()
+            .into_iter()
+            .map(|child| self.prepare_chain(Arc::clone(child)))
+            .collect::<Result<Vec<_>>>()?;
+        replace_children_if_necessary(plan, children)
+    }
 }
 
 /// Merges all partitions of `plan` into one, keeping its sort order when it has one.

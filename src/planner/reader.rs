@@ -1,5 +1,8 @@
-//! [`StageReaderExec`]: the leaf of the final Stage that stands where a worker Stage was cut out.
-//! Partition `i` of the reader is the output of Task `i` of that Stage.
+//! [`StageReaderExec`]: the leaf that stands where a Stage was cut out of the plan. It reads the
+//! Stage's Task outputs through an Exchange:
+//! - *gather*: partition `i` of the reader is the whole output of Task `i`;
+//! - *shuffle*: every Task hash-partitioned its output into `partitions` parts, and partition
+//!   `p` of the reader is part `p` of every Task's output.
 
 use std::fmt;
 use std::sync::Arc;
@@ -7,47 +10,96 @@ use std::sync::Arc;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::{internal_err, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning, PlanProperties,
 };
+use futures::StreamExt;
 
 use super::StageId;
+use crate::config::EXCHANGE_FETCHES_MAX;
 
-/// Where Task outputs come from. The coordinator implements it over the network; the planner
-/// only needs to know that Task `task` of Stage `stage` yields a stream of batches.
+/// Where Task outputs come from. The coordinator and the workers implement it over the network;
+/// the planner only needs to know that part `partition` of the output of Task `task` of Stage
+/// `stage` is a stream of batches.
 pub trait StageSource: fmt::Debug + Send + Sync {
-    fn open(&self, stage: StageId, task: usize, schema: SchemaRef) -> Result<SendableRecordBatchStream>;
+    fn open(&self, stage: StageId, task: usize, partition: usize, schema: SchemaRef) -> Result<SendableRecordBatchStream>;
+}
+
+/// How a reader maps its partitions onto the Stage's Task outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exchange {
+    /// Reader partition `i` is Task `i`'s whole output.
+    Gather,
+    /// Reader partition `p` is part `p` of every Task's output.
+    Shuffle { partitions: usize },
 }
 
 #[derive(Debug)]
 pub struct StageReaderExec {
     stage: StageId,
     tasks: usize,
+    exchange: Exchange,
     properties: Arc<PlanProperties>,
     source: Arc<dyn StageSource>,
 }
 
 impl StageReaderExec {
-    /// A reader with the schema and orderings of `replaced`, one partition per Task.
-    pub fn new(stage: StageId, tasks: usize, replaced: &dyn ExecutionPlan, source: Arc<dyn StageSource>) -> Self {
+    /// A reader with the schema and orderings of `replaced`.
+    pub fn new(stage: StageId, tasks: usize, exchange: Exchange, replaced: &dyn ExecutionPlan, source: Arc<dyn StageSource>) -> Self {
+        Self::with_properties(stage, tasks, exchange, replaced.equivalence_properties().clone(), source)
+    }
+
+    /// A reader decoded on a worker: it knows its schema but not the orderings it had.
+    pub fn from_schema(stage: StageId, tasks: usize, exchange: Exchange, schema: SchemaRef, source: Arc<dyn StageSource>) -> Self {
+        Self::with_properties(stage, tasks, exchange, EquivalenceProperties::new(schema), source)
+    }
+
+    fn with_properties(
+        stage: StageId,
+        tasks: usize,
+        exchange: Exchange,
+        equivalence: EquivalenceProperties,
+        source: Arc<dyn StageSource>,
+    ) -> Self {
+        let partitions = match exchange {
+            Exchange::Gather => tasks,
+            Exchange::Shuffle { partitions } => partitions,
+        };
         let properties = PlanProperties::new(
-            replaced.equivalence_properties().clone(),
-            Partitioning::UnknownPartitioning(tasks),
+            equivalence,
+            Partitioning::UnknownPartitioning(partitions),
             EmissionType::Incremental,
             Boundedness::Bounded,
         );
-        Self { stage, tasks, properties: Arc::new(properties), source }
+        Self { stage, tasks, exchange, properties: Arc::new(properties), source }
     }
 
     pub fn stage(&self) -> StageId {
         self.stage
     }
+
+    pub fn tasks(&self) -> usize {
+        self.tasks
+    }
+
+    pub fn exchange(&self) -> Exchange {
+        self.exchange
+    }
 }
 
 impl DisplayAs for StageReaderExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "StageReaderExec: stage={}, tasks={}", self.stage, self.tasks)
+        match self.exchange {
+            Exchange::Gather => write!(f, "StageReaderExec: stage={}, gather {} task(s)", self.stage, self.tasks),
+            Exchange::Shuffle { partitions } => write!(
+                f,
+                "StageReaderExec: stage={}, shuffle {} task(s) into {partitions} partition(s)",
+                self.stage, self.tasks
+            ),
+        }
     }
 }
 
@@ -79,9 +131,20 @@ impl ExecutionPlan for StageReaderExec {
     }
 
     fn execute(&self, partition: usize, _context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
-        if partition >= self.tasks {
-            return internal_err!("stage {} has {} tasks, partition {partition} asked", self.stage, self.tasks);
+        let count = self.properties.output_partitioning().partition_count();
+        if partition >= count {
+            return internal_err!("stage {} reader has {count} partitions, partition {partition} asked", self.stage);
         }
-        self.source.open(self.stage, partition, self.schema())
+        match self.exchange {
+            Exchange::Gather => self.source.open(self.stage, partition, 0, self.schema()),
+            Exchange::Shuffle { .. } => {
+                let parts = (0..self.tasks)
+                    .map(|task| self.source.open(self.stage, task, partition, self.schema()))
+                    .collect::<Result<Vec<_>>>()?;
+                // Fetch from several producers at once: each waits on a different worker.
+                let merged = futures::stream::iter(parts).flatten_unordered(EXCHANGE_FETCHES_MAX);
+                Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema(), merged)))
+            }
+        }
     }
 }

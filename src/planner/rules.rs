@@ -5,10 +5,10 @@
 //! partial aggregates, per-partition sorts and limits. A subtree made only of task-local operators
 //! over one file scan can be cut into Tasks by cutting its scan's files.
 //!
-//! A hash join that collects a small build side is task-local on its probe side when its
-//! output for a probe row depends only on that row (inner, right semi, right anti): each
-//! Task then computes the whole build side itself from its files (a broadcast by recomputation)
-//! and joins it with its slice of the probe side.
+//! A hash join that collects its build side is task-local on its probe side when its output for
+//! a probe row depends only on that row (inner, right, right semi/anti/mark): each Task reads
+//! the whole build side, computed once by a Stage of its own (a broadcast), and joins it with
+//! its slice of the probe side.
 
 use std::sync::Arc;
 
@@ -23,7 +23,11 @@ use datafusion::physical_plan::coalesce_batches::CoalesceBatchesExec;
 use datafusion::physical_plan::coop::CooperativeExec;
 use datafusion::common::JoinType;
 use datafusion::physical_plan::filter::FilterExec;
-use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::joins::{CrossJoinExec, HashJoinExec, NestedLoopJoinExec, PartitionMode};
+use datafusion::physical_plan::placeholder_row::PlaceholderRowExec;
+use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::limit::LocalLimitExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
@@ -31,7 +35,7 @@ use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::{replace_children_if_necessary, ExecutionPlan, ExecutionPlanProperties, Partitioning};
 
 use super::split::TaskSlice;
-use crate::config::BROADCAST_BUILD_MAX_BYTES;
+use super::StageReaderExec;
 
 /// Returns the file scan config of a DataSourceExec over files, if `plan` is one.
 pub(super) fn file_scan(plan: &dyn ExecutionPlan) -> Option<&FileScanConfig> {
@@ -48,39 +52,80 @@ pub(super) fn chain_child(plan: &Arc<dyn ExecutionPlan>) -> Option<&Arc<dyn Exec
     }
 }
 
-/// A hash join whose small build side every Task can compute for itself.
-fn broadcast_join(plan: &dyn ExecutionPlan) -> Option<&HashJoinExec> {
+/// A hash join that collects its build side and whose output for a probe row depends only on
+/// that row and the whole build side: it can run in the Tasks of its probe side, each reading
+/// the whole build side (a broadcast).
+pub(super) fn broadcast_join(plan: &dyn ExecutionPlan) -> Option<&HashJoinExec> {
     let join = plan.downcast_ref::<HashJoinExec>()?;
-    // Right outer and right mark joins are task-local too, but never drop a probe row, so
-    // running them in the Tasks saves nothing.
-    let probe_preserving = matches!(join.join_type(), JoinType::Inner | JoinType::RightSemi | JoinType::RightAnti);
     let collect_left = *join.partition_mode() == PartitionMode::CollectLeft;
-    let small = build_side_bytes(join.left()).is_some_and(|b| b <= BROADCAST_BUILD_MAX_BYTES);
-    // Joining in the Tasks pays off when the build side is filtered, so the join drops probe
-    // rows before they travel; an unfiltered dimension only widens what the Tasks ship.
-    (collect_left && probe_preserving && small && is_filtered(join.left())).then_some(join)
+    (collect_left && is_probe_preserving(join.join_type()) && runs_on_workers(join.left())).then_some(join)
 }
 
-fn is_filtered(plan: &Arc<dyn ExecutionPlan>) -> bool {
-    plan.is::<FilterExec>()
-        || file_scan(plan.as_ref()).is_some_and(|scan| scan.file_source().filter().is_some())
-        || plan.children().into_iter().any(is_filtered)
+/// Join types whose result for one probe row needs no other probe row: the probe side may be
+/// cut into parts that run in different processes. The others emit unmatched build rows once
+/// every probe partition has finished, which only works with all of them in one process.
+fn is_probe_preserving(join_type: &JoinType) -> bool {
+    matches!(
+        join_type,
+        JoinType::Inner | JoinType::Right | JoinType::RightSemi | JoinType::RightAnti | JoinType::RightMark
+    )
 }
 
-/// Input bytes of a subtree that reads only files, or None when it reads anything else (or
-/// reads a scalar subquery's result, which only the final Stage has).
-fn build_side_bytes(plan: &Arc<dyn ExecutionPlan>) -> Option<u64> {
-    if reads_scalar_subquery(plan.as_ref()) {
-        return None;
+/// Operators that read their whole first (build) child in every partition.
+pub(super) fn collects_build_side(plan: &dyn ExecutionPlan) -> bool {
+    if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
+        return *join.partition_mode() == PartitionMode::CollectLeft;
     }
-    if let Some(scan) = file_scan(plan.as_ref()) {
-        return Some(scan.file_groups.iter().flat_map(|g| g.iter()).map(|f| f.object_meta.size).sum());
+    plan.is::<NestedLoopJoinExec>() || plan.is::<CrossJoinExec>()
+}
+
+/// Gives a join that must see every probe row in one process a single probe partition, so that
+/// the one Task that runs it sees them all.
+pub(super) fn whole_probe_side(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    let join_type = if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
+        (*join.partition_mode() == PartitionMode::CollectLeft).then_some(*join.join_type())
+    } else {
+        plan.downcast_ref::<NestedLoopJoinExec>().map(|join| *join.join_type())
+    };
+    let Some(join_type) = join_type else { return Ok(plan) };
+    let children = plan.children();
+    let probe = children[1];
+    if is_probe_preserving(&join_type) || probe.output_partitioning().partition_count() == 1 {
+        return Ok(plan);
+    }
+    let build = Arc::clone(children[0]);
+    let probe: Arc<dyn ExecutionPlan> = Arc::new(CoalescePartitionsExec::new(Arc::clone(probe)));
+    replace_children_if_necessary(plan, vec![build, probe])
+}
+
+/// The hash partitioning of a hash `RepartitionExec`: a shuffle Exchange.
+pub(super) fn hash_partitioning(plan: &Arc<dyn ExecutionPlan>) -> Option<Partitioning> {
+    let repartition = plan.downcast_ref::<RepartitionExec>()?;
+    matches!(repartition.partitioning(), Partitioning::Hash(..)).then(|| repartition.partitioning().clone())
+}
+
+/// Operators that merge all partitions of their child into one: a gather Exchange.
+pub(super) fn is_gather(plan: &dyn ExecutionPlan) -> bool {
+    plan.is::<CoalescePartitionsExec>() || plan.is::<SortPreservingMergeExec>()
+}
+
+/// Operators only the coordinator can run: they hold state of the coordinator's session.
+const COORDINATOR_ONLY: [&str; 4] = ["ScalarSubqueryExec", "RecursiveQueryExec", "DataSinkExec", "TaskWriterExec"];
+
+/// True when every operator of the subtree can run in a worker: its leaves read files (or no
+/// data at all) and nothing in it reads a scalar subquery's result or other coordinator state.
+pub(super) fn runs_on_workers(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    if reads_scalar_subquery(plan.as_ref()) || COORDINATOR_ONLY.contains(&plan.name()) {
+        return false;
     }
     let children = plan.children();
     if children.is_empty() {
-        return None;
+        return file_scan(plan.as_ref()).is_some()
+            || plan.is::<EmptyExec>()
+            || plan.is::<PlaceholderRowExec>()
+            || plan.is::<StageReaderExec>();
     }
-    children.into_iter().map(build_side_bytes).sum()
+    children.into_iter().all(runs_on_workers)
 }
 
 /// True when `plan` is a chain of task-local operators ending in exactly one file scan.

@@ -1,4 +1,5 @@
-//! [`TaskWriterExec`]: writes its input to one Parquet file and returns the row count. Workers
+//! [`TaskWriterExec`]: writes one partition of its input to one Parquet file and returns the
+//! row count. Workers
 //! run it inside write Tasks (one file per Task); the coordinator runs it when the last Stage of
 //! a write is its own.
 
@@ -31,24 +32,30 @@ pub fn count_schema() -> SchemaRef {
 #[derive(Debug)]
 pub struct TaskWriterExec {
     input: Arc<dyn ExecutionPlan>,
+    /// The partition of `input` this writer writes.
+    input_partition: usize,
     path: PathBuf,
     row_group_rows: usize,
     properties: Arc<PlanProperties>,
 }
 
 impl TaskWriterExec {
-    pub fn new(input: Arc<dyn ExecutionPlan>, path: PathBuf, row_group_rows: usize) -> Self {
+    pub fn new(input: Arc<dyn ExecutionPlan>, input_partition: usize, path: PathBuf, row_group_rows: usize) -> Self {
         let properties = PlanProperties::new(
             EquivalenceProperties::new(count_schema()),
             Partitioning::UnknownPartitioning(1),
             EmissionType::Final,
             Boundedness::Bounded,
         );
-        Self { input, path, row_group_rows, properties: Arc::new(properties) }
+        Self { input, input_partition, path, row_group_rows, properties: Arc::new(properties) }
     }
 
     pub fn path(&self) -> &PathBuf {
         &self.path
+    }
+
+    pub fn input_partition(&self) -> usize {
+        self.input_partition
     }
 
     pub fn row_group_rows(&self) -> usize {
@@ -62,7 +69,7 @@ impl TaskWriterExec {
 
 impl DisplayAs for TaskWriterExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "TaskWriterExec: path={}", self.path.display())
+        write!(f, "TaskWriterExec: partition={}, path={}", self.input_partition, self.path.display())
     }
 }
 
@@ -90,14 +97,14 @@ impl ExecutionPlan for TaskWriterExec {
         if children.len() != 1 {
             return internal_err!("TaskWriterExec takes one child");
         }
-        Ok(Arc::new(Self::new(children.remove(0), self.path.clone(), self.row_group_rows)))
+        Ok(Arc::new(Self::new(children.remove(0), self.input_partition, self.path.clone(), self.row_group_rows)))
     }
 
     fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
-        if partition != 0 || self.input.output_partitioning().partition_count() != 1 {
-            return internal_err!("TaskWriterExec writes exactly one input partition");
+        if partition != 0 || self.input_partition >= self.input.output_partitioning().partition_count() {
+            return internal_err!("TaskWriterExec writes one existing input partition");
         }
-        let input = self.input.execute(0, context)?;
+        let input = self.input.execute(self.input_partition, context)?;
         let write = write_parquet(input, self.path.clone(), self.row_group_rows);
         let stream = futures::stream::once(write);
         Ok(Box::pin(RecordBatchStreamAdapter::new(count_schema(), stream)))

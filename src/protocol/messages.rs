@@ -88,6 +88,21 @@ pub struct TaskAssignment {
     /// The Task's physical plan, encoded by [`super::encode_plan`].
     #[prost(bytes = "vec", tag = "2")]
     pub plan: Vec<u8>,
+    /// The partition of the plan the Task computes.
+    #[prost(uint32, tag = "3")]
+    pub partition: u32,
+    /// Where the outputs of the Stages the plan reads are: one entry per producer Task.
+    #[prost(message, repeated, tag = "4")]
+    pub inputs: Vec<OutputLocation>,
+}
+
+/// The worker that holds the output of one Attempt.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OutputLocation {
+    #[prost(message, optional, tag = "1")]
+    pub key: Option<TaskKey>,
+    #[prost(string, tag = "2")]
+    pub worker_url: String,
 }
 
 /// Where an Attempt is in its life.
@@ -166,4 +181,7 @@ pub struct QueryRequest {
 pub struct OutputTicket {
     #[prost(message, optional, tag = "1")]
     pub key: Option<TaskKey>,
+    /// The hash partition of a shuffle output; 0 for a gathered output.
+    #[prost(uint32, tag = "2")]
+    pub partition: u32,
 }

@@ -1,5 +1,7 @@
 //! Flight clients: connecting with limits, one-shot actions, and fetching batch streams.
 
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use arrow_flight::{Action, FlightClient, Ticket};
@@ -12,7 +14,11 @@ use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{error_from_flight, error_from_status};
-use crate::config::{CONNECT_TIMEOUT_MS, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES, MAX_MESSAGE_BYTES};
+use crate::protocol::{OutputTicket, TaskKey};
+use crate::config::{
+    CONNECT_TIMEOUT_MS, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_DATA_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES,
+    MAX_MESSAGE_BYTES, OUTPUT_CONNECTIONS_MAX,
+};
 
 /// A connection to another Quiver process. Cheap to clone: clones share the HTTP/2 channel.
 #[derive(Clone, Debug)]
@@ -88,6 +94,37 @@ pub async fn fetch_batches(peer: &Peer, ticket: Vec<u8>, schema: Option<SchemaRe
         }
     });
     Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
+}
+
+/// Streams part `partition` of the output of Attempt `key` from the worker at `url`.
+///
+/// All fetches from one worker share one HTTP/2 connection. Its connection-level window is
+/// as large as HTTP/2 allows, so that an output nobody reads yet (a join's probe side while it
+/// builds) fills only its own stream's window and never stalls the outputs being read.
+pub async fn fetch_output(url: &str, key: TaskKey, partition: u32, schema: SchemaRef) -> Result<SendableRecordBatchStream> {
+    let peer = pooled(url).await?;
+    let ticket = OutputTicket { key: Some(key), partition }.encode_to_vec();
+    fetch_batches(&peer, ticket, Some(schema)).await
+}
+
+/// Connections for Task output fetches, one per worker, shared by the whole process.
+static OUTPUT_CONNECTIONS: LazyLock<Mutex<HashMap<String, Peer>>> = LazyLock::new(Mutex::default);
+
+async fn pooled(url: &str) -> Result<Peer> {
+    if let Some(peer) = OUTPUT_CONNECTIONS.lock().expect("pool lock").get(url) {
+        return Ok(peer.clone());
+    }
+    let channel = endpoint(url)?
+        .initial_connection_window_size(Some(HTTP2_DATA_CONNECTION_WINDOW_BYTES))
+        .connect()
+        .await
+        .map_err(|e| DataFusionError::Execution(format!("cannot reach {url}: {}", source_chain(&e))))?;
+    let peer = Peer { url: url.to_string(), channel };
+    let mut pool = OUTPUT_CONNECTIONS.lock().expect("pool lock");
+    if pool.len() >= OUTPUT_CONNECTIONS_MAX {
+        pool.clear();
+    }
+    Ok(pool.entry(url.to_string()).or_insert(peer).clone())
 }
 
 /// Waits for the schema message that opens every Quiver stream.

@@ -1,7 +1,9 @@
 //! The Worker: registers with the coordinator, heartbeats, and runs one poll loop per slot.
 //! Each loop pulls a Task when its slot is free, executes the Task's plan with DataFusion,
-//! keeps the output for the final Stage to fetch, and reports the Attempt's state as it goes.
+//! keeps the output (hash-partitioned for a shuffle) for the consuming Stage to fetch, and
+//! reports the Attempt's state as it goes.
 
+mod inputs;
 mod outputs;
 
 use std::collections::{HashMap, VecDeque};
@@ -12,7 +14,9 @@ use bytes::Bytes;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::physical_plan::execute_stream;
+use datafusion::physical_plan::metrics::Time;
+use datafusion::physical_plan::repartition::{BatchPartitioner, RepartitionExec};
+use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties, Partitioning};
 use datafusion::prelude::SessionContext;
 use prost::Message;
 use tokio::net::TcpListener;
@@ -28,7 +32,7 @@ use crate::protocol::{
     TaskState,
 };
 use crate::transport::{call, connect_lazy, serve, status_from_error, FlightHandler, Peer, ServerHandle};
-use outputs::OutputStore;
+use outputs::{OutputStore, Router};
 
 struct State {
     config: WorkerConfig,
@@ -88,9 +92,19 @@ impl Worker {
         self.state.id()
     }
 
-    /// Number of Task outputs this worker holds.
+    /// Number of Task output parts this worker holds.
     pub fn stored_outputs(&self) -> usize {
         self.state.outputs.len()
+    }
+
+    /// Number of output spill files this worker has on disk.
+    pub fn spill_files(&self) -> usize {
+        self.state.outputs.spill_files()
+    }
+
+    /// Bytes of Task outputs this worker holds in memory.
+    pub fn output_memory_bytes(&self) -> u64 {
+        self.state.outputs.memory_used()
     }
 
     pub async fn shutdown(self) {
@@ -224,9 +238,10 @@ async fn run_task(state: &Arc<State>, worker_id: &str, task: TaskAssignment) {
     let job = tokio::spawn({
         let (state, key) = (Arc::clone(state), key.clone());
         async move {
-            let plan = decode_plan(&task.plan, &state.ctx.task_ctx())?;
-            let stream = execute_stream(plan, state.ctx.task_ctx())?;
-            state.outputs.store(&key, stream).await
+            let inputs = Arc::new(inputs::TaskInputs::new(Arc::clone(&state), task.inputs));
+            let plan = decode_plan(&task.plan, &state.ctx.task_ctx(), Some(inputs))?;
+            let (stream, router) = execute_task(&plan, task.partition as usize, &state.ctx)?;
+            state.outputs.store(&key, stream, router).await
         }
     });
     state.running.lock().expect("running lock").insert(key.clone(), job.abort_handle());
@@ -249,6 +264,27 @@ async fn run_task(state: &Arc<State>, worker_id: &str, task: TaskAssignment) {
             report(state, worker_id, &key, TaskState::Failed, None, Some(&e), started).await;
         }
     }
+}
+
+/// Starts a Task's plan: the partition it was given, split into output parts when the plan's
+/// root is a shuffle's repartition.
+fn execute_task(
+    plan: &Arc<dyn ExecutionPlan>,
+    partition: usize,
+    ctx: &SessionContext,
+) -> Result<(SendableRecordBatchStream, Router)> {
+    if let Some(repartition) = plan.downcast_ref::<RepartitionExec>() {
+        let partitioning = repartition.partitioning().clone();
+        if !matches!(partitioning, Partitioning::RoundRobinBatch(_) | Partitioning::UnknownPartitioning(_)) {
+            let input = repartition.input();
+            let inputs = input.output_partitioning().partition_count();
+            let parts = partitioning.partition_count();
+            let partitioner = BatchPartitioner::try_new(partitioning, Time::new(), partition, inputs)?;
+            let stream = input.execute(partition, ctx.task_ctx())?;
+            return Ok((stream, Router::Partition { partitioner, parts }));
+        }
+    }
+    Ok((plan.execute(partition, ctx.task_ctx())?, Router::Whole))
 }
 
 async fn report(
@@ -282,7 +318,7 @@ impl FlightHandler for Service {
     async fn do_get(&self, ticket: Bytes) -> Result<SendableRecordBatchStream, Status> {
         let ticket = OutputTicket::decode(ticket).map_err(|e| Status::invalid_argument(format!("malformed ticket: {e}")))?;
         let key = ticket.key.ok_or_else(|| Status::invalid_argument("ticket without a task key"))?;
-        self.0.outputs.open(&key).map_err(|e| status_from_error(&e))
+        self.0.outputs.open(&key, ticket.partition).map_err(|e| status_from_error(&e))
     }
 
     async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes, Status> {

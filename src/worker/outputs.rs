@@ -1,5 +1,6 @@
 //! Task outputs held by a worker until the Query that needs them ends: in memory within a
-//! budget, spilled to local disk as Arrow IPC beyond it, served over Flight by TaskKey.
+//! budget, spilled to local disk as Arrow IPC beyond it, served over Flight by TaskKey and part
+//! (the hash partition of a shuffle output; 0 for a gathered output).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,6 +14,7 @@ use datafusion::arrow::ipc::reader::FileReader;
 use datafusion::arrow::ipc::writer::FileWriter;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::repartition::BatchPartitioner;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 
@@ -23,14 +25,48 @@ enum Output {
     Spilled { schema: SchemaRef, path: PathBuf },
 }
 
-/// What a stored output amounts to.
+/// What a stored output amounts to, over all its parts.
 pub struct Stored {
     pub rows: u64,
     pub bytes: u64,
 }
 
+/// Sends each batch of a Task's result to the output part(s) it belongs to.
+pub enum Router {
+    /// One part: the whole result (a gathered Stage).
+    Whole,
+    /// One part per hash partition (a shuffled Stage), split as DataFusion's repartition does.
+    Partition { partitioner: BatchPartitioner, parts: usize },
+}
+
+impl Router {
+    fn parts(&self) -> usize {
+        match self {
+            Router::Whole => 1,
+            Router::Partition { parts, .. } => *parts,
+        }
+    }
+
+    fn route(&mut self, batch: RecordBatch) -> Result<Vec<(usize, RecordBatch)>> {
+        match self {
+            Router::Whole => Ok(vec![(0, batch)]),
+            Router::Partition { partitioner, .. } => partitioner.partition_iter(batch)?.collect(),
+        }
+    }
+}
+
+/// One part being written: in memory until the budget runs out, then in a spill file.
+struct Part {
+    batches: Vec<RecordBatch>,
+    reserved: u64,
+    spill: Option<(PathBuf, FileWriter<File>)>,
+}
+
+/// Task outputs by (Attempt, part).
+type OutputKey = (TaskKey, u32);
+
 pub struct OutputStore {
-    outputs: Mutex<HashMap<TaskKey, Output>>,
+    outputs: Mutex<HashMap<OutputKey, Output>>,
     memory_used: AtomicU64,
     memory_budget_bytes: u64,
     spill_dir: PathBuf,
@@ -62,78 +98,95 @@ impl OutputStore {
         self.memory_used.fetch_sub(bytes, Ordering::Relaxed);
     }
 
-    /// Drains `stream` into the store under `key`.
-    pub async fn store(&self, key: &TaskKey, mut stream: SendableRecordBatchStream) -> Result<Stored> {
+    /// Drains `stream` into the store under `key`, one part per output partition of `router`.
+    /// Every part is stored, empty ones too: a consumer asks for each.
+    pub async fn store(&self, key: &TaskKey, mut stream: SendableRecordBatchStream, mut router: Router) -> Result<Stored> {
         let schema = stream.schema();
-        let (mut batches, mut reserved, mut rows, mut bytes) = (Vec::new(), 0u64, 0u64, 0u64);
-        let mut spill: Option<(PathBuf, FileWriter<File>)> = None;
+        let mut parts: Vec<Part> =
+            (0..router.parts()).map(|_| Part { batches: Vec::new(), reserved: 0, spill: None }).collect();
+        let (mut rows, mut bytes) = (0u64, 0u64);
         let result = async {
             while let Some(batch) = stream.next().await {
-                let batch = batch?;
-                let size = batch.get_array_memory_size() as u64;
-                rows += batch.num_rows() as u64;
-                bytes += size;
-                if spill.is_none() && self.reserve(size) {
-                    reserved += size;
-                    batches.push(batch);
-                    continue;
-                }
-                if spill.is_none() {
-                    spill = Some(self.open_spill(key, &schema)?);
-                    let (_, writer) = spill.as_mut().expect("just opened");
-                    for b in batches.drain(..) {
-                        writer.write(&b)?;
+                for (index, batch) in router.route(batch?)? {
+                    if batch.num_rows() == 0 {
+                        continue;
                     }
-                    self.release(std::mem::take(&mut reserved));
+                    rows += batch.num_rows() as u64;
+                    bytes += batch.get_array_memory_size() as u64;
+                    self.append(key, index, &schema, &mut parts[index], batch)?;
                 }
-                spill.as_mut().expect("spilling").1.write(&batch)?;
             }
             Ok::<(), DataFusionError>(())
         }
         .await;
         if let Err(e) = result {
-            self.release(reserved);
-            if let Some((path, _)) = spill {
-                let _ = std::fs::remove_file(path);
+            for part in parts {
+                self.release(part.reserved);
+                if let Some((path, _)) = part.spill {
+                    let _ = std::fs::remove_file(path);
+                }
             }
             return Err(e);
         }
-        let output = match spill {
-            Some((path, mut writer)) => {
-                writer.finish()?;
-                Output::Spilled { schema, path }
-            }
-            None => Output::Memory { schema, batches, bytes: reserved },
-        };
-        self.outputs.lock().expect("outputs lock").insert(key.clone(), output);
+        let mut stored = Vec::with_capacity(parts.len());
+        for (index, part) in parts.into_iter().enumerate() {
+            let output = match part.spill {
+                Some((path, mut writer)) => {
+                    writer.finish()?;
+                    Output::Spilled { schema: schema.clone(), path }
+                }
+                None => Output::Memory { schema: schema.clone(), batches: part.batches, bytes: part.reserved },
+            };
+            stored.push(((key.clone(), index as u32), output));
+        }
+        self.outputs.lock().expect("outputs lock").extend(stored);
         Ok(Stored { rows, bytes })
     }
 
-    fn open_spill(&self, key: &TaskKey, schema: &SchemaRef) -> Result<(PathBuf, FileWriter<File>)> {
+    fn append(&self, key: &TaskKey, index: usize, schema: &SchemaRef, part: &mut Part, batch: RecordBatch) -> Result<()> {
+        let size = batch.get_array_memory_size() as u64;
+        if part.spill.is_none() && self.reserve(size) {
+            part.reserved += size;
+            part.batches.push(batch);
+            return Ok(());
+        }
+        if part.spill.is_none() {
+            let (path, mut writer) = self.open_spill(key, index, schema)?;
+            for b in part.batches.drain(..) {
+                writer.write(&b)?;
+            }
+            self.release(std::mem::take(&mut part.reserved));
+            part.spill = Some((path, writer));
+        }
+        part.spill.as_mut().expect("spilling").1.write(&batch)?;
+        Ok(())
+    }
+
+    fn open_spill(&self, key: &TaskKey, index: usize, schema: &SchemaRef) -> Result<(PathBuf, FileWriter<File>)> {
         std::fs::create_dir_all(&self.spill_dir)?;
-        let name = format!("{}-{}-{}-{}.arrow", key.query_id, key.stage, key.task, key.attempt);
+        let name = format!("{}-{}-{}-{}-{index}.arrow", key.query_id, key.stage, key.task, key.attempt);
         let path = self.spill_dir.join(name);
         let writer = FileWriter::try_new(File::create(&path)?, schema)?;
         Ok((path, writer))
     }
 
-    /// Streams a stored output; it stays stored until its Query is released.
-    pub fn open(&self, key: &TaskKey) -> Result<SendableRecordBatchStream> {
+    /// Streams one part of a stored output; it stays stored until its Query is released.
+    pub fn open(&self, key: &TaskKey, part: u32) -> Result<SendableRecordBatchStream> {
         let outputs = self.outputs.lock().expect("outputs lock");
-        match outputs.get(key) {
+        match outputs.get(&(key.clone(), part)) {
             Some(Output::Memory { schema, batches, .. }) => {
                 let stream = futures::stream::iter(batches.clone().into_iter().map(Ok));
                 Ok(Box::pin(RecordBatchStreamAdapter::new(schema.clone(), stream)))
             }
             Some(Output::Spilled { schema, path }) => Ok(read_spill(schema.clone(), path.clone())),
-            None => Err(DataFusionError::Execution(format!("no output for task {key} on this worker"))),
+            None => Err(DataFusionError::Execution(format!("no output part {part} for task {key} on this worker"))),
         }
     }
 
     /// Frees every output of a Query.
     pub fn release_query(&self, query_id: &str) {
         let mut outputs = self.outputs.lock().expect("outputs lock");
-        let keys: Vec<TaskKey> = outputs.keys().filter(|k| k.query_id == query_id).cloned().collect();
+        let keys: Vec<OutputKey> = outputs.keys().filter(|k| k.0.query_id == query_id).cloned().collect();
         for key in keys {
             match outputs.remove(&key) {
                 Some(Output::Memory { bytes, .. }) => self.release(bytes),
@@ -145,8 +198,14 @@ impl OutputStore {
         }
     }
 
+    /// Number of output parts held.
     pub fn len(&self) -> usize {
         self.outputs.lock().expect("outputs lock").len()
+    }
+
+    /// Number of spill files on disk.
+    pub fn spill_files(&self) -> usize {
+        std::fs::read_dir(&self.spill_dir).map(|d| d.count()).unwrap_or(0)
     }
 }
 

@@ -1,0 +1,78 @@
+//! EXPLAIN and EXPLAIN ANALYZE: DataFusion's plans plus the Stage DAG Quiver runs. ANALYZE runs
+//! the Query and adds what each Stage did (Tasks, rows, bytes out, time) and the final Stage's
+//! operator metrics.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use datafusion::arrow::array::{RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::displayable;
+use futures::StreamExt;
+
+use super::session::start_physical;
+use super::Core;
+use crate::planner::{self, DistributeOptions, StageId, StageSource};
+
+/// EXPLAIN: the optimized logical plan, DataFusion's physical plan and the Stage DAG.
+pub(super) async fn explain(core: &Arc<Core>, _id: &str, plan: &LogicalPlan) -> Result<SendableRecordBatchStream> {
+    let state = core.ctx.state();
+    let logical = state.optimize(plan)?;
+    let physical = state.create_physical_plan(plan).await?;
+    let opts = DistributeOptions {
+        config: &core.config.planner,
+        total_slots: core.cluster.total_slots().max(1),
+        source: Arc::new(NotRun),
+        write_dir: None,
+    };
+    let distributed = planner::distribute(Arc::clone(&physical), &opts)?;
+    plan_rows(vec![
+        ("logical_plan", logical.display_indent().to_string()),
+        ("physical_plan", displayable(physical.as_ref()).indent(true).to_string()),
+        ("distributed_plan", distributed.display(None)),
+    ])
+}
+
+/// EXPLAIN ANALYZE: runs the Query to its end, then shows the Stage DAG with what each Stage did.
+pub(super) async fn analyze(core: &Arc<Core>, id: &str, input: &LogicalPlan) -> Result<SendableRecordBatchStream> {
+    let physical = core.ctx.state().create_physical_plan(input).await?;
+    let started = Instant::now();
+    let (plan, mut stream) = start_physical(core, id, physical, None).await?;
+    let mut rows = 0;
+    while let Some(batch) = stream.next().await {
+        rows += batch?.num_rows();
+    }
+    let elapsed_ms = started.elapsed().as_millis();
+    let metrics = core.cluster.stage_metrics(id);
+    let annotate = |stage: StageId| match metrics.get(stage) {
+        Some(m) => format!("rows={}, bytes_out={}, elapsed_ms={}", m.rows, m.bytes, m.elapsed_ms),
+        None => String::new(),
+    };
+    let summary = format!("rows={rows}, elapsed_ms={elapsed_ms}, stages={}, tasks={}", plan.stages.len(), plan.task_count());
+    plan_rows(vec![("distributed_plan", plan.display(Some(&annotate))), ("summary", summary)])
+}
+
+fn plan_rows(rows: Vec<(&str, String)>) -> Result<SendableRecordBatchStream> {
+    let schema: SchemaRef = Arc::new(Schema::new(vec![
+        Field::new("plan_type", DataType::Utf8, false),
+        Field::new("plan", DataType::Utf8, false),
+    ]));
+    let types = StringArray::from_iter_values(rows.iter().map(|r| r.0));
+    let plans = StringArray::from_iter_values(rows.iter().map(|r| r.1.as_str()));
+    let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(types), Arc::new(plans)])?;
+    Ok(Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::iter([Ok(batch)]))))
+}
+
+/// The source of a plan that is only shown, never run.
+#[derive(Debug)]
+struct NotRun;
+
+impl StageSource for NotRun {
+    fn open(&self, _stage: StageId, _task: usize, _partition: usize, _schema: SchemaRef) -> Result<SendableRecordBatchStream> {
+        Err(DataFusionError::Internal("an EXPLAIN plan is not run".into()))
+    }
+}
