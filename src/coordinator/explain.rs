@@ -2,6 +2,7 @@
 //! the Query and adds what each Stage did (Tasks, rows, bytes out, time) and the final Stage's
 //! operator metrics.
 
+use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,11 +30,22 @@ pub(super) async fn explain(core: &Arc<Core>, _id: &str, plan: &LogicalPlan) -> 
         source: Arc::new(NotRun),
         write_dir: None,
     };
-    let distributed = planner::distribute(Arc::clone(&physical), &opts)?;
+    let shown = displayable(physical.as_ref()).indent(true).to_string();
+    let mut subqueries = Vec::new();
+    let main = super::subquery::split(physical, &mut subqueries)?;
+    let mut text = String::new();
+    for (n, subquery) in subqueries.into_iter().enumerate() {
+        let _ = writeln!(text, "Scalar subquery {n}: runs first as a Query of its own; its value reaches the Tasks as a literal (shown as NULL below)");
+        text.push_str(&planner::distribute(subquery, &opts)?.display(None));
+    }
+    if !text.is_empty() {
+        text.push_str("Main query:\n");
+    }
+    text.push_str(&planner::distribute(main, &opts)?.display(None));
     plan_rows(vec![
         ("logical_plan", logical.display_indent().to_string()),
-        ("physical_plan", displayable(physical.as_ref()).indent(true).to_string()),
-        ("distributed_plan", distributed.display(None)),
+        ("physical_plan", shown),
+        ("distributed_plan", text),
     ])
 }
 

@@ -7,6 +7,7 @@ mod cluster;
 mod explain;
 mod session;
 mod source;
+mod subquery;
 mod system_tables;
 
 use std::path::{Path, PathBuf};

@@ -242,6 +242,7 @@ pub(super) async fn start_physical(
     physical: Arc<dyn ExecutionPlan>,
     write: Option<WriteTarget>,
 ) -> Result<(DistributedPlan, SendableRecordBatchStream)> {
+    let physical = super::subquery::resolve(core, id, physical).await?;
     let mut plan = plan_query(core, id, physical, write).await?;
     if plan.is_distributed() {
         core.cluster.submit(id, encode_stages(&plan)?)?;

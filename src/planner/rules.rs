@@ -13,6 +13,8 @@
 use std::sync::Arc;
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::Schema;
 use datafusion::common::{internal_err, Result};
 use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
 use datafusion::datasource::physical_plan::{FileScanConfig, FileScanConfigBuilder};
@@ -186,13 +188,15 @@ pub(super) fn chain_fetch(plan: &Arc<dyn ExecutionPlan>) -> Option<usize> {
     }
 }
 
-/// Scalar subquery results are computed by a `ScalarSubqueryExec` above; an expression that
-/// reads one can only run where that operator runs (the final Stage).
+/// Scalar subquery results are computed by a `ScalarSubqueryExec` above; until the coordinator
+/// has computed one, an expression that reads it can only run where that operator runs (the
+/// final Stage). Once computed, it travels to workers as a literal.
 fn reads_scalar_subquery(plan: &dyn ExecutionPlan) -> bool {
+    let empty = RecordBatch::new_empty(Arc::new(Schema::empty()));
     let mut found = false;
     let _ = plan.apply_expressions(&mut |expr| {
         expr.apply(|e| {
-            found |= e.is::<ScalarSubqueryExpr>();
+            found |= e.is::<ScalarSubqueryExpr>() && e.evaluate(&empty).is_err();
             Ok(if found { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
         })
     });

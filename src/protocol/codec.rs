@@ -7,10 +7,19 @@ use datafusion::arrow::datatypes::Schema;
 use datafusion::common::{internal_err, DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::ExecutionPlan;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::logical_expr::ColumnarValue;
+use datafusion::physical_expr::expressions::Literal;
+use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
+use datafusion::physical_expr::PhysicalExpr;
 use datafusion_proto::bytes::{
-    physical_plan_from_bytes_with_extension_codec, physical_plan_to_bytes_with_extension_codec,
+    physical_plan_from_bytes_with_extension_codec, physical_plan_to_bytes_with_proto_converter,
 };
-use datafusion_proto::physical_plan::{PhysicalExtensionCodec, PhysicalProtoConverterExtension};
+use datafusion_proto::physical_plan::to_proto::serialize_physical_expr_with_converter;
+use datafusion_proto::physical_plan::{
+    PhysicalExtensionCodec, PhysicalPlanDecodeContext, PhysicalPlanNodeExt, PhysicalProtoConverterExtension,
+};
+use datafusion_proto::protobuf;
 use prost::Message;
 
 use crate::planner::{Exchange, StageReaderExec, StageSource, TaskWriterExec};
@@ -127,8 +136,55 @@ impl PhysicalExtensionCodec for QuiverCodec {
     }
 }
 
+/// Encodes a Task plan. Scalar subquery results the coordinator has computed travel as
+/// literals: a worker has no subquery to read them from.
 pub fn encode_plan(plan: Arc<dyn ExecutionPlan>) -> Result<Vec<u8>> {
-    Ok(physical_plan_to_bytes_with_extension_codec(plan, &QuiverCodec::default())?.to_vec())
+    Ok(physical_plan_to_bytes_with_proto_converter(plan, &QuiverCodec::default(), &SubqueryResultsAsLiterals)?.to_vec())
+}
+
+/// The default conversion, except that a resolved `ScalarSubqueryExpr` becomes its value.
+struct SubqueryResultsAsLiterals;
+
+impl PhysicalProtoConverterExtension for SubqueryResultsAsLiterals {
+    fn proto_to_execution_plan(
+        &self,
+        proto: &protobuf::PhysicalPlanNode,
+        ctx: &PhysicalPlanDecodeContext<'_>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.default_proto_to_execution_plan(proto, ctx)
+    }
+
+    fn execution_plan_to_proto(
+        &self,
+        plan: &Arc<dyn ExecutionPlan>,
+        codec: &dyn PhysicalExtensionCodec,
+    ) -> Result<protobuf::PhysicalPlanNode> {
+        protobuf::PhysicalPlanNode::try_from_physical_plan_with_converter(Arc::clone(plan), codec, self)
+    }
+
+    fn proto_to_physical_expr(
+        &self,
+        proto: &protobuf::PhysicalExprNode,
+        input_schema: &Schema,
+        ctx: &PhysicalPlanDecodeContext<'_>,
+    ) -> Result<Arc<dyn PhysicalExpr>> {
+        self.default_proto_to_physical_expr(proto, input_schema, ctx)
+    }
+
+    fn physical_expr_to_proto(
+        &self,
+        expr: &Arc<dyn PhysicalExpr>,
+        codec: &dyn PhysicalExtensionCodec,
+    ) -> Result<protobuf::PhysicalExprNode> {
+        if expr.is::<ScalarSubqueryExpr>() {
+            let empty = RecordBatch::new_empty(Arc::new(Schema::empty()));
+            if let ColumnarValue::Scalar(value) = expr.evaluate(&empty)? {
+                let literal: Arc<dyn PhysicalExpr> = Arc::new(Literal::new(value));
+                return serialize_physical_expr_with_converter(&literal, codec, self);
+            }
+        }
+        serialize_physical_expr_with_converter(expr, codec, self)
+    }
 }
 
 /// Decodes a Task plan; its Stage readers read through `source`.

@@ -1,0 +1,110 @@
+//! Uncorrelated scalar subqueries (`WHERE x > (SELECT avg(..) ..)`) run before the Query that
+//! reads them, each as a distributed Query of its own. Their values are then part of the plan:
+//! the Tasks that read them receive them as literals, so the rest of the Query runs on workers
+//! like any other (DataFusion would otherwise evaluate them inside the coordinator's process,
+//! keeping every operator that reads one, and everything above it, on the coordinator).
+
+use std::sync::Arc;
+
+use datafusion::common::{exec_err, internal_err, DataFusionError, Result, ScalarValue};
+use datafusion::physical_plan::scalar_subquery::ScalarSubqueryExec;
+use datafusion::physical_plan::{replace_children_if_necessary, ExecutionPlan};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+
+use super::session::start_physical;
+use super::Core;
+
+/// Runs the scalar subqueries of `plan` (outermost first) and returns the plan without their
+/// `ScalarSubqueryExec`s: the expressions that read them now read the computed values.
+pub(super) fn resolve<'a>(core: &'a Arc<Core>, id: &'a str, plan: Arc<dyn ExecutionPlan>) -> BoxFuture<'a, Result<Arc<dyn ExecutionPlan>>> {
+    async move {
+        if let Some(exec) = plan.downcast_ref::<ScalarSubqueryExec>() {
+            for (n, link) in exec.subqueries().iter().enumerate() {
+                let value = run(core, &format!("{id}.sq{n}"), Arc::clone(&link.plan)).await?;
+                exec.results().set(link.index, value)?;
+            }
+            return resolve(core, id, Arc::clone(exec.input())).await;
+        }
+        let mut children = Vec::with_capacity(plan.children().len());
+        for child in plan.children() {
+            children.push(resolve(core, id, Arc::clone(child)).await?);
+        }
+        replace_children_if_necessary(plan, children)
+    }
+    .boxed()
+}
+
+/// Splits `plan` into its scalar subqueries and the plan that reads them, for EXPLAIN. The
+/// values are not computed: the plan reads NULLs of the right types in their place, so that it
+/// is distributed as it will be once the values are known.
+pub(super) fn split(plan: Arc<dyn ExecutionPlan>, subqueries: &mut Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
+    if let Some(exec) = plan.downcast_ref::<ScalarSubqueryExec>() {
+        for link in exec.subqueries() {
+            let subquery = split(Arc::clone(&link.plan), subqueries)?;
+            let placeholder = ScalarValue::try_from(subquery.schema().field(0).data_type())?;
+            exec.results().set(link.index, placeholder)?;
+            subqueries.push(subquery);
+        }
+        return split(Arc::clone(exec.input()), subqueries);
+    }
+    let children = plan.children().into_iter().map(|c| split(Arc::clone(c), subqueries)).collect::<Result<Vec<_>>>()?;
+    replace_children_if_necessary(plan, children)
+}
+
+/// Runs one subquery as a Query of its own (so its Stages and Tasks are recorded) and returns
+/// its value: NULL for no row, an error for more than one, as DataFusion does.
+async fn run(core: &Arc<Core>, id: &str, plan: Arc<dyn ExecutionPlan>) -> Result<ScalarValue> {
+    if plan.schema().fields().len() != 1 {
+        return internal_err!("a scalar subquery returns {} columns", plan.schema().fields().len());
+    }
+    let data_type = plan.schema().field(0).data_type().clone();
+    core.cluster.begin_query(id, &format!("scalar subquery {id}"));
+    let mut ended = EndGuard { core: Arc::clone(core), id: id.to_string(), rows: 0, done: false };
+    let result = async {
+        let (_, mut stream) = start_physical(core, id, plan, None).await?;
+        let mut value = None;
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            ended.rows += batch.num_rows() as u64;
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            if value.is_some() || batch.num_rows() > 1 {
+                return exec_err!("Scalar subquery returned more than one row");
+            }
+            value = Some(ScalarValue::try_from_array(batch.column(0), 0)?);
+        }
+        match value {
+            Some(v) => Ok(v),
+            None => ScalarValue::try_from(&data_type),
+        }
+    }
+    .await;
+    ended.end(result.as_ref().err());
+    result
+}
+
+/// Records the subquery's end however it ends, including when the outer Query is dropped.
+struct EndGuard {
+    core: Arc<Core>,
+    id: String,
+    rows: u64,
+    done: bool,
+}
+
+impl EndGuard {
+    fn end(&mut self, error: Option<&DataFusionError>) {
+        if !std::mem::replace(&mut self.done, true) {
+            self.core.finish(&self.id, self.rows, error, false);
+        }
+    }
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        if !std::mem::replace(&mut self.done, true) {
+            self.core.finish(&self.id, self.rows, None, true);
+        }
+    }
+}
