@@ -62,20 +62,51 @@ async fn limit_in_single_partition_scan_is_applied_after_merging_tasks() {
     assert_eq!(t.cluster_rows("SELECT count(*) FROM (SELECT id FROM ol_t LIMIT 7)").await, vec![vec!["7".to_string()]]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn task_outputs_are_freed_when_queries_end() {
-    let t = TestCluster::start(2).await;
-    t.client.collect("CREATE TABLE f AS SELECT value AS v FROM generate_series(1, 3000)").await.unwrap();
-    t.client.collect("SELECT v % 7, count(*) FROM f GROUP BY 1").await.unwrap();
-    // Release is asynchronous; give it a moment.
-    for _ in 0..50 {
-        let held: usize = t.cluster.workers.iter().flatten().map(|w| w.stored_outputs()).sum();
-        if held == 0 {
+/// Waits until no worker holds an output part, a spill file or memory; panics after 5 s.
+async fn assert_workers_idle(t: &TestCluster, after: &str) {
+    let mut held = (0, 0, 0);
+    for _ in 0..250 {
+        let workers = t.cluster.workers.iter().flatten();
+        held = workers.fold((0, 0, 0), |(p, f, m), w| (p + w.stored_outputs(), f + w.spill_files(), m + w.memory_used_bytes()));
+        if held == (0, 0, 0) {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    panic!("workers still hold Task outputs after the query ended");
+    let (parts, files, bytes) = held;
+    panic!("after {after}, workers still hold {parts} output parts, {files} spill files, {bytes} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shuffle_outputs_are_freed_after_success_failure_and_cancellation() {
+    // 4 MiB per worker: 2 MiB for outputs, so the shuffled probe side spills to disk.
+    let t = TestCluster::start_with(3, quiver::config::WorkerConfig { slots: 2, memory_limit_bytes: 4 << 20 }).await;
+    for sql in [
+        "CREATE TABLE wide AS SELECT value AS id, concat(CAST(value AS VARCHAR), repeat('x', 100)) AS s FROM generate_series(1, 150000)",
+        "CREATE TABLE small AS SELECT value AS k FROM generate_series(0, 9)",
+        "SET datafusion.optimizer.hash_join_single_partition_threshold = 0",
+        "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0",
+    ] {
+        t.client.collect(sql).await.unwrap();
+    }
+    let join = "SELECT count(*), max(length(w.s)) FROM wide w JOIN small ON w.id % 10 = small.k";
+    assert_eq!(t.cluster_rows(join).await, vec![vec!["150000".to_string(), "106".to_string()]]);
+    let spilled: u64 = t.cluster.workers.iter().flatten().map(|w| w.spilled_parts_total()).sum();
+    assert!(spilled > 0, "the shuffle should have spilled beyond the output budget");
+    assert_workers_idle(&t, "success").await;
+
+    // Fails in the Stage after the shuffle, when the producers' outputs exist.
+    let failing = "SELECT count(*), sum(1 / (small.k - small.k)) FROM wide w JOIN small ON w.id % 10 = small.k";
+    let err = t.client.collect(failing).await.unwrap_err().to_string();
+    assert!(err.to_lowercase().contains("divide by zero"), "{err}");
+    assert_workers_idle(&t, "failure").await;
+
+    let stream = t.client.query(join).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    drop(stream);
+    assert_workers_idle(&t, "cancellation").await;
+    let states = t.cluster_rows(&format!("SELECT state FROM quiver.queries WHERE sql = '{}' ORDER BY started", join.replace('\'', "''"))).await;
+    assert_eq!(states.last().map(|r| r[0].as_str()), Some("cancelled"), "{states:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

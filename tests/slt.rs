@@ -79,9 +79,23 @@ fn slt_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/slt").join(format!("{name}.slt"))
 }
 
+/// Makes every hash join a partitioned one: both sides are shuffled by the join keys.
+const SHUFFLE_JOINS: [&str; 2] = [
+    "SET datafusion.optimizer.hash_join_single_partition_threshold = 0",
+    "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0",
+];
+
 async fn run_file(name: &str) {
+    run_file_with(name, &[]).await
+}
+
+/// Runs an .slt file on both engines after applying `settings` to each.
+async fn run_file_with(name: &str, settings: &[&str]) {
     let path = slt_path(name);
     let single = SessionContext::new_with_config(quiver::config::session_config(3));
+    for sql in settings {
+        single.sql(sql).await.unwrap();
+    }
     if std::env::var_os("QUIVER_SLT_COMPLETE").is_some() {
         let mut runner = sqllogictest::Runner::new(move || {
             let ctx = single.clone();
@@ -99,6 +113,9 @@ async fn run_file(name: &str) {
     });
     runner.run_file_async(&path).await.unwrap_or_else(|e| panic!("single-node DataFusion: {e}"));
     let t = common::TestCluster::start(3).await;
+    for sql in settings {
+        t.client.collect(sql).await.unwrap();
+    }
     let client = t.client.clone();
     let mut runner = sqllogictest::Runner::new(move || {
         let client = client.clone();
@@ -116,4 +133,9 @@ macro_rules! slt {
     )*};
 }
 
-slt!(aggregates, filters_projections, nulls, order_limit_distinct, types);
+slt!(aggregates, filters_projections, joins, nulls, order_limit_distinct, types);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joins_with_every_join_shuffled() {
+    run_file_with("joins", &SHUFFLE_JOINS).await;
+}

@@ -1,17 +1,26 @@
 //! TPC-H on a 3-worker cluster cut into many small Tasks: every query must return the official
-//! answer and the same rows as single-node DataFusion, and must run distributed.
+//! answer and the same rows as single-node DataFusion, must run distributed, and its EXPLAIN
+//! must show data moving between worker Stages. Joins are checked twice: as DataFusion plans
+//! them at this size (broadcast of small build sides) and with every join forced to be a
+//! partitioned (shuffle) join.
 
 mod common;
 
 use common::*;
 use quiver::tpch::{self, Layout};
 
-async fn tpch_cluster() -> TestCluster {
+/// Makes every hash join a partitioned one: both sides are shuffled by the join keys.
+const SHUFFLE_JOINS: [&str; 2] = [
+    "SET datafusion.optimizer.hash_join_single_partition_threshold = 0",
+    "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0",
+];
+
+async fn tpch_cluster(sf: f64, settings: &[&str]) -> TestCluster {
     let t = TestCluster::start(3).await;
     // Small row groups: many Tasks per scan, each a byte range of a file.
-    let dir = tpch::generate(t.dir.path(), 0.01, Layout { files: 1, row_group_rows: 2000 }).unwrap();
-    for sql in tpch::create_tables_sql(&dir) {
-        t.both(&sql).await;
+    let dir = tpch::generate(t.dir.path(), sf, Layout { files: 1, row_group_rows: 2000 }).unwrap();
+    for sql in tpch::create_tables_sql(&dir).iter().map(String::as_str).chain(settings.iter().copied()) {
+        t.both(sql).await;
     }
     t
 }
@@ -41,36 +50,77 @@ fn matches_answer(actual: &[Vec<String>], expected: &[Vec<String>]) -> bool {
         && actual.iter().zip(expected).all(|(a, e)| a.len() == e.len() && a.iter().zip(e).all(|(x, y)| cells_match(x, y, 1e-6)))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tpch_sf001_matches_official_answers_and_single_node() {
-    let t = tpch_cluster().await;
+/// The official answer check for one query; a failure is described, not panicked, so that one
+/// run reports every query that is wrong.
+async fn check_answer(t: &TestCluster, sf: &str, q: usize, sql: &str) -> Option<String> {
+    if ANSWER_DEPENDS_ON_TEXT.contains(&q) {
+        return None;
+    }
+    let (header, expected) = tpch_answer(sf, q);
+    let columns = compared_columns(&header);
+    let mut actual = project(&t.cluster_rows(sql).await, &columns);
+    let mut expected = project(&expected, &columns);
+    if matches_answer(&actual, &expected) {
+        return None;
+    }
+    // Ties under ORDER BY may come in another order: compare as multisets then.
+    actual.sort();
+    expected.sort();
+    (!matches_answer(&actual, &expected)).then(|| format!("q{q}: got {actual:?}\nwant {expected:?}"))
+}
+
+/// Asserts from EXPLAIN that the query moves data between worker Stages: at least one Stage
+/// that runs on workers reads another Stage. Returns the plan text.
+async fn assert_exchange_between_workers(t: &TestCluster, q: usize, sql: &str) -> String {
+    let rows = t.cluster_rows(&format!("EXPLAIN {sql}")).await;
+    let plan = rows.iter().find(|r| r[0] == "distributed_plan").map(|r| r[1].clone()).unwrap_or_default();
+    let exchanges = plan.lines().filter(|l| l.starts_with("Stage ") && l.contains("reads stage")).count();
+    assert!(exchanges > 0, "q{q} has no exchange between worker stages:\n{plan}");
+    plan
+}
+
+async fn check_all_queries(t: &TestCluster, sf: &str, differential: bool) -> Vec<String> {
     let mut failures = Vec::new();
+    let mut plans = Vec::new();
     for q in 1..=22 {
         let sql = tpch::query_sql(q).unwrap();
-        t.check_same(&sql).await;
-        if ANSWER_DEPENDS_ON_TEXT.contains(&q) {
-            continue;
+        plans.push(assert_exchange_between_workers(t, q, &sql).await);
+        if differential {
+            t.check_same(&sql).await;
         }
-        let (header, expected) = tpch_answer("0.01", q);
-        let columns = compared_columns(&header);
-        let mut actual = project(&t.cluster_rows(&sql).await, &columns);
-        let mut expected = project(&expected, &columns);
-        if !matches_answer(&actual, &expected) {
-            // Ties under ORDER BY may come in another order: compare as multisets then.
-            actual.sort();
-            expected.sort();
-            if !matches_answer(&actual, &expected) {
-                failures.push(format!("q{q}: got {actual:?}\nwant {expected:?}"));
-            }
-        }
+        failures.extend(check_answer(t, sf, q, &sql).await);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    let modes = t.cluster_rows("SELECT sql, mode, tasks FROM quiver.queries WHERE sql LIKE '%lineitem%' AND sql NOT LIKE 'CREATE%' AND sql NOT LIKE '%quiver.%'").await;
+    let modes = t.cluster_rows("SELECT sql, mode, tasks FROM quiver.queries WHERE sql LIKE '%lineitem%' AND sql NOT LIKE 'CREATE%' AND sql NOT LIKE '%quiver.%' AND sql NOT LIKE 'EXPLAIN%'").await;
     let local: Vec<_> = modes.iter().filter(|r| r[1] != "distributed").collect();
     assert!(local.is_empty(), "queries that did not distribute: {local:?}");
-    // Filtered small build sides are joined inside the probe side's Tasks (q5, q8, q9, ...).
+    plans
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpch_sf001_with_broadcast_joins_matches_official_answers_and_single_node() {
+    let t = tpch_cluster(0.01, &[]).await;
+    let plans = check_all_queries(&t, "0.01", true).await;
+    // Small build sides are broadcast: joined inside the Tasks of the probe side's scan.
     let joins = t.cluster_rows("SELECT count(*) FROM quiver.tasks WHERE plan LIKE 'HashJoinExec%' AND state = 'succeeded'").await;
-    assert_ne!(joins[0][0], "0", "no hash join ran inside Tasks");
+    assert_ne!(joins[0][0], "0", "no hash join ran inside the Tasks of a scan");
+    assert!(plans.iter().any(|p| p.contains("output shuffle")), "no query shuffled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpch_sf001_with_shuffle_joins_matches_official_answers_and_single_node() {
+    let t = tpch_cluster(0.01, &SHUFFLE_JOINS).await;
+    let plans = check_all_queries(&t, "0.01", true).await;
+    let partitioned = plans.iter().filter(|p| p.contains("HashJoinExec: mode=Partitioned")).count();
+    assert!(partitioned >= 15, "only {partitioned} queries ran partitioned joins on workers");
+    let shuffled = t.cluster_rows("SELECT count(*) FROM quiver.tasks WHERE output = 'shuffle' AND state = 'succeeded' AND bytes > 0").await;
+    assert_ne!(shuffled[0][0], "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpch_sf01_with_shuffle_joins_matches_official_answers() {
+    let t = tpch_cluster(0.1, &SHUFFLE_JOINS).await;
+    check_all_queries(&t, "0.1", false).await;
 }
 
 /// Regression guard for DataFusion's file-stream work stealing: with it on, a partition run in
@@ -78,7 +128,7 @@ async fn tpch_sf001_matches_official_answers_and_single_node() {
 /// come back more than once. Many files, many Tasks, and exact counts catch it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_duplicated_rows_across_tasks_from_file_stream_work_stealing() {
-    let t = tpch_cluster().await;
+    let t = tpch_cluster(0.01, &[]).await;
     let sql = "SELECT count(*), sum(l_orderkey), count(DISTINCT l_orderkey || '-' || l_linenumber) FROM lineitem WHERE l_quantity >= 0";
     let rows = t.cluster_rows(sql).await;
     assert_eq!(rows, vec![vec!["60175".to_string(), rows[0][1].clone(), "60175".to_string()]]);

@@ -102,9 +102,14 @@ impl Worker {
         self.state.outputs.spill_files()
     }
 
-    /// Bytes of Task outputs this worker holds in memory.
-    pub fn output_memory_bytes(&self) -> u64 {
-        self.state.outputs.memory_used()
+    /// Output parts that went to disk since the worker started.
+    pub fn spilled_parts_total(&self) -> u64 {
+        self.state.outputs.spilled_parts_total()
+    }
+
+    /// Memory held by Task outputs and by running Tasks' operators.
+    pub fn memory_used_bytes(&self) -> u64 {
+        self.state.memory_used()
     }
 
     pub async fn shutdown(self) {

@@ -62,6 +62,22 @@ struct Part {
     spill: Option<(PathBuf, FileWriter<File>)>,
 }
 
+struct Pending<'a> {
+    store: &'a OutputStore,
+    parts: Vec<Part>,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        for part in self.parts.drain(..) {
+            self.store.release(part.reserved);
+            if let Some((path, _)) = part.spill {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
 /// Task outputs by (Attempt, part).
 type OutputKey = (TaskKey, u32);
 
@@ -70,15 +86,26 @@ pub struct OutputStore {
     memory_used: AtomicU64,
     memory_budget_bytes: u64,
     spill_dir: PathBuf,
+    spilled_parts_total: AtomicU64,
 }
 
 impl OutputStore {
     pub fn new(memory_budget_bytes: u64, spill_dir: PathBuf) -> Self {
-        Self { outputs: Mutex::default(), memory_used: AtomicU64::new(0), memory_budget_bytes, spill_dir }
+        Self {
+            outputs: Mutex::default(),
+            memory_used: AtomicU64::new(0),
+            memory_budget_bytes,
+            spill_dir,
+            spilled_parts_total: AtomicU64::new(0),
+        }
     }
 
     pub fn memory_used(&self) -> u64 {
         self.memory_used.load(Ordering::Relaxed)
+    }
+
+    pub fn spilled_parts_total(&self) -> u64 {
+        self.spilled_parts_total.load(Ordering::Relaxed)
     }
 
     fn reserve(&self, bytes: u64) -> bool {
@@ -102,43 +129,38 @@ impl OutputStore {
     /// Every part is stored, empty ones too: a consumer asks for each.
     pub async fn store(&self, key: &TaskKey, mut stream: SendableRecordBatchStream, mut router: Router) -> Result<Stored> {
         let schema = stream.schema();
-        let mut parts: Vec<Part> =
-            (0..router.parts()).map(|_| Part { batches: Vec::new(), reserved: 0, spill: None }).collect();
+        let parts = (0..router.parts()).map(|_| Part { batches: Vec::new(), reserved: 0, spill: None }).collect();
+        // Owns the parts until they are stored: an error or an aborted Task (the future is
+        // dropped) gives their memory back and deletes their spill files.
+        let mut pending = Pending { store: self, parts };
         let (mut rows, mut bytes) = (0u64, 0u64);
-        let result = async {
-            while let Some(batch) = stream.next().await {
-                for (index, batch) in router.route(batch?)? {
-                    if batch.num_rows() == 0 {
-                        continue;
-                    }
-                    rows += batch.num_rows() as u64;
-                    bytes += batch.get_array_memory_size() as u64;
-                    self.append(key, index, &schema, &mut parts[index], batch)?;
+        while let Some(batch) = stream.next().await {
+            for (index, batch) in router.route(batch?)? {
+                if batch.num_rows() == 0 {
+                    continue;
                 }
+                rows += batch.num_rows() as u64;
+                bytes += batch.get_array_memory_size() as u64;
+                self.append(key, index, &schema, &mut pending.parts[index], batch)?;
             }
-            Ok::<(), DataFusionError>(())
         }
-        .await;
-        if let Err(e) = result {
-            for part in parts {
-                self.release(part.reserved);
-                if let Some((path, _)) = part.spill {
-                    let _ = std::fs::remove_file(path);
-                }
+        for part in &mut pending.parts {
+            if let Some((_, writer)) = &mut part.spill {
+                writer.finish()?;
             }
-            return Err(e);
         }
-        let mut stored = Vec::with_capacity(parts.len());
-        for (index, part) in parts.into_iter().enumerate() {
-            let output = match part.spill {
-                Some((path, mut writer)) => {
-                    writer.finish()?;
-                    Output::Spilled { schema: schema.clone(), path }
-                }
-                None => Output::Memory { schema: schema.clone(), batches: part.batches, bytes: part.reserved },
-            };
-            stored.push(((key.clone(), index as u32), output));
-        }
+        let parts = std::mem::take(&mut pending.parts);
+        let stored: Vec<_> = parts
+            .into_iter()
+            .enumerate()
+            .map(|(index, part)| {
+                let output = match part.spill {
+                    Some((path, _)) => Output::Spilled { schema: schema.clone(), path },
+                    None => Output::Memory { schema: schema.clone(), batches: part.batches, bytes: part.reserved },
+                };
+                ((key.clone(), index as u32), output)
+            })
+            .collect();
         self.outputs.lock().expect("outputs lock").extend(stored);
         Ok(Stored { rows, bytes })
     }
@@ -152,6 +174,7 @@ impl OutputStore {
         }
         if part.spill.is_none() {
             let (path, mut writer) = self.open_spill(key, index, schema)?;
+            self.spilled_parts_total.fetch_add(1, Ordering::Relaxed);
             for b in part.batches.drain(..) {
                 writer.write(&b)?;
             }

@@ -27,6 +27,10 @@ pub fn many_tasks_config() -> CoordinatorConfig {
 
 impl TestCluster {
     pub async fn start(workers: usize) -> Self {
+        Self::start_with(workers, WorkerConfig { slots: 2, memory_limit_bytes: 1 << 30 }).await
+    }
+
+    pub async fn start_with(workers: usize, worker: WorkerConfig) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -34,7 +38,7 @@ impl TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let opts = LocalOptions {
             workers,
-            worker: WorkerConfig { slots: 2, memory_limit_bytes: 1 << 30 },
+            worker,
             coordinator: many_tasks_config(),
             data_dir: dir.path().join("data"),
             listen: "127.0.0.1:0".parse().unwrap(),
