@@ -29,6 +29,10 @@ pub struct Row {
     pub single_ms: f64,
     pub cluster_ms: f64,
     pub rows: usize,
+    /// Bytes of Task outputs moved worker to worker (shuffles) and read whole (broadcasts and
+    /// the final gather), in the last run; subqueries' Queries included.
+    pub shuffled_bytes: u64,
+    pub gathered_bytes: u64,
 }
 
 pub async fn run_tpch(bench: &TpchBench) -> Result<Vec<Row>> {
@@ -51,7 +55,7 @@ pub async fn run_tpch(bench: &TpchBench) -> Result<Vec<Row>> {
         client.collect(&sql).await?;
     }
     println!("TPC-H SF {} | {} workers x {} slots | {} cores | best of {}", bench.sf, bench.workers, opts.worker.slots, cores, bench.iterations);
-    println!("{:>5} {:>12} {:>12} {:>7} {:>8}", "query", "single_ms", "cluster_ms", "ratio", "rows");
+    println!("{:>5} {:>12} {:>12} {:>7} {:>8} {:>12} {:>12}", "query", "single_ms", "cluster_ms", "ratio", "rows", "shuffled_MB", "gathered_MB");
     let mut rows = Vec::new();
     for &q in &bench.queries {
         let sql = tpch::query_sql(q)?;
@@ -70,14 +74,33 @@ pub async fn run_tpch(bench: &TpchBench) -> Result<Vec<Row>> {
         if counts.0 != counts.1 {
             return Err(DataFusionError::Execution(format!("q{q}: single node returned {} rows, cluster {}", counts.0, counts.1)));
         }
-        println!("{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>8}", format!("q{q:02}"), single_ms, cluster_ms, cluster_ms / single_ms, counts.0);
-        rows.push(Row { query: q, single_ms, cluster_ms, rows: counts.0 });
+        let (shuffled_bytes, gathered_bytes) = moved_bytes(&cluster, &sql);
+        let mb = |b: u64| b as f64 / 1e6;
+        println!(
+            "{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>8} {:>12.1} {:>12.1}",
+            format!("q{q:02}"),
+            single_ms,
+            cluster_ms,
+            cluster_ms / single_ms,
+            counts.0,
+            mb(shuffled_bytes),
+            mb(gathered_bytes)
+        );
+        rows.push(Row { query: q, single_ms, cluster_ms, rows: counts.0, shuffled_bytes, gathered_bytes });
     }
     let single_total: f64 = rows.iter().map(|r| r.single_ms).sum();
     let cluster_total: f64 = rows.iter().map(|r| r.cluster_ms).sum();
     println!("{:>5} {:>12.1} {:>12.1} {:>6.2}x", "total", single_total, cluster_total, cluster_total / single_total);
     cluster.shutdown().await;
     Ok(rows)
+}
+
+/// Bytes shuffled and gathered by the last run of `sql` and by the scalar subqueries it ran.
+fn moved_bytes(cluster: &LocalCluster, sql: &str) -> (u64, u64) {
+    let queries = cluster.coordinator.core.cluster.queries();
+    let Some(last) = queries.iter().rev().find(|q| q.sql == sql) else { return (0, 0) };
+    let family = |q: &&crate::coordinator::QueryRecord| q.id == last.id || q.id.starts_with(&format!("{}.", last.id));
+    queries.iter().filter(family).fold((0, 0), |(s, g), q| (s + q.bytes_shuffled, g + q.bytes_gathered))
 }
 
 fn tempdir() -> Result<PathBuf> {

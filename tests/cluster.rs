@@ -150,3 +150,35 @@ async fn a_client_that_stops_reading_cancels_its_query() {
     }
     panic!("the query was not recorded as cancelled");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn explain_shows_the_stage_dag_and_explain_analyze_what_each_stage_did() {
+    let t = TestCluster::start(2).await;
+    for sql in [
+        "CREATE TABLE ea AS SELECT value AS id, value % 10 AS g FROM generate_series(1, 2000)",
+        "INSERT INTO ea SELECT value AS id, value % 10 AS g FROM generate_series(2001, 5000)",
+        "CREATE TABLE eb AS SELECT value AS id FROM generate_series(1, 2000, 2)",
+        "INSERT INTO eb SELECT value AS id FROM generate_series(2001, 5000, 2)",
+        "SET datafusion.optimizer.hash_join_single_partition_threshold = 0",
+        "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0",
+    ] {
+        t.client.collect(sql).await.unwrap();
+    }
+    let sql = "SELECT ea.g, count(*) FROM ea JOIN eb ON ea.id = eb.id GROUP BY ea.g";
+    let explain = t.cluster_rows(&format!("EXPLAIN {sql}")).await;
+    let kinds: Vec<&str> = explain.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(kinds, ["logical_plan", "physical_plan", "distributed_plan"]);
+    let dag = &explain[2][1];
+    for expected in ["output shuffle into 3 partitions", "HashJoinExec: mode=Partitioned", "StageReaderExec", "Final stage [coordinator]"] {
+        assert!(dag.contains(expected), "EXPLAIN lacks '{expected}':\n{dag}");
+    }
+    let analyze = t.cluster_rows(&format!("EXPLAIN ANALYZE {sql}")).await;
+    let dag = &analyze[0][1];
+    let stages: Vec<&str> = dag.lines().filter(|l| l.starts_with("Stage ")).collect();
+    assert!(stages.len() >= 3, "{dag}");
+    assert!(stages.iter().all(|l| l.contains("rows=") && l.contains("bytes_out=") && l.contains("elapsed_ms=")), "{dag}");
+    // Odd ids join: groups 1, 3, 5, 7 and 9.
+    assert!(analyze[1][1].starts_with("rows=5,"), "{:?}", analyze[1]);
+    let moved = t.cluster_rows("SELECT bytes_shuffled, bytes_gathered FROM quiver.queries WHERE sql LIKE 'EXPLAIN ANALYZE%'").await;
+    assert!(moved[0][0].parse::<u64>().unwrap() > 0 && moved[0][1].parse::<u64>().unwrap() > 0, "{moved:?}");
+}
