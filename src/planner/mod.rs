@@ -2,7 +2,7 @@
 //!
 //! DataFusion plans the Query once, on the coordinator. This module cuts the plan at the
 //! Exchanges DataFusion put in it:
-//! - a hash `RepartitionExec` becomes a *shuffle*: the Stage below it hash-partitions its output
+//! - a hash (or range) `RepartitionExec` becomes a *shuffle*: the Stage below it partitions its output
 //!   and the Stage above reads part `p` of every Task's output in its Task `p`;
 //! - a `CoalescePartitionsExec` or `SortPreservingMergeExec` becomes a *gather*: the Stage below
 //!   runs on workers and the operator reads all its Task outputs. Inside a worker Stage that is a
@@ -147,7 +147,7 @@ impl Builder<'_> {
     /// workers becomes Stages, read back through a gather or a shuffle reader.
     fn coordinator(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
         if rules::runs_on_workers(&plan) {
-            if let Some(partitioning) = rules::hash_partitioning(&plan) {
+            if let Some(partitioning) = rules::shuffle_partitioning(&plan) {
                 return self.shuffle(plan, partitioning);
             }
             if !rules::is_gather(plan.as_ref()) {
@@ -164,7 +164,7 @@ impl Builder<'_> {
 
     /// Cuts a subtree that runs inside a worker Stage's Tasks at its Exchanges.
     fn fragment(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
-        if let Some(partitioning) = rules::hash_partitioning(&plan) {
+        if let Some(partitioning) = rules::shuffle_partitioning(&plan) {
             return self.shuffle(plan, partitioning);
         }
         if let Some(repartition) = plan.downcast_ref::<RepartitionExec>() {

@@ -100,10 +100,14 @@ pub(super) fn whole_probe_side(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn E
     replace_children_if_necessary(plan, vec![build, probe])
 }
 
-/// The hash partitioning of a hash `RepartitionExec`: a shuffle Exchange.
-pub(super) fn hash_partitioning(plan: &Arc<dyn ExecutionPlan>) -> Option<Partitioning> {
+/// The partitioning of a `RepartitionExec` that routes rows by value (hash or range): a shuffle
+/// Exchange. Round-robin only spreads rows over threads and is no Exchange between Stages.
+pub(super) fn shuffle_partitioning(plan: &Arc<dyn ExecutionPlan>) -> Option<Partitioning> {
     let repartition = plan.downcast_ref::<RepartitionExec>()?;
-    matches!(repartition.partitioning(), Partitioning::Hash(..)).then(|| repartition.partitioning().clone())
+    match repartition.partitioning() {
+        Partitioning::RoundRobinBatch(_) | Partitioning::UnknownPartitioning(_) => None,
+        by_value => Some(by_value.clone()),
+    }
 }
 
 /// Operators that merge all partitions of their child into one: a gather Exchange.
