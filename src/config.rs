@@ -23,6 +23,13 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
 pub const WORKER_TIMEOUT_MS: u64 = 3_000;
 /// Pause between a worker's attempts to reach a coordinator that is not up yet.
 pub const REGISTER_RETRY_MS: u64 = 250;
+/// How many times a worker retries a Task report the coordinator did not acknowledge (with
+/// doubling pauses from `REGISTER_RETRY_MS`).
+pub const REPORT_RETRIES_MAX: u32 = 4;
+/// HTTP/2 keepalive pings on every connection, so that a peer that stops answering without
+/// closing its socket is noticed instead of waited on forever.
+pub const HTTP2_KEEPALIVE_INTERVAL_MS: u64 = 10_000;
+pub const HTTP2_KEEPALIVE_TIMEOUT_MS: u64 = 20_000;
 /// Timeout for connecting to a peer (worker → coordinator, coordinator → worker).
 pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// How many released Query ids a worker remembers, to drop outputs of Tasks that finish late.

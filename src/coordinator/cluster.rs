@@ -70,6 +70,8 @@ struct TaskEntry {
     record: TaskRecord,
     outcome: watch::Sender<Option<TaskOutcome>>,
     consumed: bool,
+    /// Output parts the final Stage has read whole.
+    parts_read: u32,
     /// The worker that holds the output, once the Task succeeded.
     output_url: Option<String>,
     started: Option<Instant>,
@@ -79,6 +81,8 @@ struct TaskEntry {
 struct StageEntry {
     inputs: Vec<u32>,
     shuffle: bool,
+    /// Parts each Task's output has: the shuffle's partitions, or 1.
+    parts: u32,
     /// Tasks held back until every input Stage has finished.
     waiting: Vec<QueuedTask>,
     /// Tasks that have not succeeded yet.
@@ -112,6 +116,8 @@ pub struct NewTask {
 pub struct NewStage {
     pub inputs: Vec<u32>,
     pub shuffle: bool,
+    /// Parts each Task's output has: the shuffle's partitions, or 1.
+    pub parts: u32,
     pub tasks: Vec<NewTask>,
 }
 
@@ -262,6 +268,7 @@ impl Cluster {
                     record,
                     outcome: watch::channel(None).0,
                     consumed: false,
+                    parts_read: 0,
                     output_url: None,
                     started: None,
                     finished: None,
@@ -270,11 +277,13 @@ impl Cluster {
                 waiting.push(QueuedTask { key, plan: Arc::new(t.plan), partition: t.partition, inputs: Arc::default() });
             }
             let unfinished = waiting.len();
-            query.stages.push(StageEntry { inputs: stage.inputs, shuffle: stage.shuffle, waiting, unfinished });
+            query.stages.push(StageEntry { inputs: stage.inputs, shuffle: stage.shuffle, parts: stage.parts, waiting, unfinished });
         }
         query.queue_ready_stages(queue);
         drop(inner);
         self.task_ready.notify_waiters();
+        // The last worker may have been lost since the Query was planned.
+        self.fail_queued_without_workers();
         Ok(())
     }
 
@@ -375,13 +384,15 @@ impl Cluster {
             .ok_or_else(|| DataFusionError::Internal(format!("no task {stage}/{task} in query {query_id}")))
     }
 
-    /// The final Stage has read all of a Task's output: losing its worker no longer matters.
-    pub fn mark_consumed(&self, query_id: &str, stage: u32, task: u32) {
+    /// The final Stage has read one part of a Task's output whole. Once it has read every part,
+    /// losing the Task's worker no longer matters.
+    pub fn mark_part_read(&self, query_id: &str, stage: u32, task: u32) {
         let mut inner = self.lock();
-        if let Some(query) = inner.queries.get_mut(query_id) {
-            if let Some(t) = query.tasks.get_mut(&(stage, task)) {
-                t.consumed = true;
-            }
+        let Some(query) = inner.queries.get_mut(query_id) else { return };
+        let parts = query.stages.get(stage as usize).map_or(1, |s| s.parts);
+        if let Some(t) = query.tasks.get_mut(&(stage, task)) {
+            t.parts_read += 1;
+            t.consumed |= t.parts_read >= parts;
         }
     }
 

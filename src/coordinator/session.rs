@@ -270,8 +270,11 @@ fn encode_stages(plan: &DistributedPlan) -> Result<Vec<NewStage>> {
             tasks.push(NewTask { stage: t.stage as u32, task: t.task as u32, partition: t.partition as u32, summary: t.summary.clone(), plan: bytes });
         }
         let inputs = stage.inputs.iter().map(|&i| i as u32).collect();
-        let shuffle = matches!(stage.exchange, Exchange::Shuffle { .. });
-        stages.push(NewStage { inputs, shuffle, tasks });
+        let (shuffle, parts) = match stage.exchange {
+            Exchange::Shuffle { partitions } => (true, partitions as u32),
+            Exchange::Gather => (false, 1),
+        };
+        stages.push(NewStage { inputs, shuffle, parts, tasks });
     }
     Ok(stages)
 }

@@ -69,7 +69,7 @@ impl StageSource for QueryTasks {
     }
 }
 
-/// Passes batches through and marks the Task consumed once its output has been read whole.
+/// Passes batches through and records the part as read once it has been read whole.
 fn mark_consumed_at_end(
     batches: SendableRecordBatchStream,
     cluster: Arc<Cluster>,
@@ -78,7 +78,7 @@ fn mark_consumed_at_end(
     task: u32,
 ) -> futures::stream::BoxStream<'static, Result<datafusion::arrow::array::RecordBatch>> {
     let done = futures::stream::once(async move {
-        cluster.mark_consumed(&query_id, stage, task);
+        cluster.mark_part_read(&query_id, stage, task);
         None
     });
     batches.map(Some).chain(done).filter_map(futures::future::ready).boxed()

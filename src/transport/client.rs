@@ -16,7 +16,8 @@ use tonic::transport::{Channel, Endpoint};
 use super::{error_from_flight, error_from_status};
 use crate::protocol::{OutputTicket, TaskKey};
 use crate::config::{
-    CONNECT_TIMEOUT_MS, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_DATA_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES,
+    CONNECT_TIMEOUT_MS, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_DATA_CONNECTION_WINDOW_BYTES, HTTP2_KEEPALIVE_INTERVAL_MS,
+    HTTP2_KEEPALIVE_TIMEOUT_MS, HTTP2_STREAM_WINDOW_BYTES,
     MAX_MESSAGE_BYTES, OUTPUT_CONNECTIONS_MAX,
 };
 
@@ -58,6 +59,9 @@ fn endpoint(url: &str) -> Result<Endpoint> {
         .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
         .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW_BYTES))
+        .http2_keep_alive_interval(Duration::from_millis(HTTP2_KEEPALIVE_INTERVAL_MS))
+        .keep_alive_timeout(Duration::from_millis(HTTP2_KEEPALIVE_TIMEOUT_MS))
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true))
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_plan::metrics::Time;
 use datafusion::physical_plan::repartition::{BatchPartitioner, RepartitionExec};
 use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties, Partitioning};
@@ -24,7 +24,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tonic::Status;
 
 use crate::config::{
-    session_config, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS, RELEASED_QUERIES_MAX,
+    session_config, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS, RELEASED_QUERIES_MAX, REPORT_RETRIES_MAX,
 };
 use crate::protocol::{
     action, decode_plan, error_to_remote, Empty, Heartbeat, HeartbeatResponse, OutputTicket, PollTask,
@@ -285,11 +285,25 @@ fn execute_task(
             let inputs = input.output_partitioning().partition_count();
             let parts = partitioning.partition_count();
             let partitioner = BatchPartitioner::try_new(partitioning, Time::new(), partition, inputs)?;
-            let stream = input.execute(partition, ctx.task_ctx())?;
+            let stream = input.execute(partition, task_context(ctx, input.as_ref()))?;
             return Ok((stream, Router::Partition { partitioner, parts }));
         }
     }
-    Ok((plan.execute(partition, ctx.task_ctx())?, Router::Whole))
+    Ok((plan.execute(partition, task_context(ctx, plan.as_ref()))?, Router::Whole))
+}
+
+/// The context a Task runs in. A hash join's dynamic filter waits until every partition of the
+/// join has built (or probed) before any probes: that holds only when this process runs all of
+/// them, i.e. when the Task computes the plan's only partition. A Task that computes one of
+/// several partitions (the others run in other processes) runs without join dynamic filters.
+fn task_context(ctx: &SessionContext, executed: &dyn ExecutionPlan) -> Arc<TaskContext> {
+    let task = TaskContext::from(ctx);
+    if executed.output_partitioning().partition_count() == 1 {
+        return Arc::new(task);
+    }
+    let mut config = task.session_config().clone();
+    config.options_mut().optimizer.enable_join_dynamic_filter_pushdown = false;
+    Arc::new(task.with_session_config(config))
 }
 
 async fn report(
@@ -310,8 +324,15 @@ async fn report(
         elapsed_ms: started.elapsed().as_millis() as u64,
         error: error.map(error_to_remote),
     };
-    if let Err(e) = call::<_, Empty>(&state.coordinator, action::REPORT_TASK, &report).await {
-        tracing::warn!(task = %key, "cannot report {} to the coordinator: {e}", task_state.as_str());
+    // A lost final report would leave the Query waiting on this Task: retry it.
+    for attempt in 0..=REPORT_RETRIES_MAX {
+        match call::<_, Empty>(&state.coordinator, action::REPORT_TASK, &report).await {
+            Ok(_) => return,
+            Err(e) if attempt == REPORT_RETRIES_MAX => {
+                tracing::warn!(task = %key, "cannot report {} to the coordinator: {e}", task_state.as_str());
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(REGISTER_RETRY_MS << attempt)).await,
+        }
     }
 }
 

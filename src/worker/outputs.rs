@@ -135,13 +135,18 @@ impl OutputStore {
         let mut pending = Pending { store: self, parts };
         let (mut rows, mut bytes) = (0u64, 0u64);
         while let Some(batch) = stream.next().await {
-            for (index, batch) in router.route(batch?)? {
-                if batch.num_rows() == 0 {
+            let batch = batch?;
+            // The parts of a shuffled batch are slices of shared buffers: each is charged its
+            // share of the batch by rows, not the whole buffers it points into.
+            let (batch_bytes, batch_rows) = (batch.get_array_memory_size() as u64, batch.num_rows().max(1) as u64);
+            for (index, part) in router.route(batch)? {
+                if part.num_rows() == 0 {
                     continue;
                 }
-                rows += batch.num_rows() as u64;
-                bytes += batch.get_array_memory_size() as u64;
-                self.append(key, index, &schema, &mut pending.parts[index], batch)?;
+                let size = batch_bytes * part.num_rows() as u64 / batch_rows;
+                rows += part.num_rows() as u64;
+                bytes += size;
+                self.append(key, index, &schema, &mut pending.parts[index], part, size)?;
             }
         }
         for part in &mut pending.parts {
@@ -165,21 +170,21 @@ impl OutputStore {
         Ok(Stored { rows, bytes })
     }
 
-    fn append(&self, key: &TaskKey, index: usize, schema: &SchemaRef, part: &mut Part, batch: RecordBatch) -> Result<()> {
-        let size = batch.get_array_memory_size() as u64;
+    fn append(&self, key: &TaskKey, index: usize, schema: &SchemaRef, part: &mut Part, batch: RecordBatch, size: u64) -> Result<()> {
         if part.spill.is_none() && self.reserve(size) {
             part.reserved += size;
             part.batches.push(batch);
             return Ok(());
         }
         if part.spill.is_none() {
-            let (path, mut writer) = self.open_spill(key, index, schema)?;
+            // Owned by the part before anything is written: a failed write still deletes it.
+            part.spill = Some(self.open_spill(key, index, schema)?);
             self.spilled_parts_total.fetch_add(1, Ordering::Relaxed);
+            let writer = &mut part.spill.as_mut().expect("just opened").1;
             for b in part.batches.drain(..) {
                 writer.write(&b)?;
             }
             self.release(std::mem::take(&mut part.reserved));
-            part.spill = Some((path, writer));
         }
         part.spill.as_mut().expect("spilling").1.write(&batch)?;
         Ok(())
@@ -189,8 +194,13 @@ impl OutputStore {
         std::fs::create_dir_all(&self.spill_dir)?;
         let name = format!("{}-{}-{}-{}-{index}.arrow", key.query_id, key.stage, key.task, key.attempt);
         let path = self.spill_dir.join(name);
-        let writer = FileWriter::try_new(File::create(&path)?, schema)?;
-        Ok((path, writer))
+        match FileWriter::try_new(File::create(&path)?, schema) {
+            Ok(writer) => Ok((path, writer)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e.into())
+            }
+        }
     }
 
     /// Streams one part of a stored output; it stays stored until its Query is released.
