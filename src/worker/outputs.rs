@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use datafusion::arrow::array::RecordBatch;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::reader::FileReader;
 use datafusion::arrow::ipc::writer::FileWriter;
@@ -135,15 +137,11 @@ impl OutputStore {
         let mut pending = Pending { store: self, parts };
         let (mut rows, mut bytes) = (0u64, 0u64);
         while let Some(batch) = stream.next().await {
-            let batch = batch?;
-            // The parts of a shuffled batch are slices of shared buffers: each is charged its
-            // share of the batch by rows, not the whole buffers it points into.
-            let (batch_bytes, batch_rows) = (batch.get_array_memory_size() as u64, batch.num_rows().max(1) as u64);
-            for (index, part) in router.route(batch)? {
+            for (index, part) in router.route(batch?)? {
                 if part.num_rows() == 0 {
                     continue;
                 }
-                let size = batch_bytes * part.num_rows() as u64 / batch_rows;
+                let (part, size) = compact(part)?;
                 rows += part.num_rows() as u64;
                 bytes += size;
                 self.append(key, index, &schema, &mut pending.parts[index], part, size)?;
@@ -246,6 +244,30 @@ impl Drop for OutputStore {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.spill_dir);
     }
+}
+
+/// A batch that holds only what its rows need, and its size. String and binary views keep
+/// whole data buffers of the batch they were cut from alive (a join's output points into the
+/// whole build side): stored or sent as they are, every batch would carry those buffers again.
+/// Other columns of a shuffle part are slices of buffers shared with the other parts; they are
+/// charged for their slice only.
+fn compact(batch: RecordBatch) -> Result<(RecordBatch, u64)> {
+    let mut size = 0u64;
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for column in batch.columns() {
+        let owned: ArrayRef = if let Some(views) = column.as_string_view_opt() {
+            Arc::new(views.gc())
+        } else if let Some(views) = column.as_binary_view_opt() {
+            Arc::new(views.gc())
+        } else {
+            size += column.to_data().get_slice_memory_size().unwrap_or_else(|_| column.get_array_memory_size()) as u64;
+            columns.push(Arc::clone(column));
+            continue;
+        };
+        size += owned.get_array_memory_size() as u64;
+        columns.push(owned);
+    }
+    Ok((RecordBatch::try_new(batch.schema(), columns)?, size))
 }
 
 /// Reads a spill file on a blocking thread, a few batches ahead of the consumer.
