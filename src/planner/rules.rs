@@ -81,8 +81,12 @@ pub(super) fn collects_build_side(plan: &dyn ExecutionPlan) -> bool {
     plan.is::<NestedLoopJoinExec>() || plan.is::<CrossJoinExec>()
 }
 
-/// Gives a join that must see every probe row in one process a single probe partition, so that
-/// the one Task that runs it sees them all.
+/// A join that collects its build side and must see every probe row in one process (it emits
+/// unmatched build rows at the end: left, full, left semi/anti/mark) cannot have its probe
+/// partitions run as separate Tasks. It becomes a partitioned hash join (both sides shuffled by
+/// the join keys, each Task joins one key range), which is exact for every join type; when that
+/// is not possible (a null-aware anti join, an order to keep, a nested-loop join) it gets a
+/// single probe partition instead, so that the one Task that runs it sees every probe row.
 pub(super) fn whole_probe_side(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
     let join_type = if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
         (*join.partition_mode() == PartitionMode::CollectLeft).then_some(*join.join_type())
@@ -92,12 +96,37 @@ pub(super) fn whole_probe_side(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn E
     let Some(join_type) = join_type else { return Ok(plan) };
     let children = plan.children();
     let probe = children[1];
-    if is_probe_preserving(&join_type) || probe.output_partitioning().partition_count() == 1 {
+    let partitions = probe.output_partitioning().partition_count();
+    if is_probe_preserving(&join_type) || partitions == 1 {
         return Ok(plan);
+    }
+    if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
+        if !join.null_aware && plan.output_ordering().is_none() {
+            return partitioned_join(join, partitions);
+        }
     }
     let build = Arc::clone(children[0]);
     let probe: Arc<dyn ExecutionPlan> = Arc::new(CoalescePartitionsExec::new(Arc::clone(probe)));
     replace_children_if_necessary(plan, vec![build, probe])
+}
+
+/// The same join in partitioned mode: both sides hash-partitioned by their join keys into
+/// `partitions` partitions.
+fn partitioned_join(join: &HashJoinExec, partitions: usize) -> Result<Arc<dyn ExecutionPlan>> {
+    let build = match join.left().downcast_ref::<CoalescePartitionsExec>() {
+        Some(merge) if merge.fetch().is_none() => Arc::clone(merge.input()),
+        _ => Arc::clone(join.left()),
+    };
+    let build_keys = join.on().iter().map(|(left, _)| Arc::clone(left)).collect();
+    let probe_keys = join.on().iter().map(|(_, right)| Arc::clone(right)).collect();
+    let build = Arc::new(RepartitionExec::try_new(build, Partitioning::Hash(build_keys, partitions))?);
+    let probe = Arc::new(RepartitionExec::try_new(Arc::clone(join.right()), Partitioning::Hash(probe_keys, partitions))?);
+    join.builder()
+        .with_partition_mode(PartitionMode::Partitioned)
+        .with_new_children(vec![build, probe])?
+        .recompute_properties()
+        .reset_state()
+        .build_exec()
 }
 
 /// The partitioning of a `RepartitionExec` that routes rows by value (hash or range): a shuffle
