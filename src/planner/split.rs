@@ -45,7 +45,9 @@ pub(super) fn slice_scan(
     let files: Vec<PartitionedFile> = scan.file_groups.iter().flat_map(|g| g.iter().cloned()).collect();
     let total: u64 = files.iter().map(file_bytes).sum();
     let target_tasks = (total_slots.max(1) * config.tasks_per_slot.max(1)).min(config.tasks_per_stage_max.max(1));
-    let chunk = (total / target_tasks as u64).max(config.task_min_bytes).max(1);
+    // Rounded up: a rounded-down chunk leaves a remainder piece, one more Task than slots can
+    // take in even waves, and a Stage waits for its slowest wave.
+    let chunk = total.div_ceil(target_tasks as u64).max(config.task_min_bytes).max(1);
     let splittable = scan.file_source().file_type() == "parquet";
     // Files whose order matters (sorted scans) keep one file or range per Task.
     let pack = scan.output_ordering.is_empty();
