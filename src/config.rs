@@ -19,6 +19,9 @@ pub const OUTPUT_CONNECTIONS_MAX: usize = 1024;
 pub const TASK_POLL_WAIT_MS: u64 = 500;
 /// How often a worker tells the coordinator it is alive.
 pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
+/// A Task the coordinator assigned must show up in its worker's heartbeats within this time;
+/// otherwise the assignment (or the Task's report) was lost and its Query fails.
+pub const ASSIGNMENT_ACK_TIMEOUT_MS: u64 = 5_000;
 /// A worker silent for this long is declared lost and its queries fail.
 pub const WORKER_TIMEOUT_MS: u64 = 3_000;
 /// Pause between a worker's attempts to reach a coordinator that is not up yet.

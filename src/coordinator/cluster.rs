@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use datafusion::common::{DataFusionError, Result};
 use tokio::sync::{watch, Notify};
 
-use crate::config::{QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS};
+use crate::config::{ASSIGNMENT_ACK_TIMEOUT_MS, QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS};
 use crate::protocol::{error_from_remote, OutputLocation, RemoteError, TaskAssignment, TaskKey, TaskReport, TaskState};
 
 /// What the final Stage learns about a Task: where its output is, or why there is none.
@@ -181,18 +181,52 @@ impl Cluster {
         id
     }
 
-    /// Records a heartbeat; false when the worker is unknown or was declared lost.
-    pub fn heartbeat(&self, worker_id: &str, memory_used_bytes: u64) -> bool {
+    /// Records a heartbeat; false when the worker is unknown or was declared lost. `held` are the
+    /// Attempts the worker knows of: one assigned to it long ago that it does not know was lost
+    /// on the way (or its report was), and fails its Query instead of leaving it waiting.
+    pub fn heartbeat(&self, worker_id: &str, memory_used_bytes: u64, held: &[TaskKey]) -> bool {
         let mut inner = self.lock();
         match inner.workers.get_mut(worker_id) {
             Some(w) if w.alive => {
                 w.last_seen = Instant::now();
                 w.last_heartbeat = SystemTime::now();
                 w.memory_used_bytes = memory_used_bytes;
-                true
             }
-            _ => false,
+            _ => return false,
         }
+        let Inner { queries, workers, .. } = &mut *inner;
+        let timeout = Duration::from_millis(ASSIGNMENT_ACK_TIMEOUT_MS);
+        let mut lost = Vec::new();
+        for query in queries.values_mut().filter(|q| q.record.state == "running") {
+            for task in query.tasks.values_mut() {
+                let unknown = task.record.state == TaskState::Running
+                    && task.record.worker_id.as_deref() == Some(worker_id)
+                    && task.started.is_some_and(|s| s.elapsed() > timeout)
+                    && !held.contains(&task.record.key);
+                if unknown {
+                    let message = format!(
+                        "task {} was assigned to worker {worker_id}, which does not know it after \
+                         {ASSIGNMENT_ACK_TIMEOUT_MS} ms: its assignment or its report was lost",
+                        task.record.key
+                    );
+                    let error = RemoteError { kind: "execution".into(), message: message.clone() };
+                    task.record.state = TaskState::Failed;
+                    task.record.error = Some(message);
+                    task.outcome.send_replace(Some(TaskOutcome::Failed(error.clone())));
+                    if let Some(w) = workers.get_mut(worker_id) {
+                        w.running_tasks = w.running_tasks.saturating_sub(1);
+                    }
+                    lost.push((query.record.id.clone(), error));
+                }
+            }
+        }
+        for (query_id, error) in lost {
+            if let Some(query) = queries.get_mut(&query_id) {
+                tracing::warn!(query = %query_id, "{}", error.message);
+                query.fail(&error, workers);
+            }
+        }
+        true
     }
 
     pub fn total_slots(&self) -> usize {

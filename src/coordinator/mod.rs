@@ -157,7 +157,8 @@ impl FlightHandler for Service {
             }
             action::HEARTBEAT => {
                 let h: Heartbeat = decode(&body)?;
-                HeartbeatResponse { known: core.cluster.heartbeat(&h.worker_id, h.memory_used_bytes) }.encode_to_vec()
+                let known = core.cluster.heartbeat(&h.worker_id, h.memory_used_bytes, &h.tasks);
+                HeartbeatResponse { known }.encode_to_vec()
             }
             action::POLL_TASK => {
                 let p: PollTask = decode(&body)?;

@@ -122,7 +122,7 @@ enum Output<'a> {
 pub fn distribute(plan: Arc<dyn ExecutionPlan>, opts: &DistributeOptions) -> Result<DistributedPlan> {
     let mut builder = Builder { opts, stages: Vec::new() };
     let root: Arc<dyn ExecutionPlan> = match &opts.write_dir {
-        Some(target) if rules::runs_on_workers(&plan) => {
+        Some(target) if rules::runs_on_workers(&plan) && rules::reads_files(&plan) => {
             let (id, tasks, _) = builder.stage(Arc::clone(&plan), Output::Write(target))?;
             Arc::new(StageReaderExec::from_schema(id, tasks, Exchange::Gather, count_schema(), Arc::clone(&opts.source)))
         }
@@ -146,7 +146,7 @@ impl Builder<'_> {
     /// Cuts a subtree that runs in the final Stage: every maximal subtree that can run on
     /// workers becomes Stages, read back through a gather or a shuffle reader.
     fn coordinator(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
-        if rules::runs_on_workers(&plan) {
+        if rules::runs_on_workers(&plan) && rules::reads_files(&plan) {
             if let Some(partitioning) = rules::shuffle_partitioning(&plan) {
                 return self.shuffle(plan, partitioning);
             }

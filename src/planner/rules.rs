@@ -144,6 +144,12 @@ pub(super) fn is_gather(plan: &dyn ExecutionPlan) -> bool {
     plan.is::<CoalescePartitionsExec>() || plan.is::<SortPreservingMergeExec>()
 }
 
+/// True when the subtree reads table files: only then is there work worth sending to workers
+/// (`SELECT 1` or `VALUES` answer faster, and without workers, on the coordinator).
+pub(super) fn reads_files(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    file_scan(plan.as_ref()).is_some() || plan.children().into_iter().any(reads_files)
+}
+
 /// Operators only the coordinator can run: they hold state of the coordinator's session.
 const COORDINATOR_ONLY: [&str; 4] = ["ScalarSubqueryExec", "RecursiveQueryExec", "DataSinkExec", "TaskWriterExec"];
 

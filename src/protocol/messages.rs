@@ -56,6 +56,9 @@ pub struct Heartbeat {
     pub running_tasks: u32,
     #[prost(uint64, tag = "3")]
     pub memory_used_bytes: u64,
+    /// Attempts the worker holds: running, or finished and not yet reported.
+    #[prost(message, repeated, tag = "4")]
+    pub tasks: Vec<TaskKey>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

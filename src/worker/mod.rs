@@ -6,7 +6,7 @@
 mod inputs;
 mod outputs;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,9 @@ struct State {
     /// coordinator forgot it (restart) and before registering again.
     id: RwLock<Option<String>>,
     running: Mutex<HashMap<TaskKey, AbortHandle>>,
+    /// Attempts from assignment until their final report is acknowledged; told to the
+    /// coordinator in every heartbeat, so that it notices an assignment or report that was lost.
+    held: Mutex<HashSet<TaskKey>>,
     /// Queries released recently: a Task of one of them that arrives or finishes late (its
     /// assignment crossed the release on the wire) must not leave an output behind.
     released: Mutex<VecDeque<String>>,
@@ -73,6 +76,7 @@ impl Worker {
             ctx,
             id: RwLock::new(None),
             running: Mutex::default(),
+            held: Mutex::default(),
             released: Mutex::default(),
         });
         let server = serve(Arc::new(Service(Arc::clone(&state))), listener)?;
@@ -203,6 +207,7 @@ async fn membership_loop(state: Arc<State>) {
             worker_id: id.clone(),
             running_tasks: state.running.lock().expect("running lock").len() as u32,
             memory_used_bytes: state.memory_used(),
+            tasks: state.held.lock().expect("held lock").iter().cloned().collect(),
         };
         match call::<_, HeartbeatResponse>(&state.coordinator, action::HEARTBEAT, &beat).await {
             Ok(reply) if !reply.known => state.forget_id(&id),
@@ -234,7 +239,14 @@ async fn slot_loop(state: Arc<State>) {
 }
 
 async fn run_task(state: &Arc<State>, worker_id: &str, task: TaskAssignment) {
-    let Some(key) = task.key else { return };
+    let Some(key) = task.key.clone() else { return };
+    state.held.lock().expect("held lock").insert(key.clone());
+    run_attempt(state, worker_id, key.clone(), task).await;
+    state.held.lock().expect("held lock").remove(&key);
+}
+
+/// Runs one Attempt and reports it, up to its final report.
+async fn run_attempt(state: &Arc<State>, worker_id: &str, key: TaskKey, task: TaskAssignment) {
     let started = Instant::now();
     if state.is_released(&key.query_id) {
         return;
