@@ -38,7 +38,12 @@ pub(super) fn render(plan: &DistributedPlan, annotate: Option<&dyn Fn(StageId) -
         } else {
             stage.inputs.iter().map(|s| format!("stage {s}")).collect::<Vec<_>>().join(", ")
         };
-        let _ = write!(out, "Stage {} [workers]: {} task(s), reads {inputs}, output {output}", stage.id, stage.tasks.len());
+        let sliced = if stage.sliced && stage.tasks.len() > 1 {
+            " (task 0 shown; the others read other slices of the files)"
+        } else {
+            ""
+        };
+        let _ = write!(out, "Stage {} [workers]: {} task(s){sliced}, reads {inputs}, output {output}", stage.id, stage.tasks.len());
         match annotate {
             Some(annotate) => {
                 let _ = writeln!(out, "; {}", annotate(stage.id));

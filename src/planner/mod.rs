@@ -63,7 +63,11 @@ pub struct Stage {
     pub inputs: Vec<StageId>,
     /// How the consumer reads this Stage.
     pub exchange: Exchange,
-    /// The plan fragment every Task runs a part of, for EXPLAIN.
+    /// True when the Tasks are slices of a file scan (each reads other files or row groups);
+    /// false when Task `i` computes partition `i` of the fragment.
+    pub sliced: bool,
+    /// What the Stage runs, for EXPLAIN: the fragment every Task computes a partition of, or
+    /// the first Task's plan when the Tasks are slices of a scan.
     pub fragment: Arc<dyn ExecutionPlan>,
 }
 
@@ -282,13 +286,16 @@ impl Builder<'_> {
             Output::Shuffle(partitioning) => Exchange::Shuffle { partitions: partitioning.partition_count() },
             _ => Exchange::Gather,
         };
-        let fragment = match &output {
-            Output::Shuffle(partitioning) => Arc::new(RepartitionExec::try_new(fragment, partitioning.clone())?) as _,
-            _ => fragment,
+        // Shown in EXPLAIN: the first Task's plan when the Tasks are slices of a scan (what a
+        // worker really runs), the fragment with its output otherwise.
+        let fragment = match (&output, sliceable) {
+            (_, true) => Arc::clone(&tasks[0].plan),
+            (Output::Shuffle(partitioning), false) => Arc::new(RepartitionExec::try_new(fragment, partitioning.clone())?) as _,
+            (_, false) => fragment,
         };
         let inputs = display::stage_inputs(&fragment);
         let count = tasks.len();
-        self.stages.push(Stage { id, tasks, inputs, exchange, fragment });
+        self.stages.push(Stage { id, tasks, inputs, exchange, sliced: sliceable, fragment });
         Ok((id, count, fetch))
     }
 
