@@ -13,8 +13,8 @@ pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 /// Connection window of the connections that fetch Task outputs: HTTP/2's maximum, so that only
 /// per-stream windows ever hold a sender back (unread outputs must not block read ones).
 pub const HTTP2_DATA_CONNECTION_WINDOW_BYTES: u32 = (1 << 31) - 1;
-/// Workers a process keeps an output-fetch connection to; beyond it the pool starts over.
-pub const OUTPUT_CONNECTIONS_MAX: usize = 1024;
+/// Workers a process keeps a connection to; beyond it the pool starts over.
+pub const WORKER_CONNECTIONS_MAX: usize = 1024;
 /// How long a worker's task poll waits at the coordinator for a Task before answering "none".
 pub const TASK_POLL_WAIT_MS: u64 = 500;
 /// How often a worker tells the coordinator it is alive.

@@ -81,14 +81,12 @@ async fn assert_workers_idle(t: &TestCluster, after: &str) {
 async fn shuffle_outputs_are_freed_after_success_failure_and_cancellation() {
     // 4 MiB per worker: 2 MiB for outputs, so the shuffled probe side spills to disk.
     let t = TestCluster::start_with(3, quiver::config::WorkerConfig { slots: 2, memory_limit_bytes: 4 << 20 }).await;
-    for sql in [
+    t.run_all(&[
         "CREATE TABLE wide AS SELECT value AS id, concat(CAST(value AS VARCHAR), repeat('x', 100)) AS s FROM generate_series(1, 150000)",
         "CREATE TABLE small AS SELECT value AS k FROM generate_series(0, 9)",
-        "SET datafusion.optimizer.hash_join_single_partition_threshold = 0",
-        "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0",
-    ] {
-        t.client.collect(sql).await.unwrap();
-    }
+    ])
+    .await;
+    t.run_all(&SHUFFLE_JOINS).await;
     // The wide strings travel through the shuffle (max(s) needs them after the join).
     let join = "SELECT count(*), max(w.s) FROM wide w JOIN small ON w.id % 10 = small.k";
     let largest = format!("9{}", "x".repeat(100));
@@ -156,16 +154,14 @@ async fn a_client_that_stops_reading_cancels_its_query() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn explain_shows_the_stage_dag_and_explain_analyze_what_each_stage_did() {
     let t = TestCluster::start(2).await;
-    for sql in [
+    t.run_all(&[
         "CREATE TABLE ea AS SELECT value AS id, value % 10 AS g FROM generate_series(1, 2000)",
         "INSERT INTO ea SELECT value AS id, value % 10 AS g FROM generate_series(2001, 5000)",
         "CREATE TABLE eb AS SELECT value AS id FROM generate_series(1, 2000, 2)",
         "INSERT INTO eb SELECT value AS id FROM generate_series(2001, 5000, 2)",
-        "SET datafusion.optimizer.hash_join_single_partition_threshold = 0",
-        "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0",
-    ] {
-        t.client.collect(sql).await.unwrap();
-    }
+    ])
+    .await;
+    t.run_all(&SHUFFLE_JOINS).await;
     let sql = "SELECT ea.g, count(*) FROM ea JOIN eb ON ea.id = eb.id GROUP BY ea.g";
     let explain = t.cluster_rows(&format!("EXPLAIN {sql}")).await;
     let kinds: Vec<&str> = explain.iter().map(|r| r[0].as_str()).collect();

@@ -79,12 +79,6 @@ fn slt_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/slt").join(format!("{name}.slt"))
 }
 
-/// Makes every hash join a partitioned one: both sides are shuffled by the join keys.
-const SHUFFLE_JOINS: [&str; 2] = [
-    "SET datafusion.optimizer.hash_join_single_partition_threshold = 0",
-    "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0",
-];
-
 async fn run_file(name: &str) {
     run_file_with(name, &[]).await
 }
@@ -137,5 +131,5 @@ slt!(aggregates, filters_projections, joins, nulls, order_limit_distinct, types)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn joins_with_every_join_shuffled() {
-    run_file_with("joins", &SHUFFLE_JOINS).await;
+    run_file_with("joins", &common::SHUFFLE_JOINS).await;
 }

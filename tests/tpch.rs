@@ -9,12 +9,6 @@ mod common;
 use common::*;
 use quiver::tpch::{self, Layout};
 
-/// Makes every hash join a partitioned one: both sides are shuffled by the join keys.
-const SHUFFLE_JOINS: [&str; 2] = [
-    "SET datafusion.optimizer.hash_join_single_partition_threshold = 0",
-    "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0",
-];
-
 async fn tpch_cluster(sf: f64, settings: &[&str]) -> TestCluster {
     let t = TestCluster::start(3).await;
     // Small row groups: many Tasks per scan, each a byte range of a file.

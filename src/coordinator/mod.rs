@@ -29,14 +29,13 @@ use crate::protocol::{
     action, Empty, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, QueryRequest, RegisterWorker,
     RegisterWorkerResponse, ReleaseQuery, TaskReport,
 };
-use crate::transport::{call, serve, status_from_error, FlightHandler, ServerHandle};
+use crate::transport::{call, serve, status_from_error, worker_peer, FlightHandler, ServerHandle};
 
 /// Everything a running coordinator holds.
 pub struct Core {
     pub config: CoordinatorConfig,
     pub ctx: SessionContext,
     pub cluster: Arc<Cluster>,
-    peers: Arc<source::Peers>,
     catalog: catalog::Catalog,
     /// Serialises catalog changes (DDL and writes) so that each one commits whole.
     catalog_lock: tokio::sync::Mutex<()>,
@@ -50,13 +49,11 @@ impl Core {
             Some(e) => tracing::warn!(query = %id, rows, "query failed: {e}"),
             None => tracing::info!(query = %id, rows, cancelled, "query ended"),
         }
-        let peers = Arc::clone(&self.peers);
         let release = ReleaseQuery { query_id: id.to_string() };
         for url in workers {
-            let (peers, release) = (Arc::clone(&peers), release.clone());
+            let release = release.clone();
             tokio::spawn(async move {
-                let peer = peers.get(&url).await;
-                if let Ok(peer) = peer {
+                if let Ok(peer) = worker_peer(&url).await {
                     if let Err(e) = call::<_, Empty>(&peer, action::RELEASE_QUERY, &release).await {
                         tracing::debug!(%url, "release of {} failed: {e}", release.query_id);
                     }
@@ -95,7 +92,6 @@ impl Coordinator {
             config,
             ctx,
             cluster: Arc::clone(&cluster),
-            peers: Arc::default(),
             catalog,
             catalog_lock: tokio::sync::Mutex::new(()),
         });

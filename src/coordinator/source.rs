@@ -1,8 +1,7 @@
 //! How the final Stage reads a worker Stage: wait for the Task's outcome, then fetch its output
 //! (or one part of it, for a shuffle) from the worker that holds it, over Flight.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::{DataFusionError, Result};
@@ -12,24 +11,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::cluster::{outcome_error, Cluster, TaskOutcome};
 use crate::planner::{StageId, StageSource};
-use crate::transport::{connect, fetch_output, Peer};
-
-/// Connections to workers, shared by all Queries.
-#[derive(Default, Debug)]
-pub struct Peers {
-    peers: Mutex<HashMap<String, Peer>>,
-}
-
-impl Peers {
-    pub async fn get(&self, url: &str) -> Result<Peer> {
-        if let Some(peer) = self.peers.lock().expect("peers lock").get(url) {
-            return Ok(peer.clone());
-        }
-        let peer = connect(url).await?;
-        self.peers.lock().expect("peers lock").insert(url.to_string(), peer.clone());
-        Ok(peer)
-    }
-}
+use crate::transport::fetch_output;
 
 /// The [`StageSource`] of one Query.
 pub struct QueryTasks {

@@ -34,6 +34,7 @@ use datafusion::physical_plan::{
 
 use crate::config::PlannerConfig;
 pub use reader::{Exchange, StageReaderExec, StageSource};
+pub use rules::shuffle_partitioning;
 pub use split::TaskSlice;
 pub use writer::{count_schema, TaskWriterExec};
 
@@ -45,9 +46,9 @@ pub type StageId = usize;
 pub struct TaskSpec {
     pub stage: StageId,
     pub task: usize,
-    /// The plan the worker runs. When its root is a hash `RepartitionExec`, the worker computes
-    /// partition `partition` of the repartition's input and keeps one output part per hash
-    /// partition; otherwise it computes partition `partition` of the plan.
+    /// The plan the worker runs. When its root is a hash or range `RepartitionExec`, the worker
+    /// computes partition `partition` of the repartition's input and keeps one output part per
+    /// output partition; otherwise it computes partition `partition` of the plan.
     pub plan: Arc<dyn ExecutionPlan>,
     pub partition: usize,
     /// What a person needs to know about the Task: the operators and the input it reads.
@@ -158,12 +159,7 @@ impl Builder<'_> {
                 return self.gather(plan);
             }
         }
-        let children = plan
-            .children()
-            .into_iter()
-            .map(|child| self.coordinator(Arc::clone(child)))
-            .collect::<Result<Vec<_>>>()?;
-        replace_children_if_necessary(plan, children)
+        map_children(plan, |child| self.coordinator(child))
     }
 
     /// Cuts a subtree that runs inside a worker Stage's Tasks at its Exchanges.
@@ -188,12 +184,7 @@ impl Builder<'_> {
             let probe = self.fragment(Arc::clone(children[1]))?;
             return replace_children_if_necessary(plan, vec![build, probe]);
         }
-        let children = plan
-            .children()
-            .into_iter()
-            .map(|child| self.fragment(Arc::clone(child)))
-            .collect::<Result<Vec<_>>>()?;
-        replace_children_if_necessary(plan, children)
+        map_children(plan, |child| self.fragment(child))
     }
 
     /// A join's build side: computed once by a Stage of its own, read whole by every Task.
@@ -257,28 +248,24 @@ impl Builder<'_> {
             let fragment = self.fragment(plan)?;
             let count = fragment.output_partitioning().partition_count();
             let summary = rules::operator_chain(&fragment);
+            // The Tasks compute partitions of one plan, shared (and encoded once).
+            let fragment = match &output {
+                Output::Shuffle(partitioning) => Arc::new(RepartitionExec::try_new(fragment, partitioning.clone())?) as _,
+                _ => fragment,
+            };
             let parts = (0..count).map(|p| (Arc::clone(&fragment), p, format!("{summary}, partition {p}"))).collect();
             (fragment, parts, None)
         };
         let id = self.stages.len();
         let mut tasks = Vec::with_capacity(parts.len());
-        // Tasks that compute partitions of one fragment share one plan (encoded once).
-        let mut shared: Option<(Arc<dyn ExecutionPlan>, Arc<dyn ExecutionPlan>)> = None;
         for (task, (plan, partition, summary)) in parts.into_iter().enumerate() {
-            let (plan, partition) = match &output {
-                Output::Gather => (plan, partition),
-                Output::Shuffle(partitioning) => match &shared {
-                    Some((input, wrapped)) if Arc::ptr_eq(input, &plan) => (Arc::clone(wrapped), partition),
-                    _ => {
-                        let wrapped: Arc<dyn ExecutionPlan> = Arc::new(RepartitionExec::try_new(Arc::clone(&plan), partitioning.clone())?);
-                        shared = Some((plan, Arc::clone(&wrapped)));
-                        (wrapped, partition)
-                    }
-                },
+            let (plan, partition): (Arc<dyn ExecutionPlan>, usize) = match &output {
+                Output::Shuffle(partitioning) if sliceable => (Arc::new(RepartitionExec::try_new(plan, partitioning.clone())?), partition),
                 Output::Write(target) => {
                     let path = target.dir.join(format!("part-{id}-{task}.parquet"));
-                    (Arc::new(TaskWriterExec::new(plan, partition, path, target.row_group_rows)) as _, 0)
+                    (Arc::new(TaskWriterExec::new(plan, partition, path, target.row_group_rows)), 0)
                 }
+                _ => (plan, partition),
             };
             tasks.push(TaskSpec { stage: id, task, plan, partition, summary });
         }
@@ -286,13 +273,9 @@ impl Builder<'_> {
             Output::Shuffle(partitioning) => Exchange::Shuffle { partitions: partitioning.partition_count() },
             _ => Exchange::Gather,
         };
-        // Shown in EXPLAIN: the first Task's plan when the Tasks are slices of a scan (what a
-        // worker really runs), the fragment with its output otherwise.
-        let fragment = match (&output, sliceable) {
-            (_, true) => Arc::clone(&tasks[0].plan),
-            (Output::Shuffle(partitioning), false) => Arc::new(RepartitionExec::try_new(fragment, partitioning.clone())?) as _,
-            (_, false) => fragment,
-        };
+        // Shown in EXPLAIN: what a worker really runs when the Tasks are slices of a scan (the
+        // first Task's plan), the shared fragment otherwise.
+        let fragment = if sliceable { Arc::clone(&tasks[0].plan) } else { fragment };
         let inputs = display::stage_inputs(&fragment);
         let count = tasks.len();
         self.stages.push(Stage { id, tasks, inputs, exchange, sliced: sliceable, fragment });
@@ -311,13 +294,17 @@ impl Builder<'_> {
             let probe = self.prepare_chain(probe)?;
             return replace_children_if_necessary(plan, vec![build, probe]);
         }
-        let children = plan
-            .children()
-            .into_iter()
-            .map(|child| self.prepare_chain(Arc::clone(child)))
-            .collect::<Result<Vec<_>>>()?;
-        replace_children_if_necessary(plan, children)
+        map_children(plan, |child| self.prepare_chain(child))
     }
+}
+
+/// `plan` with each child replaced by `f(child)`.
+fn map_children(
+    plan: Arc<dyn ExecutionPlan>,
+    f: impl FnMut(Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let children = plan.children().into_iter().map(Arc::clone).map(f).collect::<Result<Vec<_>>>()?;
+    replace_children_if_necessary(plan, children)
 }
 
 /// Merges all partitions of `plan` into one, keeping its sort order when it has one.

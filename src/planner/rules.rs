@@ -131,7 +131,7 @@ fn partitioned_join(join: &HashJoinExec, partitions: usize) -> Result<Arc<dyn Ex
 
 /// The partitioning of a `RepartitionExec` that routes rows by value (hash or range): a shuffle
 /// Exchange. Round-robin only spreads rows over threads and is no Exchange between Stages.
-pub(super) fn shuffle_partitioning(plan: &Arc<dyn ExecutionPlan>) -> Option<Partitioning> {
+pub fn shuffle_partitioning(plan: &Arc<dyn ExecutionPlan>) -> Option<Partitioning> {
     let repartition = plan.downcast_ref::<RepartitionExec>()?;
     match repartition.partitioning() {
         Partitioning::RoundRobinBatch(_) | Partitioning::UnknownPartitioning(_) => None,

@@ -1,7 +1,6 @@
 //! [`TaskWriterExec`]: writes one partition of its input to one Parquet file and returns the
-//! row count. Workers
-//! run it inside write Tasks (one file per Task); the coordinator runs it when the last Stage of
-//! a write is its own.
+//! row count. Workers run it inside write Tasks (one file per Task); the coordinator runs it when
+//! the last Stage of a write is its own.
 
 use std::fmt;
 use std::path::PathBuf;

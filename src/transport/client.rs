@@ -18,7 +18,7 @@ use crate::protocol::{OutputTicket, TaskKey};
 use crate::config::{
     CONNECT_TIMEOUT_MS, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_DATA_CONNECTION_WINDOW_BYTES, HTTP2_KEEPALIVE_INTERVAL_MS,
     HTTP2_KEEPALIVE_TIMEOUT_MS, HTTP2_STREAM_WINDOW_BYTES,
-    MAX_MESSAGE_BYTES, OUTPUT_CONNECTIONS_MAX,
+    MAX_MESSAGE_BYTES, WORKER_CONNECTIONS_MAX,
 };
 
 /// A connection to another Quiver process. Cheap to clone: clones share the HTTP/2 channel.
@@ -106,16 +106,18 @@ pub async fn fetch_batches(peer: &Peer, ticket: Vec<u8>, schema: Option<SchemaRe
 /// as large as HTTP/2 allows, so that an output nobody reads yet (a join's probe side while it
 /// builds) fills only its own stream's window and never stalls the outputs being read.
 pub async fn fetch_output(url: &str, key: TaskKey, partition: u32, schema: SchemaRef) -> Result<SendableRecordBatchStream> {
-    let peer = pooled(url).await?;
+    let peer = worker_peer(url).await?;
     let ticket = OutputTicket { key: Some(key), partition }.encode_to_vec();
     fetch_batches(&peer, ticket, Some(schema)).await
 }
 
-/// Connections for Task output fetches, one per worker, shared by the whole process.
-static OUTPUT_CONNECTIONS: LazyLock<Mutex<HashMap<String, Peer>>> = LazyLock::new(Mutex::default);
+/// Connections to workers (output fetches, Query releases), one per worker, shared by the whole
+/// process.
+static WORKER_CONNECTIONS: LazyLock<Mutex<HashMap<String, Peer>>> = LazyLock::new(Mutex::default);
 
-async fn pooled(url: &str) -> Result<Peer> {
-    if let Some(peer) = OUTPUT_CONNECTIONS.lock().expect("pool lock").get(url) {
+/// The process's shared connection to the worker at `url`, made on first use.
+pub async fn worker_peer(url: &str) -> Result<Peer> {
+    if let Some(peer) = WORKER_CONNECTIONS.lock().expect("pool lock").get(url) {
         return Ok(peer.clone());
     }
     let channel = endpoint(url)?
@@ -124,8 +126,8 @@ async fn pooled(url: &str) -> Result<Peer> {
         .await
         .map_err(|e| DataFusionError::Execution(format!("cannot reach {url}: {}", source_chain(&e))))?;
     let peer = Peer { url: url.to_string(), channel };
-    let mut pool = OUTPUT_CONNECTIONS.lock().expect("pool lock");
-    if pool.len() >= OUTPUT_CONNECTIONS_MAX {
+    let mut pool = WORKER_CONNECTIONS.lock().expect("pool lock");
+    if pool.len() >= WORKER_CONNECTIONS_MAX {
         pool.clear();
     }
     Ok(pool.entry(url.to_string()).or_insert(peer).clone())

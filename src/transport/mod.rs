@@ -8,7 +8,7 @@
 mod client;
 mod server;
 
-pub use client::{call, connect, connect_lazy, fetch_batches, fetch_output, Peer};
+pub use client::{call, connect, connect_lazy, fetch_batches, fetch_output, worker_peer, Peer};
 pub use server::{serve, FlightHandler, ServerHandle};
 
 use arrow_flight::error::FlightError;

@@ -15,8 +15,8 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_plan::metrics::Time;
-use datafusion::physical_plan::repartition::{BatchPartitioner, RepartitionExec};
-use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties, Partitioning};
+use datafusion::physical_plan::repartition::BatchPartitioner;
+use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use datafusion::prelude::SessionContext;
 use prost::Message;
 use tokio::net::TcpListener;
@@ -26,6 +26,7 @@ use tonic::Status;
 use crate::config::{
     session_config, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS, RELEASED_QUERIES_MAX, REPORT_RETRIES_MAX,
 };
+use crate::planner::shuffle_partitioning;
 use crate::protocol::{
     action, decode_plan, error_to_remote, Empty, Heartbeat, HeartbeatResponse, OutputTicket, PollTask,
     PollTaskResponse, RegisterWorker, RegisterWorkerResponse, ReleaseQuery, TaskAssignment, TaskKey, TaskReport,
@@ -290,16 +291,13 @@ fn execute_task(
     partition: usize,
     ctx: &SessionContext,
 ) -> Result<(SendableRecordBatchStream, Router)> {
-    if let Some(repartition) = plan.downcast_ref::<RepartitionExec>() {
-        let partitioning = repartition.partitioning().clone();
-        if !matches!(partitioning, Partitioning::RoundRobinBatch(_) | Partitioning::UnknownPartitioning(_)) {
-            let input = repartition.input();
-            let inputs = input.output_partitioning().partition_count();
-            let parts = partitioning.partition_count();
-            let partitioner = BatchPartitioner::try_new(partitioning, Time::new(), partition, inputs)?;
-            let stream = input.execute(partition, task_context(ctx, input.as_ref()))?;
-            return Ok((stream, Router::Partition { partitioner, parts }));
-        }
+    if let Some(partitioning) = shuffle_partitioning(plan) {
+        let input = plan.children()[0];
+        let inputs = input.output_partitioning().partition_count();
+        let parts = partitioning.partition_count();
+        let partitioner = BatchPartitioner::try_new(partitioning, Time::new(), partition, inputs)?;
+        let stream = input.execute(partition, task_context(ctx, input.as_ref()))?;
+        return Ok((stream, Router::Partition { partitioner, parts }));
     }
     Ok((plan.execute(partition, task_context(ctx, plan.as_ref()))?, Router::Whole))
 }

@@ -20,6 +20,12 @@ pub struct TestCluster {
     pub dir: tempfile::TempDir,
 }
 
+/// Makes every hash join a partitioned one: both sides are shuffled by the join keys.
+pub const SHUFFLE_JOINS: [&str; 2] = [
+    "SET datafusion.optimizer.hash_join_single_partition_threshold = 0",
+    "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0",
+];
+
 /// Settings that force many small Tasks: the merge path runs on every query.
 pub fn many_tasks_config() -> CoordinatorConfig {
     CoordinatorConfig { planner: PlannerConfig::many_small_tasks(), write_row_group_rows: 7, target_partitions: 3 }
@@ -47,6 +53,13 @@ impl TestCluster {
         let client = Client::connect(&cluster.url()).await.expect("client connects");
         let single = SessionContext::new_with_config(session_config(3));
         Self { cluster, client, single, dir }
+    }
+
+    /// Runs statements on the cluster, in order.
+    pub async fn run_all(&self, statements: &[&str]) {
+        for sql in statements {
+            self.client.collect(sql).await.unwrap_or_else(|e| panic!("cluster failed {sql}: {e}"));
+        }
     }
 
     /// Runs `sql` on both engines (e.g. DDL over shared files).
