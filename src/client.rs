@@ -1,4 +1,5 @@
-//! The SQL client: sends statements to a coordinator over Flight and receives Arrow batches.
+//! The SQL client: speaks Flight SQL to a coordinator, like any other Flight SQL client, and
+//! receives Arrow batches.
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -6,25 +7,43 @@ use datafusion::common::Result;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::sql::parser::DFParser;
 use futures::TryStreamExt;
-use prost::Message;
 
-use crate::protocol::QueryRequest;
-use crate::transport::{connect, fetch_batches, Peer};
+pub use crate::protocol::QueryProgress;
+pub use crate::transport::Statement;
+use crate::transport::SqlClient;
 
 #[derive(Clone, Debug)]
 pub struct Client {
-    peer: Peer,
+    sql: SqlClient,
 }
 
 impl Client {
     pub async fn connect(url: &str) -> Result<Self> {
-        Ok(Self { peer: connect(url).await? })
+        Ok(Self { sql: SqlClient::connect(url).await? })
+    }
+
+    /// Starts one statement; its Query runs until fetched, cancelled or expired.
+    pub async fn start(&self, sql: &str) -> Result<Statement> {
+        self.sql.start(sql).await
+    }
+
+    /// Streams the result of a started statement.
+    pub async fn fetch(&self, statement: &Statement) -> Result<SendableRecordBatchStream> {
+        self.sql.fetch(statement).await
+    }
+
+    /// Cancels a started statement; true when its Query was still running.
+    pub async fn cancel(&self, statement: &Statement) -> Result<bool> {
+        self.sql.cancel(statement).await
+    }
+
+    pub async fn progress(&self, statement: &Statement) -> Result<QueryProgress> {
+        self.sql.progress(statement).await
     }
 
     /// Runs one statement and streams its result.
     pub async fn query(&self, sql: &str) -> Result<SendableRecordBatchStream> {
-        let ticket = QueryRequest { sql: sql.to_string() }.encode_to_vec();
-        fetch_batches(&self.peer, ticket, None).await
+        self.sql.query(sql).await
     }
 
     /// Runs one statement and collects its result.

@@ -41,6 +41,15 @@ pub const RELEASED_QUERIES_MAX: usize = 4096;
 pub const QUERY_HISTORY_MAX: usize = 1_000;
 /// How many Tasks may wait in the coordinator's queue at once (across all queries).
 pub const TASK_QUEUE_MAX: usize = 100_000;
+/// How long a started statement's result waits for its client's `DoGet` before the Query is
+/// cancelled (a client that asked for a `FlightInfo` and went away).
+pub const RESULT_CLAIM_TIMEOUT_MS: u64 = 60_000;
+/// How many started results may wait for their `DoGet` at once.
+pub const RESULTS_WAITING_MAX: usize = 256;
+/// How many prepared statements the coordinator holds at once, over all clients.
+pub const PREPARED_STATEMENTS_MAX: usize = 1_024;
+/// A prepared statement unused this long is closed for its client.
+pub const PREPARED_STATEMENT_IDLE_MS: u64 = 3_600_000;
 /// Batches a Stage reader buffers ahead of its consumer.
 pub const READER_BUFFER_BATCHES: usize = 4;
 

@@ -62,21 +62,6 @@ async fn limit_in_single_partition_scan_is_applied_after_merging_tasks() {
     assert_eq!(t.cluster_rows("SELECT count(*) FROM (SELECT id FROM ol_t LIMIT 7)").await, vec![vec!["7".to_string()]]);
 }
 
-/// Waits until no worker holds an output part, a spill file or memory; panics after 5 s.
-async fn assert_workers_idle(t: &TestCluster, after: &str) {
-    let mut held = (0, 0, 0);
-    for _ in 0..250 {
-        let workers = t.cluster.workers.iter().flatten();
-        held = workers.fold((0, 0, 0), |(p, f, m), w| (p + w.stored_outputs(), f + w.spill_files(), m + w.memory_used_bytes()));
-        if held == (0, 0, 0) {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let (parts, files, bytes) = held;
-    panic!("after {after}, workers still hold {parts} output parts, {files} spill files, {bytes} bytes");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shuffle_outputs_are_freed_after_success_failure_and_cancellation() {
     // 4 MiB per worker: 2 MiB for outputs, so the shuffled probe side spills to disk.
@@ -122,12 +107,18 @@ async fn several_queries_run_at_once_and_each_gets_its_own_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn malformed_messages_are_rejected_and_the_coordinator_keeps_serving() {
+    use arrow_flight::sql::{ProstMessageExt, TicketStatementQuery};
     use arrow_flight::{Action, FlightClient, Ticket};
+    use prost::Message;
     let t = TestCluster::start(1).await;
     let channel = tonic::transport::Endpoint::from_shared(t.cluster.url()).unwrap().connect().await.unwrap();
     let mut raw = FlightClient::new(channel);
     let err = raw.do_get(Ticket::new(vec![0xff, 0xff, 0xff, 0x01])).await.err().expect("garbage ticket must fail");
-    assert!(err.to_string().contains("malformed"), "{err}");
+    assert!(err.to_string().contains("invalid argument") && err.to_string().contains("DecodeError"), "{err}");
+    // A well-formed Flight SQL ticket whose Query does not exist.
+    let unknown = TicketStatementQuery { statement_handle: "q-nonexistent".into() };
+    let err = raw.do_get(Ticket::new(unknown.as_any().encode_to_vec())).await.err().expect("unknown handle must fail");
+    assert!(err.to_string().contains("no result waits for handle 'q-nonexistent'"), "{err}");
     let err = raw.do_action(Action::new("poll_task", vec![0x0a, 0xff])).await.err().expect("garbage action must fail");
     assert!(err.to_string().contains("malformed"), "{err}");
     let err = raw.do_action(Action::new("no_such_action", vec![])).await.err().expect("unknown action must fail");

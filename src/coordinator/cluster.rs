@@ -11,7 +11,9 @@ use datafusion::common::{DataFusionError, Result};
 use tokio::sync::{watch, Notify};
 
 use crate::config::{ASSIGNMENT_ACK_TIMEOUT_MS, QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS};
-use crate::protocol::{error_from_remote, OutputLocation, RemoteError, TaskAssignment, TaskKey, TaskReport, TaskState};
+use crate::protocol::{
+    error_from_remote, error_to_remote, OutputLocation, QueryProgress, RemoteError, TaskAssignment, TaskKey, TaskReport, TaskState,
+};
 
 /// What the final Stage learns about a Task: where its output is, or why there is none.
 #[derive(Debug, Clone)]
@@ -440,6 +442,9 @@ impl Cluster {
             return vec![];
         }
         queue.retain(|t| t.key.query_id != id);
+        // Whoever still waits on a Task (a reader of a Query cancelled from outside its stream)
+        // learns that the Query ended instead of waiting forever.
+        let ended = error_to_remote(&DataFusionError::Execution(format!("query {id} ended before this task finished")));
         let mut used = std::collections::BTreeSet::new();
         for task in query.tasks.values_mut() {
             if let Some(worker) = &task.record.worker_id {
@@ -452,6 +457,7 @@ impl Cluster {
                     }
                 }
                 task.record.state = TaskState::Cancelled;
+                task.outcome.send_replace(Some(TaskOutcome::Failed(ended.clone())));
             }
         }
         let record = &mut query.record;
@@ -557,6 +563,19 @@ impl Cluster {
 
     pub fn query(&self, id: &str) -> Option<QueryRecord> {
         self.lock().queries.get(id).map(|q| q.record.clone())
+    }
+
+    /// How far a Query has got, in Tasks; None for a Query this coordinator does not know.
+    pub fn progress(&self, query_id: &str) -> Option<QueryProgress> {
+        let inner = self.lock();
+        let query = inner.queries.get(query_id)?;
+        let states = || query.tasks.values().map(|t| t.record.state);
+        Some(QueryProgress {
+            state: query.record.state.to_string(),
+            tasks_total: query.record.tasks.max(query.tasks.len() as u32),
+            tasks_done: states().filter(|s| s.is_final()).count() as u32,
+            tasks_running: states().filter(|s| *s == TaskState::Running).count() as u32,
+        })
     }
 
     /// Rows, bytes and time of each Stage of a Query, from its Tasks' reports.

@@ -7,6 +7,7 @@ mod cluster;
 mod explain;
 mod session;
 mod source;
+mod statements;
 mod subquery;
 mod system_tables;
 
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use datafusion::arrow::array::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
@@ -26,10 +28,12 @@ pub use cluster::{Cluster, QueryRecord, StageMetrics, TaskRecord, WorkerRecord};
 
 use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS};
 use crate::protocol::{
-    action, Empty, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, QueryRequest, RegisterWorker,
+    action, Empty, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, QueryProgressRequest, RegisterWorker,
     RegisterWorkerResponse, ReleaseQuery, TaskReport,
 };
-use crate::transport::{call, serve, status_from_error, worker_peer, FlightHandler, ServerHandle};
+use crate::transport::{
+    call, serve_sql, worker_peer, Cancelled, Prepared, ServerHandle, SqlHandler, Started, TableEntry,
+};
 
 /// Everything a running coordinator holds.
 pub struct Core {
@@ -39,15 +43,23 @@ pub struct Core {
     catalog: catalog::Catalog,
     /// Serialises catalog changes (DDL and writes) so that each one commits whole.
     catalog_lock: tokio::sync::Mutex<()>,
+    /// Statements Flight SQL clients have started or prepared.
+    statements: Arc<statements::Statements>,
 }
 
 impl Core {
     /// Records a Query's end and frees its outputs on the workers that hold them.
     fn finish(&self, id: &str, rows: u64, error: Option<&DataFusionError>, cancelled: bool) {
+        if self.cluster.query(id).is_none_or(|q| q.state != "running") {
+            return;
+        }
         let workers = self.cluster.finish_query(id, rows, error, cancelled);
-        match error {
-            Some(e) => tracing::warn!(query = %id, rows, "query failed: {e}"),
-            None => tracing::info!(query = %id, rows, cancelled, "query ended"),
+        if let Some(q) = self.cluster.query(id) {
+            let (duration_ms, tasks, state) = (q.duration_ms, q.tasks, q.state);
+            match error {
+                Some(e) => tracing::warn!(query = %id, state, duration_ms, rows, tasks, "query ended: {e}"),
+                None => tracing::info!(query = %id, state, duration_ms, rows, tasks, "query ended"),
+            }
         }
         let release = ReleaseQuery { query_id: id.to_string() };
         for url in workers {
@@ -94,13 +106,16 @@ impl Coordinator {
             cluster: Arc::clone(&cluster),
             catalog,
             catalog_lock: tokio::sync::Mutex::new(()),
+            statements: Arc::default(),
         });
-        let server = serve(Arc::new(Service(Arc::clone(&core))), listener)?;
+        let server = serve_sql(Arc::new(Service(Arc::clone(&core))), listener)?;
+        let statements = Arc::clone(&core.statements);
         let monitor = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MS));
             loop {
                 tick.tick().await;
                 cluster.detect_lost_workers();
+                statements.expire();
             }
         });
         tracing::info!(addr = %server.addr, data_dir = %data_dir.display(), "coordinator listening");
@@ -133,14 +148,41 @@ fn decode<M: Message + Default>(body: &Bytes) -> Result<M, Status> {
     M::decode(body.clone()).map_err(|e| Status::invalid_argument(format!("malformed message: {e}")))
 }
 
-/// The coordinator's Flight service: client queries and the worker control plane.
+/// The coordinator's Flight SQL service: client statements and the worker control plane.
 struct Service(Arc<Core>);
 
 #[async_trait::async_trait]
-impl FlightHandler for Service {
-    async fn do_get(&self, ticket: Bytes) -> Result<SendableRecordBatchStream, Status> {
-        let request: QueryRequest = decode(&ticket)?;
-        session::execute(&self.0, &request.sql).await.map_err(|e| status_from_error(&e))
+impl SqlHandler for Service {
+    async fn start(&self, sql: &str) -> Result<Started> {
+        self.0.statements.start(&self.0, sql, None).await
+    }
+
+    async fn start_prepared(&self, handle: &str) -> Result<Started> {
+        self.0.statements.start_prepared(&self.0, handle).await
+    }
+
+    fn take_result(&self, handle: &str) -> Result<SendableRecordBatchStream> {
+        self.0.statements.take_result(handle)
+    }
+
+    fn cancel(&self, handle: &str) -> Cancelled {
+        self.0.statements.cancel(&self.0, handle)
+    }
+
+    async fn prepare(&self, sql: &str) -> Result<Prepared> {
+        self.0.statements.prepare(&self.0, sql).await
+    }
+
+    fn bind(&self, handle: &str, parameters: RecordBatch) -> Result<()> {
+        self.0.statements.bind(handle, parameters)
+    }
+
+    fn close_prepared(&self, handle: &str) {
+        self.0.statements.close_prepared(handle)
+    }
+
+    async fn tables(&self) -> Result<Vec<TableEntry>> {
+        statements::tables(&self.0).await
     }
 
     async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes, Status> {
@@ -167,6 +209,11 @@ impl FlightHandler for Service {
             action::REPORT_TASK => {
                 core.cluster.report(decode::<TaskReport>(&body)?);
                 Empty {}.encode_to_vec()
+            }
+            action::QUERY_PROGRESS => {
+                let r: QueryProgressRequest = decode(&body)?;
+                let progress = core.cluster.progress(&r.query_id);
+                progress.ok_or_else(|| Status::not_found(format!("unknown query '{}'", r.query_id)))?.encode_to_vec()
             }
             other => return Err(Status::invalid_argument(format!("unknown action '{other}'"))),
         };

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use datafusion::arrow::array::{AsArray, RecordBatch, UInt64Array};
 use datafusion::arrow::datatypes::{Schema, SchemaRef, UInt64Type};
-use datafusion::common::{not_impl_err, plan_err, DataFusionError, Result};
+use datafusion::common::{not_impl_err, plan_err, DataFusionError, ParamValues, Result};
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream};
 use datafusion::logical_expr::{DdlStatement, DmlStatement, LogicalPlan, WriteOp};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
@@ -30,11 +30,20 @@ const WORKER_WAIT_MS: u64 = 10_000;
 
 /// Runs one statement; the returned stream is the result. The Query is recorded from start to end.
 pub async fn execute(core: &Arc<Core>, sql: &str) -> Result<SendableRecordBatchStream> {
+    Ok(start(core, sql, None).await?.1)
+}
+
+/// Starts one statement with the values of its `$n` placeholders; returns the Query's id and
+/// its result. The Query is recorded from start to end.
+pub async fn start(core: &Arc<Core>, sql: &str, parameters: Option<ParamValues>) -> Result<(String, SendableRecordBatchStream)> {
     let id = format!("q-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     core.cluster.begin_query(&id, sql);
     tracing::info!(query = %id, "query started: {}", sql.trim());
-    match run(core, &id, sql).await {
-        Ok(stream) => Ok(Box::pin(QueryStream { inner: stream, rows: 0, core: Some(Arc::clone(core)), id })),
+    match run(core, &id, sql, parameters).await {
+        Ok(stream) => {
+            let stream = QueryStream { inner: stream, rows: 0, core: Some(Arc::clone(core)), id: id.clone() };
+            Ok((id, Box::pin(stream)))
+        }
         Err(error) => {
             core.finish(&id, 0, Some(&error), false);
             Err(error)
@@ -42,8 +51,12 @@ pub async fn execute(core: &Arc<Core>, sql: &str) -> Result<SendableRecordBatchS
     }
 }
 
-async fn run(core: &Arc<Core>, id: &str, sql: &str) -> Result<SendableRecordBatchStream> {
+async fn run(core: &Arc<Core>, id: &str, sql: &str, parameters: Option<ParamValues>) -> Result<SendableRecordBatchStream> {
     let plan = core.ctx.state().create_logical_plan(sql).await?;
+    let plan = match parameters {
+        Some(values) => plan.with_param_values(values)?,
+        None => plan,
+    };
     match plan {
         LogicalPlan::Ddl(DdlStatement::CreateExternalTable(c)) => {
             let (name, skip) = (c.name.table().to_string(), c.if_not_exists);

@@ -8,6 +8,8 @@ pub mod action {
     pub const HEARTBEAT: &str = "heartbeat";
     pub const POLL_TASK: &str = "poll_task";
     pub const REPORT_TASK: &str = "report_task";
+    /// Asked by clients: how far a Query has got.
+    pub const QUERY_PROGRESS: &str = "query_progress";
     /// Served by workers: drop a Query's outputs and stop its running Tasks.
     pub const RELEASE_QUERY: &str = "release_query";
 }
@@ -172,11 +174,25 @@ pub struct ReleaseQuery {
     pub query_id: String,
 }
 
-/// A client's request to run one SQL statement; carried in a Flight ticket.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct QueryRequest {
+pub struct QueryProgressRequest {
     #[prost(string, tag = "1")]
-    pub sql: String,
+    pub query_id: String,
+}
+
+/// How far a Query has got, counted in Tasks: what drives a client's progress bar.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct QueryProgress {
+    /// `running`, `succeeded`, `failed` or `cancelled`.
+    #[prost(string, tag = "1")]
+    pub state: String,
+    #[prost(uint32, tag = "2")]
+    pub tasks_total: u32,
+    /// Tasks that have ended, whatever their end.
+    #[prost(uint32, tag = "3")]
+    pub tasks_done: u32,
+    #[prost(uint32, tag = "4")]
+    pub tasks_running: u32,
 }
 
 /// Ticket of a Task output, as served by the worker that produced it.

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
-use arrow_flight::{Action, FlightClient, Ticket};
+use arrow_flight::{Action, FlightClient, FlightDescriptor, FlightInfo, Ticket};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::SendableRecordBatchStream;
@@ -77,6 +77,11 @@ pub async fn call<Req: Message, Resp: Message + Default>(peer: &Peer, action: &s
     // treat many resets as abuse and close the connection.
     while replies.next().await.is_some() {}
     Resp::decode(body).map_err(|e| DataFusionError::Execution(format!("malformed reply from {}: {e}", peer.url)))
+}
+
+/// Asks for the `FlightInfo` of a descriptor.
+pub async fn get_flight_info(peer: &Peer, descriptor: FlightDescriptor) -> Result<FlightInfo> {
+    peer.client().get_flight_info(descriptor).await.map_err(|e| unreachable_or(peer, e))
 }
 
 /// Fetches the batch stream a ticket names. Errors in the stream keep their kind.

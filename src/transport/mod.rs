@@ -1,15 +1,21 @@
 //! The only module that speaks gRPC: Arrow Flight servers and clients, message limits, and the
 //! mapping of errors to gRPC statuses and back.
 //!
-//! Both the coordinator and the worker serve Flight through [`FlightHandler`], which reduces the
-//! Flight service to the two calls Quiver uses: `do_get` (a stream of record batches) and
-//! `do_action` (one protobuf request, one protobuf reply).
+//! Workers serve Flight through [`FlightHandler`], which reduces the Flight service to the two
+//! calls they use: `do_get` (a stream of record batches) and `do_action` (one protobuf request,
+//! one protobuf reply). The coordinator serves Arrow Flight SQL through [`SqlHandler`]: clients
+//! (ADBC, JDBC, `quiver sql`) speak Flight SQL to it, and workers' control-plane actions pass
+//! through the same service.
 
 mod client;
 mod server;
+mod sql_client;
+mod sql_server;
 
 pub use client::{call, connect, connect_lazy, fetch_batches, fetch_output, worker_peer, Peer};
-pub use server::{serve, FlightHandler, ServerHandle};
+pub use server::{serve, serve_sql, FlightHandler, ServerHandle};
+pub use sql_client::{SqlClient, Statement};
+pub use sql_server::{Cancelled, Prepared, SqlHandler, Started, TableEntry, CANCEL_FLIGHT_INFO};
 
 use arrow_flight::error::FlightError;
 use datafusion::common::DataFusionError;
@@ -26,7 +32,12 @@ pub fn status_from_error(error: &DataFusionError) -> Status {
         DataFusionError::Internal(_) => Code::Internal,
         _ => Code::Aborted,
     };
-    Status::new(code, root.message().into_owned())
+    let message = match root {
+        // The parser's own words ("sql parser error: Expected ..."), not its Debug form.
+        DataFusionError::SQL(parser, _) => parser.to_string(),
+        other => other.message().into_owned(),
+    };
+    Status::new(code, message)
 }
 
 /// The reverse of [`status_from_error`].

@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::sql_server::{FlightSqlAdapter, SqlHandler};
 use super::status_from_error;
 use crate::config::MAX_MESSAGE_BYTES;
 
@@ -59,9 +60,18 @@ impl ServerHandle {
 
 /// Serves `handler` on `listener` until shut down.
 pub fn serve<H: FlightHandler>(handler: Arc<H>, listener: TcpListener) -> std::io::Result<ServerHandle> {
+    serve_service(FlightAdapter { handler }, listener)
+}
+
+/// Serves `handler` as a Flight SQL service on `listener` until shut down.
+pub fn serve_sql<H: SqlHandler>(handler: Arc<H>, listener: TcpListener) -> std::io::Result<ServerHandle> {
+    serve_service(FlightSqlAdapter::new(handler), listener)
+}
+
+fn serve_service<S: FlightService>(service: S, listener: TcpListener) -> std::io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let service = FlightServiceServer::new(FlightAdapter { handler })
+    let service = FlightServiceServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Small control messages must not wait for Nagle's algorithm (40 ms per round trip).
@@ -146,7 +156,7 @@ impl<H: FlightHandler> FlightService for FlightAdapter<H> {
 }
 
 /// Encodes a batch stream as Flight data; the schema goes first even when no batch follows.
-fn encode_batches(stream: SendableRecordBatchStream) -> Stream<FlightData> {
+pub(super) fn encode_batches(stream: SendableRecordBatchStream) -> Stream<FlightData> {
     let schema = stream.schema();
     let batches: BoxStream<'static, Result<_, FlightError>> =
         stream.map_err(|e| FlightError::Tonic(Box::new(status_from_error(&e)))).boxed();

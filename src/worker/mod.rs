@@ -112,6 +112,11 @@ impl Worker {
         self.state.outputs.spilled_parts_total()
     }
 
+    /// Attempts executing on this worker now.
+    pub fn running_tasks(&self) -> usize {
+        self.state.running.lock().expect("running lock").len()
+    }
+
     /// Memory held by Task outputs and by running Tasks' operators.
     pub fn memory_used_bytes(&self) -> u64 {
         self.state.memory_used()

@@ -170,3 +170,21 @@ pub fn tpch_answer(sf: &str, q: usize) -> (Vec<String>, Vec<Vec<String>>) {
 pub fn quiver_binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_quiver"))
 }
+
+/// Waits until no worker runs a Task or holds an output part, a spill file or memory; panics
+/// after 5 s.
+pub async fn assert_workers_idle(t: &TestCluster, after: &str) {
+    let mut held = (0, 0, 0, 0);
+    for _ in 0..250 {
+        let workers = t.cluster.workers.iter().flatten();
+        held = workers.fold((0, 0, 0, 0), |(r, p, f, m), w| {
+            (r + w.running_tasks(), p + w.stored_outputs(), f + w.spill_files(), m + w.memory_used_bytes())
+        });
+        if held == (0, 0, 0, 0) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (running, parts, files, bytes) = held;
+    panic!("after {after}, workers still run {running} tasks and hold {parts} output parts, {files} spill files, {bytes} bytes");
+}

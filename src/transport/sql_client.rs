@@ -1,0 +1,88 @@
+//! The Flight SQL client `quiver sql` and the tests speak: start a statement, fetch its result,
+//! follow its progress, cancel it. Errors keep their kind across the wire.
+
+use arrow_flight::sql::{Any, CommandStatementQuery, ProstMessageExt, TicketStatementQuery};
+use arrow_flight::{CancelFlightInfoRequest, CancelFlightInfoResult, CancelStatus, FlightDescriptor, FlightInfo};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::SendableRecordBatchStream;
+use prost::Message;
+use std::sync::Arc;
+
+use super::client::{call, connect, fetch_batches, get_flight_info, Peer};
+use super::sql_server::CANCEL_FLIGHT_INFO;
+use crate::protocol::{action, QueryProgress, QueryProgressRequest};
+
+/// A connection to a coordinator's Flight SQL service. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SqlClient {
+    peer: Peer,
+}
+
+/// A statement the coordinator has started: its Query runs while the client fetches.
+#[derive(Clone, Debug)]
+pub struct Statement {
+    /// The Query's id.
+    pub handle: String,
+    pub schema: SchemaRef,
+    info: FlightInfo,
+}
+
+impl SqlClient {
+    pub async fn connect(url: &str) -> Result<Self> {
+        Ok(Self { peer: connect(url).await? })
+    }
+
+    /// Starts `sql`; errors in the statement (syntax, unknown tables) are returned here.
+    pub async fn start(&self, sql: &str) -> Result<Statement> {
+        let command = CommandStatementQuery { query: sql.to_string(), transaction_id: None };
+        let info = get_flight_info(&self.peer, FlightDescriptor::new_cmd(command.as_any().encode_to_vec())).await?;
+        let schema = Arc::new(
+            info.clone()
+                .try_decode_schema()
+                .map_err(|e| DataFusionError::Execution(format!("malformed schema from {}: {e}", self.peer.url)))?,
+        );
+        let handle = statement_handle(&info)?;
+        Ok(Statement { handle, schema, info })
+    }
+
+    /// Streams the result of a started statement; it can be fetched once.
+    pub async fn fetch(&self, statement: &Statement) -> Result<SendableRecordBatchStream> {
+        let ticket = statement.info.endpoint.first().and_then(|e| e.ticket.as_ref());
+        let Some(ticket) = ticket else {
+            return Err(DataFusionError::Execution("the coordinator sent a FlightInfo without a ticket".into()));
+        };
+        fetch_batches(&self.peer, ticket.ticket.to_vec(), Some(Arc::clone(&statement.schema))).await
+    }
+
+    /// Runs `sql` and streams its result.
+    pub async fn query(&self, sql: &str) -> Result<SendableRecordBatchStream> {
+        let statement = self.start(sql).await?;
+        self.fetch(&statement).await
+    }
+
+    /// Cancels a statement's Query; true when it was still running.
+    pub async fn cancel(&self, statement: &Statement) -> Result<bool> {
+        let request = CancelFlightInfoRequest::new(statement.info.clone());
+        let result: CancelFlightInfoResult = call(&self.peer, CANCEL_FLIGHT_INFO, &request).await?;
+        Ok(result.status == CancelStatus::Cancelled as i32)
+    }
+
+    /// How far a statement's Query has got.
+    pub async fn progress(&self, statement: &Statement) -> Result<QueryProgress> {
+        let request = QueryProgressRequest { query_id: statement.handle.clone() };
+        call(&self.peer, action::QUERY_PROGRESS, &request).await
+    }
+}
+
+/// The Query id in the ticket of a statement's `FlightInfo`.
+fn statement_handle(info: &FlightInfo) -> Result<String> {
+    let malformed = |what: &str| DataFusionError::Execution(format!("malformed FlightInfo from the coordinator: {what}"));
+    let ticket = info.endpoint.first().and_then(|e| e.ticket.as_ref()).ok_or_else(|| malformed("no ticket"))?;
+    let any = Any::decode(ticket.ticket.clone()).map_err(|e| malformed(&e.to_string()))?;
+    let ticket: TicketStatementQuery = any
+        .unpack()
+        .map_err(|e| malformed(&e.to_string()))?
+        .ok_or_else(|| malformed("not a statement ticket"))?;
+    String::from_utf8(ticket.statement_handle.to_vec()).map_err(|_| malformed("handle is not UTF-8"))
+}
