@@ -1,7 +1,7 @@
 //! Quiver: a distributed SQL query engine built on Apache DataFusion and Arrow Flight.
 //!
 //! The crate is split into concepts with one-way dependencies:
-//! `planner` → `protocol` → `transport` → `coordinator` / `worker` → `cluster`, `client`, the
+//! `planner` → `protocol` → `transport` → `coordinator` / `worker` → `cluster`, `client` → `cli`, the
 //! binary. The planner turns a DataFusion physical plan into Stages and Tasks and knows nothing of
 //! the network; the protocol names the messages; only the transport speaks gRPC.
 
@@ -13,6 +13,7 @@ pub mod coordinator;
 pub mod worker;
 pub mod cluster;
 pub mod client;
+pub mod cli;
 pub mod tpch;
 pub mod bench;
 pub mod format;

@@ -1,6 +1,5 @@
 //! The `quiver` binary: command-line glue over the library. No logic lives here.
 
-use std::io::{BufRead, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,11 +7,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use datafusion::common::{DataFusionError, Result};
 use quiver::bench::{run_tpch, TpchBench};
-use quiver::client::{split_statements, Client};
+use quiver::cli::Shell;
+use quiver::client::Client;
 use quiver::cluster::{LocalCluster, LocalOptions};
 use quiver::config::{parse_bytes, CoordinatorConfig, WorkerConfig};
 use quiver::coordinator::Coordinator;
-use quiver::format::{self, Format};
+use quiver::format::Format;
 use quiver::tpch;
 use quiver::worker::Worker;
 
@@ -194,68 +194,14 @@ async fn wait_for_ctrl_c() {
 }
 
 async fn run_input(client: &Client, input: &Input) -> Result<()> {
-    let script = match (&input.command, &input.file) {
-        (Some(sql), _) => sql.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|e| DataFusionError::Execution(format!("cannot read {}: {e}", path.display())))?,
-        (None, None) => return repl(client, input.format).await,
-    };
-    for statement in split_statements(&script)? {
-        run_statement(client, &statement, input.format).await?;
-    }
-    Ok(())
-}
-
-async fn run_statement(client: &Client, sql: &str, format: Format) -> Result<()> {
-    let (schema, batches) = client.collect(sql).await?;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    format::write(&mut out, format, &schema, &batches)?;
-    out.flush().map_err(|e| DataFusionError::External(Box::new(e)))
-}
-
-/// A line-oriented REPL: statements end with `;`, `\q` quits. Errors are printed, not fatal.
-async fn repl(client: &Client, format: Format) -> Result<()> {
-    let interactive = std::io::stdin().is_terminal();
-    let mut buffer = String::new();
-    let mut failed = false;
-    let prompt = |buffer: &str| {
-        if interactive {
-            eprint!("{}", if buffer.is_empty() { "quiver> " } else { "   ...> " });
+    let mut shell = Shell::new(client.clone(), input.format);
+    match (&input.command, &input.file) {
+        (Some(sql), _) => shell.run_script(sql).await,
+        (None, Some(path)) => {
+            let script = std::fs::read_to_string(path)
+                .map_err(|e| DataFusionError::Execution(format!("cannot read {}: {e}", path.display())))?;
+            shell.run_script(&script).await
         }
-    };
-    prompt(&buffer);
-    for line in std::io::stdin().lock().lines() {
-        let line = line.map_err(|e| DataFusionError::External(Box::new(e)))?;
-        if buffer.is_empty() && matches!(line.trim(), "\\q" | "quit" | "exit") {
-            break;
-        }
-        buffer.push_str(&line);
-        buffer.push('\n');
-        if line.trim_end().ends_with(';') {
-            let script = std::mem::take(&mut buffer);
-            let result = match split_statements(&script) {
-                Ok(statements) => {
-                    let mut result = Ok(());
-                    for s in statements {
-                        result = run_statement(client, &s, format).await;
-                        if result.is_err() {
-                            break;
-                        }
-                    }
-                    result
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
-                eprintln!("Error: {e}");
-                failed = true;
-            }
-        }
-        prompt(&buffer);
+        (None, None) => shell.repl().await,
     }
-    if failed && !interactive {
-        return Err(DataFusionError::Execution("some statements failed".into()));
-    }
-    Ok(())
 }

@@ -122,3 +122,32 @@ fn a_killed_worker_fails_the_query_with_a_clear_error_and_the_coordinator_surviv
     assert!(stderr.contains("lost") || stderr.contains("no live workers") || stderr.contains("unreachable"), "{stderr}");
     assert_eq!(sql_ok(port, "SELECT count(*) AS n FROM quiver.workers WHERE NOT alive"), "n\n1\n");
 }
+
+#[test]
+fn ctrl_c_in_quiver_sql_cancels_the_running_query_on_the_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _coord = coordinator(port, dir.path());
+    let _w = worker(port);
+    eventually(port, ALIVE, "n\n1");
+    sql_ok(port, "CREATE TABLE pairs AS SELECT value AS v FROM generate_series(1, 20000)");
+    // 400M pairs through a nested-loop join: minutes, unless cancelled.
+    let slow = "SELECT count(*) AS n FROM pairs a, pairs b WHERE a.v + b.v < 0";
+    let client = Command::new(quiver_binary())
+        .args(["sql", "--coordinator", &format!("http://127.0.0.1:{port}"), "-c", slow])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("quiver sql starts");
+    let running = format!("SELECT count(*) AS n FROM quiver.tasks t JOIN quiver.queries q ON t.query_id = q.query_id WHERE q.sql = '{slow}' AND t.state = 'running'");
+    eventually(port, &running, "n\n1");
+
+    let pid = client.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let out = client.wait_with_output().unwrap();
+    assert!(!out.status.success(), "a cancelled statement exits non-zero");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cancelled"), "{stderr}");
+    eventually(port, &format!("SELECT state FROM quiver.queries WHERE sql = '{slow}'"), "state\ncancelled");
+    eventually(port, &running, "n\n0");
+}
