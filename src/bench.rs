@@ -48,6 +48,7 @@ pub async fn run_tpch(bench: &TpchBench) -> Result<Vec<Row>> {
         coordinator: CoordinatorConfig::default(),
         data_dir: tempdir()?,
         listen: "127.0.0.1:0".parse().expect("valid address"),
+        http: None,
     };
     let cluster = LocalCluster::start(opts.clone()).await?;
     let client = Client::connect(&cluster.url()).await?;

@@ -68,8 +68,12 @@ impl Shell {
         };
         let stream = self.client.fetch(&statement).await?;
         let schema = stream.schema();
+        // Pinned outside the select so that Ctrl-C cancels the Query while its stream is still
+        // open; dropping the stream first would end the Query as a closed stream instead.
+        let collect = stream.try_collect::<Vec<_>>();
+        tokio::pin!(collect);
         let result = tokio::select! {
-            batches = stream.try_collect::<Vec<_>>() => batches,
+            batches = &mut collect => batches,
             _ = self.follow(&statement) => unreachable!("progress runs until dropped"),
             _ = tokio::signal::ctrl_c() => {
                 let cancelled = self.client.cancel(&statement).await.unwrap_or(false);

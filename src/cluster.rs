@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{CoordinatorConfig, WorkerConfig};
 use crate::coordinator::Coordinator;
+use crate::web::WebServer;
 use crate::worker::Worker;
 
 /// How long `start` waits for every worker to register.
@@ -22,6 +23,8 @@ pub struct LocalOptions {
     pub coordinator: CoordinatorConfig,
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// Where the web UI, JSON API and metrics listen; none without it.
+    pub http: Option<SocketAddr>,
 }
 
 pub struct LocalCluster {
@@ -29,6 +32,7 @@ pub struct LocalCluster {
     /// Workers by index; `None` once killed or stopped.
     pub workers: Vec<Option<Worker>>,
     worker_config: WorkerConfig,
+    web: Option<WebServer>,
 }
 
 impl LocalCluster {
@@ -37,7 +41,11 @@ impl LocalCluster {
             DataFusionError::Execution(format!("cannot listen on {}: {e}", opts.listen))
         })?;
         let coordinator = Coordinator::start(opts.coordinator, &opts.data_dir, listener).await?;
-        let mut cluster = Self { coordinator, workers: vec![], worker_config: opts.worker };
+        let web = match opts.http {
+            Some(addr) => Some(WebServer::bind(std::sync::Arc::clone(&coordinator.core.cluster), addr).await?),
+            None => None,
+        };
+        let mut cluster = Self { coordinator, workers: vec![], worker_config: opts.worker, web };
         for _ in 0..opts.workers {
             cluster.add_worker().await?;
         }
@@ -47,6 +55,11 @@ impl LocalCluster {
 
     pub fn url(&self) -> String {
         self.coordinator.url()
+    }
+
+    /// The address the web server listens on, when it was started.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.web.as_ref().map(WebServer::addr)
     }
 
     /// Starts one more worker on an ephemeral loopback port.
@@ -80,6 +93,9 @@ impl LocalCluster {
     }
 
     pub async fn shutdown(self) {
+        if let Some(web) = self.web {
+            web.shutdown().await;
+        }
         for worker in self.workers.into_iter().flatten() {
             worker.shutdown().await;
         }

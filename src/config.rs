@@ -39,6 +39,11 @@ pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 pub const RELEASED_QUERIES_MAX: usize = 4096;
 /// How many finished queries `quiver.queries` / `quiver.tasks` remember.
 pub const QUERY_HISTORY_MAX: usize = 1_000;
+/// Finished queries `GET /api/queries` lists when the request sets no `limit` (running queries
+/// are always listed).
+pub const WEB_RECENT_QUERIES_DEFAULT: usize = 100;
+/// How long stopping the web server waits for requests in flight before dropping them.
+pub const WEB_SHUTDOWN_WAIT_MS: u64 = 2_000;
 /// How many Tasks may wait in the coordinator's queue at once (across all queries).
 pub const TASK_QUEUE_MAX: usize = 100_000;
 /// How long a started statement's result waits for its client's `DoGet` before the Query is

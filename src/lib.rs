@@ -1,9 +1,9 @@
 //! Quiver: a distributed SQL query engine built on Apache DataFusion and Arrow Flight.
 //!
 //! The crate is split into concepts with one-way dependencies:
-//! `planner` → `protocol` → `transport` → `coordinator` / `worker` → `cluster`, `client` → `cli`, the
-//! binary. The planner turns a DataFusion physical plan into Stages and Tasks and knows nothing of
-//! the network; the protocol names the messages; only the transport speaks gRPC.
+//! `planner` → `protocol` → `transport` → `coordinator` / `worker` → `web` → `cluster`, `client` →
+//! `cli`, the binary. The planner turns a DataFusion physical plan into Stages and Tasks and knows
+//! nothing of the network; the protocol names the messages; only the transport speaks gRPC.
 
 pub mod config;
 pub mod planner;
@@ -11,6 +11,7 @@ pub mod protocol;
 pub mod transport;
 pub mod coordinator;
 pub mod worker;
+pub mod web;
 pub mod cluster;
 pub mod client;
 pub mod cli;

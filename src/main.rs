@@ -14,6 +14,7 @@ use quiver::config::{parse_bytes, CoordinatorConfig, WorkerConfig};
 use quiver::coordinator::Coordinator;
 use quiver::format::Format;
 use quiver::tpch;
+use quiver::web::WebServer;
 use quiver::worker::Worker;
 
 #[derive(Parser)]
@@ -45,6 +46,9 @@ enum Command {
         /// Where the catalog and the tables Quiver writes live.
         #[arg(long, default_value = "quiver-data")]
         data_dir: PathBuf,
+        /// Serve the web UI, JSON API and Prometheus metrics on this address, e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        http: Option<SocketAddr>,
     },
     /// Run a worker that pulls Tasks from a coordinator.
     Worker {
@@ -73,6 +77,9 @@ enum Command {
         /// Keep serving outside clients until interrupted.
         #[arg(long)]
         serve: bool,
+        /// Serve the web UI, JSON API and Prometheus metrics on this address, e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        http: Option<SocketAddr>,
         #[command(flatten)]
         input: Input,
     },
@@ -131,11 +138,19 @@ fn init_logging(default: &str) {
 
 async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Coordinator { listen, data_dir } => {
+        Command::Coordinator { listen, data_dir, http } => {
             let listener = bind(listen).await?;
             let coordinator = Coordinator::start(CoordinatorConfig::default(), &data_dir, listener).await?;
             eprintln!("coordinator listening on {}", coordinator.url());
+            let web = match http {
+                Some(addr) => Some(WebServer::bind(coordinator.core.cluster.clone(), addr).await?),
+                None => None,
+            };
+            web.iter().for_each(|web| eprintln!("web UI at {}", web.url()));
             wait_for_ctrl_c().await;
+            if let Some(web) = web {
+                web.shutdown().await;
+            }
             coordinator.shutdown().await;
         }
         Command::Worker { coordinator, listen, slots, memory_limit } => {
@@ -145,15 +160,17 @@ async fn run(command: Command) -> Result<()> {
             wait_for_ctrl_c().await;
             worker.shutdown().await;
         }
-        Command::Local { workers, tpch: sf, data_dir, listen, serve, input } => {
+        Command::Local { workers, tpch: sf, data_dir, listen, serve, http, input } => {
             let opts = LocalOptions {
                 workers,
                 worker: WorkerConfig { slots: quiver::config::default_parallelism().div_ceil(workers.max(1)).max(1), ..WorkerConfig::default() },
                 coordinator: CoordinatorConfig::default(),
                 data_dir: data_dir.clone(),
                 listen,
+                http,
             };
             let cluster = LocalCluster::start(opts).await?;
+            cluster.http_addr().iter().for_each(|addr| eprintln!("web UI at http://{addr}/"));
             let client = Client::connect(&cluster.url()).await?;
             if let Some(sf) = sf {
                 let dir = tpch::generate(&data_dir, sf, tpch::Layout::for_scale(sf))?;

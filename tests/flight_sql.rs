@@ -136,7 +136,10 @@ async fn cancel_flight_info_stops_the_querys_tasks_on_every_worker_and_frees_the
     assert!(states.iter().any(|s| s == "cancelled"), "{states:?}");
     let progress = t.client.progress(&statement).await.unwrap();
     assert_eq!((progress.state.as_str(), progress.tasks_running), ("cancelled", 0));
-    assert!(!t.client.cancel(&statement).await.unwrap(), "a second cancel finds the query ended");
+    assert!(t.client.cancel(&statement).await.unwrap(), "cancelling is idempotent");
+    let done = t.client.start("SELECT 1").await.unwrap();
+    t.client.fetch(&done).await.unwrap().try_collect::<Vec<_>>().await.unwrap();
+    assert!(!t.client.cancel(&done).await.unwrap(), "a query that succeeded cannot be cancelled");
     assert_eq!(t.cluster_rows("SELECT count(*) FROM cancel_big").await, vec![vec!["20000".to_string()]]);
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use datafusion::common::{DataFusionError, Result};
 use tokio::sync::{watch, Notify};
 
+use super::metrics::Metrics;
 use crate::config::{ASSIGNMENT_ACK_TIMEOUT_MS, QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS};
 use crate::protocol::{
     error_from_remote, error_to_remote, OutputLocation, QueryProgress, RemoteError, TaskAssignment, TaskKey, TaskReport, TaskState,
@@ -43,6 +44,8 @@ pub struct QueryRecord {
     pub mode: &'static str,
     pub stages: u32,
     pub tasks: u32,
+    /// Tasks whose Attempt succeeded.
+    pub tasks_done: u32,
     pub workers_used: u32,
     pub rows: u64,
     pub started: SystemTime,
@@ -66,6 +69,10 @@ pub struct TaskRecord {
     pub bytes: u64,
     pub elapsed_ms: u64,
     pub error: Option<String>,
+    /// When the coordinator assigned the Attempt to its worker.
+    pub started: Option<SystemTime>,
+    /// When the Attempt ended: its final report, its Query's failure or end, or its worker's loss.
+    pub ended: Option<SystemTime>,
 }
 
 struct TaskEntry {
@@ -127,6 +134,10 @@ pub struct NewStage {
 #[derive(Debug, Clone)]
 pub struct StageMetrics {
     pub stage: u32,
+    /// The Stages whose outputs it reads.
+    pub inputs: Vec<u32>,
+    /// How its output is read: "shuffle" or "gather".
+    pub output: &'static str,
     pub tasks: usize,
     pub rows: u64,
     pub bytes: u64,
@@ -148,6 +159,15 @@ pub struct Cluster {
     inner: Mutex<Inner>,
     task_ready: Notify,
     worker_joined: Notify,
+    metrics: Metrics,
+}
+
+/// One Query as a whole: its record, its Stages and every Task's latest Attempt.
+#[derive(Debug, Clone)]
+pub struct QueryDetail {
+    pub query: QueryRecord,
+    pub stages: Vec<StageMetrics>,
+    pub tasks: Vec<TaskRecord>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -212,7 +232,7 @@ impl Cluster {
                         task.record.key
                     );
                     let error = RemoteError { kind: "execution".into(), message: message.clone() };
-                    task.record.state = TaskState::Failed;
+                    task.end(TaskState::Failed, &self.metrics);
                     task.record.error = Some(message);
                     task.outcome.send_replace(Some(TaskOutcome::Failed(error.clone())));
                     if let Some(w) = workers.get_mut(worker_id) {
@@ -225,7 +245,7 @@ impl Cluster {
         for (query_id, error) in lost {
             if let Some(query) = queries.get_mut(&query_id) {
                 tracing::warn!(query = %query_id, "{}", error.message);
-                query.fail(&error, workers);
+                query.fail(&error, workers, &self.metrics);
             }
         }
         true
@@ -255,6 +275,7 @@ impl Cluster {
             mode: "coordinator",
             stages: 0,
             tasks: 0,
+            tasks_done: 0,
             workers_used: 0,
             rows: 0,
             started: SystemTime::now(),
@@ -265,6 +286,7 @@ impl Cluster {
         };
         let entry = QueryEntry { record, started: Instant::now(), tasks: BTreeMap::new(), stages: Vec::new() };
         self.lock().queries.insert(id.to_string(), entry);
+        self.metrics.query_started();
     }
 
     /// Takes a distributed Query's Stages (inputs first) and queues the Tasks of those whose
@@ -299,6 +321,8 @@ impl Cluster {
                     bytes: 0,
                     elapsed_ms: 0,
                     error: None,
+                    started: None,
+                    ended: None,
                 };
                 let entry = TaskEntry {
                     record,
@@ -355,6 +379,7 @@ impl Cluster {
             task.record.state = TaskState::Running;
             task.record.worker_id = Some(worker_id.to_string());
             task.started = Some(Instant::now());
+            task.record.started = Some(SystemTime::now());
             if let Some(w) = inner.workers.get_mut(worker_id) {
                 w.running_tasks += 1;
             }
@@ -380,13 +405,14 @@ impl Cluster {
             return;
         }
         tracing::debug!(task = %key, state = state.as_str(), elapsed_ms = report.elapsed_ms, "task reported");
-        task.record.state = state;
         task.record.rows = report.rows;
         task.record.bytes = report.bytes;
         task.record.elapsed_ms = report.elapsed_ms;
         if !state.is_final() {
+            task.record.state = state;
             return;
         }
+        task.end(state, &self.metrics);
         task.finished = Some(Instant::now());
         if let Some(w) = workers.get_mut(&report.worker_id) {
             w.running_tasks = w.running_tasks.saturating_sub(1);
@@ -394,6 +420,7 @@ impl Cluster {
         if state == TaskState::Succeeded {
             let worker_url = workers.get(&report.worker_id).map(|w| w.url.clone()).unwrap_or_default();
             task.output_url = Some(worker_url.clone());
+            self.metrics.attempt_output(report.rows, report.bytes, task.record.output == "shuffle");
             task.outcome.send_replace(Some(TaskOutcome::Succeeded { key: key.clone(), worker_url }));
             query.task_succeeded(key.stage, report.bytes, queue);
             drop(inner);
@@ -406,7 +433,7 @@ impl Cluster {
         });
         task.record.error = Some(error.message.clone());
         task.outcome.send_replace(Some(TaskOutcome::Failed(error.clone())));
-        query.fail(&error, workers);
+        query.fail(&error, workers, &self.metrics);
     }
 
     /// Waits for the outcome of a Task of a running Query.
@@ -456,7 +483,7 @@ impl Cluster {
                         w.running_tasks = w.running_tasks.saturating_sub(1);
                     }
                 }
-                task.record.state = TaskState::Cancelled;
+                task.end(TaskState::Cancelled, &self.metrics);
                 task.outcome.send_replace(Some(TaskOutcome::Failed(ended.clone())));
             }
         }
@@ -470,6 +497,7 @@ impl Cluster {
             (None, false) => "succeeded",
         };
         record.error = error.map(|e| e.to_string());
+        self.metrics.query_ended(record.state);
         finished.push_back(id.to_string());
         while finished.len() > QUERY_HISTORY_MAX {
             if let Some(old) = finished.pop_front() {
@@ -501,7 +529,7 @@ impl Cluster {
                     let needed = task.record.state == TaskState::Running
                         || (task.record.state == TaskState::Succeeded && !task.consumed);
                     if on_worker && needed {
-                        task.record.state = TaskState::Failed;
+                        task.end(TaskState::Failed, &self.metrics);
                         task.record.error = Some(message.clone());
                         let error = RemoteError { kind: "execution".into(), message: format!("task {}: {message}", task.record.key) };
                         task.outcome.send_replace(Some(TaskOutcome::Failed(error.clone())));
@@ -512,7 +540,7 @@ impl Cluster {
         }
         for (query_id, error) in lost {
             if let Some(query) = queries.get_mut(&query_id) {
-                query.fail(&error, workers);
+                query.fail(&error, workers, &self.metrics);
             }
         }
         drop(inner);
@@ -532,7 +560,7 @@ impl Cluster {
         let error = RemoteError { kind: "execution".into(), message };
         for query in queries.values_mut().filter(|q| q.record.state == "running") {
             if query.tasks.values().any(|t| !t.record.state.is_final()) {
-                query.fail(&error, workers);
+                query.fail(&error, workers, &self.metrics);
             }
         }
     }
@@ -543,13 +571,7 @@ impl Cluster {
 
     pub fn queries(&self) -> Vec<QueryRecord> {
         let inner = self.lock();
-        let mut records: Vec<_> = inner.queries.values().map(|q| {
-            let mut r = q.record.clone();
-            if r.state == "running" {
-                r.duration_ms = q.started.elapsed().as_millis() as u64;
-            }
-            r
-        }).collect();
+        let mut records: Vec<_> = inner.queries.values().map(QueryEntry::snapshot).collect();
         records.sort_by_key(|r| r.started);
         records
     }
@@ -580,30 +602,72 @@ impl Cluster {
 
     /// Rows, bytes and time of each Stage of a Query, from its Tasks' reports.
     pub fn stage_metrics(&self, query_id: &str) -> Vec<StageMetrics> {
+        self.lock().queries.get(query_id).map(QueryEntry::stage_metrics).unwrap_or_default()
+    }
+
+    /// A Query with its Stages and Tasks, taken at one instant.
+    pub fn query_detail(&self, id: &str) -> Option<QueryDetail> {
         let inner = self.lock();
-        let Some(query) = inner.queries.get(query_id) else { return vec![] };
-        (0..query.stages.len() as u32)
-            .map(|stage| {
-                let tasks: Vec<&TaskEntry> = query.tasks.range((stage, 0)..(stage + 1, 0)).map(|(_, t)| t).collect();
-                let first = tasks.iter().filter_map(|t| t.started).min();
-                let last = tasks.iter().filter_map(|t| t.finished).max();
-                let elapsed_ms = match (first, last) {
-                    (Some(a), Some(b)) => b.saturating_duration_since(a).as_millis() as u64,
-                    _ => 0,
-                };
-                StageMetrics {
-                    stage,
-                    tasks: tasks.len(),
-                    rows: tasks.iter().map(|t| t.record.rows).sum(),
-                    bytes: tasks.iter().map(|t| t.record.bytes).sum(),
-                    elapsed_ms,
-                }
-            })
-            .collect()
+        let query = inner.queries.get(id)?;
+        let tasks = query.tasks.values().map(|t| t.record.clone()).collect();
+        Some(QueryDetail { query: query.snapshot(), stages: query.stage_metrics(), tasks })
+    }
+
+    /// The metrics in the Prometheus text exposition format.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.encode(&self.workers())
+    }
+}
+
+impl TaskEntry {
+    /// Sets the Attempt's state; the first final state is its end, timed and counted.
+    fn end(&mut self, state: TaskState, metrics: &Metrics) {
+        let ending = !self.record.state.is_final() && state.is_final();
+        self.record.state = state;
+        if !ending {
+            return;
+        }
+        self.record.ended = Some(SystemTime::now());
+        if let Some(started) = self.started {
+            metrics.attempt_ended(state.as_str(), started.elapsed());
+        }
     }
 }
 
 impl QueryEntry {
+    /// The record, with the duration so far while the Query runs.
+    fn snapshot(&self) -> QueryRecord {
+        let mut record = self.record.clone();
+        if record.state == "running" {
+            record.duration_ms = self.started.elapsed().as_millis() as u64;
+        }
+        record
+    }
+
+    /// Rows, bytes and time of each Stage, from its Tasks' reports.
+    fn stage_metrics(&self) -> Vec<StageMetrics> {
+        self.stages.iter().enumerate().map(|(index, entry)| {
+            let stage = index as u32;
+            let tasks: Vec<&TaskEntry> = self.tasks.range((stage, 0)..(stage + 1, 0)).map(|(_, t)| t).collect();
+            let first = tasks.iter().filter_map(|t| t.started).min();
+            let last = tasks.iter().filter_map(|t| t.finished).max();
+            let elapsed_ms = match (first, last) {
+                (Some(a), Some(b)) => b.saturating_duration_since(a).as_millis() as u64,
+                _ => 0,
+            };
+            StageMetrics {
+                stage,
+                inputs: entry.inputs.clone(),
+                output: if entry.shuffle { "shuffle" } else { "gather" },
+                tasks: tasks.len(),
+                rows: tasks.iter().map(|t| t.record.rows).sum(),
+                bytes: tasks.iter().map(|t| t.record.bytes).sum(),
+                elapsed_ms,
+            }
+        })
+        .collect()
+    }
+
     /// Queues the waiting Tasks of every Stage whose inputs have all finished, telling each
     /// where its inputs' outputs are.
     fn queue_ready_stages(&mut self, queue: &mut VecDeque<QueuedTask>) {
@@ -636,6 +700,7 @@ impl QueryEntry {
             self.record.bytes_gathered += bytes;
         }
         entry.unfinished = entry.unfinished.saturating_sub(1);
+        self.record.tasks_done += 1;
         if entry.unfinished > 0 {
             return;
         }
@@ -649,7 +714,7 @@ impl QueryEntry {
 
     /// One Task failed, so the Query fails: every Task that has not ended is cancelled, and
     /// whoever waits on one learns the error that ended the Query.
-    fn fail(&mut self, error: &RemoteError, workers: &mut BTreeMap<String, WorkerRecord>) {
+    fn fail(&mut self, error: &RemoteError, workers: &mut BTreeMap<String, WorkerRecord>, metrics: &Metrics) {
         for stage in &mut self.stages {
             stage.waiting.clear();
         }
@@ -659,7 +724,7 @@ impl QueryEntry {
                     w.running_tasks = w.running_tasks.saturating_sub(1);
                 }
             }
-            task.record.state = TaskState::Cancelled;
+            task.end(TaskState::Cancelled, metrics);
             task.outcome.send_replace(Some(TaskOutcome::Failed(error.clone())));
         }
     }

@@ -5,6 +5,7 @@
 mod catalog;
 mod cluster;
 mod explain;
+mod metrics;
 mod session;
 mod source;
 mod statements;
@@ -25,6 +26,8 @@ use tokio::net::TcpListener;
 use tonic::Status;
 
 pub use cluster::{Cluster, QueryRecord, StageMetrics, TaskRecord, WorkerRecord};
+pub use cluster::QueryDetail;
+pub use metrics::METRICS_CONTENT_TYPE;
 
 use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS};
 use crate::protocol::{

@@ -103,12 +103,14 @@ impl Statements {
         if let Some(abort) = fetching {
             abort.abort();
         }
-        let outcome = match core.cluster.query(id) {
-            Some(record) if record.state == "running" => Cancelled::Yes,
-            Some(_) => Cancelled::AlreadyEnded,
-            None => Cancelled::Unknown,
+        let (outcome, running) = match core.cluster.query(id).map(|r| r.state) {
+            Some("running") => (Cancelled::Yes, true),
+            // Cancelling is idempotent: the client may have closed its stream first.
+            Some("cancelled") => (Cancelled::Yes, false),
+            Some(_) => (Cancelled::AlreadyEnded, false),
+            None => (Cancelled::Unknown, false),
         };
-        if outcome == Cancelled::Yes {
+        if running {
             tracing::info!(query = %id, "query cancelled by its client");
             core.finish(id, 0, None, true);
         }

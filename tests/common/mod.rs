@@ -37,6 +37,16 @@ impl TestCluster {
     }
 
     pub async fn start_with(workers: usize, worker: WorkerConfig) -> Self {
+        Self::start_serving(workers, worker, None).await
+    }
+
+    /// A cluster whose coordinator also serves its web UI, API and metrics on an ephemeral port
+    /// (`cluster.http_addr()`).
+    pub async fn start_with_http(workers: usize, worker: WorkerConfig) -> Self {
+        Self::start_serving(workers, worker, Some("127.0.0.1:0".parse().unwrap())).await
+    }
+
+    async fn start_serving(workers: usize, worker: WorkerConfig, http: Option<std::net::SocketAddr>) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -48,6 +58,7 @@ impl TestCluster {
             coordinator: many_tasks_config(),
             data_dir: dir.path().join("data"),
             listen: "127.0.0.1:0".parse().unwrap(),
+            http,
         };
         let cluster = LocalCluster::start(opts).await.expect("cluster starts");
         let client = Client::connect(&cluster.url()).await.expect("client connects");
@@ -187,4 +198,149 @@ pub async fn assert_workers_idle(t: &TestCluster, after: &str) {
     }
     let (running, parts, files, bytes) = held;
     panic!("after {after}, workers still run {running} tasks and hold {parts} output parts, {files} spill files, {bytes} bytes");
+}
+
+/// An HTTP answer: status, content type and body.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+/// Sends one HTTP/1.0 request: the server closes the connection after its answer, so the body
+/// is everything read until then.
+pub async fn http_request(addr: std::net::SocketAddr, method: &str, path: &str) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8(raw).expect("UTF-8 answer");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end in {text:?}"));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    let content_type = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        .map(|(_, value)| value.trim().to_string())
+        .unwrap_or_default();
+    HttpResponse { status, content_type, body: body.to_string() }
+}
+
+/// GETs `path` and parses its JSON body, whatever the status.
+pub async fn get_json(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let response = http_request(addr, "GET", path).await;
+    assert!(response.content_type.starts_with("application/json"), "{path}: {response:?}");
+    let json = serde_json::from_str(&response.body).unwrap_or_else(|e| panic!("{path}: {e} in {}", response.body));
+    (response.status, json)
+}
+
+/// The samples of a Prometheus text exposition: `name{labels}` → value.
+pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("malformed sample {l:?}"));
+            (name.to_string(), value.parse().unwrap_or_else(|_| panic!("malformed value in {l:?}")))
+        })
+        .collect()
+}
+
+/// Polls `probe` until it returns Some, panicking with `what` after `deadline`.
+pub async fn wait_for<T, F: std::future::Future<Output = Option<T>>>(what: &str, deadline: std::time::Duration, mut probe: impl FnMut() -> F) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(start.elapsed() < deadline, "gave up after {deadline:?} waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Where the Debian package puts headless Chromium; CI installs it (`.ci/run`).
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+/// How long one Chromium run may take before the test fails.
+const CHROMIUM_DEADLINE_S: u64 = 120;
+
+/// Loads `url` in headless Chromium with a fresh profile, lets its scripts run for `budget_ms` of
+/// virtual time (network waits do not count) and returns the rendered DOM.
+pub fn rendered_dom(url: &str, budget_ms: u64) -> String {
+    assert!(Path::new(CHROMIUM).exists(), "the browser test needs headless Chromium at {CHROMIUM}: apt-get install -y chromium");
+    let profile = tempfile::tempdir().expect("temp dir");
+    let mut child = std::process::Command::new(CHROMIUM)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
+        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--virtual-time-budget={budget_ms}"))
+        .args(["--dump-dom", url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {CHROMIUM}: {e}"));
+    // Read both pipes while Chromium runs: a full pipe would stall it.
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            pipe.map(|mut p| p.read_to_string(&mut text));
+            text
+        })
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(CHROMIUM_DEADLINE_S);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("chromium status") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium did not render {url} within {CHROMIUM_DEADLINE_S} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let (dom, stderr) = (stdout.join().expect("stdout reader"), stderr.join().expect("stderr reader"));
+    assert!(status.success(), "chromium failed on {url}: {stderr}");
+    dom
+}
+
+/// The opening tags (`<tag …>`) of every `tag` element in serialized HTML.
+pub fn opening_tags<'a>(html: &'a str, tag: &str) -> Vec<&'a str> {
+    let open = format!("<{tag} ");
+    html.match_indices(&open).map(|(start, _)| &html[start..start + html[start..].find('>').unwrap_or(0) + 1]).collect()
+}
+
+/// The value of attribute `name` in an opening tag.
+pub fn attribute<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!(" {name}=\"");
+    let start = tag.find(&key)? + key.len();
+    Some(&tag[start..start + tag[start..].find('"')?])
+}
+
+/// A child process killed when dropped, so a failing test leaves nothing running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads a child's stderr until a line starts with `prefix`; returns the rest of that line.
+pub fn stderr_line_after(child: &mut std::process::Child, prefix: &str) -> String {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.expect("stderr line");
+        if let Some(rest) = line.strip_prefix(prefix) {
+            return rest.trim().to_string();
+        }
+        seen.push(line);
+    }
+    panic!("the process ended without printing '{prefix}'; it printed:\n{}", seen.join("\n"));
 }

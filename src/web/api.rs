@@ -1,0 +1,241 @@
+//! The JSON API and `/metrics`: the cluster's records as JSON documents. Times are milliseconds
+//! since the Unix epoch on the coordinator's clock, and every answer carries that clock's `now_ms`,
+//! so that a client computes ages and running durations without trusting its own clock.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use crate::config::WEB_RECENT_QUERIES_DEFAULT;
+use crate::coordinator::{Cluster, QueryDetail, QueryRecord, StageMetrics, TaskRecord, WorkerRecord, METRICS_CONTENT_TYPE};
+use crate::protocol::TaskState;
+
+/// An error answer: its status and `{"error": message}`.
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
+}
+
+#[derive(Serialize)]
+pub struct WorkerJson {
+    id: String,
+    url: String,
+    slots: u32,
+    /// Tasks running on it: the slots in use.
+    running_tasks: u32,
+    memory_used_bytes: u64,
+    memory_limit_bytes: u64,
+    alive: bool,
+    last_heartbeat_ms: u64,
+    heartbeat_age_ms: u64,
+}
+
+#[derive(Serialize)]
+pub struct WorkersJson {
+    now_ms: u64,
+    workers: Vec<WorkerJson>,
+}
+
+#[derive(Serialize)]
+pub struct QueryJson {
+    id: String,
+    sql: String,
+    state: &'static str,
+    mode: &'static str,
+    stages: u32,
+    tasks: u32,
+    tasks_done: u32,
+    workers_used: u32,
+    rows: u64,
+    started_ms: u64,
+    duration_ms: u64,
+    error: Option<String>,
+    bytes_shuffled: u64,
+    bytes_gathered: u64,
+}
+
+#[derive(Serialize)]
+pub struct QueriesJson {
+    now_ms: u64,
+    queries: Vec<QueryJson>,
+}
+
+#[derive(Serialize)]
+pub struct StageJson {
+    id: u32,
+    /// The Stages whose outputs this one reads.
+    inputs: Vec<u32>,
+    output: &'static str,
+    tasks: usize,
+    tasks_done: usize,
+    rows: u64,
+    bytes: u64,
+    elapsed_ms: u64,
+}
+
+#[derive(Serialize)]
+pub struct TaskJson {
+    stage: u32,
+    task: u32,
+    attempt: u32,
+    worker_id: Option<String>,
+    state: &'static str,
+    rows: u64,
+    bytes: u64,
+    elapsed_ms: u64,
+    started_ms: Option<u64>,
+    ended_ms: Option<u64>,
+    error: Option<String>,
+    plan: String,
+}
+
+/// A query's record (as `/api/queries` lists it) with its Stage DAG and its Tasks.
+#[derive(Serialize)]
+pub struct QueryDetailJson {
+    now_ms: u64,
+    query: QueryJson,
+    stages: Vec<StageJson>,
+    tasks: Vec<TaskJson>,
+}
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    /// How many finished queries to list, newest first.
+    limit: Option<usize>,
+}
+
+pub async fn workers(State(cluster): State<Arc<Cluster>>) -> Json<WorkersJson> {
+    let now = SystemTime::now();
+    let workers = cluster.workers().iter().map(|w| worker_json(w, now)).collect();
+    Json(WorkersJson { now_ms: epoch_ms(now), workers })
+}
+
+/// Running queries, then up to `limit` finished ones; each group newest first.
+pub async fn queries(
+    State(cluster): State<Arc<Cluster>>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<QueriesJson>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = params.limit.unwrap_or(WEB_RECENT_QUERIES_DEFAULT);
+    let mut all = cluster.queries();
+    all.reverse();
+    let (running, finished): (Vec<_>, Vec<_>) = all.into_iter().partition(|q| q.state == "running");
+    let queries = running.iter().chain(finished.iter().take(limit)).map(query_json).collect();
+    Ok(Json(QueriesJson { now_ms: epoch_ms(SystemTime::now()), queries }))
+}
+
+pub async fn query(State(cluster): State<Arc<Cluster>>, Path(id): Path<String>) -> Result<Json<QueryDetailJson>, ApiError> {
+    let detail = cluster.query_detail(&id).ok_or_else(|| ApiError::not_found(format!("no query '{id}'")))?;
+    Ok(Json(detail_json(&detail)))
+}
+
+pub async fn metrics(State(cluster): State<Arc<Cluster>>) -> Response {
+    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], cluster.metrics_text()).into_response()
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such page or API endpoint")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here")
+}
+
+fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn worker_json(w: &WorkerRecord, now: SystemTime) -> WorkerJson {
+    WorkerJson {
+        id: w.id.clone(),
+        url: w.url.clone(),
+        slots: w.slots,
+        running_tasks: w.running_tasks,
+        memory_used_bytes: w.memory_used_bytes,
+        memory_limit_bytes: w.memory_limit_bytes,
+        alive: w.alive,
+        last_heartbeat_ms: epoch_ms(w.last_heartbeat),
+        heartbeat_age_ms: now.duration_since(w.last_heartbeat).map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
+fn query_json(q: &QueryRecord) -> QueryJson {
+    QueryJson {
+        id: q.id.clone(),
+        sql: q.sql.clone(),
+        state: q.state,
+        mode: q.mode,
+        stages: q.stages,
+        tasks: q.tasks,
+        tasks_done: q.tasks_done,
+        workers_used: q.workers_used,
+        rows: q.rows,
+        started_ms: epoch_ms(q.started),
+        duration_ms: q.duration_ms,
+        error: q.error.clone(),
+        bytes_shuffled: q.bytes_shuffled,
+        bytes_gathered: q.bytes_gathered,
+    }
+}
+
+fn detail_json(detail: &QueryDetail) -> QueryDetailJson {
+    QueryDetailJson {
+        now_ms: epoch_ms(SystemTime::now()),
+        query: query_json(&detail.query),
+        stages: detail.stages.iter().map(|s| stage_json(s, &detail.tasks)).collect(),
+        tasks: detail.tasks.iter().map(task_json).collect(),
+    }
+}
+
+fn stage_json(s: &StageMetrics, tasks: &[TaskRecord]) -> StageJson {
+    let done = tasks.iter().filter(|t| t.key.stage == s.stage && t.state == TaskState::Succeeded).count();
+    StageJson {
+        id: s.stage,
+        inputs: s.inputs.clone(),
+        output: s.output,
+        tasks: s.tasks,
+        tasks_done: done,
+        rows: s.rows,
+        bytes: s.bytes,
+        elapsed_ms: s.elapsed_ms,
+    }
+}
+
+fn task_json(t: &TaskRecord) -> TaskJson {
+    TaskJson {
+        stage: t.key.stage,
+        task: t.key.task,
+        attempt: t.key.attempt,
+        worker_id: t.worker_id.clone(),
+        state: t.state.as_str(),
+        rows: t.rows,
+        bytes: t.bytes,
+        elapsed_ms: t.elapsed_ms,
+        started_ms: t.started.map(epoch_ms),
+        ended_ms: t.ended.map(epoch_ms),
+        error: t.error.clone(),
+        plan: t.plan.clone(),
+    }
+}
