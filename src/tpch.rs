@@ -87,7 +87,7 @@ fn write_part(path: &Path, table: &str, sf: f64, part: i32, parts: i32, row_grou
 pub fn create_tables_sql(dir: &Path) -> Vec<String> {
     TABLES
         .iter()
-        .map(|t| format!("CREATE EXTERNAL TABLE IF NOT EXISTS {t} STORED AS PARQUET LOCATION '{}/{t}/'", dir.display()))
+        .map(|t| format!("CREATE OR REPLACE EXTERNAL TABLE {t} STORED AS PARQUET LOCATION '{}/{t}/'", dir.display()))
         .collect()
 }
 

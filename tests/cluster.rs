@@ -204,3 +204,15 @@ async fn a_task_whose_assignment_was_lost_fails_its_query() {
     assert!(err.contains("does not know it") && err.contains("lost"), "{err}");
     assert_eq!(t.cluster_rows("SELECT 1").await, vec![vec!["1".to_string()]]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registering_tpch_at_another_scale_replaces_the_tables_of_the_first() {
+    // Regression: `quiver local --tpch 0.1` on a data directory first used at 0.01 kept the
+    // 0.01 tables (CREATE ... IF NOT EXISTS), silently.
+    let t = TestCluster::start(1).await;
+    for (sf, lineitems) in [(0.001, "6005"), (0.002, "11957")] {
+        let dir = quiver::tpch::generate(t.dir.path(), sf, quiver::tpch::Layout::for_scale(sf)).unwrap();
+        t.run_all(&quiver::tpch::create_tables_sql(&dir).iter().map(String::as_str).collect::<Vec<_>>()).await;
+        assert_eq!(t.cluster_rows("SELECT count(*) FROM lineitem").await, vec![vec![lineitems.to_string()]], "sf {sf}");
+    }
+}
