@@ -95,6 +95,7 @@ impl Shell {
                 .expect("static template")
                 .progress_chars("=> "),
         );
+        bar.enable_steady_tick(Duration::from_millis(PROGRESS_POLL_MS));
         let _clear = ClearOnDrop(bar.clone());
         loop {
             if let Ok(p) = self.client.progress(statement).await {

@@ -4,7 +4,7 @@
 //! Workers serve Flight through [`FlightHandler`], which reduces the Flight service to the two
 //! calls they use: `do_get` (a stream of record batches) and `do_action` (one protobuf request,
 //! one protobuf reply). The coordinator serves Arrow Flight SQL through [`SqlHandler`]: clients
-//! (ADBC, JDBC, `quiver sql`) speak Flight SQL to it, and workers' control-plane actions pass
+//! (the ADBC driver, `quiver sql`) speak Flight SQL to it, and workers' control-plane actions pass
 //! through the same service.
 
 mod client;
