@@ -22,6 +22,16 @@ use quiver::worker::Worker;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines to stderr as text, or as one JSON object per line for log pipelines. The level
+    /// comes from RUST_LOG.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args, Clone)]
@@ -117,9 +127,9 @@ enum BenchCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Sql { .. } | Command::Bench { .. })
-        || matches!(&cli.command, Command::Local { input, serve: false, .. } if input.command.is_some() || input.file.is_some());
-    init_logging(if quiet { "warn" } else { "info" });
+    // Servers log what they do; a shell or a benchmark keeps its terminal for results.
+    let quiet = matches!(cli.command, Command::Sql { .. } | Command::Bench { .. } | Command::Local { serve: false, .. });
+    init_logging(if quiet { "warn" } else { "info" }, cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -130,10 +140,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(default: &str) {
+fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 async fn run(command: Command) -> Result<()> {

@@ -151,3 +151,42 @@ fn ctrl_c_in_quiver_sql_cancels_the_running_query_on_the_workers() {
     eventually(port, &format!("SELECT state FROM quiver.queries WHERE sql = '{slow}'"), "state\ncancelled");
     eventually(port, &running, "n\n0");
 }
+
+/// The JSON log lines of a process, parsed (stderr also has the lines printed for people, such
+/// as the address a server listens on).
+fn json_logs(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))).collect()
+}
+
+#[test]
+fn the_coordinator_logs_one_json_line_per_query_start_and_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = dir.path().join("coordinator.log");
+    let child = Command::new(quiver_binary())
+        .args(["--log-format", "json", "coordinator", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("quiver starts");
+    let _coord = Proc(child);
+    let _w = worker(port);
+    eventually(port, ALIVE, "n\n1");
+    sql_ok(port, "CREATE TABLE logged AS SELECT value AS v FROM generate_series(1, 1000)");
+    let query = "SELECT v % 10 AS k, count(*) FROM logged GROUP BY 1";
+    assert_eq!(sql_ok(port, query).lines().count(), 11);
+    let id = sql_ok(port, &format!("SELECT query_id FROM quiver.queries WHERE sql = '{query}'"));
+    let id = id.lines().nth(1).expect("the query is recorded").to_string();
+
+    let lines = json_logs(&log);
+    let of_query: Vec<&serde_json::Value> = lines.iter().filter(|l| l["fields"]["query"] == id.as_str()).collect();
+    let messages: Vec<&str> = of_query.iter().map(|l| l["fields"]["message"].as_str().unwrap()).collect();
+    assert_eq!(messages.len(), 2, "one start and one end line: {of_query:?}");
+    assert!(messages[0].starts_with("query started: SELECT v % 10"), "{messages:?}");
+    let end = &of_query[1]["fields"];
+    assert_eq!((end["message"].as_str(), end["state"].as_str(), end["rows"].as_u64()), (Some("query ended"), Some("succeeded"), Some(10)));
+    assert!(end["duration_ms"].is_u64() && end["tasks"].as_u64().unwrap() >= 1, "{end}");
+}
