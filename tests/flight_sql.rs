@@ -154,3 +154,19 @@ async fn a_started_result_nobody_fetches_can_be_cancelled_before_its_first_batch
     assert_workers_idle(&t, "cancelling an unfetched result").await;
     assert_eq!(t.client.progress(&statement).await.unwrap().state, "cancelled");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn updates_through_do_put_return_the_rows_they_wrote() {
+    let t = TestCluster::start(2).await;
+    let mut client = flight_sql(&t).await;
+    assert_eq!(client.execute_update("CREATE TABLE upd (v BIGINT)".into(), None).await.unwrap(), 0);
+    let written = client.execute_update("INSERT INTO upd SELECT value FROM generate_series(1, 300)".into(), None).await.unwrap();
+    assert_eq!(written, 300);
+    let mut prepared = client.prepare("INSERT INTO upd VALUES ($1)".into(), None).await.unwrap();
+    let schema = Arc::new(Schema::new(vec![Field::new("$1", DataType::Int64, false)]));
+    prepared.set_parameters(RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1000]))]).unwrap()).unwrap();
+    assert_eq!(prepared.execute_update().await.unwrap(), 1);
+    assert_eq!(t.cluster_rows("SELECT count(*), sum(v) FROM upd").await, vec![vec!["301".to_string(), "46150".to_string()]]);
+    let err = client.execute_update("INSERT INTO nowhere VALUES (1)".into(), None).await.err().expect("unknown table");
+    assert!(err.to_string().contains("nowhere"), "{err}");
+}

@@ -213,7 +213,11 @@ fn changed_rows(batch: &RecordBatch) -> i64 {
 
 /// The parameter rows a client put for a prepared statement, as one batch.
 async fn read_parameters(request: Request<PeekableFlightDataStream>) -> Result<Option<RecordBatch>, Status> {
-    let data = request.into_inner().map_err(FlightError::from);
+    // A message carrying only the command (no IPC header) opens an update without parameters.
+    let data = request
+        .into_inner()
+        .try_filter(|d| futures::future::ready(!d.data_header.is_empty()))
+        .map_err(FlightError::from);
     let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(data).try_collect().await?;
     let Some(first) = batches.first() else { return Ok(None) };
     concat_batches(&first.schema(), &batches)

@@ -75,6 +75,8 @@ def get_objects_lists_the_tables_and_their_columns():
             assert ("public", name) in tables, sorted(tables)
         assert tables[("public", "nation")] == ["n_nationkey", "n_name", "n_regionkey", "n_comment"]
         assert ("quiver", "tasks") in tables, sorted(tables)
+        info = conn.adbc_get_info()
+        assert info["vendor_name"] == "Quiver", info
         schema = conn.adbc_get_table_schema("region")
         assert schema.names == ["r_regionkey", "r_name", "r_comment"], schema.names
 
