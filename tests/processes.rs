@@ -3,25 +3,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::quiver_binary;
+use common::{free_port, quiver_binary, KillOnDrop};
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn spawn(args: &[&str]) -> Proc {
+fn spawn(args: &[&str]) -> KillOnDrop {
     let child = Command::new(quiver_binary())
         .args(args)
         .env("RUST_LOG", "warn")
@@ -29,14 +16,14 @@ fn spawn(args: &[&str]) -> Proc {
         .stderr(Stdio::null())
         .spawn()
         .expect("quiver starts");
-    Proc(child)
+    KillOnDrop(child)
 }
 
-fn coordinator(port: u16, dir: &Path) -> Proc {
+fn coordinator(port: u16, dir: &Path) -> KillOnDrop {
     spawn(&["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", dir.to_str().unwrap()])
 }
 
-fn worker(port: u16) -> Proc {
+fn worker(port: u16) -> KillOnDrop {
     spawn(&["worker", "--coordinator", &format!("http://127.0.0.1:{port}"), "--slots", "2", "--memory-limit", "512MiB"])
 }
 
@@ -172,7 +159,7 @@ fn the_coordinator_logs_one_json_line_per_query_start_and_end() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("quiver starts");
-    let _coord = Proc(child);
+    let _coord = KillOnDrop(child);
     let _w = worker(port);
     eventually(port, ALIVE, "n\n1");
     sql_ok(port, "CREATE TABLE logged AS SELECT value AS v FROM generate_series(1, 1000)");

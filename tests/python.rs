@@ -4,23 +4,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{quiver_binary, tpch_dir};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::{free_port, quiver_binary, tpch_dir, KillOnDrop};
 
 /// Waits until the server answers a query over Flight SQL (TPC-H generation comes first).
 fn wait_until_serving(url: &str) {
@@ -50,7 +37,7 @@ fn adbc_and_pyarrow_flight_clients_work_against_quiver_local() {
         .stdout(Stdio::null())
         .spawn()
         .expect("quiver local starts");
-    let _server = Proc(server);
+    let _server = KillOnDrop(server);
     wait_until_serving(&format!("http://{listen}"));
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/flight_sql_e2e.py");

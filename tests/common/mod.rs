@@ -320,6 +320,11 @@ pub fn attribute<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
     Some(&tag[start..start + tag[start..].find('"')?])
 }
 
+/// A loopback port free now (a server started right after can take it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// A child process killed when dropped, so a failing test leaves nothing running.
 pub struct KillOnDrop(pub std::process::Child);
 
