@@ -58,30 +58,42 @@ impl Shell {
         Ok(())
     }
 
-    /// Starts a statement and collects its result while a progress bar follows its Tasks; on
-    /// Ctrl-C the Query is cancelled on the coordinator before the error returns.
+    /// Starts a statement and collects its result while a progress bar follows its Tasks. One
+    /// Ctrl-C listener covers the whole statement: before the coordinator has answered, dropping
+    /// the call ends the Query there; after, `CancelFlightInfo` is sent while the stream is still
+    /// open, so the Query ends as cancelled and the shell says so.
     async fn execute(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
         let statement = tokio::select! {
             statement = self.client.start(sql) => statement?,
-            // Dropping the call cancels it: a statement not yet started has nothing to cancel.
-            _ = tokio::signal::ctrl_c() => return Err(DataFusionError::Execution("cancelled".into())),
+            _ = &mut ctrl_c => return Err(DataFusionError::Execution("cancelled before the query started".into())),
         };
-        let stream = self.client.fetch(&statement).await?;
+        let fetch = self.client.fetch(&statement);
+        tokio::pin!(fetch);
+        let stream = tokio::select! {
+            stream = &mut fetch => stream?,
+            _ = &mut ctrl_c => return Err(self.cancel(&statement).await),
+        };
         let schema = stream.schema();
-        // Pinned outside the select so that Ctrl-C cancels the Query while its stream is still
-        // open; dropping the stream first would end the Query as a closed stream instead.
         let collect = stream.try_collect::<Vec<_>>();
         tokio::pin!(collect);
-        let result = tokio::select! {
-            batches = &mut collect => batches,
+        let batches = tokio::select! {
+            batches = &mut collect => batches?,
             _ = self.follow(&statement) => unreachable!("progress runs until dropped"),
-            _ = tokio::signal::ctrl_c() => {
-                let cancelled = self.client.cancel(&statement).await.unwrap_or(false);
-                let what = if cancelled { "cancelled" } else { "cancel requested, but the query had already ended" };
-                Err(DataFusionError::Execution(format!("query {} {what}", statement.handle)))
-            }
+            _ = &mut ctrl_c => return Err(self.cancel(&statement).await),
         };
-        Ok((schema, result?))
+        Ok((schema, batches))
+    }
+
+    /// Cancels a statement's Query; the error says whether it was still running.
+    async fn cancel(&self, statement: &Statement) -> DataFusionError {
+        let what = match self.client.cancel(statement).await {
+            Ok(true) => "cancelled".to_string(),
+            Ok(false) => "had already ended".to_string(),
+            Err(e) => format!("could not be cancelled: {e}"),
+        };
+        DataFusionError::Execution(format!("query {} {what}", statement.handle))
     }
 
     /// Draws a progress bar of the statement's Tasks until dropped.

@@ -111,9 +111,9 @@ async fn task_states(t: &TestCluster, query_id: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_flight_info_stops_the_querys_tasks_on_every_worker_and_frees_their_memory() {
     let t = TestCluster::start(2).await;
-    t.run_all(&["CREATE TABLE cancel_big AS SELECT value AS v, value % 20 AS k FROM generate_series(1, 20000)"]).await;
+    t.run_all(&["CREATE TABLE cancel_big AS SELECT value AS v, value % 5 AS k FROM generate_series(1, 20000)"]).await;
     t.run_all(&SHUFFLE_JOINS).await;
-    // 20k x 1000 join rows: long enough to still be running when the cancel arrives.
+    // 20k x 4000 join rows: far too long to be over when the cancel arrives.
     let sql = "SELECT a.k, count(*), sum(b.v) FROM cancel_big a JOIN cancel_big b ON a.k = b.k GROUP BY a.k";
     let statement = t.client.start(sql).await.unwrap();
     let stream = t.client.fetch(&statement).await.unwrap();
@@ -169,4 +169,47 @@ async fn updates_through_do_put_return_the_rows_they_wrote() {
     assert_eq!(t.cluster_rows("SELECT count(*), sum(v) FROM upd").await, vec![vec!["301".to_string(), "46150".to_string()]]);
     let err = client.execute_update("INSERT INTO nowhere VALUES (1)".into(), None).await.err().expect("unknown table");
     assert!(err.to_string().contains("nowhere"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flight_info_announces_the_schema_do_get_delivers_even_for_dictionaries() {
+    let t = TestCluster::start(1).await;
+    let statement = t.client.start("SELECT arrow_cast('a', 'Dictionary(Int32, Utf8)') AS d, 1 AS n").await.unwrap();
+    let stream = t.client.fetch(&statement).await.unwrap();
+    let batches: Vec<RecordBatch> = stream.try_collect().await.unwrap();
+    assert_eq!(statement.schema.field(0).data_type(), &DataType::Utf8, "{:?}", statement.schema);
+    assert_eq!(batches[0].schema().fields(), statement.schema.fields());
+    assert_eq!(rows(&batches), vec![vec!["a".to_string(), "1".to_string()]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_goes_away_while_its_write_runs_cancels_it_and_leaves_nothing() {
+    // Regression: a statement whose start (a write, planning) was dropped stayed `running`
+    // forever, with its Tasks holding the workers.
+    let t = TestCluster::start(2).await;
+    t.run_all(&["CREATE TABLE gone_src AS SELECT value AS v FROM generate_series(1, 20000)"]).await;
+    let sql = "CREATE TABLE gone AS SELECT a.v FROM gone_src a, gone_src b WHERE a.v + b.v < 0";
+    let client = t.client.clone();
+    let call = tokio::spawn(async move { client.start(sql).await });
+    let running = format!(
+        "SELECT count(*) > 0 FROM quiver.tasks t JOIN quiver.queries q ON t.query_id = q.query_id \
+         WHERE q.sql = '{sql}' AND t.state = 'running'"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while t.cluster_rows(&running).await != vec![vec!["true".to_string()]] {
+        assert!(Instant::now() < deadline, "the write never started running");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    call.abort();
+    let state = format!("SELECT state FROM quiver.queries WHERE sql = '{sql}'");
+    while t.cluster_rows(&state).await != vec![vec!["cancelled".to_string()]] {
+        assert!(Instant::now() < deadline, "the abandoned write was not cancelled: {:?}", t.cluster_rows(&state).await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_workers_idle(&t, "an abandoned write").await;
+    let err = t.client.collect("SELECT * FROM gone").await.unwrap_err();
+    assert!(err.to_string().contains("gone"), "{err}");
+    let table_dir = t.dir.path().join("data").join("tables").join("gone");
+    let left: Vec<_> = std::fs::read_dir(&table_dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "the abandoned write left {left:?}");
 }

@@ -304,6 +304,10 @@ impl Cluster {
         let Some(query) = queries.get_mut(query_id) else {
             return Err(DataFusionError::Internal(format!("unknown query {query_id}")));
         };
+        if query.record.state != "running" {
+            // Cancelled while it was being planned: its Tasks must never be queued.
+            return Err(DataFusionError::Execution(format!("query {query_id} {} before its Tasks were queued", query.record.state)));
+        }
         query.record.mode = "distributed";
         query.record.stages = stages.len() as u32;
         query.record.tasks = task_count as u32;
@@ -460,13 +464,14 @@ impl Cluster {
     }
 
     /// Ends a Query: drops its queued Tasks, cancels the unfinished ones and returns the URLs of
-    /// the workers that ran any of its Tasks (they hold outputs to free).
-    pub fn finish_query(&self, id: &str, rows: u64, error: Option<&DataFusionError>, cancelled: bool) -> Vec<String> {
+    /// the workers that ran any of its Tasks (they hold outputs to free); None when the Query had
+    /// already ended, so that only one caller acts on its end.
+    pub fn finish_query(&self, id: &str, rows: u64, error: Option<&DataFusionError>, cancelled: bool) -> Option<Vec<String>> {
         let mut inner = self.lock();
         let Inner { queries, workers, finished, queue, .. } = &mut *inner;
-        let Some(query) = queries.get_mut(id) else { return vec![] };
+        let query = queries.get_mut(id)?;
         if query.record.state != "running" {
-            return vec![];
+            return None;
         }
         queue.retain(|t| t.key.query_id != id);
         // Whoever still waits on a Task (a reader of a Query cancelled from outside its stream)
@@ -504,7 +509,7 @@ impl Cluster {
                 queries.remove(&old);
             }
         }
-        used.iter().filter_map(|w| workers.get(w)).map(|w| w.url.clone()).collect()
+        Some(used.iter().filter_map(|w| workers.get(w)).map(|w| w.url.clone()).collect())
     }
 
     /// Declares silent workers lost and fails the Tasks whose outputs died with them.

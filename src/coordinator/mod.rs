@@ -53,10 +53,7 @@ pub struct Core {
 impl Core {
     /// Records a Query's end and frees its outputs on the workers that hold them.
     fn finish(&self, id: &str, rows: u64, error: Option<&DataFusionError>, cancelled: bool) {
-        if self.cluster.query(id).is_none_or(|q| q.state != "running") {
-            return;
-        }
-        let workers = self.cluster.finish_query(id, rows, error, cancelled);
+        let Some(workers) = self.cluster.finish_query(id, rows, error, cancelled) else { return };
         if let Some(q) = self.cluster.query(id) {
             let (duration_ms, tasks, state) = (q.duration_ms, q.tasks, q.state);
             match error {
@@ -164,7 +161,7 @@ impl SqlHandler for Service {
         self.0.statements.start_prepared(&self.0, handle).await
     }
 
-    fn take_result(&self, handle: &str) -> Result<SendableRecordBatchStream> {
+    fn take_result(&self, handle: &str) -> Option<SendableRecordBatchStream> {
         self.0.statements.take_result(handle)
     }
 

@@ -34,14 +34,25 @@ pub async fn execute(core: &Arc<Core>, sql: &str) -> Result<SendableRecordBatchS
 }
 
 /// Starts one statement with the values of its `$n` placeholders; returns the Query's id and
-/// its result. The Query is recorded from start to end.
+/// its result. The Query is recorded from start to end. A statement that changes the catalog or
+/// writes has ended (committed) when this returns; a query runs while its result is read.
 pub async fn start(core: &Arc<Core>, sql: &str, parameters: Option<ParamValues>) -> Result<(String, SendableRecordBatchStream)> {
     let id = format!("q-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     core.cluster.begin_query(&id, sql);
     tracing::info!(query = %id, "query started: {}", sql.trim());
-    match run(core, &id, sql, parameters).await {
-        Ok(stream) => {
+    let abandoned = Abandoned { core: Some(Arc::clone(core)), id: id.clone() };
+    let ran = run(core, &id, sql, parameters).await;
+    abandoned.disarm();
+    match ran {
+        Ok((stream, false)) => {
             let stream = QueryStream { inner: stream, rows: 0, core: Some(Arc::clone(core)), id: id.clone() };
+            Ok((id, Box::pin(stream)))
+        }
+        Ok((stream, true)) => {
+            let schema = stream.schema();
+            let batches: Vec<RecordBatch> = stream.try_collect().await?;
+            core.finish(&id, batches.iter().map(|b| b.num_rows() as u64).sum(), None, false);
+            let stream = RecordBatchStreamAdapter::new(schema, futures::stream::iter(batches.into_iter().map(Ok)));
             Ok((id, Box::pin(stream)))
         }
         Err(error) => {
@@ -51,12 +62,41 @@ pub async fn start(core: &Arc<Core>, sql: &str, parameters: Option<ParamValues>)
     }
 }
 
-async fn run(core: &Arc<Core>, id: &str, sql: &str, parameters: Option<ParamValues>) -> Result<SendableRecordBatchStream> {
+/// Ends a Query as cancelled when its start is dropped half-way (the client went away while it
+/// was planned or while its write ran), so that it never stays running with nobody to end it.
+struct Abandoned {
+    core: Option<Arc<Core>>,
+    id: String,
+}
+
+impl Abandoned {
+    fn disarm(mut self) {
+        self.core = None;
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(core) = self.core.take() {
+            tracing::info!(query = %self.id, "client went away before the statement started");
+            core.finish(&self.id, 0, None, true);
+        }
+    }
+}
+
+/// Runs a statement up to its result; true when the statement has already done all its work
+/// (DDL, writes): its result is a count or nothing, in memory.
+async fn run(core: &Arc<Core>, id: &str, sql: &str, parameters: Option<ParamValues>) -> Result<(SendableRecordBatchStream, bool)> {
     let plan = core.ctx.state().create_logical_plan(sql).await?;
     let plan = match parameters {
         Some(values) => plan.with_param_values(values)?,
         None => plan,
     };
+    let done = matches!(plan, LogicalPlan::Ddl(_) | LogicalPlan::Dml(_));
+    Ok((dispatch(core, id, sql, plan).await?, done))
+}
+
+async fn dispatch(core: &Arc<Core>, id: &str, sql: &str, plan: LogicalPlan) -> Result<SendableRecordBatchStream> {
     match plan {
         LogicalPlan::Ddl(DdlStatement::CreateExternalTable(c)) => {
             let (name, skip) = (c.name.table().to_string(), c.if_not_exists);
@@ -161,10 +201,12 @@ async fn insert(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan) ->
     Ok(rows)
 }
 
-/// Runs `input` as a distributed write into the staging directory of `table`. On failure the
-/// staging directory is removed: nothing of a failed write remains.
+/// Runs `input` as a distributed write into the staging directory of `table`. On failure, or
+/// when the statement is dropped half-way, the staging directory is removed: nothing of a failed
+/// write remains.
 async fn write_segment(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan) -> Result<u64> {
     let staging = staging_dir(core, id, table);
+    let mut cleanup = RemoveOnDrop(Some(staging.clone()));
     let result = async {
         let physical = core.ctx.state().create_physical_plan(input).await?;
         let target = WriteTarget { dir: staging.clone(), row_group_rows: core.config.write_row_group_rows };
@@ -175,10 +217,21 @@ async fn write_segment(core: &Arc<Core>, id: &str, table: &str, input: &LogicalP
         )
     }
     .await;
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
+    if result.is_ok() {
+        cleanup.0 = None;
     }
     result
+}
+
+/// Removes a directory when dropped, unless emptied first.
+struct RemoveOnDrop(Option<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 fn staging_dir(core: &Core, id: &str, table: &str) -> std::path::PathBuf {

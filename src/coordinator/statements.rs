@@ -3,6 +3,7 @@
 //! statements with their bound parameters. Everything here is bounded in count and in time.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,14 +11,14 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::{DataFusionError, ParamValues, Result, ScalarValue};
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::logical_expr::{DdlStatement, LogicalPlan, TableType};
+use datafusion::logical_expr::{LogicalPlan, TableType};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::future::{AbortHandle, Abortable};
 use futures::StreamExt;
 
 use super::{session, Core};
 use crate::config::{PREPARED_STATEMENTS_MAX, PREPARED_STATEMENT_IDLE_MS, RESULTS_WAITING_MAX, RESULT_CLAIM_TIMEOUT_MS};
-use crate::planner::count_schema;
+use crate::protocol::cancelled_error;
 use crate::transport::{Cancelled, Prepared, Started, TableEntry};
 
 #[derive(Default)]
@@ -29,6 +30,8 @@ pub(super) struct Statements {
 struct Inner {
     /// By Query id: results whose client has not asked for them yet.
     waiting: HashMap<String, Waiting>,
+    /// Statements being started: they hold a place among the waiting results.
+    starting: usize,
     /// By Query id: results being streamed to their client.
     fetching: HashMap<String, AbortHandle>,
     prepared: HashMap<String, PreparedEntry>,
@@ -52,14 +55,22 @@ impl Statements {
 
     /// Starts a statement; its result waits for [`Statements::take_result`].
     pub async fn start(&self, core: &Arc<Core>, sql: &str, parameters: Option<ParamValues>) -> Result<Started> {
-        if self.lock().waiting.len() >= RESULTS_WAITING_MAX {
-            return Err(DataFusionError::ResourcesExhausted(format!(
-                "{RESULTS_WAITING_MAX} results are already waiting to be fetched"
-            )));
+        {
+            let mut inner = self.lock();
+            if inner.waiting.len() + inner.starting >= RESULTS_WAITING_MAX {
+                return Err(DataFusionError::ResourcesExhausted(format!(
+                    "{RESULTS_WAITING_MAX} results are already waiting to be fetched"
+                )));
+            }
+            inner.starting += 1;
         }
+        let slot = Starting(self);
         let (id, stream) = session::start(core, sql, parameters).await?;
         let schema = stream.schema();
-        self.lock().waiting.insert(id.clone(), Waiting { stream, since: Instant::now() });
+        let mut inner = self.lock();
+        inner.waiting.insert(id.clone(), Waiting { stream, since: Instant::now() });
+        drop(inner);
+        drop(slot);
         Ok(Started { handle: id, schema })
     }
 
@@ -73,24 +84,29 @@ impl Statements {
         self.start(core, &sql, parameters).await
     }
 
-    /// The result of a started statement, once. A cancel ends it with an error, never early.
-    pub fn take_result(self: &Arc<Self>, id: &str) -> Result<SendableRecordBatchStream> {
+    /// The result of a started statement, once. A cancel ends it with an error, never early; a
+    /// result read to its end stays complete even if a cancel arrives just after.
+    pub fn take_result(self: &Arc<Self>, id: &str) -> Option<SendableRecordBatchStream> {
         let mut inner = self.lock();
-        let waiting = inner.waiting.remove(id).ok_or_else(|| {
-            DataFusionError::Plan(format!("no result waits for handle '{id}': it was fetched, cancelled or expired"))
-        })?;
+        let waiting = inner.waiting.remove(id)?;
         let (abort, registration) = AbortHandle::new_pair();
         inner.fetching.insert(id.to_string(), abort.clone());
         drop(inner);
         let schema = waiting.stream.schema();
+        let complete = Arc::new(AtomicBool::new(false));
+        let marker = Arc::clone(&complete);
+        let end = futures::stream::once(async move {
+            marker.store(true, Ordering::SeqCst);
+            None
+        });
         let guard = Fetching { statements: Arc::clone(self), id: id.to_string() };
         let tail = futures::stream::once(async move {
-            let _guard = guard;
-            abort.is_aborted().then(|| Err(DataFusionError::Execution(format!("query {} was cancelled", _guard.id))))
-        })
-        .filter_map(futures::future::ready);
-        let stream = Abortable::new(waiting.stream, registration).chain(tail);
-        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+            let cut_short = abort.is_aborted() && !complete.load(Ordering::SeqCst);
+            cut_short.then(|| Err(cancelled_error(format!("query {} was cancelled", guard.id))))
+        });
+        let inner = waiting.stream.map(Some).chain(end).filter_map(futures::future::ready);
+        let stream = Abortable::new(inner, registration).chain(tail.filter_map(futures::future::ready));
+        Some(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
     }
 
     /// Cancels a Query: its waiting result is dropped, its streaming result ends with an error,
@@ -127,9 +143,13 @@ impl Statements {
         };
         let mut inner = self.lock();
         if inner.prepared.len() >= PREPARED_STATEMENTS_MAX {
-            return Err(DataFusionError::ResourcesExhausted(format!(
-                "{PREPARED_STATEMENTS_MAX} prepared statements are open: close some first"
-            )));
+            // Clients that never close (a pool that prepares every statement) lose their
+            // oldest statements instead of locking every client out.
+            let oldest = inner.prepared.iter().min_by_key(|(_, p)| p.used).map(|(h, _)| h.clone());
+            if let Some(handle) = oldest {
+                tracing::warn!(%handle, "{PREPARED_STATEMENTS_MAX} prepared statements open: closing the least recently used");
+                inner.prepared.remove(&handle);
+            }
         }
         let entry = PreparedEntry { sql: sql.to_string(), parameters: None, used: Instant::now() };
         inner.prepared.insert(prepared.handle.clone(), entry);
@@ -167,6 +187,15 @@ impl Statements {
     }
 }
 
+/// A place among the waiting results, held while a statement starts.
+struct Starting<'a>(&'a Statements);
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        self.0.lock().starting -= 1;
+    }
+}
+
 /// Removes a streamed result from `fetching` when its stream ends or is dropped.
 struct Fetching {
     statements: Arc<Statements>,
@@ -183,11 +212,12 @@ fn unknown_prepared(handle: &str) -> DataFusionError {
     DataFusionError::Plan(format!("no prepared statement has handle '{handle}': it was closed or expired"))
 }
 
-/// The schema of what a statement returns, as `session::execute` produces it.
+/// The schema of the result set a statement returns. Writes and DDL have none: Flight SQL
+/// clients (the JDBC driver among them) treat a statement with an empty dataset schema as an
+/// update and read its count from `DoPut`; run as a query, a write still answers with `count`.
 fn result_schema(plan: &LogicalPlan) -> SchemaRef {
     match plan {
-        LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(_)) | LogicalPlan::Dml(_) => count_schema(),
-        LogicalPlan::Ddl(_) => Arc::new(Schema::empty()),
+        LogicalPlan::Ddl(_) | LogicalPlan::Dml(_) => Arc::new(Schema::empty()),
         plan => Arc::new(plan.schema().as_arrow().clone()),
     }
 }

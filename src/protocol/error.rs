@@ -4,6 +4,29 @@ use datafusion::common::DataFusionError;
 
 use super::RemoteError;
 
+/// A Query its client ended (a cancel, a closed stream): an answer to the client, not a failure
+/// of the engine. The transport carries it as gRPC `CANCELLED`.
+#[derive(Debug)]
+pub struct QueryCancelled(pub String);
+
+impl std::fmt::Display for QueryCancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for QueryCancelled {}
+
+/// The error a cancelled Query's reader gets.
+pub fn cancelled_error(message: impl Into<String>) -> DataFusionError {
+    DataFusionError::External(Box::new(QueryCancelled(message.into())))
+}
+
+/// Whether `error` (or its root) says the Query was cancelled.
+pub fn is_cancelled(error: &DataFusionError) -> bool {
+    matches!(error.find_root(), DataFusionError::External(e) if e.is::<QueryCancelled>())
+}
+
 pub fn error_to_remote(error: &DataFusionError) -> RemoteError {
     let kind = match error.find_root() {
         DataFusionError::Plan(_) => "plan",

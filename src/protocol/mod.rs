@@ -9,5 +9,5 @@ mod error;
 mod messages;
 
 pub use codec::{decode_plan, encode_plan, QuiverCodec};
-pub use error::{error_from_remote, error_to_remote};
+pub use error::{cancelled_error, error_from_remote, error_to_remote, is_cancelled, QueryCancelled};
 pub use messages::*;

@@ -24,6 +24,9 @@ use tonic::{Code, Status};
 /// How a DataFusionError travels as a gRPC status: the code keeps its kind.
 pub fn status_from_error(error: &DataFusionError) -> Status {
     let root = error.find_root();
+    if crate::protocol::is_cancelled(error) {
+        return Status::cancelled(root.message().into_owned());
+    }
     let code = match root {
         DataFusionError::Plan(_) | DataFusionError::SQL(..) | DataFusionError::SchemaError(..) => Code::InvalidArgument,
         DataFusionError::NotImplemented(_) => Code::Unimplemented,
@@ -50,6 +53,7 @@ pub fn error_from_status(status: &Status) -> DataFusionError {
         Code::FailedPrecondition => DataFusionError::Configuration(message),
         Code::Internal => DataFusionError::Internal(message),
         Code::Aborted => DataFusionError::Execution(message),
+        Code::Cancelled => crate::protocol::cancelled_error(message),
         code => DataFusionError::Execution(format!("{message} ({code:?})")),
     }
 }

@@ -12,6 +12,7 @@ use arrow_flight::{
     HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use bytes::Bytes;
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::execution::SendableRecordBatchStream;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
@@ -153,6 +154,13 @@ impl<H: FlightHandler> FlightService for FlightAdapter<H> {
     async fn do_exchange(&self, _r: Request<Streaming<FlightData>>) -> Result<Response<Self::DoExchangeStream>, Status> {
         unsupported("do_exchange")
     }
+}
+
+/// The schema a batch stream of `schema` has on the wire: the encoder sends dictionary columns
+/// as their values, and a `FlightInfo` must announce what `DoGet` will really carry.
+pub(super) fn wire_schema(schema: &SchemaRef) -> SchemaRef {
+    let encoder = FlightDataEncoderBuilder::new().with_schema(Arc::clone(schema)).build(futures::stream::empty());
+    encoder.known_schema().unwrap_or_else(|| Arc::clone(schema))
 }
 
 /// Encodes a batch stream as Flight data; the schema goes first even when no batch follows.

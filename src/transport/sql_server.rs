@@ -38,7 +38,7 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::server::encode_batches;
+use super::server::{encode_batches, wire_schema};
 use super::status_from_error;
 
 /// The Flight action that cancels the Query behind a `FlightInfo` (Flight RPC, not Flight SQL).
@@ -85,8 +85,9 @@ pub trait SqlHandler: Send + Sync + 'static {
     async fn start(&self, sql: &str) -> Result<Started>;
     /// Starts a prepared statement with the parameters bound to it.
     async fn start_prepared(&self, handle: &str) -> Result<Started>;
-    /// The result of a started statement; each handle's result can be taken once.
-    fn take_result(&self, handle: &str) -> Result<SendableRecordBatchStream>;
+    /// The result of a started statement; each handle's result can be taken once. None when no
+    /// result waits for the handle (fetched, cancelled, expired or never started).
+    fn take_result(&self, handle: &str) -> Option<SendableRecordBatchStream>;
     /// Cancels the Query behind a handle.
     fn cancel(&self, handle: &str) -> Cancelled;
     async fn prepare(&self, sql: &str) -> Result<Prepared>;
@@ -148,7 +149,7 @@ fn info_for(schema: &Schema, ticket: Vec<u8>, descriptor: FlightDescriptor) -> R
 
 fn started_info(started: Started, descriptor: FlightDescriptor) -> Result<Response<FlightInfo>, Status> {
     let ticket = TicketStatementQuery { statement_handle: started.handle.into_bytes().into() };
-    info_for(&started.schema, ticket.as_any().encode_to_vec(), descriptor)
+    info_for(&wire_schema(&started.schema), ticket.as_any().encode_to_vec(), descriptor)
 }
 
 fn one_batch(batch: Result<RecordBatch, FlightError>) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
@@ -179,20 +180,29 @@ fn handles_in(info: &FlightInfo) -> Result<Vec<String>, Status> {
 }
 
 impl<H: SqlHandler> FlightSqlAdapter<H> {
-    fn cancel_info(&self, info: &FlightInfo) -> Result<CancelStatus, Status> {
-        let outcomes: Vec<Cancelled> = handles_in(info)?.iter().map(|h| self.handler.cancel(h)).collect();
-        Ok(if outcomes.contains(&Cancelled::Yes) {
-            CancelStatus::Cancelled
-        } else if outcomes.contains(&Cancelled::AlreadyEnded) {
-            CancelStatus::NotCancellable
-        } else {
-            CancelStatus::Unspecified
+    fn take_result(&self, handle: &str) -> Result<SendableRecordBatchStream, Status> {
+        self.handler.take_result(handle).ok_or_else(|| {
+            Status::not_found(format!("no result waits for handle '{handle}': it was fetched, cancelled or expired"))
         })
+    }
+
+    /// Cancels the Queries a `FlightInfo` names; a `FlightInfo` naming none of this server's
+    /// Queries is NOT_FOUND, as the Flight spec asks (rather than CANCEL_STATUS_UNSPECIFIED).
+    fn cancel_info(&self, info: &FlightInfo) -> Result<CancelStatus, Status> {
+        let handles = handles_in(info)?;
+        let outcomes: Vec<Cancelled> = handles.iter().map(|h| self.handler.cancel(h)).collect();
+        if outcomes.contains(&Cancelled::Yes) {
+            Ok(CancelStatus::Cancelled)
+        } else if outcomes.contains(&Cancelled::AlreadyEnded) {
+            Ok(CancelStatus::NotCancellable)
+        } else {
+            Err(Status::not_found(format!("no query of this server has handle {handles:?}")))
+        }
     }
 
     /// Runs a statement to its end and returns the rows it changed (or returned).
     async fn drain(&self, started: Started) -> Result<i64, Status> {
-        let mut stream = self.handler.take_result(&started.handle).map_err(status)?;
+        let mut stream = self.take_result(&started.handle)?;
         let mut count = 0i64;
         while let Some(batch) = stream.try_next().await.map_err(status)? {
             count += changed_rows(&batch);
@@ -313,8 +323,7 @@ impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
         _request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let handle = handle_text(&ticket.statement_handle)?;
-        let stream = self.handler.take_result(handle).map_err(status)?;
-        Ok(Response::new(encode_batches(stream)))
+        Ok(Response::new(encode_batches(self.take_result(handle)?)))
     }
 
     async fn do_get_catalogs(
@@ -420,7 +429,7 @@ impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
         let prepared = self.handler.prepare(&query.query).await.map_err(status)?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: prepared.handle.into_bytes().into(),
-            dataset_schema: schema_bytes(&prepared.dataset_schema)?,
+            dataset_schema: schema_bytes(&wire_schema(&prepared.dataset_schema))?,
             parameter_schema: schema_bytes(&prepared.parameter_schema)?,
         })
     }
