@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow_flight::sql::client::FlightSqlServiceClient;
-use arrow_flight::sql::{CommandGetDbSchemas, CommandGetTables, SqlInfo};
+use arrow_flight::sql::{CommandGetDbSchemas, CommandGetPrimaryKeys, CommandGetTables, SqlInfo};
 use arrow_flight::FlightInfo;
 use common::*;
 use datafusion::arrow::array::{BinaryArray, Int64Array, RecordBatch};
@@ -67,6 +67,12 @@ async fn metadata_calls_list_catalogs_schemas_tables_with_their_schemas_and_serv
     let info = client.get_table_types().await.unwrap();
     let types = rows(&fetch(&mut client, info).await);
     assert!(types.contains(&vec!["TABLE".to_string()]) && types.contains(&vec!["VIEW".to_string()]), "{types:?}");
+
+    let keys = CommandGetPrimaryKeys { catalog: None, db_schema: None, table: "meta_items".into() };
+    let info = client.get_primary_keys(keys).await.unwrap();
+    assert_eq!(info.clone().try_decode_schema().unwrap().field(5).name(), "key_sequence");
+    let batches = fetch(&mut client, info).await;
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 0, "Quiver tables have no keys");
 
     let info = client.get_sql_info(vec![SqlInfo::FlightSqlServerName, SqlInfo::FlightSqlServerCancel]).await.unwrap();
     let server = rows(&fetch(&mut client, info).await);
