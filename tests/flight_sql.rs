@@ -150,10 +150,12 @@ async fn cancel_flight_info_stops_the_querys_tasks_on_every_worker_and_frees_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_started_result_nobody_fetches_can_be_cancelled_before_its_first_batch() {
+async fn a_started_result_nobody_fetches_holds_no_worker_and_can_be_cancelled() {
     let t = TestCluster::start(2).await;
     t.run_all(&["CREATE TABLE unfetched AS SELECT value AS v FROM generate_series(1, 50000)"]).await;
     let statement = t.client.start("SELECT v FROM unfetched ORDER BY v DESC").await.unwrap();
+    // Until its result is fetched, a query holds no worker: nothing is queued.
+    assert_eq!(task_states(&t, &statement.handle).await, Vec::<String>::new());
     assert!(t.client.cancel(&statement).await.unwrap());
     let err = t.client.fetch(&statement).await.err().expect("a cancelled result cannot be fetched");
     assert!(err.to_string().contains("no result waits"), "{err}");

@@ -129,9 +129,18 @@ async fn dispatch(core: &Arc<Core>, id: &str, sql: &str, plan: LogicalPlan) -> R
         LogicalPlan::Analyze(analyze) => super::explain::analyze(core, id, &analyze.input).await,
         plan => {
             let physical = core.ctx.execute_logical_plan(plan).await?.create_physical_plan().await?;
-            run_physical(core, id, physical, None).await
+            Ok(deferred(core, id, physical))
         }
     }
+}
+
+/// A query's result that queues its Stages when first read: a client that asks for a result
+/// and never fetches it (a cursor closed unread) costs the cluster nothing while it expires.
+fn deferred(core: &Arc<Core>, id: &str, physical: Arc<dyn ExecutionPlan>) -> SendableRecordBatchStream {
+    let schema = physical.schema();
+    let (core, id) = (Arc::clone(core), id.to_string());
+    let stream = futures::stream::once(async move { run_physical(&core, &id, physical, None).await }).try_flatten();
+    Box::pin(RecordBatchStreamAdapter::new(schema, stream))
 }
 
 /// Executes a catalog definition with DataFusion, then persists it.
