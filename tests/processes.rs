@@ -177,3 +177,22 @@ fn the_coordinator_logs_one_json_line_per_query_start_and_end() {
     assert_eq!((end["message"].as_str(), end["state"].as_str(), end["rows"].as_u64()), (Some("query ended"), Some("succeeded"), Some(10)));
     assert!(end["duration_ms"].is_u64() && end["tasks"].as_u64().unwrap() >= 1, "{end}");
 }
+
+#[test]
+fn a_worker_busy_with_cpu_bound_tasks_keeps_heartbeating() {
+    // Regression: Tasks ran on the runtime that also sends heartbeats; a join holding both
+    // threads for longer than WORKER_TIMEOUT_MS got its worker declared lost and its Query failed.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _coord = coordinator(port, dir.path());
+    let _w = worker(port);
+    eventually(port, ALIVE, "n\n1");
+    sql_ok(port, "CREATE TABLE busy AS SELECT value AS v, value % 4 AS k FROM generate_series(1, 40000)");
+    // Two at once: both slots, so both of the worker's threads, stay busy for seconds.
+    let heavy = "SELECT count(*) AS n FROM busy a JOIN busy b ON a.k = b.k WHERE a.v < b.v";
+    let runs: Vec<_> = (0..2).map(|_| std::thread::spawn(move || sql_ok(port, heavy))).collect();
+    for run in runs {
+        assert_eq!(run.join().unwrap(), "n\n199980000\n");
+    }
+    assert_eq!(sql_ok(port, "SELECT count(*) AS lost FROM quiver.workers WHERE NOT alive"), "lost\n0\n");
+}

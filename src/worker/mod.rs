@@ -35,6 +35,20 @@ use crate::protocol::{
 use crate::transport::{call, connect_lazy, serve, status_from_error, FlightHandler, Peer, ServerHandle};
 use outputs::{OutputStore, Router};
 
+/// Tasks execute on a runtime of their own. CPU-bound operators (a join building or probing, a
+/// sort) may hold a thread for long between yields; on the runtime that also runs heartbeats,
+/// task polls and output serving they starved all three, and a worker busy for longer than
+/// `WORKER_TIMEOUT_MS` was declared lost, failing its Query. One per process: the workers of
+/// `quiver local` share it, as they share the cores.
+static TASK_RUNTIME: std::sync::LazyLock<tokio::runtime::Runtime> = std::sync::LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(crate::config::default_parallelism())
+        .thread_name("quiver-task")
+        .enable_all()
+        .build()
+        .expect("the task runtime starts")
+});
+
 struct State {
     config: WorkerConfig,
     url: String,
@@ -258,7 +272,7 @@ async fn run_attempt(state: &Arc<State>, worker_id: &str, key: TaskKey, task: Ta
         return;
     }
     report(state, worker_id, &key, TaskState::Running, None, None, started).await;
-    let job = tokio::spawn({
+    let job = TASK_RUNTIME.spawn({
         let (state, key) = (Arc::clone(state), key.clone());
         async move {
             let inputs = Arc::new(inputs::TaskInputs::new(Arc::clone(&state), task.inputs));
