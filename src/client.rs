@@ -3,7 +3,7 @@
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::common::Result;
+use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::sql::parser::DFParser;
 use futures::TryStreamExt;
@@ -56,6 +56,10 @@ impl Client {
 
 /// Splits a script into statements, as DataFusion's parser sees them.
 pub fn split_statements(sql: &str) -> Result<Vec<String>> {
-    let statements = DFParser::parse_sql(sql)?;
+    // The parser's own words, as the coordinator reports them, not its Debug form.
+    let statements = DFParser::parse_sql(sql).map_err(|e| match e {
+        DataFusionError::SQL(parser, _) => DataFusionError::Plan(parser.to_string()),
+        other => other,
+    })?;
     Ok(statements.into_iter().map(|s| s.to_string()).collect())
 }
