@@ -16,6 +16,9 @@ use datafusion::arrow::ipc::convert::try_schema_from_ipc_buffer;
 use futures::TryStreamExt;
 use tonic::transport::Channel;
 
+/// How long a test waits for the cluster to reach a state before it fails.
+const POLL_DEADLINE: Duration = Duration::from_secs(60);
+
 async fn flight_sql(t: &TestCluster) -> FlightSqlServiceClient<Channel> {
     let channel = tonic::transport::Endpoint::from_shared(t.cluster.url()).unwrap().connect().await.unwrap();
     FlightSqlServiceClient::new(channel)
@@ -124,11 +127,11 @@ async fn cancel_flight_info_stops_the_querys_tasks_on_every_worker_and_frees_the
     let statement = t.client.start(sql).await.unwrap();
     let stream = t.client.fetch(&statement).await.unwrap();
     let reader = tokio::spawn(stream.try_collect::<Vec<_>>());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while t.client.progress(&statement).await.unwrap().tasks_running == 0 {
-        assert!(Instant::now() < deadline, "no task of the query started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (client, started) = (&t.client, &statement);
+    wait_for("a task of the query to start", POLL_DEADLINE, move || async move {
+        (client.progress(started).await.unwrap().tasks_running > 0).then_some(())
+    })
+    .await;
 
     let cancelled_at = Instant::now();
     assert!(t.client.cancel(&statement).await.unwrap(), "the query was running, so the cancel must take");
@@ -203,17 +206,9 @@ async fn a_client_that_goes_away_while_its_write_runs_cancels_it_and_leaves_noth
         "SELECT count(*) > 0 FROM quiver.tasks t JOIN quiver.queries q ON t.query_id = q.query_id \
          WHERE q.sql = '{sql}' AND t.state = 'running'"
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while t.cluster_rows(&running).await != vec![vec!["true".to_string()]] {
-        assert!(Instant::now() < deadline, "the write never started running");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    t.wait_for_rows(&running, &["true"]).await;
     call.abort();
-    let state = format!("SELECT state FROM quiver.queries WHERE sql = '{sql}'");
-    while t.cluster_rows(&state).await != vec![vec!["cancelled".to_string()]] {
-        assert!(Instant::now() < deadline, "the abandoned write was not cancelled: {:?}", t.cluster_rows(&state).await);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    t.wait_for_rows(&format!("SELECT state FROM quiver.queries WHERE sql = '{sql}'"), &["cancelled"]).await;
     assert_workers_idle(&t, "an abandoned write").await;
     let err = t.client.collect("SELECT * FROM gone").await.unwrap_err();
     assert!(err.to_string().contains("gone"), "{err}");

@@ -56,6 +56,23 @@ fn eventually(port: u16, statement: &str, expected: &str) {
 
 const ALIVE: &str = "SELECT count(*) AS n FROM quiver.workers WHERE alive";
 
+/// A coordinator and one worker, killed when dropped, with the data directory they use.
+struct Servers {
+    _coordinator: KillOnDrop,
+    worker: Option<KillOnDrop>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a coordinator and one worker on a free port and waits until the worker registered.
+fn coordinator_and_worker() -> (u16, Servers) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _coordinator = coordinator(port, dir.path());
+    let worker = Some(worker(port));
+    eventually(port, ALIVE, "n\n1");
+    (port, Servers { _coordinator, worker, _dir: dir })
+}
+
 #[test]
 fn workers_register_join_late_and_the_catalog_survives_a_coordinator_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -82,11 +99,7 @@ fn workers_register_join_late_and_the_catalog_survives_a_coordinator_restart() {
 
 #[test]
 fn bad_sql_exits_non_zero_with_the_engines_message() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _coord = coordinator(port, dir.path());
-    let _w = worker(port);
-    eventually(port, ALIVE, "n\n1");
+    let (port, _servers) = coordinator_and_worker();
     let out = sql(port, "SELECT * FROM missing_table");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -96,13 +109,9 @@ fn bad_sql_exits_non_zero_with_the_engines_message() {
 
 #[test]
 fn a_killed_worker_fails_the_query_with_a_clear_error_and_the_coordinator_survives() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _coord = coordinator(port, dir.path());
-    let w = worker(port);
-    eventually(port, ALIVE, "n\n1");
+    let (port, mut servers) = coordinator_and_worker();
     sql_ok(port, "CREATE TABLE t AS SELECT value AS v FROM generate_series(1, 100)");
-    drop(w); // SIGKILL: no goodbye
+    drop(servers.worker.take()); // SIGKILL: no goodbye
     let out = sql(port, "SELECT v % 10, count(*) FROM t GROUP BY 1");
     assert!(!out.status.success(), "a query with no live worker must fail, not hang or return partial rows");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -112,11 +121,7 @@ fn a_killed_worker_fails_the_query_with_a_clear_error_and_the_coordinator_surviv
 
 #[test]
 fn ctrl_c_in_quiver_sql_cancels_the_running_query_on_the_workers() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _coord = coordinator(port, dir.path());
-    let _w = worker(port);
-    eventually(port, ALIVE, "n\n1");
+    let (port, _servers) = coordinator_and_worker();
     sql_ok(port, "CREATE TABLE pairs AS SELECT value AS v FROM generate_series(1, 20000)");
     // 400M pairs through a nested-loop join: minutes, unless cancelled.
     let slow = "SELECT count(*) AS n FROM pairs a, pairs b WHERE a.v + b.v < 0";
@@ -182,11 +187,7 @@ fn the_coordinator_logs_one_json_line_per_query_start_and_end() {
 fn a_worker_busy_with_cpu_bound_tasks_keeps_heartbeating() {
     // Regression: Tasks ran on the runtime that also sends heartbeats; a join holding both
     // threads for longer than WORKER_TIMEOUT_MS got its worker declared lost and its Query failed.
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _coord = coordinator(port, dir.path());
-    let _w = worker(port);
-    eventually(port, ALIVE, "n\n1");
+    let (port, _servers) = coordinator_and_worker();
     sql_ok(port, "CREATE TABLE busy AS SELECT value AS v, value % 4 AS k FROM generate_series(1, 40000)");
     // Two at once: both slots, so both of the worker's threads, stay busy for seconds.
     let heavy = "SELECT count(*) AS n FROM busy a JOIN busy b ON a.k = b.k WHERE a.v < b.v";

@@ -599,7 +599,7 @@ impl Cluster {
         let states = || query.tasks.values().map(|t| t.record.state);
         Some(QueryProgress {
             state: query.record.state.to_string(),
-            tasks_total: query.record.tasks.max(query.tasks.len() as u32),
+            tasks_total: query.record.tasks,
             tasks_done: states().filter(|s| s.is_final()).count() as u32,
             tasks_running: states().filter(|s| *s == TaskState::Running).count() as u32,
         })

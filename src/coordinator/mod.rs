@@ -73,11 +73,6 @@ impl Core {
             });
         }
     }
-
-    /// Runs one SQL statement, as a client would.
-    pub async fn sql(self: &Arc<Self>, sql: &str) -> Result<SendableRecordBatchStream> {
-        session::execute(self, sql).await
-    }
 }
 
 /// A coordinator serving on a socket.

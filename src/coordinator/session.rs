@@ -28,11 +28,6 @@ use crate::protocol::encode_plan;
 /// How long a Query that needs workers waits for the first one to register.
 const WORKER_WAIT_MS: u64 = 10_000;
 
-/// Runs one statement; the returned stream is the result. The Query is recorded from start to end.
-pub async fn execute(core: &Arc<Core>, sql: &str) -> Result<SendableRecordBatchStream> {
-    Ok(start(core, sql, None).await?.1)
-}
-
 /// Starts one statement with the values of its `$n` placeholders; returns the Query's id and
 /// its result. The Query is recorded from start to end. A statement that changes the catalog or
 /// writes has ended (committed) when this returns; a query runs while its result is read.

@@ -1,16 +1,19 @@
 //! The Flight SQL client `quiver sql` and the tests speak: start a statement, fetch its result,
-//! follow its progress, cancel it. Errors keep their kind across the wire.
+//! follow its progress, cancel it, or collect it whole. Errors keep their kind across the wire.
+//! The library exports it as `client::Client`.
 
-use arrow_flight::sql::{Any, CommandStatementQuery, ProstMessageExt, TicketStatementQuery};
+use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
 use arrow_flight::{CancelFlightInfoRequest, CancelFlightInfoResult, CancelStatus, FlightDescriptor, FlightInfo};
+use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::SendableRecordBatchStream;
+use futures::TryStreamExt;
 use prost::Message;
 use std::sync::Arc;
 
 use super::client::{call, connect, fetch_batches, get_flight_info, Peer};
-use super::sql_server::CANCEL_FLIGHT_INFO;
+use super::sql_server::{statement_handles, CANCEL_FLIGHT_INFO};
 use crate::protocol::{action, QueryProgress, QueryProgressRequest};
 
 /// A connection to a coordinator's Flight SQL service. Cheap to clone.
@@ -61,6 +64,13 @@ impl SqlClient {
         self.fetch(&statement).await
     }
 
+    /// Runs `sql` and collects its result.
+    pub async fn collect(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let stream = self.query(sql).await?;
+        let schema = stream.schema();
+        Ok((schema, stream.try_collect().await?))
+    }
+
     /// Cancels a statement's Query; true when it was still running.
     pub async fn cancel(&self, statement: &Statement) -> Result<bool> {
         let request = CancelFlightInfoRequest::new(statement.info.clone());
@@ -77,12 +87,6 @@ impl SqlClient {
 
 /// The Query id in the ticket of a statement's `FlightInfo`.
 fn statement_handle(info: &FlightInfo) -> Result<String> {
-    let malformed = |what: &str| DataFusionError::Execution(format!("malformed FlightInfo from the coordinator: {what}"));
-    let ticket = info.endpoint.first().and_then(|e| e.ticket.as_ref()).ok_or_else(|| malformed("no ticket"))?;
-    let any = Any::decode(ticket.ticket.clone()).map_err(|e| malformed(&e.to_string()))?;
-    let ticket: TicketStatementQuery = any
-        .unpack()
-        .map_err(|e| malformed(&e.to_string()))?
-        .ok_or_else(|| malformed("not a statement ticket"))?;
-    String::from_utf8(ticket.statement_handle.to_vec()).map_err(|_| malformed("handle is not UTF-8"))
+    let malformed = |what: String| DataFusionError::Execution(format!("malformed FlightInfo from the coordinator: {what}"));
+    statement_handles(info).map_err(malformed)?.into_iter().next().ok_or_else(|| malformed("no statement ticket".into()))
 }

@@ -204,13 +204,15 @@ fn handle_text(handle: &[u8]) -> Result<&str, Status> {
     std::str::from_utf8(handle).map_err(|_| Status::invalid_argument("malformed handle: not UTF-8"))
 }
 
-/// The Query handles a `FlightInfo` names in its tickets.
-fn handles_in(info: &FlightInfo) -> Result<Vec<String>, Status> {
+/// The Query handles a `FlightInfo` names in its statement tickets; an error says what is
+/// malformed. The server reads them to cancel, the client to follow its statement.
+pub(super) fn statement_handles(info: &FlightInfo) -> Result<Vec<String>, String> {
     let mut handles = vec![];
     for ticket in info.endpoint.iter().filter_map(|e| e.ticket.as_ref()) {
-        let any = Any::decode(ticket.ticket.clone()).map_err(|e| Status::invalid_argument(format!("malformed ticket: {e}")))?;
+        let any = Any::decode(ticket.ticket.clone()).map_err(|e| format!("malformed ticket: {e}"))?;
         if let Ok(Some(t)) = any.unpack::<TicketStatementQuery>() {
-            handles.push(handle_text(&t.statement_handle)?.to_string());
+            let handle = String::from_utf8(t.statement_handle.to_vec()).map_err(|_| "malformed handle: not UTF-8")?;
+            handles.push(handle);
         }
     }
     Ok(handles)
@@ -226,7 +228,7 @@ impl<H: SqlHandler> FlightSqlAdapter<H> {
     /// Cancels the Queries a `FlightInfo` names; a `FlightInfo` naming none of this server's
     /// Queries is NOT_FOUND, as the Flight spec asks (rather than CANCEL_STATUS_UNSPECIFIED).
     fn cancel_info(&self, info: &FlightInfo) -> Result<CancelStatus, Status> {
-        let handles = handles_in(info)?;
+        let handles = statement_handles(info).map_err(Status::invalid_argument)?;
         let outcomes: Vec<Cancelled> = handles.iter().map(|h| self.handler.cancel(h)).collect();
         if outcomes.contains(&Cancelled::Yes) {
             Ok(CancelStatus::Cancelled)

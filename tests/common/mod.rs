@@ -112,6 +112,14 @@ impl TestCluster {
 
 impl TestCluster {
     /// Runs `sql` on single-node DataFusion after copying `table` from the cluster into it.
+    /// Polls `sql` until it returns one column with these values; panics after a minute.
+    pub async fn wait_for_rows(&self, sql: &str, expected: &[&str]) {
+        let want: Vec<Vec<String>> = expected.iter().map(|v| vec![v.to_string()]).collect();
+        let want = &want;
+        let deadline = std::time::Duration::from_secs(60);
+        wait_for(sql, deadline, move || async move { (self.cluster_rows(sql).await == *want).then_some(()) }).await
+    }
+
     pub async fn single_rows_after_copy(&self, sql: &str, table: &str) -> Vec<Vec<String>> {
         if !self.single.table_exist(table).unwrap() {
             let (schema, batches) = self.client.collect(&format!("SELECT * FROM {table}")).await.unwrap();
