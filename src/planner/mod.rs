@@ -24,6 +24,7 @@ mod writer;
 use std::sync::Arc;
 
 use datafusion::common::Result;
+use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
@@ -128,8 +129,10 @@ pub fn distribute(plan: Arc<dyn ExecutionPlan>, opts: &DistributeOptions) -> Res
     let mut builder = Builder { opts, stages: Vec::new() };
     let root: Arc<dyn ExecutionPlan> = match &opts.write_dir {
         Some(target) if rules::runs_on_workers(&plan) && rules::reads_files(&plan) => {
-            let (id, tasks, _) = builder.stage(Arc::clone(&plan), Output::Write(target))?;
-            Arc::new(StageReaderExec::from_schema(id, tasks, Exchange::Gather, count_schema(), Arc::clone(&opts.source)))
+            let cut = builder.stage(Arc::clone(&plan), Output::Write(target))?;
+            let counts = EquivalenceProperties::new(count_schema());
+            let partitioning = Partitioning::UnknownPartitioning(cut.tasks);
+            Arc::new(StageReaderExec::with_properties(cut.id, cut.tasks, Exchange::Gather, counts, partitioning, Arc::clone(&opts.source)))
         }
         // The coordinator writes what only it can compute, after the final Stage.
         Some(target) => {
@@ -140,6 +143,16 @@ pub fn distribute(plan: Arc<dyn ExecutionPlan>, opts: &DistributeOptions) -> Res
         None => builder.coordinator(plan)?,
     };
     Ok(DistributedPlan { stages: builder.stages, root })
+}
+
+/// A Stage just cut out of the plan, as its reader needs to know it.
+struct Cut {
+    id: StageId,
+    tasks: usize,
+    /// The limit the consumer must apply again after merging the Tasks' outputs.
+    fetch: Option<usize>,
+    /// The Tasks are slices of a scan, not the partitions of the replaced subtree.
+    sliced: bool,
 }
 
 struct Builder<'a> {
@@ -198,13 +211,14 @@ impl Builder<'_> {
     /// `plan` becomes a Stage whose Task outputs the enclosing plan reads whole.
     fn gather(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
         let original_partitions = plan.output_partitioning().partition_count();
-        let (id, tasks, fetch) = self.stage(Arc::clone(&plan), Output::Gather)?;
+        let cut = self.stage(Arc::clone(&plan), Output::Gather)?;
+        let source = Arc::clone(&self.opts.source);
         let reader: Arc<dyn ExecutionPlan> =
-            Arc::new(StageReaderExec::new(id, tasks, Exchange::Gather, plan.as_ref(), Arc::clone(&self.opts.source)));
+            Arc::new(StageReaderExec::new(cut.id, cut.tasks, Exchange::Gather, plan.as_ref(), cut.sliced, source));
         // A consumer that was given one partition must still get one: merge the Task outputs,
         // and apply again the limit that held for that one partition.
-        if (original_partitions == 1 || fetch.is_some()) && tasks != 1 {
-            return Ok(merge_partitions(reader, fetch));
+        if (original_partitions == 1 || cut.fetch.is_some()) && cut.tasks != 1 {
+            return Ok(merge_partitions(reader, cut.fetch));
         }
         Ok(reader)
     }
@@ -214,9 +228,10 @@ impl Builder<'_> {
     fn shuffle(&mut self, repartition: Arc<dyn ExecutionPlan>, partitioning: Partitioning) -> Result<Arc<dyn ExecutionPlan>> {
         let input = Arc::clone(repartition.children()[0]);
         let partitions = partitioning.partition_count();
-        let (id, tasks, _) = self.stage(input, Output::Shuffle(partitioning))?;
+        let cut = self.stage(input, Output::Shuffle(partitioning))?;
         let exchange = Exchange::Shuffle { partitions };
-        let reader = StageReaderExec::new(id, tasks, exchange, repartition.as_ref(), Arc::clone(&self.opts.source));
+        let source = Arc::clone(&self.opts.source);
+        let reader = StageReaderExec::new(cut.id, cut.tasks, exchange, repartition.as_ref(), cut.sliced, source);
         let reader: Arc<dyn ExecutionPlan> = Arc::new(reader);
         // Parts from many producers arrive interleaved: restore a per-partition order that
         // a sort-preserving repartition promised.
@@ -226,9 +241,8 @@ impl Builder<'_> {
         }
     }
 
-    /// Makes `plan` a Stage; returns its id, its Task count and the limit its consumer must
-    /// apply again after merging the Tasks' outputs.
-    fn stage(&mut self, plan: Arc<dyn ExecutionPlan>, output: Output) -> Result<(StageId, usize, Option<usize>)> {
+    /// Makes `plan` a Stage.
+    fn stage(&mut self, plan: Arc<dyn ExecutionPlan>, output: Output) -> Result<Cut> {
         let sliceable = rules::is_task_local_tree(&plan)
             && rules::limits_are_restorable(&plan)
             && (matches!(output, Output::Gather) || rules::chain_fetch(&plan).is_none());
@@ -279,7 +293,7 @@ impl Builder<'_> {
         let inputs = display::stage_inputs(&fragment);
         let count = tasks.len();
         self.stages.push(Stage { id, tasks, inputs, exchange, sliced: sliceable, fragment });
-        Ok((id, count, fetch))
+        Ok(Cut { id, tasks: count, fetch, sliced: sliceable })
     }
 
     /// A task-local chain with the build sides of its broadcast joins cut into Stages of their

@@ -47,34 +47,57 @@ pub struct StageReaderExec {
 }
 
 impl StageReaderExec {
-    /// A reader with the schema and orderings of `replaced`.
-    pub fn new(stage: StageId, tasks: usize, exchange: Exchange, replaced: &dyn ExecutionPlan, source: Arc<dyn StageSource>) -> Self {
-        Self::with_properties(stage, tasks, exchange, replaced.equivalence_properties().clone(), source)
+    /// A reader in place of `replaced`: it reports the properties `replaced` had, so that the
+    /// plan rebuilt around it keeps DataFusion's invariants (an interleave of hash-partitioned
+    /// inputs, a window's ordered partition columns). `sliced` says the Tasks are slices of a
+    /// scan rather than the partitions of `replaced`.
+    pub fn new(
+        stage: StageId,
+        tasks: usize,
+        exchange: Exchange,
+        replaced: &dyn ExecutionPlan,
+        sliced: bool,
+        source: Arc<dyn StageSource>,
+    ) -> Self {
+        let mut equivalence = replaced.equivalence_properties().clone();
+        let partitioning = match exchange {
+            // Part `p` of every producer holds exactly the rows the repartition routed to `p`,
+            // but parts from many producers arrive interleaved: no order survives.
+            Exchange::Shuffle { .. } => {
+                equivalence.clear_orderings();
+                replaced.output_partitioning().clone()
+            }
+            Exchange::Gather if !sliced && replaced.output_partitioning().partition_count() == tasks => {
+                replaced.output_partitioning().clone()
+            }
+            // Slices regroup the scan's files: what held per partition may not hold per Task.
+            Exchange::Gather => {
+                equivalence.clear_per_partition_constants();
+                Partitioning::UnknownPartitioning(tasks)
+            }
+        };
+        Self::with_properties(stage, tasks, exchange, equivalence, partitioning, source)
     }
 
-    /// A reader decoded on a worker: it knows its schema but not the orderings it had.
-    pub fn from_schema(stage: StageId, tasks: usize, exchange: Exchange, schema: SchemaRef, source: Arc<dyn StageSource>) -> Self {
-        Self::with_properties(stage, tasks, exchange, EquivalenceProperties::new(schema), source)
-    }
-
-    fn with_properties(
+    /// A reader with exactly these properties: what a worker decodes.
+    pub fn with_properties(
         stage: StageId,
         tasks: usize,
         exchange: Exchange,
         equivalence: EquivalenceProperties,
+        partitioning: Partitioning,
         source: Arc<dyn StageSource>,
     ) -> Self {
-        let partitions = match exchange {
+        let properties = PlanProperties::new(equivalence, partitioning, EmissionType::Incremental, Boundedness::Bounded);
+        Self { stage, tasks, exchange, properties: Arc::new(properties), source }
+    }
+
+    /// The number of partitions a reader of `tasks` Tasks through `exchange` has.
+    pub fn partitions(exchange: Exchange, tasks: usize) -> usize {
+        match exchange {
             Exchange::Gather => tasks,
             Exchange::Shuffle { partitions } => partitions,
-        };
-        let properties = PlanProperties::new(
-            equivalence,
-            Partitioning::UnknownPartitioning(partitions),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        );
-        Self { stage, tasks, exchange, properties: Arc::new(properties), source }
+        }
     }
 
     pub fn stage(&self) -> StageId {

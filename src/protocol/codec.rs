@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::Schema;
-use datafusion::common::{internal_err, DataFusionError, Result};
+use datafusion::common::{internal_err, plan_err, DataFusionError, Result, ScalarValue};
+use datafusion::physical_expr::{AcrossPartitions, ConstExpr, EquivalenceProperties};
+use datafusion::physical_plan::Partitioning;
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::arrow::array::RecordBatch;
@@ -15,7 +17,10 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion_proto::bytes::{
     physical_plan_from_bytes_with_extension_codec, physical_plan_to_bytes_with_proto_converter,
 };
-use datafusion_proto::physical_plan::to_proto::serialize_physical_expr_with_converter;
+use datafusion_proto::physical_plan::from_proto::{parse_physical_exprs, parse_physical_sort_exprs, parse_protobuf_partitioning};
+use datafusion_proto::physical_plan::to_proto::{
+    serialize_partitioning, serialize_physical_expr_with_converter, serialize_physical_exprs, serialize_physical_sort_exprs,
+};
 use datafusion_proto::physical_plan::{
     PhysicalExtensionCodec, PhysicalPlanDecodeContext, PhysicalPlanNodeExt, PhysicalProtoConverterExtension,
 };
@@ -52,6 +57,41 @@ struct ReaderNode {
     shuffle_partitions: u32,
     #[prost(message, optional, tag = "4")]
     schema: Option<datafusion_proto::protobuf::Schema>,
+    /// The properties of the subtree the reader replaced, so that the worker rebuilds the plan
+    /// around it as the coordinator planned it.
+    #[prost(message, optional, tag = "5")]
+    partitioning: Option<protobuf::Partitioning>,
+    #[prost(message, repeated, tag = "6")]
+    orderings: Vec<SortExprList>,
+    /// Equivalence classes: expressions known to be equal.
+    #[prost(message, repeated, tag = "7")]
+    classes: Vec<ExprList>,
+    #[prost(message, repeated, tag = "8")]
+    constants: Vec<ConstantNode>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct SortExprList {
+    #[prost(message, repeated, tag = "1")]
+    exprs: Vec<protobuf::PhysicalSortExprNode>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ExprList {
+    #[prost(message, repeated, tag = "1")]
+    exprs: Vec<protobuf::PhysicalExprNode>,
+}
+
+/// An expression with one value in every row: in every partition alike (`uniform`, with the
+/// value when known) or per partition.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ConstantNode {
+    #[prost(message, optional, tag = "1")]
+    expr: Option<protobuf::PhysicalExprNode>,
+    #[prost(bool, tag = "2")]
+    uniform: bool,
+    #[prost(message, optional, tag = "3")]
+    value: Option<protobuf::ScalarValue>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -71,18 +111,93 @@ mod quiver_node {
 }
 
 impl QuiverCodec {
-    fn decode_reader(&self, r: ReaderNode) -> Result<Arc<dyn ExecutionPlan>> {
+    fn decode_reader(&self, r: ReaderNode, ctx: &TaskContext, converter: &dyn PhysicalProtoConverterExtension) -> Result<Arc<dyn ExecutionPlan>> {
         let Some(source) = &self.source else {
-            return internal_err!("a Stage reader arrived where no Stage outputs can be read");
+            return plan_err!("a Stage reader arrived where no Stage outputs can be read");
         };
-        let schema = r.schema.as_ref().ok_or_else(|| DataFusionError::Internal("reader without a schema".into()))?;
+        let schema = r.schema.as_ref().ok_or_else(|| DataFusionError::Plan("Stage reader without a schema".into()))?;
         let schema = Arc::new(Schema::try_from(schema)?);
         let exchange = match r.shuffle_partitions {
             0 => Exchange::Gather,
             partitions => Exchange::Shuffle { partitions: partitions as usize },
         };
-        Ok(Arc::new(StageReaderExec::from_schema(r.stage as usize, r.tasks as usize, exchange, schema, Arc::clone(source))))
+        let tasks = r.tasks as usize;
+        let decode = PhysicalPlanDecodeContext::new(ctx, self);
+        let partitioning = parse_protobuf_partitioning(r.partitioning.as_ref(), &decode, &schema, converter)?
+            .unwrap_or(Partitioning::UnknownPartitioning(StageReaderExec::partitions(exchange, tasks)));
+        if partitioning.partition_count() != StageReaderExec::partitions(exchange, tasks) {
+            return plan_err!("Stage reader of {tasks} Task(s) with {} partitions", partitioning.partition_count());
+        }
+        let orderings = r
+            .orderings
+            .iter()
+            .map(|o| parse_physical_sort_exprs(&o.exprs, &decode, &schema, converter))
+            .collect::<Result<Vec<_>>>()?;
+        let mut equivalence = EquivalenceProperties::new_with_orderings(Arc::clone(&schema), orderings);
+        for class in &r.classes {
+            let exprs = parse_physical_exprs(&class.exprs, &decode, &schema, converter)?;
+            for other in exprs.iter().skip(1) {
+                equivalence.add_equal_conditions(Arc::clone(&exprs[0]), Arc::clone(other))?;
+            }
+        }
+        let constants = r.constants.iter().map(|c| decode_constant(c, &decode, &schema, converter)).collect::<Result<Vec<_>>>()?;
+        equivalence.add_constants(constants)?;
+        Ok(Arc::new(StageReaderExec::with_properties(r.stage as usize, tasks, exchange, equivalence, partitioning, Arc::clone(source))))
     }
+
+    fn encode_reader(&self, reader: &StageReaderExec, converter: &dyn PhysicalProtoConverterExtension) -> Result<ReaderNode> {
+        let shuffle_partitions = match reader.exchange() {
+            Exchange::Gather => 0,
+            Exchange::Shuffle { partitions } => partitions as u32,
+        };
+        let equivalence = &reader.properties().eq_properties;
+        let orderings = equivalence
+            .oeq_class()
+            .iter()
+            .map(|o| Ok(SortExprList { exprs: serialize_physical_sort_exprs(o.iter().cloned(), self, converter)? }))
+            .collect::<Result<Vec<_>>>()?;
+        let classes = equivalence
+            .eq_group()
+            .iter()
+            .filter(|class| class.len() > 1)
+            .map(|class| Ok(ExprList { exprs: serialize_physical_exprs(class.iter(), self, converter)? }))
+            .collect::<Result<Vec<_>>>()?;
+        let constants = equivalence.constants().iter().map(|c| encode_constant(c, self, converter)).collect::<Result<Vec<_>>>()?;
+        Ok(ReaderNode {
+            stage: reader.stage() as u32,
+            tasks: reader.tasks() as u32,
+            shuffle_partitions,
+            schema: Some(reader.schema().as_ref().try_into()?),
+            partitioning: Some(serialize_partitioning(reader.properties().output_partitioning(), self, converter)?),
+            orderings,
+            classes,
+            constants,
+        })
+    }
+}
+
+fn encode_constant(c: &ConstExpr, codec: &QuiverCodec, converter: &dyn PhysicalProtoConverterExtension) -> Result<ConstantNode> {
+    let (uniform, value) = match &c.across_partitions {
+        AcrossPartitions::Heterogeneous => (false, None),
+        AcrossPartitions::Uniform(value) => (true, value.as_ref().map(protobuf::ScalarValue::try_from).transpose()?),
+    };
+    Ok(ConstantNode { expr: Some(converter.physical_expr_to_proto(&c.expr, codec)?), uniform, value })
+}
+
+fn decode_constant(
+    c: &ConstantNode,
+    decode: &PhysicalPlanDecodeContext<'_>,
+    schema: &Schema,
+    converter: &dyn PhysicalProtoConverterExtension,
+) -> Result<ConstExpr> {
+    let expr = c.expr.as_ref().ok_or_else(|| DataFusionError::Plan("constant without an expression".into()))?;
+    let expr = converter.proto_to_physical_expr(expr, schema, decode)?;
+    let across = match (c.uniform, &c.value) {
+        (false, _) => AcrossPartitions::Heterogeneous,
+        (true, None) => AcrossPartitions::Uniform(None),
+        (true, Some(value)) => AcrossPartitions::Uniform(Some(ScalarValue::try_from(value)?)),
+    };
+    Ok(ConstExpr::new(expr, across))
 }
 
 impl PhysicalExtensionCodec for QuiverCodec {
@@ -90,8 +205,8 @@ impl PhysicalExtensionCodec for QuiverCodec {
         &self,
         buf: &[u8],
         inputs: &[Arc<dyn ExecutionPlan>],
-        _ctx: &TaskContext,
-        _proto_converter: &dyn PhysicalProtoConverterExtension,
+        ctx: &TaskContext,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let node = QuiverNode::decode(buf).map_err(|e| DataFusionError::Internal(format!("bad plan node: {e}")))?;
         match (node.node, inputs) {
@@ -101,7 +216,7 @@ impl PhysicalExtensionCodec for QuiverCodec {
                 w.path.into(),
                 w.row_group_rows as usize,
             ))),
-            (Some(quiver_node::Node::Reader(r)), []) => self.decode_reader(r),
+            (Some(quiver_node::Node::Reader(r)), []) => self.decode_reader(r, ctx, proto_converter),
             (other, _) => internal_err!("cannot decode Quiver plan node {other:?} with {} inputs", inputs.len()),
         }
     }
@@ -110,7 +225,7 @@ impl PhysicalExtensionCodec for QuiverCodec {
         &self,
         node: Arc<dyn ExecutionPlan>,
         buf: &mut Vec<u8>,
-        _proto_converter: &dyn PhysicalProtoConverterExtension,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<()> {
         let encoded = if let Some(writer) = node.downcast_ref::<TaskWriterExec>() {
             quiver_node::Node::Writer(WriterNode {
@@ -119,16 +234,7 @@ impl PhysicalExtensionCodec for QuiverCodec {
                 input_partition: writer.input_partition() as u32,
             })
         } else if let Some(reader) = node.downcast_ref::<StageReaderExec>() {
-            let shuffle_partitions = match reader.exchange() {
-                Exchange::Gather => 0,
-                Exchange::Shuffle { partitions } => partitions as u32,
-            };
-            quiver_node::Node::Reader(ReaderNode {
-                stage: reader.stage() as u32,
-                tasks: reader.tasks() as u32,
-                shuffle_partitions,
-                schema: Some(reader.schema().as_ref().try_into()?),
-            })
+            quiver_node::Node::Reader(self.encode_reader(reader, proto_converter)?)
         } else {
             return internal_err!("{} cannot be sent to a worker", node.name());
         };
