@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::{DataFusionError, Result};
+
+use crate::protocol::{error_text, quiver_error, ErrorKind};
 use futures::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use rustyline::error::ReadlineError;
@@ -67,7 +69,7 @@ impl Shell {
         tokio::pin!(ctrl_c);
         let statement = tokio::select! {
             statement = self.client.start(sql) => statement?,
-            _ = &mut ctrl_c => return Err(DataFusionError::Execution("cancelled before the query started".into())),
+            _ = &mut ctrl_c => return Err(quiver_error(ErrorKind::Cancelled, "cancelled before the query started")),
         };
         let fetch = self.client.fetch(&statement);
         tokio::pin!(fetch);
@@ -93,7 +95,7 @@ impl Shell {
             Ok(false) => "had already ended".to_string(),
             Err(e) => format!("could not be cancelled: {e}"),
         };
-        DataFusionError::Execution(format!("query {} {what}", statement.handle))
+        quiver_error(ErrorKind::Cancelled, format!("query {} {what}", statement.handle))
     }
 
     /// Draws a progress bar of the statement's Tasks until dropped.
@@ -164,7 +166,7 @@ impl Shell {
             }
         }
         if failed {
-            return Err(DataFusionError::Execution("some statements failed".into()));
+            return Err(quiver_error(ErrorKind::Execution, "some statements failed"));
         }
         Ok(())
     }
@@ -261,7 +263,7 @@ fn report(result: Result<()>) -> bool {
     match result {
         Ok(()) => false,
         Err(e) => {
-            eprintln!("Error: {e}");
+            eprintln!("Error: {}", error_text(&e));
             true
         }
     }
@@ -284,5 +286,5 @@ fn io_error(e: std::io::Error) -> DataFusionError {
 }
 
 fn readline_error(e: ReadlineError) -> DataFusionError {
-    DataFusionError::Execution(format!("terminal: {e}"))
+    quiver_error(ErrorKind::Io, format!("terminal: {e}"))
 }

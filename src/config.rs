@@ -22,8 +22,26 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
 /// A Task the coordinator assigned must show up in its worker's heartbeats within this time;
 /// otherwise the assignment (or the Task's report) was lost and its Query fails.
 pub const ASSIGNMENT_ACK_TIMEOUT_MS: u64 = 5_000;
-/// A worker silent for this long is declared lost and its queries fail.
+/// A worker silent for this long is declared lost: its running Attempts are retried elsewhere
+/// and its outputs that are still needed are recomputed.
 pub const WORKER_TIMEOUT_MS: u64 = 3_000;
+/// Attempts of one Task that may fail (or lose their output) before its Query fails with the
+/// last one's error. Retried causes: a lost or unreachable worker, an unreadable input, I/O,
+/// memory. A failure that running again cannot fix fails the Query at once.
+pub const TASK_ATTEMPTS_MAX: u32 = 4;
+/// Attempts one Query may start beyond each Task's first (retries and recomputations).
+pub const QUERY_RETRIES_MAX: u32 = 1_000;
+/// Pause before a failed Task's next Attempt; doubles with each failure of the Task.
+pub const RETRY_BACKOFF_MS: u64 = 100;
+pub const RETRY_BACKOFF_MAX_MS: u64 = 2_000;
+/// Bytes of Task output parts the final Stage holds back until each part is read whole, over
+/// all Queries: a part lost half-way through is then read again from a recomputed Attempt
+/// without a row reaching the client twice. A part that finds the budget spent streams through,
+/// and its loss half-way fails the Query.
+pub const FINAL_HOLD_BYTES: u64 = 256 * 1024 * 1024;
+/// Attempts a worker remembers having been told to stop, so that one whose assignment crossed
+/// the stop on the wire leaves no output behind.
+pub const RELEASED_ATTEMPTS_MAX: usize = 16_384;
 /// Pause between a worker's attempts to reach a coordinator that is not up yet.
 pub const REGISTER_RETRY_MS: u64 = 250;
 /// How many times a worker retries a Task report the coordinator did not acknowledge (with
@@ -33,8 +51,14 @@ pub const REPORT_RETRIES_MAX: u32 = 4;
 /// closing its socket is noticed instead of waited on forever.
 pub const HTTP2_KEEPALIVE_INTERVAL_MS: u64 = 10_000;
 pub const HTTP2_KEEPALIVE_TIMEOUT_MS: u64 = 20_000;
+/// Longest wait for the answer to a control call between cluster members (a heartbeat, a poll,
+/// a report, a release, the start of an output fetch): a peer cut off the network is given up
+/// on after this, not after TCP's own timeouts.
+pub const CONTROL_CALL_TIMEOUT_MS: u64 = 10_000;
 /// Timeout for connecting to a peer (worker → coordinator, coordinator → worker).
 pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Lost workers `quiver.workers` keeps listing; older ones are forgotten.
+pub const LOST_WORKERS_MAX: usize = 256;
 /// How many released Query ids a worker remembers, to drop outputs of Tasks that finish late.
 pub const RELEASED_QUERIES_MAX: usize = 4096;
 /// How many finished queries `quiver.queries` / `quiver.tasks` remember.

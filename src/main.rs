@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use datafusion::common::{DataFusionError, Result};
-use quiver::bench::{run_tpch, TpchBench};
+use quiver::bench::{run_recovery, run_tpch, RecoveryBench, TpchBench};
 use quiver::cli::Shell;
 use quiver::client::Client;
 use quiver::cluster::{LocalCluster, LocalOptions};
@@ -47,6 +47,30 @@ struct Input {
     format: Format,
 }
 
+/// How the coordinator cuts scans into Tasks.
+#[derive(clap::Args, Clone)]
+struct PlannerArgs {
+    /// A Task reads at least this much of a scan's input (unless a file is smaller), e.g. 16MiB.
+    #[arg(long, value_parser = parse_bytes)]
+    task_min_bytes: Option<u64>,
+    /// Tasks per worker slot a scan Stage aims for.
+    #[arg(long)]
+    tasks_per_slot: Option<usize>,
+}
+
+impl PlannerArgs {
+    fn config(&self) -> CoordinatorConfig {
+        let mut config = CoordinatorConfig::default();
+        if let Some(bytes) = self.task_min_bytes {
+            config.planner.task_min_bytes = bytes;
+        }
+        if let Some(n) = self.tasks_per_slot {
+            config.planner.tasks_per_slot = n;
+        }
+        config
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a coordinator.
@@ -59,6 +83,8 @@ enum Command {
         /// Serve the web UI, JSON API and Prometheus metrics on this address, e.g. 127.0.0.1:8080.
         #[arg(long)]
         http: Option<SocketAddr>,
+        #[command(flatten)]
+        planner: PlannerArgs,
     },
     /// Run a worker that pulls Tasks from a coordinator.
     Worker {
@@ -123,6 +149,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         iterations: usize,
     },
+    /// TPC-H on a healthy local cluster, then with one worker killed part-way through each
+    /// query and replaced: how long recovery takes, and that the answer stays the same.
+    Recovery {
+        #[arg(long, default_value_t = 1.0)]
+        sf: f64,
+        #[arg(long, default_value_t = 3)]
+        workers: usize,
+        /// Comma-separated query numbers (default: all 22).
+        #[arg(long, value_delimiter = ',')]
+        queries: Option<Vec<usize>>,
+        #[arg(long, default_value = "quiver-data")]
+        data_dir: PathBuf,
+        /// When to kill, as a fraction of the query's healthy time.
+        #[arg(long, default_value_t = 0.5)]
+        kill_at: f64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -134,7 +176,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {e}");
+            eprintln!("Error: {}", quiver::protocol::error_text(&e));
             ExitCode::FAILURE
         }
     }
@@ -152,9 +194,9 @@ fn init_logging(default: &str, format: LogFormat) {
 
 async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Coordinator { listen, data_dir, http } => {
+        Command::Coordinator { listen, data_dir, http, planner } => {
             let listener = bind(listen).await?;
-            let coordinator = Coordinator::start(CoordinatorConfig::default(), &data_dir, listener).await?;
+            let coordinator = Coordinator::start(planner.config(), &data_dir, listener).await?;
             eprintln!("coordinator listening on {}", coordinator.url());
             let web = match http {
                 Some(addr) => Some(WebServer::bind(coordinator.core.cluster.clone(), addr).await?),
@@ -209,6 +251,10 @@ async fn run(command: Command) -> Result<()> {
         Command::Bench { bench: BenchCommand::Tpch { sf, workers, queries, data_dir, iterations } } => {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());
             run_tpch(&TpchBench { sf, workers, queries, data_dir, iterations }).await?;
+        }
+        Command::Bench { bench: BenchCommand::Recovery { sf, workers, queries, data_dir, kill_at } } => {
+            let queries = queries.unwrap_or_else(|| (1..=22).collect());
+            run_recovery(&RecoveryBench { sf, workers, queries, data_dir, kill_at }).await?;
         }
     }
     Ok(())

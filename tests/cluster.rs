@@ -173,36 +173,47 @@ async fn explain_shows_the_stage_dag_and_explain_analyze_what_each_stage_did() {
 }
 
 /// A worker that takes a Task and then never hears of it again (the poll reply was lost on the
-/// way) while it keeps heartbeating: the Query must fail with the cause, not wait forever.
+/// way) while it keeps heartbeating: the Attempt is declared unacknowledged and runs again on
+/// another worker, and the Query neither waits forever nor loses the Task's rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_task_whose_assignment_was_lost_fails_its_query() {
+async fn a_task_whose_assignment_was_lost_runs_again_elsewhere() {
     use quiver::protocol::{action, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, RegisterWorker, RegisterWorkerResponse};
     use quiver::transport::{call, connect};
-    let t = TestCluster::start(0).await;
+    let mut t = TestCluster::start(0).await;
     t.client.collect("CREATE TABLE lost AS SELECT value AS v FROM generate_series(1, 1000)").await.unwrap();
     let coordinator = connect(&t.cluster.url()).await.unwrap();
     let register = RegisterWorker { address: "http://127.0.0.1:9".into(), slots: 1, memory_limit_bytes: 1 << 30 };
     let worker: RegisterWorkerResponse = call(&coordinator, action::REGISTER_WORKER, &register).await.unwrap();
     let client = t.client.clone();
     let query = tokio::spawn(async move { client.collect("SELECT sum(v) FROM lost WHERE v % 3 = 0").await });
-    let mut taken = None;
+    let beat = Heartbeat { worker_id: worker.worker_id.clone(), session: worker.session, ..Default::default() };
+    let poll = PollTask { worker_id: worker.worker_id.clone(), session: worker.session };
+    let taken = loop {
+        let reply: PollTaskResponse = call(&coordinator, action::POLL_TASK, &poll).await.unwrap();
+        if let Some(task) = reply.task {
+            break task;
+        }
+    };
+    // A real worker joins; the fake one stays alive but holds nothing: the assignment never arrived.
+    t.cluster.add_worker().await.unwrap();
     let started = std::time::Instant::now();
     while !query.is_finished() && started.elapsed() < std::time::Duration::from_secs(30) {
-        if taken.is_none() {
-            let poll = PollTask { worker_id: worker.worker_id.clone() };
-            let reply: PollTaskResponse = call(&coordinator, action::POLL_TASK, &poll).await.unwrap();
-            taken = reply.task;
-        }
-        // Alive, but holding nothing: the assignment never arrived.
-        let beat = Heartbeat { worker_id: worker.worker_id.clone(), running_tasks: 0, memory_used_bytes: 0, tasks: vec![] };
         let _: HeartbeatResponse = call(&coordinator, action::HEARTBEAT, &beat).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    let result = query.await.unwrap();
-    assert!(taken.is_some(), "the fake worker never got a Task; the query returned {result:?}");
-    let err = result.expect_err("the query must fail").to_string();
-    assert!(err.contains("does not know it") && err.contains("lost"), "{err}");
-    assert_eq!(t.cluster_rows("SELECT 1").await, vec![vec!["1".to_string()]]);
+    let rows = common::rows(&query.await.unwrap().expect("the query succeeds").1);
+    assert_eq!(rows, vec![vec!["166833".to_string()]]);
+    let key = taken.key.unwrap();
+    let attempts = t
+        .cluster_rows(&format!(
+            "SELECT attempt, worker_id, state, started_as, cause FROM quiver.tasks WHERE query_id = '{}' AND stage = {} AND task = {} ORDER BY attempt",
+            key.query_id, key.stage, key.task
+        ))
+        .await;
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0][1..], [worker.worker_id.clone(), "failed".into(), "first".into(), "unacknowledged".into()]);
+    assert_eq!(attempts[1][2..4], ["succeeded".to_string(), "retry".to_string()]);
+    assert_ne!(attempts[1][1], worker.worker_id, "the retry runs on another worker");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

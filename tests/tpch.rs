@@ -19,48 +19,10 @@ async fn tpch_cluster(sf: f64, settings: &[&str]) -> TestCluster {
     t
 }
 
-/// The shared answers' free-text columns (addresses, comments) were generated with a text
-/// pool other than tpchgen's (checked: tpchgen 1.1 to 4.0 all produce dbgen's text), so those
-/// columns are not compared, and q13, whose counts filter on o_comment, is checked against
-/// single-node DataFusion only.
-const TEXT_GENERATED_ELSEWHERE: [&str; 2] = ["address", "comment"];
-const ANSWER_DEPENDS_ON_TEXT: [usize; 1] = [13];
-
-fn compared_columns(header: &[String]) -> Vec<usize> {
-    (0..header.len()).filter(|&i| !TEXT_GENERATED_ELSEWHERE.iter().any(|t| header[i].contains(t))).collect()
-}
-
-fn project(rows: &[Vec<String>], columns: &[usize]) -> Vec<Vec<String>> {
-    rows.iter().map(|r| columns.iter().map(|&c| r.get(c).cloned().unwrap_or_default()).collect()).collect()
-}
-
-fn matches_answer(actual: &[Vec<String>], expected: &[Vec<String>]) -> bool {
-    // A single all-NULL row (e.g. q17's SUM over no rows) is written as an empty file.
-    let null_row = |rows: &[Vec<String>]| rows.len() == 1 && rows[0].iter().all(|c| c == "NULL");
-    if expected.is_empty() && null_row(actual) {
-        return true;
-    }
-    actual.len() == expected.len()
-        && actual.iter().zip(expected).all(|(a, e)| a.len() == e.len() && a.iter().zip(e).all(|(x, y)| cells_match(x, y, 1e-6)))
-}
-
 /// The official answer check for one query; a failure is described, not panicked, so that one
 /// run reports every query that is wrong.
 async fn check_answer(t: &TestCluster, sf: &str, q: usize, sql: &str) -> Option<String> {
-    if ANSWER_DEPENDS_ON_TEXT.contains(&q) {
-        return None;
-    }
-    let (header, expected) = tpch_answer(sf, q);
-    let columns = compared_columns(&header);
-    let mut actual = project(&t.cluster_rows(sql).await, &columns);
-    let mut expected = project(&expected, &columns);
-    if matches_answer(&actual, &expected) {
-        return None;
-    }
-    // Ties under ORDER BY may come in another order: compare as multisets then.
-    actual.sort();
-    expected.sort();
-    (!matches_answer(&actual, &expected)).then(|| format!("q{q}: got {actual:?}\nwant {expected:?}"))
+    tpch_mismatch(sf, q, &t.cluster_rows(sql).await)
 }
 
 /// Asserts from EXPLAIN that the query moves data between worker Stages: at least one Stage

@@ -270,3 +270,44 @@ async fn quiver_coordinator_with_http_prints_its_url_and_serves_the_api() {
     assert_eq!((status, json["workers"].as_array().map(Vec::len)), (200, Some(0)), "{json}");
     assert_eq!(http_request(addr, "GET", "/metrics").await.status, 200);
 }
+
+/// A worker dies under a running query: the API lists the failed Attempt with its cause and
+/// the one that replaced it, and the timeline in Chromium draws the retried Attempt apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_timeline_shows_attempts_retried_after_a_worker_was_lost() {
+    let (mut t, addr) = http_cluster(3, 1).await;
+    t.run_all(&["CREATE TABLE retry_t AS SELECT value AS v FROM generate_series(1, 100000)"]).await;
+    let sql = "SELECT count(*) FROM retry_t a CROSS JOIN retry_t b WHERE (a.v * 7 + b.v) % 1000003 = 1";
+    let client = t.client.clone();
+    let running = tokio::spawn(async move { client.collect(sql).await });
+    let (id, worker) = wait_for("an Attempt to run", POLL_DEADLINE, || async move {
+        let q = listed_query(addr, sql).await?;
+        let id = q["id"].as_str()?.to_string();
+        let (_, detail) = get_json(addr, &format!("/api/queries/{id}")).await;
+        let task = detail["tasks"].as_array()?.iter().find(|t| t["state"] == "running")?.clone();
+        Some((id, task["worker_id"].as_str()?.to_string()))
+    })
+    .await;
+    let index = t.cluster.workers.iter().position(|w| w.as_ref().and_then(|w| w.id()).as_deref() == Some(worker.as_str())).unwrap();
+    t.cluster.kill_worker(index);
+    let detail = wait_for("a retried Attempt to run", POLL_DEADLINE, || {
+        let id = id.clone();
+        async move {
+            let (_, detail) = get_json(addr, &format!("/api/queries/{id}")).await;
+            let tasks = detail["tasks"].as_array()?;
+            tasks.iter().any(|t| t["started_as"] == "retry" && t["state"] == "running").then_some(detail)
+        }
+    })
+    .await;
+    let lost: Vec<&Value> = detail["tasks"].as_array().unwrap().iter().filter(|t| t["cause"] == "worker_lost").collect();
+    assert!(!lost.is_empty() && lost.iter().all(|t| t["worker_id"] == worker.as_str() && t["state"] == "failed"), "{detail}");
+    assert!(u64_of(&detail["query"], "attempts_retried") >= 1, "{detail}");
+
+    let url = format!("http://{addr}/#/queries/{id}");
+    let page = tokio::task::spawn_blocking(move || rendered_dom(&url, 3_000)).await.unwrap();
+    running.abort();
+    let bars: Vec<&str> = opening_tags(&page, "rect").into_iter().filter(|tag| tag.contains(r#"class="bar "#)).collect();
+    let retried = bars.iter().filter(|bar| attribute(bar, "data-started-as") == Some("retry")).count();
+    assert!(retried >= 1, "no retried Attempt drawn in:\n{page}");
+    assert!(bars.iter().any(|bar| attribute(bar, "data-cause") == Some("worker_lost")), "no lost Attempt drawn in:\n{page}");
+}

@@ -145,20 +145,27 @@ impl Catalog {
 }
 
 /// Schemas are stored as Arrow IPC bytes: the exact Arrow types survive, metadata included.
+/// (An IPC message: continuation marker, length, the flatbuffer Schema message.)
 mod ipc_schema {
-    use arrow_flight::{IpcMessage, SchemaAsIpc};
     use datafusion::arrow::datatypes::Schema;
-    use datafusion::arrow::ipc::writer::IpcWriteOptions;
+    use datafusion::arrow::ipc::convert::try_schema_from_ipc_buffer;
+    use datafusion::arrow::ipc::writer::{write_message, DictionaryTracker, IpcDataGenerator, IpcWriteOptions};
     use serde::{de::Error as _, ser::Error as _, Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(schema: &Schema, s: S) -> Result<S::Ok, S::Error> {
-        let message = IpcMessage::try_from(SchemaAsIpc::new(schema, &IpcWriteOptions::default()))
-            .map_err(S::Error::custom)?;
-        s.serialize_bytes(&message.0)
+        let options = IpcWriteOptions::default();
+        let encoded = IpcDataGenerator::default().schema_to_bytes_with_dictionary_tracker(
+            schema,
+            &mut DictionaryTracker::new(false),
+            &options,
+        );
+        let mut message = Vec::new();
+        write_message(&mut message, encoded, &options).map_err(S::Error::custom)?;
+        s.serialize_bytes(&message)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Schema, D::Error> {
         let bytes = Vec::<u8>::deserialize(d)?;
-        Schema::try_from(IpcMessage(bytes.into())).map_err(D::Error::custom)
+        try_schema_from_ipc_buffer(&bytes).map_err(D::Error::custom)
     }
 }

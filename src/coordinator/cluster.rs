@@ -1,40 +1,28 @@
-//! The coordinator's view of the cluster: registered Workers, the Task queue they pull from,
-//! every Query with its Task Attempts, and the outcomes the final Stage waits on.
+//! The coordinator's view of the cluster: the worker [`Registry`], the queue of Attempts workers
+//! pull from, and every Query with its [`QueryRun`]. Events from the network (a report, a
+//! heartbeat, a lost worker, an unreadable output) go to the Query's state machine; the actions
+//! it answers with are carried out here: queue an Attempt, stop one on its worker, tell the
+//! final Stage what to read, fail the Query. History and metrics are fed by the same actions.
 //!
 //! One mutex guards it all: every operation is short and never awaits while holding it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use datafusion::common::{DataFusionError, Result};
 use tokio::sync::{watch, Notify};
 
+use super::attempts::{Action, QueryRun, QueuedAttempt, Report, TaskId};
 use super::metrics::Metrics;
+use super::registry::Registry;
+pub use super::attempts::{NewStage, NewTask, StageMetrics, TaskOutcome, TaskRecord};
+pub use super::registry::WorkerRecord;
 use crate::config::{ASSIGNMENT_ACK_TIMEOUT_MS, QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS};
 use crate::protocol::{
-    error_from_remote, error_to_remote, OutputLocation, QueryProgress, RemoteError, TaskAssignment, TaskKey, TaskReport, TaskState,
+    error_text, remote_to_quiver, ErrorKind, QueryProgress, QuiverError, TaskAssignment, TaskKey, TaskReport, TaskState,
 };
-
-/// What the final Stage learns about a Task: where its output is, or why there is none.
-#[derive(Debug, Clone)]
-pub enum TaskOutcome {
-    Succeeded { key: TaskKey, worker_url: String },
-    Failed(RemoteError),
-}
-
-#[derive(Debug, Clone)]
-pub struct WorkerRecord {
-    pub id: String,
-    pub url: String,
-    pub slots: u32,
-    pub memory_limit_bytes: u64,
-    pub memory_used_bytes: u64,
-    pub alive: bool,
-    pub last_heartbeat: SystemTime,
-    pub running_tasks: u32,
-    last_seen: Instant,
-}
+use crate::transport::release_attempt;
 
 #[derive(Debug, Clone)]
 pub struct QueryRecord {
@@ -44,7 +32,7 @@ pub struct QueryRecord {
     pub mode: &'static str,
     pub stages: u32,
     pub tasks: u32,
-    /// Tasks whose Attempt succeeded.
+    /// Tasks with a succeeded Attempt.
     pub tasks_done: u32,
     pub workers_used: u32,
     pub rows: u64,
@@ -55,101 +43,26 @@ pub struct QueryRecord {
     pub bytes_shuffled: u64,
     /// Bytes of Task outputs read whole: broadcasts and the final Stage's gathers.
     pub bytes_gathered: u64,
-}
-
-#[derive(Debug, Clone)]
-pub struct TaskRecord {
-    pub key: TaskKey,
-    pub worker_id: Option<String>,
-    pub plan: String,
-    /// How the Task's output is read: "shuffle" or "gather".
-    pub output: &'static str,
-    pub state: TaskState,
-    pub rows: u64,
-    pub bytes: u64,
-    pub elapsed_ms: u64,
-    pub error: Option<String>,
-    /// When the coordinator assigned the Attempt to its worker.
-    pub started: Option<SystemTime>,
-    /// When the Attempt ended: its final report, its Query's failure or end, or its worker's loss.
-    pub ended: Option<SystemTime>,
-}
-
-struct TaskEntry {
-    record: TaskRecord,
-    outcome: watch::Sender<Option<TaskOutcome>>,
-    consumed: bool,
-    /// Output parts the final Stage has read whole.
-    parts_read: u32,
-    /// The worker that holds the output, once the Task succeeded.
-    output_url: Option<String>,
-    started: Option<Instant>,
-    finished: Option<Instant>,
-}
-
-struct StageEntry {
-    inputs: Vec<u32>,
-    shuffle: bool,
-    /// Parts each Task's output has: the shuffle's partitions, or 1.
-    parts: u32,
-    /// Tasks held back until every input Stage has finished.
-    waiting: Vec<QueuedTask>,
-    /// Tasks that have not succeeded yet.
-    unfinished: usize,
+    /// Attempts started again after a failure, a lost worker or a lost input.
+    pub attempts_retried: u32,
+    /// Tasks run again because the output of a succeeded Attempt was lost.
+    pub tasks_recomputed: u32,
 }
 
 struct QueryEntry {
     record: QueryRecord,
     started: Instant,
-    tasks: BTreeMap<(u32, u32), TaskEntry>,
-    stages: Vec<StageEntry>,
-}
-
-struct QueuedTask {
-    key: TaskKey,
-    plan: Arc<Vec<u8>>,
-    partition: u32,
-    inputs: Arc<Vec<OutputLocation>>,
-}
-
-/// A Task to be queued: its Stage and index, the partition it computes, summary and plan.
-pub struct NewTask {
-    pub stage: u32,
-    pub task: u32,
-    pub partition: u32,
-    pub summary: String,
-    pub plan: Vec<u8>,
-}
-
-/// A Stage to be run: the Stages it reads (they run first) and its Tasks.
-pub struct NewStage {
-    pub inputs: Vec<u32>,
-    pub shuffle: bool,
-    /// Parts each Task's output has: the shuffle's partitions, or 1.
-    pub parts: u32,
-    pub tasks: Vec<NewTask>,
-}
-
-/// What one Stage of a Query did, for EXPLAIN ANALYZE.
-#[derive(Debug, Clone)]
-pub struct StageMetrics {
-    pub stage: u32,
-    /// The Stages whose outputs it reads.
-    pub inputs: Vec<u32>,
-    /// How its output is read: "shuffle" or "gather".
-    pub output: &'static str,
-    pub tasks: usize,
-    pub rows: u64,
-    pub bytes: u64,
-    /// From the first Task's start to the last Task's end.
-    pub elapsed_ms: u64,
+    /// The Attempts of a distributed Query; None while it is planned, or if it runs on the
+    /// coordinator alone.
+    run: Option<QueryRun>,
+    /// What the final Stage reads for each Task, as the Query's run decides it.
+    outcomes: HashMap<TaskId, watch::Sender<Option<TaskOutcome>>>,
 }
 
 #[derive(Default)]
 struct Inner {
-    workers: BTreeMap<String, WorkerRecord>,
-    next_worker: u64,
-    queue: VecDeque<QueuedTask>,
+    workers: Registry,
+    queue: VecDeque<QueuedAttempt>,
     queries: HashMap<String, QueryEntry>,
     finished: VecDeque<String>,
 }
@@ -162,7 +75,7 @@ pub struct Cluster {
     metrics: Metrics,
 }
 
-/// One Query as a whole: its record, its Stages and every Task's latest Attempt.
+/// One Query as a whole: its record, its Stages and every Attempt.
 #[derive(Debug, Clone)]
 pub struct QueryDetail {
     pub query: QueryRecord,
@@ -181,78 +94,29 @@ impl Cluster {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn register_worker(&self, url: String, slots: u32, memory_limit_bytes: u64) -> String {
-        let mut inner = self.lock();
-        inner.next_worker += 1;
-        let id = format!("w{}", inner.next_worker);
-        let record = WorkerRecord {
-            id: id.clone(),
-            url,
-            slots: slots.max(1),
-            memory_limit_bytes,
-            memory_used_bytes: 0,
-            alive: true,
-            last_heartbeat: SystemTime::now(),
-            running_tasks: 0,
-            last_seen: Instant::now(),
-        };
-        tracing::info!(worker = %id, url = %record.url, slots, "worker registered");
-        inner.workers.insert(id.clone(), record);
-        drop(inner);
+    /// Registers a worker; returns its id and the session it must present.
+    pub fn register_worker(&self, url: String, slots: u32, memory_limit_bytes: u64) -> (String, u64) {
+        let registered = self.lock().workers.register(url, slots, memory_limit_bytes, Instant::now());
         self.worker_joined.notify_waiters();
-        id
+        registered
     }
 
-    /// Records a heartbeat; false when the worker is unknown or was declared lost. `held` are the
-    /// Attempts the worker knows of: one assigned to it long ago that it does not know was lost
-    /// on the way (or its report was), and fails its Query instead of leaving it waiting.
-    pub fn heartbeat(&self, worker_id: &str, memory_used_bytes: u64, held: &[TaskKey]) -> bool {
+    /// Records a heartbeat; false when the worker must register again. `held` are the Attempts
+    /// the worker knows of: one assigned to it long ago that it does not list was lost on the
+    /// way (or its report was), and runs again.
+    pub fn heartbeat(&self, worker_id: &str, session: u64, running_tasks: u32, memory_used_bytes: u64, held: &[TaskKey]) -> bool {
         let mut inner = self.lock();
-        match inner.workers.get_mut(worker_id) {
-            Some(w) if w.alive => {
-                w.last_seen = Instant::now();
-                w.last_heartbeat = SystemTime::now();
-                w.memory_used_bytes = memory_used_bytes;
-            }
-            _ => return false,
+        let now = Instant::now();
+        if !inner.workers.heartbeat(worker_id, session, running_tasks, memory_used_bytes, now) {
+            return false;
         }
-        let Inner { queries, workers, .. } = &mut *inner;
         let timeout = Duration::from_millis(ASSIGNMENT_ACK_TIMEOUT_MS);
-        let mut lost = Vec::new();
-        for query in queries.values_mut().filter(|q| q.record.state == "running") {
-            for task in query.tasks.values_mut() {
-                let unknown = task.record.state == TaskState::Running
-                    && task.record.worker_id.as_deref() == Some(worker_id)
-                    && task.started.is_some_and(|s| s.elapsed() > timeout)
-                    && !held.contains(&task.record.key);
-                if unknown {
-                    let message = format!(
-                        "task {} was assigned to worker {worker_id}, which does not know it after \
-                         {ASSIGNMENT_ACK_TIMEOUT_MS} ms: its assignment or its report was lost",
-                        task.record.key
-                    );
-                    let error = RemoteError { kind: "execution".into(), message: message.clone() };
-                    task.end(TaskState::Failed, &self.metrics);
-                    task.record.error = Some(message);
-                    task.outcome.send_replace(Some(TaskOutcome::Failed(error.clone())));
-                    if let Some(w) = workers.get_mut(worker_id) {
-                        w.running_tasks = w.running_tasks.saturating_sub(1);
-                    }
-                    lost.push((query.record.id.clone(), error));
-                }
-            }
-        }
-        for (query_id, error) in lost {
-            if let Some(query) = queries.get_mut(&query_id) {
-                tracing::warn!(query = %query_id, "{}", error.message);
-                query.fail(&error, workers, &self.metrics);
-            }
-        }
+        self.for_each_run(&mut inner, |run, out| run.unacknowledged(worker_id, held, timeout, now, out));
         true
     }
 
     pub fn total_slots(&self) -> usize {
-        self.lock().workers.values().filter(|w| w.alive).map(|w| w.slots as usize).sum()
+        self.lock().workers.total_slots()
     }
 
     /// Waits up to `wait` for at least one live worker; returns the total slots then.
@@ -283,14 +147,16 @@ impl Cluster {
             error: None,
             bytes_shuffled: 0,
             bytes_gathered: 0,
+            attempts_retried: 0,
+            tasks_recomputed: 0,
         };
-        let entry = QueryEntry { record, started: Instant::now(), tasks: BTreeMap::new(), stages: Vec::new() };
+        let entry = QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new() };
         self.lock().queries.insert(id.to_string(), entry);
         self.metrics.query_started();
     }
 
-    /// Takes a distributed Query's Stages (inputs first) and queues the Tasks of those whose
-    /// inputs are ready (attempt 0 of each); the others wait for their inputs to finish.
+    /// Takes a distributed Query's Stages (inputs first) and queues the first Attempts of the
+    /// Tasks whose inputs are ready; the others follow as their inputs get outputs.
     pub fn submit(&self, query_id: &str, stages: Vec<NewStage>) -> Result<()> {
         let task_count: usize = stages.iter().map(|s| s.tasks.len()).sum();
         let mut inner = self.lock();
@@ -300,9 +166,9 @@ impl Cluster {
                 inner.queue.len(),
             )));
         }
-        let Inner { queries, queue, .. } = &mut *inner;
+        let Inner { queries, queue, workers, .. } = &mut *inner;
         let Some(query) = queries.get_mut(query_id) else {
-            return Err(DataFusionError::Internal(format!("unknown query {query_id}")));
+            return Err(DataFusionError::Execution(format!("unknown query {query_id}")));
         };
         if query.record.state != "running" {
             // Cancelled while it was being planned: its Tasks must never be queued.
@@ -311,197 +177,167 @@ impl Cluster {
         query.record.mode = "distributed";
         query.record.stages = stages.len() as u32;
         query.record.tasks = task_count as u32;
-        for stage in stages {
-            let mut waiting = Vec::with_capacity(stage.tasks.len());
-            for t in stage.tasks {
-                let key = TaskKey { query_id: query_id.to_string(), stage: t.stage, task: t.task, attempt: 0 };
-                let record = TaskRecord {
-                    key: key.clone(),
-                    worker_id: None,
-                    plan: t.summary,
-                    output: if stage.shuffle { "shuffle" } else { "gather" },
-                    state: TaskState::Queued,
-                    rows: 0,
-                    bytes: 0,
-                    elapsed_ms: 0,
-                    error: None,
-                    started: None,
-                    ended: None,
-                };
-                let entry = TaskEntry {
-                    record,
-                    outcome: watch::channel(None).0,
-                    consumed: false,
-                    parts_read: 0,
-                    output_url: None,
-                    started: None,
-                    finished: None,
-                };
-                query.tasks.insert((t.stage, t.task), entry);
-                waiting.push(QueuedTask { key, plan: Arc::new(t.plan), partition: t.partition, inputs: Arc::default() });
-            }
-            let unfinished = waiting.len();
-            query.stages.push(StageEntry { inputs: stage.inputs, shuffle: stage.shuffle, parts: stage.parts, waiting, unfinished });
+        let mut run = QueryRun::new(query_id, stages);
+        query.outcomes = run.task_ids().map(|id| (id, watch::channel(None).0)).collect();
+        let mut out = Vec::new();
+        run.start(Instant::now(), &mut out);
+        if workers.live().next().is_none() {
+            run.fail(no_live_workers(), Instant::now(), &mut out);
         }
-        query.queue_ready_stages(queue);
-        drop(inner);
-        self.task_ready.notify_waiters();
-        // The last worker may have been lost since the Query was planned.
-        self.fail_queued_without_workers();
+        query.run = Some(run);
+        self.apply(query, queue, out);
         Ok(())
     }
 
-    /// A worker's long poll: the next queued Task, waiting up to [`TASK_POLL_WAIT_MS`].
+    /// A worker's long poll: the next Attempt it may take, waiting up to [`TASK_POLL_WAIT_MS`].
     /// `Err(())` means the worker is unknown and must register again.
-    pub async fn poll(&self, worker_id: &str) -> std::result::Result<Option<TaskAssignment>, ()> {
+    pub async fn poll(&self, worker_id: &str, session: u64) -> std::result::Result<Option<TaskAssignment>, ()> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(TASK_POLL_WAIT_MS);
         loop {
             let ready = self.task_ready.notified();
-            if let Some(found) = self.try_assign(worker_id)? {
-                return Ok(Some(found));
-            }
-            if tokio::time::timeout_at(deadline, ready).await.is_err() {
+            let next_ready = match self.try_assign(worker_id, session)? {
+                Assigned::Task(task) => return Ok(Some(task)),
+                Assigned::NotBefore(at) => at.map(tokio::time::Instant::from_std),
+            };
+            let wake = next_ready.map_or(deadline, |at| at.min(deadline));
+            if tokio::time::timeout_at(wake, ready).await.is_err() && wake >= deadline {
                 return Ok(None);
             }
         }
     }
 
-    fn try_assign(&self, worker_id: &str) -> std::result::Result<Option<TaskAssignment>, ()> {
+    fn try_assign(&self, worker_id: &str, session: u64) -> std::result::Result<Assigned, ()> {
         let mut inner = self.lock();
-        match inner.workers.get(worker_id) {
-            Some(w) if w.alive => {}
-            _ => return Err(()),
+        if !inner.workers.is_live(worker_id, session) {
+            return Err(());
         }
-        while let Some(queued) = inner.queue.pop_front() {
-            let slot = (queued.key.stage, queued.key.task);
-            let Some(task) = inner.queries.get_mut(&queued.key.query_id).and_then(|q| q.tasks.get_mut(&slot)) else {
-                continue; // the Query ended while the Task waited
+        let Inner { queue, queries, workers, .. } = &mut *inner;
+        let url = workers.url(worker_id).unwrap_or_default().to_string();
+        let now = Instant::now();
+        let mut next_ready: Option<Instant> = None;
+        let mut index = 0;
+        while index < queue.len() {
+            let queued = &queue[index];
+            let run = queries.get_mut(&queued.key.query_id).and_then(|q| q.run.as_mut());
+            let Some(run) = run.filter(|run| run.is_queued(&queued.key)) else {
+                queue.remove(index); // its Query ended, or it was cancelled while it waited
+                continue;
             };
-            if task.record.state != TaskState::Queued {
+            if queued.ready_at > now {
+                next_ready = Some(next_ready.map_or(queued.ready_at, |t| t.min(queued.ready_at)));
+                index += 1;
                 continue;
             }
-            task.record.state = TaskState::Running;
-            task.record.worker_id = Some(worker_id.to_string());
-            task.started = Some(Instant::now());
-            task.record.started = Some(SystemTime::now());
-            if let Some(w) = inner.workers.get_mut(worker_id) {
-                w.running_tasks += 1;
+            // A Task that failed on this worker goes to another one when there is one.
+            let elsewhere = || workers.live().any(|w| !queued.avoid.contains(&w.id));
+            if queued.avoid.iter().any(|w| w == worker_id) && elsewhere() {
+                index += 1;
+                continue;
             }
+            run.assigned(&queued.key, worker_id, &url, now);
+            let queued = queue.remove(index).expect("index is in the queue");
             tracing::debug!(task = %queued.key, worker = worker_id, "task assigned");
             let plan = Arc::try_unwrap(queued.plan).unwrap_or_else(|shared| (*shared).clone());
             let inputs = (*queued.inputs).clone();
-            return Ok(Some(TaskAssignment { key: Some(queued.key), plan, partition: queued.partition, inputs }));
+            return Ok(Assigned::Task(TaskAssignment { key: Some(queued.key), plan, partition: queued.partition, inputs }));
         }
-        Ok(None)
+        Ok(Assigned::NotBefore(next_ready))
     }
 
     /// Applies a worker's report on one Attempt.
     pub fn report(&self, report: TaskReport) {
         let Some(key) = report.key else { return };
         let state = TaskState::try_from(report.state).unwrap_or(TaskState::Failed);
-        let mut inner = self.lock();
-        let Inner { queries, workers, queue, .. } = &mut *inner;
-        let Some(query) = queries.get_mut(&key.query_id) else {
-            return; // a report for a Query that already ended
-        };
-        let Some(task) = query.tasks.get_mut(&(key.stage, key.task)) else { return };
-        if task.record.state.is_final() || task.record.key.attempt != key.attempt {
-            return;
-        }
         tracing::debug!(task = %key, state = state.as_str(), elapsed_ms = report.elapsed_ms, "task reported");
-        task.record.rows = report.rows;
-        task.record.bytes = report.bytes;
-        task.record.elapsed_ms = report.elapsed_ms;
-        if !state.is_final() {
-            task.record.state = state;
-            return;
+        let mut inner = self.lock();
+        if !inner.workers.is_live(&report.worker_id, report.session) && state != TaskState::Succeeded {
+            return; // a stale worker's failure changes nothing; its stale success is freed below
         }
-        task.end(state, &self.metrics);
-        task.finished = Some(Instant::now());
-        if let Some(w) = workers.get_mut(&report.worker_id) {
-            w.running_tasks = w.running_tasks.saturating_sub(1);
-        }
-        if state == TaskState::Succeeded {
-            let worker_url = workers.get(&report.worker_id).map(|w| w.url.clone()).unwrap_or_default();
-            task.output_url = Some(worker_url.clone());
-            self.metrics.attempt_output(report.rows, report.bytes, task.record.output == "shuffle");
-            task.outcome.send_replace(Some(TaskOutcome::Succeeded { key: key.clone(), worker_url }));
-            query.task_succeeded(key.stage, report.bytes, queue);
-            drop(inner);
-            self.task_ready.notify_waiters();
-            return;
-        }
-        let error = report.error.unwrap_or(RemoteError {
-            kind: "execution".into(),
-            message: format!("task {key} {} without an error", state.as_str()),
-        });
-        task.record.error = Some(error.message.clone());
-        task.outcome.send_replace(Some(TaskOutcome::Failed(error.clone())));
-        query.fail(&error, workers, &self.metrics);
+        let query_id = key.query_id.clone();
+        let report = Report {
+            key,
+            worker_id: report.worker_id,
+            state,
+            rows: report.rows,
+            bytes: report.bytes,
+            elapsed_ms: report.elapsed_ms,
+            error: report.error.map(remote_to_quiver),
+        };
+        self.with_run(&mut inner, &query_id, |run, out| run.reported(report, Instant::now(), out));
     }
 
-    /// Waits for the outcome of a Task of a running Query.
+    /// The final Stage could not read the output of Attempt `key`: it is treated as lost. False
+    /// when the Query no longer runs, so that nothing will be recomputed.
+    pub fn output_unreadable(&self, key: &TaskKey, error: &QuiverError) -> bool {
+        let mut inner = self.lock();
+        let mut running = false;
+        self.with_run(&mut inner, &key.query_id, |run, out| {
+            running = run.is_running();
+            run.output_unreadable(key, error, Instant::now(), out);
+        });
+        running
+    }
+
+    /// What the final Stage should read for a Task of a running Query, as it changes.
     pub fn subscribe(&self, query_id: &str, stage: u32, task: u32) -> Result<watch::Receiver<Option<TaskOutcome>>> {
         let inner = self.lock();
         inner
             .queries
             .get(query_id)
-            .and_then(|q| q.tasks.get(&(stage, task)))
-            .map(|t| t.outcome.subscribe())
-            .ok_or_else(|| DataFusionError::Internal(format!("no task {stage}/{task} in query {query_id}")))
+            .and_then(|q| q.outcomes.get(&(stage, task)))
+            .map(|t| t.subscribe())
+            .ok_or_else(|| DataFusionError::Execution(format!("no task {stage}/{task} in query {query_id}")))
     }
 
-    /// The final Stage has read one part of a Task's output whole. Once it has read every part,
-    /// losing the Task's worker no longer matters.
-    pub fn mark_part_read(&self, query_id: &str, stage: u32, task: u32) {
-        let mut inner = self.lock();
-        let Some(query) = inner.queries.get_mut(query_id) else { return };
-        let parts = query.stages.get(stage as usize).map_or(1, |s| s.parts);
-        if let Some(t) = query.tasks.get_mut(&(stage, task)) {
-            t.parts_read += 1;
-            t.consumed |= t.parts_read >= parts;
+    /// The final Stage has read part `part` of Attempt `key`'s output whole: losing it no
+    /// longer matters.
+    pub fn mark_part_read(&self, key: &TaskKey, part: u32) {
+        if let Some(run) = self.lock().queries.get_mut(&key.query_id).and_then(|q| q.run.as_mut()) {
+            run.part_read(key, part);
         }
     }
 
-    /// Ends a Query: drops its queued Tasks, cancels the unfinished ones and returns the URLs of
-    /// the workers that ran any of its Tasks (they hold outputs to free); None when the Query had
-    /// already ended, so that only one caller acts on its end.
+    /// The Attempts whose outputs count for each Task of a Stage (the ones the final Stage read).
+    pub fn counted_attempts(&self, query_id: &str, stage: u32) -> Vec<TaskKey> {
+        let inner = self.lock();
+        inner.queries.get(query_id).and_then(|q| q.run.as_ref()).map(|r| r.counted_attempts(stage)).unwrap_or_default()
+    }
+
+    /// Ends a Query: drops its queued Attempts, cancels the unfinished ones and returns the URLs
+    /// of the workers that ran any of its Attempts (they hold outputs to free); None when the
+    /// Query had already ended, so that only one caller acts on its end.
     pub fn finish_query(&self, id: &str, rows: u64, error: Option<&DataFusionError>, cancelled: bool) -> Option<Vec<String>> {
         let mut inner = self.lock();
-        let Inner { queries, workers, finished, queue, .. } = &mut *inner;
+        let Inner { queries, finished, queue, .. } = &mut *inner;
         let query = queries.get_mut(id)?;
         if query.record.state != "running" {
             return None;
         }
         queue.retain(|t| t.key.query_id != id);
+        let mut out = Vec::new();
+        if let Some(run) = query.run.as_mut() {
+            run.end(Instant::now(), &mut out);
+        }
+        self.apply(query, queue, out);
         // Whoever still waits on a Task (a reader of a Query cancelled from outside its stream)
         // learns that the Query ended instead of waiting forever.
-        let ended = error_to_remote(&DataFusionError::Execution(format!("query {id} ended before this task finished")));
-        let mut used = std::collections::BTreeSet::new();
-        for task in query.tasks.values_mut() {
-            if let Some(worker) = &task.record.worker_id {
-                used.insert(worker.clone());
-            }
-            if !task.record.state.is_final() {
-                if task.record.state == TaskState::Running {
-                    if let Some(w) = task.record.worker_id.as_ref().and_then(|id| workers.get_mut(id)) {
-                        w.running_tasks = w.running_tasks.saturating_sub(1);
-                    }
-                }
-                task.end(TaskState::Cancelled, &self.metrics);
-                task.outcome.send_replace(Some(TaskOutcome::Failed(ended.clone())));
-            }
+        let ended = QuiverError::new(ErrorKind::Cancelled, format!("query {id} ended before this task finished"));
+        for outcome in query.outcomes.values() {
+            outcome.send_if_modified(|o| o.is_none().then(|| *o = Some(TaskOutcome::Failed(ended.clone()))).is_some());
         }
+        let urls = query.run.as_ref().map(QueryRun::worker_urls).unwrap_or_default();
         let record = &mut query.record;
         record.rows = rows;
         record.duration_ms = query.started.elapsed().as_millis() as u64;
-        record.workers_used = used.len() as u32;
         record.state = match (error, cancelled) {
             (Some(_), _) => "failed",
             (None, true) => "cancelled",
             (None, false) => "succeeded",
         };
-        record.error = error.map(|e| e.to_string());
+        record.error = error.map(error_text);
+        if let Some(run) = &query.run {
+            fill_from_run(record, run);
+        }
         self.metrics.query_ended(record.state);
         finished.push_back(id.to_string());
         while finished.len() > QUERY_HISTORY_MAX {
@@ -509,69 +345,89 @@ impl Cluster {
                 queries.remove(&old);
             }
         }
-        Some(used.iter().filter_map(|w| workers.get(w)).map(|w| w.url.clone()).collect())
+        Some(urls.into_iter().collect())
     }
 
-    /// Declares silent workers lost and fails the Tasks whose outputs died with them.
+    /// Declares silent workers lost: their running Attempts run again elsewhere and their
+    /// outputs that are still needed are recomputed. With no live worker left, every Query that
+    /// still needs one fails instead of waiting.
     pub fn detect_lost_workers(&self) {
         let mut inner = self.lock();
-        let Inner { workers, queries, .. } = &mut *inner;
-        let timeout = Duration::from_millis(WORKER_TIMEOUT_MS);
-        let mut lost_any = false;
-        let mut lost = Vec::new();
-        for worker in workers.values_mut().filter(|w| w.alive && w.last_seen.elapsed() > timeout) {
-            worker.alive = false;
-            worker.running_tasks = 0;
-            tracing::warn!(worker = %worker.id, url = %worker.url, "worker lost: no heartbeat for {WORKER_TIMEOUT_MS} ms");
-            lost_any = true;
-            let message = format!(
-                "worker {} at {} was lost (no heartbeat for {WORKER_TIMEOUT_MS} ms)",
-                worker.id, worker.url
-            );
-            for query in queries.values_mut().filter(|q| q.record.state == "running") {
-                for task in query.tasks.values_mut() {
-                    let on_worker = task.record.worker_id.as_deref() == Some(worker.id.as_str());
-                    let needed = task.record.state == TaskState::Running
-                        || (task.record.state == TaskState::Succeeded && !task.consumed);
-                    if on_worker && needed {
-                        task.end(TaskState::Failed, &self.metrics);
-                        task.record.error = Some(message.clone());
-                        let error = RemoteError { kind: "execution".into(), message: format!("task {}: {message}", task.record.key) };
-                        task.outcome.send_replace(Some(TaskOutcome::Failed(error.clone())));
-                        lost.push((query.record.id.clone(), error));
-                    }
+        let now = Instant::now();
+        let lost = inner.workers.take_lost(Duration::from_millis(WORKER_TIMEOUT_MS), now);
+        for worker in &lost {
+            let message = format!("worker {} at {} was lost (no heartbeat for {WORKER_TIMEOUT_MS} ms)", worker.id, worker.url);
+            self.for_each_run(&mut inner, |run, out| run.worker_lost(&worker.id, &message, now, out));
+        }
+        if !lost.is_empty() && inner.workers.live().next().is_none() {
+            self.for_each_run(&mut inner, |run, out| {
+                if run.needs_workers() {
+                    run.fail(no_live_workers(), now, out);
                 }
-            }
-        }
-        for (query_id, error) in lost {
-            if let Some(query) = queries.get_mut(&query_id) {
-                query.fail(&error, workers, &self.metrics);
-            }
-        }
-        drop(inner);
-        if lost_any {
-            self.fail_queued_without_workers();
+            });
         }
     }
 
-    /// With no live worker left, queued Tasks would wait forever: fail their Queries instead.
-    pub fn fail_queued_without_workers(&self) {
-        let mut inner = self.lock();
-        if inner.workers.values().any(|w| w.alive) {
-            return;
-        }
-        let Inner { queries, workers, .. } = &mut *inner;
-        let message = "no live workers: every worker was lost or none registered".to_string();
-        let error = RemoteError { kind: "execution".into(), message };
+    /// Runs `event` on the run of one Query and carries out its actions.
+    fn with_run(&self, inner: &mut Inner, query_id: &str, event: impl FnOnce(&mut QueryRun, &mut Vec<Action>)) {
+        let Inner { queries, queue, .. } = inner;
+        let Some(query) = queries.get_mut(query_id) else { return };
+        let Some(run) = query.run.as_mut() else { return };
+        let mut out = Vec::new();
+        event(run, &mut out);
+        self.apply(query, queue, out);
+    }
+
+    /// Runs `event` on the run of every running Query.
+    fn for_each_run(&self, inner: &mut Inner, mut event: impl FnMut(&mut QueryRun, &mut Vec<Action>)) {
+        let Inner { queries, queue, .. } = inner;
         for query in queries.values_mut().filter(|q| q.record.state == "running") {
-            if query.tasks.values().any(|t| !t.record.state.is_final()) {
-                query.fail(&error, workers, &self.metrics);
+            let Some(run) = query.run.as_mut() else { continue };
+            let mut out = Vec::new();
+            event(run, &mut out);
+            self.apply(query, queue, out);
+        }
+    }
+
+    /// Carries out what a Query's run asked for.
+    fn apply(&self, query: &mut QueryEntry, queue: &mut VecDeque<QueuedAttempt>, actions: Vec<Action>) {
+        let mut queued = false;
+        for action in actions {
+            match action {
+                Action::Queue(attempt) => {
+                    queue.push_back(attempt);
+                    queued = true;
+                }
+                Action::Stop { key, worker_url } => stop_attempt(worker_url, key),
+                Action::Publish { task, outcome } => {
+                    if let Some(sender) = query.outcomes.get(&task) {
+                        sender.send_replace(outcome);
+                    }
+                }
+                Action::Fail(error) => {
+                    tracing::warn!(query = %query.record.id, "query failed: {}", error.message);
+                    for sender in query.outcomes.values() {
+                        sender.send_replace(Some(TaskOutcome::Failed(error.clone())));
+                    }
+                }
+                Action::Ended { state, ran } => self.metrics.attempt_ended(state.as_str(), ran),
+                Action::Output { rows, bytes, shuffle } => {
+                    self.metrics.attempt_output(rows, bytes, shuffle);
+                    match shuffle {
+                        true => query.record.bytes_shuffled += bytes,
+                        false => query.record.bytes_gathered += bytes,
+                    }
+                }
+                Action::Restarted { started_as, cause } => self.metrics.attempt_restarted(started_as.as_str(), cause.as_str()),
             }
+        }
+        if queued {
+            self.task_ready.notify_waiters();
         }
     }
 
     pub fn workers(&self) -> Vec<WorkerRecord> {
-        self.lock().workers.values().cloned().collect()
+        self.lock().workers.records()
     }
 
     pub fn queries(&self) -> Vec<QueryRecord> {
@@ -581,41 +437,45 @@ impl Cluster {
         records
     }
 
+    /// Every Attempt of every Query the coordinator remembers.
     pub fn tasks(&self) -> Vec<TaskRecord> {
         let inner = self.lock();
-        let mut records: Vec<_> = inner.queries.values().flat_map(|q| q.tasks.values().map(|t| t.record.clone())).collect();
+        let runs = inner.queries.values().filter_map(|q| q.run.as_ref());
+        let mut records: Vec<_> = runs.flat_map(QueryRun::records).collect();
         records.sort_by(|a, b| a.key.cmp(&b.key));
         records
     }
 
     pub fn query(&self, id: &str) -> Option<QueryRecord> {
-        self.lock().queries.get(id).map(|q| q.record.clone())
+        self.lock().queries.get(id).map(QueryEntry::snapshot)
     }
 
     /// How far a Query has got, in Tasks; None for a Query this coordinator does not know.
     pub fn progress(&self, query_id: &str) -> Option<QueryProgress> {
         let inner = self.lock();
         let query = inner.queries.get(query_id)?;
-        let states = || query.tasks.values().map(|t| t.record.state);
+        let (done, running) = query.run.as_ref().map(QueryRun::progress).unwrap_or_default();
         Some(QueryProgress {
             state: query.record.state.to_string(),
             tasks_total: query.record.tasks,
-            tasks_done: states().filter(|s| s.is_final()).count() as u32,
-            tasks_running: states().filter(|s| *s == TaskState::Running).count() as u32,
+            tasks_done: done as u32,
+            tasks_running: running as u32,
         })
     }
 
-    /// Rows, bytes and time of each Stage of a Query, from its Tasks' reports.
+    /// Rows, bytes and time of each Stage of a Query, from its Attempts' reports.
     pub fn stage_metrics(&self, query_id: &str) -> Vec<StageMetrics> {
-        self.lock().queries.get(query_id).map(QueryEntry::stage_metrics).unwrap_or_default()
+        let inner = self.lock();
+        inner.queries.get(query_id).and_then(|q| q.run.as_ref()).map(QueryRun::stage_metrics).unwrap_or_default()
     }
 
-    /// A Query with its Stages and Tasks, taken at one instant.
+    /// A Query with its Stages and Attempts, taken at one instant.
     pub fn query_detail(&self, id: &str) -> Option<QueryDetail> {
         let inner = self.lock();
         let query = inner.queries.get(id)?;
-        let tasks = query.tasks.values().map(|t| t.record.clone()).collect();
-        Some(QueryDetail { query: query.snapshot(), stages: query.stage_metrics(), tasks })
+        let tasks = query.run.as_ref().map(|r| r.records().collect()).unwrap_or_default();
+        let stages = query.run.as_ref().map(QueryRun::stage_metrics).unwrap_or_default();
+        Some(QueryDetail { query: query.snapshot(), stages, tasks })
     }
 
     /// The metrics in the Prometheus text exposition format.
@@ -624,118 +484,45 @@ impl Cluster {
     }
 }
 
-impl TaskEntry {
-    /// Sets the Attempt's state; the first final state is its end, timed and counted.
-    fn end(&mut self, state: TaskState, metrics: &Metrics) {
-        let ending = !self.record.state.is_final() && state.is_final();
-        self.record.state = state;
-        if !ending {
-            return;
-        }
-        self.record.ended = Some(SystemTime::now());
-        if let Some(started) = self.started {
-            metrics.attempt_ended(state.as_str(), started.elapsed());
-        }
-    }
+/// What a worker's poll found.
+enum Assigned {
+    Task(TaskAssignment),
+    /// Nothing it may take now; the earliest queued Attempt whose backoff has not ended.
+    NotBefore(Option<Instant>),
 }
 
 impl QueryEntry {
-    /// The record, with the duration so far while the Query runs.
+    /// The record, with what the run knows so far while the Query runs.
     fn snapshot(&self) -> QueryRecord {
         let mut record = self.record.clone();
         if record.state == "running" {
             record.duration_ms = self.started.elapsed().as_millis() as u64;
+            if let Some(run) = &self.run {
+                fill_from_run(&mut record, run);
+            }
         }
         record
     }
-
-    /// Rows, bytes and time of each Stage, from its Tasks' reports.
-    fn stage_metrics(&self) -> Vec<StageMetrics> {
-        self.stages.iter().enumerate().map(|(index, entry)| {
-            let stage = index as u32;
-            let tasks: Vec<&TaskEntry> = self.tasks.range((stage, 0)..(stage + 1, 0)).map(|(_, t)| t).collect();
-            let first = tasks.iter().filter_map(|t| t.started).min();
-            let last = tasks.iter().filter_map(|t| t.finished).max();
-            let elapsed_ms = match (first, last) {
-                (Some(a), Some(b)) => b.saturating_duration_since(a).as_millis() as u64,
-                _ => 0,
-            };
-            StageMetrics {
-                stage,
-                inputs: entry.inputs.clone(),
-                output: if entry.shuffle { "shuffle" } else { "gather" },
-                tasks: tasks.len(),
-                rows: tasks.iter().map(|t| t.record.rows).sum(),
-                bytes: tasks.iter().map(|t| t.record.bytes).sum(),
-                elapsed_ms,
-            }
-        })
-        .collect()
-    }
-
-    /// Queues the waiting Tasks of every Stage whose inputs have all finished, telling each
-    /// where its inputs' outputs are.
-    fn queue_ready_stages(&mut self, queue: &mut VecDeque<QueuedTask>) {
-        for index in 0..self.stages.len() {
-            let stage = &self.stages[index];
-            if stage.waiting.is_empty() || stage.inputs.iter().any(|&i| self.stages[i as usize].unfinished > 0) {
-                continue;
-            }
-            let locations: Vec<OutputLocation> = stage
-                .inputs
-                .iter()
-                .flat_map(|&input| self.tasks.range((input, 0)..(input + 1, 0)))
-                .map(|(_, t)| OutputLocation { key: Some(t.record.key.clone()), worker_url: t.output_url.clone().unwrap_or_default() })
-                .collect();
-            let locations = Arc::new(locations);
-            for mut task in std::mem::take(&mut self.stages[index].waiting) {
-                task.inputs = Arc::clone(&locations);
-                queue.push_back(task);
-            }
-        }
-    }
-
-    /// Counts a Task's success; when its Stage is complete, its inputs are consumed and the
-    /// Stages that read it may start.
-    fn task_succeeded(&mut self, stage: u32, bytes: u64, queue: &mut VecDeque<QueuedTask>) {
-        let Some(entry) = self.stages.get_mut(stage as usize) else { return };
-        if entry.shuffle {
-            self.record.bytes_shuffled += bytes;
-        } else {
-            self.record.bytes_gathered += bytes;
-        }
-        entry.unfinished = entry.unfinished.saturating_sub(1);
-        self.record.tasks_done += 1;
-        if entry.unfinished > 0 {
-            return;
-        }
-        for input in entry.inputs.clone() {
-            for (_, task) in self.tasks.range_mut((input, 0)..(input + 1, 0)) {
-                task.consumed = true;
-            }
-        }
-        self.queue_ready_stages(queue);
-    }
-
-    /// One Task failed, so the Query fails: every Task that has not ended is cancelled, and
-    /// whoever waits on one learns the error that ended the Query.
-    fn fail(&mut self, error: &RemoteError, workers: &mut BTreeMap<String, WorkerRecord>, metrics: &Metrics) {
-        for stage in &mut self.stages {
-            stage.waiting.clear();
-        }
-        for task in self.tasks.values_mut().filter(|t| !t.record.state.is_final()) {
-            if task.record.state == TaskState::Running {
-                if let Some(w) = task.record.worker_id.as_ref().and_then(|id| workers.get_mut(id)) {
-                    w.running_tasks = w.running_tasks.saturating_sub(1);
-                }
-            }
-            task.end(TaskState::Cancelled, metrics);
-            task.outcome.send_replace(Some(TaskOutcome::Failed(error.clone())));
-        }
-    }
 }
 
-/// The error a Task outcome stands for.
-pub fn outcome_error(error: RemoteError) -> DataFusionError {
-    error_from_remote(error)
+fn fill_from_run(record: &mut QueryRecord, run: &QueryRun) {
+    record.tasks_done = run.progress().0 as u32;
+    record.workers_used = run.workers_used().len() as u32;
+    record.attempts_retried = run.retried();
+    record.tasks_recomputed = run.recomputed();
+}
+
+fn no_live_workers() -> QuiverError {
+    QuiverError::new(ErrorKind::WorkerLost, "no live workers: every worker was lost or none registered")
+}
+
+/// Tells a worker to stop an Attempt and free its outputs, in the background: the worker may be
+/// gone, and then there is nothing to free.
+fn stop_attempt(worker_url: String, key: TaskKey) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    runtime.spawn(async move {
+        if let Err(e) = release_attempt(&worker_url, key.clone()).await {
+            tracing::debug!(task = %key, url = %worker_url, "stopping the attempt failed: {e}");
+        }
+    });
 }

@@ -34,6 +34,12 @@ struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabel {
+    kind: &'static str,
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerLabel {
     worker: String,
 }
@@ -43,6 +49,7 @@ pub struct Metrics {
     queries: Family<StateLabel, Counter>,
     queries_running: Gauge,
     task_attempts: Family<StateLabel, Counter>,
+    task_retries: Family<RetryLabel, Counter>,
     task_duration: Histogram,
     rows_processed: Counter,
     bytes_processed: Counter,
@@ -64,6 +71,7 @@ impl Default for Metrics {
             queries: Family::default(),
             queries_running: Gauge::default(),
             task_attempts: Family::default(),
+            task_retries: Family::default(),
             task_duration: Histogram::new(buckets),
             rows_processed: Counter::default(),
             bytes_processed: Counter::default(),
@@ -87,6 +95,11 @@ impl Metrics {
         r.register("queries", "Queries that ended, by final state", self.queries.clone());
         r.register("queries_running", "Queries running now", self.queries_running.clone());
         r.register("task_attempts", "Task Attempts that ran on a worker and ended, by final state", self.task_attempts.clone());
+        r.register(
+            "task_retries",
+            "Task Attempts started again, by kind (retry or recompute) and by the cause that ended the Attempt before",
+            self.task_retries.clone(),
+        );
         r.register_with_unit(
             "task_duration",
             "Time from a Task Attempt's assignment to its end, as the coordinator saw it",
@@ -114,9 +127,17 @@ impl Metrics {
     }
 
     /// An Attempt that ran on a worker ended after `ran` (assignment to end).
-    pub(super) fn attempt_ended(&self, state: &'static str, ran: Duration) {
+    /// Attempts that never reached a worker are not counted.
+    pub(super) fn attempt_ended(&self, state: &'static str, ran: Option<Duration>) {
+        let Some(ran) = ran else { return };
         self.task_attempts.get_or_create(&StateLabel { state }).inc();
         self.task_duration.observe(ran.as_secs_f64());
+    }
+
+    /// An Attempt beyond its Task's first was started: a `retry` (after a failure, a lost
+    /// worker or a lost input) or a `recompute` (after a lost output), with the cause.
+    pub(super) fn attempt_restarted(&self, kind: &'static str, cause: &'static str) {
+        self.task_retries.get_or_create(&RetryLabel { kind, cause }).inc();
     }
 
     /// A succeeded Attempt's output.

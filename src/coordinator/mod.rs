@@ -2,10 +2,13 @@
 //! Stages and Tasks, hands Tasks to Workers as they poll with free slots, runs the final Stage
 //! and streams the result to the client.
 
+mod attempts;
 mod catalog;
 mod cluster;
 mod explain;
 mod metrics;
+mod policy;
+mod registry;
 mod session;
 mod source;
 mod statements;
@@ -23,15 +26,15 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
 use prost::Message;
 use tokio::net::TcpListener;
-use tonic::Status;
 
+pub use attempts::{Cause, StartedAs};
 pub use cluster::{Cluster, QueryRecord, StageMetrics, TaskRecord, WorkerRecord};
 pub use cluster::QueryDetail;
 pub use metrics::METRICS_CONTENT_TYPE;
 
 use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS};
 use crate::protocol::{
-    action, Empty, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, QueryProgressRequest, RegisterWorker,
+    quiver_error, ErrorKind, action, Empty, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, QueryProgressRequest, RegisterWorker,
     RegisterWorkerResponse, ReleaseQuery, TaskReport,
 };
 use crate::transport::{
@@ -139,8 +142,8 @@ async fn restore_catalog(ctx: &SessionContext, catalog: &catalog::Catalog) -> Re
     Ok(())
 }
 
-fn decode<M: Message + Default>(body: &Bytes) -> Result<M, Status> {
-    M::decode(body.clone()).map_err(|e| Status::invalid_argument(format!("malformed message: {e}")))
+fn decode<M: Message + Default>(body: &Bytes) -> Result<M> {
+    M::decode(body.clone()).map_err(|e| quiver_error(ErrorKind::Plan, format!("malformed message: {e}")))
 }
 
 /// The coordinator's Flight SQL service: client statements and the worker control plane.
@@ -180,22 +183,22 @@ impl SqlHandler for Service {
         statements::tables(&self.0).await
     }
 
-    async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes, Status> {
+    async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes> {
         let core = &self.0;
         let reply = match name {
             action::REGISTER_WORKER => {
                 let r: RegisterWorker = decode(&body)?;
-                let worker_id = core.cluster.register_worker(r.address, r.slots, r.memory_limit_bytes);
-                RegisterWorkerResponse { worker_id }.encode_to_vec()
+                let (worker_id, session) = core.cluster.register_worker(r.address, r.slots, r.memory_limit_bytes);
+                RegisterWorkerResponse { worker_id, session }.encode_to_vec()
             }
             action::HEARTBEAT => {
                 let h: Heartbeat = decode(&body)?;
-                let known = core.cluster.heartbeat(&h.worker_id, h.memory_used_bytes, &h.tasks);
+                let known = core.cluster.heartbeat(&h.worker_id, h.session, h.running_tasks, h.memory_used_bytes, &h.tasks);
                 HeartbeatResponse { known }.encode_to_vec()
             }
             action::POLL_TASK => {
                 let p: PollTask = decode(&body)?;
-                match core.cluster.poll(&p.worker_id).await {
+                match core.cluster.poll(&p.worker_id, p.session).await {
                     Ok(task) => PollTaskResponse { task, known: true },
                     Err(()) => PollTaskResponse { task: None, known: false },
                 }
@@ -208,9 +211,9 @@ impl SqlHandler for Service {
             action::QUERY_PROGRESS => {
                 let r: QueryProgressRequest = decode(&body)?;
                 let progress = core.cluster.progress(&r.query_id);
-                progress.ok_or_else(|| Status::not_found(format!("unknown query '{}'", r.query_id)))?.encode_to_vec()
+                progress.ok_or_else(|| quiver_error(ErrorKind::Plan, format!("unknown query '{}'", r.query_id)))?.encode_to_vec()
             }
-            other => return Err(Status::invalid_argument(format!("unknown action '{other}'"))),
+            other => return Err(quiver_error(ErrorKind::Plan, format!("unknown action '{other}'"))),
         };
         Ok(reply.into())
     }

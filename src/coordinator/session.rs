@@ -22,7 +22,7 @@ use super::catalog::TableDef;
 use super::cluster::{NewStage, NewTask};
 use super::source::QueryTasks;
 use super::Core;
-use crate::planner::{self, count_schema, DistributeOptions, DistributedPlan, Exchange, WriteTarget};
+use crate::planner::{self, attempt_file, count_schema, task_file, DistributeOptions, COORDINATOR_FILE, DistributedPlan, Exchange, WriteTarget};
 use crate::protocol::encode_plan;
 
 /// How long a Query that needs workers waits for the first one to register.
@@ -178,8 +178,9 @@ async fn create_table(
     let mut segments = vec![];
     let mut rows = 0;
     if has_rows {
-        rows = write_segment(core, id, name, &input).await?;
-        segments.extend(commit_segment(core, id, name)?);
+        let written = write_segment(core, id, name, &input).await?;
+        rows = written.rows;
+        segments.extend(commit_segment(core, id, name, &written)?);
     }
     let def = TableDef::Managed { name: name.to_string(), schema, segments: segments.clone() };
     core.catalog.put(def.clone())?;
@@ -197,34 +198,52 @@ async fn insert(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan) ->
     let Some(TableDef::Managed { name, schema, mut segments }) = core.catalog.get(table)? else {
         return plan_err!("cannot INSERT INTO '{table}': only tables created by Quiver (CREATE TABLE) accept writes");
     };
-    let rows = write_segment(core, id, table, input).await?;
-    segments.extend(commit_segment(core, id, table)?);
+    let written = write_segment(core, id, table, input).await?;
+    segments.extend(commit_segment(core, id, table, &written)?);
     let def = TableDef::Managed { name, schema, segments };
     core.catalog.put(def.clone())?;
     core.catalog.register(&core.ctx, &def).await?;
-    Ok(rows)
+    Ok(written.rows)
 }
 
-/// Runs `input` as a distributed write into the staging directory of `table`. On failure, or
-/// when the statement is dropped half-way, the staging directory is removed: nothing of a failed
-/// write remains.
-async fn write_segment(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan) -> Result<u64> {
+/// Runs `input` as a distributed write into the staging directory of `table`; returns the rows
+/// written and the files to commit. On failure, or when the statement is dropped half-way, the
+/// staging directory is removed: nothing of a failed write remains.
+async fn write_segment(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan) -> Result<Written> {
     let staging = staging_dir(core, id, table);
+    std::fs::create_dir_all(&staging)?;
     let mut cleanup = RemoveOnDrop(Some(staging.clone()));
     let result = async {
         let physical = core.ctx.state().create_physical_plan(input).await?;
         let target = WriteTarget { dir: staging.clone(), row_group_rows: core.config.write_row_group_rows };
-        let stream = run_physical(core, id, physical, Some(target)).await?;
+        let (plan, stream) = start_physical(core, id, physical, Some(target)).await?;
         let batches: Vec<RecordBatch> = stream.try_collect().await?;
-        Ok::<u64, DataFusionError>(
-            batches.iter().flat_map(|b| b.column(0).as_primitive::<UInt64Type>().iter().flatten()).sum(),
-        )
+        let rows = batches.iter().flat_map(|b| b.column(0).as_primitive::<UInt64Type>().iter().flatten()).sum();
+        // Of each write Task, exactly the file of the Attempt whose count was returned.
+        let files = match plan.write_stage {
+            Some(stage) => {
+                let counted = core.cluster.counted_attempts(id, stage as u32);
+                counted.iter().map(|k| file_name(&attempt_file(&task_file(&staging, stage, k.task as usize), k.attempt))).collect()
+            }
+            None => vec![file_name(&staging.join(COORDINATOR_FILE))],
+        };
+        Ok::<Written, DataFusionError>(Written { rows, files })
     }
     .await;
     if result.is_ok() {
         cleanup.0 = None;
     }
     result
+}
+
+/// What a write produced: its row count and the names of the files it committed.
+struct Written {
+    rows: u64,
+    files: Vec<String>,
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// Removes a directory when dropped, unless emptied first.
@@ -243,13 +262,23 @@ fn staging_dir(core: &Core, id: &str, table: &str) -> std::path::PathBuf {
 }
 
 /// Moves a finished write's files to their segment directory; None when it wrote no file.
-fn commit_segment(core: &Core, id: &str, table: &str) -> Result<Option<String>> {
+/// Files of other Attempts (failed, superseded, or still running when the write ended) are
+/// removed after the move: an Attempt that creates its file late creates it in the staging
+/// directory, which is gone, and one that wrote into the directory before it moved is removed.
+fn commit_segment(core: &Core, id: &str, table: &str, written: &Written) -> Result<Option<String>> {
     let staging = staging_dir(core, id, table);
-    if !has_files(&staging) {
-        let _ = std::fs::remove_dir_all(&staging);
+    let segment = core.catalog.table_dir(table).join(id);
+    std::fs::rename(&staging, &segment)?;
+    for entry in std::fs::read_dir(&segment)? {
+        let path = entry?.path();
+        if !written.files.contains(&file_name(&path)) {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    if !has_files(&segment) {
+        let _ = std::fs::remove_dir_all(&segment);
         return Ok(None);
     }
-    std::fs::rename(&staging, core.catalog.table_dir(table).join(id))?;
     Ok(Some(id.to_string()))
 }
 

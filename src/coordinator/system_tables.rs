@@ -57,10 +57,11 @@ fn schema(kind: Kind) -> SchemaRef {
         Kind::Queries => vec![
             s("query_id"), s("sql"), s("state"), s("mode"), u32f("stages"), u32f("tasks"), u32f("workers_used"),
             u64f("rows"), u64f("bytes_shuffled"), u64f("bytes_gathered"), Field::new("started", timestamp(), false), u64f("duration_ms"), sn("error"),
+            u32f("attempts_retried"), u32f("tasks_recomputed"),
         ],
         Kind::Tasks => vec![
             s("query_id"), u32f("stage"), u32f("task"), u32f("attempt"), sn("worker_id"), s("plan"), s("output"), s("state"),
-            u64f("rows"), u64f("bytes"), u64f("elapsed_ms"), sn("error"),
+            u64f("rows"), u64f("bytes"), u64f("elapsed_ms"), sn("error"), s("started_as"), sn("cause"),
         ],
     };
     Arc::new(Schema::new(fields))
@@ -123,6 +124,8 @@ impl SystemTable {
                     stamps(q.iter().map(|q| q.started)),
                     u64s(q.iter().map(|q| q.duration_ms)),
                     opt_strings(q.iter().map(|q| q.error.as_deref())),
+                    u32s(q.iter().map(|q| q.attempts_retried)),
+                    u32s(q.iter().map(|q| q.tasks_recomputed)),
                 ]
             }
             Kind::Tasks => {
@@ -140,6 +143,8 @@ impl SystemTable {
                     u64s(t.iter().map(|t| t.bytes)),
                     u64s(t.iter().map(|t| t.elapsed_ms)),
                     opt_strings(t.iter().map(|t| t.error.as_deref())),
+                    strings(t.iter().map(|t| t.started_as.as_str())),
+                    opt_strings(t.iter().map(|t| t.cause.map(|c| c.as_str()))),
                 ]
             }
         };

@@ -37,7 +37,7 @@ use crate::config::PlannerConfig;
 pub use reader::{Exchange, StageReaderExec, StageSource};
 pub use rules::shuffle_partitioning;
 pub use split::TaskSlice;
-pub use writer::{count_schema, TaskWriterExec};
+pub use writer::{attempt_file, count_schema, task_file, AttemptNumber, TaskWriterExec, COORDINATOR_FILE};
 
 /// Index of a Stage within its Query. Stages are numbered so that inputs come first.
 pub type StageId = usize;
@@ -80,6 +80,8 @@ pub struct DistributedPlan {
     pub stages: Vec<Stage>,
     /// The final Stage, run by the coordinator; it reads the worker Stages through readers.
     pub root: Arc<dyn ExecutionPlan>,
+    /// The Stage whose Tasks write the files of a distributed write (INSERT, CREATE TABLE AS).
+    pub write_stage: Option<StageId>,
 }
 
 impl DistributedPlan {
@@ -127,9 +129,11 @@ enum Output<'a> {
 /// Cuts `plan` into Stages. The result computes exactly what `plan` computes.
 pub fn distribute(plan: Arc<dyn ExecutionPlan>, opts: &DistributeOptions) -> Result<DistributedPlan> {
     let mut builder = Builder { opts, stages: Vec::new() };
+    let mut write_stage = None;
     let root: Arc<dyn ExecutionPlan> = match &opts.write_dir {
         Some(target) if rules::runs_on_workers(&plan) && rules::reads_files(&plan) => {
             let cut = builder.stage(Arc::clone(&plan), Output::Write(target))?;
+            write_stage = Some(cut.id);
             let counts = EquivalenceProperties::new(count_schema());
             let partitioning = Partitioning::UnknownPartitioning(cut.tasks);
             Arc::new(StageReaderExec::with_properties(cut.id, cut.tasks, Exchange::Gather, counts, partitioning, Arc::clone(&opts.source)))
@@ -137,12 +141,12 @@ pub fn distribute(plan: Arc<dyn ExecutionPlan>, opts: &DistributeOptions) -> Res
         // The coordinator writes what only it can compute, after the final Stage.
         Some(target) => {
             let single = single_partition(builder.coordinator(plan)?);
-            let path = target.dir.join("part-final.parquet");
+            let path = target.dir.join(COORDINATOR_FILE);
             Arc::new(TaskWriterExec::new(single, 0, path, target.row_group_rows))
         }
         None => builder.coordinator(plan)?,
     };
-    Ok(DistributedPlan { stages: builder.stages, root })
+    Ok(DistributedPlan { stages: builder.stages, root, write_stage })
 }
 
 /// A Stage just cut out of the plan, as its reader needs to know it.
@@ -276,7 +280,7 @@ impl Builder<'_> {
             let (plan, partition): (Arc<dyn ExecutionPlan>, usize) = match &output {
                 Output::Shuffle(partitioning) if sliceable => (Arc::new(RepartitionExec::try_new(plan, partitioning.clone())?), partition),
                 Output::Write(target) => {
-                    let path = target.dir.join(format!("part-{id}-{task}.parquet"));
+                    let path = task_file(&target.dir, id, task);
                     (Arc::new(TaskWriterExec::new(plan, partition, path, target.row_group_rows)), 0)
                 }
                 _ => (plan, partition),

@@ -1,9 +1,10 @@
 //! [`TaskWriterExec`]: writes one partition of its input to one Parquet file and returns the
-//! row count. Workers run it inside write Tasks (one file per Task); the coordinator runs it when
-//! the last Stage of a write is its own.
+//! row count. Workers run it inside write Tasks (one file per Attempt, named after it, so that
+//! two Attempts of one Task never write the same file); the coordinator runs it when the last
+//! Stage of a write is its own.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
 use datafusion::arrow::array::{RecordBatch, UInt64Array};
@@ -22,6 +23,24 @@ use futures::StreamExt;
 
 static COUNT_SCHEMA: LazyLock<SchemaRef> =
     LazyLock::new(|| Arc::new(Schema::new(vec![Field::new("count", DataType::UInt64, false)])));
+
+/// The number of the Attempt a Task's plan runs as, in its `TaskContext`'s session config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptNumber(pub u32);
+
+/// The file the coordinator writes when a write's last Stage runs on it.
+pub const COORDINATOR_FILE: &str = "part-final.parquet";
+
+/// The file Task `task` of write Stage `stage` writes into `dir`, before its Attempt is known.
+pub fn task_file(dir: &Path, stage: usize, task: usize) -> PathBuf {
+    dir.join(format!("part-{stage}-{task}.parquet"))
+}
+
+/// The file Attempt `attempt` of the Task whose file is `path` writes.
+pub fn attempt_file(path: &Path, attempt: u32) -> PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!("{stem}-a{attempt}.parquet"))
+}
 
 /// The schema of every write's result: one `count` column, as DataFusion's own DML returns.
 pub fn count_schema() -> SchemaRef {
@@ -103,8 +122,12 @@ impl ExecutionPlan for TaskWriterExec {
         if partition != 0 || self.input_partition >= self.input.output_partitioning().partition_count() {
             return internal_err!("TaskWriterExec writes one existing input partition");
         }
+        let path = match context.session_config().get_extension::<AttemptNumber>() {
+            Some(attempt) => attempt_file(&self.path, attempt.0),
+            None => self.path.clone(),
+        };
         let input = self.input.execute(self.input_partition, context)?;
-        let write = write_parquet(input, self.path.clone(), self.row_group_rows);
+        let write = write_parquet(input, path, self.row_group_rows);
         let stream = futures::stream::once(write);
         Ok(Box::pin(RecordBatchStreamAdapter::new(count_schema(), stream)))
     }
@@ -132,11 +155,13 @@ async fn write_parquet(mut input: SendableRecordBatchStream, path: PathBuf, row_
     Ok(RecordBatch::try_new(count_schema(), vec![Arc::new(counts)])?)
 }
 
+/// Opens `path` in its write's staging directory. The coordinator makes that directory before
+/// the write starts and renames it when the write commits: an Attempt that runs on after its
+/// write ended finds no directory, and cannot leave a file behind.
 async fn open_writer(path: &PathBuf, schema: SchemaRef, row_group_rows: usize) -> Result<AsyncArrowWriter<tokio::fs::File>> {
-    if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir).await.map_err(|e| DataFusionError::External(Box::new(e)))?;
-    }
-    let file = tokio::fs::File::create(path).await.map_err(|e| DataFusionError::External(Box::new(e)))?;
+    let file = tokio::fs::File::create(path)
+        .await
+        .map_err(|e| DataFusionError::IoError(std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))))?;
     let props = WriterProperties::builder().set_max_row_group_row_count(Some(row_group_rows.max(1))).build();
     Ok(AsyncArrowWriter::try_new(file, schema, Some(props))?)
 }

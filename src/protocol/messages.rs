@@ -12,6 +12,8 @@ pub mod action {
     pub const QUERY_PROGRESS: &str = "query_progress";
     /// Served by workers: drop a Query's outputs and stop its running Tasks.
     pub const RELEASE_QUERY: &str = "release_query";
+    /// Served by workers: stop one Attempt if it runs and drop its outputs.
+    pub const RELEASE_ATTEMPT: &str = "release_attempt";
 }
 
 /// Identifies one Attempt of one Task: the unit a worker runs and stores output for.
@@ -48,6 +50,10 @@ pub struct RegisterWorker {
 pub struct RegisterWorkerResponse {
     #[prost(string, tag = "1")]
     pub worker_id: String,
+    /// Names this registration: a worker that registered with an earlier coordinator (one that
+    /// restarted and gave its id to another worker) is told apart by it.
+    #[prost(uint64, tag = "2")]
+    pub session: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -61,6 +67,8 @@ pub struct Heartbeat {
     /// Attempts the worker holds: running, or finished and not yet reported.
     #[prost(message, repeated, tag = "4")]
     pub tasks: Vec<TaskKey>,
+    #[prost(uint64, tag = "5")]
+    pub session: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -75,6 +83,8 @@ pub struct HeartbeatResponse {
 pub struct PollTask {
     #[prost(string, tag = "1")]
     pub worker_id: String,
+    #[prost(uint64, tag = "2")]
+    pub session: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -153,25 +163,37 @@ pub struct TaskReport {
     pub elapsed_ms: u64,
     #[prost(message, optional, tag = "7")]
     pub error: Option<RemoteError>,
+    #[prost(uint64, tag = "8")]
+    pub session: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Empty {}
 
-/// A DataFusionError carried across the network with its kind, so that the receiver can
-/// rebuild the same variant.
+/// An error carried across the network with its kind (see [`super::ErrorKind`]): the receiver
+/// decides by it whether running again can help.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RemoteError {
     #[prost(string, tag = "1")]
     pub kind: String,
+    /// What a user reads, with its one prefix.
     #[prost(string, tag = "2")]
     pub message: String,
+    /// For a failed fetch: the Attempt whose output could not be read.
+    #[prost(message, optional, tag = "3")]
+    pub output: Option<TaskKey>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ReleaseQuery {
     #[prost(string, tag = "1")]
     pub query_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReleaseAttempt {
+    #[prost(message, optional, tag = "1")]
+    pub key: Option<TaskKey>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -14,9 +14,9 @@ use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{error_from_flight, error_from_status};
-use crate::protocol::{OutputTicket, TaskKey};
+use crate::protocol::{quiver_error, ErrorKind, OutputTicket, ReleaseAttempt, TaskKey};
 use crate::config::{
-    CONNECT_TIMEOUT_MS, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_DATA_CONNECTION_WINDOW_BYTES, HTTP2_KEEPALIVE_INTERVAL_MS,
+    CONNECT_TIMEOUT_MS, CONTROL_CALL_TIMEOUT_MS, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_DATA_CONNECTION_WINDOW_BYTES, HTTP2_KEEPALIVE_INTERVAL_MS,
     HTTP2_KEEPALIVE_TIMEOUT_MS, HTTP2_STREAM_WINDOW_BYTES,
     MAX_MESSAGE_BYTES, WORKER_CONNECTIONS_MAX,
 };
@@ -43,14 +43,15 @@ pub async fn connect(url: &str) -> Result<Peer> {
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| DataFusionError::Execution(format!("cannot reach {url}: {}", source_chain(&e))))?;
+        .map_err(|e| quiver_error(ErrorKind::Unreachable, format!("cannot reach {url}: {}", source_chain(&e))))?;
     Ok(Peer { url: url.to_string(), channel })
 }
 
 /// A connection that is made on first use and remade after failures: what a worker keeps to a
 /// coordinator that may not be up yet or may restart.
 pub fn connect_lazy(url: &str) -> Result<Peer> {
-    Ok(Peer { url: url.to_string(), channel: endpoint(url)?.connect_lazy() })
+    let endpoint = endpoint(url)?.timeout(Duration::from_millis(CONTROL_CALL_TIMEOUT_MS));
+    Ok(Peer { url: url.to_string(), channel: endpoint.connect_lazy() })
 }
 
 fn endpoint(url: &str) -> Result<Endpoint> {
@@ -93,15 +94,7 @@ pub async fn fetch_batches(peer: &Peer, ticket: Vec<u8>, schema: Option<SchemaRe
         None => first_schema(&mut decoder).await?,
     };
     let stream = arrow_flight::decode::FlightRecordBatchStream::new(decoder);
-    let url = peer.url.clone();
-    let batches = stream.map_err(move |e| {
-        let error = error_from_flight(e);
-        if matches!(error, DataFusionError::Execution(_)) {
-            DataFusionError::Execution(format!("{error} (from {url})"))
-        } else {
-            error
-        }
-    });
+    let batches = stream.map_err(error_from_flight);
     Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
 }
 
@@ -127,9 +120,10 @@ pub async fn worker_peer(url: &str) -> Result<Peer> {
     }
     let channel = endpoint(url)?
         .initial_connection_window_size(Some(HTTP2_DATA_CONNECTION_WINDOW_BYTES))
+        .timeout(Duration::from_millis(CONTROL_CALL_TIMEOUT_MS))
         .connect()
         .await
-        .map_err(|e| DataFusionError::Execution(format!("cannot reach {url}: {}", source_chain(&e))))?;
+        .map_err(|e| quiver_error(ErrorKind::Unreachable, format!("cannot reach {url}: {}", source_chain(&e))))?;
     let peer = Peer { url: url.to_string(), channel };
     let mut pool = WORKER_CONNECTIONS.lock().expect("pool lock");
     if pool.len() >= WORKER_CONNECTIONS_MAX {
@@ -154,10 +148,18 @@ async fn first_schema(inner: &mut arrow_flight::decode::FlightDataDecoder) -> Re
     }
 }
 
+/// Tells the worker at `url` to stop Attempt `key` if it runs and to free its outputs.
+pub async fn release_attempt(url: &str, key: TaskKey) -> Result<()> {
+    let peer = worker_peer(url).await?;
+    call::<_, crate::protocol::Empty>(&peer, crate::protocol::action::RELEASE_ATTEMPT, &ReleaseAttempt { key: Some(key) }).await?;
+    Ok(())
+}
+
 fn unreachable_or(peer: &Peer, error: arrow_flight::error::FlightError) -> DataFusionError {
     match &error {
-        arrow_flight::error::FlightError::Tonic(status) if status.code() == tonic::Code::Unavailable => {
-            DataFusionError::Execution(format!("{} is unreachable: {}", peer.url, status.message()))
+        // The transport's own Unavailable (no Quiver error in its details): the peer is gone.
+        arrow_flight::error::FlightError::Tonic(status) if status.code() == tonic::Code::Unavailable && status.details().is_empty() => {
+            quiver_error(ErrorKind::Unreachable, format!("{} is unreachable: {}", peer.url, status.message()))
         }
         arrow_flight::error::FlightError::Tonic(status) => error_from_status(status),
         _ => error_from_flight(error),

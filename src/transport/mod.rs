@@ -12,56 +12,66 @@ mod server;
 mod sql_client;
 mod sql_server;
 
-pub use client::{call, connect, connect_lazy, fetch_batches, fetch_output, worker_peer, Peer};
+pub use client::{call, connect, connect_lazy, fetch_batches, fetch_output, release_attempt, worker_peer, Peer};
 pub use server::{serve, serve_sql, FlightHandler, ServerHandle};
 pub use sql_client::{SqlClient, Statement};
 pub use sql_server::{Cancelled, Prepared, SqlHandler, Started, TableEntry, CANCEL_FLIGHT_INFO};
 
 use arrow_flight::error::FlightError;
 use datafusion::common::DataFusionError;
+use prost::Message;
 use tonic::{Code, Status};
 
-/// How a DataFusionError travels as a gRPC status: the code keeps its kind.
+use crate::protocol::{classify, error_from_remote, quiver_error, quiver_to_remote, ErrorKind, RemoteError};
+
+/// How an error travels as a gRPC status: the code for clients that only read codes, the text
+/// users read as the message, and the typed error in the status details for Quiver's own
+/// processes, so that its kind survives the hop.
 pub fn status_from_error(error: &DataFusionError) -> Status {
-    let root = error.find_root();
-    if crate::protocol::is_cancelled(error) {
-        return Status::cancelled(root.message().into_owned());
-    }
-    let code = match root {
-        DataFusionError::Plan(_) | DataFusionError::SQL(..) | DataFusionError::SchemaError(..) => Code::InvalidArgument,
-        DataFusionError::NotImplemented(_) => Code::Unimplemented,
-        DataFusionError::ResourcesExhausted(_) => Code::ResourceExhausted,
-        DataFusionError::Configuration(_) => Code::FailedPrecondition,
-        DataFusionError::Internal(_) => Code::Internal,
-        _ => Code::Aborted,
+    let typed = classify(error);
+    let code = match typed.kind {
+        ErrorKind::Plan => Code::InvalidArgument,
+        ErrorKind::NotImplemented => Code::Unimplemented,
+        ErrorKind::ResourcesExhausted => Code::ResourceExhausted,
+        ErrorKind::Configuration => Code::FailedPrecondition,
+        ErrorKind::Internal => Code::Internal,
+        ErrorKind::Cancelled => Code::Cancelled,
+        ErrorKind::Unreachable | ErrorKind::WorkerLost | ErrorKind::FetchFailed => Code::Unavailable,
+        ErrorKind::Io | ErrorKind::Execution => Code::Aborted,
     };
-    let message = match root {
-        // The parser's own words ("sql parser error: Expected ..."), not its Debug form.
-        DataFusionError::SQL(parser, _) => parser.to_string(),
-        other => other.message().into_owned(),
-    };
-    Status::new(code, message)
+    let details = quiver_to_remote(&typed).encode_to_vec();
+    Status::with_details(code, typed.message, details.into())
 }
 
-/// The reverse of [`status_from_error`].
+/// The reverse of [`status_from_error`]; a status from elsewhere (the transport itself, another
+/// server) gets a kind from its code.
 pub fn error_from_status(status: &Status) -> DataFusionError {
-    let message = status.message().to_string();
-    match status.code() {
-        Code::InvalidArgument => DataFusionError::Plan(message),
-        Code::Unimplemented => DataFusionError::NotImplemented(message),
-        Code::ResourceExhausted => DataFusionError::ResourcesExhausted(message),
-        Code::FailedPrecondition => DataFusionError::Configuration(message),
-        Code::Internal => DataFusionError::Internal(message),
-        Code::Aborted => DataFusionError::Execution(message),
-        Code::Cancelled => crate::protocol::cancelled_error(message),
-        code => DataFusionError::Execution(format!("{message} ({code:?})")),
+    if let Ok(remote) = RemoteError::decode(status.details()) {
+        if ErrorKind::from_name(&remote.kind).is_some() {
+            return error_from_remote(remote);
+        }
     }
+    let kind = match status.code() {
+        Code::InvalidArgument => ErrorKind::Plan,
+        Code::Unimplemented => ErrorKind::NotImplemented,
+        Code::ResourceExhausted => ErrorKind::ResourcesExhausted,
+        Code::FailedPrecondition => ErrorKind::Configuration,
+        Code::Internal => ErrorKind::Internal,
+        Code::Cancelled => ErrorKind::Cancelled,
+        Code::Unavailable => ErrorKind::Unreachable,
+        _ => ErrorKind::Execution,
+    };
+    let message = match status.code() {
+        Code::Aborted | Code::Unknown => status.message().to_string(),
+        code => format!("{} ({code:?})", status.message()),
+    };
+    quiver_error(kind, message)
 }
 
 pub fn error_from_flight(error: FlightError) -> DataFusionError {
     match error {
         FlightError::Tonic(status) => error_from_status(&status),
         FlightError::Arrow(e) => DataFusionError::ArrowError(Box::new(e), None),
-        other => DataFusionError::Execution(other.to_string()),
+        other => quiver_error(ErrorKind::Execution, other.to_string()),
     }
 }

@@ -29,9 +29,9 @@ use crate::config::MAX_MESSAGE_BYTES;
 #[async_trait::async_trait]
 pub trait FlightHandler: Send + Sync + 'static {
     /// Streams the batches a ticket names.
-    async fn do_get(&self, ticket: Bytes) -> Result<SendableRecordBatchStream, Status>;
+    async fn do_get(&self, ticket: Bytes) -> datafusion::common::Result<SendableRecordBatchStream>;
     /// Answers one action; the reply is an encoded protobuf message.
-    async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes, Status>;
+    async fn do_action(&self, name: &str, body: Bytes) -> datafusion::common::Result<Bytes>;
 }
 
 /// A running server; dropping the handle leaves it running, [`ServerHandle::shutdown`] stops it.
@@ -132,7 +132,7 @@ impl<H: FlightHandler> FlightService for FlightAdapter<H> {
     }
 
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
-        let stream = self.handler.do_get(request.into_inner().ticket).await?;
+        let stream = self.handler.do_get(request.into_inner().ticket).await.map_err(|e| status_from_error(&e))?;
         Ok(Response::new(encode_batches(stream)))
     }
 
@@ -142,7 +142,7 @@ impl<H: FlightHandler> FlightService for FlightAdapter<H> {
 
     async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
         let action = request.into_inner();
-        let body = self.handler.do_action(&action.r#type, action.body).await?;
+        let body = self.handler.do_action(&action.r#type, action.body).await.map_err(|e| status_from_error(&e))?;
         let reply = futures::stream::once(async move { Ok(arrow_flight::Result { body }) });
         Ok(Response::new(Box::pin(reply)))
     }

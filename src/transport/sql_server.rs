@@ -98,7 +98,7 @@ pub trait SqlHandler: Send + Sync + 'static {
     /// Every table clients may see.
     async fn tables(&self) -> Result<Vec<TableEntry>>;
     /// Any other action; the reply is an encoded protobuf message.
-    async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes, Status>;
+    async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes>;
 }
 
 /// Serves a [`SqlHandler`] as a Flight SQL service.
@@ -573,7 +573,7 @@ impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
             let status = self.cancel_info(&info)?;
             return Ok(one_reply(CancelFlightInfoResult { status: status as i32 }.encode_to_vec()));
         }
-        let body = self.handler.do_action(&action.r#type, action.body).await?;
+        let body = self.handler.do_action(&action.r#type, action.body).await.map_err(status)?;
         Ok(one_reply(body.to_vec()))
     }
 

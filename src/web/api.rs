@@ -14,7 +14,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::WEB_RECENT_QUERIES_DEFAULT;
 use crate::coordinator::{Cluster, QueryDetail, QueryRecord, StageMetrics, TaskRecord, WorkerRecord, METRICS_CONTENT_TYPE};
-use crate::protocol::TaskState;
 
 /// An error answer: its status and `{"error": message}`.
 pub struct ApiError {
@@ -74,6 +73,8 @@ pub struct QueryJson {
     error: Option<String>,
     bytes_shuffled: u64,
     bytes_gathered: u64,
+    attempts_retried: u32,
+    tasks_recomputed: u32,
 }
 
 #[derive(Serialize)]
@@ -109,6 +110,10 @@ pub struct TaskJson {
     ended_ms: Option<u64>,
     error: Option<String>,
     plan: String,
+    /// "first", "retry" or "recompute".
+    started_as: &'static str,
+    /// Why the Attempt ended without success, or why its output is no longer read.
+    cause: Option<&'static str>,
 }
 
 /// A query's record (as `/api/queries` lists it) with its Stage DAG and its Tasks.
@@ -197,6 +202,8 @@ fn query_json(q: &QueryRecord) -> QueryJson {
         error: q.error.clone(),
         bytes_shuffled: q.bytes_shuffled,
         bytes_gathered: q.bytes_gathered,
+        attempts_retried: q.attempts_retried,
+        tasks_recomputed: q.tasks_recomputed,
     }
 }
 
@@ -204,19 +211,18 @@ fn detail_json(detail: &QueryDetail) -> QueryDetailJson {
     QueryDetailJson {
         now_ms: epoch_ms(SystemTime::now()),
         query: query_json(&detail.query),
-        stages: detail.stages.iter().map(|s| stage_json(s, &detail.tasks)).collect(),
+        stages: detail.stages.iter().map(stage_json).collect(),
         tasks: detail.tasks.iter().map(task_json).collect(),
     }
 }
 
-fn stage_json(s: &StageMetrics, tasks: &[TaskRecord]) -> StageJson {
-    let done = tasks.iter().filter(|t| t.key.stage == s.stage && t.state == TaskState::Succeeded).count();
+fn stage_json(s: &StageMetrics) -> StageJson {
     StageJson {
         id: s.stage,
         inputs: s.inputs.clone(),
         output: s.output,
         tasks: s.tasks,
-        tasks_done: done,
+        tasks_done: s.tasks_done,
         rows: s.rows,
         bytes: s.bytes,
         elapsed_ms: s.elapsed_ms,
@@ -237,5 +243,7 @@ fn task_json(t: &TaskRecord) -> TaskJson {
         ended_ms: t.ended.map(epoch_ms),
         error: t.error.clone(),
         plan: t.plan.clone(),
+        started_as: t.started_as.as_str(),
+        cause: t.cause.map(|c| c.as_str()),
     }
 }

@@ -13,7 +13,7 @@ use futures::TryStreamExt;
 
 use super::State;
 use crate::planner::{StageId, StageSource};
-use crate::protocol::{OutputLocation, TaskKey};
+use crate::protocol::{quiver_error, ErrorKind, OutputLocation, QuiverError, TaskKey};
 use crate::transport::fetch_output;
 
 pub(super) struct TaskInputs {
@@ -38,16 +38,23 @@ impl TaskInputs {
 }
 
 impl StageSource for TaskInputs {
+    /// Any error reading an input is a fetch failure that names the Attempt it could not read:
+    /// the coordinator recomputes that output and runs this Task again.
     fn open(&self, stage: StageId, task: usize, partition: usize, schema: SchemaRef) -> Result<SendableRecordBatchStream> {
         let Some((key, url)) = self.locations.get(&(stage as u32, task as u32)).cloned() else {
-            return Err(DataFusionError::Internal(format!("no location for the output of stage {stage} task {task}")));
+            return Err(quiver_error(ErrorKind::Plan, format!("the task was given no location for the output of stage {stage} task {task}")));
+        };
+        let failed = {
+            let (key, url) = (key.clone(), url.clone());
+            move |e: DataFusionError| QuiverError::fetch_failed(key.clone(), &url, &e).into_datafusion()
         };
         if url == self.state.url {
-            return self.state.outputs.open(&key, partition as u32);
+            let stream = self.state.outputs.open(&key, partition as u32).map_err(&failed)?;
+            return Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream.map_err(failed))));
         }
         let fetch_schema = Arc::clone(&schema);
         let fetch = async move { fetch_output(&url, key, partition as u32, fetch_schema).await };
-        let stream = futures::stream::once(fetch).try_flatten();
+        let stream = futures::stream::once(fetch).try_flatten().map_err(failed);
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
     }
 }

@@ -21,18 +21,18 @@ use datafusion::prelude::SessionContext;
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::task::{AbortHandle, JoinHandle};
-use tonic::Status;
 
 use crate::config::{
-    session_config, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS, RELEASED_QUERIES_MAX, REPORT_RETRIES_MAX,
+    session_config, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS, RELEASED_ATTEMPTS_MAX, RELEASED_QUERIES_MAX,
+    REPORT_RETRIES_MAX,
 };
-use crate::planner::shuffle_partitioning;
+use crate::planner::{shuffle_partitioning, AttemptNumber};
 use crate::protocol::{
-    action, decode_plan, error_to_remote, Empty, Heartbeat, HeartbeatResponse, OutputTicket, PollTask,
-    PollTaskResponse, RegisterWorker, RegisterWorkerResponse, ReleaseQuery, TaskAssignment, TaskKey, TaskReport,
-    TaskState,
+    action, decode_plan, error_to_remote, quiver_error, Empty, ErrorKind, Heartbeat, HeartbeatResponse, OutputTicket,
+    PollTask, PollTaskResponse, RegisterWorker, RegisterWorkerResponse, ReleaseAttempt, ReleaseQuery, TaskAssignment,
+    TaskKey, TaskReport, TaskState,
 };
-use crate::transport::{call, connect_lazy, serve, status_from_error, FlightHandler, Peer, ServerHandle};
+use crate::transport::{call, connect_lazy, serve, FlightHandler, Peer, ServerHandle};
 use outputs::{OutputStore, Router};
 
 /// Tasks execute on a runtime of their own. CPU-bound operators (a join building or probing, a
@@ -49,22 +49,58 @@ static TASK_RUNTIME: std::sync::LazyLock<tokio::runtime::Runtime> = std::sync::L
         .expect("the task runtime starts")
 });
 
+/// This worker's registration with the coordinator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Registration {
+    id: String,
+    session: u64,
+}
+
 struct State {
     config: WorkerConfig,
     url: String,
     coordinator: Peer,
     ctx: SessionContext,
     outputs: OutputStore,
-    /// The id the coordinator gave this worker; None until registered, or after the
-    /// coordinator forgot it (restart) and before registering again.
-    id: RwLock<Option<String>>,
+    /// None until registered, or after the coordinator forgot this worker (it restarted, or
+    /// declared the worker lost) and before registering again.
+    registration: RwLock<Option<Registration>>,
     running: Mutex<HashMap<TaskKey, AbortHandle>>,
     /// Attempts from assignment until their final report is acknowledged; told to the
     /// coordinator in every heartbeat, so that it notices an assignment or report that was lost.
     held: Mutex<HashSet<TaskKey>>,
-    /// Queries released recently: a Task of one of them that arrives or finishes late (its
-    /// assignment crossed the release on the wire) must not leave an output behind.
-    released: Mutex<VecDeque<String>>,
+    /// Queries and Attempts released recently: one whose assignment crossed its release on the
+    /// wire, or that finishes late, must not leave an output behind.
+    released_queries: Mutex<Recent<String>>,
+    released_attempts: Mutex<Recent<TaskKey>>,
+}
+
+/// The last `capacity` values seen, for membership tests.
+struct Recent<T> {
+    order: VecDeque<T>,
+    members: HashSet<T>,
+    capacity: usize,
+}
+
+impl<T: Clone + Eq + std::hash::Hash> Recent<T> {
+    fn new(capacity: usize) -> Self {
+        Self { order: VecDeque::new(), members: HashSet::new(), capacity }
+    }
+
+    fn insert(&mut self, value: T) {
+        if self.members.insert(value.clone()) {
+            self.order.push_back(value);
+        }
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.members.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&self, value: &T) -> bool {
+        self.members.contains(value)
+    }
 }
 
 /// A running worker.
@@ -89,10 +125,11 @@ impl Worker {
             url,
             coordinator: connect_lazy(coordinator_url)?,
             ctx,
-            id: RwLock::new(None),
+            registration: RwLock::new(None),
             running: Mutex::default(),
             held: Mutex::default(),
-            released: Mutex::default(),
+            released_queries: Mutex::new(Recent::new(RELEASED_QUERIES_MAX)),
+            released_attempts: Mutex::new(Recent::new(RELEASED_ATTEMPTS_MAX)),
         });
         let server = serve(Arc::new(Service(Arc::clone(&state))), listener)?;
         let mut loops = vec![tokio::spawn(membership_loop(Arc::clone(&state)))];
@@ -108,7 +145,7 @@ impl Worker {
     }
 
     pub fn id(&self) -> Option<String> {
-        self.state.id()
+        self.state.registration().map(|r| r.id)
     }
 
     /// Number of Task output parts this worker holds.
@@ -155,15 +192,23 @@ impl Worker {
 }
 
 impl State {
-    fn id(&self) -> Option<String> {
-        self.id.read().expect("id lock").clone()
+    fn registration(&self) -> Option<Registration> {
+        self.registration.read().expect("registration lock").clone()
     }
 
-    fn forget_id(&self, id: &str) {
-        let mut current = self.id.write().expect("id lock");
-        if current.as_deref() == Some(id) {
-            *current = None;
+    /// The coordinator no longer knows this registration: everything it ran here is stale (the
+    /// coordinator restarted, or declared this worker lost and ran its Tasks elsewhere), so it
+    /// is stopped and freed before registering again.
+    fn forget(&self, registration: &Registration) {
+        let mut current = self.registration.write().expect("registration lock");
+        if current.as_ref() != Some(registration) {
+            return;
         }
+        *current = None;
+        drop(current);
+        tracing::warn!(worker = %registration.id, "the coordinator no longer knows this worker: dropping its tasks and outputs");
+        self.abort_all();
+        self.outputs.clear();
     }
 
     fn memory_used(&self) -> u64 {
@@ -176,28 +221,29 @@ impl State {
         }
     }
 
-    fn is_released(&self, query_id: &str) -> bool {
-        self.released.lock().expect("released lock").iter().any(|q| q == query_id)
+    fn is_released(&self, key: &TaskKey) -> bool {
+        self.released_queries.lock().expect("released lock").contains(&key.query_id)
+            || self.released_attempts.lock().expect("released lock").contains(key)
     }
 
     fn release_query(&self, query_id: &str) {
-        let mut released = self.released.lock().expect("released lock");
-        if !released.iter().any(|q| q == query_id) {
-            released.push_back(query_id.to_string());
-            while released.len() > RELEASED_QUERIES_MAX {
-                released.pop_front();
-            }
-        }
-        drop(released);
-        let mut running = self.running.lock().expect("running lock");
-        running.retain(|key, handle| {
+        self.released_queries.lock().expect("released lock").insert(query_id.to_string());
+        self.running.lock().expect("running lock").retain(|key, handle| {
             if key.query_id == query_id {
                 handle.abort();
             }
             key.query_id != query_id
         });
-        drop(running);
         self.outputs.release_query(query_id);
+    }
+
+    /// Stops one Attempt if it runs and frees its outputs.
+    fn release_attempt(&self, key: &TaskKey) {
+        self.released_attempts.lock().expect("released lock").insert(key.clone());
+        if let Some(handle) = self.running.lock().expect("running lock").remove(key) {
+            handle.abort();
+        }
+        self.outputs.release_attempt(key);
     }
 }
 
@@ -205,7 +251,7 @@ impl State {
 /// the coordinator no longer knows this worker.
 async fn membership_loop(state: Arc<State>) {
     loop {
-        let Some(id) = state.id() else {
+        let Some(registration) = state.registration() else {
             let request = RegisterWorker {
                 address: state.url.clone(),
                 slots: state.config.slots as u32,
@@ -214,7 +260,8 @@ async fn membership_loop(state: Arc<State>) {
             match call::<_, RegisterWorkerResponse>(&state.coordinator, action::REGISTER_WORKER, &request).await {
                 Ok(reply) => {
                     tracing::info!(worker = %reply.worker_id, "registered with {}", state.coordinator.url);
-                    *state.id.write().expect("id lock") = Some(reply.worker_id);
+                    let registration = Registration { id: reply.worker_id, session: reply.session };
+                    *state.registration.write().expect("registration lock") = Some(registration);
                 }
                 Err(e) => {
                     tracing::debug!("coordinator not reachable yet: {e}");
@@ -224,13 +271,14 @@ async fn membership_loop(state: Arc<State>) {
             continue;
         };
         let beat = Heartbeat {
-            worker_id: id.clone(),
+            worker_id: registration.id.clone(),
             running_tasks: state.running.lock().expect("running lock").len() as u32,
             memory_used_bytes: state.memory_used(),
             tasks: state.held.lock().expect("held lock").iter().cloned().collect(),
+            session: registration.session,
         };
         match call::<_, HeartbeatResponse>(&state.coordinator, action::HEARTBEAT, &beat).await {
-            Ok(reply) if !reply.known => state.forget_id(&id),
+            Ok(reply) if !reply.known => state.forget(&registration),
             Ok(_) => {}
             Err(e) => tracing::debug!("heartbeat failed: {e}"),
         }
@@ -241,14 +289,14 @@ async fn membership_loop(state: Arc<State>) {
 /// One slot: pull a Task, run it, report it, repeat.
 async fn slot_loop(state: Arc<State>) {
     loop {
-        let Some(id) = state.id() else {
+        let Some(registration) = state.registration() else {
             tokio::time::sleep(Duration::from_millis(REGISTER_RETRY_MS)).await;
             continue;
         };
-        let poll = PollTask { worker_id: id.clone() };
+        let poll = PollTask { worker_id: registration.id.clone(), session: registration.session };
         match call::<_, PollTaskResponse>(&state.coordinator, action::POLL_TASK, &poll).await {
-            Ok(PollTaskResponse { known: false, .. }) => state.forget_id(&id),
-            Ok(PollTaskResponse { task: Some(task), .. }) => run_task(&state, &id, task).await,
+            Ok(PollTaskResponse { known: false, .. }) => state.forget(&registration),
+            Ok(PollTaskResponse { task: Some(task), .. }) => run_task(&state, &registration, task).await,
             Ok(_) => {}
             Err(e) => {
                 tracing::debug!("task poll failed: {e}");
@@ -258,47 +306,48 @@ async fn slot_loop(state: Arc<State>) {
     }
 }
 
-async fn run_task(state: &Arc<State>, worker_id: &str, task: TaskAssignment) {
+async fn run_task(state: &Arc<State>, registration: &Registration, task: TaskAssignment) {
     let Some(key) = task.key.clone() else { return };
     state.held.lock().expect("held lock").insert(key.clone());
-    run_attempt(state, worker_id, key.clone(), task).await;
+    run_attempt(state, registration, key.clone(), task).await;
     state.held.lock().expect("held lock").remove(&key);
 }
 
-/// Runs one Attempt and reports it, up to its final report.
-async fn run_attempt(state: &Arc<State>, worker_id: &str, key: TaskKey, task: TaskAssignment) {
+/// Runs one Attempt and reports it, up to its final report. An Attempt released while it ran
+/// (its Query ended, or the coordinator stopped it) leaves no output and is not reported.
+async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskKey, task: TaskAssignment) {
     let started = Instant::now();
-    if state.is_released(&key.query_id) {
+    if state.is_released(&key) {
         return;
     }
-    report(state, worker_id, &key, TaskState::Running, None, None, started).await;
+    report(state, registration, &key, TaskState::Running, None, None, started).await;
     let job = TASK_RUNTIME.spawn({
         let (state, key) = (Arc::clone(state), key.clone());
         async move {
             let inputs = Arc::new(inputs::TaskInputs::new(Arc::clone(&state), task.inputs));
             let plan = decode_plan(&task.plan, &state.ctx.task_ctx(), Some(inputs))?;
-            let (stream, router) = execute_task(&plan, task.partition as usize, &state.ctx)?;
+            let (stream, router) = execute_task(&plan, task.partition as usize, &state.ctx, &key)?;
             state.outputs.store(&key, stream, router).await
         }
     });
     state.running.lock().expect("running lock").insert(key.clone(), job.abort_handle());
     let outcome = job.await;
     state.running.lock().expect("running lock").remove(&key);
-    if state.is_released(&key.query_id) {
-        state.outputs.release_query(&key.query_id);
+    if state.is_released(&key) || state.registration().as_ref() != Some(registration) {
+        state.outputs.release_attempt(&key);
         return;
     }
     match outcome {
-        Ok(Ok(stored)) => report(state, worker_id, &key, TaskState::Succeeded, Some(&stored), None, started).await,
-        Ok(Err(e)) => report(state, worker_id, &key, TaskState::Failed, None, Some(&e), started).await,
+        Ok(Ok(stored)) => report(state, registration, &key, TaskState::Succeeded, Some(&stored), None, started).await,
+        Ok(Err(e)) => report(state, registration, &key, TaskState::Failed, None, Some(&e), started).await,
         Err(join) if join.is_cancelled() => {
-            state.outputs.release_query(&key.query_id);
-            let e = DataFusionError::Execution(format!("task {key} was cancelled"));
-            report(state, worker_id, &key, TaskState::Cancelled, None, Some(&e), started).await;
+            state.outputs.release_attempt(&key);
+            let e = quiver_error(ErrorKind::Cancelled, format!("task {key} was cancelled on its worker"));
+            report(state, registration, &key, TaskState::Cancelled, None, Some(&e), started).await;
         }
         Err(join) => {
-            let e = DataFusionError::Execution(format!("task {key} panicked: {join}"));
-            report(state, worker_id, &key, TaskState::Failed, None, Some(&e), started).await;
+            let e = quiver_error(ErrorKind::Internal, format!("task {key} panicked: {join}"));
+            report(state, registration, &key, TaskState::Failed, None, Some(&e), started).await;
         }
     }
 }
@@ -309,35 +358,38 @@ fn execute_task(
     plan: &Arc<dyn ExecutionPlan>,
     partition: usize,
     ctx: &SessionContext,
+    key: &TaskKey,
 ) -> Result<(SendableRecordBatchStream, Router)> {
     if let Some(partitioning) = shuffle_partitioning(plan) {
         let input = plan.children()[0];
         let inputs = input.output_partitioning().partition_count();
         let parts = partitioning.partition_count();
         let partitioner = BatchPartitioner::try_new(partitioning, Time::new(), partition, inputs)?;
-        let stream = input.execute(partition, task_context(ctx, input.as_ref()))?;
+        let stream = input.execute(partition, task_context(ctx, input.as_ref(), key))?;
         return Ok((stream, Router::Partition { partitioner, parts }));
     }
-    Ok((plan.execute(partition, task_context(ctx, plan.as_ref()))?, Router::Whole))
+    Ok((plan.execute(partition, task_context(ctx, plan.as_ref(), key))?, Router::Whole))
 }
 
 /// The context a Task runs in. A hash join's dynamic filter waits until every partition of the
 /// join has built (or probed) before any probes: that holds only when this process runs all of
 /// them, i.e. when the Task computes the plan's only partition. A Task that computes one of
 /// several partitions (the others run in other processes) runs without join dynamic filters.
-fn task_context(ctx: &SessionContext, executed: &dyn ExecutionPlan) -> Arc<TaskContext> {
+///
+/// The Attempt's number goes with it: a write Task names its file after its Attempt, so that two
+/// Attempts of one Task never write the same file.
+fn task_context(ctx: &SessionContext, executed: &dyn ExecutionPlan, key: &TaskKey) -> Arc<TaskContext> {
     let task = TaskContext::from(ctx);
-    if executed.output_partitioning().partition_count() == 1 {
-        return Arc::new(task);
+    let mut config = task.session_config().clone().with_extension(Arc::new(AttemptNumber(key.attempt)));
+    if executed.output_partitioning().partition_count() > 1 {
+        config.options_mut().optimizer.enable_join_dynamic_filter_pushdown = false;
     }
-    let mut config = task.session_config().clone();
-    config.options_mut().optimizer.enable_join_dynamic_filter_pushdown = false;
     Arc::new(task.with_session_config(config))
 }
 
 async fn report(
     state: &State,
-    worker_id: &str,
+    registration: &Registration,
     key: &TaskKey,
     task_state: TaskState,
     stored: Option<&outputs::Stored>,
@@ -346,7 +398,8 @@ async fn report(
 ) {
     let report = TaskReport {
         key: Some(key.clone()),
-        worker_id: worker_id.to_string(),
+        worker_id: registration.id.clone(),
+        session: registration.session,
         state: task_state as i32,
         rows: stored.map_or(0, |s| s.rows),
         bytes: stored.map_or(0, |s| s.bytes),
@@ -365,25 +418,34 @@ async fn report(
     }
 }
 
-/// The worker's Flight service: Task outputs by ticket, and Query release.
+/// The worker's Flight service: Task outputs by ticket, Query and Attempt release.
 struct Service(Arc<State>);
+
+fn decode<M: Message + Default>(body: Bytes) -> Result<M> {
+    M::decode(body).map_err(|e| quiver_error(ErrorKind::Plan, format!("malformed message: {e}")))
+}
 
 #[async_trait::async_trait]
 impl FlightHandler for Service {
-    async fn do_get(&self, ticket: Bytes) -> Result<SendableRecordBatchStream, Status> {
-        let ticket = OutputTicket::decode(ticket).map_err(|e| Status::invalid_argument(format!("malformed ticket: {e}")))?;
-        let key = ticket.key.ok_or_else(|| Status::invalid_argument("ticket without a task key"))?;
-        self.0.outputs.open(&key, ticket.partition).map_err(|e| status_from_error(&e))
+    async fn do_get(&self, ticket: Bytes) -> Result<SendableRecordBatchStream> {
+        let ticket: OutputTicket = decode(ticket)?;
+        let key = ticket.key.ok_or_else(|| quiver_error(ErrorKind::Plan, "ticket without a task key"))?;
+        self.0.outputs.open(&key, ticket.partition)
     }
 
-    async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes, Status> {
+    async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes> {
         match name {
             action::RELEASE_QUERY => {
-                let release = ReleaseQuery::decode(body).map_err(|e| Status::invalid_argument(format!("malformed message: {e}")))?;
+                let release: ReleaseQuery = decode(body)?;
                 self.0.release_query(&release.query_id);
-                Ok(Empty {}.encode_to_vec().into())
             }
-            other => Err(Status::invalid_argument(format!("unknown action '{other}'"))),
+            action::RELEASE_ATTEMPT => {
+                let release: ReleaseAttempt = decode(body)?;
+                let key = release.key.ok_or_else(|| quiver_error(ErrorKind::Plan, "release without a task key"))?;
+                self.0.release_attempt(&key);
+            }
+            other => return Err(quiver_error(ErrorKind::Plan, format!("unknown action '{other}'"))),
         }
+        Ok(Empty {}.encode_to_vec().into())
     }
 }

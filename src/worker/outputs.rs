@@ -20,7 +20,7 @@ use datafusion::physical_plan::repartition::BatchPartitioner;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 
-use crate::protocol::TaskKey;
+use crate::protocol::{ErrorKind, QuiverError, TaskKey};
 
 enum Output {
     Memory { schema: SchemaRef, batches: Vec<RecordBatch>, bytes: u64 },
@@ -210,14 +210,33 @@ impl OutputStore {
                 Ok(Box::pin(RecordBatchStreamAdapter::new(schema.clone(), stream)))
             }
             Some(Output::Spilled { schema, path }) => Ok(read_spill(schema.clone(), path.clone())),
-            None => Err(DataFusionError::Execution(format!("no output part {part} for task {key} on this worker"))),
+            None => Err(QuiverError {
+                kind: ErrorKind::FetchFailed,
+                message: format!("no output part {part} of task {key} on this worker: it was freed or never written"),
+                output: Some(key.clone()),
+            }
+            .into_datafusion()),
         }
     }
 
     /// Frees every output of a Query.
     pub fn release_query(&self, query_id: &str) {
+        self.release_where(|key| key.query_id == query_id);
+    }
+
+    /// Frees the outputs of one Attempt.
+    pub fn release_attempt(&self, attempt: &TaskKey) {
+        self.release_where(|key| key == attempt);
+    }
+
+    /// Frees every output.
+    pub fn clear(&self) {
+        self.release_where(|_| true);
+    }
+
+    fn release_where(&self, matches: impl Fn(&TaskKey) -> bool) {
         let mut outputs = self.outputs.lock().expect("outputs lock");
-        let keys: Vec<OutputKey> = outputs.keys().filter(|k| k.0.query_id == query_id).cloned().collect();
+        let keys: Vec<OutputKey> = outputs.keys().filter(|k| matches(&k.0)).cloned().collect();
         for key in keys {
             match outputs.remove(&key) {
                 Some(Output::Memory { bytes, .. }) => self.release(bytes),

@@ -2,6 +2,8 @@
 //! a single-node DataFusion reference, and one `check` per kind of comparison.
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -184,6 +186,30 @@ pub fn tpch_answer(sf: &str, q: usize) -> (Vec<String>, Vec<Vec<String>>) {
     let mut lines = text.lines().map(|l| l.split('|').map(str::to_string).collect::<Vec<_>>());
     let header = lines.next().unwrap_or_default();
     (header, lines.collect())
+}
+
+/// Every column of a TPC-H answer, text included, compared with the official one: numbers
+/// within a relative 1e-6 (decimals summed in another order). Ties under ORDER BY may come in
+/// another order, so a second try compares the rows as multisets. None when they match.
+pub fn tpch_mismatch(sf: &str, q: usize, actual: &[Vec<String>]) -> Option<String> {
+    let (_, expected) = tpch_answer(sf, q);
+    if matches_answer(actual, &expected) {
+        return None;
+    }
+    let (mut actual, mut expected) = (actual.to_vec(), expected);
+    actual.sort();
+    expected.sort();
+    (!matches_answer(&actual, &expected)).then(|| format!("q{q}: got {actual:?}\nwant {expected:?}"))
+}
+
+fn matches_answer(actual: &[Vec<String>], expected: &[Vec<String>]) -> bool {
+    // A single all-NULL row (e.g. q17's SUM over no rows) is written as an empty file.
+    let null_row = |rows: &[Vec<String>]| rows.len() == 1 && rows[0].iter().all(|c| c == "NULL");
+    if expected.is_empty() && null_row(actual) {
+        return true;
+    }
+    actual.len() == expected.len()
+        && actual.iter().zip(expected).all(|(a, e)| a.len() == e.len() && a.iter().zip(e).all(|(x, y)| cells_match(x, y, 1e-6)))
 }
 
 pub fn quiver_binary() -> &'static Path {

@@ -180,13 +180,14 @@ function querySummary(q) {
     card("started", fmtTime(q.started_ms), "started"));
 }
 
-/// A Stage's state from its Tasks': failed wins, then running, then done; queued otherwise.
-function stageState(tasks) {
+/// A Stage's state from its Tasks' Attempts: running wins, then done (every Task has a
+/// succeeded Attempt); a failed Attempt that was retried does not fail its Stage.
+function stageState(stage, tasks) {
   const has = (state) => tasks.some((t) => t.state === state);
-  if (has("failed")) return "failed";
   if (has("running")) return "running";
-  if (tasks.length > 0 && tasks.every((t) => t.state === "succeeded")) return "succeeded";
-  if (has("cancelled")) return "cancelled";
+  if (stage.tasks > 0 && stage.tasks_done === stage.tasks) return "succeeded";
+  if (has("failed") && !has("queued")) return "failed";
+  if (has("cancelled") && !has("queued")) return "cancelled";
   return has("succeeded") ? "running" : "queued";
 }
 
@@ -237,7 +238,7 @@ function edge(from, to, output, position) {
 }
 
 function stageNode(stage, tasks, p) {
-  const state = stageState(tasks);
+  const state = stageState(stage, tasks);
   return svg("g", { class: "stage", "data-stage-id": stage.id, "data-stage-state": state, "data-output": stage.output, transform: `translate(${p.x},${p.y})` },
     svg("title", {}, `Stage ${stage.id}: ${state}, reads ${stage.inputs.length ? stage.inputs.join(", ") : "files"}`),
     svg("rect", { class: "box", width: NODE_W, height: NODE_H, rx: 6 }),
@@ -306,10 +307,12 @@ function workerLanes(id, count, packed, first, x) {
     const t = p.task;
     const width = Math.max(MIN_BAR_W, x(p.end) - x(p.start));
     return svg("rect", {
-      class: `bar state-${t.state}`, x: x(p.start).toFixed(1), y: y(p.lane) + 2, width: width.toFixed(1), height: LANE_H - 4, rx: 2,
+      class: `bar state-${t.state} started-${t.started_as}${t.cause ? " ended-" + t.cause : ""}`,
+      x: x(p.start).toFixed(1), y: y(p.lane) + 2, width: width.toFixed(1), height: LANE_H - 4, rx: 2,
       "data-task-state": t.state, "data-stage-id": t.stage, "data-task": t.task, "data-attempt": t.attempt,
-      "data-worker-id": id, "data-lane": p.lane,
-    }, svg("title", {}, `stage ${t.stage} task ${t.task} (attempt ${t.attempt}) on ${id}: ${t.state}, ${fmtMs(p.end - p.start)}, ${fmtNum(t.rows)} rows`));
+      "data-started-as": t.started_as, "data-cause": t.cause ?? "", "data-worker-id": id, "data-lane": p.lane,
+    }, svg("title", {}, `stage ${t.stage} task ${t.task} (attempt ${t.attempt}, ${t.started_as}) on ${id}: ${t.state}` +
+      `${t.cause ? " (" + t.cause.replaceAll("_", " ") + ")" : ""}, ${fmtMs(p.end - p.start)}, ${fmtNum(t.rows)} rows`));
   });
   return svg("g", { class: "worker-lanes", "data-worker-id": id, "data-lanes": count }, backgrounds, bars);
 }
@@ -342,8 +345,10 @@ function tasksTable(tasks, queryStart) {
     el("td", { class: "num" }, t.stage),
     el("td", { class: "num" }, t.task),
     el("td", { class: "num" }, t.attempt),
+    el("td", {}, t.started_as),
     el("td", {}, t.worker_id ?? "–"),
     el("td", {}, badge(t.state)),
+    el("td", {}, t.cause ? t.cause.replaceAll("_", " ") : ""),
     el("td", { class: "num" }, fmtNum(t.rows)),
     el("td", { class: "num" }, fmtBytes(t.bytes)),
     el("td", { class: "num" }, fmtMs(t.elapsed_ms)),
@@ -351,7 +356,7 @@ function tasksTable(tasks, queryStart) {
     el("td", { class: "num" }, t.ended_ms ? `+${fmtMs(t.ended_ms - queryStart)}` : "–"),
     el("td", { class: "plan" }, t.plan),
     el("td", { class: "error-text" }, t.error ?? "")));
-  const headers = [["Stage", "num"], ["Task", "num"], ["Attempt", "num"], ["Worker"], ["State"], ["Rows", "num"],
+  const headers = [["Stage", "num"], ["Task", "num"], ["Attempt", "num"], ["Started as"], ["Worker"], ["State"], ["Cause"], ["Rows", "num"],
     ["Bytes", "num"], ["Elapsed", "num"], ["Started", "num"], ["Ended", "num"], ["Plan"], ["Error"]];
   return table("tasks", headers, rows, "This query has no Tasks.");
 }

@@ -1,0 +1,795 @@
+//! The life of one Query's Task Attempts, as a pure state machine.
+//!
+//! Events come in — an Attempt was assigned, its worker reported on it, its worker was lost or
+//! never acknowledged it, an output could not be read, the final Stage read a part, the Query
+//! ended — and [`QueryRun`] answers with [`Action`]s for its caller to carry out: queue an
+//! Attempt, stop one on its worker, tell the final Stage what to read, fail the Query. It holds
+//! no lock, does no I/O and reads no clock (callers pass `now`), so every path is unit-tested
+//! without a network. Retry decisions come from [`super::policy`].
+//!
+//! Every Attempt is kept, superseded and failed ones included. A Task has at most one *output*:
+//! the succeeded Attempt whose output consumers read, for as long as its worker holds it.
+//! Consumers are told which Attempt to read, so a late, duplicate or stale Attempt never adds
+//! or drops rows. After each event, [`QueryRun::schedule`] starts an Attempt for every Task
+//! that is *needed*, has no output and no live Attempt, and whose input Stages all have
+//! outputs. A Task is needed while the final Stage has not read all of its parts, or while a
+//! Task of a Stage that reads it needs to run: so a lost output is recomputed only if someone
+//! still has to read it, and its producers in turn only if they are lost too.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::policy;
+use crate::protocol::{ErrorKind, OutputLocation, QuiverError, TaskKey, TaskState};
+
+/// A Task by (Stage, index).
+pub type TaskId = (u32, u32);
+
+/// What the final Stage should read for a Task.
+#[derive(Debug, Clone)]
+pub enum TaskOutcome {
+    Succeeded { key: TaskKey, worker_url: String },
+    Failed(QuiverError),
+}
+
+/// Why an Attempt was started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartedAs {
+    /// The Task's first Attempt.
+    First,
+    /// After an Attempt of the Task failed, was lost with its worker or read a lost input.
+    Retry,
+    /// After the output of a succeeded Attempt was lost and is still needed.
+    Recompute,
+}
+
+impl StartedAs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartedAs::First => "first",
+            StartedAs::Retry => "retry",
+            StartedAs::Recompute => "recompute",
+        }
+    }
+}
+
+/// Why an Attempt ended without success, or why its output stopped being read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// It failed with an error of this kind.
+    Error(ErrorKind),
+    /// Its worker was lost while it ran.
+    WorkerLost,
+    /// Its worker never listed it as held: the assignment or the final report was lost.
+    Unacknowledged,
+    /// An output it reads was lost; it runs again once that output is recomputed.
+    InputLost,
+    /// It succeeded, then its output was lost (its worker died, or it could not be read).
+    OutputLost,
+    /// Another Attempt of the same Task succeeded first.
+    Superseded,
+    /// Its Query ended (succeeded, failed or cancelled) before it did.
+    QueryEnded,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Error(kind) => kind.as_str(),
+            Cause::WorkerLost => "worker_lost",
+            Cause::Unacknowledged => "unacknowledged",
+            Cause::InputLost => "input_lost",
+            Cause::OutputLost => "output_lost",
+            Cause::Superseded => "superseded",
+            Cause::QueryEnded => "query_ended",
+        }
+    }
+}
+
+/// One Attempt as `quiver.tasks`, the web UI and the API show it.
+#[derive(Debug, Clone)]
+pub struct TaskRecord {
+    pub key: TaskKey,
+    pub worker_id: Option<String>,
+    pub plan: String,
+    /// How the Task's output is read: "shuffle" or "gather".
+    pub output: &'static str,
+    pub state: TaskState,
+    pub started_as: StartedAs,
+    /// Why it ended without success or why its output is no longer read; None otherwise.
+    pub cause: Option<Cause>,
+    pub rows: u64,
+    pub bytes: u64,
+    pub elapsed_ms: u64,
+    pub error: Option<String>,
+    /// When the coordinator assigned the Attempt to its worker.
+    pub started: Option<SystemTime>,
+    /// When the Attempt ended.
+    pub ended: Option<SystemTime>,
+}
+
+impl TaskRecord {
+    /// An Attempt no worker has taken yet.
+    fn unassigned(key: TaskKey, plan: &str, shuffle: bool, state: TaskState, started_as: StartedAs, cause: Option<Cause>) -> Self {
+        Self {
+            key,
+            worker_id: None,
+            plan: plan.to_string(),
+            output: if shuffle { "shuffle" } else { "gather" },
+            state,
+            started_as,
+            cause,
+            rows: 0,
+            bytes: 0,
+            elapsed_ms: 0,
+            error: None,
+            started: None,
+            ended: None,
+        }
+    }
+}
+
+/// An Attempt waiting for a worker.
+#[derive(Debug, Clone)]
+pub struct QueuedAttempt {
+    pub key: TaskKey,
+    pub plan: Arc<Vec<u8>>,
+    pub partition: u32,
+    /// Where the outputs it reads are: one entry per producer Task.
+    pub inputs: Arc<Vec<OutputLocation>>,
+    /// Not before this instant (a retry's backoff).
+    pub ready_at: Instant,
+    /// Workers where its Task failed before: another takes it when one can.
+    pub avoid: Vec<String>,
+}
+
+/// What the caller must do after an event.
+#[derive(Debug)]
+pub enum Action {
+    Queue(QueuedAttempt),
+    /// Stop the Attempt on its worker if it runs, and free its outputs there.
+    Stop { key: TaskKey, worker_url: String },
+    /// What the final Stage should read for a Task now: an output, or nothing yet.
+    Publish { task: TaskId, outcome: Option<TaskOutcome> },
+    /// The Query failed with this error.
+    Fail(QuiverError),
+    /// An Attempt ended; `ran` is the time from its assignment, when it was assigned.
+    Ended { state: TaskState, ran: Option<Duration> },
+    /// An Attempt succeeded with this output.
+    Output { rows: u64, bytes: u64, shuffle: bool },
+    /// An Attempt beyond its Task's first was started, after an Attempt that ended for `cause`.
+    Restarted { started_as: StartedAs, cause: Cause },
+}
+
+/// A Task to be run: its Stage and index, the partition it computes, summary and plan.
+pub struct NewTask {
+    pub stage: u32,
+    pub task: u32,
+    pub partition: u32,
+    pub summary: String,
+    pub plan: Vec<u8>,
+}
+
+/// A Stage to be run: the Stages it reads (they run first) and its Tasks.
+pub struct NewStage {
+    pub inputs: Vec<u32>,
+    pub shuffle: bool,
+    /// Parts each Task's output has: the shuffle's partitions, or 1.
+    pub parts: u32,
+    pub tasks: Vec<NewTask>,
+}
+
+/// A worker's report on an Attempt.
+pub struct Report {
+    pub key: TaskKey,
+    pub worker_id: String,
+    pub state: TaskState,
+    pub rows: u64,
+    pub bytes: u64,
+    pub elapsed_ms: u64,
+    pub error: Option<QuiverError>,
+}
+
+/// What one Stage did, for EXPLAIN ANALYZE and the web UI.
+#[derive(Debug, Clone)]
+pub struct StageMetrics {
+    pub stage: u32,
+    /// The Stages whose outputs it reads.
+    pub inputs: Vec<u32>,
+    /// How its output is read: "shuffle" or "gather".
+    pub output: &'static str,
+    pub tasks: usize,
+    /// Tasks with a succeeded Attempt.
+    pub tasks_done: usize,
+    /// Rows and bytes of each Task's counted Attempt (the one read, or the last to succeed).
+    pub rows: u64,
+    pub bytes: u64,
+    /// From the first Attempt's assignment to the last one's end.
+    pub elapsed_ms: u64,
+}
+
+struct Attempt {
+    record: TaskRecord,
+    worker_url: Option<String>,
+    inputs: Arc<Vec<OutputLocation>>,
+    assigned_at: Option<Instant>,
+    ended_at: Option<Instant>,
+}
+
+impl Attempt {
+    fn is_live(&self) -> bool {
+        !self.record.state.is_final()
+    }
+
+    /// Ends the Attempt (only the first end counts); returns the metrics event.
+    fn end(&mut self, state: TaskState, cause: Option<Cause>, error: Option<&str>, now: Instant) -> Option<Action> {
+        if !self.is_live() {
+            return None;
+        }
+        self.record.state = state;
+        self.record.cause = cause;
+        if let Some(error) = error {
+            self.record.error = Some(error.to_string());
+        }
+        self.record.ended = Some(SystemTime::now());
+        self.ended_at = Some(now);
+        let ran = self.assigned_at.map(|at| now.saturating_duration_since(at));
+        Some(Action::Ended { state, ran })
+    }
+
+    fn reads(&self, output: &TaskKey) -> bool {
+        self.inputs.iter().any(|l| l.key.as_ref() == Some(output))
+    }
+}
+
+struct TaskRun {
+    plan: Arc<Vec<u8>>,
+    partition: u32,
+    summary: String,
+    attempts: Vec<Attempt>,
+    /// The Attempt whose output consumers read, while its worker holds it.
+    output: Option<u32>,
+    /// Attempts that failed, were lost with their worker or lost their output: the retry limit
+    /// counts these (not Attempts stopped because an input was lost, nor superseded ones).
+    failures: u32,
+    last_error: Option<QuiverError>,
+    /// Parts the final Stage has read whole, and from which Attempt.
+    parts_read: BTreeMap<u32, u32>,
+    avoid: BTreeSet<String>,
+}
+
+impl TaskRun {
+    fn has_live_attempt(&self) -> bool {
+        self.attempts.iter().any(Attempt::is_live)
+    }
+
+    fn counted(&self) -> Option<&Attempt> {
+        let read = self.parts_read.values().next().copied();
+        let last_success = self.attempts.iter().rev().find(|a| a.record.state == TaskState::Succeeded);
+        read.or(self.output).map(|n| &self.attempts[n as usize]).or(last_success)
+    }
+
+    fn fail(&mut self, worker: &str, error: QuiverError) {
+        self.failures += 1;
+        self.avoid.insert(worker.to_string());
+        self.last_error = Some(error);
+    }
+}
+
+struct StageRun {
+    inputs: Vec<u32>,
+    /// Stages that read this one; none when the final Stage does.
+    consumers: Vec<u32>,
+    shuffle: bool,
+    parts: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunState {
+    Running,
+    Failed,
+    Ended,
+}
+
+/// The Attempts of one distributed Query.
+pub struct QueryRun {
+    query_id: String,
+    stages: Vec<StageRun>,
+    tasks: BTreeMap<TaskId, TaskRun>,
+    state: RunState,
+    /// Attempts started beyond each Task's first.
+    extra_attempts: u32,
+    retried: u32,
+    recomputed: u32,
+}
+
+impl QueryRun {
+    pub fn new(query_id: &str, stages: Vec<NewStage>) -> Self {
+        let mut runs: Vec<StageRun> = Vec::with_capacity(stages.len());
+        let mut tasks = BTreeMap::new();
+        for (index, stage) in stages.into_iter().enumerate() {
+            for &input in &stage.inputs {
+                if let Some(producer) = runs.get_mut(input as usize) {
+                    producer.consumers.push(index as u32);
+                }
+            }
+            for t in stage.tasks {
+                let task = TaskRun {
+                    plan: Arc::new(t.plan),
+                    partition: t.partition,
+                    summary: t.summary,
+                    attempts: Vec::new(),
+                    output: None,
+                    failures: 0,
+                    last_error: None,
+                    parts_read: BTreeMap::new(),
+                    avoid: BTreeSet::new(),
+                };
+                tasks.insert((t.stage, t.task), task);
+            }
+            runs.push(StageRun { inputs: stage.inputs, consumers: Vec::new(), shuffle: stage.shuffle, parts: stage.parts.max(1) });
+        }
+        Self { query_id: query_id.to_string(), stages: runs, tasks, state: RunState::Running, extra_attempts: 0, retried: 0, recomputed: 0 }
+    }
+
+    pub fn task_ids(&self) -> impl Iterator<Item = TaskId> + '_ {
+        self.tasks.keys().copied()
+    }
+
+    /// Attempts started again after a failure or a lost input.
+    pub fn retried(&self) -> u32 {
+        self.retried
+    }
+
+    /// Tasks run again because a succeeded Attempt's output was lost.
+    pub fn recomputed(&self) -> u32 {
+        self.recomputed
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.state == RunState::Running
+    }
+
+    /// True while some needed Task has no output: the Query cannot finish without a worker.
+    pub fn needs_workers(&self) -> bool {
+        let needed = self.needed();
+        self.is_running() && self.tasks.iter().any(|(id, t)| needed.contains(id) && t.output.is_none())
+    }
+
+    /// Queues the first Attempts of the Tasks whose inputs are ready.
+    pub fn start(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.schedule(now, out);
+    }
+
+    /// True when the Attempt is still waiting for a worker.
+    pub fn is_queued(&self, key: &TaskKey) -> bool {
+        self.attempt(key).is_some_and(|a| a.record.state == TaskState::Queued)
+    }
+
+    /// A queued Attempt was given to a worker; false when it is no longer queued.
+    pub fn assigned(&mut self, key: &TaskKey, worker_id: &str, worker_url: &str, now: Instant) -> bool {
+        let Some(attempt) = self.attempt_mut(key) else { return false };
+        if attempt.record.state != TaskState::Queued {
+            return false;
+        }
+        attempt.record.state = TaskState::Running;
+        attempt.record.worker_id = Some(worker_id.to_string());
+        attempt.record.started = Some(SystemTime::now());
+        attempt.worker_url = Some(worker_url.to_string());
+        attempt.assigned_at = Some(now);
+        true
+    }
+
+    /// Applies a worker's report on one of its Attempts.
+    pub fn reported(&mut self, report: Report, now: Instant, out: &mut Vec<Action>) {
+        let Report { key, worker_id, state, rows, bytes, elapsed_ms, error } = report;
+        let Some(attempt) = self.attempt_mut(&key) else { return };
+        let from_its_worker = attempt.record.worker_id.as_deref() == Some(worker_id.as_str());
+        if !from_its_worker || !attempt.is_live() {
+            // A stale Attempt (its worker was declared lost, or another Attempt won): an output
+            // it still holds is read by no one.
+            if from_its_worker && state == TaskState::Succeeded {
+                out.extend(attempt.worker_url.clone().map(|worker_url| Action::Stop { key, worker_url }));
+            }
+            return;
+        }
+        attempt.record.rows = rows;
+        attempt.record.bytes = bytes;
+        attempt.record.elapsed_ms = elapsed_ms;
+        match state {
+            TaskState::Queued | TaskState::Running => attempt.record.state = TaskState::Running,
+            TaskState::Succeeded => self.succeeded(key, now, out),
+            TaskState::Failed | TaskState::Cancelled => {
+                let error = error.unwrap_or_else(|| {
+                    QuiverError::new(ErrorKind::Execution, format!("task {key} {} without an error", state.as_str()))
+                });
+                self.failed(key, &worker_id, error, now, out);
+            }
+        }
+        self.schedule(now, out);
+    }
+
+    fn succeeded(&mut self, key: TaskKey, now: Instant, out: &mut Vec<Action>) {
+        let id = (key.stage, key.task);
+        let (shuffle, final_input) = self.stage_kind(key.stage);
+        let task = self.tasks.get_mut(&id).expect("reported Attempt has a Task");
+        let attempt = &mut task.attempts[key.attempt as usize];
+        out.extend(attempt.end(TaskState::Succeeded, None, None, now));
+        out.push(Action::Output { rows: attempt.record.rows, bytes: attempt.record.bytes, shuffle });
+        let worker_url = attempt.worker_url.clone().unwrap_or_default();
+        if task.output.is_some() {
+            // Another Attempt won the race; consumers read that one.
+            attempt.record.cause = Some(Cause::Superseded);
+            out.push(Action::Stop { key, worker_url });
+            return;
+        }
+        task.output = Some(key.attempt);
+        for other in task.attempts.iter_mut().filter(|a| a.is_live()) {
+            out.extend(other.end(TaskState::Cancelled, Some(Cause::Superseded), None, now));
+            if let Some(url) = other.worker_url.clone() {
+                out.push(Action::Stop { key: other.record.key.clone(), worker_url: url });
+            }
+        }
+        if final_input {
+            out.push(Action::Publish { task: id, outcome: Some(TaskOutcome::Succeeded { key, worker_url }) });
+        }
+    }
+
+    fn failed(&mut self, key: TaskKey, worker_id: &str, error: QuiverError, now: Instant, out: &mut Vec<Action>) {
+        let id = (key.stage, key.task);
+        let task = self.tasks.get_mut(&id).expect("reported Attempt has a Task");
+        let attempt = &mut task.attempts[key.attempt as usize];
+        if let (ErrorKind::FetchFailed, Some(lost)) = (error.kind, error.output.clone()) {
+            // Not this Task's fault: the producer's output is recomputed, then this runs again.
+            out.extend(attempt.end(TaskState::Failed, Some(Cause::InputLost), Some(&error.message), now));
+            self.lose_output(&lost, &error, now, out);
+            return;
+        }
+        out.extend(attempt.end(TaskState::Failed, Some(Cause::Error(error.kind)), Some(&error.message), now));
+        if policy::is_retryable(&error) {
+            task.fail(worker_id, error);
+        } else {
+            self.fail(error, now, out);
+        }
+    }
+
+    /// The worker `worker_id` was lost: its running Attempts failed and its outputs are gone.
+    pub fn worker_lost(&mut self, worker_id: &str, message: &str, now: Instant, out: &mut Vec<Action>) {
+        let mut lost_outputs = Vec::new();
+        for task in self.tasks.values_mut() {
+            for (n, attempt) in task.attempts.iter_mut().enumerate() {
+                if attempt.record.worker_id.as_deref() != Some(worker_id) {
+                    continue;
+                }
+                if attempt.is_live() {
+                    let text = format!("task {}: {message}", attempt.record.key);
+                    out.extend(attempt.end(TaskState::Failed, Some(Cause::WorkerLost), Some(&text), now));
+                    task.failures += 1;
+                    task.avoid.insert(worker_id.to_string());
+                    task.last_error = Some(QuiverError::new(ErrorKind::WorkerLost, text));
+                } else if task.output == Some(n as u32) {
+                    lost_outputs.push(attempt.record.key.clone());
+                }
+            }
+        }
+        let error = QuiverError::new(ErrorKind::WorkerLost, message);
+        for key in lost_outputs {
+            self.lose_output(&key, &error, now, out);
+        }
+        self.schedule(now, out);
+    }
+
+    /// Running Attempts assigned to `worker_id` more than `timeout` ago that its heartbeat does
+    /// not list (`held`): their assignment or their final report was lost on the way.
+    pub fn unacknowledged(&mut self, worker_id: &str, held: &[TaskKey], timeout: Duration, now: Instant, out: &mut Vec<Action>) {
+        let mut changed = false;
+        for task in self.tasks.values_mut() {
+            for attempt in task.attempts.iter_mut() {
+                let silent = attempt.record.state == TaskState::Running
+                    && attempt.record.worker_id.as_deref() == Some(worker_id)
+                    && attempt.assigned_at.is_some_and(|at| now.saturating_duration_since(at) > timeout)
+                    && !held.contains(&attempt.record.key);
+                if !silent {
+                    continue;
+                }
+                let message = format!(
+                    "task {} was assigned to worker {worker_id}, which does not know it after {} ms: its assignment or its report was lost",
+                    attempt.record.key,
+                    timeout.as_millis()
+                );
+                out.extend(attempt.end(TaskState::Failed, Some(Cause::Unacknowledged), Some(&message), now));
+                task.failures += 1;
+                task.avoid.insert(worker_id.to_string());
+                task.last_error = Some(QuiverError::new(ErrorKind::Unreachable, message));
+                changed = true;
+            }
+        }
+        if changed {
+            self.schedule(now, out);
+        }
+    }
+
+    /// The final Stage could not read the output of Attempt `key`.
+    pub fn output_unreadable(&mut self, key: &TaskKey, error: &QuiverError, now: Instant, out: &mut Vec<Action>) {
+        if self.state != RunState::Running {
+            return;
+        }
+        self.lose_output(key, error, now, out);
+        self.schedule(now, out);
+    }
+
+    /// The final Stage has read part `part` of Attempt `key`'s output whole.
+    pub fn part_read(&mut self, key: &TaskKey, part: u32) {
+        if let Some(task) = self.tasks.get_mut(&(key.stage, key.task)) {
+            task.parts_read.insert(part, key.attempt);
+        }
+    }
+
+    /// The Attempt each Task of `stage` is counted by: the one the final Stage read, else its
+    /// output. A write commits exactly the files of these Attempts.
+    pub fn counted_attempts(&self, stage: u32) -> Vec<TaskKey> {
+        self.tasks
+            .range((stage, 0)..(stage + 1, 0))
+            .filter_map(|(_, t)| t.counted().map(|a| a.record.key.clone()))
+            .collect()
+    }
+
+    /// Fails the Query: its live Attempts are cancelled and stopped.
+    pub fn fail(&mut self, error: QuiverError, now: Instant, out: &mut Vec<Action>) {
+        if self.state != RunState::Running {
+            return;
+        }
+        self.state = RunState::Failed;
+        self.stop_live(now, out);
+        out.push(Action::Fail(error));
+    }
+
+    /// The Query ended: Attempts still live are cancelled (their workers free them when the
+    /// Query is released).
+    pub fn end(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.state == RunState::Running {
+            self.state = RunState::Ended;
+        }
+        for task in self.tasks.values_mut() {
+            for attempt in task.attempts.iter_mut() {
+                out.extend(attempt.end(TaskState::Cancelled, Some(Cause::QueryEnded), None, now));
+            }
+        }
+    }
+
+    fn stop_live(&mut self, now: Instant, out: &mut Vec<Action>) {
+        for task in self.tasks.values_mut() {
+            for attempt in task.attempts.iter_mut().filter(|a| a.is_live()) {
+                if let (TaskState::Running, Some(url)) = (attempt.record.state, attempt.worker_url.clone()) {
+                    out.push(Action::Stop { key: attempt.record.key.clone(), worker_url: url });
+                }
+                out.extend(attempt.end(TaskState::Cancelled, Some(Cause::QueryEnded), None, now));
+            }
+        }
+    }
+
+    /// The output of Attempt `key` is gone. If it was its Task's output, the Task no longer
+    /// has one, and the consumers that were told to read it stop: they run again once it is
+    /// recomputed (if it is still needed).
+    fn lose_output(&mut self, key: &TaskKey, error: &QuiverError, now: Instant, out: &mut Vec<Action>) {
+        let id = (key.stage, key.task);
+        let (_, final_input) = self.stage_kind(key.stage);
+        let Some(task) = self.tasks.get_mut(&id) else { return };
+        if task.output != Some(key.attempt) {
+            return;
+        }
+        task.output = None;
+        let attempt = &mut task.attempts[key.attempt as usize];
+        attempt.record.cause = Some(Cause::OutputLost);
+        attempt.record.error = Some(error.message.clone());
+        let worker = attempt.record.worker_id.clone().unwrap_or_default();
+        task.fail(&worker, error.clone());
+        if final_input {
+            out.push(Action::Publish { task: id, outcome: None });
+        }
+        let consumers = self.stages[key.stage as usize].consumers.clone();
+        for consumer in consumers {
+            for (_, task) in self.tasks.range_mut((consumer, 0)..(consumer + 1, 0)) {
+                for attempt in task.attempts.iter_mut().filter(|a| a.is_live() && a.reads(key)) {
+                    if let (TaskState::Running, Some(url)) = (attempt.record.state, attempt.worker_url.clone()) {
+                        out.push(Action::Stop { key: attempt.record.key.clone(), worker_url: url });
+                    }
+                    let text = format!("its input {key} was lost: {}", error.message);
+                    out.extend(attempt.end(TaskState::Cancelled, Some(Cause::InputLost), Some(&text), now));
+                }
+            }
+        }
+    }
+
+    /// Starts an Attempt for every needed Task without an output or a live Attempt whose inputs
+    /// are all available; fails the Query when a Task or the Query reached its retry limit.
+    fn schedule(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.state != RunState::Running {
+            return;
+        }
+        let needed = self.needed();
+        let ready: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(id, t)| needed.contains(id) && t.output.is_none() && !t.has_live_attempt())
+            .map(|(id, _)| *id)
+            .filter(|id| self.inputs_available(id.0))
+            .collect();
+        for id in ready {
+            if let Err(error) = self.start_attempt(id, now, out) {
+                self.fail(error, now, out);
+                return;
+            }
+        }
+    }
+
+    fn start_attempt(&mut self, id: TaskId, now: Instant, out: &mut Vec<Action>) -> Result<(), QuiverError> {
+        let inputs = Arc::new(self.input_locations(id.0));
+        let shuffle = self.stages[id.0 as usize].shuffle;
+        let task = self.tasks.get_mut(&id).expect("scheduled Task exists");
+        let previous = task.attempts.last().map(|a| (a.record.state, a.record.cause));
+        let started_as = match previous {
+            None => StartedAs::First,
+            Some(_) if task.attempts.iter().any(|a| a.record.state == TaskState::Succeeded) => StartedAs::Recompute,
+            Some(_) => StartedAs::Retry,
+        };
+        if let Some(error) = policy::task_exhausted(task.failures, task.last_error.as_ref(), id) {
+            return Err(error);
+        }
+        if started_as != StartedAs::First {
+            self.extra_attempts += 1;
+            if let Some(error) = policy::query_exhausted(self.extra_attempts, task.last_error.as_ref()) {
+                return Err(error);
+            }
+            match started_as {
+                StartedAs::Recompute => self.recomputed += 1,
+                _ => self.retried += 1,
+            }
+            let cause = previous.and_then(|(_, cause)| cause).unwrap_or(Cause::OutputLost);
+            out.push(Action::Restarted { started_as, cause });
+        }
+        let number = task.attempts.len() as u32;
+        let key = TaskKey { query_id: self.query_id.clone(), stage: id.0, task: id.1, attempt: number };
+        let backoff = match started_as {
+            StartedAs::Retry => policy::backoff(task.failures),
+            _ => Duration::ZERO,
+        };
+        task.attempts.push(Attempt {
+            record: TaskRecord::unassigned(key.clone(), &task.summary, shuffle, TaskState::Queued, started_as, None),
+            worker_url: None,
+            inputs: Arc::clone(&inputs),
+            assigned_at: None,
+            ended_at: None,
+        });
+        out.push(Action::Queue(QueuedAttempt {
+            key,
+            plan: Arc::clone(&task.plan),
+            partition: task.partition,
+            inputs,
+            ready_at: now + backoff,
+            avoid: task.avoid.iter().cloned().collect(),
+        }));
+        Ok(())
+    }
+
+    /// Tasks whose output someone still has to read: the final Stage (parts it has not read
+    /// whole) or a Task of a consuming Stage that must run. Stages are numbered inputs first,
+    /// so walking them backwards sees every consumer before its producers.
+    fn needed(&self) -> BTreeSet<TaskId> {
+        let mut needed = BTreeSet::new();
+        let mut active = vec![false; self.stages.len()];
+        for (index, stage) in self.stages.iter().enumerate().rev() {
+            let s = index as u32;
+            let consumer_active = stage.consumers.iter().any(|&c| active[c as usize]);
+            for (&id, task) in self.tasks.range((s, 0)..(s + 1, 0)) {
+                let unread = stage.consumers.is_empty() && (task.parts_read.len() as u32) < stage.parts;
+                if consumer_active || unread {
+                    needed.insert(id);
+                    active[index] |= task.output.is_none();
+                }
+            }
+        }
+        needed
+    }
+
+    fn inputs_available(&self, stage: u32) -> bool {
+        self.stages[stage as usize]
+            .inputs
+            .iter()
+            .all(|&input| self.tasks.range((input, 0)..(input + 1, 0)).all(|(_, t)| t.output.is_some()))
+    }
+
+    fn input_locations(&self, stage: u32) -> Vec<OutputLocation> {
+        let mut locations = Vec::new();
+        for &input in &self.stages[stage as usize].inputs {
+            for (_, task) in self.tasks.range((input, 0)..(input + 1, 0)) {
+                if let Some(attempt) = task.output.map(|n| &task.attempts[n as usize]) {
+                    locations.push(OutputLocation {
+                        key: Some(attempt.record.key.clone()),
+                        worker_url: attempt.worker_url.clone().unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        locations
+    }
+
+    /// (shuffle, read by the final Stage)
+    fn stage_kind(&self, stage: u32) -> (bool, bool) {
+        self.stages.get(stage as usize).map_or((false, false), |s| (s.shuffle, s.consumers.is_empty()))
+    }
+
+    fn attempt(&self, key: &TaskKey) -> Option<&Attempt> {
+        self.tasks.get(&(key.stage, key.task))?.attempts.get(key.attempt as usize)
+    }
+
+    fn attempt_mut(&mut self, key: &TaskKey) -> Option<&mut Attempt> {
+        self.tasks.get_mut(&(key.stage, key.task))?.attempts.get_mut(key.attempt as usize)
+    }
+
+    /// Every Attempt, in Task order; a Task still waiting for its inputs shows as its first
+    /// Attempt, queued (cancelled, once the Query has ended without running it).
+    pub fn records(&self) -> impl Iterator<Item = TaskRecord> + '_ {
+        let (state, cause) = match self.state {
+            RunState::Running => (TaskState::Queued, None),
+            _ => (TaskState::Cancelled, Some(Cause::QueryEnded)),
+        };
+        self.tasks.iter().flat_map(move |(&(stage, task), t)| {
+            let waiting = t.attempts.is_empty().then(|| {
+                let key = TaskKey { query_id: self.query_id.clone(), stage, task, attempt: 0 };
+                TaskRecord::unassigned(key, &t.summary, self.stages[stage as usize].shuffle, state, StartedAs::First, cause)
+            });
+            t.attempts.iter().map(|a| a.record.clone()).chain(waiting)
+        })
+    }
+
+    /// The URLs of the workers that ran any Attempt: they may hold outputs to free.
+    pub fn worker_urls(&self) -> BTreeSet<String> {
+        self.tasks.values().flat_map(|t| t.attempts.iter().filter_map(|a| a.worker_url.clone())).collect()
+    }
+
+    /// The ids of the workers that ran any Attempt.
+    pub fn workers_used(&self) -> BTreeSet<String> {
+        self.tasks.values().flat_map(|t| t.attempts.iter().filter_map(|a| a.record.worker_id.clone())).collect()
+    }
+
+    /// (Tasks with a succeeded Attempt, Attempts running now)
+    pub fn progress(&self) -> (usize, usize) {
+        let done = self.tasks.values().filter(|t| t.counted().is_some()).count();
+        let attempts = self.tasks.values().flat_map(|t| t.attempts.iter());
+        let running = attempts.filter(|a| a.record.state == TaskState::Running).count();
+        (done, running)
+    }
+
+    pub fn stage_metrics(&self) -> Vec<StageMetrics> {
+        self.stages
+            .iter()
+            .enumerate()
+            .map(|(index, stage)| {
+                let s = index as u32;
+                let tasks: Vec<&TaskRun> = self.tasks.range((s, 0)..(s + 1, 0)).map(|(_, t)| t).collect();
+                let attempts = || tasks.iter().flat_map(|t| t.attempts.iter());
+                let first = attempts().filter_map(|a| a.assigned_at).min();
+                let last = attempts().filter_map(|a| a.ended_at).max();
+                let counted: Vec<&Attempt> = tasks.iter().filter_map(|t| t.counted()).collect();
+                StageMetrics {
+                    stage: s,
+                    inputs: stage.inputs.clone(),
+                    output: if stage.shuffle { "shuffle" } else { "gather" },
+                    tasks: tasks.len(),
+                    tasks_done: counted.len(),
+                    rows: counted.iter().map(|a| a.record.rows).sum(),
+                    bytes: counted.iter().map(|a| a.record.bytes).sum(),
+                    elapsed_ms: match (first, last) {
+                        (Some(a), Some(b)) => b.saturating_duration_since(a).as_millis() as u64,
+                        _ => 0,
+                    },
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

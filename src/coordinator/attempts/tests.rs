@@ -1,0 +1,282 @@
+//! The Attempt state machine without a network: each test drives a small Query through events
+//! and checks the actions that come out.
+
+use super::*;
+use crate::config::TASK_ATTEMPTS_MAX;
+
+/// Stage 0: `producers` Tasks shuffling into 2 parts; stage 1: 2 Tasks read by the final Stage.
+fn two_stages(producers: u32) -> QueryRun {
+    let task = |stage, task| NewTask { stage, task, partition: task, summary: format!("s{stage}t{task}"), plan: vec![stage as u8] };
+    QueryRun::new(
+        "q",
+        vec![
+            NewStage { inputs: vec![], shuffle: true, parts: 2, tasks: (0..producers).map(|t| task(0, t)).collect() },
+            NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: (0..2).map(|t| task(1, t)).collect() },
+        ],
+    )
+}
+
+fn key(stage: u32, task: u32, attempt: u32) -> TaskKey {
+    TaskKey { query_id: "q".into(), stage, task, attempt }
+}
+
+fn url(worker: &str) -> String {
+    format!("http://{worker}")
+}
+
+/// Drives a QueryRun, keeping what it asked for.
+struct Driver {
+    run: QueryRun,
+    now: Instant,
+    queued: Vec<QueuedAttempt>,
+    stopped: Vec<TaskKey>,
+    published: Vec<(TaskId, Option<TaskOutcome>)>,
+    failed: Option<QuiverError>,
+    restarted: Vec<(StartedAs, Cause)>,
+}
+
+impl Driver {
+    fn new(run: QueryRun) -> Self {
+        let mut d = Self { run, now: Instant::now(), queued: vec![], stopped: vec![], published: vec![], failed: None, restarted: vec![] };
+        let mut out = Vec::new();
+        d.run.start(d.now, &mut out);
+        d.take(out);
+        d
+    }
+
+    fn take(&mut self, out: Vec<Action>) {
+        for action in out {
+            match action {
+                Action::Queue(q) => self.queued.push(q),
+                Action::Stop { key, .. } => self.stopped.push(key),
+                Action::Publish { task, outcome } => self.published.push((task, outcome)),
+                Action::Fail(e) => self.failed = Some(e),
+                Action::Restarted { started_as, cause } => self.restarted.push((started_as, cause)),
+                Action::Ended { .. } | Action::Output { .. } => {}
+            }
+        }
+    }
+
+    /// The keys queued and not yet assigned, in order.
+    fn waiting(&self) -> Vec<TaskKey> {
+        self.queued.iter().filter(|q| self.run.is_queued(&q.key)).map(|q| q.key.clone()).collect()
+    }
+
+    fn assign(&mut self, key: &TaskKey, worker: &str) {
+        assert!(self.run.assigned(key, worker, &url(worker), self.now), "{key} is not queued");
+    }
+
+    fn report(&mut self, key: &TaskKey, worker: &str, state: TaskState, error: Option<QuiverError>) {
+        let mut out = Vec::new();
+        let report = Report { key: key.clone(), worker_id: worker.into(), state, rows: 10, bytes: 100, elapsed_ms: 1, error };
+        self.run.reported(report, self.now, &mut out);
+        self.take(out);
+    }
+
+    fn succeed(&mut self, key: &TaskKey, worker: &str) {
+        self.assign(key, worker);
+        self.report(key, worker, TaskState::Succeeded, None);
+    }
+
+    fn lose(&mut self, worker: &str) {
+        let mut out = Vec::new();
+        self.run.worker_lost(worker, &format!("worker {worker} was lost"), self.now, &mut out);
+        self.take(out);
+    }
+
+    fn read(&mut self, key: &TaskKey) {
+        self.run.part_read(key, 0);
+    }
+
+    fn state(&self, key: &TaskKey) -> TaskState {
+        self.run.records().find(|r| &r.key == key).map(|r| r.state).expect("attempt exists")
+    }
+}
+
+fn io_error() -> QuiverError {
+    QuiverError::new(ErrorKind::Io, "IO error: disk went away")
+}
+
+#[test]
+fn a_stage_starts_when_every_task_of_its_inputs_has_an_output() {
+    let mut d = Driver::new(two_stages(2));
+    assert_eq!(d.waiting(), vec![key(0, 0, 0), key(0, 1, 0)]);
+    d.succeed(&key(0, 0, 0), "w1");
+    assert_eq!(d.waiting(), vec![key(0, 1, 0)], "stage 1 waits for all of stage 0");
+    d.succeed(&key(0, 1, 0), "w2");
+    assert_eq!(d.waiting(), vec![key(1, 0, 0), key(1, 1, 0)]);
+    let inputs = &d.queued.last().unwrap().inputs;
+    assert_eq!(inputs.iter().map(|l| l.key.clone().unwrap()).collect::<Vec<_>>(), vec![key(0, 0, 0), key(0, 1, 0)]);
+    d.succeed(&key(1, 0, 0), "w1");
+    assert!(matches!(&d.published[..], [((1, 0), Some(TaskOutcome::Succeeded { key: k, .. }))] if *k == key(1, 0, 0)));
+}
+
+#[test]
+fn a_retryable_failure_runs_again_elsewhere_after_a_backoff() {
+    let mut d = Driver::new(two_stages(1));
+    d.assign(&key(0, 0, 0), "w1");
+    d.report(&key(0, 0, 0), "w1", TaskState::Failed, Some(io_error()));
+    assert_eq!(d.waiting(), vec![key(0, 0, 1)]);
+    let retry = d.queued.last().unwrap();
+    assert!(retry.ready_at > d.now, "a retry waits for its backoff");
+    assert_eq!(retry.avoid, vec!["w1".to_string()]);
+    assert_eq!(d.restarted, vec![(StartedAs::Retry, Cause::Error(ErrorKind::Io))]);
+    assert!(d.failed.is_none());
+}
+
+#[test]
+fn a_failure_that_running_again_cannot_fix_fails_the_query_at_once() {
+    let mut d = Driver::new(two_stages(2));
+    d.assign(&key(0, 0, 0), "w1");
+    d.assign(&key(0, 1, 0), "w2");
+    let error = QuiverError::new(ErrorKind::Execution, "Arrow error: Divide by zero error");
+    d.report(&key(0, 0, 0), "w1", TaskState::Failed, Some(error.clone()));
+    assert_eq!(d.failed, Some(error));
+    assert!(d.waiting().is_empty());
+    assert_eq!(d.stopped, vec![key(0, 1, 0)], "the other running Attempt is stopped");
+    assert_eq!(d.state(&key(0, 1, 0)), TaskState::Cancelled);
+}
+
+#[test]
+fn a_poison_task_fails_its_query_after_the_limit_with_its_own_error() {
+    let mut d = Driver::new(two_stages(1));
+    let oom = QuiverError::new(ErrorKind::ResourcesExhausted, "Resources exhausted: Failed to allocate 1 MB");
+    for attempt in 0..TASK_ATTEMPTS_MAX {
+        assert!(d.failed.is_none(), "failed early, after {attempt} attempts");
+        let k = key(0, 0, attempt);
+        d.assign(&k, &format!("w{attempt}"));
+        d.report(&k, &format!("w{attempt}"), TaskState::Failed, Some(oom.clone()));
+    }
+    let error = d.failed.expect("the query fails");
+    assert_eq!(error.kind, ErrorKind::ResourcesExhausted);
+    assert!(error.message.starts_with("Resources exhausted: Failed to allocate 1 MB"), "{}", error.message);
+    assert_eq!(d.run.records().filter(|r| r.key.stage == 0).count(), TASK_ATTEMPTS_MAX as usize, "no Attempt after the limit");
+}
+
+#[test]
+fn a_lost_worker_retries_its_running_attempts_and_recomputes_only_its_needed_outputs() {
+    let mut d = Driver::new(two_stages(4));
+    d.succeed(&key(0, 0, 0), "w1");
+    d.succeed(&key(0, 1, 0), "w2");
+    d.succeed(&key(0, 2, 0), "w1");
+    d.succeed(&key(0, 3, 0), "w2");
+    d.assign(&key(1, 0, 0), "w2");
+    d.assign(&key(1, 1, 0), "w1");
+    d.lose("w1");
+    // Stage 1 still has to read stage 0: w1's two outputs are recomputed, w2's are kept.
+    assert_eq!(d.waiting(), vec![key(0, 0, 1), key(0, 2, 1)]);
+    assert_eq!(d.run.recomputed(), 2);
+    // The consumer on w2 read w1's outputs: it is stopped and runs again later.
+    assert_eq!(d.stopped, vec![key(1, 0, 0)]);
+    assert_eq!(d.state(&key(1, 1, 0)), TaskState::Failed, "the consumer on w1 was lost with it");
+    d.succeed(&key(0, 0, 1), "w2");
+    d.succeed(&key(0, 2, 1), "w3");
+    assert_eq!(d.waiting(), vec![key(1, 0, 1), key(1, 1, 1)]);
+    let inputs = &d.queued.last().unwrap().inputs;
+    let read: Vec<TaskKey> = inputs.iter().map(|l| l.key.clone().unwrap()).collect();
+    assert_eq!(read, vec![key(0, 0, 1), key(0, 1, 0), key(0, 2, 1), key(0, 3, 0)], "exactly one Attempt of each producer");
+}
+
+#[test]
+fn outputs_nobody_needs_any_more_are_not_recomputed() {
+    let mut d = Driver::new(two_stages(2));
+    d.succeed(&key(0, 0, 0), "w1");
+    d.succeed(&key(0, 1, 0), "w2");
+    d.succeed(&key(1, 0, 0), "w2");
+    d.succeed(&key(1, 1, 0), "w1");
+    d.read(&key(1, 0, 0));
+    d.read(&key(1, 1, 0));
+    d.lose("w1");
+    assert!(d.waiting().is_empty(), "the final Stage has read everything: {:?}", d.waiting());
+    assert!(!d.run.needs_workers());
+}
+
+#[test]
+fn a_lost_output_of_a_later_stage_recomputes_its_lost_producers_first() {
+    let mut d = Driver::new(two_stages(2));
+    d.succeed(&key(0, 0, 0), "w1");
+    d.succeed(&key(0, 1, 0), "w2");
+    d.succeed(&key(1, 0, 0), "w1");
+    d.succeed(&key(1, 1, 0), "w2");
+    d.read(&key(1, 1, 0));
+    d.lose("w1");
+    // Stage 1 task 0 was not read yet: to run it again, stage 0 task 0 runs again first.
+    assert_eq!(d.waiting(), vec![key(0, 0, 1)]);
+    assert!(matches!(d.published.last(), Some(((1, 0), None))), "the final Stage waits for the new output");
+    d.succeed(&key(0, 0, 1), "w2");
+    assert_eq!(d.waiting(), vec![key(1, 0, 1)]);
+    d.succeed(&key(1, 0, 1), "w2");
+    assert!(matches!(d.published.last(), Some(((1, 0), Some(TaskOutcome::Succeeded { key: k, .. }))) if *k == key(1, 0, 1)));
+}
+
+#[test]
+fn a_fetch_failure_recomputes_the_producer_without_counting_against_the_consumer() {
+    let mut d = Driver::new(two_stages(2));
+    d.succeed(&key(0, 0, 0), "w1");
+    d.succeed(&key(0, 1, 0), "w2");
+    d.assign(&key(1, 0, 0), "w2");
+    let fetch = QuiverError { kind: ErrorKind::FetchFailed, message: "cannot read".into(), output: Some(key(0, 0, 0)) };
+    d.report(&key(1, 0, 0), "w2", TaskState::Failed, Some(fetch));
+    assert_eq!(d.waiting(), vec![key(0, 0, 1)], "the queued consumer that reads it waits too");
+    let cause = d.run.records().find(|r| r.key == key(1, 0, 0)).unwrap().cause;
+    assert_eq!(cause, Some(Cause::InputLost));
+    d.succeed(&key(0, 0, 1), "w3");
+    assert_eq!(d.waiting(), vec![key(1, 0, 1), key(1, 1, 1)]);
+}
+
+#[test]
+fn a_stale_attempt_changes_nothing_and_its_output_is_freed() {
+    let mut d = Driver::new(two_stages(1));
+    d.assign(&key(0, 0, 0), "w1");
+    d.lose("w1");
+    d.succeed(&key(0, 0, 1), "w2");
+    // w1 was cut off, not dead: its report arrives late.
+    d.report(&key(0, 0, 0), "w1", TaskState::Succeeded, None);
+    assert_eq!(d.stopped, vec![key(0, 0, 0)]);
+    assert_eq!(d.state(&key(0, 0, 0)), TaskState::Failed);
+    assert_eq!(d.waiting(), vec![key(1, 0, 0), key(1, 1, 0)]);
+    let inputs = &d.queued.last().unwrap().inputs;
+    assert_eq!(inputs[0].key, Some(key(0, 0, 1)));
+}
+
+#[test]
+fn of_two_attempts_of_one_task_the_first_to_succeed_wins() {
+    let mut d = Driver::new(two_stages(1));
+    d.assign(&key(0, 0, 0), "w1");
+    d.report(&key(0, 0, 0), "w1", TaskState::Failed, Some(io_error()));
+    d.assign(&key(0, 0, 1), "w2");
+    // A report of the failed Attempt's success cannot revive it...
+    d.report(&key(0, 0, 0), "w1", TaskState::Succeeded, None);
+    assert_eq!(d.state(&key(0, 0, 0)), TaskState::Failed);
+    d.report(&key(0, 0, 1), "w2", TaskState::Succeeded, None);
+    // ...and the winner's consumers read it alone.
+    assert_eq!(d.queued.last().unwrap().inputs[0].key, Some(key(0, 0, 1)));
+}
+
+#[test]
+fn an_unacknowledged_assignment_is_retried() {
+    let mut d = Driver::new(two_stages(1));
+    d.assign(&key(0, 0, 0), "w1");
+    let mut out = Vec::new();
+    let later = d.now + Duration::from_secs(10);
+    d.run.unacknowledged("w1", &[], Duration::from_secs(5), later, &mut out);
+    d.take(out);
+    assert_eq!(d.waiting(), vec![key(0, 0, 1)]);
+    assert_eq!(d.run.records().next().unwrap().cause, Some(Cause::Unacknowledged));
+}
+
+#[test]
+fn a_write_commits_the_attempts_the_final_stage_read() {
+    let mut d = Driver::new(two_stages(1));
+    d.succeed(&key(0, 0, 0), "w1");
+    d.succeed(&key(1, 0, 0), "w1");
+    d.succeed(&key(1, 1, 0), "w2");
+    d.read(&key(1, 0, 0));
+    d.lose("w2");
+    assert_eq!(d.waiting(), vec![key(1, 1, 1)], "its input on w1 is still there");
+    d.succeed(&key(1, 1, 1), "w3");
+    d.read(&key(1, 1, 1));
+    // w1 is lost after its output was read: what was read still counts.
+    d.lose("w1");
+    assert_eq!(d.run.counted_attempts(1), vec![key(1, 0, 0), key(1, 1, 1)]);
+}

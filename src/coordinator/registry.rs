@@ -1,0 +1,110 @@
+//! The Workers the coordinator knows: registration, heartbeats and which ones are lost. It knows
+//! nothing of Queries: [`super::cluster`] turns a lost worker into events for the Queries that
+//! used it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::config::LOST_WORKERS_MAX;
+
+#[derive(Debug, Clone)]
+pub struct WorkerRecord {
+    pub id: String,
+    pub url: String,
+    pub slots: u32,
+    pub memory_limit_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub alive: bool,
+    pub last_heartbeat: SystemTime,
+    /// Attempts running on it, as its last heartbeat said.
+    pub running_tasks: u32,
+    last_seen: Instant,
+    /// Names this registration (see `RegisterWorkerResponse::session`).
+    session: u64,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    workers: BTreeMap<String, WorkerRecord>,
+    next: u64,
+}
+
+impl Registry {
+    /// Registers a worker; returns its id and session.
+    pub fn register(&mut self, url: String, slots: u32, memory_limit_bytes: u64, now: Instant) -> (String, u64) {
+        self.next += 1;
+        let id = format!("w{}", self.next);
+        let session = uuid::Uuid::new_v4().as_u64_pair().0;
+        let record = WorkerRecord {
+            id: id.clone(),
+            url,
+            slots: slots.max(1),
+            memory_limit_bytes,
+            memory_used_bytes: 0,
+            alive: true,
+            last_heartbeat: SystemTime::now(),
+            running_tasks: 0,
+            last_seen: now,
+            session,
+        };
+        tracing::info!(worker = %id, url = %record.url, slots, "worker registered");
+        self.workers.insert(id.clone(), record);
+        (id, session)
+    }
+
+    /// True when `id` is a live worker of this registration.
+    pub fn is_live(&self, id: &str, session: u64) -> bool {
+        self.workers.get(id).is_some_and(|w| w.alive && w.session == session)
+    }
+
+    /// Records a heartbeat; false when the worker is unknown, lost, or of another registration.
+    pub fn heartbeat(&mut self, id: &str, session: u64, running_tasks: u32, memory_used_bytes: u64, now: Instant) -> bool {
+        match self.workers.get_mut(id) {
+            Some(w) if w.alive && w.session == session => {
+                w.last_seen = now;
+                w.last_heartbeat = SystemTime::now();
+                w.running_tasks = running_tasks;
+                w.memory_used_bytes = memory_used_bytes;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Declares the live workers silent for longer than `timeout` lost and returns them.
+    pub fn take_lost(&mut self, timeout: Duration, now: Instant) -> Vec<WorkerRecord> {
+        let mut lost = Vec::new();
+        for worker in self.workers.values_mut().filter(|w| w.alive && now.saturating_duration_since(w.last_seen) > timeout) {
+            worker.alive = false;
+            worker.running_tasks = 0;
+            tracing::warn!(worker = %worker.id, url = %worker.url, "worker lost: no heartbeat for {} ms", timeout.as_millis());
+            lost.push(worker.clone());
+        }
+        self.forget_oldest_lost();
+        lost
+    }
+
+    /// Lost workers are listed (in `quiver.workers`) until there are too many of them.
+    fn forget_oldest_lost(&mut self) {
+        let lost: Vec<String> = self.workers.values().filter(|w| !w.alive).map(|w| w.id.clone()).collect();
+        for id in lost.iter().take(lost.len().saturating_sub(LOST_WORKERS_MAX)) {
+            self.workers.remove(id);
+        }
+    }
+
+    pub fn url(&self, id: &str) -> Option<&str> {
+        self.workers.get(id).map(|w| w.url.as_str())
+    }
+
+    pub fn live(&self) -> impl Iterator<Item = &WorkerRecord> + '_ {
+        self.workers.values().filter(|w| w.alive)
+    }
+
+    pub fn total_slots(&self) -> usize {
+        self.live().map(|w| w.slots as usize).sum()
+    }
+
+    pub fn records(&self) -> Vec<WorkerRecord> {
+        self.workers.values().cloned().collect()
+    }
+}
