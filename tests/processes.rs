@@ -197,3 +197,26 @@ fn a_worker_busy_with_cpu_bound_tasks_keeps_heartbeating() {
     }
     assert_eq!(sql_ok(port, "SELECT count(*) AS lost FROM quiver.workers WHERE NOT alive"), "lost\n0\n");
 }
+
+/// Regression: `quiver sql` re-rendered each statement from its parse, which printed COPY's
+/// target without its quotes ("Expected: literal string, found: /"). Statements now go as
+/// written, and files are queried by path as in datafusion-cli.
+#[test]
+fn copy_to_files_and_queries_over_file_paths_work_through_quiver_sql() {
+    let (port, servers) = coordinator_and_worker();
+    let out = servers._dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let (parquet, csv) = (out.join("n.parquet"), out.join("n.csv"));
+    sql_ok(port, "CREATE TABLE nums AS SELECT value AS v, value % 7 AS k FROM generate_series(1, 1000)");
+    let script = format!(
+        "COPY (SELECT k, count(*) AS c FROM nums GROUP BY k) TO '{}' STORED AS PARQUET; COPY nums TO '{}' STORED AS CSV",
+        parquet.display(),
+        csv.display()
+    );
+    sql_ok(port, &script);
+    let grouped = format!("SELECT sum(c) AS total, count(*) AS groups FROM '{}'", parquet.display());
+    assert_eq!(sql_ok(port, &grouped), "total,groups\n1000,7\n");
+    assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 1001, "a header and 1000 rows");
+    let mode = sql_ok(port, &format!("SELECT mode FROM quiver.queries WHERE sql = '{}'", grouped.replace('\'', "''")));
+    assert_eq!(mode, "mode\ndistributed\n", "a query over a file path runs on the workers");
+}

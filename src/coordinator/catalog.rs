@@ -97,7 +97,7 @@ impl Catalog {
     fn store(&self, tables: Vec<TableDef>) -> Result<()> {
         std::fs::create_dir_all(&self.data_dir)?;
         let text = serde_json::to_string_pretty(&CatalogFile { tables })
-            .map_err(|e| DataFusionError::Internal(e.to_string()))?;
+            .map_err(|e| DataFusionError::Execution(format!("cannot write the catalog: {e}")))?;
         let tmp = self.data_dir.join(format!("{CATALOG_FILE}.tmp"));
         std::fs::write(&tmp, text)?;
         std::fs::File::open(&tmp)?.sync_all()?;

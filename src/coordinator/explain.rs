@@ -85,6 +85,6 @@ struct NotRun;
 
 impl StageSource for NotRun {
     fn open(&self, _stage: StageId, _task: usize, _partition: usize, _schema: SchemaRef) -> Result<SendableRecordBatchStream> {
-        Err(DataFusionError::Internal("an EXPLAIN plan is not run".into()))
+        Err(DataFusionError::Execution("an EXPLAIN plan is not run".into()))
     }
 }

@@ -93,7 +93,8 @@ impl Coordinator {
         let mut session = session_config(config.target_partitions);
         // Quiver cuts files into Task slices itself; whole files keep that cut exact.
         session.options_mut().optimizer.repartition_file_scans = false;
-        let ctx = SessionContext::new_with_config(session);
+        // `SELECT … FROM 'path/to/file.parquet'` reads files directly, as in datafusion-cli.
+        let ctx = SessionContext::new_with_config(session).enable_url_table();
         let cluster = Arc::new(Cluster::default());
         system_tables::register(&ctx, &cluster)?;
         let catalog = catalog::Catalog::new(&data_dir);

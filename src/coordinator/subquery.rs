@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use datafusion::common::{exec_err, internal_err, DataFusionError, Result, ScalarValue};
+use datafusion::common::{exec_err, DataFusionError, Result, ScalarValue};
 use datafusion::physical_plan::scalar_subquery::ScalarSubqueryExec;
 use datafusion::physical_plan::{replace_children_if_necessary, ExecutionPlan};
 use futures::future::BoxFuture;
@@ -56,7 +56,7 @@ pub(super) fn split(plan: Arc<dyn ExecutionPlan>, subqueries: &mut Vec<Arc<dyn E
 /// its value: NULL for no row, an error for more than one, as DataFusion does.
 async fn run(core: &Arc<Core>, id: &str, plan: Arc<dyn ExecutionPlan>) -> Result<ScalarValue> {
     if plan.schema().fields().len() != 1 {
-        return internal_err!("a scalar subquery returns {} columns", plan.schema().fields().len());
+        return exec_err!("a scalar subquery returns {} columns", plan.schema().fields().len());
     }
     let data_type = plan.schema().field(0).data_type().clone();
     core.cluster.begin_query(id, &format!("scalar subquery {id}"));

@@ -8,7 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::common::{internal_err, Result};
+use datafusion::common::{exec_err, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
@@ -148,7 +148,7 @@ impl ExecutionPlan for StageReaderExec {
 
     fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
         if !children.is_empty() {
-            return internal_err!("StageReaderExec has no children");
+            return exec_err!("StageReaderExec has no children");
         }
         Ok(self)
     }
@@ -156,7 +156,7 @@ impl ExecutionPlan for StageReaderExec {
     fn execute(&self, partition: usize, _context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
         let count = self.properties.output_partitioning().partition_count();
         if partition >= count {
-            return internal_err!("stage {} reader has {count} partitions, partition {partition} asked", self.stage);
+            return exec_err!("stage {} reader has {count} partitions, partition {partition} asked", self.stage);
         }
         match self.exchange {
             Exchange::Gather => self.source.open(self.stage, partition, 0, self.schema()),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::Schema;
-use datafusion::common::{internal_err, Result};
+use datafusion::common::{exec_err, Result};
 use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
 use datafusion::datasource::physical_plan::{FileScanConfig, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
@@ -276,7 +276,7 @@ pub(super) fn task_plan(plan: &Arc<dyn ExecutionPlan>, slice: &TaskSlice) -> Res
     }
     let children = plan.children();
     let [child] = children.as_slice() else {
-        return internal_err!("task plan over {} with {} children", plan.name(), children.len());
+        return exec_err!("task plan over {} with {} children", plan.name(), children.len());
     };
     let child = task_plan(child, slice)?;
     if plan.is::<RepartitionExec>() {

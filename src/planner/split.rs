@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use datafusion::common::{internal_err, Result};
+use datafusion::common::{exec_err, Result};
 use datafusion::datasource::listing::{FileRange, PartitionedFile};
 use datafusion::datasource::physical_plan::FileGroup;
 use datafusion::physical_plan::ExecutionPlan;
@@ -40,7 +40,7 @@ pub(super) fn slice_scan(
     total_slots: usize,
 ) -> Result<Vec<TaskSlice>> {
     let Some(scan) = find_scan(plan) else {
-        return internal_err!("stage without a file scan");
+        return exec_err!("stage without a file scan");
     };
     let files: Vec<PartitionedFile> = scan.file_groups.iter().flat_map(|g| g.iter().cloned()).collect();
     let total: u64 = files.iter().map(file_bytes).sum();

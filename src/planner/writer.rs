@@ -9,7 +9,7 @@ use std::sync::{Arc, LazyLock};
 
 use datafusion::arrow::array::{RecordBatch, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::common::{internal_err, DataFusionError, Result};
+use datafusion::common::{exec_err, DataFusionError, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::parquet::arrow::AsyncArrowWriter;
 use datafusion::parquet::file::properties::WriterProperties;
@@ -113,14 +113,14 @@ impl ExecutionPlan for TaskWriterExec {
 
     fn with_new_children(self: Arc<Self>, mut children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
         if children.len() != 1 {
-            return internal_err!("TaskWriterExec takes one child");
+            return exec_err!("TaskWriterExec takes one child");
         }
         Ok(Arc::new(Self::new(children.remove(0), self.input_partition, self.path.clone(), self.row_group_rows)))
     }
 
     fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
         if partition != 0 || self.input_partition >= self.input.output_partitioning().partition_count() {
-            return internal_err!("TaskWriterExec writes one existing input partition");
+            return exec_err!("TaskWriterExec writes one existing input partition");
         }
         let path = match context.session_config().get_extension::<AttemptNumber>() {
             Some(attempt) => attempt_file(&self.path, attempt.0),

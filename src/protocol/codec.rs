@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::Schema;
-use datafusion::common::{internal_err, plan_err, DataFusionError, Result, ScalarValue};
+use datafusion::common::{plan_err, DataFusionError, Result, ScalarValue};
 use datafusion::physical_expr::{AcrossPartitions, ConstExpr, EquivalenceProperties};
 use datafusion::physical_plan::Partitioning;
 use datafusion::execution::TaskContext;
@@ -208,7 +208,7 @@ impl PhysicalExtensionCodec for QuiverCodec {
         ctx: &TaskContext,
         proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let node = QuiverNode::decode(buf).map_err(|e| DataFusionError::Internal(format!("bad plan node: {e}")))?;
+        let node = QuiverNode::decode(buf).map_err(|e| DataFusionError::Plan(format!("malformed Quiver plan node: {e}")))?;
         match (node.node, inputs) {
             (Some(quiver_node::Node::Writer(w)), [input]) => Ok(Arc::new(TaskWriterExec::new(
                 Arc::clone(input),
@@ -217,7 +217,7 @@ impl PhysicalExtensionCodec for QuiverCodec {
                 w.row_group_rows as usize,
             ))),
             (Some(quiver_node::Node::Reader(r)), []) => self.decode_reader(r, ctx, proto_converter),
-            (other, _) => internal_err!("cannot decode Quiver plan node {other:?} with {} inputs", inputs.len()),
+            (other, _) => plan_err!("cannot decode Quiver plan node {other:?} with {} inputs", inputs.len()),
         }
     }
 
@@ -236,9 +236,9 @@ impl PhysicalExtensionCodec for QuiverCodec {
         } else if let Some(reader) = node.downcast_ref::<StageReaderExec>() {
             quiver_node::Node::Reader(self.encode_reader(reader, proto_converter)?)
         } else {
-            return internal_err!("{} cannot be sent to a worker", node.name());
+            return plan_err!("{} cannot be sent to a worker", node.name());
         };
-        QuiverNode { node: Some(encoded) }.encode(buf).map_err(|e| DataFusionError::Internal(e.to_string()))
+        QuiverNode { node: Some(encoded) }.encode(buf).map_err(|e| DataFusionError::Execution(format!("cannot encode a Quiver plan node: {e}")))
     }
 }
 
