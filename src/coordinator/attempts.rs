@@ -404,7 +404,10 @@ impl QueryRun {
                 let error = error.unwrap_or_else(|| {
                     QuiverError::new(ErrorKind::Execution, format!("task {key} {} without an error", state.as_str()))
                 });
-                self.failed(key, &worker_id, error, now, out);
+                // An Attempt its worker stopped on its own (it was shutting down) did not fail
+                // for a reason of the Task's: it runs again.
+                let retryable = state == TaskState::Cancelled || policy::is_retryable(&error);
+                self.failed(key, &worker_id, error, retryable, now, out);
             }
         }
         self.schedule(now, out);
@@ -436,7 +439,7 @@ impl QueryRun {
         }
     }
 
-    fn failed(&mut self, key: TaskKey, worker_id: &str, error: QuiverError, now: Instant, out: &mut Vec<Action>) {
+    fn failed(&mut self, key: TaskKey, worker_id: &str, error: QuiverError, retryable: bool, now: Instant, out: &mut Vec<Action>) {
         let id = (key.stage, key.task);
         let task = self.tasks.get_mut(&id).expect("reported Attempt has a Task");
         let attempt = &mut task.attempts[key.attempt as usize];
@@ -447,7 +450,7 @@ impl QueryRun {
             return;
         }
         out.extend(attempt.end(TaskState::Failed, Some(Cause::Error(error.kind)), Some(&error.message), now));
-        if policy::is_retryable(&error) {
+        if retryable {
             task.fail(worker_id, error);
         } else {
             self.fail(error, now, out);
