@@ -192,6 +192,14 @@ impl Cluster {
     /// A worker's long poll: the next Attempt it may take, waiting up to [`TASK_POLL_WAIT_MS`].
     /// `Err(())` means the worker is unknown and must register again.
     pub async fn poll(&self, worker_id: &str, session: u64) -> std::result::Result<Option<TaskAssignment>, ()> {
+        // A poll is dropped before it answers only when the worker's connection went away.
+        let mut guard = PollGuard { cluster: self, worker_id, session, answered: false };
+        let answer = self.wait_for_task(worker_id, session).await;
+        guard.answered = true;
+        answer
+    }
+
+    async fn wait_for_task(&self, worker_id: &str, session: u64) -> std::result::Result<Option<TaskAssignment>, ()> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(TASK_POLL_WAIT_MS);
         loop {
             let ready = self.task_ready.notified();
@@ -355,12 +363,30 @@ impl Cluster {
         let mut inner = self.lock();
         let now = Instant::now();
         let lost = inner.workers.take_lost(Duration::from_millis(WORKER_TIMEOUT_MS), now);
-        for worker in &lost {
-            let message = format!("worker {} at {} was lost (no heartbeat for {WORKER_TIMEOUT_MS} ms)", worker.id, worker.url);
-            self.for_each_run(&mut inner, |run, out| run.worker_lost(&worker.id, &message, now, out));
+        let reasons = lost.into_iter().map(|w| (w, format!("no heartbeat for {WORKER_TIMEOUT_MS} ms"))).collect();
+        self.workers_lost(&mut inner, reasons, now);
+    }
+
+    /// Workers whose connection dropped a poll half-way, to be probed: (id, URL).
+    pub fn take_suspects(&self) -> Vec<(String, String)> {
+        self.lock().workers.take_suspects()
+    }
+
+    /// A worker found gone before its heartbeats were missed (its port refuses connections).
+    pub fn worker_gone(&self, worker_id: &str, reason: &str) {
+        let mut inner = self.lock();
+        if let Some(worker) = inner.workers.declare_lost(worker_id, reason) {
+            self.workers_lost(&mut inner, vec![(worker, reason.to_string())], Instant::now());
+        }
+    }
+
+    fn workers_lost(&self, inner: &mut Inner, lost: Vec<(WorkerRecord, String)>, now: Instant) {
+        for (worker, reason) in &lost {
+            let message = format!("worker {} at {} was lost ({reason})", worker.id, worker.url);
+            self.for_each_run(inner, |run, out| run.worker_lost(&worker.id, &message, now, out));
         }
         if !lost.is_empty() && inner.workers.live().next().is_none() {
-            self.for_each_run(&mut inner, |run, out| {
+            self.for_each_run(inner, |run, out| {
                 if run.needs_workers() {
                     run.fail(no_live_workers(), now, out);
                 }
@@ -481,6 +507,22 @@ impl Cluster {
     /// The metrics in the Prometheus text exposition format.
     pub fn metrics_text(&self) -> String {
         self.metrics.encode(&self.workers())
+    }
+}
+
+/// Marks a worker suspect when its poll is dropped before it answered.
+struct PollGuard<'a> {
+    cluster: &'a Cluster,
+    worker_id: &'a str,
+    session: u64,
+    answered: bool,
+}
+
+impl Drop for PollGuard<'_> {
+    fn drop(&mut self) {
+        if !self.answered && !std::thread::panicking() {
+            self.cluster.lock().workers.suspect(self.worker_id, self.session);
+        }
     }
 }
 

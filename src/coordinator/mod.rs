@@ -38,7 +38,7 @@ use crate::protocol::{
     RegisterWorkerResponse, ReleaseQuery, TaskReport,
 };
 use crate::transport::{
-    call, serve_sql, worker_peer, Cancelled, Prepared, ServerHandle, SqlHandler, Started, TableEntry,
+    refuses_connections, call, serve_sql, worker_peer, Cancelled, Prepared, ServerHandle, SqlHandler, Started, TableEntry,
 };
 
 /// Everything a running coordinator holds.
@@ -114,6 +114,7 @@ impl Coordinator {
             loop {
                 tick.tick().await;
                 cluster.detect_lost_workers();
+                probe_suspects(&cluster);
                 statements.expire();
             }
         });
@@ -128,6 +129,21 @@ impl Coordinator {
     pub async fn shutdown(self) {
         self.monitor.abort();
         self.server.shutdown().await;
+    }
+}
+
+/// Workers whose connection dropped a poll half-way may have died: one whose port refuses
+/// connections has, and is declared lost at once instead of after `WORKER_TIMEOUT_MS` without
+/// heartbeats (a worker cut off the network, whose port cannot be reached at all, still waits
+/// for the timeout).
+fn probe_suspects(cluster: &Arc<Cluster>) {
+    for (id, url) in cluster.take_suspects() {
+        let cluster = Arc::clone(cluster);
+        tokio::spawn(async move {
+            if refuses_connections(&url).await {
+                cluster.worker_gone(&id, "its port refuses connections");
+            }
+        });
     }
 }
 

@@ -21,6 +21,9 @@ pub struct WorkerRecord {
     last_seen: Instant,
     /// Names this registration (see `RegisterWorkerResponse::session`).
     session: u64,
+    /// Its connection to the coordinator dropped a poll half-way: it may have died. A probe
+    /// of its port tells before its heartbeats are missed.
+    suspected: bool,
 }
 
 #[derive(Default)]
@@ -46,6 +49,7 @@ impl Registry {
             running_tasks: 0,
             last_seen: now,
             session,
+            suspected: false,
         };
         tracing::info!(worker = %id, url = %record.url, slots, "worker registered");
         self.workers.insert(id.clone(), record);
@@ -69,6 +73,34 @@ impl Registry {
             }
             _ => false,
         }
+    }
+
+    /// The worker's poll was dropped before its answer: its process or its connection may be gone.
+    pub fn suspect(&mut self, id: &str, session: u64) {
+        if let Some(w) = self.workers.get_mut(id).filter(|w| w.alive && w.session == session) {
+            w.suspected = true;
+        }
+    }
+
+    /// The live workers under suspicion, with their URLs; suspicion is cleared.
+    pub fn take_suspects(&mut self) -> Vec<(String, String)> {
+        let suspects = self.workers.values_mut().filter(|w| w.alive && w.suspected);
+        suspects.map(|w| {
+            w.suspected = false;
+            (w.id.clone(), w.url.clone())
+        })
+        .collect()
+    }
+
+    /// Declares a live worker lost now; returns it, or None if it was not live.
+    pub fn declare_lost(&mut self, id: &str, reason: &str) -> Option<WorkerRecord> {
+        let worker = self.workers.get_mut(id).filter(|w| w.alive)?;
+        worker.alive = false;
+        worker.running_tasks = 0;
+        tracing::warn!(worker = %worker.id, url = %worker.url, "worker lost: {reason}");
+        let lost = worker.clone();
+        self.forget_oldest_lost();
+        Some(lost)
     }
 
     /// Declares the live workers silent for longer than `timeout` lost and returns them.

@@ -148,6 +148,17 @@ async fn first_schema(inner: &mut arrow_flight::decode::FlightDataDecoder) -> Re
     }
 }
 
+/// True when nothing listens at `url` any more (the connection is refused): the process that
+/// served there is gone. Unreachable or slow is not refused.
+pub async fn refuses_connections(url: &str) -> bool {
+    let Some(address) = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) else { return false };
+    let connect = tokio::net::TcpStream::connect(address.trim_end_matches('/'));
+    match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect).await {
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        _ => false,
+    }
+}
+
 /// Tells the worker at `url` to stop Attempt `key` if it runs and to free its outputs.
 pub async fn release_attempt(url: &str, key: TaskKey) -> Result<()> {
     let peer = worker_peer(url).await?;

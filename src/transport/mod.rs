@@ -12,7 +12,9 @@ mod server;
 mod sql_client;
 mod sql_server;
 
-pub use client::{call, connect, connect_lazy, fetch_batches, fetch_output, release_attempt, worker_peer, Peer};
+pub use client::{
+    call, connect, connect_lazy, fetch_batches, fetch_output, refuses_connections, release_attempt, worker_peer, Peer,
+};
 pub use server::{serve, serve_sql, FlightHandler, ServerHandle};
 pub use sql_client::{SqlClient, Statement};
 pub use sql_server::{Cancelled, Prepared, SqlHandler, Started, TableEntry, CANCEL_FLIGHT_INFO};
