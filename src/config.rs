@@ -22,6 +22,9 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
 /// A Task the coordinator assigned must show up in its worker's heartbeats within this time;
 /// otherwise the assignment (or the Task's report) was lost and its Query fails.
 pub const ASSIGNMENT_ACK_TIMEOUT_MS: u64 = 5_000;
+/// A worker whose heartbeat is this late is probed: if its port refuses connections, its
+/// process is gone and it is declared lost at once, without waiting for `WORKER_TIMEOUT_MS`.
+pub const HEARTBEAT_OVERDUE_MS: u64 = 2 * HEARTBEAT_INTERVAL_MS;
 /// A worker silent for this long is declared lost: its running Attempts are retried elsewhere
 /// and its outputs that are still needed are recomputed.
 pub const WORKER_TIMEOUT_MS: u64 = 3_000;

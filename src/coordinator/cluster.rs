@@ -18,7 +18,7 @@ use super::metrics::Metrics;
 use super::registry::Registry;
 pub use super::attempts::{NewStage, NewTask, StageMetrics, TaskOutcome, TaskRecord};
 pub use super::registry::WorkerRecord;
-use crate::config::{ASSIGNMENT_ACK_TIMEOUT_MS, QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS};
+use crate::config::{ASSIGNMENT_ACK_TIMEOUT_MS, HEARTBEAT_OVERDUE_MS, QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS};
 use crate::protocol::{
     error_text, remote_to_quiver, ErrorKind, QueryProgress, QuiverError, TaskAssignment, TaskKey, TaskReport, TaskState,
 };
@@ -367,9 +367,9 @@ impl Cluster {
         self.workers_lost(&mut inner, reasons, now);
     }
 
-    /// Workers whose connection dropped a poll half-way, to be probed: (id, URL).
+    /// Workers that may have died, to be probed: (id, URL). See [`Registry::take_suspects`].
     pub fn take_suspects(&self) -> Vec<(String, String)> {
-        self.lock().workers.take_suspects()
+        self.lock().workers.take_suspects(Duration::from_millis(HEARTBEAT_OVERDUE_MS), Instant::now())
     }
 
     /// A worker found gone before its heartbeats were missed (its port refuses connections).

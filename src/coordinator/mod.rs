@@ -132,10 +132,10 @@ impl Coordinator {
     }
 }
 
-/// Workers whose connection dropped a poll half-way may have died: one whose port refuses
-/// connections has, and is declared lost at once instead of after `WORKER_TIMEOUT_MS` without
-/// heartbeats (a worker cut off the network, whose port cannot be reached at all, still waits
-/// for the timeout).
+/// Workers whose heartbeat is overdue, or whose connection dropped a poll half-way, may have
+/// died: one whose port refuses connections has, and is declared lost at once instead of after
+/// `WORKER_TIMEOUT_MS` without heartbeats (a worker cut off the network, whose port cannot be
+/// reached at all, still waits for the timeout).
 fn probe_suspects(cluster: &Arc<Cluster>) {
     for (id, url) in cluster.take_suspects() {
         let cluster = Arc::clone(cluster);

@@ -22,7 +22,7 @@ pub struct WorkerRecord {
     /// Names this registration (see `RegisterWorkerResponse::session`).
     session: u64,
     /// Its connection to the coordinator dropped a poll half-way: it may have died. A probe
-    /// of its port tells before its heartbeats are missed.
+    /// of its port tells before its heartbeats are missed for good.
     suspected: bool,
 }
 
@@ -82,9 +82,11 @@ impl Registry {
         }
     }
 
-    /// The live workers under suspicion, with their URLs; suspicion is cleared.
-    pub fn take_suspects(&mut self) -> Vec<(String, String)> {
-        let suspects = self.workers.values_mut().filter(|w| w.alive && w.suspected);
+    /// The live workers under suspicion — a poll dropped half-way, or a heartbeat overdue by
+    /// more than `overdue` — with their URLs; a dropped poll's suspicion is cleared.
+    pub fn take_suspects(&mut self, overdue: Duration, now: Instant) -> Vec<(String, String)> {
+        let late = |w: &WorkerRecord| now.saturating_duration_since(w.last_seen) > overdue;
+        let suspects = self.workers.values_mut().filter(|w| w.alive && (w.suspected || late(w)));
         suspects.map(|w| {
             w.suspected = false;
             (w.id.clone(), w.url.clone())
