@@ -87,19 +87,34 @@ async fn check_queries(queries: std::ops::RangeInclusive<usize>) {
     assert!(skipped.is_empty(), "single-node DataFusion ran only {compared} of {count} queries:\n{}", skipped.join("\n"));
 }
 
-// Three thirds, so that each stays well within a test's time budget and they run in parallel.
+// Six parts, so that each stays well within a test's time budget and they run in parallel.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tpcds_queries_1_to_33_match_single_node_datafusion() {
-    check_queries(1..=33).await;
+async fn tpcds_queries_1_to_17_match_single_node_datafusion() {
+    check_queries(1..=17).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tpcds_queries_34_to_66_match_single_node_datafusion() {
-    check_queries(34..=66).await;
+async fn tpcds_queries_18_to_33_match_single_node_datafusion() {
+    check_queries(18..=33).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tpcds_queries_67_to_99_match_single_node_datafusion() {
-    check_queries(67..=99).await;
+async fn tpcds_queries_34_to_50_match_single_node_datafusion() {
+    check_queries(34..=50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpcds_queries_51_to_66_match_single_node_datafusion() {
+    check_queries(51..=66).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpcds_queries_67_to_83_match_single_node_datafusion() {
+    check_queries(67..=83).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpcds_queries_84_to_99_match_single_node_datafusion() {
+    check_queries(84..=99).await;
 }
