@@ -5,6 +5,7 @@
 mod attempts;
 mod catalog;
 mod cluster;
+mod copy;
 mod explain;
 mod metrics;
 mod policy;
@@ -56,7 +57,27 @@ pub struct Core {
 impl Core {
     /// Records a Query's end and frees its outputs on the workers that hold them.
     fn finish(&self, id: &str, rows: u64, error: Option<&DataFusionError>, cancelled: bool) {
-        let Some(workers) = self.cluster.finish_query(id, rows, error, cancelled) else { return };
+        for release in self.end_query(id, rows, error, cancelled) {
+            tokio::spawn(release);
+        }
+    }
+
+    /// As [`Core::finish`] for a failed Query, returning once every worker it ran on has
+    /// stopped its Attempts (or did not answer within the control call timeout): what those
+    /// Attempts were writing can be removed without an Attempt writing on behind it.
+    async fn fail_and_stop(&self, id: &str, error: &DataFusionError) {
+        futures::future::join_all(self.end_query(id, 0, Some(error), false)).await;
+    }
+
+    /// Records a Query's end; returns the calls that release it on its workers.
+    fn end_query(
+        &self,
+        id: &str,
+        rows: u64,
+        error: Option<&DataFusionError>,
+        cancelled: bool,
+    ) -> Vec<impl std::future::Future<Output = ()> + Send + 'static> {
+        let Some(workers) = self.cluster.finish_query(id, rows, error, cancelled) else { return vec![] };
         if let Some(q) = self.cluster.query(id) {
             let (duration_ms, tasks, state) = (q.duration_ms, q.tasks, q.state);
             match error {
@@ -65,16 +86,17 @@ impl Core {
             }
         }
         let release = ReleaseQuery { query_id: id.to_string() };
-        for url in workers {
+        let release_on = |url: String| {
             let release = release.clone();
-            tokio::spawn(async move {
+            async move {
                 if let Ok(peer) = worker_peer(&url).await {
                     if let Err(e) = call::<_, Empty>(&peer, action::RELEASE_QUERY, &release).await {
                         tracing::debug!(%url, "release of {} failed: {e}", release.query_id);
                     }
                 }
-            });
-        }
+            }
+        };
+        workers.into_iter().map(release_on).collect()
     }
 }
 

@@ -22,7 +22,7 @@ use super::catalog::TableDef;
 use super::cluster::{NewStage, NewTask};
 use super::source::QueryTasks;
 use super::Core;
-use crate::planner::{self, attempt_file, count_schema, task_file, DistributeOptions, COORDINATOR_FILE, DistributedPlan, Exchange, WriteTarget};
+use crate::planner::{self, attempt_file, count_schema, task_file, DistributeOptions, COORDINATOR_FILE, DistributedPlan, Exchange, WriteKind, WriteTarget};
 use crate::protocol::encode_plan;
 
 /// How long a Query that needs workers waits for the first one to register.
@@ -87,7 +87,7 @@ async fn run(core: &Arc<Core>, id: &str, sql: &str, parameters: Option<ParamValu
         Some(values) => plan.with_param_values(values)?,
         None => plan,
     };
-    let done = matches!(plan, LogicalPlan::Ddl(_) | LogicalPlan::Dml(_));
+    let done = matches!(plan, LogicalPlan::Ddl(_) | LogicalPlan::Dml(_) | LogicalPlan::Copy(_));
     Ok((dispatch(core, id, sql, plan).await?, done))
 }
 
@@ -118,6 +118,7 @@ async fn dispatch(core: &Arc<Core>, id: &str, sql: &str, plan: LogicalPlan) -> R
             let rows = insert(core, id, table_name.table(), &input).await?;
             Ok(count_stream(rows))
         }
+        copy @ LogicalPlan::Copy(_) => Ok(count_stream(super::copy::copy(core, id, &copy).await?)),
         LogicalPlan::Dml(dml) => not_impl_err!("{} is not supported yet; Quiver tables are append-only", dml.op),
         LogicalPlan::Ddl(other) => not_impl_err!("{} is not supported", other.name()),
         LogicalPlan::Explain(explain) => super::explain::explain(core, id, &explain.plan).await,
@@ -215,7 +216,7 @@ async fn write_segment(core: &Arc<Core>, id: &str, table: &str, input: &LogicalP
     let mut cleanup = RemoveOnDrop(Some(staging.clone()));
     let result = async {
         let physical = core.ctx.state().create_physical_plan(input).await?;
-        let target = WriteTarget { dir: staging.clone(), row_group_rows: core.config.write_row_group_rows };
+        let target = WriteTarget { dir: staging.clone(), kind: WriteKind::Table { row_group_rows: core.config.write_row_group_rows } };
         let (plan, stream) = start_physical(core, id, physical, Some(target)).await?;
         let batches: Vec<RecordBatch> = stream.try_collect().await?;
         let rows = batches.iter().flat_map(|b| b.column(0).as_primitive::<UInt64Type>().iter().flatten()).sum();

@@ -217,7 +217,7 @@ fn unknown_prepared(handle: &str) -> DataFusionError {
 /// update and read its count from `DoPut`; run as a query, a write still answers with `count`.
 fn result_schema(plan: &LogicalPlan) -> SchemaRef {
     match plan {
-        LogicalPlan::Ddl(_) | LogicalPlan::Dml(_) => Arc::new(Schema::empty()),
+        LogicalPlan::Ddl(_) | LogicalPlan::Dml(_) | LogicalPlan::Copy(_) => Arc::new(Schema::empty()),
         plan => Arc::new(plan.schema().as_arrow().clone()),
     }
 }

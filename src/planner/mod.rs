@@ -15,6 +15,7 @@
 //! with everything above it. The planner knows nothing of the network: how a reader gets its
 //! data is the business of the [`StageSource`] the caller supplies.
 
+mod copy;
 mod display;
 mod reader;
 mod rules;
@@ -24,6 +25,7 @@ mod writer;
 use std::sync::Arc;
 
 use datafusion::common::Result;
+use datafusion::datasource::sink::DataSinkExec;
 use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
@@ -34,6 +36,7 @@ use datafusion::physical_plan::{
 };
 
 use crate::config::PlannerConfig;
+pub use copy::{copy_attempt_dir, copy_task_dir, file_sink_config, retarget, CopyTaskExec};
 pub use reader::{Exchange, StageReaderExec, StageSource};
 pub use rules::shuffle_partitioning;
 pub use split::TaskSlice;
@@ -107,8 +110,8 @@ pub struct DistributeOptions<'a> {
     pub total_slots: usize,
     /// Where readers get Task outputs from.
     pub source: Arc<dyn StageSource>,
-    /// When set, the last Stage's Tasks write their output to Parquet files in this directory
-    /// (INSERT and CREATE TABLE AS) and return row counts.
+    /// When set, the last Stage's Tasks write their output to files in this directory
+    /// (INSERT, CREATE TABLE AS, COPY) and return row counts.
     pub write_dir: Option<WriteTarget>,
 }
 
@@ -116,8 +119,48 @@ pub struct DistributeOptions<'a> {
 #[derive(Debug, Clone)]
 pub struct WriteTarget {
     pub dir: std::path::PathBuf,
-    pub row_group_rows: usize,
+    pub kind: WriteKind,
 }
+
+/// How a distributed write writes its files.
+#[derive(Debug, Clone)]
+pub enum WriteKind {
+    /// One Parquet file per Task (a Quiver table's segment).
+    Table { row_group_rows: usize },
+    /// DataFusion's file sink of a `COPY … TO` a directory: one directory per Task.
+    Copy { sink: Arc<dyn datafusion::datasource::sink::DataSink> },
+}
+
+impl WriteTarget {
+    /// The writer of Task `task` of Stage `stage`, over partition `partition` of `input`.
+    fn task_writer(&self, input: Arc<dyn ExecutionPlan>, partition: usize, stage: StageId, task: usize) -> Arc<dyn ExecutionPlan> {
+        match &self.kind {
+            WriteKind::Table { row_group_rows } => {
+                Arc::new(TaskWriterExec::new(input, partition, task_file(&self.dir, stage, task), *row_group_rows))
+            }
+            WriteKind::Copy { sink } => {
+                let sink = Arc::new(DataSinkExec::new(input, Arc::clone(sink), None));
+                Arc::new(CopyTaskExec::new(sink, partition, copy_task_dir(&self.dir, stage, task)))
+            }
+        }
+    }
+
+    /// The writer the coordinator runs over its single-partition `input`.
+    fn coordinator_writer(&self, input: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
+        match &self.kind {
+            WriteKind::Table { row_group_rows } => {
+                Arc::new(TaskWriterExec::new(input, 0, self.dir.join(COORDINATOR_FILE), *row_group_rows))
+            }
+            WriteKind::Copy { sink } => {
+                let sink = Arc::new(DataSinkExec::new(input, Arc::clone(sink), None));
+                Arc::new(CopyTaskExec::new(sink, 0, self.dir.join(COORDINATOR_DIR)))
+            }
+        }
+    }
+}
+
+/// The directory the coordinator writes into when a copy's last Stage is its own.
+pub const COORDINATOR_DIR: &str = "coordinator";
 
 /// What a Stage does with its Tasks' results.
 enum Output<'a> {
@@ -141,8 +184,7 @@ pub fn distribute(plan: Arc<dyn ExecutionPlan>, opts: &DistributeOptions) -> Res
         // The coordinator writes what only it can compute, after the final Stage.
         Some(target) => {
             let single = single_partition(builder.coordinator(plan)?);
-            let path = target.dir.join(COORDINATOR_FILE);
-            Arc::new(TaskWriterExec::new(single, 0, path, target.row_group_rows))
+            target.coordinator_writer(single)
         }
         None => builder.coordinator(plan)?,
     };
@@ -279,10 +321,7 @@ impl Builder<'_> {
         for (task, (plan, partition, summary)) in parts.into_iter().enumerate() {
             let (plan, partition): (Arc<dyn ExecutionPlan>, usize) = match &output {
                 Output::Shuffle(partitioning) if sliceable => (Arc::new(RepartitionExec::try_new(plan, partitioning.clone())?), partition),
-                Output::Write(target) => {
-                    let path = task_file(&target.dir, id, task);
-                    (Arc::new(TaskWriterExec::new(plan, partition, path, target.row_group_rows)), 0)
-                }
+                Output::Write(target) => (target.task_writer(plan, partition, id, task), 0),
                 _ => (plan, partition),
             };
             tasks.push(TaskSpec { stage: id, task, plan, partition, summary });

@@ -47,6 +47,17 @@ pub fn count_schema() -> SchemaRef {
     Arc::clone(&COUNT_SCHEMA)
 }
 
+/// The properties of a writer: one partition of row counts, emitted when the write is done.
+pub(super) fn count_properties() -> Arc<PlanProperties> {
+    let properties = PlanProperties::new(
+        EquivalenceProperties::new(count_schema()),
+        Partitioning::UnknownPartitioning(1),
+        EmissionType::Final,
+        Boundedness::Bounded,
+    );
+    Arc::new(properties)
+}
+
 #[derive(Debug)]
 pub struct TaskWriterExec {
     input: Arc<dyn ExecutionPlan>,
@@ -59,13 +70,7 @@ pub struct TaskWriterExec {
 
 impl TaskWriterExec {
     pub fn new(input: Arc<dyn ExecutionPlan>, input_partition: usize, path: PathBuf, row_group_rows: usize) -> Self {
-        let properties = PlanProperties::new(
-            EquivalenceProperties::new(count_schema()),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Final,
-            Boundedness::Bounded,
-        );
-        Self { input, input_partition, path, row_group_rows, properties: Arc::new(properties) }
+        Self { input, input_partition, path, row_group_rows, properties: count_properties() }
     }
 
     pub fn path(&self) -> &PathBuf {

@@ -27,7 +27,7 @@ use datafusion_proto::physical_plan::{
 use datafusion_proto::protobuf;
 use prost::Message;
 
-use crate::planner::{Exchange, StageReaderExec, StageSource, TaskWriterExec};
+use crate::planner::{CopyTaskExec, Exchange, StageReaderExec, StageSource, TaskWriterExec};
 
 /// Encodes the plan nodes Quiver adds to DataFusion's. Decoding a Stage reader needs the
 /// [`StageSource`] it will read from: the worker's view of where the Query's outputs are.
@@ -43,6 +43,16 @@ struct WriterNode {
     #[prost(uint64, tag = "2")]
     row_group_rows: u64,
     #[prost(uint32, tag = "3")]
+    input_partition: u32,
+}
+
+/// A Task of a `COPY … TO` a directory; its input is the statement's sink, which
+/// datafusion-proto encodes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct CopyNode {
+    #[prost(string, tag = "1")]
+    dir: String,
+    #[prost(uint32, tag = "2")]
     input_partition: u32,
 }
 
@@ -96,7 +106,7 @@ struct ConstantNode {
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct QuiverNode {
-    #[prost(oneof = "quiver_node::Node", tags = "1, 2")]
+    #[prost(oneof = "quiver_node::Node", tags = "1, 2, 3")]
     node: Option<quiver_node::Node>,
 }
 
@@ -107,6 +117,8 @@ mod quiver_node {
         Writer(super::WriterNode),
         #[prost(message, tag = "2")]
         Reader(super::ReaderNode),
+        #[prost(message, tag = "3")]
+        Copy(super::CopyNode),
     }
 }
 
@@ -216,6 +228,9 @@ impl PhysicalExtensionCodec for QuiverCodec {
                 w.path.into(),
                 w.row_group_rows as usize,
             ))),
+            (Some(quiver_node::Node::Copy(c)), [sink]) => {
+                Ok(Arc::new(CopyTaskExec::new(Arc::clone(sink), c.input_partition as usize, c.dir.into())))
+            }
             (Some(quiver_node::Node::Reader(r)), []) => self.decode_reader(r, ctx, proto_converter),
             (other, _) => plan_err!("cannot decode Quiver plan node {other:?} with {} inputs", inputs.len()),
         }
@@ -232,6 +247,11 @@ impl PhysicalExtensionCodec for QuiverCodec {
                 path: writer.path().to_string_lossy().into_owned(),
                 row_group_rows: writer.row_group_rows() as u64,
                 input_partition: writer.input_partition() as u32,
+            })
+        } else if let Some(copy) = node.downcast_ref::<CopyTaskExec>() {
+            quiver_node::Node::Copy(CopyNode {
+                dir: copy.dir().to_string_lossy().into_owned(),
+                input_partition: copy.input_partition() as u32,
             })
         } else if let Some(reader) = node.downcast_ref::<StageReaderExec>() {
             quiver_node::Node::Reader(self.encode_reader(reader, proto_converter)?)

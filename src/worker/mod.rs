@@ -330,7 +330,15 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
             state.outputs.store(&key, stream, router).await
         }
     });
-    state.running.lock().expect("running lock").insert(key.clone(), job.abort_handle());
+    {
+        // Checked under the lock `release_query` takes after marking the Query released: a
+        // release that came while the Attempt was starting stops it either way.
+        let mut running = state.running.lock().expect("running lock");
+        running.insert(key.clone(), job.abort_handle());
+        if state.is_released(&key) {
+            job.abort();
+        }
+    }
     let outcome = job.await;
     state.running.lock().expect("running lock").remove(&key);
     if state.is_released(&key) || state.registration().as_ref() != Some(registration) {

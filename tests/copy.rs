@@ -1,0 +1,148 @@
+//! `COPY … TO`: what the cluster writes reads back as exactly the query's rows, to a single
+//! file or to a directory (then written by the workers, one set of files per Task), in every
+//! format, partitioned or not; and a copy that fails leaves nothing behind.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use common::TestCluster;
+
+const QUERY: &str = "SELECT v, k, concat('s', CAST(v AS VARCHAR)) AS s FROM t WHERE v % 3 <> 0";
+
+async fn cluster_with_files() -> TestCluster {
+    let t = TestCluster::start(3).await;
+    let src = t.dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // A multi-file Parquet table, so that the copy's input is sliced over many Tasks.
+    t.single
+        .sql("CREATE TABLE g AS SELECT value AS v, value % 5 AS k FROM generate_series(1, 30000)")
+        .await
+        .unwrap();
+    for part in 0..4 {
+        let sql = format!("COPY (SELECT * FROM g WHERE v % 4 = {part}) TO '{}/p{part}.parquet'", src.display());
+        t.single.sql(&sql).await.unwrap().collect().await.unwrap();
+    }
+    t.both(&format!("CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{}/'", src.display())).await;
+    t
+}
+
+/// Every file under `dir`, recursively, by path relative to it.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files(&path).into_iter().map(|p| Path::new(path.file_name().unwrap()).join(p)));
+        } else {
+            out.push(PathBuf::from(path.file_name().unwrap()));
+        }
+    }
+    out
+}
+
+/// Every file and directory under `dir`, recursively.
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for entry in std::fs::read_dir(dir).into_iter().flatten() {
+        let path = entry.unwrap().path();
+        out.extend(entries(&path));
+        out.push(path);
+    }
+    out
+}
+
+/// The rows `location` holds, read back by single-node DataFusion, against the query's.
+async fn check_copied(t: &TestCluster, format: &str, location: &str, partitioned: bool) {
+    let name = format!("back_{}", rand_suffix());
+    let partition = if partitioned { " PARTITIONED BY (k)" } else { "" };
+    let options = if format == "CSV" { " OPTIONS ('format.has_header' 'true')" } else { "" };
+    let ddl = format!("CREATE EXTERNAL TABLE {name} STORED AS {format}{partition} LOCATION '{location}'{options}");
+    t.single.sql(&ddl).await.unwrap();
+    let back = format!("SELECT CAST(v AS BIGINT), CAST(k AS BIGINT), s FROM {name}");
+    let mut copied = t.single_rows(&back).await;
+    let mut expected = t.single_rows("SELECT v, k, concat('s', CAST(v AS VARCHAR)) FROM t WHERE v % 3 <> 0").await;
+    copied.sort();
+    expected.sort();
+    assert_eq!(copied.len(), 20000, "{location}");
+    assert!(copied == expected, "{format} copy to {location} reads back other rows");
+}
+
+fn rand_suffix() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Files whose names carry distinct sink write ids were written by distinct Tasks.
+fn writers(files: &[PathBuf]) -> usize {
+    let ids: BTreeSet<String> =
+        files.iter().map(|f| f.file_name().unwrap().to_string_lossy().split('_').next().unwrap().to_string()).collect();
+    ids.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copy_to_a_directory_is_written_by_the_workers_in_every_format() {
+    let t = cluster_with_files().await;
+    for (format, ext) in [("PARQUET", "parquet"), ("CSV", "csv"), ("JSON", "json")] {
+        let dir = t.dir.path().join(format!("out-{ext}"));
+        let sql = format!("COPY ({QUERY}) TO '{}/' STORED AS {format}", dir.display());
+        assert_eq!(t.cluster_rows(&sql).await, vec![vec!["20000".to_string()]], "{sql}");
+        let written = files(&dir);
+        assert!(written.iter().all(|f| f.extension().is_some_and(|e| e == ext)), "{written:?}");
+        assert!(writers(&written) > 1, "one Task wrote everything: {written:?}");
+        check_copied(&t, format, &format!("{}/", dir.display()), false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partitioned_copy_writes_one_directory_per_value() {
+    let t = cluster_with_files().await;
+    let dir = t.dir.path().join("by-k");
+    let sql = format!("COPY ({QUERY}) TO '{}' STORED AS PARQUET PARTITIONED BY (k)", dir.display());
+    assert_eq!(t.cluster_rows(&sql).await, vec![vec!["20000".to_string()]]);
+    let mut parts: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    parts.sort();
+    assert_eq!(parts, ["k=0", "k=1", "k=2", "k=3", "k=4"]);
+    check_copied(&t, "PARQUET", &format!("{}/", dir.display()), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copy_to_a_file_writes_exactly_that_file() {
+    let t = cluster_with_files().await;
+    let out = t.dir.path().join("single");
+    for (format, ext) in [("PARQUET", "parquet"), ("CSV", "csv"), ("JSON", "json")] {
+        let path = out.join(format!("all.{ext}"));
+        let sql = format!("COPY ({QUERY} ORDER BY v) TO '{}' STORED AS {format}", path.display());
+        assert_eq!(t.cluster_rows(&sql).await, vec![vec!["20000".to_string()]], "{sql}");
+        check_copied(&t, format, &path.display().to_string(), false).await;
+    }
+    let mut written = files(&out);
+    written.sort();
+    assert_eq!(written, [PathBuf::from("all.csv"), "all.json".into(), "all.parquet".into()], "no partial file stays");
+    // The ORDER BY survives into the single file.
+    let csv = std::fs::read_to_string(out.join("all.csv")).unwrap();
+    assert_eq!(csv.lines().take(4).collect::<Vec<_>>(), ["v,k,s", "1,1,s1", "2,2,s2", "4,4,s4"]);
+}
+
+/// A copy whose Tasks fail part-way (division by zero in some rows) returns the error and
+/// leaves neither a target nor a staging or partial file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_copy_leaves_nothing_behind() {
+    let t = cluster_with_files().await;
+    let failing = "SELECT v, 10 / (v - 29999) AS x FROM t";
+    let dir = t.dir.path().join("failed-dir");
+    let file = t.dir.path().join("failed.parquet");
+    for target in [format!("{}/", dir.display()), file.display().to_string()] {
+        let err = t.client.collect(&format!("COPY ({failing}) TO '{target}' STORED AS PARQUET")).await.unwrap_err();
+        assert!(err.to_string().to_lowercase().contains("divide by zero"), "{err}");
+    }
+    assert!(!dir.exists(), "a failed copy to a directory left {:?}", entries(&dir));
+    let left: Vec<_> = std::fs::read_dir(t.dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.iter().all(|n| !n.to_string_lossy().contains("failed")), "a failed copy left {left:?}");
+    // The cluster still copies.
+    let ok = t.dir.path().join("ok/");
+    let sql = format!("COPY (SELECT * FROM t WHERE v < 10) TO '{}/' STORED AS CSV", ok.display());
+    assert_eq!(t.cluster_rows(&sql).await, vec![vec!["9".to_string()]]);
+}
