@@ -1,6 +1,8 @@
 //! Every limit Quiver enforces, in one place: message sizes, queue depths, timeouts, memory.
 //! Units are part of the names so that a reader never has to guess.
 
+use datafusion::common::config::ConfigExtension;
+use datafusion::common::extensions_options;
 use datafusion::prelude::SessionConfig;
 
 /// Largest gRPC message either side accepts or sends (plans, batches, control messages).
@@ -85,6 +87,30 @@ pub const PREPARED_STATEMENT_IDLE_MS: u64 = 3_600_000;
 /// Batches a Stage reader buffers ahead of its consumer.
 pub const READER_BUFFER_BATCHES: usize = 4;
 
+/// How often the coordinator looks for stragglers to speculate on, besides on every report.
+pub const SPECULATION_CHECK_INTERVAL_MS: u64 = 50;
+
+extensions_options! {
+    /// Quiver's own settings, switchable with `SET quiver.<name> = <value>` like DataFusion's.
+    pub struct QuiverOptions {
+        /// Speculation: a Task running much longer than the finished Tasks of its Stage gets a
+        /// second Attempt on another worker; the first to succeed wins.
+        pub speculation: bool, default = true
+        /// Speculate only once this fraction of a Stage's Tasks has finished.
+        pub speculation_quantile: f64, default = 0.75
+        /// A Task is slow when it has run this many times the median finished Task of its Stage…
+        pub speculation_multiplier: f64, default = 1.5
+        /// …and at least this long: short Stages are never worth a second Attempt.
+        pub speculation_min_runtime_ms: u64, default = 100
+        /// At most this fraction of a Stage's Tasks (and at least one) get a speculative Attempt.
+        pub speculation_max_fraction: f64, default = 0.25
+    }
+}
+
+impl ConfigExtension for QuiverOptions {
+    const PREFIX: &'static str = "quiver";
+}
+
 /// How the distributed planner cuts leaf Stages into Tasks.
 #[derive(Debug, Clone)]
 pub struct PlannerConfig {
@@ -153,7 +179,8 @@ pub fn default_parallelism() -> usize {
 pub fn session_config(target_partitions: usize) -> SessionConfig {
     let mut config = SessionConfig::new()
         .with_target_partitions(target_partitions.max(1))
-        .with_information_schema(true);
+        .with_information_schema(true)
+        .with_option_extension(QuiverOptions::default());
     let options = config.options_mut();
     // Partitions of one scan run in different processes: a partition must read exactly its own
     // files, never steal a sibling's (that duplicates rows across workers).

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use datafusion::common::{DataFusionError, Result};
-use quiver::bench::{run_recovery, run_tpch, RecoveryBench, TpchBench};
+use quiver::bench::{run_recovery, run_straggler, run_tpch, RecoveryBench, StragglerBench, TpchBench};
 use quiver::cli::Shell;
 use quiver::client::Client;
 use quiver::cluster::{LocalCluster, LocalOptions};
@@ -165,6 +165,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 0.5)]
         kill_at: f64,
     },
+    /// TPC-H on 2 worker processes, then with a third throttled by cpulimit, speculation on
+    /// and off: a slow worker must never make the cluster slower than not having it.
+    Straggler {
+        #[arg(long, default_value_t = 1.0)]
+        sf: f64,
+        /// Comma-separated query numbers (default: all 22).
+        #[arg(long, value_delimiter = ',')]
+        queries: Option<Vec<usize>>,
+        #[arg(long, default_value = "quiver-data")]
+        data_dir: PathBuf,
+        /// The slow worker's share of one core, in percent.
+        #[arg(long, default_value_t = 25)]
+        throttle_percent: u32,
+        #[arg(long, default_value_t = 1)]
+        iterations: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -255,6 +271,10 @@ async fn run(command: Command) -> Result<()> {
         Command::Bench { bench: BenchCommand::Recovery { sf, workers, queries, data_dir, kill_at } } => {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());
             run_recovery(&RecoveryBench { sf, workers, queries, data_dir, kill_at }).await?;
+        }
+        Command::Bench { bench: BenchCommand::Straggler { sf, queries, data_dir, throttle_percent, iterations } } => {
+            let queries = queries.unwrap_or_else(|| (1..=22).collect());
+            run_straggler(&StragglerBench { sf, queries, data_dir, throttle_percent, iterations }).await?;
         }
     }
     Ok(())

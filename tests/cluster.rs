@@ -181,6 +181,8 @@ async fn a_task_whose_assignment_was_lost_runs_again_elsewhere() {
     use quiver::transport::{call, connect};
     let mut t = TestCluster::start(0).await;
     t.client.collect("CREATE TABLE lost AS SELECT value AS v FROM generate_series(1, 1000)").await.unwrap();
+    // Speculation would run the Task elsewhere before the assignment is found lost.
+    t.client.collect("SET quiver.speculation = false").await.unwrap();
     let coordinator = connect(&t.cluster.url()).await.unwrap();
     let register = RegisterWorker { address: "http://127.0.0.1:9".into(), slots: 1, memory_limit_bytes: 1 << 30 };
     let worker: RegisterWorkerResponse = call(&coordinator, action::REGISTER_WORKER, &register).await.unwrap();

@@ -42,6 +42,8 @@ pub enum StartedAs {
     Retry,
     /// After the output of a succeeded Attempt was lost and is still needed.
     Recompute,
+    /// Beside a live Attempt that runs much longer than its Stage's finished Tasks took.
+    Speculative,
 }
 
 impl StartedAs {
@@ -50,6 +52,7 @@ impl StartedAs {
             StartedAs::First => "first",
             StartedAs::Retry => "retry",
             StartedAs::Recompute => "recompute",
+            StartedAs::Speculative => "speculative",
         }
     }
 }
@@ -142,6 +145,8 @@ pub struct QueuedAttempt {
     pub ready_at: Instant,
     /// Workers where its Task failed before: another takes it when one can.
     pub avoid: Vec<String>,
+    /// A speculative Attempt: never runs on a worker it avoids, and waits behind other Attempts.
+    pub speculative: bool,
 }
 
 /// What the caller must do after an event.
@@ -160,6 +165,10 @@ pub enum Action {
     Output { rows: u64, bytes: u64, shuffle: bool },
     /// An Attempt beyond its Task's first was started, after an Attempt that ended for `cause`.
     Restarted { started_as: StartedAs, cause: Cause },
+    /// A speculative Attempt was queued beside a straggler.
+    Speculated,
+    /// A speculative Attempt succeeded before the Attempt it was started beside.
+    SpeculationWon,
 }
 
 /// A Task to be run: its Stage and index, the partition it computes, summary and plan.
@@ -302,6 +311,10 @@ pub struct QueryRun {
     extra_attempts: u32,
     retried: u32,
     recomputed: u32,
+    /// When stragglers get speculative Attempts; None when speculation is off.
+    speculation: Option<policy::Speculation>,
+    speculated: u32,
+    speculation_wins: u32,
 }
 
 impl QueryRun {
@@ -330,7 +343,29 @@ impl QueryRun {
             }
             runs.push(StageRun { inputs: stage.inputs, consumers: Vec::new(), shuffle: stage.shuffle, parts: stage.parts.max(1) });
         }
-        Self { query_id: query_id.to_string(), stages: runs, tasks, state: RunState::Running, extra_attempts: 0, retried: 0, recomputed: 0 }
+        Self {
+            query_id: query_id.to_string(),
+            stages: runs,
+            tasks,
+            state: RunState::Running,
+            extra_attempts: 0,
+            retried: 0,
+            recomputed: 0,
+            speculation: None,
+            speculated: 0,
+            speculation_wins: 0,
+        }
+    }
+
+    /// Lets [`QueryRun::speculate`] start speculative Attempts under `policy`.
+    pub fn with_speculation(mut self, policy: Option<policy::Speculation>) -> Self {
+        self.speculation = policy;
+        self
+    }
+
+    /// Speculative Attempts started, and how many of them won their Task.
+    pub fn speculated(&self) -> (u32, u32) {
+        (self.speculated, self.speculation_wins)
     }
 
     pub fn task_ids(&self) -> impl Iterator<Item = TaskId> + '_ {
@@ -428,6 +463,10 @@ impl QueryRun {
             return;
         }
         task.output = Some(key.attempt);
+        if attempt.record.started_as == StartedAs::Speculative {
+            self.speculation_wins += 1;
+            out.push(Action::SpeculationWon);
+        }
         for other in task.attempts.iter_mut().filter(|a| a.is_live()) {
             out.extend(other.end(TaskState::Cancelled, Some(Cause::Superseded), None, now));
             if let Some(url) = other.worker_url.clone() {
@@ -629,7 +668,6 @@ impl QueryRun {
 
     fn start_attempt(&mut self, id: TaskId, now: Instant, out: &mut Vec<Action>) -> Result<(), QuiverError> {
         let inputs = Arc::new(self.input_locations(id.0));
-        let shuffle = self.stages[id.0 as usize].shuffle;
         let task = self.tasks.get_mut(&id).expect("scheduled Task exists");
         let previous = task.attempts.last().map(|a| (a.record.state, a.record.cause));
         let started_as = match previous {
@@ -652,12 +690,27 @@ impl QueryRun {
             let cause = previous.and_then(|(_, cause)| cause).unwrap_or(Cause::OutputLost);
             out.push(Action::Restarted { started_as, cause });
         }
-        let number = task.attempts.len() as u32;
-        let key = TaskKey { query_id: self.query_id.clone(), stage: id.0, task: id.1, attempt: number };
         let backoff = match started_as {
             StartedAs::Retry => policy::backoff(task.failures),
             _ => Duration::ZERO,
         };
+        let avoid = task.avoid.iter().cloned().collect();
+        out.push(Action::Queue(self.push_attempt(id, started_as, inputs, now + backoff, avoid)));
+        Ok(())
+    }
+
+    /// Adds a queued Attempt to Task `id`; returns it as the queue takes it.
+    fn push_attempt(
+        &mut self,
+        id: TaskId,
+        started_as: StartedAs,
+        inputs: Arc<Vec<OutputLocation>>,
+        ready_at: Instant,
+        avoid: Vec<String>,
+    ) -> QueuedAttempt {
+        let shuffle = self.stages[id.0 as usize].shuffle;
+        let task = self.tasks.get_mut(&id).expect("Task exists");
+        let key = TaskKey { query_id: self.query_id.clone(), stage: id.0, task: id.1, attempt: task.attempts.len() as u32 };
         task.attempts.push(Attempt {
             record: TaskRecord::unassigned(key.clone(), &task.summary, shuffle, TaskState::Queued, started_as, None),
             worker_url: None,
@@ -665,15 +718,48 @@ impl QueryRun {
             assigned_at: None,
             ended_at: None,
         });
-        out.push(Action::Queue(QueuedAttempt {
-            key,
-            plan: Arc::clone(&task.plan),
-            partition: task.partition,
-            inputs,
-            ready_at: now + backoff,
-            avoid: task.avoid.iter().cloned().collect(),
-        }));
-        Ok(())
+        let speculative = started_as == StartedAs::Speculative;
+        QueuedAttempt { key, plan: Arc::clone(&task.plan), partition: task.partition, inputs, ready_at, avoid, speculative }
+    }
+
+    /// Starts a speculative Attempt, on another worker, for each straggler: a Task whose only
+    /// live Attempt has run longer than its Stage's policy threshold, within the Stage's budget.
+    /// Called on a clock tick and after reports.
+    pub fn speculate(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some(policy) = self.speculation.filter(|_| self.state == RunState::Running) else { return };
+        for stage in 0..self.stages.len() as u32 {
+            for (id, worker) in self.stragglers(stage, &policy, now) {
+                let inputs = Arc::new(self.input_locations(stage));
+                out.push(Action::Queue(self.push_attempt(id, StartedAs::Speculative, inputs, now, vec![worker])));
+                out.push(Action::Speculated);
+                self.speculated += 1;
+            }
+        }
+    }
+
+    /// The Tasks of `stage` that get a speculative Attempt now, with the worker their running
+    /// Attempt is on; longest-running first, within what the Stage's budget has left.
+    fn stragglers(&self, stage: u32, policy: &policy::Speculation, now: Instant) -> Vec<(TaskId, String)> {
+        let tasks: Vec<(&TaskId, &TaskRun)> = self.tasks.range((stage, 0)..(stage + 1, 0)).collect();
+        let mut finished: Vec<Duration> = tasks
+            .iter()
+            .filter_map(|(_, t)| t.output.map(|n| &t.attempts[n as usize]))
+            .filter_map(|a| Some(a.ended_at?.saturating_duration_since(a.assigned_at?)))
+            .collect();
+        let Some(threshold) = policy.threshold(&mut finished, tasks.len()) else { return vec![] };
+        let speculative = |t: &TaskRun| t.attempts.iter().any(|a| a.record.started_as == StartedAs::Speculative);
+        let spent = tasks.iter().filter(|(_, t)| speculative(t)).count();
+        let mut slow: Vec<(Duration, TaskId, String)> = tasks
+            .iter()
+            .filter(|(_, t)| t.output.is_none() && !speculative(t) && t.attempts.iter().filter(|a| a.is_live()).count() == 1)
+            .filter_map(|(id, t)| {
+                let live = t.attempts.iter().find(|a| a.is_live())?;
+                let ran = now.saturating_duration_since(live.assigned_at?);
+                (ran > threshold).then(|| (ran, **id, live.record.worker_id.clone().unwrap_or_default()))
+            })
+            .collect();
+        slow.sort_by(|a, b| b.0.cmp(&a.0));
+        slow.into_iter().take(policy.budget(tasks.len()).saturating_sub(spent)).map(|(_, id, w)| (id, w)).collect()
     }
 
     /// Tasks whose output someone still has to read: the final Stage (parts it has not read

@@ -14,6 +14,7 @@ use datafusion::common::{DataFusionError, Result};
 use tokio::sync::{watch, Notify};
 
 use super::attempts::{Action, QueryRun, QueuedAttempt, Report, TaskId};
+use super::policy::Speculation;
 use super::metrics::Metrics;
 use super::registry::Registry;
 pub use super::attempts::{NewStage, NewTask, StageMetrics, TaskOutcome, TaskRecord};
@@ -47,6 +48,9 @@ pub struct QueryRecord {
     pub attempts_retried: u32,
     /// Tasks run again because the output of a succeeded Attempt was lost.
     pub tasks_recomputed: u32,
+    /// Speculative Attempts started beside stragglers, and how many of them won their Task.
+    pub attempts_speculated: u32,
+    pub speculation_wins: u32,
 }
 
 struct QueryEntry {
@@ -149,6 +153,8 @@ impl Cluster {
             bytes_gathered: 0,
             attempts_retried: 0,
             tasks_recomputed: 0,
+            attempts_speculated: 0,
+            speculation_wins: 0,
         };
         let entry = QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new() };
         self.lock().queries.insert(id.to_string(), entry);
@@ -157,7 +163,8 @@ impl Cluster {
 
     /// Takes a distributed Query's Stages (inputs first) and queues the first Attempts of the
     /// Tasks whose inputs are ready; the others follow as their inputs get outputs.
-    pub fn submit(&self, query_id: &str, stages: Vec<NewStage>) -> Result<()> {
+    /// Stragglers get speculative Attempts under `speculation` (None: never).
+    pub fn submit(&self, query_id: &str, stages: Vec<NewStage>, speculation: Option<Speculation>) -> Result<()> {
         let task_count: usize = stages.iter().map(|s| s.tasks.len()).sum();
         let mut inner = self.lock();
         if inner.queue.len() + task_count > TASK_QUEUE_MAX {
@@ -177,7 +184,7 @@ impl Cluster {
         query.record.mode = "distributed";
         query.record.stages = stages.len() as u32;
         query.record.tasks = task_count as u32;
-        let mut run = QueryRun::new(query_id, stages);
+        let mut run = QueryRun::new(query_id, stages).with_speculation(speculation);
         query.outcomes = run.task_ids().map(|id| (id, watch::channel(None).0)).collect();
         let mut out = Vec::new();
         run.start(Instant::now(), &mut out);
@@ -236,9 +243,10 @@ impl Cluster {
                 index += 1;
                 continue;
             }
-            // A Task that failed on this worker goes to another one when there is one.
+            // A Task that failed on this worker goes to another one when there is one; a
+            // speculative Attempt never runs beside its straggler.
             let elsewhere = || workers.live().any(|w| !queued.avoid.contains(&w.id));
-            if queued.avoid.iter().any(|w| w == worker_id) && elsewhere() {
+            if queued.avoid.iter().any(|w| w == worker_id) && (queued.speculative || elsewhere()) {
                 index += 1;
                 continue;
             }
@@ -271,7 +279,18 @@ impl Cluster {
             elapsed_ms: report.elapsed_ms,
             error: report.error.map(remote_to_quiver),
         };
-        self.with_run(&mut inner, &query_id, |run, out| run.reported(report, Instant::now(), out));
+        self.with_run(&mut inner, &query_id, |run, out| {
+            let now = Instant::now();
+            run.reported(report, now, out);
+            run.speculate(now, out);
+        });
+    }
+
+    /// Starts speculative Attempts for the stragglers of every running Query (a clock tick).
+    pub fn speculate(&self) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        self.for_each_run(&mut inner, |run, out| run.speculate(now, out));
     }
 
     /// The final Stage could not read the output of Attempt `key`: it is treated as lost. False
@@ -445,6 +464,8 @@ impl Cluster {
                     }
                 }
                 Action::Restarted { started_as, cause } => self.metrics.attempt_restarted(started_as.as_str(), cause.as_str()),
+                Action::Speculated => self.metrics.speculated(),
+                Action::SpeculationWon => self.metrics.speculation_won(),
             }
         }
         if queued {
@@ -552,6 +573,7 @@ fn fill_from_run(record: &mut QueryRecord, run: &QueryRun) {
     record.workers_used = run.workers_used().len() as u32;
     record.attempts_retried = run.retried();
     record.tasks_recomputed = run.recomputed();
+    (record.attempts_speculated, record.speculation_wins) = run.speculated();
 }
 
 fn no_live_workers() -> QuiverError {

@@ -50,6 +50,8 @@ pub struct Metrics {
     queries_running: Gauge,
     task_attempts: Family<StateLabel, Counter>,
     task_retries: Family<RetryLabel, Counter>,
+    speculative_attempts: Counter,
+    speculative_wins: Counter,
     task_duration: Histogram,
     rows_processed: Counter,
     bytes_processed: Counter,
@@ -72,6 +74,8 @@ impl Default for Metrics {
             queries_running: Gauge::default(),
             task_attempts: Family::default(),
             task_retries: Family::default(),
+            speculative_attempts: Counter::default(),
+            speculative_wins: Counter::default(),
             task_duration: Histogram::new(buckets),
             rows_processed: Counter::default(),
             bytes_processed: Counter::default(),
@@ -100,6 +104,8 @@ impl Metrics {
             "Task Attempts started again, by kind (retry or recompute) and by the cause that ended the Attempt before",
             self.task_retries.clone(),
         );
+        r.register("speculative_attempts", "Speculative Attempts started beside a straggler", self.speculative_attempts.clone());
+        r.register("speculative_wins", "Speculative Attempts that succeeded before their straggler", self.speculative_wins.clone());
         r.register_with_unit(
             "task_duration",
             "Time from a Task Attempt's assignment to its end, as the coordinator saw it",
@@ -138,6 +144,16 @@ impl Metrics {
     /// worker or a lost input) or a `recompute` (after a lost output), with the cause.
     pub(super) fn attempt_restarted(&self, kind: &'static str, cause: &'static str) {
         self.task_retries.get_or_create(&RetryLabel { kind, cause }).inc();
+    }
+
+    /// A speculative Attempt was started beside a straggler.
+    pub(super) fn speculated(&self) {
+        self.speculative_attempts.inc();
+    }
+
+    /// A speculative Attempt's output won its Task.
+    pub(super) fn speculation_won(&self) {
+        self.speculative_wins.inc();
     }
 
     /// A succeeded Attempt's output.

@@ -33,7 +33,7 @@ pub use cluster::{Cluster, QueryRecord, StageMetrics, TaskRecord, WorkerRecord};
 pub use cluster::QueryDetail;
 pub use metrics::METRICS_CONTENT_TYPE;
 
-use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS};
+use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS, SPECULATION_CHECK_INTERVAL_MS};
 use crate::protocol::{
     quiver_error, ErrorKind, action, Empty, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, QueryProgressRequest, RegisterWorker,
     RegisterWorkerResponse, ReleaseQuery, TaskReport,
@@ -132,12 +132,16 @@ impl Coordinator {
         let server = serve_sql(Arc::new(Service(Arc::clone(&core))), listener)?;
         let statements = Arc::clone(&core.statements);
         let monitor = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MS));
-            loop {
+            let mut tick = tokio::time::interval(Duration::from_millis(SPECULATION_CHECK_INTERVAL_MS));
+            let checks_per_heartbeat = (HEARTBEAT_INTERVAL_MS / SPECULATION_CHECK_INTERVAL_MS).max(1);
+            for n in 0u64.. {
                 tick.tick().await;
-                cluster.detect_lost_workers();
-                probe_suspects(&cluster);
-                statements.expire();
+                cluster.speculate();
+                if n % checks_per_heartbeat == 0 {
+                    cluster.detect_lost_workers();
+                    probe_suspects(&cluster);
+                    statements.expire();
+                }
             }
         });
         tracing::info!(addr = %server.addr, data_dir = %data_dir.display(), "coordinator listening");

@@ -1,11 +1,12 @@
 //! Retry policy: which failures an Attempt is retried after, how long it waits first, and when a
-//! Task or a Query has retried enough. The Attempt state machine ([`super::attempts`]) asks;
-//! speculation and placement will sit beside these rules, not inside the state machine.
+//! Task or a Query has retried enough; and when a running Attempt is a straggler worth a
+//! speculative second Attempt. The Attempt state machine ([`super::attempts`]) asks; the rules
+//! live here, not inside it.
 
 use std::time::Duration;
 
 use super::attempts::TaskId;
-use crate::config::{QUERY_RETRIES_MAX, RETRY_BACKOFF_MAX_MS, RETRY_BACKOFF_MS, TASK_ATTEMPTS_MAX};
+use crate::config::{QuiverOptions, QUERY_RETRIES_MAX, RETRY_BACKOFF_MAX_MS, RETRY_BACKOFF_MS, TASK_ATTEMPTS_MAX};
 use crate::protocol::QuiverError;
 
 /// Whether an Attempt that failed with `error` is run again: its kind decides (a lost or
@@ -42,9 +43,72 @@ pub fn query_exhausted(extra: u32, last: Option<&QuiverError>) -> Option<QuiverE
     })
 }
 
+/// When a running Attempt gets a speculative copy (after Spark's `spark.speculation.*`): once
+/// `quantile` of its Stage's Tasks have finished, an Attempt that has run longer than
+/// `multiplier` times their median, and at least `min_runtime`, is a straggler.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Speculation {
+    pub quantile: f64,
+    pub multiplier: f64,
+    pub min_runtime: Duration,
+    pub max_fraction: f64,
+}
+
+impl Speculation {
+    /// The policy the options ask for; None when speculation is off.
+    pub fn from_options(options: &QuiverOptions) -> Option<Self> {
+        options.speculation.then(|| Self {
+            quantile: options.speculation_quantile.clamp(0.0, 1.0),
+            multiplier: options.speculation_multiplier.max(1.0),
+            min_runtime: Duration::from_millis(options.speculation_min_runtime_ms),
+            max_fraction: options.speculation_max_fraction.clamp(0.0, 1.0),
+        })
+    }
+
+    /// How long an Attempt of a Stage of `tasks` Tasks may run before it is a straggler, given
+    /// how long its finished Tasks took; None while too few have finished.
+    pub fn threshold(&self, finished: &mut [Duration], tasks: usize) -> Option<Duration> {
+        let needed = ((self.quantile * tasks as f64).floor() as usize).max(1);
+        if finished.len() < needed || finished.len() >= tasks {
+            return None;
+        }
+        finished.sort();
+        let median = finished[finished.len() / 2];
+        Some(median.mul_f64(self.multiplier).max(self.min_runtime))
+    }
+
+    /// Speculative Attempts a Stage of `tasks` Tasks may start in all.
+    pub fn budget(&self, tasks: usize) -> usize {
+        ((self.max_fraction * tasks as f64).ceil() as usize).max(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_straggler_is_measured_against_the_finished_median_and_the_minimum() {
+        let s = Speculation { quantile: 0.75, multiplier: 1.5, min_runtime: ms(100), max_fraction: 0.25 };
+        // 2 of 4 finished: below the quantile.
+        assert_eq!(s.threshold(&mut [ms(400), ms(200)], 4), None);
+        assert_eq!(s.threshold(&mut [ms(400), ms(200), ms(300)], 4), Some(ms(450)));
+        assert_eq!(s.threshold(&mut [ms(10), ms(20), ms(30)], 4), Some(ms(100)), "the minimum runtime holds");
+        assert_eq!(s.threshold(&mut [ms(10); 4], 4), None, "nothing left to speculate on");
+        assert_eq!((s.budget(1), s.budget(8), s.budget(9)), (1, 2, 3));
+    }
+
+    #[test]
+    fn speculation_follows_its_switch() {
+        let mut options = QuiverOptions::default();
+        assert!(Speculation::from_options(&options).is_some());
+        options.speculation = false;
+        assert!(Speculation::from_options(&options).is_none());
+    }
     use crate::protocol::ErrorKind;
 
     #[test]

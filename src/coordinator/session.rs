@@ -23,6 +23,8 @@ use super::cluster::{NewStage, NewTask};
 use super::source::QueryTasks;
 use super::Core;
 use crate::planner::{self, attempt_file, count_schema, task_file, DistributeOptions, COORDINATOR_FILE, DistributedPlan, Exchange, WriteKind, WriteTarget};
+use super::policy::Speculation;
+use crate::config::QuiverOptions;
 use crate::protocol::encode_plan;
 
 /// How long a Query that needs workers waits for the first one to register.
@@ -345,13 +347,20 @@ pub(super) async fn start_physical(
     let physical = super::subquery::resolve(core, id, physical).await?;
     let mut plan = plan_query(core, id, physical, write).await?;
     if plan.is_distributed() {
-        core.cluster.submit(id, encode_stages(&plan)?)?;
+        core.cluster.submit(id, encode_stages(&plan)?, speculation(core))?;
     }
     if plan.root.output_partitioning().partition_count() > 1 {
         plan.root = Arc::new(CoalescePartitionsExec::new(Arc::clone(&plan.root)));
     }
     let stream = plan.root.execute(0, core.ctx.task_ctx())?;
     Ok((plan, stream))
+}
+
+/// The speculation policy the session's `quiver.speculation*` settings ask for.
+fn speculation(core: &Core) -> Option<Speculation> {
+    let state = core.ctx.state();
+    let options = state.config().options().extensions.get::<QuiverOptions>().cloned().unwrap_or_default();
+    Speculation::from_options(&options)
 }
 
 /// The Stages as the cluster queues them. Tasks of one Stage often share one plan (they

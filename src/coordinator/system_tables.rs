@@ -57,7 +57,7 @@ fn schema(kind: Kind) -> SchemaRef {
         Kind::Queries => vec![
             s("query_id"), s("sql"), s("state"), s("mode"), u32f("stages"), u32f("tasks"), u32f("workers_used"),
             u64f("rows"), u64f("bytes_shuffled"), u64f("bytes_gathered"), Field::new("started", timestamp(), false), u64f("duration_ms"), sn("error"),
-            u32f("attempts_retried"), u32f("tasks_recomputed"),
+            u32f("attempts_retried"), u32f("tasks_recomputed"), u32f("attempts_speculated"), u32f("speculation_wins"),
         ],
         Kind::Tasks => vec![
             s("query_id"), u32f("stage"), u32f("task"), u32f("attempt"), sn("worker_id"), s("plan"), s("output"), s("state"),
@@ -126,6 +126,8 @@ impl SystemTable {
                     opt_strings(q.iter().map(|q| q.error.as_deref())),
                     u32s(q.iter().map(|q| q.attempts_retried)),
                     u32s(q.iter().map(|q| q.tasks_recomputed)),
+                    u32s(q.iter().map(|q| q.attempts_speculated)),
+                    u32s(q.iter().map(|q| q.speculation_wins)),
                 ]
             }
             Kind::Tasks => {

@@ -75,6 +75,8 @@ pub struct QueryJson {
     bytes_gathered: u64,
     attempts_retried: u32,
     tasks_recomputed: u32,
+    attempts_speculated: u32,
+    speculation_wins: u32,
 }
 
 #[derive(Serialize)]
@@ -204,6 +206,8 @@ fn query_json(q: &QueryRecord) -> QueryJson {
         bytes_gathered: q.bytes_gathered,
         attempts_retried: q.attempts_retried,
         tasks_recomputed: q.tasks_recomputed,
+        attempts_speculated: q.attempts_speculated,
+        speculation_wins: q.speculation_wins,
     }
 }
 

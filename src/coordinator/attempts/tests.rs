@@ -52,7 +52,7 @@ impl Driver {
                 Action::Publish { task, outcome } => self.published.push((task, outcome)),
                 Action::Fail(e) => self.failed = Some(e),
                 Action::Restarted { started_as, cause } => self.restarted.push((started_as, cause)),
-                Action::Ended { .. } | Action::Output { .. } => {}
+                Action::Ended { .. } | Action::Output { .. } | Action::Speculated | Action::SpeculationWon => {}
             }
         }
     }
@@ -279,4 +279,97 @@ fn a_write_commits_the_attempts_the_final_stage_read() {
     // w1 is lost after its output was read: what was read still counts.
     d.lose("w1");
     assert_eq!(d.run.counted_attempts(1), vec![key(1, 0, 0), key(1, 1, 1)]);
+}
+
+fn speculating(producers: u32) -> Driver {
+    let policy = policy::Speculation { quantile: 0.75, multiplier: 1.5, min_runtime: Duration::from_millis(100), max_fraction: 0.25 };
+    Driver::new(two_stages(producers).with_speculation(Some(policy)))
+}
+
+impl Driver {
+    fn at_ms(&mut self, start: Instant, ms: u64) {
+        self.now = start + Duration::from_millis(ms);
+    }
+
+    fn speculate(&mut self) {
+        let mut out = Vec::new();
+        self.run.speculate(self.now, &mut out);
+        self.take(out);
+    }
+}
+
+/// Stage 0 of 4 Tasks: three finish in 200 ms on w1..w3, the fourth runs on the slow w4.
+fn with_a_straggler() -> (Driver, Instant) {
+    let mut d = speculating(4);
+    let start = d.now;
+    for (t, w) in [(0, "w1"), (1, "w2"), (2, "w3"), (3, "w4")] {
+        d.assign(&key(0, t, 0), w);
+    }
+    d.at_ms(start, 200);
+    for (t, w) in [(0, "w1"), (1, "w2"), (2, "w3")] {
+        d.report(&key(0, t, 0), w, TaskState::Succeeded, None);
+    }
+    (d, start)
+}
+
+#[test]
+fn a_straggler_gets_one_speculative_attempt_elsewhere_once_it_runs_past_the_threshold() {
+    let (mut d, start) = with_a_straggler();
+    d.at_ms(start, 250);
+    d.speculate();
+    assert!(d.waiting().is_empty(), "250 ms is within 1.5 × the 200 ms median");
+    d.at_ms(start, 400);
+    d.speculate();
+    d.speculate();
+    assert_eq!(d.waiting(), vec![key(0, 3, 1)], "one speculative Attempt, however often asked");
+    let speculative = d.queued.last().unwrap();
+    assert!(speculative.speculative && speculative.avoid == vec!["w4".to_string()]);
+    assert_eq!(d.run.records().find(|r| r.key == key(0, 3, 1)).unwrap().started_as, StartedAs::Speculative);
+    assert!(d.restarted.is_empty(), "speculation is not a retry");
+}
+
+#[test]
+fn a_speculative_attempt_that_wins_stops_its_straggler_and_consumers_read_it_alone() {
+    let (mut d, start) = with_a_straggler();
+    d.at_ms(start, 400);
+    d.speculate();
+    d.succeed(&key(0, 3, 1), "w1");
+    assert_eq!(d.state(&key(0, 3, 0)), TaskState::Cancelled);
+    assert!(d.stopped.contains(&key(0, 3, 0)), "the straggler is stopped and its output freed");
+    assert_eq!(d.run.speculated(), (1, 1));
+    // The straggler finishes anyway: its output is freed, not read.
+    d.stopped.clear();
+    d.report(&key(0, 3, 0), "w4", TaskState::Succeeded, None);
+    assert_eq!(d.stopped, vec![key(0, 3, 0)]);
+    let inputs: Vec<_> = d.queued.last().unwrap().inputs.iter().map(|l| l.key.clone().unwrap()).collect();
+    assert_eq!(inputs, vec![key(0, 0, 0), key(0, 1, 0), key(0, 2, 0), key(0, 3, 1)]);
+}
+
+#[test]
+fn a_straggler_that_finishes_first_stops_its_speculative_attempt() {
+    let (mut d, start) = with_a_straggler();
+    d.at_ms(start, 400);
+    d.speculate();
+    d.assign(&key(0, 3, 1), "w1");
+    d.report(&key(0, 3, 0), "w4", TaskState::Succeeded, None);
+    assert!(d.stopped.contains(&key(0, 3, 1)));
+    d.report(&key(0, 3, 1), "w1", TaskState::Succeeded, None);
+    assert_eq!(d.run.speculated(), (1, 0));
+    assert_eq!(d.queued.last().unwrap().inputs[3].key, Some(key(0, 3, 0)), "consumers read the straggler's output");
+}
+
+#[test]
+fn without_a_policy_nothing_is_speculated() {
+    let mut d = Driver::new(two_stages(4));
+    let start = d.now;
+    for t in 0..4 {
+        d.assign(&key(0, t, 0), "w1");
+    }
+    d.at_ms(start, 200);
+    for t in 0..3 {
+        d.report(&key(0, t, 0), "w1", TaskState::Succeeded, None);
+    }
+    d.at_ms(start, 60_000);
+    d.speculate();
+    assert!(d.waiting().is_empty());
 }

@@ -3,7 +3,11 @@
 //! - `quiver bench tpch`: the same TPC-H queries on a local cluster and on single-node
 //!   DataFusion, same data, same process;
 //! - `quiver bench recovery`: each TPC-H query on a healthy local cluster, then again with one
-//!   worker killed (as a crash would: no goodbye) part-way through and a new one started.
+//!   worker killed (as a crash would: no goodbye) part-way through and a new one started;
+//! - `quiver bench straggler`: TPC-H on 2 worker processes, then with a third one throttled by
+//!   `cpulimit`, speculation on and off ([`straggler`]).
+
+mod straggler;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -17,6 +21,8 @@ use crate::client::Client;
 use crate::cluster::{LocalCluster, LocalOptions};
 use crate::config::{default_parallelism, session_config, CoordinatorConfig, WorkerConfig};
 use crate::tpch;
+
+pub use straggler::{run_straggler, StragglerBench};
 
 #[derive(Debug, Clone)]
 pub struct TpchBench {
@@ -114,7 +120,7 @@ fn moved_bytes(cluster: &LocalCluster, sql: &str) -> (u64, u64) {
     queries.iter().filter(family).fold((0, 0), |(s, g), q| (s + q.bytes_shuffled, g + q.bytes_gathered))
 }
 
-fn tempdir() -> Result<PathBuf> {
+pub(crate) fn tempdir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("quiver-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
@@ -181,7 +187,7 @@ pub async fn run_recovery(bench: &RecoveryBench) -> Result<()> {
 }
 
 /// The rows of a result as sorted text lines, for comparing two runs.
-fn sorted_rows(batches: &[RecordBatch]) -> Result<Vec<String>> {
+pub(crate) fn sorted_rows(batches: &[RecordBatch]) -> Result<Vec<String>> {
     let text = datafusion::arrow::util::pretty::pretty_format_batches(batches)?.to_string();
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     lines.sort();

@@ -1,0 +1,186 @@
+//! `quiver bench straggler`: does a slow worker make the cluster slower than not having it?
+//!
+//! Real processes (a coordinator and worker processes of this binary), so that one worker can be
+//! throttled with `cpulimit` (Debian package `cpulimit`). Each TPC-H query runs, in one session:
+//! on 2 healthy workers; then with a third worker held to a share of one core, speculation on;
+//! then the same with `SET quiver.speculation = false`. Answers must agree across the three.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::datatypes::Int64Type;
+use datafusion::common::{DataFusionError, Result};
+
+use super::{sorted_rows, tempdir};
+use crate::client::Client;
+use crate::config::default_parallelism;
+use crate::tpch;
+
+/// How long the cluster may take to come up or to see a new worker.
+const STARTUP_DEADLINE_MS: u64 = 30_000;
+const STARTUP_POLL_MS: u64 = 100;
+
+#[derive(Debug, Clone)]
+pub struct StragglerBench {
+    pub sf: f64,
+    pub queries: Vec<usize>,
+    pub data_dir: PathBuf,
+    /// The slow worker's share of one core, in percent.
+    pub throttle_percent: u32,
+    /// Runs per query and configuration; the fastest counts.
+    pub iterations: usize,
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(program: &Path, args: &[String]) -> Result<Proc> {
+    let child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| DataFusionError::Execution(format!("cannot start {} {}: {e}", program.display(), args.join(" "))))?;
+    Ok(Proc(child))
+}
+
+/// The three configurations, by column.
+const CONFIGS: [&str; 3] = ["2 workers", "3, one slow, speculation on", "3, one slow, speculation off"];
+
+pub async fn run_straggler(bench: &StragglerBench) -> Result<()> {
+    let dir = tpch::generate(&bench.data_dir, bench.sf, tpch::Layout::for_scale(bench.sf))?;
+    let exe = std::env::current_exe()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let url = format!("http://127.0.0.1:{port}");
+    let data = tempdir()?;
+    let coordinator_args = ["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", &data.display().to_string()];
+    let _coordinator = spawn(&exe, &coordinator_args.map(String::from))?;
+    let client = connect(&url).await?;
+    let slots = default_parallelism().div_ceil(2).max(1).to_string();
+    let worker_args = ["worker", "--coordinator", &url, "--slots", &slots].map(String::from);
+    let mut workers = vec![spawn(&exe, &worker_args)?, spawn(&exe, &worker_args)?];
+    wait_for_workers(&client, 2).await?;
+    for sql in tpch::create_tables_sql(&dir) {
+        client.collect(&sql).await?;
+    }
+    println!(
+        "TPC-H SF {} | workers x {slots} slots | third worker at {}% of a core | best of {}",
+        bench.sf, bench.throttle_percent, bench.iterations
+    );
+    let healthy = run_all(&client, bench).await?;
+    workers.push(spawn(&exe, &worker_args)?);
+    wait_for_workers(&client, 3).await?;
+    let _throttle = throttle(workers[2].0.id(), bench.throttle_percent)?;
+    let speculating = run_all(&client, bench).await?;
+    client.collect("SET quiver.speculation = false").await?;
+    let plain = run_all(&client, bench).await?;
+    report(bench, &[healthy, speculating, plain])
+}
+
+/// One configuration's result for one query: best time, rows as text, speculative Attempts.
+struct Run {
+    ms: f64,
+    rows: Vec<String>,
+    speculated: u32,
+}
+
+async fn run_all(client: &Client, bench: &StragglerBench) -> Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for &q in &bench.queries {
+        let sql = tpch::query_sql(q)?;
+        let mut best = f64::MAX;
+        let mut rows = Vec::new();
+        for _ in 0..bench.iterations.max(1) {
+            let started = Instant::now();
+            let (_, batches) = client.collect(&sql).await?;
+            best = best.min(started.elapsed().as_secs_f64() * 1e3);
+            rows = sorted_rows(&batches)?;
+        }
+        let speculated = speculated(client, &sql).await?;
+        runs.push(Run { ms: best, rows, speculated });
+    }
+    Ok(runs)
+}
+
+/// Speculative Attempts of the last run of `sql`, its scalar subqueries' included.
+async fn speculated(client: &Client, sql: &str) -> Result<u32> {
+    let escaped = sql.replace('\'', "''");
+    let last = format!("(SELECT query_id FROM quiver.queries WHERE sql = '{escaped}' ORDER BY started DESC LIMIT 1)");
+    let sql = format!("SELECT count(*) FROM quiver.tasks WHERE started_as = 'speculative' AND query_id LIKE {last} || '%'");
+    Ok(count(client, &sql).await? as u32)
+}
+
+/// The one `count(*)` a query returns.
+async fn count(client: &Client, sql: &str) -> Result<i64> {
+    let (_, batches) = client.collect(sql).await?;
+    let value = batches.first().and_then(|b| b.column(0).as_primitive_opt::<Int64Type>().map(|a| a.value(0)));
+    value.ok_or_else(|| DataFusionError::Execution(format!("no count from {sql}")))
+}
+
+fn report(bench: &StragglerBench, runs: &[Vec<Run>; 3]) -> Result<()> {
+    println!("{:>5} {:>12} {:>12} {:>12} {:>8} {:>8} {:>11}", "query", "two_ms", "spec_on_ms", "spec_off_ms", "on/two", "off/two", "speculated");
+    let mut totals = [0.0; 3];
+    for (i, q) in bench.queries.iter().enumerate() {
+        let [a, b, c] = [&runs[0][i], &runs[1][i], &runs[2][i]];
+        for (n, other) in [b, c].into_iter().enumerate() {
+            if other.rows != a.rows {
+                return Err(DataFusionError::Execution(format!("q{q}: '{}' returned other rows than '{}'", CONFIGS[n + 1], CONFIGS[0])));
+            }
+        }
+        println!(
+            "{:>5} {:>12.1} {:>12.1} {:>12.1} {:>7.2}x {:>7.2}x {:>11}",
+            format!("q{q:02}"),
+            a.ms,
+            b.ms,
+            c.ms,
+            b.ms / a.ms,
+            c.ms / a.ms,
+            b.speculated
+        );
+        for (t, run) in totals.iter_mut().zip([a, b, c]) {
+            *t += run.ms;
+        }
+    }
+    let [a, b, c] = totals;
+    println!("{:>5} {:>12.1} {:>12.1} {:>12.1} {:>7.2}x {:>7.2}x", "total", a, b, c, b / a, c / a);
+    Ok(())
+}
+
+fn throttle(pid: u32, percent: u32) -> Result<Proc> {
+    let args = ["--limit".to_string(), percent.to_string(), "--pid".into(), pid.to_string(), "--lazy".into()];
+    spawn(Path::new("cpulimit"), &args)
+        .map_err(|e| DataFusionError::Execution(format!("{e}: install cpulimit (Debian package cpulimit)")))
+}
+
+async fn connect(url: &str) -> Result<Client> {
+    let deadline = Instant::now() + Duration::from_millis(STARTUP_DEADLINE_MS);
+    loop {
+        match Client::connect(url).await {
+            Ok(client) => return Ok(client),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(STARTUP_POLL_MS)).await,
+        }
+    }
+}
+
+async fn wait_for_workers(client: &Client, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(STARTUP_DEADLINE_MS);
+    loop {
+        if count(client, "SELECT count(*) FROM quiver.workers WHERE alive").await? >= n as i64 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(DataFusionError::Execution(format!("{n} workers did not register within {STARTUP_DEADLINE_MS} ms")));
+        }
+        tokio::time::sleep(Duration::from_millis(STARTUP_POLL_MS)).await;
+    }
+}

@@ -1,0 +1,102 @@
+//! A slow worker does not hold Queries back: real `quiver coordinator` and `quiver worker`
+//! processes, one worker throttled with `cpulimit`. Its Tasks get speculative Attempts on the
+//! other workers, the first Attempt to succeed wins, and the answers stay exact. With
+//! `SET quiver.speculation = false` nothing is speculated.
+
+mod common;
+
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use common::procs::ProcCluster;
+use common::*;
+use quiver::client::Client;
+use quiver::tpch::{self, Layout};
+
+const WORKER_ARGS: [&str; 4] = ["--slots", "2", "--memory-limit", "1GiB"];
+const SMALL_TASKS: [&str; 4] = ["--task-min-bytes", "1", "--tasks-per-slot", "2"];
+/// The slow worker's share of one core, in percent.
+const THROTTLE_PERCENT: &str = "5";
+const QUERY_DEADLINE: Duration = Duration::from_secs(180);
+/// Queries with scans, shuffles, joins and a final sort.
+const QUERIES: [usize; 3] = [1, 3, 18];
+
+async fn collect(client: &Client, sql: &str) -> Vec<Vec<String>> {
+    let result = tokio::time::timeout(QUERY_DEADLINE, client.collect(sql)).await;
+    let (_, batches) = result.unwrap_or_else(|_| panic!("hung: {sql}")).unwrap_or_else(|e| panic!("failed: {sql}: {e}"));
+    rows(&batches)
+}
+
+/// `cpulimit` holding a process to a share of a core until dropped.
+struct Throttle(Child);
+
+impl Throttle {
+    fn start(pid: u32) -> Self {
+        let child = Command::new("cpulimit")
+            .args(["--limit", THROTTLE_PERCENT, "--pid", &pid.to_string(), "--lazy"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("cpulimit runs (Debian package cpulimit; .ci/run installs it)");
+        Self(child)
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn throttled_cluster() -> (ProcCluster, Client, Throttle) {
+    let cluster = ProcCluster::start(3, &SMALL_TASKS, &WORKER_ARGS);
+    let client = cluster.client().await;
+    cluster.wait_alive(&client, 3).await;
+    let dir = tpch::generate(cluster.dir.path(), 0.1, Layout { files: 1, row_group_rows: 20_000 }).unwrap();
+    for sql in tpch::create_tables_sql(&dir) {
+        collect(&client, &sql).await;
+    }
+    let throttle = Throttle::start(cluster.workers[2].pid().expect("worker 2 runs"));
+    (cluster, client, throttle)
+}
+
+/// Runs each query, checks its answer, and returns (speculative Attempts, of them winners,
+/// Attempts superseded) over all of them.
+async fn run_queries(client: &Client) -> (u64, u64, u64) {
+    let mut failures = Vec::new();
+    for q in QUERIES {
+        let rows = collect(client, &tpch::query_sql(q).unwrap()).await;
+        failures.extend(tpch_mismatch("0.1", q, &rows));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let totals = collect(
+        client,
+        "SELECT sum(attempts_speculated), sum(speculation_wins), \
+         (SELECT count(*) FROM quiver.tasks WHERE cause = 'superseded') FROM quiver.queries",
+    )
+    .await;
+    let n = |i: usize| totals[0][i].parse::<u64>().unwrap_or(0);
+    (n(0), n(1), n(2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttled_workers_tasks_are_speculated_and_answers_stay_exact() {
+    let (_cluster, client, _throttle) = throttled_cluster().await;
+    // Tasks here take tens of milliseconds: let speculation act on them.
+    collect(&client, "SET quiver.speculation_min_runtime_ms = 50").await;
+    let (speculated, won, superseded) = run_queries(&client).await;
+    assert!(speculated > 0, "no Attempt of the throttled worker was speculated");
+    assert!(won > 0, "no speculative Attempt beat a worker running at {THROTTLE_PERCENT}% of a core");
+    assert!(superseded >= won, "each win supersedes its straggler: {superseded} < {won}");
+    let speculative = collect(&client, "SELECT count(*) FROM quiver.tasks WHERE started_as = 'speculative'").await;
+    assert_eq!(speculative[0][0].parse::<u64>().unwrap(), speculated, "quiver.tasks shows each speculative Attempt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_speculation_switched_off_nothing_is_speculated() {
+    let (_cluster, client, _throttle) = throttled_cluster().await;
+    collect(&client, "SET quiver.speculation_min_runtime_ms = 50").await;
+    collect(&client, "SET quiver.speculation = false").await;
+    let (speculated, _, _) = run_queries(&client).await;
+    assert_eq!(speculated, 0);
+}
