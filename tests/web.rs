@@ -277,7 +277,9 @@ async fn quiver_coordinator_with_http_prints_its_url_and_serves_the_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_timeline_shows_attempts_retried_after_a_worker_was_lost() {
     let (mut t, addr) = http_cluster(3, 1).await;
-    t.run_all(&["CREATE TABLE retry_t AS SELECT value AS v FROM generate_series(1, 100000)"]).await;
+    // Without speculation: a speculative Attempt already running elsewhere would take over
+    // the lost one's Task instead of a retry.
+    t.run_all(&["CREATE TABLE retry_t AS SELECT value AS v FROM generate_series(1, 100000)", "SET quiver.speculation = false"]).await;
     let sql = "SELECT count(*) FROM retry_t a CROSS JOIN retry_t b WHERE (a.v * 7 + b.v) % 1000003 = 1";
     let client = t.client.clone();
     let running = tokio::spawn(async move { client.collect(sql).await });

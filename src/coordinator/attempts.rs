@@ -198,6 +198,9 @@ pub struct Report {
     pub bytes: u64,
     pub elapsed_ms: u64,
     pub error: Option<QuiverError>,
+    /// Rows and bytes of each output part of a succeeded Attempt.
+    pub part_rows: Vec<u64>,
+    pub part_bytes: Vec<u64>,
 }
 
 /// What one Stage did, for EXPLAIN ANALYZE and the web UI.
@@ -216,10 +219,17 @@ pub struct StageMetrics {
     pub bytes: u64,
     /// From the first Attempt's assignment to the last one's end.
     pub elapsed_ms: u64,
+    /// A shuffle's output per partition, summed over the counted Attempts (empty for a
+    /// gather): how evenly the consumer Stage's Tasks are loaded.
+    pub partition_rows: Vec<u64>,
+    pub partition_bytes: Vec<u64>,
 }
 
 struct Attempt {
     record: TaskRecord,
+    /// Rows and bytes of each output part, once succeeded.
+    part_rows: Vec<u64>,
+    part_bytes: Vec<u64>,
     worker_url: Option<String>,
     inputs: Arc<Vec<OutputLocation>>,
     assigned_at: Option<Instant>,
@@ -418,7 +428,8 @@ impl QueryRun {
 
     /// Applies a worker's report on one of its Attempts.
     pub fn reported(&mut self, report: Report, now: Instant, out: &mut Vec<Action>) {
-        let Report { key, worker_id, state, rows, bytes, elapsed_ms, error } = report;
+        let Report { key, worker_id, state, rows, bytes, elapsed_ms, error, part_rows, part_bytes } = report;
+        let parts = self.stages.get(key.stage as usize).map_or(0, |s| s.parts as usize);
         let Some(attempt) = self.attempt_mut(&key) else { return };
         let from_its_worker = attempt.record.worker_id.as_deref() == Some(worker_id.as_str());
         if !from_its_worker || !attempt.is_live() {
@@ -431,6 +442,9 @@ impl QueryRun {
         }
         attempt.record.rows = rows;
         attempt.record.bytes = bytes;
+        // As many parts as the Stage has, whatever a worker sends.
+        attempt.part_rows = part_rows.into_iter().take(parts).collect();
+        attempt.part_bytes = part_bytes.into_iter().take(parts).collect();
         attempt.record.elapsed_ms = elapsed_ms;
         match state {
             TaskState::Queued | TaskState::Running => attempt.record.state = TaskState::Running,
@@ -713,6 +727,8 @@ impl QueryRun {
         let key = TaskKey { query_id: self.query_id.clone(), stage: id.0, task: id.1, attempt: task.attempts.len() as u32 };
         task.attempts.push(Attempt {
             record: TaskRecord::unassigned(key.clone(), &task.summary, shuffle, TaskState::Queued, started_as, None),
+            part_rows: Vec::new(),
+            part_bytes: Vec::new(),
             worker_url: None,
             inputs: Arc::clone(&inputs),
             assigned_at: None,
@@ -874,10 +890,26 @@ impl QueryRun {
                         (Some(a), Some(b)) => b.saturating_duration_since(a).as_millis() as u64,
                         _ => 0,
                     },
+                    partition_rows: per_partition(stage, &counted, |a| &a.part_rows),
+                    partition_bytes: per_partition(stage, &counted, |a| &a.part_bytes),
                 }
             })
             .collect()
     }
+}
+
+/// A shuffle Stage's output per partition: the sum over `attempts` of what `parts` gives.
+fn per_partition(stage: &StageRun, attempts: &[&Attempt], parts: impl Fn(&Attempt) -> &Vec<u64>) -> Vec<u64> {
+    if !stage.shuffle {
+        return Vec::new();
+    }
+    let mut sums = vec![0u64; stage.parts as usize];
+    for attempt in attempts {
+        for (sum, n) in sums.iter_mut().zip(parts(attempt)) {
+            *sum += n;
+        }
+    }
+    sums
 }
 
 #[cfg(test)]

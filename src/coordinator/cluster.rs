@@ -278,6 +278,8 @@ impl Cluster {
             bytes: report.bytes,
             elapsed_ms: report.elapsed_ms,
             error: report.error.map(remote_to_quiver),
+            part_rows: report.part_rows,
+            part_bytes: report.part_bytes,
         };
         self.with_run(&mut inner, &query_id, |run, out| {
             let now = Instant::now();

@@ -16,7 +16,7 @@ use datafusion::physical_plan::displayable;
 use futures::StreamExt;
 
 use super::session::start_physical;
-use super::Core;
+use super::{Core, StageMetrics};
 use crate::planner::{self, DistributeOptions, StageId, StageSource};
 
 /// EXPLAIN: the optimized logical plan, DataFusion's physical plan and the Stage DAG.
@@ -61,11 +61,22 @@ pub(super) async fn analyze(core: &Arc<Core>, id: &str, input: &LogicalPlan) -> 
     let elapsed_ms = started.elapsed().as_millis();
     let metrics = core.cluster.stage_metrics(id);
     let annotate = |stage: StageId| match metrics.get(stage) {
-        Some(m) => format!("rows={}, bytes_out={}, elapsed_ms={}", m.rows, m.bytes, m.elapsed_ms),
+        Some(m) => format!("rows={}, bytes_out={}, elapsed_ms={}{}", m.rows, m.bytes, m.elapsed_ms, partitions(m)),
         None => String::new(),
     };
     let summary = format!("rows={rows}, elapsed_ms={elapsed_ms}, stages={}, tasks={}", plan.stages.len(), plan.task_count());
     plan_rows(vec![("distributed_plan", plan.display(Some(&annotate))), ("summary", summary)])
+}
+
+/// A shuffle's spread over its partitions: `, partitions=8, partition_bytes=min/median/max`.
+fn partitions(m: &StageMetrics) -> String {
+    let mut bytes = m.partition_bytes.clone();
+    if bytes.is_empty() {
+        return String::new();
+    }
+    bytes.sort_unstable();
+    let (min, median, max) = (bytes[0], bytes[bytes.len() / 2], bytes[bytes.len() - 1]);
+    format!(", partitions={}, partition_bytes={min}/{median}/{max} (min/median/max)", bytes.len())
 }
 
 fn plan_rows(rows: Vec<(&str, String)>) -> Result<SendableRecordBatchStream> {

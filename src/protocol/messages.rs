@@ -165,6 +165,11 @@ pub struct TaskReport {
     pub error: Option<RemoteError>,
     #[prost(uint64, tag = "8")]
     pub session: u64,
+    /// Rows and bytes of each part of a succeeded Attempt's output (each shuffle partition).
+    #[prost(uint64, repeated, tag = "9")]
+    pub part_rows: Vec<u64>,
+    #[prost(uint64, repeated, tag = "10")]
+    pub part_bytes: Vec<u64>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

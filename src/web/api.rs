@@ -96,6 +96,9 @@ pub struct StageJson {
     rows: u64,
     bytes: u64,
     elapsed_ms: u64,
+    /// A shuffle's output per partition (empty for a gather).
+    partition_rows: Vec<u64>,
+    partition_bytes: Vec<u64>,
 }
 
 #[derive(Serialize)]
@@ -230,6 +233,8 @@ fn stage_json(s: &StageMetrics) -> StageJson {
         rows: s.rows,
         bytes: s.bytes,
         elapsed_ms: s.elapsed_ms,
+        partition_rows: s.partition_rows.clone(),
+        partition_bytes: s.partition_bytes.clone(),
     }
 }
 

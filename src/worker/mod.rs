@@ -411,6 +411,8 @@ async fn report(
         state: task_state as i32,
         rows: stored.map_or(0, |s| s.rows),
         bytes: stored.map_or(0, |s| s.bytes),
+        part_rows: stored.map_or_else(Vec::new, |s| s.part_rows.clone()),
+        part_bytes: stored.map_or_else(Vec::new, |s| s.part_bytes.clone()),
         elapsed_ms: started.elapsed().as_millis() as u64,
         error: error.map(error_to_remote),
     };

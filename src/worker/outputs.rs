@@ -31,6 +31,9 @@ enum Output {
 pub struct Stored {
     pub rows: u64,
     pub bytes: u64,
+    /// Rows and bytes of each output part (each shuffle partition), in part order.
+    pub part_rows: Vec<u64>,
+    pub part_bytes: Vec<u64>,
 }
 
 /// Sends each batch of a Task's result to the output part(s) it belongs to.
@@ -135,15 +138,15 @@ impl OutputStore {
         // Owns the parts until they are stored: an error or an aborted Task (the future is
         // dropped) gives their memory back and deletes their spill files.
         let mut pending = Pending { store: self, parts };
-        let (mut rows, mut bytes) = (0u64, 0u64);
+        let (mut part_rows, mut part_bytes) = (vec![0u64; router.parts()], vec![0u64; router.parts()]);
         while let Some(batch) = stream.next().await {
             for (index, part) in router.route(batch?)? {
                 if part.num_rows() == 0 {
                     continue;
                 }
                 let (part, size) = compact(part)?;
-                rows += part.num_rows() as u64;
-                bytes += size;
+                part_rows[index] += part.num_rows() as u64;
+                part_bytes[index] += size;
                 self.append(key, index, &schema, &mut pending.parts[index], part, size)?;
             }
         }
@@ -165,7 +168,7 @@ impl OutputStore {
             })
             .collect();
         self.outputs.lock().expect("outputs lock").extend(stored);
-        Ok(Stored { rows, bytes })
+        Ok(Stored { rows: part_rows.iter().sum(), bytes: part_bytes.iter().sum(), part_rows, part_bytes })
     }
 
     fn append(&self, key: &TaskKey, index: usize, schema: &SchemaRef, part: &mut Part, batch: RecordBatch, size: u64) -> Result<()> {

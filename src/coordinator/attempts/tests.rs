@@ -68,7 +68,8 @@ impl Driver {
 
     fn report(&mut self, key: &TaskKey, worker: &str, state: TaskState, error: Option<QuiverError>) {
         let mut out = Vec::new();
-        let report = Report { key: key.clone(), worker_id: worker.into(), state, rows: 10, bytes: 100, elapsed_ms: 1, error };
+        let (part_rows, part_bytes) = (vec![4, 6], vec![40, 60]);
+        let report = Report { key: key.clone(), worker_id: worker.into(), state, rows: 10, bytes: 100, elapsed_ms: 1, error, part_rows, part_bytes };
         self.run.reported(report, self.now, &mut out);
         self.take(out);
     }
@@ -372,4 +373,19 @@ fn without_a_policy_nothing_is_speculated() {
     d.at_ms(start, 60_000);
     d.speculate();
     assert!(d.waiting().is_empty());
+}
+
+#[test]
+fn a_shuffle_stage_reports_its_output_per_partition_over_the_counted_attempts() {
+    let mut d = Driver::new(two_stages(2));
+    d.succeed(&key(0, 0, 0), "w1");
+    d.assign(&key(0, 1, 0), "w2");
+    d.report(&key(0, 1, 0), "w2", TaskState::Failed, Some(io_error()));
+    d.now += Duration::from_secs(5);
+    d.succeed(&key(0, 1, 1), "w1");
+    let metrics = d.run.stage_metrics();
+    // Each report carries parts [4, 6] rows and [40, 60] bytes; the failed Attempt adds none.
+    assert_eq!(metrics[0].partition_rows, vec![8, 12]);
+    assert_eq!(metrics[0].partition_bytes, vec![80, 120]);
+    assert!(metrics[1].partition_rows.is_empty(), "a gather has no partitions");
 }

@@ -9,7 +9,7 @@ const SVG_NS = "http://www.w3.org/2000/svg";
 const STATES = ["queued", "running", "succeeded", "failed", "cancelled"];
 
 // DAG geometry, in pixels.
-const NODE_W = 190, NODE_H = 66, COL_GAP = 70, ROW_GAP = 22, DAG_PAD = 12;
+const NODE_W = 190, NODE_H = 80, COL_GAP = 70, ROW_GAP = 22, DAG_PAD = 12;
 // Timeline geometry, in pixels.
 const LANE_H = 18, LANE_GAP = 4, LABEL_W = 110, PLOT_W = 900, AXIS_H = 22, MIN_BAR_W = 2;
 
@@ -246,7 +246,22 @@ function stageNode(stage, tasks, p) {
     svg("text", { x: 14, y: 18, "font-weight": 600 }, `Stage ${stage.id}`),
     svg("text", { x: NODE_W - 8, y: 18, "text-anchor": "end", class: "muted" }, `→ ${stage.output}`),
     svg("text", { x: 14, y: 36 }, `${stage.tasks_done} / ${stage.tasks} tasks · ${fmtMs(stage.elapsed_ms)}`),
-    svg("text", { x: 14, y: 54, class: "muted" }, `${fmtNum(stage.rows)} rows · ${fmtBytes(stage.bytes)}`));
+    svg("text", { x: 14, y: 54, class: "muted" }, `${fmtNum(stage.rows)} rows · ${fmtBytes(stage.bytes)}`),
+    ...partitionBars(stage));
+}
+
+// A shuffle's output per partition, as bars along the node's foot: a skewed partition stands out.
+function partitionBars(stage) {
+  const bytes = stage.partition_bytes || [];
+  if (!bytes.length) return [];
+  const max = Math.max(...bytes, 1), width = (NODE_W - 22) / bytes.length, tall = 14;
+  return bytes.map((b, i) => {
+    const height = Math.max((tall * b) / max, 0.5);
+    return svg("rect", {
+      class: "partition", "data-partition": i, "data-partition-bytes": b,
+      x: 14 + i * width, y: NODE_H - 4 - height, width: Math.max(width - 1, 1), height,
+    }, svg("title", {}, `partition ${i}: ${fmtNum(stage.partition_rows[i])} rows · ${fmtBytes(b)}`));
+  });
 }
 
 function finalNode(query, p) {
