@@ -104,6 +104,11 @@ extensions_options! {
         pub speculation_min_runtime_ms: u64, default = 100
         /// At most this fraction of a Stage's Tasks (and at least one) get a speculative Attempt.
         pub speculation_max_fraction: f64, default = 0.25
+        /// Slow-worker placement: a worker whose Attempts take longer than their Stages' medians
+        /// by more than `slow_worker_pace` (an average over its recent Attempts) takes a Task
+        /// only when the faster workers have no free slot for it.
+        pub slow_worker_placement: bool, default = true
+        pub slow_worker_pace: f64, default = 2.0
     }
 }
 

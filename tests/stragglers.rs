@@ -1,7 +1,8 @@
 //! A slow worker does not hold Queries back: real `quiver coordinator` and `quiver worker`
 //! processes, one worker throttled with `cpulimit`. Its Tasks get speculative Attempts on the
-//! other workers, the first Attempt to succeed wins, and the answers stay exact. With
-//! `SET quiver.speculation = false` nothing is speculated.
+//! other workers, the first Attempt to succeed wins, and the answers stay exact; the coordinator
+//! learns the worker is slow (its pace). With `SET quiver.speculation = false` nothing is
+//! speculated.
 
 mod common;
 
@@ -81,7 +82,7 @@ async fn run_queries(client: &Client) -> (u64, u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_throttled_workers_tasks_are_speculated_and_answers_stay_exact() {
-    let (_cluster, client, _throttle) = throttled_cluster().await;
+    let (cluster, client, _throttle) = throttled_cluster().await;
     // Tasks here take tens of milliseconds: let speculation act on them.
     collect(&client, "SET quiver.speculation_min_runtime_ms = 50").await;
     let (speculated, won, superseded) = run_queries(&client).await;
@@ -90,6 +91,9 @@ async fn a_throttled_workers_tasks_are_speculated_and_answers_stay_exact() {
     assert!(superseded >= won, "each win supersedes its straggler: {superseded} < {won}");
     let speculative = collect(&client, "SELECT count(*) FROM quiver.tasks WHERE started_as = 'speculative'").await;
     assert_eq!(speculative[0][0].parse::<u64>().unwrap(), speculated, "quiver.tasks shows each speculative Attempt");
+    let paces = collect(&client, "SELECT address, pace FROM quiver.workers WHERE alive ORDER BY pace DESC").await;
+    assert_eq!(paces[0][0], cluster.workers[2].url(), "the throttled worker is the slowest: {paces:?}");
+    assert!(paces[0][1].parse::<f64>().unwrap() > 2.0, "the throttled worker counts as slow: {paces:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -2,8 +2,9 @@
 //!
 //! Real processes (a coordinator and worker processes of this binary), so that one worker can be
 //! throttled with `cpulimit` (Debian package `cpulimit`). Each TPC-H query runs, in one session:
-//! on 2 healthy workers; then with a third worker held to a share of one core, speculation on;
-//! then the same with `SET quiver.speculation = false`. Answers must agree across the three.
+//! on 2 healthy workers; then with a third worker held to a share of one core, with every
+//! adaptive mechanism on, with speculation off, and with slow-worker placement off too. Answers
+//! must agree across all of them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -53,8 +54,12 @@ fn spawn(program: &Path, args: &[String]) -> Result<Proc> {
     Ok(Proc(child))
 }
 
-/// The three configurations, by column.
-const CONFIGS: [&str; 3] = ["2 workers", "3, one slow, speculation on", "3, one slow, speculation off"];
+/// The configurations with the slow worker: a name and the settings that make it.
+const THROTTLED: [(&str, &[&str]); 3] = [
+    ("adaptive", &[]),
+    ("no_spec", &["SET quiver.speculation = false"]),
+    ("neither", &["SET quiver.speculation = false", "SET quiver.slow_worker_placement = false"]),
+];
 
 pub async fn run_straggler(bench: &StragglerBench) -> Result<()> {
     let dir = tpch::generate(&bench.data_dir, bench.sf, tpch::Layout::for_scale(bench.sf))?;
@@ -76,14 +81,17 @@ pub async fn run_straggler(bench: &StragglerBench) -> Result<()> {
         "TPC-H SF {} | workers x {slots} slots | third worker at {}% of a core | best of {}",
         bench.sf, bench.throttle_percent, bench.iterations
     );
-    let healthy = run_all(&client, bench).await?;
+    let mut runs = vec![run_all(&client, bench).await?];
     workers.push(spawn(&exe, &worker_args)?);
     wait_for_workers(&client, 3).await?;
     let _throttle = throttle(workers[2].0.id(), bench.throttle_percent)?;
-    let speculating = run_all(&client, bench).await?;
-    client.collect("SET quiver.speculation = false").await?;
-    let plain = run_all(&client, bench).await?;
-    report(bench, &[healthy, speculating, plain])
+    for (_, settings) in THROTTLED {
+        for sql in ["SET quiver.speculation = true", "SET quiver.slow_worker_placement = true"].iter().chain(settings.iter()) {
+            client.collect(sql).await?;
+        }
+        runs.push(run_all(&client, bench).await?);
+    }
+    report(bench, &runs)
 }
 
 /// One configuration's result for one query: best time, rows as text, speculative Attempts.
@@ -126,32 +134,35 @@ async fn count(client: &Client, sql: &str) -> Result<i64> {
     value.ok_or_else(|| DataFusionError::Execution(format!("no count from {sql}")))
 }
 
-fn report(bench: &StragglerBench, runs: &[Vec<Run>; 3]) -> Result<()> {
-    println!("{:>5} {:>12} {:>12} {:>12} {:>8} {:>8} {:>11}", "query", "two_ms", "spec_on_ms", "spec_off_ms", "on/two", "off/two", "speculated");
-    let mut totals = [0.0; 3];
+/// Times per query and configuration, each as a ratio to 2 healthy workers.
+fn report(bench: &StragglerBench, runs: &[Vec<Run>]) -> Result<()> {
+    let names: Vec<&str> = THROTTLED.iter().map(|(name, _)| *name).collect();
+    print!("{:>5} {:>10}", "query", "two_ms");
+    for name in &names {
+        print!(" {:>12} {:>7}", format!("{name}_ms"), "ratio");
+    }
+    println!(" {:>11}", "speculated");
+    let mut totals = vec![0.0; runs.len()];
     for (i, q) in bench.queries.iter().enumerate() {
-        let [a, b, c] = [&runs[0][i], &runs[1][i], &runs[2][i]];
-        for (n, other) in [b, c].into_iter().enumerate() {
-            if other.rows != a.rows {
-                return Err(DataFusionError::Execution(format!("q{q}: '{}' returned other rows than '{}'", CONFIGS[n + 1], CONFIGS[0])));
+        let two = &runs[0][i];
+        print!("{:>5} {:>10.1}", format!("q{q:02}"), two.ms);
+        for (n, config) in runs.iter().enumerate().skip(1) {
+            let run = &config[i];
+            if run.rows != two.rows {
+                return Err(DataFusionError::Execution(format!("q{q}: '{}' returned other rows than 2 workers", names[n - 1])));
             }
+            print!(" {:>12.1} {:>6.2}x", run.ms, run.ms / two.ms);
         }
-        println!(
-            "{:>5} {:>12.1} {:>12.1} {:>12.1} {:>7.2}x {:>7.2}x {:>11}",
-            format!("q{q:02}"),
-            a.ms,
-            b.ms,
-            c.ms,
-            b.ms / a.ms,
-            c.ms / a.ms,
-            b.speculated
-        );
-        for (t, run) in totals.iter_mut().zip([a, b, c]) {
-            *t += run.ms;
+        println!(" {:>11}", runs[1][i].speculated);
+        for (total, config) in totals.iter_mut().zip(runs) {
+            *total += config[i].ms;
         }
     }
-    let [a, b, c] = totals;
-    println!("{:>5} {:>12.1} {:>12.1} {:>12.1} {:>7.2}x {:>7.2}x", "total", a, b, c, b / a, c / a);
+    print!("{:>5} {:>10.1}", "total", totals[0]);
+    for total in &totals[1..] {
+        print!(" {:>12.1} {:>6.2}x", total, total / totals[0]);
+    }
+    println!();
     Ok(())
 }
 

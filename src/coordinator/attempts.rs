@@ -147,6 +147,9 @@ pub struct QueuedAttempt {
     pub avoid: Vec<String>,
     /// A speculative Attempt: never runs on a worker it avoids, and waits behind other Attempts.
     pub speculative: bool,
+    /// A worker slower than this pace takes it only when the faster ones have no free slot for
+    /// it (see `policy::leave_to_faster_workers`); None: any worker takes it.
+    pub slow_pace: Option<f64>,
 }
 
 /// What the caller must do after an event.
@@ -159,8 +162,12 @@ pub enum Action {
     Publish { task: TaskId, outcome: Option<TaskOutcome> },
     /// The Query failed with this error.
     Fail(QuiverError),
-    /// An Attempt ended; `ran` is the time from its assignment, when it was assigned.
-    Ended { state: TaskState, ran: Option<Duration> },
+    /// An Attempt ended; `ran` is the time from its assignment, and `worker` the worker it
+    /// was assigned to, when it was assigned.
+    Ended { state: TaskState, ran: Option<Duration>, worker: Option<String> },
+    /// An Attempt on `worker` took (or, beaten, had taken) `ratio` times the median time of
+    /// its Stage's finished Tasks: how fast that worker is.
+    Paced { worker: String, ratio: f64 },
     /// An Attempt succeeded with this output.
     Output { rows: u64, bytes: u64, shuffle: bool },
     /// An Attempt beyond its Task's first was started, after an Attempt that ended for `cause`.
@@ -254,7 +261,13 @@ impl Attempt {
         self.record.ended = Some(SystemTime::now());
         self.ended_at = Some(now);
         let ran = self.assigned_at.map(|at| now.saturating_duration_since(at));
-        Some(Action::Ended { state, ran })
+        let worker = ran.and(self.record.worker_id.clone());
+        Some(Action::Ended { state, ran, worker })
+    }
+
+    /// The worker of an assigned Attempt and how long it has run by `now`.
+    fn pace_sample(&self, now: Instant) -> Option<(String, Duration)> {
+        Some((self.record.worker_id.clone()?, now.saturating_duration_since(self.assigned_at?)))
     }
 
     fn reads(&self, output: &TaskKey) -> bool {
@@ -323,6 +336,8 @@ pub struct QueryRun {
     recomputed: u32,
     /// When stragglers get speculative Attempts; None when speculation is off.
     speculation: Option<policy::Speculation>,
+    /// Workers slower than this pace are left the Tasks faster ones cannot take; None: off.
+    slow_pace: Option<f64>,
     speculated: u32,
     speculation_wins: u32,
 }
@@ -362,6 +377,7 @@ impl QueryRun {
             retried: 0,
             recomputed: 0,
             speculation: None,
+            slow_pace: None,
             speculated: 0,
             speculation_wins: 0,
         }
@@ -370,6 +386,12 @@ impl QueryRun {
     /// Lets [`QueryRun::speculate`] start speculative Attempts under `policy`.
     pub fn with_speculation(mut self, policy: Option<policy::Speculation>) -> Self {
         self.speculation = policy;
+        self
+    }
+
+    /// Leaves the Tasks faster workers can take to them when `slow_pace` is set.
+    pub fn with_slow_pace(mut self, slow_pace: Option<f64>) -> Self {
+        self.slow_pace = slow_pace;
         self
     }
 
@@ -481,7 +503,9 @@ impl QueryRun {
             self.speculation_wins += 1;
             out.push(Action::SpeculationWon);
         }
+        let mut paces: Vec<(String, Duration)> = attempt.pace_sample(now).into_iter().collect();
         for other in task.attempts.iter_mut().filter(|a| a.is_live()) {
+            paces.extend(other.pace_sample(now));
             out.extend(other.end(TaskState::Cancelled, Some(Cause::Superseded), None, now));
             if let Some(url) = other.worker_url.clone() {
                 out.push(Action::Stop { key: other.record.key.clone(), worker_url: url });
@@ -489,6 +513,22 @@ impl QueryRun {
         }
         if final_input {
             out.push(Action::Publish { task: id, outcome: Some(TaskOutcome::Succeeded { key, worker_url }) });
+        }
+        self.pace(id.0, paces, out);
+    }
+
+    /// How fast the workers of `samples` ran against the median of `stage`'s finished Tasks.
+    fn pace(&self, stage: u32, samples: Vec<(String, Duration)>, out: &mut Vec<Action>) {
+        let mut finished: Vec<Duration> = self
+            .tasks
+            .range((stage, 0)..(stage + 1, 0))
+            .filter_map(|(_, t)| t.output.map(|n| &t.attempts[n as usize]))
+            .filter_map(|a| Some(a.ended_at?.saturating_duration_since(a.assigned_at?)))
+            .collect();
+        if let Some(median) = policy::median_if_enough(&mut finished) {
+            for (worker, ran) in samples {
+                out.push(Action::Paced { worker, ratio: ran.as_secs_f64() / median.as_secs_f64().max(1e-3) });
+            }
         }
     }
 
@@ -735,7 +775,8 @@ impl QueryRun {
             ended_at: None,
         });
         let speculative = started_as == StartedAs::Speculative;
-        QueuedAttempt { key, plan: Arc::clone(&task.plan), partition: task.partition, inputs, ready_at, avoid, speculative }
+        let slow_pace = self.slow_pace;
+        QueuedAttempt { key, plan: Arc::clone(&task.plan), partition: task.partition, inputs, ready_at, avoid, speculative, slow_pace }
     }
 
     /// Starts a speculative Attempt, on another worker, for each straggler: a Task whose only

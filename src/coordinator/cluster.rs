@@ -14,7 +14,7 @@ use datafusion::common::{DataFusionError, Result};
 use tokio::sync::{watch, Notify};
 
 use super::attempts::{Action, QueryRun, QueuedAttempt, Report, TaskId};
-use super::policy::Speculation;
+use super::policy::{self, Adaptive};
 use super::metrics::Metrics;
 use super::registry::Registry;
 pub use super::attempts::{NewStage, NewTask, StageMetrics, TaskOutcome, TaskRecord};
@@ -163,8 +163,9 @@ impl Cluster {
 
     /// Takes a distributed Query's Stages (inputs first) and queues the first Attempts of the
     /// Tasks whose inputs are ready; the others follow as their inputs get outputs.
-    /// Stragglers get speculative Attempts under `speculation` (None: never).
-    pub fn submit(&self, query_id: &str, stages: Vec<NewStage>, speculation: Option<Speculation>) -> Result<()> {
+    /// Stragglers get speculative Attempts and slow workers leave Tasks to faster ones as
+    /// `adaptive` says.
+    pub fn submit(&self, query_id: &str, stages: Vec<NewStage>, adaptive: Adaptive) -> Result<()> {
         let task_count: usize = stages.iter().map(|s| s.tasks.len()).sum();
         let mut inner = self.lock();
         if inner.queue.len() + task_count > TASK_QUEUE_MAX {
@@ -184,7 +185,7 @@ impl Cluster {
         query.record.mode = "distributed";
         query.record.stages = stages.len() as u32;
         query.record.tasks = task_count as u32;
-        let mut run = QueryRun::new(query_id, stages).with_speculation(speculation);
+        let mut run = QueryRun::new(query_id, stages).with_speculation(adaptive.speculation).with_slow_pace(adaptive.slow_pace);
         query.outcomes = run.task_ids().map(|id| (id, watch::channel(None).0)).collect();
         let mut out = Vec::new();
         run.start(Instant::now(), &mut out);
@@ -192,7 +193,7 @@ impl Cluster {
             run.fail(no_live_workers(), Instant::now(), &mut out);
         }
         query.run = Some(run);
-        self.apply(query, queue, out);
+        self.apply(query, queue, workers, out);
         Ok(())
     }
 
@@ -230,6 +231,8 @@ impl Cluster {
         let url = workers.url(worker_id).unwrap_or_default().to_string();
         let now = Instant::now();
         let mut next_ready: Option<Instant> = None;
+        let pace = workers.pace(worker_id);
+        let ready = queue.iter().filter(|q| q.ready_at <= now).count();
         let mut index = 0;
         while index < queue.len() {
             let queued = &queue[index];
@@ -250,6 +253,13 @@ impl Cluster {
                 index += 1;
                 continue;
             }
+            // A slow worker leaves what the faster ones have room for to them.
+            let slow = queued.slow_pace.filter(|&limit| pace > limit);
+            if slow.is_some_and(|limit| policy::leave_to_faster_workers(ready, workers.free_slots_at_pace(limit))) {
+                index += 1;
+                continue;
+            }
+            workers.attempt_assigned(worker_id);
             run.assigned(&queued.key, worker_id, &url, now);
             let queued = queue.remove(index).expect("index is in the queue");
             tracing::debug!(task = %queued.key, worker = worker_id, "task assigned");
@@ -337,7 +347,7 @@ impl Cluster {
     /// Query had already ended, so that only one caller acts on its end.
     pub fn finish_query(&self, id: &str, rows: u64, error: Option<&DataFusionError>, cancelled: bool) -> Option<Vec<String>> {
         let mut inner = self.lock();
-        let Inner { queries, finished, queue, .. } = &mut *inner;
+        let Inner { queries, finished, queue, workers, .. } = &mut *inner;
         let query = queries.get_mut(id)?;
         if query.record.state != "running" {
             return None;
@@ -347,7 +357,7 @@ impl Cluster {
         if let Some(run) = query.run.as_mut() {
             run.end(Instant::now(), &mut out);
         }
-        self.apply(query, queue, out);
+        self.apply(query, queue, workers, out);
         // Whoever still waits on a Task (a reader of a Query cancelled from outside its stream)
         // learns that the Query ended instead of waiting forever.
         let ended = QuiverError::new(ErrorKind::Cancelled, format!("query {id} ended before this task finished"));
@@ -417,27 +427,27 @@ impl Cluster {
 
     /// Runs `event` on the run of one Query and carries out its actions.
     fn with_run(&self, inner: &mut Inner, query_id: &str, event: impl FnOnce(&mut QueryRun, &mut Vec<Action>)) {
-        let Inner { queries, queue, .. } = inner;
+        let Inner { queries, queue, workers, .. } = inner;
         let Some(query) = queries.get_mut(query_id) else { return };
         let Some(run) = query.run.as_mut() else { return };
         let mut out = Vec::new();
         event(run, &mut out);
-        self.apply(query, queue, out);
+        self.apply(query, queue, workers, out);
     }
 
     /// Runs `event` on the run of every running Query.
     fn for_each_run(&self, inner: &mut Inner, mut event: impl FnMut(&mut QueryRun, &mut Vec<Action>)) {
-        let Inner { queries, queue, .. } = inner;
+        let Inner { queries, queue, workers, .. } = inner;
         for query in queries.values_mut().filter(|q| q.record.state == "running") {
             let Some(run) = query.run.as_mut() else { continue };
             let mut out = Vec::new();
             event(run, &mut out);
-            self.apply(query, queue, out);
+            self.apply(query, queue, workers, out);
         }
     }
 
     /// Carries out what a Query's run asked for.
-    fn apply(&self, query: &mut QueryEntry, queue: &mut VecDeque<QueuedAttempt>, actions: Vec<Action>) {
+    fn apply(&self, query: &mut QueryEntry, queue: &mut VecDeque<QueuedAttempt>, workers: &mut Registry, actions: Vec<Action>) {
         let mut queued = false;
         for action in actions {
             match action {
@@ -457,7 +467,13 @@ impl Cluster {
                         sender.send_replace(Some(TaskOutcome::Failed(error.clone())));
                     }
                 }
-                Action::Ended { state, ran } => self.metrics.attempt_ended(state.as_str(), ran),
+                Action::Ended { state, ran, worker } => {
+                    self.metrics.attempt_ended(state.as_str(), ran);
+                    if let Some(worker) = worker {
+                        workers.attempt_ended(&worker);
+                    }
+                }
+                Action::Paced { worker, ratio } => workers.paced(&worker, ratio),
                 Action::Output { rows, bytes, shuffle } => {
                     self.metrics.attempt_output(rows, bytes, shuffle);
                     match shuffle {

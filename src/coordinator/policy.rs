@@ -43,6 +43,52 @@ pub fn query_exhausted(extra: u32, last: Option<&QuiverError>) -> Option<QuiverE
     })
 }
 
+/// The adaptive scheduling a Query runs under, from its session's `quiver.*` settings.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Adaptive {
+    pub speculation: Option<Speculation>,
+    /// Workers slower than this pace leave Tasks to faster ones; None: off.
+    pub slow_pace: Option<f64>,
+}
+
+impl Adaptive {
+    pub fn from_options(options: &QuiverOptions) -> Self {
+        let slow_pace = options.slow_worker_placement.then_some(options.slow_worker_pace.max(1.0));
+        Self { speculation: Speculation::from_options(options), slow_pace }
+    }
+}
+
+/// Finished Tasks a Stage needs before its median time says anything about a worker's pace.
+const PACE_SAMPLES_MIN: usize = 3;
+/// Weight of the newest sample in a worker's pace (an exponential moving average).
+const PACE_WEIGHT: f64 = 0.3;
+/// A single sample counts at most this far from 1 either way: one odd Task cannot condemn a
+/// worker for long.
+const PACE_RATIO_MAX: f64 = 20.0;
+
+/// The median of `durations`, when there are enough of them to judge a pace by.
+pub fn median_if_enough(durations: &mut [Duration]) -> Option<Duration> {
+    if durations.len() < PACE_SAMPLES_MIN {
+        return None;
+    }
+    durations.sort();
+    Some(durations[durations.len() / 2])
+}
+
+/// A worker's pace after an Attempt on it took `ratio` times its Stage's median: 1 is typical,
+/// 4 means four times slower.
+pub fn pace_after(pace: f64, ratio: f64) -> f64 {
+    let ratio = ratio.clamp(1.0 / PACE_RATIO_MAX, PACE_RATIO_MAX);
+    pace * (1.0 - PACE_WEIGHT) + ratio * PACE_WEIGHT
+}
+
+/// Whether a worker whose pace is over the limit leaves the ready Attempts to the faster
+/// workers: only while they have a free slot for each of them, so that a slow worker still
+/// helps when the others are full, and is never the last Task's only taker.
+pub fn leave_to_faster_workers(ready: usize, faster_free_slots: usize) -> bool {
+    ready <= faster_free_slots
+}
+
 /// When a running Attempt gets a speculative copy (after Spark's `spark.speculation.*`): once
 /// `quantile` of its Stage's Tasks have finished, an Attempt that has run longer than
 /// `multiplier` times their median, and at least `min_runtime`, is a straggler.
@@ -100,6 +146,16 @@ mod tests {
         assert_eq!(s.threshold(&mut [ms(10), ms(20), ms(30)], 4), Some(ms(100)), "the minimum runtime holds");
         assert_eq!(s.threshold(&mut [ms(10); 4], 4), None, "nothing left to speculate on");
         assert_eq!((s.budget(1), s.budget(8), s.budget(9)), (1, 2, 3));
+    }
+
+    #[test]
+    fn a_pace_moves_towards_each_sample_and_one_sample_cannot_run_away() {
+        let slow = (0..10).fold(1.0, |pace, _| pace_after(pace, 4.0));
+        assert!(slow > 3.8 && slow < 4.0, "{slow}");
+        assert!(pace_after(1.0, 1e9) <= 1.0 * 0.7 + PACE_RATIO_MAX * 0.3);
+        assert_eq!(median_if_enough(&mut [ms(1), ms(2)]), None);
+        assert_eq!(median_if_enough(&mut [ms(9), ms(1), ms(5)]), Some(ms(5)));
+        assert!(leave_to_faster_workers(2, 2) && !leave_to_faster_workers(3, 2));
     }
 
     #[test]

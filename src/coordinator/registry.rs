@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::policy;
 use crate::config::LOST_WORKERS_MAX;
 
 #[derive(Debug, Clone)]
@@ -18,6 +19,11 @@ pub struct WorkerRecord {
     pub last_heartbeat: SystemTime,
     /// Attempts running on it, as its last heartbeat said.
     pub running_tasks: u32,
+    /// Attempts the coordinator has assigned to it that have not ended.
+    pub assigned: u32,
+    /// How long its Attempts take against their Stages' medians (1 is typical; see
+    /// `policy::pace_after`).
+    pub pace: f64,
     last_seen: Instant,
     /// Names this registration (see `RegisterWorkerResponse::session`).
     session: u64,
@@ -47,6 +53,8 @@ impl Registry {
             alive: true,
             last_heartbeat: SystemTime::now(),
             running_tasks: 0,
+            assigned: 0,
+            pace: 1.0,
             last_seen: now,
             session,
             suspected: false,
@@ -124,6 +132,35 @@ impl Registry {
         for id in lost.iter().take(lost.len().saturating_sub(LOST_WORKERS_MAX)) {
             self.workers.remove(id);
         }
+    }
+
+    pub fn attempt_assigned(&mut self, id: &str) {
+        if let Some(w) = self.workers.get_mut(id) {
+            w.assigned += 1;
+        }
+    }
+
+    pub fn attempt_ended(&mut self, id: &str) {
+        if let Some(w) = self.workers.get_mut(id) {
+            w.assigned = w.assigned.saturating_sub(1);
+        }
+    }
+
+    /// An Attempt on worker `id` took `ratio` times its Stage's median.
+    pub fn paced(&mut self, id: &str, ratio: f64) {
+        if let Some(w) = self.workers.get_mut(id) {
+            w.pace = policy::pace_after(w.pace, ratio);
+        }
+    }
+
+    /// The pace of live worker `id`; 1 when unknown.
+    pub fn pace(&self, id: &str) -> f64 {
+        self.workers.get(id).map_or(1.0, |w| w.pace)
+    }
+
+    /// Free slots on the live workers no slower than `pace`, by the coordinator's count.
+    pub fn free_slots_at_pace(&self, pace: f64) -> usize {
+        self.live().filter(|w| w.pace <= pace).map(|w| w.slots.saturating_sub(w.assigned) as usize).sum()
     }
 
     pub fn url(&self, id: &str) -> Option<&str> {

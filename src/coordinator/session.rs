@@ -23,7 +23,7 @@ use super::cluster::{NewStage, NewTask};
 use super::source::QueryTasks;
 use super::Core;
 use crate::planner::{self, attempt_file, count_schema, task_file, DistributeOptions, COORDINATOR_FILE, DistributedPlan, Exchange, WriteKind, WriteTarget};
-use super::policy::Speculation;
+use super::policy::Adaptive;
 use crate::config::QuiverOptions;
 use crate::protocol::encode_plan;
 
@@ -347,7 +347,7 @@ pub(super) async fn start_physical(
     let physical = super::subquery::resolve(core, id, physical).await?;
     let mut plan = plan_query(core, id, physical, write).await?;
     if plan.is_distributed() {
-        core.cluster.submit(id, encode_stages(&plan)?, speculation(core))?;
+        core.cluster.submit(id, encode_stages(&plan)?, adaptive(core))?;
     }
     if plan.root.output_partitioning().partition_count() > 1 {
         plan.root = Arc::new(CoalescePartitionsExec::new(Arc::clone(&plan.root)));
@@ -356,11 +356,11 @@ pub(super) async fn start_physical(
     Ok((plan, stream))
 }
 
-/// The speculation policy the session's `quiver.speculation*` settings ask for.
-fn speculation(core: &Core) -> Option<Speculation> {
+/// The adaptive scheduling the session's `quiver.*` settings ask for.
+fn adaptive(core: &Core) -> Adaptive {
     let state = core.ctx.state();
     let options = state.config().options().extensions.get::<QuiverOptions>().cloned().unwrap_or_default();
-    Speculation::from_options(&options)
+    Adaptive::from_options(&options)
 }
 
 /// The Stages as the cluster queues them. Tasks of one Stage often share one plan (they

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray, TimestampMillisecondArray, UInt32Array, UInt64Array};
+use datafusion::arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray, UInt32Array, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{MemorySchemaProvider, Session, TableProvider};
 use datafusion::common::Result;
@@ -52,7 +52,7 @@ fn schema(kind: Kind) -> SchemaRef {
         Kind::Workers => vec![
             s("worker_id"), s("address"), u32f("slots"), s("state"), Field::new("alive", DataType::Boolean, false),
             Field::new("last_heartbeat", timestamp(), false), u32f("running_tasks"),
-            u64f("memory_limit_bytes"), u64f("memory_used_bytes"),
+            u64f("memory_limit_bytes"), u64f("memory_used_bytes"), Field::new("pace", DataType::Float64, false),
         ],
         Kind::Queries => vec![
             s("query_id"), s("sql"), s("state"), s("mode"), u32f("stages"), u32f("tasks"), u32f("workers_used"),
@@ -106,6 +106,7 @@ impl SystemTable {
                     u32s(w.iter().map(|w| w.running_tasks)),
                     u64s(w.iter().map(|w| w.memory_limit_bytes)),
                     u64s(w.iter().map(|w| w.memory_used_bytes)),
+                    Arc::new(Float64Array::from_iter_values(w.iter().map(|w| w.pace))) as ArrayRef,
                 ]
             }
             Kind::Queries => {

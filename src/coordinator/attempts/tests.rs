@@ -33,11 +33,12 @@ struct Driver {
     published: Vec<(TaskId, Option<TaskOutcome>)>,
     failed: Option<QuiverError>,
     restarted: Vec<(StartedAs, Cause)>,
+    paces: Vec<(String, f64)>,
 }
 
 impl Driver {
     fn new(run: QueryRun) -> Self {
-        let mut d = Self { run, now: Instant::now(), queued: vec![], stopped: vec![], published: vec![], failed: None, restarted: vec![] };
+        let mut d = Self { run, now: Instant::now(), queued: vec![], stopped: vec![], published: vec![], failed: None, restarted: vec![], paces: vec![] };
         let mut out = Vec::new();
         d.run.start(d.now, &mut out);
         d.take(out);
@@ -52,6 +53,7 @@ impl Driver {
                 Action::Publish { task, outcome } => self.published.push((task, outcome)),
                 Action::Fail(e) => self.failed = Some(e),
                 Action::Restarted { started_as, cause } => self.restarted.push((started_as, cause)),
+                Action::Paced { worker, ratio } => self.paces.push((worker, ratio)),
                 Action::Ended { .. } | Action::Output { .. } | Action::Speculated | Action::SpeculationWon => {}
             }
         }
@@ -338,6 +340,9 @@ fn a_speculative_attempt_that_wins_stops_its_straggler_and_consumers_read_it_alo
     assert_eq!(d.state(&key(0, 3, 0)), TaskState::Cancelled);
     assert!(d.stopped.contains(&key(0, 3, 0)), "the straggler is stopped and its output freed");
     assert_eq!(d.run.speculated(), (1, 1));
+    // The speculative Attempt took no time at all here; the straggler had run twice the median.
+    let paces: Vec<(&str, f64)> = d.paces.iter().map(|(w, r)| (w.as_str(), *r)).collect();
+    assert!(paces.contains(&("w4", 2.0)), "{paces:?}");
     // The straggler finishes anyway: its output is freed, not read.
     d.stopped.clear();
     d.report(&key(0, 3, 0), "w4", TaskState::Succeeded, None);
