@@ -7,6 +7,9 @@ use datafusion::prelude::SessionConfig;
 
 /// Largest gRPC message either side accepts or sends (plans, batches, control messages).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Longest error message a gRPC status carries: it goes in HTTP/2 headers twice (as text and
+/// in the typed details, base64), and peers refuse header lists much over 16 KiB.
+pub const STATUS_MESSAGE_BYTES_MAX: usize = 4 * 1024;
 /// How many producer outputs a shuffle reader fetches at once.
 pub const EXCHANGE_FETCHES_MAX: usize = 8;
 /// HTTP/2 receive windows: how much of a batch stream may be in flight unread.

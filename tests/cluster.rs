@@ -229,3 +229,14 @@ async fn registering_tpch_at_another_scale_replaces_the_tables_of_the_first() {
         assert_eq!(t.cluster_rows("SELECT count(*) FROM lineitem").await, vec![vec![lineitems.to_string()]], "sf {sf}");
     }
 }
+
+/// Regression (DataFusion's window.slt, pwmj.slt): an error longer than HTTP/2 lets a header be
+/// (an internal error that prints a plan) broke the response, and the client's next statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_very_long_error_reaches_the_client_cut_short_and_the_connection_keeps_working() {
+    let t = TestCluster::start(1).await;
+    let name = "f".repeat(20_000);
+    let err = t.client.collect(&format!("SELECT {name}(1)")).await.unwrap_err().to_string();
+    assert!(err.contains("Invalid function") && err.contains("more bytes)") && err.len() < 8_192, "{}", &err[..200.min(err.len())]);
+    assert_eq!(t.cluster_rows("SELECT 7 AS x").await, vec![vec!["7".to_string()]]);
+}

@@ -146,3 +146,14 @@ async fn a_failed_copy_leaves_nothing_behind() {
     let sql = format!("COPY (SELECT * FROM t WHERE v < 10) TO '{}/' STORED AS CSV", ok.display());
     assert_eq!(t.cluster_rows(&sql).await, vec![vec!["9".to_string()]]);
 }
+
+/// Regression (DataFusion's copy.slt): COPY to Arrow IPC, whose sink DataFusion keeps private,
+/// failed with "not supported"; it is written by DataFusion's sink on the coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copy_to_arrow_ipc_is_written_as_datafusion_writes_it() {
+    let t = cluster_with_files().await;
+    let path = t.dir.path().join("all.arrow");
+    let sql = format!("COPY ({QUERY}) TO '{}' STORED AS ARROW", path.display());
+    assert_eq!(t.cluster_rows(&sql).await, vec![vec!["20000".to_string()]]);
+    check_copied(&t, "ARROW", &path.display().to_string(), false).await;
+}

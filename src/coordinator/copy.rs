@@ -6,7 +6,8 @@
 //! files of the one Attempt per Task whose count was returned into the target. To one file, the
 //! coordinator writes the merged result to a hidden file beside the target and renames it.
 //! Either way a failed or cancelled copy leaves nothing behind, and a reader of the target
-//! never sees half a file.
+//! never sees half a file. Only Arrow IPC, whose sink DataFusion keeps private, is written by
+//! DataFusion's sink on the coordinator straight into the target.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,7 +34,10 @@ pub(super) async fn copy(core: &Arc<Core>, id: &str, plan: &LogicalPlan) -> Resu
         return exec_err!("COPY was planned as {}, not as a file sink", physical.name());
     };
     let Some(config) = file_sink_config(exec.sink()) else {
-        return exec_err!("COPY to this file format is not supported by Quiver");
+        // A format whose sink Quiver cannot point elsewhere (Arrow IPC: DataFusion keeps its sink
+        // private) is written as DataFusion writes it, by the coordinator, straight to the target.
+        let (_, stream) = start_physical(core, id, physical, None).await?;
+        return count(stream).await;
     };
     let url = &config.table_paths[0];
     let (true, Ok(target)) = (url.scheme() == "file", url.get_url().to_file_path()) else {

@@ -24,6 +24,7 @@ use datafusion::common::DataFusionError;
 use prost::Message;
 use tonic::{Code, Status};
 
+use crate::config::STATUS_MESSAGE_BYTES_MAX;
 use crate::protocol::{classify, error_from_remote, quiver_error, quiver_to_remote, ErrorKind, RemoteError};
 
 /// How an error travels as a gRPC status: the code for clients that only read codes, the text
@@ -41,8 +42,27 @@ pub fn status_from_error(error: &DataFusionError) -> Status {
         ErrorKind::Unreachable | ErrorKind::WorkerLost | ErrorKind::FetchFailed => Code::Unavailable,
         ErrorKind::Io | ErrorKind::Execution => Code::Aborted,
     };
+    let mut typed = typed;
+    // The message travels twice in HTTP/2 headers (as text and in the details), which peers
+    // cap: a longer one (an internal error that prints a plan) would break the response.
+    typed.message = truncated(typed.message, STATUS_MESSAGE_BYTES_MAX);
     let details = quiver_to_remote(&typed).encode_to_vec();
     Status::with_details(code, typed.message, details.into())
+}
+
+/// `text` cut to at most about `max` bytes, on a character boundary, saying how much was cut.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!("… ({cut} more bytes)"));
+    text
 }
 
 /// The reverse of [`status_from_error`]; a status from elsewhere (the transport itself, another

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::reader::FileReader;
 use datafusion::arrow::ipc::writer::FileWriter;
@@ -289,7 +289,9 @@ fn compact(batch: RecordBatch) -> Result<(RecordBatch, u64)> {
         size += owned.get_array_memory_size() as u64;
         columns.push(owned);
     }
-    Ok((RecordBatch::try_new(batch.schema(), columns)?, size))
+    // The row count too: a batch without columns (a cross join side, a count's input) has rows.
+    let options = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    Ok((RecordBatch::try_new_with_options(batch.schema(), columns, &options)?, size))
 }
 
 /// Reads a spill file on a blocking thread, a few batches ahead of the consumer.
