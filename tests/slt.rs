@@ -127,7 +127,7 @@ macro_rules! slt {
     )*};
 }
 
-slt!(aggregates, exchange_types, filters_projections, joins, nulls, order_limit_distinct, types);
+slt!(aggregates, ddl, exchange_types, filters_projections, joins, nulls, order_limit_distinct, types);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn joins_with_every_join_shuffled() {

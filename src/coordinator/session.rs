@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use datafusion::arrow::array::{AsArray, RecordBatch, UInt64Array};
 use datafusion::arrow::datatypes::{Schema, SchemaRef, UInt64Type};
-use datafusion::common::{not_impl_err, plan_err, DataFusionError, ParamValues, Result};
+use datafusion::common::{exec_err, not_impl_err, plan_err, DFSchema, DataFusionError, ParamValues, Result};
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream};
 use datafusion::logical_expr::{DdlStatement, DmlStatement, LogicalPlan, WriteOp};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
@@ -114,8 +114,8 @@ async fn dispatch(core: &Arc<Core>, id: &str, sql: &str, plan: LogicalPlan) -> R
             let name = c.name.table().to_string();
             create_table(core, id, &name, c.input, c.if_not_exists, c.or_replace).await
         }
-        LogicalPlan::Ddl(DdlStatement::DropTable(d)) => drop_table(core, d.name.table(), d.if_exists).await,
-        LogicalPlan::Ddl(DdlStatement::DropView(d)) => drop_table(core, d.name.table(), d.if_exists).await,
+        LogicalPlan::Ddl(DdlStatement::DropTable(d)) => drop_table(core, d.name.table(), d.if_exists, false).await,
+        LogicalPlan::Ddl(DdlStatement::DropView(d)) => drop_table(core, d.name.table(), d.if_exists, true).await,
         LogicalPlan::Dml(DmlStatement { op: WriteOp::Insert(_), table_name, input, .. }) => {
             let rows = insert(core, id, table_name.table(), &input).await?;
             Ok(count_stream(rows))
@@ -166,6 +166,11 @@ async fn create_table(
     if_not_exists: bool,
     or_replace: bool,
 ) -> Result<SendableRecordBatchStream> {
+    if if_not_exists && or_replace {
+        return exec_err!("'IF NOT EXISTS' cannot coexist with 'REPLACE'");
+    }
+    // As DataFusion's own CREATE TABLE AS: a table stores unqualified names only.
+    DFSchema::from_unqualified_fields(input.schema().fields().clone(), Default::default())?;
     let _catalog = core.catalog_lock.lock().await;
     let old = core.catalog.get(name)?;
     if core.ctx.table_exist(name)? {
@@ -289,13 +294,16 @@ fn has_files(dir: &Path) -> bool {
     std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false)
 }
 
-async fn drop_table(core: &Arc<Core>, name: &str, if_exists: bool) -> Result<SendableRecordBatchStream> {
+/// Drops a table (`view` false) or a view: each statement drops only its own kind.
+async fn drop_table(core: &Arc<Core>, name: &str, if_exists: bool, view: bool) -> Result<SendableRecordBatchStream> {
     let _catalog = core.catalog_lock.lock().await;
-    if !core.ctx.table_exist(name)? {
+    let is_view = matches!(core.catalog.get(name)?, Some(TableDef::View { .. }));
+    if !core.ctx.table_exist(name)? || is_view != view {
         if if_exists {
             return Ok(empty_stream());
         }
-        return plan_err!("table '{name}' does not exist");
+        let kind = if view { "View" } else { "Table" };
+        return exec_err!("{kind} '{name}' doesn't exist.");
     }
     let removed = core.catalog.remove(name)?;
     core.ctx.deregister_table(name)?;

@@ -153,10 +153,15 @@ pub(super) fn reads_files(plan: &Arc<dyn ExecutionPlan>) -> bool {
 /// Operators only the coordinator can run: they hold state of the coordinator's session.
 const COORDINATOR_ONLY: [&str; 4] = ["ScalarSubqueryExec", "RecursiveQueryExec", "DataSinkExec", "TaskWriterExec"];
 
+/// Operators DataFusion's plan serialization (datafusion-proto 55) has no encoding for, both
+/// behind optimizer settings that are off by default: they run where the plan was made.
+const NOT_SENDABLE: [&str; 2] = ["PiecewiseMergeJoinExec", "PartitionedTopKExec"];
+
 /// True when every operator of the subtree can run in a worker: its leaves read files (or no
 /// data at all) and nothing in it reads a scalar subquery's result or other coordinator state.
 pub(super) fn runs_on_workers(plan: &Arc<dyn ExecutionPlan>) -> bool {
-    if reads_scalar_subquery(plan.as_ref()) || COORDINATOR_ONLY.contains(&plan.name()) {
+    let name = plan.name();
+    if reads_scalar_subquery(plan.as_ref()) || COORDINATOR_ONLY.contains(&name) || NOT_SENDABLE.contains(&name) {
         return false;
     }
     let children = plan.children();
