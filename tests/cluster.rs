@@ -240,3 +240,17 @@ async fn a_very_long_error_reaches_the_client_cut_short_and_the_connection_keeps
     assert!(err.contains("Invalid function") && err.contains("more bytes)") && err.len() < 8_192, "{}", &err[..200.min(err.len())]);
     assert_eq!(t.cluster_rows("SELECT 7 AS x").await, vec![vec!["7".to_string()]]);
 }
+
+/// A quoted table name may hold `/` and `..`: the table's files stay under the data directory,
+/// and dropping it removes nothing outside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_name_cannot_reach_outside_the_data_directory() {
+    let t = TestCluster::start(1).await;
+    let outside = t.dir.path().join("outside");
+    std::fs::create_dir_all(outside.join("keep")).unwrap();
+    t.run_all(&[r#"CREATE TABLE "../../outside" AS SELECT 1 AS x"#]).await;
+    assert_eq!(t.cluster_rows(r#"SELECT x FROM "../../outside""#).await, vec![vec!["1".to_string()]]);
+    assert!(std::fs::read_dir(&outside).unwrap().count() == 1, "a table wrote beside the data directory");
+    t.run_all(&[r#"DROP TABLE "../../outside""#]).await;
+    assert!(outside.join("keep").exists(), "DROP TABLE removed a directory outside the data directory");
+}

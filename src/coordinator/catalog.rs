@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
 use datafusion::catalog::MemTable;
-use datafusion::common::{DataFusionError, Result};
+use datafusion::common::{DataFusionError, Result, TableReference};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::prelude::SessionContext;
@@ -60,8 +60,11 @@ impl Catalog {
         self.data_dir.join("tables")
     }
 
+    /// The directory of managed table `name`. A quoted name may hold any character, `/` and
+    /// `..` included: only letters, digits and `_` go into the path as they are, every other
+    /// byte as `%XX`, so that a table's files stay under its own directory.
     pub fn table_dir(&self, name: &str) -> PathBuf {
-        self.tables_dir().join(name)
+        self.tables_dir().join(dir_name(name))
     }
 
     pub fn load(&self) -> Result<Vec<TableDef>> {
@@ -105,7 +108,8 @@ impl Catalog {
         Ok(())
     }
 
-    /// Registers a definition with DataFusion, replacing any table of the same name.
+    /// Registers a definition with DataFusion, replacing any table of the same name. The name
+    /// is taken as it is, never parsed again: a quoted `"T1"` or `"a.b"` stays itself.
     pub async fn register(&self, ctx: &SessionContext, def: &TableDef) -> Result<()> {
         match def {
             TableDef::External { sql, .. } | TableDef::View { sql, .. } => {
@@ -113,8 +117,8 @@ impl Catalog {
             }
             TableDef::Managed { name, schema, segments } => {
                 let provider = self.managed_provider(ctx, name, Arc::new(schema.clone()), segments).await?;
-                ctx.deregister_table(name.as_str())?;
-                ctx.register_table(name.as_str(), provider)?;
+                ctx.deregister_table(TableReference::bare(name.as_str()))?;
+                ctx.register_table(TableReference::bare(name.as_str()), provider)?;
             }
         }
         Ok(())
@@ -167,5 +171,31 @@ mod ipc_schema {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Schema, D::Error> {
         let bytes = Vec::<u8>::deserialize(d)?;
         try_schema_from_ipc_buffer(&bytes).map_err(D::Error::custom)
+    }
+}
+
+/// `name` as one path component: letters, digits and `_` as they are, every other byte `%XX`.
+fn dir_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dir_name;
+
+    #[test]
+    fn a_table_name_never_leaves_its_directory() {
+        assert_eq!(dir_name("lineitem_2"), "lineitem_2");
+        assert_eq!(dir_name("../../etc"), "%2E%2E%2F%2E%2E%2Fetc");
+        assert_eq!(dir_name("a.b"), "a%2Eb");
+        assert!(!dir_name("/").contains('/'));
     }
 }

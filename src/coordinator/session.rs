@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use datafusion::arrow::array::{AsArray, RecordBatch, UInt64Array};
 use datafusion::arrow::datatypes::{Schema, SchemaRef, UInt64Type};
-use datafusion::common::{exec_err, not_impl_err, plan_err, DFSchema, DataFusionError, ParamValues, Result};
+use datafusion::common::{exec_err, not_impl_err, plan_err, DFSchema, DataFusionError, ParamValues, Result, TableReference};
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream};
 use datafusion::logical_expr::{DdlStatement, DmlStatement, LogicalPlan, WriteOp};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
@@ -150,7 +150,7 @@ async fn define(
     def: impl FnOnce(String) -> TableDef,
 ) -> Result<SendableRecordBatchStream> {
     let _catalog = core.catalog_lock.lock().await;
-    let existed = core.ctx.table_exist(name.as_str())?;
+    let existed = core.ctx.table_exist(TableReference::bare(name.as_str()))?;
     core.ctx.execute_logical_plan(plan).await?;
     if !(existed && if_not_exists) {
         core.catalog.put(def(name))?;
@@ -173,7 +173,7 @@ async fn create_table(
     DFSchema::from_unqualified_fields(input.schema().fields().clone(), Default::default())?;
     let _catalog = core.catalog_lock.lock().await;
     let old = core.catalog.get(name)?;
-    if core.ctx.table_exist(name)? {
+    if core.ctx.table_exist(TableReference::bare(name))? {
         if if_not_exists {
             return Ok(empty_stream());
         }
@@ -298,7 +298,7 @@ fn has_files(dir: &Path) -> bool {
 async fn drop_table(core: &Arc<Core>, name: &str, if_exists: bool, view: bool) -> Result<SendableRecordBatchStream> {
     let _catalog = core.catalog_lock.lock().await;
     let is_view = matches!(core.catalog.get(name)?, Some(TableDef::View { .. }));
-    if !core.ctx.table_exist(name)? || is_view != view {
+    if !core.ctx.table_exist(TableReference::bare(name))? || is_view != view {
         if if_exists {
             return Ok(empty_stream());
         }
@@ -306,7 +306,7 @@ async fn drop_table(core: &Arc<Core>, name: &str, if_exists: bool, view: bool) -
         return exec_err!("{kind} '{name}' doesn't exist.");
     }
     let removed = core.catalog.remove(name)?;
-    core.ctx.deregister_table(name)?;
+    core.ctx.deregister_table(TableReference::bare(name))?;
     if let Some(TableDef::Managed { .. }) = removed {
         let _ = std::fs::remove_dir_all(core.catalog.table_dir(name));
     }
