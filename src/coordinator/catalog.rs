@@ -3,12 +3,16 @@
 //! never half of one. Tables Quiver writes are lists of committed segment directories; a write
 //! becomes visible in one step, when its segment is added here.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
 use datafusion::catalog::MemTable;
-use datafusion::common::{DataFusionError, Result, TableReference};
+use datafusion::catalog::TableProvider;
+use datafusion::common::{Constraint, Constraints, DFSchema, DataFusionError, Result, TableReference};
+use datafusion::logical_expr::Expr;
+use datafusion::sql::unparser::expr_to_sql;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::prelude::SessionContext;
@@ -29,7 +33,46 @@ pub enum TableDef {
         #[serde(with = "ipc_schema")]
         schema: Schema,
         segments: Vec<String>,
+        /// PRIMARY KEY and UNIQUE constraints, which DataFusion plans with (functional
+        /// dependencies) and enforces as NOT NULL.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        keys: Vec<KeyDef>,
+        /// Column DEFAULTs an INSERT that leaves the column out writes: (column, SQL expression).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        defaults: Vec<(String, String)>,
     },
+}
+
+/// A PRIMARY KEY (`unique` false) or UNIQUE constraint over columns by index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyDef {
+    pub unique: bool,
+    pub columns: Vec<usize>,
+}
+
+impl KeyDef {
+    pub fn from_constraints(constraints: &Constraints) -> Vec<KeyDef> {
+        constraints
+            .iter()
+            .map(|c| match c {
+                Constraint::PrimaryKey(columns) => KeyDef { unique: false, columns: columns.clone() },
+                Constraint::Unique(columns) => KeyDef { unique: true, columns: columns.clone() },
+            })
+            .collect()
+    }
+
+    fn to_constraints(keys: &[KeyDef]) -> Constraints {
+        let each = keys.iter().map(|k| match k.unique {
+            false => Constraint::PrimaryKey(k.columns.clone()),
+            true => Constraint::Unique(k.columns.clone()),
+        });
+        Constraints::new_unverified(each.collect())
+    }
+}
+
+/// Column defaults as SQL text, to be stored.
+pub fn defaults_to_sql(defaults: &[(String, Expr)]) -> Result<Vec<(String, String)>> {
+    defaults.iter().map(|(column, expr)| Ok((column.clone(), expr_to_sql(expr)?.to_string()))).collect()
 }
 
 impl TableDef {
@@ -115,8 +158,12 @@ impl Catalog {
             TableDef::External { sql, .. } | TableDef::View { sql, .. } => {
                 ctx.sql(sql).await?;
             }
-            TableDef::Managed { name, schema, segments } => {
-                let provider = self.managed_provider(ctx, name, Arc::new(schema.clone()), segments).await?;
+            TableDef::Managed { name, schema, segments, keys, defaults } => {
+                let schema = Arc::new(schema.clone());
+                let provider = self.managed_provider(name, Arc::clone(&schema), segments)?;
+                let defaults = parse_defaults(ctx, &schema, defaults)?;
+                let provider = provider.with_constraints(KeyDef::to_constraints(keys)).with_column_defaults(defaults);
+                let provider: Arc<dyn TableProvider> = provider.into();
                 ctx.deregister_table(TableReference::bare(name.as_str()))?;
                 ctx.register_table(TableReference::bare(name.as_str()), provider)?;
             }
@@ -124,15 +171,10 @@ impl Catalog {
         Ok(())
     }
 
-    async fn managed_provider(
-        &self,
-        ctx: &SessionContext,
-        name: &str,
-        schema: SchemaRef,
-        segments: &[String],
-    ) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
+    /// A table over its committed segments (read as one listing of their Parquet files).
+    fn managed_provider(&self, name: &str, schema: SchemaRef, segments: &[String]) -> Result<ManagedProvider> {
         if segments.is_empty() {
-            return Ok(Arc::new(MemTable::try_new(schema, vec![vec![]])?));
+            return Ok(ManagedProvider::Empty(MemTable::try_new(schema, vec![vec![]])?));
         }
         let urls = segments
             .iter()
@@ -143,9 +185,44 @@ impl Catalog {
             .collect::<Result<Vec<_>>>()?;
         let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
         let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
-        let _ = ctx;
-        Ok(Arc::new(ListingTable::try_new(config)?))
+        Ok(ManagedProvider::Files(ListingTable::try_new(config)?))
     }
+}
+
+/// A managed table's provider: an empty table before its first write, its files after.
+enum ManagedProvider {
+    Empty(MemTable),
+    Files(ListingTable),
+}
+
+impl ManagedProvider {
+    fn with_constraints(self, constraints: Constraints) -> Self {
+        match self {
+            Self::Empty(t) => Self::Empty(t.with_constraints(constraints)),
+            Self::Files(t) => Self::Files(t.with_constraints(constraints)),
+        }
+    }
+
+    fn with_column_defaults(self, defaults: HashMap<String, Expr>) -> Self {
+        match self {
+            Self::Empty(t) => Self::Empty(t.with_column_defaults(defaults)),
+            Self::Files(t) => Self::Files(t.with_column_defaults(defaults)),
+        }
+    }
+}
+
+impl From<ManagedProvider> for Arc<dyn TableProvider> {
+    fn from(p: ManagedProvider) -> Self {
+        match p {
+            ManagedProvider::Empty(t) => Arc::new(t),
+            ManagedProvider::Files(t) => Arc::new(t),
+        }
+    }
+}
+
+fn parse_defaults(ctx: &SessionContext, schema: &SchemaRef, defaults: &[(String, String)]) -> Result<HashMap<String, Expr>> {
+    let schema = DFSchema::try_from(Arc::clone(schema))?;
+    defaults.iter().map(|(column, sql)| Ok((column.clone(), ctx.parse_sql_expr(sql, &schema)?))).collect()
 }
 
 /// Schemas are stored as Arrow IPC bytes: the exact Arrow types survive, metadata included.

@@ -18,7 +18,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{EmptyRecordBatchStream, ExecutionPlan, ExecutionPlanProperties};
 use futures::{Stream, StreamExt, TryStreamExt};
 
-use super::catalog::TableDef;
+use super::catalog::{defaults_to_sql, KeyDef, TableDef};
 use super::cluster::{NewStage, NewTask};
 use super::source::QueryTasks;
 use super::Core;
@@ -112,7 +112,9 @@ async fn dispatch(core: &Arc<Core>, id: &str, sql: &str, plan: LogicalPlan) -> R
         }
         LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(c)) => {
             let name = c.name.table().to_string();
-            create_table(core, id, &name, c.input, c.if_not_exists, c.or_replace).await
+            let keys = KeyDef::from_constraints(&c.constraints);
+            let defaults = defaults_to_sql(&c.column_defaults)?;
+            create_table(core, id, &name, c.input, (keys, defaults), c.if_not_exists, c.or_replace).await
         }
         LogicalPlan::Ddl(DdlStatement::DropTable(d)) => drop_table(core, d.name.table(), d.if_exists, false).await,
         LogicalPlan::Ddl(DdlStatement::DropView(d)) => drop_table(core, d.name.table(), d.if_exists, true).await,
@@ -163,6 +165,7 @@ async fn create_table(
     id: &str,
     name: &str,
     input: Arc<LogicalPlan>,
+    (keys, defaults): (Vec<KeyDef>, Vec<(String, String)>),
     if_not_exists: bool,
     or_replace: bool,
 ) -> Result<SendableRecordBatchStream> {
@@ -186,11 +189,11 @@ async fn create_table(
     let mut segments = vec![];
     let mut rows = 0;
     if has_rows {
-        let written = write_segment(core, id, name, &input).await?;
+        let written = write_segment(core, id, name, &input, not_null(&schema)).await?;
         rows = written.rows;
         segments.extend(commit_segment(core, id, name, &written)?);
     }
-    let def = TableDef::Managed { name: name.to_string(), schema, segments: segments.clone() };
+    let def = TableDef::Managed { name: name.to_string(), schema, segments: segments.clone(), keys, defaults };
     core.catalog.put(def.clone())?;
     core.catalog.register(&core.ctx, &def).await?;
     if let Some(TableDef::Managed { segments: old_segments, .. }) = old {
@@ -203,12 +206,12 @@ async fn create_table(
 
 async fn insert(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan) -> Result<u64> {
     let _catalog = core.catalog_lock.lock().await;
-    let Some(TableDef::Managed { name, schema, mut segments }) = core.catalog.get(table)? else {
+    let Some(TableDef::Managed { name, schema, mut segments, keys, defaults }) = core.catalog.get(table)? else {
         return plan_err!("cannot INSERT INTO '{table}': only tables created by Quiver (CREATE TABLE) accept writes");
     };
-    let written = write_segment(core, id, table, input).await?;
+    let written = write_segment(core, id, table, input, not_null(&schema)).await?;
     segments.extend(commit_segment(core, id, table, &written)?);
-    let def = TableDef::Managed { name, schema, segments };
+    let def = TableDef::Managed { name, schema, segments, keys, defaults };
     core.catalog.put(def.clone())?;
     core.catalog.register(&core.ctx, &def).await?;
     Ok(written.rows)
@@ -217,13 +220,18 @@ async fn insert(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan) ->
 /// Runs `input` as a distributed write into the staging directory of `table`; returns the rows
 /// written and the files to commit. On failure, or when the statement is dropped half-way, the
 /// staging directory is removed: nothing of a failed write remains.
-async fn write_segment(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan) -> Result<Written> {
+/// The columns of a table's schema that are NOT NULL.
+fn not_null(schema: &Schema) -> Vec<usize> {
+    schema.fields().iter().enumerate().filter(|(_, f)| !f.is_nullable()).map(|(i, _)| i).collect()
+}
+
+async fn write_segment(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan, not_null: Vec<usize>) -> Result<Written> {
     let staging = staging_dir(core, id, table);
     std::fs::create_dir_all(&staging)?;
     let mut cleanup = RemoveOnDrop(Some(staging.clone()));
     let result = async {
         let physical = core.ctx.state().create_physical_plan(input).await?;
-        let target = WriteTarget { dir: staging.clone(), kind: WriteKind::Table { row_group_rows: core.config.write_row_group_rows } };
+        let target = WriteTarget { dir: staging.clone(), kind: WriteKind::Table { row_group_rows: core.config.write_row_group_rows, not_null } };
         let (plan, stream) = start_physical(core, id, physical, Some(target)).await?;
         let batches: Vec<RecordBatch> = stream.try_collect().await?;
         let rows = batches.iter().flat_map(|b| b.column(0).as_primitive::<UInt64Type>().iter().flatten()).sum();

@@ -125,8 +125,9 @@ pub struct WriteTarget {
 /// How a distributed write writes its files.
 #[derive(Debug, Clone)]
 pub enum WriteKind {
-    /// One Parquet file per Task (a Quiver table's segment).
-    Table { row_group_rows: usize },
+    /// One Parquet file per Task (a Quiver table's segment); the columns at `not_null` (the
+    /// table's NOT NULL columns) must hold no null.
+    Table { row_group_rows: usize, not_null: Vec<usize> },
     /// DataFusion's file sink of a `COPY … TO` a directory: one directory per Task.
     Copy { sink: Arc<dyn datafusion::datasource::sink::DataSink> },
 }
@@ -135,8 +136,9 @@ impl WriteTarget {
     /// The writer of Task `task` of Stage `stage`, over partition `partition` of `input`.
     fn task_writer(&self, input: Arc<dyn ExecutionPlan>, partition: usize, stage: StageId, task: usize) -> Arc<dyn ExecutionPlan> {
         match &self.kind {
-            WriteKind::Table { row_group_rows } => {
-                Arc::new(TaskWriterExec::new(input, partition, task_file(&self.dir, stage, task), *row_group_rows))
+            WriteKind::Table { row_group_rows, not_null } => {
+                let path = task_file(&self.dir, stage, task);
+                Arc::new(TaskWriterExec::new(input, partition, path, *row_group_rows).with_not_null(not_null.clone()))
             }
             WriteKind::Copy { sink } => {
                 let sink = Arc::new(DataSinkExec::new(input, Arc::clone(sink), None));
@@ -148,8 +150,9 @@ impl WriteTarget {
     /// The writer the coordinator runs over its single-partition `input`.
     fn coordinator_writer(&self, input: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
         match &self.kind {
-            WriteKind::Table { row_group_rows } => {
-                Arc::new(TaskWriterExec::new(input, 0, self.dir.join(COORDINATOR_FILE), *row_group_rows))
+            WriteKind::Table { row_group_rows, not_null } => {
+                let path = self.dir.join(COORDINATOR_FILE);
+                Arc::new(TaskWriterExec::new(input, 0, path, *row_group_rows).with_not_null(not_null.clone()))
             }
             WriteKind::Copy { sink } => {
                 let sink = Arc::new(DataSinkExec::new(input, Arc::clone(sink), None));

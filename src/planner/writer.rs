@@ -65,12 +65,24 @@ pub struct TaskWriterExec {
     input_partition: usize,
     path: PathBuf,
     row_group_rows: usize,
+    /// Columns that must hold no null (the target table's NOT NULL columns).
+    not_null: Vec<usize>,
     properties: Arc<PlanProperties>,
 }
 
 impl TaskWriterExec {
     pub fn new(input: Arc<dyn ExecutionPlan>, input_partition: usize, path: PathBuf, row_group_rows: usize) -> Self {
-        Self { input, input_partition, path, row_group_rows, properties: count_properties() }
+        Self { input, input_partition, path, row_group_rows, not_null: Vec::new(), properties: count_properties() }
+    }
+
+    /// Refuses a batch with a null in any of these columns, as DataFusion's own sinks do.
+    pub fn with_not_null(mut self, columns: Vec<usize>) -> Self {
+        self.not_null = columns;
+        self
+    }
+
+    pub fn not_null(&self) -> &[usize] {
+        &self.not_null
     }
 
     pub fn path(&self) -> &PathBuf {
@@ -120,7 +132,8 @@ impl ExecutionPlan for TaskWriterExec {
         if children.len() != 1 {
             return exec_err!("TaskWriterExec takes one child");
         }
-        Ok(Arc::new(Self::new(children.remove(0), self.input_partition, self.path.clone(), self.row_group_rows)))
+        let writer = Self::new(children.remove(0), self.input_partition, self.path.clone(), self.row_group_rows);
+        Ok(Arc::new(writer.with_not_null(self.not_null.clone())))
     }
 
     fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
@@ -132,20 +145,23 @@ impl ExecutionPlan for TaskWriterExec {
             None => self.path.clone(),
         };
         let input = self.input.execute(self.input_partition, context)?;
-        let write = write_parquet(input, path, self.row_group_rows);
+        let write = write_parquet(input, path, self.row_group_rows, self.not_null.clone());
         let stream = futures::stream::once(write);
         Ok(Box::pin(RecordBatchStreamAdapter::new(count_schema(), stream)))
     }
 }
 
 /// Writes the stream to `path` (no file for an empty input) and returns `count` as a batch.
-async fn write_parquet(mut input: SendableRecordBatchStream, path: PathBuf, row_group_rows: usize) -> Result<RecordBatch> {
+async fn write_parquet(mut input: SendableRecordBatchStream, path: PathBuf, row_group_rows: usize, not_null: Vec<usize>) -> Result<RecordBatch> {
     let mut writer = None;
     let mut rows = 0u64;
     while let Some(batch) = input.next().await {
         let batch = batch?;
         if batch.num_rows() == 0 {
             continue;
+        }
+        if let Some(&column) = not_null.iter().find(|&&c| batch.columns().get(c).is_some_and(|a| a.null_count() > 0)) {
+            return exec_err!("Invalid batch column at '{column}' has null but schema specifies non-nullable");
         }
         if writer.is_none() {
             writer = Some(open_writer(&path, input.schema(), row_group_rows).await?);

@@ -44,6 +44,8 @@ struct WriterNode {
     row_group_rows: u64,
     #[prost(uint32, tag = "3")]
     input_partition: u32,
+    #[prost(uint32, repeated, tag = "4")]
+    not_null: Vec<u32>,
 }
 
 /// A Task of a `COPY … TO` a directory; its input is the statement's sink, which
@@ -227,7 +229,8 @@ impl PhysicalExtensionCodec for QuiverCodec {
                 w.input_partition as usize,
                 w.path.into(),
                 w.row_group_rows as usize,
-            ))),
+            )
+            .with_not_null(w.not_null.iter().map(|&c| c as usize).collect()))),
             (Some(quiver_node::Node::Copy(c)), [sink]) => {
                 Ok(Arc::new(CopyTaskExec::new(Arc::clone(sink), c.input_partition as usize, c.dir.into())))
             }
@@ -247,6 +250,7 @@ impl PhysicalExtensionCodec for QuiverCodec {
                 path: writer.path().to_string_lossy().into_owned(),
                 row_group_rows: writer.row_group_rows() as u64,
                 input_partition: writer.input_partition() as u32,
+                not_null: writer.not_null().iter().map(|&c| c as u32).collect(),
             })
         } else if let Some(copy) = node.downcast_ref::<CopyTaskExec>() {
             quiver_node::Node::Copy(CopyNode {
