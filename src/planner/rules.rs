@@ -34,6 +34,7 @@ use datafusion::physical_plan::limit::LocalLimitExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::windows::{BoundedWindowAggExec, StandardWindowExpr, WindowAggExec, WindowUDFExpr};
 use datafusion::physical_plan::{replace_children_if_necessary, ExecutionPlan, ExecutionPlanProperties, Partitioning};
 
 use super::split::TaskSlice;
@@ -157,11 +158,37 @@ const COORDINATOR_ONLY: [&str; 4] = ["ScalarSubqueryExec", "RecursiveQueryExec",
 /// behind optimizer settings that are off by default: they run where the plan was made.
 const NOT_SENDABLE: [&str; 2] = ["PiecewiseMergeJoinExec", "PartitionedTopKExec"];
 
+/// Operators DataFusion's plan serialization encodes, but not faithfully, so that a worker
+/// would compute something else: an aggregate over the one empty grouping set
+/// (`GROUP BY GROUPING SETS (())`) comes back as an aggregate without groups, which on a
+/// worker returns no row at all.
+fn loses_in_encoding(plan: &dyn ExecutionPlan) -> bool {
+    let empty_grouping_set = plan
+        .downcast_ref::<AggregateExec>()
+        .is_some_and(|a| a.group_expr().has_grouping_set() && a.group_expr().expr().is_empty());
+    empty_grouping_set || window_ignores_nulls(plan)
+}
+
+/// A window function such as FIRST_VALUE with IGNORE NULLS: the encoding of a window UDF has no
+/// place for IGNORE NULLS, so a worker would not skip nulls. (The flag has no accessor; its
+/// `Debug` shows it.)
+fn window_ignores_nulls(plan: &dyn ExecutionPlan) -> bool {
+    let exprs = match (plan.downcast_ref::<BoundedWindowAggExec>(), plan.downcast_ref::<WindowAggExec>()) {
+        (Some(w), _) => w.window_expr(),
+        (_, Some(w)) => w.window_expr(),
+        _ => return false,
+    };
+    exprs.iter().any(|e| {
+        let udf = e.as_any().downcast_ref::<StandardWindowExpr>().map(|s| s.get_standard_func_expr());
+        udf.and_then(|f| f.as_any().downcast_ref::<WindowUDFExpr>()).is_some_and(|u| format!("{u:?}").contains("ignore_nulls: true"))
+    })
+}
+
 /// True when every operator of the subtree can run in a worker: its leaves read files (or no
 /// data at all) and nothing in it reads a scalar subquery's result or other coordinator state.
 pub(super) fn runs_on_workers(plan: &Arc<dyn ExecutionPlan>) -> bool {
     let name = plan.name();
-    if reads_scalar_subquery(plan.as_ref()) || COORDINATOR_ONLY.contains(&name) || NOT_SENDABLE.contains(&name) {
+    if reads_scalar_subquery(plan.as_ref()) || COORDINATOR_ONLY.contains(&name) || NOT_SENDABLE.contains(&name) || loses_in_encoding(plan.as_ref()) {
         return false;
     }
     let children = plan.children();
