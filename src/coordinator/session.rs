@@ -181,7 +181,7 @@ async fn create_table(
             return Ok(empty_stream());
         }
         if !or_replace {
-            return plan_err!("table '{name}' already exists");
+            return exec_err!("Table '{name}' already exists");
         }
     }
     let schema: Schema = input.schema().as_arrow().clone();

@@ -1,10 +1,12 @@
 //! Flight clients: connecting with limits, one-shot actions, and fetching batch streams.
 
 use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use arrow_flight::{Action, FlightClient, FlightDescriptor, FlightInfo, Ticket};
+use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::SendableRecordBatchStream;
@@ -103,10 +105,34 @@ pub async fn fetch_batches(peer: &Peer, ticket: Vec<u8>, schema: Option<SchemaRe
 /// All fetches from one worker share one HTTP/2 connection. Its connection-level window is
 /// as large as HTTP/2 allows, so that an output nobody reads yet (a join's probe side while it
 /// builds) fills only its own stream's window and never stalls the outputs being read.
+///
+/// Flight sends some types as others (dictionaries as their values; a LargeList as a List):
+/// each batch is cast back to `schema`, the types the consumer's plan was built for.
 pub async fn fetch_output(url: &str, key: TaskKey, partition: u32, schema: SchemaRef) -> Result<SendableRecordBatchStream> {
     let peer = worker_peer(url).await?;
     let ticket = OutputTicket { key: Some(key), partition }.encode_to_vec();
-    fetch_batches(&peer, ticket, Some(schema)).await
+    let stream = fetch_batches(&peer, ticket, Some(Arc::clone(&schema))).await?;
+    let expected = Arc::clone(&schema);
+    let conformed = stream.map(move |batch| batch.and_then(|b| conform(b, &expected)));
+    Ok(Box::pin(RecordBatchStreamAdapter::new(schema, conformed)))
+}
+
+/// `batch` with the types of `schema`, cast column by column where they differ.
+fn conform(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    if batch.schema().fields() == schema.fields() {
+        return Ok(batch);
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(column, field)| match column.data_type() == field.data_type() {
+            true => Ok(Arc::clone(column)),
+            false => Ok(cast(column, field.data_type())?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let options = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    Ok(RecordBatch::try_new_with_options(Arc::clone(schema), columns, &options)?)
 }
 
 /// Connections to workers (output fetches, Query releases), one per worker, shared by the whole

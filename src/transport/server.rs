@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use arrow_flight::encode::{DictionaryHandling, FlightDataEncoderBuilder};
+use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::{
@@ -133,7 +133,7 @@ impl<H: FlightHandler> FlightService for FlightAdapter<H> {
 
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
         let stream = self.handler.do_get(request.into_inner().ticket).await.map_err(|e| status_from_error(&e))?;
-        Ok(Response::new(encode_exchange(stream)))
+        Ok(Response::new(encode_batches(stream)))
     }
 
     async fn do_put(&self, _r: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
@@ -163,25 +163,15 @@ pub(super) fn wire_schema(schema: &SchemaRef) -> SchemaRef {
     encoder.known_schema().unwrap_or_else(|| Arc::clone(schema))
 }
 
-/// Encodes a batch stream for a client as Flight data; the schema goes first even when no
-/// batch follows. Dictionary columns go as their values (see [`wire_schema`]).
+/// Encodes a batch stream as Flight data; the schema goes first even when no batch follows.
+/// Dictionary columns go as their values (see [`wire_schema`]); a Task output's reader casts
+/// its columns back to the types its plan expects (`client::fetch_output`).
 pub(super) fn encode_batches(stream: SendableRecordBatchStream) -> Stream<FlightData> {
-    encode(stream, DictionaryHandling::Hydrate)
-}
-
-/// Encodes a Task output for the Stage that reads it: exactly the types the producer's plan
-/// computed, dictionaries included, since the consumer's plan was built for them.
-fn encode_exchange(stream: SendableRecordBatchStream) -> Stream<FlightData> {
-    encode(stream, DictionaryHandling::Resend)
-}
-
-fn encode(stream: SendableRecordBatchStream, dictionaries: DictionaryHandling) -> Stream<FlightData> {
     let schema = stream.schema();
     let batches: BoxStream<'static, Result<_, FlightError>> =
         stream.map_err(|e| FlightError::Tonic(Box::new(status_from_error(&e)))).boxed();
     let encoded = FlightDataEncoderBuilder::new()
         .with_schema(schema)
-        .with_dictionary_handling(dictionaries)
         .with_max_flight_data_size(MAX_MESSAGE_BYTES / 4)
         .build(batches)
         .map_err(Status::from);
