@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::Schema;
+use datafusion::arrow::datatypes::{DataType, Schema};
 use datafusion::common::{exec_err, Result};
+use datafusion::physical_expr::expressions::Literal;
 use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
 use datafusion::datasource::physical_plan::{FileScanConfig, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
@@ -161,12 +162,24 @@ const NOT_SENDABLE: [&str; 2] = ["PiecewiseMergeJoinExec", "PartitionedTopKExec"
 /// Operators DataFusion's plan serialization encodes, but not faithfully, so that a worker
 /// would compute something else: an aggregate over the one empty grouping set
 /// (`GROUP BY GROUPING SETS (())`) comes back as an aggregate without groups, which on a
-/// worker returns no row at all.
+/// worker returns no row at all; see also the two functions below.
 fn loses_in_encoding(plan: &dyn ExecutionPlan) -> bool {
     let empty_grouping_set = plan
         .downcast_ref::<AggregateExec>()
         .is_some_and(|a| a.group_expr().has_grouping_set() && a.group_expr().expr().is_empty());
-    empty_grouping_set || window_ignores_nulls(plan)
+    empty_grouping_set || window_ignores_nulls(plan) || has_lossy_expression(plan)
+}
+
+/// An expression of `plan` the encoding changes: a Float16 literal (it arrives as Float32).
+fn has_lossy_expression(plan: &dyn ExecutionPlan) -> bool {
+    let mut lossy = false;
+    let _ = plan.apply_expressions(&mut |root| {
+        root.apply(|e| {
+            lossy |= e.downcast_ref::<Literal>().is_some_and(|literal| literal.value().data_type() == DataType::Float16);
+            Ok(if lossy { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+        })
+    });
+    lossy
 }
 
 /// A window function such as FIRST_VALUE with IGNORE NULLS: the encoding of a window UDF has no
