@@ -23,7 +23,7 @@ use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMerge
 use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
 use futures::TryStreamExt;
 
-use super::session::start_physical;
+use super::session::{start_physical, RemoveOnDrop};
 use super::Core;
 use crate::planner::{copy_attempt_dir, copy_task_dir, file_sink_config, retarget, WriteKind, WriteTarget, COORDINATOR_DIR};
 
@@ -159,17 +159,6 @@ async fn count(stream: SendableRecordBatchStream) -> Result<u64> {
 
 fn io_error(e: std::io::Error, what: &str, path: &Path) -> DataFusionError {
     DataFusionError::IoError(std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display())))
-}
-
-/// Removes a file or directory when dropped, unless emptied first.
-struct RemoveOnDrop(Option<PathBuf>);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
-            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-        }
-    }
 }
 
 /// Removes a directory when dropped if it is empty, unless disarmed.

@@ -262,13 +262,13 @@ fn file_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-/// Removes a directory when dropped, unless emptied first.
-struct RemoveOnDrop(Option<std::path::PathBuf>);
+/// Removes a file or a directory (with its contents) when dropped, unless emptied first.
+pub(super) struct RemoveOnDrop(pub(super) Option<std::path::PathBuf>);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        if let Some(dir) = self.0.take() {
-            let _ = std::fs::remove_dir_all(dir);
+        if let Some(path) = self.0.take() {
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
         }
     }
 }
