@@ -90,6 +90,10 @@ pub const PREPARED_STATEMENT_IDLE_MS: u64 = 3_600_000;
 /// Batches a Stage reader buffers ahead of its consumer.
 pub const READER_BUFFER_BATCHES: usize = 4;
 
+/// Coalescing never makes a Task's target smaller than this, however many slots share the data:
+/// below it, a Task's fixed cost outweighs what one more slot would save.
+pub const COALESCE_TASK_MIN_BYTES: u64 = 1024 * 1024;
+
 /// How often the coordinator looks for stragglers to speculate on, besides on every report.
 pub const SPECULATION_CHECK_INTERVAL_MS: u64 = 50;
 
@@ -112,6 +116,17 @@ extensions_options! {
         /// only when the faster workers have no free slot for it.
         pub slow_worker_placement: bool, default = true
         pub slow_worker_pace: f64, default = 2.0
+        /// Coalescing: once a Stage's shuffled inputs have finished, neighbouring small
+        /// partitions are read by one Task, up to `coalesce_target_bytes` (lowered to the
+        /// data's share of one slot, so no slot the planned Tasks would use goes idle).
+        pub coalesce_partitions: bool, default = true
+        pub coalesce_target_bytes: u64, default = 64 * 1024 * 1024
+        /// Skew splitting: a partition over `skew_factor` times its side's median and over
+        /// `skew_min_bytes` is read by several Tasks, each over a range of its producers, where
+        /// the join above lets that side be cut.
+        pub skew_split: bool, default = true
+        pub skew_factor: f64, default = 5.0
+        pub skew_min_bytes: u64, default = 32 * 1024 * 1024
     }
 }
 

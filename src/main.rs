@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use datafusion::common::{DataFusionError, Result};
-use quiver::bench::{run_recovery, run_straggler, run_tpch, RecoveryBench, StragglerBench, TpchBench};
+use quiver::bench::{run_recovery, run_skew, run_straggler, run_tpch, RecoveryBench, SkewBench, StragglerBench, TpchBench};
 use quiver::cli::Shell;
 use quiver::client::Client;
 use quiver::cluster::{LocalCluster, LocalOptions};
@@ -181,6 +181,28 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         iterations: usize,
     },
+    /// A shuffle join on Zipf-distributed keys against the same join on uniform keys, with
+    /// skew splitting on and off.
+    Skew {
+        /// Fact rows (each of the skewed and the uniform table).
+        #[arg(long, default_value_t = 16_000_000)]
+        rows: u64,
+        /// Distinct join keys (rows of the dimension table).
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: u64,
+        /// Exponent of the Zipf law of the skewed keys; 2 gives the hottest key about half the rows.
+        #[arg(long, default_value_t = 2.0)]
+        zipf: f64,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Shuffle partitions.
+        #[arg(long, default_value_t = 8)]
+        partitions: usize,
+        #[arg(long, default_value = "quiver-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        iterations: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -271,6 +293,9 @@ async fn run(command: Command) -> Result<()> {
         Command::Bench { bench: BenchCommand::Recovery { sf, workers, queries, data_dir, kill_at } } => {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());
             run_recovery(&RecoveryBench { sf, workers, queries, data_dir, kill_at }).await?;
+        }
+        Command::Bench { bench: BenchCommand::Skew { rows, keys, zipf, workers, partitions, data_dir, iterations } } => {
+            run_skew(&SkewBench { rows, keys, zipf, workers, partitions, data_dir, iterations }).await?;
         }
         Command::Bench { bench: BenchCommand::Straggler { sf, queries, data_dir, throttle_percent, iterations } } => {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());

@@ -129,6 +129,16 @@ macro_rules! slt {
 
 slt!(aggregates, ddl, exchange_types, filters_projections, joins, nulls, order_limit_distinct, types);
 
+/// Adaptive scheduling never changes an answer: every file again with every join shuffled and
+/// partitions split, coalesced and speculated wherever they may be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_file_with_every_adaptive_mechanism_forced_on() {
+    let settings: Vec<&str> = common::SHUFFLE_JOINS.iter().chain(&common::ADAPTIVE_EVERYWHERE).copied().collect();
+    for name in ["aggregates", "ddl", "exchange_types", "filters_projections", "joins", "nulls", "order_limit_distinct", "types"] {
+        run_file_with(name, &settings).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn joins_with_every_join_shuffled() {
     run_file_with("joins", &common::SHUFFLE_JOINS).await;

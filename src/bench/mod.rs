@@ -5,8 +5,11 @@
 //! - `quiver bench recovery`: each TPC-H query on a healthy local cluster, then again with one
 //!   worker killed (as a crash would: no goodbye) part-way through and a new one started;
 //! - `quiver bench straggler`: TPC-H on 2 worker processes, then with a third one throttled by
-//!   `cpulimit`, speculation on and off ([`straggler`]).
+//!   `cpulimit`, speculation on and off ([`straggler`]);
+//! - `quiver bench skew`: a shuffle join on Zipf-distributed keys against uniform keys, skew
+//!   splitting on and off ([`skew`]).
 
+mod skew;
 mod straggler;
 
 use std::path::PathBuf;
@@ -22,6 +25,7 @@ use crate::cluster::{LocalCluster, LocalOptions};
 use crate::config::{default_parallelism, session_config, CoordinatorConfig, WorkerConfig};
 use crate::tpch;
 
+pub use skew::{run_skew, SkewBench};
 pub use straggler::{run_straggler, StragglerBench};
 
 #[derive(Debug, Clone)]
@@ -96,20 +100,25 @@ pub async fn run_tpch(bench: &TpchBench) -> Result<Vec<Row>> {
 
 /// A local cluster of `workers` workers sharing the cores, with the TPC-H tables in `dir`.
 async fn tpch_cluster(workers: usize, dir: &std::path::Path) -> Result<(LocalCluster, Client, LocalOptions)> {
-    let opts = LocalOptions {
-        workers,
-        worker: WorkerConfig { slots: default_parallelism().div_ceil(workers.max(1)).max(1), ..WorkerConfig::default() },
-        coordinator: CoordinatorConfig::default(),
-        data_dir: tempdir()?,
-        listen: "127.0.0.1:0".parse().expect("valid address"),
-        http: None,
-    };
+    let opts = local_options(workers)?;
     let cluster = LocalCluster::start(opts.clone()).await?;
     let client = Client::connect(&cluster.url()).await?;
     for sql in tpch::create_tables_sql(dir) {
         client.collect(&sql).await?;
     }
     Ok((cluster, client, opts))
+}
+
+/// A local cluster of `workers` workers that share this machine's cores, in a fresh directory.
+pub(crate) fn local_options(workers: usize) -> Result<LocalOptions> {
+    Ok(LocalOptions {
+        workers,
+        worker: WorkerConfig { slots: default_parallelism().div_ceil(workers.max(1)).max(1), ..WorkerConfig::default() },
+        coordinator: CoordinatorConfig::default(),
+        data_dir: tempdir()?,
+        listen: "127.0.0.1:0".parse().expect("valid address"),
+        http: None,
+    })
 }
 
 /// Bytes shuffled and gathered by the last run of `sql` and by the scalar subqueries it ran.

@@ -20,8 +20,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::policy;
-use crate::protocol::{ErrorKind, OutputLocation, QuiverError, TaskKey, TaskState};
+use super::{layout, policy};
+use crate::protocol::{ErrorKind, OutputLocation, QuiverError, ShuffleRead, TaskKey, TaskState};
+
+mod adapt;
+pub use adapt::StageReads;
 
 /// A Task by (Stage, index).
 pub type TaskId = (u32, u32);
@@ -30,6 +33,11 @@ pub type TaskId = (u32, u32);
 #[derive(Debug, Clone)]
 pub enum TaskOutcome {
     Succeeded { key: TaskKey, worker_url: String },
+    /// The Task never runs: its partitions were coalesced into another Task's read.
+    Empty,
+    /// The Task never runs: its skewed partition is read by these Tasks (of its Stage), whose
+    /// outputs together are its output.
+    Pieces(Vec<TaskId>),
     Failed(QuiverError),
 }
 
@@ -110,6 +118,9 @@ pub struct TaskRecord {
     pub started: Option<SystemTime>,
     /// When the Attempt ended.
     pub ended: Option<SystemTime>,
+    /// What it reads when its shuffle reads were adapted, e.g. "partitions 0-3" or
+    /// "partition 5 of stage 1, producers 0-3 (piece 1 of 3)"; None when read as planned.
+    pub reads: Option<String>,
 }
 
 impl TaskRecord {
@@ -129,6 +140,7 @@ impl TaskRecord {
             error: None,
             started: None,
             ended: None,
+            reads: None,
         }
     }
 }
@@ -150,6 +162,8 @@ pub struct QueuedAttempt {
     /// A worker slower than this pace takes it only when the faster ones have no free slot for
     /// it (see `policy::leave_to_faster_workers`); None: any worker takes it.
     pub slow_pace: Option<f64>,
+    /// Adapted shuffle reads (coalesced or split partitions); empty: read as planned.
+    pub reads: Arc<Vec<ShuffleRead>>,
 }
 
 /// What the caller must do after an event.
@@ -176,6 +190,9 @@ pub enum Action {
     Speculated,
     /// A speculative Attempt succeeded before the Attempt it was started beside.
     SpeculationWon,
+    /// A Stage's shuffle reads were adapted: `coalesced` partitions were read by a neighbour's
+    /// Task, and `split` skewed partitions were cut over several Tasks.
+    Adapted { coalesced: u32, split: u32 },
 }
 
 /// A Task to be run: its Stage and index, the partition it computes, summary and plan.
@@ -194,6 +211,8 @@ pub struct NewStage {
     /// Parts each Task's output has: the shuffle's partitions, or 1.
     pub parts: u32,
     pub tasks: Vec<NewTask>,
+    /// The shuffle reads its Tasks may adapt once its inputs have finished; None: as planned.
+    pub adaptive: Option<StageReads>,
 }
 
 /// A worker's report on an Attempt.
@@ -289,9 +308,39 @@ struct TaskRun {
     /// Parts the final Stage has read whole, and from which Attempt.
     parts_read: BTreeMap<u32, u32>,
     avoid: BTreeSet<String>,
+    /// Its adapted shuffle reads, and how `quiver.tasks` describes them.
+    reads: Arc<Vec<ShuffleRead>>,
+    reads_text: Option<String>,
+    /// Never runs: its partitions are read by another Task of its Stage, or by `pieces`.
+    absorbed: bool,
+    /// The Tasks of its Stage whose outputs together are its output (its partition was split).
+    pieces: Vec<u32>,
 }
 
 impl TaskRun {
+    fn new(plan: Arc<Vec<u8>>, partition: u32, summary: String) -> Self {
+        Self {
+            plan,
+            partition,
+            summary,
+            attempts: Vec::new(),
+            output: None,
+            failures: 0,
+            last_error: None,
+            parts_read: BTreeMap::new(),
+            avoid: BTreeSet::new(),
+            reads: Arc::new(Vec::new()),
+            reads_text: None,
+            absorbed: false,
+            pieces: Vec::new(),
+        }
+    }
+
+    /// Its output is there to read (or is empty by construction).
+    fn is_done(&self) -> bool {
+        self.output.is_some() || self.absorbed
+    }
+
     fn has_live_attempt(&self) -> bool {
         self.attempts.iter().any(Attempt::is_live)
     }
@@ -315,6 +364,9 @@ struct StageRun {
     consumers: Vec<u32>,
     shuffle: bool,
     parts: u32,
+    adaptive: Option<StageReads>,
+    /// Its reads were laid out (adapted or not) when its inputs finished.
+    adapted: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -340,6 +392,11 @@ pub struct QueryRun {
     slow_pace: Option<f64>,
     speculated: u32,
     speculation_wins: u32,
+    /// How Stages adapt their shuffle reads.
+    read_policy: layout::ReadPolicy,
+    /// Partitions read by a neighbour's Task, and skewed partitions split.
+    coalesced: u32,
+    split: u32,
 }
 
 impl QueryRun {
@@ -353,20 +410,16 @@ impl QueryRun {
                 }
             }
             for t in stage.tasks {
-                let task = TaskRun {
-                    plan: Arc::new(t.plan),
-                    partition: t.partition,
-                    summary: t.summary,
-                    attempts: Vec::new(),
-                    output: None,
-                    failures: 0,
-                    last_error: None,
-                    parts_read: BTreeMap::new(),
-                    avoid: BTreeSet::new(),
-                };
-                tasks.insert((t.stage, t.task), task);
+                tasks.insert((t.stage, t.task), TaskRun::new(Arc::new(t.plan), t.partition, t.summary));
             }
-            runs.push(StageRun { inputs: stage.inputs, consumers: Vec::new(), shuffle: stage.shuffle, parts: stage.parts.max(1) });
+            runs.push(StageRun {
+                inputs: stage.inputs,
+                consumers: Vec::new(),
+                shuffle: stage.shuffle,
+                parts: stage.parts.max(1),
+                adaptive: stage.adaptive,
+                adapted: false,
+            });
         }
         Self {
             query_id: query_id.to_string(),
@@ -380,7 +433,21 @@ impl QueryRun {
             slow_pace: None,
             speculated: 0,
             speculation_wins: 0,
+            read_policy: layout::ReadPolicy::default(),
+            coalesced: 0,
+            split: 0,
         }
+    }
+
+    /// Lets Stages coalesce and split their shuffle reads under `policy`.
+    pub fn with_read_policy(mut self, policy: layout::ReadPolicy) -> Self {
+        self.read_policy = policy;
+        self
+    }
+
+    /// Partitions coalesced into a neighbour's Task, and skewed partitions split.
+    pub fn adapted(&self) -> (u32, u32) {
+        (self.coalesced, self.split)
     }
 
     /// Lets [`QueryRun::speculate`] start speculative Attempts under `policy`.
@@ -421,7 +488,7 @@ impl QueryRun {
     /// True while some needed Task has no output: the Query cannot finish without a worker.
     pub fn needs_workers(&self) -> bool {
         let needed = self.needed();
-        self.is_running() && self.tasks.iter().any(|(id, t)| needed.contains(id) && t.output.is_none())
+        self.is_running() && self.tasks.iter().any(|(id, t)| needed.contains(id) && !t.is_done())
     }
 
     /// Queues the first Attempts of the Tasks whose inputs are ready.
@@ -704,11 +771,12 @@ impl QueryRun {
         if self.state != RunState::Running {
             return;
         }
+        self.adapt_ready_stages(out);
         let needed = self.needed();
         let ready: Vec<TaskId> = self
             .tasks
             .iter()
-            .filter(|(id, t)| needed.contains(id) && t.output.is_none() && !t.has_live_attempt())
+            .filter(|(id, t)| needed.contains(id) && !t.is_done() && !t.has_live_attempt())
             .map(|(id, _)| *id)
             .filter(|id| self.inputs_available(id.0))
             .collect();
@@ -766,7 +834,7 @@ impl QueryRun {
         let task = self.tasks.get_mut(&id).expect("Task exists");
         let key = TaskKey { query_id: self.query_id.clone(), stage: id.0, task: id.1, attempt: task.attempts.len() as u32 };
         task.attempts.push(Attempt {
-            record: TaskRecord::unassigned(key.clone(), &task.summary, shuffle, TaskState::Queued, started_as, None),
+            record: TaskRecord { reads: task.reads_text.clone(), ..TaskRecord::unassigned(key.clone(), &task.summary, shuffle, TaskState::Queued, started_as, None) },
             part_rows: Vec::new(),
             part_bytes: Vec::new(),
             worker_url: None,
@@ -776,7 +844,8 @@ impl QueryRun {
         });
         let speculative = started_as == StartedAs::Speculative;
         let slow_pace = self.slow_pace;
-        QueuedAttempt { key, plan: Arc::clone(&task.plan), partition: task.partition, inputs, ready_at, avoid, speculative, slow_pace }
+        let reads = Arc::clone(&task.reads);
+        QueuedAttempt { key, plan: Arc::clone(&task.plan), partition: task.partition, inputs, ready_at, avoid, speculative, slow_pace, reads }
     }
 
     /// Starts a speculative Attempt, on another worker, for each straggler: a Task whose only
@@ -797,7 +866,7 @@ impl QueryRun {
     /// The Tasks of `stage` that get a speculative Attempt now, with the worker their running
     /// Attempt is on; longest-running first, within what the Stage's budget has left.
     fn stragglers(&self, stage: u32, policy: &policy::Speculation, now: Instant) -> Vec<(TaskId, String)> {
-        let tasks: Vec<(&TaskId, &TaskRun)> = self.tasks.range((stage, 0)..(stage + 1, 0)).collect();
+        let tasks: Vec<(&TaskId, &TaskRun)> = self.tasks.range((stage, 0)..(stage + 1, 0)).filter(|(_, t)| !t.absorbed).collect();
         let mut finished: Vec<Duration> = tasks
             .iter()
             .filter_map(|(_, t)| t.output.map(|n| &t.attempts[n as usize]))
@@ -828,7 +897,7 @@ impl QueryRun {
         for (index, stage) in self.stages.iter().enumerate().rev() {
             let s = index as u32;
             let consumer_active = stage.consumers.iter().any(|&c| active[c as usize]);
-            for (&id, task) in self.tasks.range((s, 0)..(s + 1, 0)) {
+            for (&id, task) in self.tasks.range((s, 0)..(s + 1, 0)).filter(|(_, t)| !t.absorbed) {
                 let unread = stage.consumers.is_empty() && (task.parts_read.len() as u32) < stage.parts;
                 if consumer_active || unread {
                     needed.insert(id);
@@ -843,17 +912,22 @@ impl QueryRun {
         self.stages[stage as usize]
             .inputs
             .iter()
-            .all(|&input| self.tasks.range((input, 0)..(input + 1, 0)).all(|(_, t)| t.output.is_some()))
+            .all(|&input| self.tasks.range((input, 0)..(input + 1, 0)).all(|(_, t)| t.is_done()))
     }
 
     fn input_locations(&self, stage: u32) -> Vec<OutputLocation> {
         let mut locations = Vec::new();
         for &input in &self.stages[stage as usize].inputs {
-            for (_, task) in self.tasks.range((input, 0)..(input + 1, 0)) {
-                if let Some(attempt) = task.output.map(|n| &task.attempts[n as usize]) {
+            for (&(stage, index), task) in self.tasks.range((input, 0)..(input + 1, 0)) {
+                if task.absorbed {
+                    let key = TaskKey { query_id: self.query_id.clone(), stage, task: index, attempt: 0 };
+                    locations.push(OutputLocation { key: Some(key), worker_url: String::new(), empty: true, pieces: task.pieces.clone() });
+                } else if let Some(attempt) = task.output.map(|n| &task.attempts[n as usize]) {
                     locations.push(OutputLocation {
                         key: Some(attempt.record.key.clone()),
                         worker_url: attempt.worker_url.clone().unwrap_or_default(),
+                        empty: false,
+                        pieces: Vec::new(),
                     });
                 }
             }
@@ -881,10 +955,11 @@ impl QueryRun {
             RunState::Running => (TaskState::Queued, None),
             _ => (TaskState::Cancelled, Some(Cause::QueryEnded)),
         };
-        self.tasks.iter().flat_map(move |(&(stage, task), t)| {
+        self.tasks.iter().filter(|(_, t)| !t.absorbed).flat_map(move |(&(stage, task), t)| {
             let waiting = t.attempts.is_empty().then(|| {
                 let key = TaskKey { query_id: self.query_id.clone(), stage, task, attempt: 0 };
-                TaskRecord::unassigned(key, &t.summary, self.stages[stage as usize].shuffle, state, StartedAs::First, cause)
+                let shuffle = self.stages[stage as usize].shuffle;
+                TaskRecord { reads: t.reads_text.clone(), ..TaskRecord::unassigned(key, &t.summary, shuffle, state, StartedAs::First, cause) }
             });
             t.attempts.iter().map(|a| a.record.clone()).chain(waiting)
         })
@@ -898,6 +973,12 @@ impl QueryRun {
     /// The ids of the workers that ran any Attempt.
     pub fn workers_used(&self) -> BTreeSet<String> {
         self.tasks.values().flat_map(|t| t.attempts.iter().filter_map(|a| a.record.worker_id.clone())).collect()
+    }
+
+    /// The Tasks that run: those planned, less those absorbed by a neighbour, plus the pieces
+    /// of split partitions.
+    pub fn task_total(&self) -> usize {
+        self.tasks.values().filter(|t| !t.absorbed).count()
     }
 
     /// (Tasks with a succeeded Attempt, Attempts running now)
@@ -914,7 +995,7 @@ impl QueryRun {
             .enumerate()
             .map(|(index, stage)| {
                 let s = index as u32;
-                let tasks: Vec<&TaskRun> = self.tasks.range((s, 0)..(s + 1, 0)).map(|(_, t)| t).collect();
+                let tasks: Vec<&TaskRun> = self.tasks.range((s, 0)..(s + 1, 0)).map(|(_, t)| t).filter(|t| !t.absorbed).collect();
                 let attempts = || tasks.iter().flat_map(|t| t.attempts.iter());
                 let first = attempts().filter_map(|a| a.assigned_at).min();
                 let last = attempts().filter_map(|a| a.ended_at).max();

@@ -14,10 +14,11 @@ use datafusion::common::{DataFusionError, Result};
 use tokio::sync::{watch, Notify};
 
 use super::attempts::{Action, QueryRun, QueuedAttempt, Report, TaskId};
+use super::layout;
 use super::policy::{self, Adaptive};
 use super::metrics::Metrics;
 use super::registry::Registry;
-pub use super::attempts::{NewStage, NewTask, StageMetrics, TaskOutcome, TaskRecord};
+pub use super::attempts::{NewStage, NewTask, StageMetrics, StageReads, TaskOutcome, TaskRecord};
 pub use super::registry::WorkerRecord;
 use crate::config::{ASSIGNMENT_ACK_TIMEOUT_MS, HEARTBEAT_OVERDUE_MS, QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS};
 use crate::protocol::{
@@ -51,6 +52,9 @@ pub struct QueryRecord {
     /// Speculative Attempts started beside stragglers, and how many of them won their Task.
     pub attempts_speculated: u32,
     pub speculation_wins: u32,
+    /// Shuffle partitions read by a neighbour's Task, and skewed partitions split.
+    pub partitions_coalesced: u32,
+    pub partitions_split: u32,
 }
 
 struct QueryEntry {
@@ -155,6 +159,8 @@ impl Cluster {
             tasks_recomputed: 0,
             attempts_speculated: 0,
             speculation_wins: 0,
+            partitions_coalesced: 0,
+            partitions_split: 0,
         };
         let entry = QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new() };
         self.lock().queries.insert(id.to_string(), entry);
@@ -185,7 +191,11 @@ impl Cluster {
         query.record.mode = "distributed";
         query.record.stages = stages.len() as u32;
         query.record.tasks = task_count as u32;
-        let mut run = QueryRun::new(query_id, stages).with_speculation(adaptive.speculation).with_slow_pace(adaptive.slow_pace);
+        let read_policy = layout::ReadPolicy { slots: workers.total_slots().max(1), ..adaptive.reads };
+        let mut run = QueryRun::new(query_id, stages)
+            .with_speculation(adaptive.speculation)
+            .with_slow_pace(adaptive.slow_pace)
+            .with_read_policy(read_policy);
         query.outcomes = run.task_ids().map(|id| (id, watch::channel(None).0)).collect();
         let mut out = Vec::new();
         run.start(Instant::now(), &mut out);
@@ -265,7 +275,8 @@ impl Cluster {
             tracing::debug!(task = %queued.key, worker = worker_id, "task assigned");
             let plan = Arc::try_unwrap(queued.plan).unwrap_or_else(|shared| (*shared).clone());
             let inputs = (*queued.inputs).clone();
-            return Ok(Assigned::Task(TaskAssignment { key: Some(queued.key), plan, partition: queued.partition, inputs }));
+            let reads = (*queued.reads).clone();
+            return Ok(Assigned::Task(TaskAssignment { key: Some(queued.key), plan, partition: queued.partition, inputs, reads }));
         }
         Ok(Assigned::NotBefore(next_ready))
     }
@@ -457,6 +468,12 @@ impl Cluster {
                 }
                 Action::Stop { key, worker_url } => stop_attempt(worker_url, key),
                 Action::Publish { task, outcome } => {
+                    // The pieces of a split Task are read through channels of their own.
+                    if let Some(TaskOutcome::Pieces(pieces)) = &outcome {
+                        for piece in pieces {
+                            query.outcomes.entry(*piece).or_insert_with(|| watch::channel(None).0);
+                        }
+                    }
                     if let Some(sender) = query.outcomes.get(&task) {
                         sender.send_replace(outcome);
                     }
@@ -484,6 +501,7 @@ impl Cluster {
                 Action::Restarted { started_as, cause } => self.metrics.attempt_restarted(started_as.as_str(), cause.as_str()),
                 Action::Speculated => self.metrics.speculated(),
                 Action::SpeculationWon => self.metrics.speculation_won(),
+                Action::Adapted { coalesced, split } => self.metrics.adapted(coalesced, split),
             }
         }
         if queued {
@@ -592,6 +610,8 @@ fn fill_from_run(record: &mut QueryRecord, run: &QueryRun) {
     record.attempts_retried = run.retried();
     record.tasks_recomputed = run.recomputed();
     (record.attempts_speculated, record.speculation_wins) = run.speculated();
+    (record.partitions_coalesced, record.partitions_split) = run.adapted();
+    record.tasks = run.task_total() as u32;
 }
 
 fn no_live_workers() -> QuiverError {

@@ -52,6 +52,8 @@ pub struct Metrics {
     task_retries: Family<RetryLabel, Counter>,
     speculative_attempts: Counter,
     speculative_wins: Counter,
+    partitions_coalesced: Counter,
+    partitions_split: Counter,
     task_duration: Histogram,
     rows_processed: Counter,
     bytes_processed: Counter,
@@ -76,6 +78,8 @@ impl Default for Metrics {
             task_retries: Family::default(),
             speculative_attempts: Counter::default(),
             speculative_wins: Counter::default(),
+            partitions_coalesced: Counter::default(),
+            partitions_split: Counter::default(),
             task_duration: Histogram::new(buckets),
             rows_processed: Counter::default(),
             bytes_processed: Counter::default(),
@@ -106,6 +110,8 @@ impl Metrics {
         );
         r.register("speculative_attempts", "Speculative Attempts started beside a straggler", self.speculative_attempts.clone());
         r.register("speculative_wins", "Speculative Attempts that succeeded before their straggler", self.speculative_wins.clone());
+        r.register("partitions_coalesced", "Shuffle partitions read by a neighbour's Task", self.partitions_coalesced.clone());
+        r.register("partitions_split", "Skewed shuffle partitions read by several Tasks", self.partitions_split.clone());
         r.register_with_unit(
             "task_duration",
             "Time from a Task Attempt's assignment to its end, as the coordinator saw it",
@@ -149,6 +155,12 @@ impl Metrics {
     /// A speculative Attempt was started beside a straggler.
     pub(super) fn speculated(&self) {
         self.speculative_attempts.inc();
+    }
+
+    /// A Stage's shuffle reads were adapted.
+    pub(super) fn adapted(&self, coalesced: u32, split: u32) {
+        self.partitions_coalesced.inc_by(coalesced as u64);
+        self.partitions_split.inc_by(split as u64);
     }
 
     /// A speculative Attempt's output won its Task.

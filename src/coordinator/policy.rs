@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use super::attempts::TaskId;
+use super::layout::ReadPolicy;
 use crate::config::{QuiverOptions, QUERY_RETRIES_MAX, RETRY_BACKOFF_MAX_MS, RETRY_BACKOFF_MS, TASK_ATTEMPTS_MAX};
 use crate::protocol::QuiverError;
 
@@ -44,17 +45,19 @@ pub fn query_exhausted(extra: u32, last: Option<&QuiverError>) -> Option<QuiverE
 }
 
 /// The adaptive scheduling a Query runs under, from its session's `quiver.*` settings.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct Adaptive {
     pub speculation: Option<Speculation>,
     /// Workers slower than this pace leave Tasks to faster ones; None: off.
     pub slow_pace: Option<f64>,
+    /// How shuffle reads adapt (its slots are the cluster's when the Query is submitted).
+    pub reads: ReadPolicy,
 }
 
 impl Adaptive {
     pub fn from_options(options: &QuiverOptions) -> Self {
         let slow_pace = options.slow_worker_placement.then_some(options.slow_worker_pace.max(1.0));
-        Self { speculation: Speculation::from_options(options), slow_pace }
+        Self { speculation: Speculation::from_options(options), slow_pace, reads: ReadPolicy::from_options(options, 1) }
     }
 }
 

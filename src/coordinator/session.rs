@@ -19,7 +19,7 @@ use datafusion::physical_plan::{EmptyRecordBatchStream, ExecutionPlan, Execution
 use futures::{Stream, StreamExt, TryStreamExt};
 
 use super::catalog::{defaults_to_sql, KeyDef, TableDef};
-use super::cluster::{NewStage, NewTask};
+use super::cluster::{NewStage, NewTask, StageReads};
 use super::source::QueryTasks;
 use super::Core;
 use crate::planner::{self, attempt_file, count_schema, task_file, DistributeOptions, COORDINATOR_FILE, DistributedPlan, Exchange, WriteKind, WriteTarget};
@@ -399,7 +399,12 @@ fn encode_stages(plan: &DistributedPlan) -> Result<Vec<NewStage>> {
             Exchange::Shuffle { partitions } => (true, partitions as u32),
             Exchange::Gather => (false, 1),
         };
-        stages.push(NewStage { inputs, shuffle, parts, tasks });
+        let adaptive = stage.adaptive.as_ref().map(|a| StageReads {
+            inputs: a.inputs.iter().map(|&i| i as u32).collect(),
+            splittable: a.splittable.iter().map(|&i| i as u32).collect(),
+            ordered: a.ordered,
+        });
+        stages.push(NewStage { inputs, shuffle, parts, tasks, adaptive });
     }
     Ok(stages)
 }

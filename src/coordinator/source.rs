@@ -41,26 +41,47 @@ impl std::fmt::Debug for QueryTasks {
 impl StageSource for QueryTasks {
     fn open(&self, stage: StageId, task: usize, partition: usize, schema: SchemaRef) -> Result<SendableRecordBatchStream> {
         let outcome = self.cluster.subscribe(&self.query_id, stage as u32, task as u32)?;
-        let part = Part { cluster: Arc::clone(&self.cluster), part: partition as u32, schema: Arc::clone(&schema) };
-        let stream = futures::stream::once(part.read(outcome)).try_flatten();
+        let part = Part { cluster: Arc::clone(&self.cluster), query_id: self.query_id.clone(), part: partition as u32, schema: Arc::clone(&schema) };
+        let stream = futures::stream::once(part.read_task(outcome)).try_flatten();
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
     }
 }
 
 /// One part of one Task's output, as the final Stage reads it.
+#[derive(Clone)]
 struct Part {
     cluster: Arc<Cluster>,
+    query_id: String,
     part: u32,
     schema: SchemaRef,
 }
 
 impl Part {
+    /// Reads the part of a Task; of a split one, the part of each of its pieces in turn.
+    async fn read_task(self, mut outcome: watch::Receiver<Option<TaskOutcome>>) -> Result<BoxStream<'static, Result<RecordBatch>>> {
+        let pieces = outcome.wait_for(|o| o.is_some()).await.ok().and_then(|o| match &*o {
+            Some(TaskOutcome::Pieces(ids)) => Some(ids.clone()),
+            _ => None,
+        });
+        let Some(pieces) = pieces else { return self.read(outcome).await };
+        let receivers = pieces
+            .iter()
+            .map(|&(stage, task)| self.cluster.subscribe(&self.query_id, stage, task))
+            .collect::<Result<Vec<_>>>()?;
+        let stream = futures::stream::iter(receivers).then(move |receiver| self.clone().read(receiver)).try_flatten();
+        Ok(stream.boxed())
+    }
+
     /// Reads the part from the Attempt the run names; when that output turns out to be
     /// unreadable, tells the run (which recomputes it) and reads the next Attempt named.
     async fn read(self, mut outcome: watch::Receiver<Option<TaskOutcome>>) -> Result<BoxStream<'static, Result<RecordBatch>>> {
         let mut unreadable: Option<TaskKey> = None;
         loop {
-            let (key, url) = next_output(&mut outcome, unreadable.as_ref()).await?;
+            let (key, url) = match next_output(&mut outcome, unreadable.as_ref()).await? {
+                Named::Output(key, url) => (key, url),
+                Named::Empty => return Ok(futures::stream::empty().boxed()),
+                Named::Pieces => return Err(quiver_error(ErrorKind::Internal, "a piece of a split Task was split again")),
+            };
             tracing::debug!(task = %key, part = self.part, "task output fetch starts");
             // A fetch from a worker cut off the network would wait for TCP to give up; the run
             // declares such an output lost sooner, and then the fetch is dropped.
@@ -123,19 +144,30 @@ impl Part {
     }
 }
 
+/// What the run names for a Task.
+enum Named {
+    Output(TaskKey, String),
+    /// Nothing to read: the Task's partitions were coalesced into another's.
+    Empty,
+    /// Its pieces are to be read instead.
+    Pieces,
+}
+
 /// Waits until the run names an output to read other than `unreadable`, or fails.
-async fn next_output(outcome: &mut watch::Receiver<Option<TaskOutcome>>, unreadable: Option<&TaskKey>) -> Result<(TaskKey, String)> {
+async fn next_output(outcome: &mut watch::Receiver<Option<TaskOutcome>>, unreadable: Option<&TaskKey>) -> Result<Named> {
     let named = outcome
         .wait_for(|o| match o {
             Some(TaskOutcome::Succeeded { key, .. }) => Some(key) != unreadable,
-            Some(TaskOutcome::Failed(_)) => true,
+            Some(TaskOutcome::Failed(_) | TaskOutcome::Empty | TaskOutcome::Pieces(_)) => true,
             None => false,
         })
         .await
         .map_err(|_| quiver_error(ErrorKind::Cancelled, "the query ended"))?
         .clone();
     match named {
-        Some(TaskOutcome::Succeeded { key, worker_url }) => Ok((key, worker_url)),
+        Some(TaskOutcome::Succeeded { key, worker_url }) => Ok(Named::Output(key, worker_url)),
+        Some(TaskOutcome::Empty) => Ok(Named::Empty),
+        Some(TaskOutcome::Pieces(_)) => Ok(Named::Pieces),
         Some(TaskOutcome::Failed(error)) => Err(error.into_datafusion()),
         None => unreachable!("waited for an outcome"),
     }

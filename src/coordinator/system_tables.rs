@@ -58,10 +58,11 @@ fn schema(kind: Kind) -> SchemaRef {
             s("query_id"), s("sql"), s("state"), s("mode"), u32f("stages"), u32f("tasks"), u32f("workers_used"),
             u64f("rows"), u64f("bytes_shuffled"), u64f("bytes_gathered"), Field::new("started", timestamp(), false), u64f("duration_ms"), sn("error"),
             u32f("attempts_retried"), u32f("tasks_recomputed"), u32f("attempts_speculated"), u32f("speculation_wins"),
+            u32f("partitions_coalesced"), u32f("partitions_split"),
         ],
         Kind::Tasks => vec![
             s("query_id"), u32f("stage"), u32f("task"), u32f("attempt"), sn("worker_id"), s("plan"), s("output"), s("state"),
-            u64f("rows"), u64f("bytes"), u64f("elapsed_ms"), sn("error"), s("started_as"), sn("cause"),
+            u64f("rows"), u64f("bytes"), u64f("elapsed_ms"), sn("error"), s("started_as"), sn("cause"), sn("reads"),
         ],
     };
     Arc::new(Schema::new(fields))
@@ -129,6 +130,8 @@ impl SystemTable {
                     u32s(q.iter().map(|q| q.tasks_recomputed)),
                     u32s(q.iter().map(|q| q.attempts_speculated)),
                     u32s(q.iter().map(|q| q.speculation_wins)),
+                    u32s(q.iter().map(|q| q.partitions_coalesced)),
+                    u32s(q.iter().map(|q| q.partitions_split)),
                 ]
             }
             Kind::Tasks => {
@@ -148,6 +151,7 @@ impl SystemTable {
                     opt_strings(t.iter().map(|t| t.error.as_deref())),
                     strings(t.iter().map(|t| t.started_as.as_str())),
                     opt_strings(t.iter().map(|t| t.cause.map(|c| c.as_str()))),
+                    opt_strings(t.iter().map(|t| t.reads.as_deref())),
                 ]
             }
         };

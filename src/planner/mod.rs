@@ -15,6 +15,7 @@
 //! with everything above it. The planner knows nothing of the network: how a reader gets its
 //! data is the business of the [`StageSource`] the caller supplies.
 
+mod adaptive;
 mod copy;
 mod display;
 mod reader;
@@ -36,6 +37,7 @@ use datafusion::physical_plan::{
 };
 
 use crate::config::PlannerConfig;
+pub use adaptive::AdaptiveReads;
 pub use copy::{copy_attempt_dir, copy_task_dir, file_sink_config, retarget, CopyTaskExec};
 pub use reader::{Exchange, StageReaderExec, StageSource};
 pub use rules::shuffle_partitioning;
@@ -74,6 +76,9 @@ pub struct Stage {
     /// What the Stage runs, for EXPLAIN: the fragment every Task computes a partition of, or
     /// the first Task's plan when the Tasks are slices of a scan.
     pub fragment: Arc<dyn ExecutionPlan>,
+    /// The shuffle reads the coordinator may coalesce or split once its inputs have finished;
+    /// None when the Tasks must read as planned.
+    pub adaptive: Option<AdaptiveReads>,
 }
 
 /// The result of distributing one physical plan.
@@ -295,6 +300,7 @@ impl Builder<'_> {
         let sliceable = rules::is_task_local_tree(&plan)
             && rules::limits_are_restorable(&plan)
             && (matches!(output, Output::Gather) || rules::chain_fetch(&plan).is_none());
+        let mut adaptive = None;
         let (fragment, parts, fetch) = if sliceable {
             let chain = self.prepare_chain(plan)?;
             let slices = split::slice_scan(&chain, self.opts.config, self.opts.total_slots)?;
@@ -311,6 +317,9 @@ impl Builder<'_> {
             let fragment = self.fragment(plan)?;
             let count = fragment.output_partitioning().partition_count();
             let summary = rules::operator_chain(&fragment);
+            if !matches!(output, Output::Write(_)) {
+                adaptive = adaptive::adaptive_reads(&fragment);
+            }
             // The Tasks compute partitions of one plan, shared (and encoded once).
             let fragment = match &output {
                 Output::Shuffle(partitioning) => Arc::new(RepartitionExec::try_new(fragment, partitioning.clone())?) as _,
@@ -338,7 +347,7 @@ impl Builder<'_> {
         let fragment = if sliceable { Arc::clone(&tasks[0].plan) } else { fragment };
         let inputs = display::stage_inputs(&fragment);
         let count = tasks.len();
-        self.stages.push(Stage { id, tasks, inputs, exchange, sliced: sliceable, fragment });
+        self.stages.push(Stage { id, tasks, inputs, exchange, sliced: sliceable, fragment, adaptive });
         Ok(Cut { id, tasks: count, fetch, sliced: sliceable })
     }
 

@@ -26,6 +26,15 @@ use crate::config::EXCHANGE_FETCHES_MAX;
 /// `stage` is a stream of batches.
 pub trait StageSource: fmt::Debug + Send + Sync {
     fn open(&self, stage: StageId, task: usize, partition: usize, schema: SchemaRef) -> Result<SendableRecordBatchStream>;
+
+    /// The (producer Task, part) pairs partition `partition` of a shuffle reader of `stage`
+    /// reads. As planned that is part `partition` of each of the Stage's `tasks` Tasks; a
+    /// source whose Task was given an adapted read (coalesced partitions, or a range of the
+    /// producers of a skewed one) answers with that instead.
+    fn shuffle_inputs(&self, stage: StageId, tasks: usize, partition: usize) -> Vec<(usize, usize)> {
+        let _ = stage;
+        (0..tasks).map(|task| (task, partition)).collect()
+    }
 }
 
 /// How a reader maps its partitions onto the Stage's Task outputs.
@@ -161,8 +170,8 @@ impl ExecutionPlan for StageReaderExec {
         match self.exchange {
             Exchange::Gather => self.source.open(self.stage, partition, 0, self.schema()),
             Exchange::Shuffle { .. } => {
-                let parts = (0..self.tasks)
-                    .map(|task| self.source.open(self.stage, task, partition, self.schema()))
+                let parts = (self.source.shuffle_inputs(self.stage, self.tasks, partition).into_iter())
+                    .map(|(task, part)| self.source.open(self.stage, task, part, self.schema()))
                     .collect::<Result<Vec<_>>>()?;
                 // Fetch from several producers at once: each waits on a different worker.
                 let merged = futures::stream::iter(parts).flatten_unordered(EXCHANGE_FETCHES_MAX);

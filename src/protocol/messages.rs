@@ -109,6 +109,24 @@ pub struct TaskAssignment {
     /// Where the outputs of the Stages the plan reads are: one entry per producer Task.
     #[prost(message, repeated, tag = "4")]
     pub inputs: Vec<OutputLocation>,
+    /// Shuffle reads the coordinator adapted to the data (coalesced or split partitions); a
+    /// Stage not named here is read as planned: part `partition` of every producer.
+    #[prost(message, repeated, tag = "5")]
+    pub reads: Vec<ShuffleRead>,
+}
+
+/// What a Task reads of one shuffled Stage: these parts of the outputs of these producer Tasks.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ShuffleRead {
+    #[prost(uint32, tag = "1")]
+    pub stage: u32,
+    /// The partitions the Task reads (several when neighbours were coalesced).
+    #[prost(uint32, repeated, tag = "2")]
+    pub parts: Vec<u32>,
+    /// The producer Tasks it reads them from; empty for every producer (a skewed partition
+    /// split over several Tasks gives each a range of producers).
+    #[prost(uint32, repeated, tag = "3")]
+    pub tasks: Vec<u32>,
 }
 
 /// The worker that holds the output of one Attempt.
@@ -118,6 +136,14 @@ pub struct OutputLocation {
     pub key: Option<TaskKey>,
     #[prost(string, tag = "2")]
     pub worker_url: String,
+    /// The Task never ran: its partitions were coalesced into a neighbour's, so its output is
+    /// empty and there is nothing to fetch.
+    #[prost(bool, tag = "3")]
+    pub empty: bool,
+    /// With `empty`: the Task's partition was split, and the outputs of these Tasks of its
+    /// Stage, read one after the other, are its output.
+    #[prost(uint32, repeated, tag = "4")]
+    pub pieces: Vec<u32>,
 }
 
 /// Where an Attempt is in its life.

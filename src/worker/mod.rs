@@ -324,7 +324,7 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
     let job = TASK_RUNTIME.spawn({
         let (state, key) = (Arc::clone(state), key.clone());
         async move {
-            let inputs = Arc::new(inputs::TaskInputs::new(Arc::clone(&state), task.inputs));
+            let inputs = Arc::new(inputs::TaskInputs::new(Arc::clone(&state), task.inputs, task.reads));
             let plan = decode_plan(&task.plan, &state.ctx.task_ctx(), Some(inputs))?;
             let (stream, router) = execute_task(&plan, task.partition as usize, &state.ctx, &key)?;
             state.outputs.store(&key, stream, router).await

@@ -28,6 +28,20 @@ pub const SHUFFLE_JOINS: [&str; 2] = [
     "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0",
 ];
 
+/// Every adaptive mechanism on with thresholds so low that it acts everywhere: partitions above
+/// the median are split, the rest coalesced, and any Task slower than the median finished one
+/// gets a speculative Attempt.
+pub const ADAPTIVE_EVERYWHERE: [&str; 8] = [
+    "SET quiver.skew_factor = 1",
+    "SET quiver.skew_min_bytes = 0",
+    "SET quiver.coalesce_target_bytes = 67108864",
+    "SET quiver.speculation_quantile = 0",
+    "SET quiver.speculation_multiplier = 1",
+    "SET quiver.speculation_min_runtime_ms = 0",
+    "SET quiver.speculation_max_fraction = 1",
+    "SET quiver.slow_worker_pace = 1",
+];
+
 /// Settings that force many small Tasks: the merge path runs on every query.
 pub fn many_tasks_config() -> CoordinatorConfig {
     CoordinatorConfig { planner: PlannerConfig::many_small_tasks(), write_row_group_rows: 7, target_partitions: 3 }

@@ -10,8 +10,8 @@ fn two_stages(producers: u32) -> QueryRun {
     QueryRun::new(
         "q",
         vec![
-            NewStage { inputs: vec![], shuffle: true, parts: 2, tasks: (0..producers).map(|t| task(0, t)).collect() },
-            NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: (0..2).map(|t| task(1, t)).collect() },
+            NewStage { inputs: vec![], shuffle: true, parts: 2, tasks: (0..producers).map(|t| task(0, t)).collect(), adaptive: None },
+            NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: (0..2).map(|t| task(1, t)).collect(), adaptive: None },
         ],
     )
 }
@@ -54,7 +54,7 @@ impl Driver {
                 Action::Fail(e) => self.failed = Some(e),
                 Action::Restarted { started_as, cause } => self.restarted.push((started_as, cause)),
                 Action::Paced { worker, ratio } => self.paces.push((worker, ratio)),
-                Action::Ended { .. } | Action::Output { .. } | Action::Speculated | Action::SpeculationWon => {}
+                Action::Ended { .. } | Action::Output { .. } | Action::Speculated | Action::SpeculationWon | Action::Adapted { .. } => {}
             }
         }
     }
@@ -72,6 +72,16 @@ impl Driver {
         let mut out = Vec::new();
         let (part_rows, part_bytes) = (vec![4, 6], vec![40, 60]);
         let report = Report { key: key.clone(), worker_id: worker.into(), state, rows: 10, bytes: 100, elapsed_ms: 1, error, part_rows, part_bytes };
+        self.run.reported(report, self.now, &mut out);
+        self.take(out);
+    }
+
+    /// Succeeds an Attempt whose output parts hold `part_bytes`.
+    fn succeed_with(&mut self, key: &TaskKey, worker: &str, part_bytes: Vec<u64>) {
+        self.assign(key, worker);
+        let mut out = Vec::new();
+        let part_rows = part_bytes.iter().map(|b| b / 10).collect();
+        let report = Report { key: key.clone(), worker_id: worker.into(), state: TaskState::Succeeded, rows: 10, bytes: 100, elapsed_ms: 1, error: None, part_rows, part_bytes };
         self.run.reported(report, self.now, &mut out);
         self.take(out);
     }
@@ -393,4 +403,112 @@ fn a_shuffle_stage_reports_its_output_per_partition_over_the_counted_attempts() 
     assert_eq!(metrics[0].partition_rows, vec![8, 12]);
     assert_eq!(metrics[0].partition_bytes, vec![80, 120]);
     assert!(metrics[1].partition_rows.is_empty(), "a gather has no partitions");
+}
+
+/// Stage 0: 4 producers shuffling into 4 parts; stage 1 reads them (an adaptable inner join
+/// side) and shuffles into 2 parts for stage 2, which the final Stage gathers.
+fn three_stages(policy: layout::ReadPolicy) -> QueryRun {
+    let task = |stage, task| NewTask { stage, task, partition: task, summary: format!("s{stage}t{task}"), plan: vec![stage as u8] };
+    let reads = StageReads { inputs: vec![0], splittable: vec![0], ordered: false };
+    QueryRun::new(
+        "q",
+        vec![
+            NewStage { inputs: vec![], shuffle: true, parts: 4, tasks: (0..4).map(|t| task(0, t)).collect(), adaptive: None },
+            NewStage { inputs: vec![0], shuffle: true, parts: 2, tasks: (0..4).map(|t| task(1, t)).collect(), adaptive: Some(reads) },
+            NewStage { inputs: vec![1], shuffle: false, parts: 1, tasks: (0..2).map(|t| task(2, t)).collect(), adaptive: None },
+        ],
+    )
+    .with_read_policy(policy)
+}
+
+const MIB: u64 = 1024 * 1024;
+
+#[test]
+fn small_partitions_are_read_by_one_task_and_the_others_never_run() {
+    let policy = layout::ReadPolicy { coalesce_target_bytes: Some(64 * MIB), skew: None, slots: 2 };
+    let mut d = Driver::new(three_stages(policy));
+    for t in 0..4 {
+        d.succeed_with(&key(0, t, 0), "w1", vec![10, 10, 10, 10]);
+    }
+    assert_eq!(d.waiting(), vec![key(1, 0, 0)], "one Task reads all four small partitions");
+    let reads = &d.queued.last().unwrap().reads;
+    assert_eq!(reads.as_slice(), &[ShuffleRead { stage: 0, parts: vec![0, 1, 2, 3], tasks: vec![] }]);
+    assert_eq!(d.run.adapted(), (3, 0));
+    assert_eq!(d.run.task_total(), 4 + 1 + 2);
+    d.succeed_with(&key(1, 0, 0), "w1", vec![5, 5]);
+    // Its consumers are told the absorbed Tasks' outputs are empty.
+    let inputs = &d.queued.last().unwrap().inputs;
+    let empty: Vec<u32> = inputs.iter().filter(|l| l.empty).map(|l| l.key.as_ref().unwrap().task).collect();
+    assert_eq!(empty, vec![1, 2, 3]);
+    assert!(d.run.records().all(|r| r.key.stage != 1 || r.key.task == 0), "absorbed Tasks are not listed");
+}
+
+#[test]
+fn a_skewed_partition_is_read_by_one_task_per_range_of_producers() {
+    let skew = Some(layout::Skew { factor: 5.0, min_bytes: MIB });
+    let policy = layout::ReadPolicy { coalesce_target_bytes: None, skew, slots: 4 };
+    let mut d = Driver::new(three_stages(policy));
+    for t in 0..4 {
+        d.succeed_with(&key(0, t, 0), "w1", vec![MIB, MIB, 50 * MIB, MIB]);
+    }
+    let waiting = d.waiting();
+    assert_eq!(waiting.len(), 4 + 3, "partition 2 is cut into 4 pieces, its planned Task stands for them");
+    let pieces: Vec<Vec<u32>> = d.queued.iter().filter(|q| q.key.stage == 1 && !q.reads.is_empty()).map(|q| q.reads[0].tasks.clone()).collect();
+    assert_eq!(pieces, vec![vec![0], vec![1], vec![2], vec![3]]);
+    assert_eq!(d.run.adapted(), (0, 1));
+    for key in waiting {
+        d.succeed_with(&key, "w2", vec![MIB, MIB]);
+    }
+    // The consumer reads every piece's output.
+    let inputs = &d.queued.last().unwrap().inputs;
+    assert_eq!(inputs.iter().filter(|l| l.key.as_ref().unwrap().stage == 1 && !l.empty).count(), 7);
+    let record = d.run.records().find(|r| r.key == key(1, 5, 0)).unwrap();
+    assert_eq!(record.reads.as_deref(), Some("partition 2, producers 1 of stage 0 (piece 2 of 4)"));
+}
+
+#[test]
+fn a_stage_the_final_stage_gathers_is_split_into_new_tasks_unless_it_merges_sorted_runs() {
+    let skew = Some(layout::Skew { factor: 5.0, min_bytes: MIB });
+    let policy = layout::ReadPolicy { coalesce_target_bytes: Some(64 * MIB), skew, slots: 1 };
+    let producers = |d: &mut Driver| {
+        for t in 0..2 {
+            d.succeed_with(&key(0, t, 0), "w1", vec![10, 100 * MIB]);
+        }
+    };
+    let mut d = Driver::new(two_stage_reads(policy, vec![0], true));
+    producers(&mut d);
+    assert_eq!(d.run.adapted().1, 0, "sorted runs are merged, not read one after the other");
+    assert_eq!(d.waiting(), vec![key(1, 0, 0), key(1, 1, 0)]);
+
+    let mut d = Driver::new(two_stage_reads(policy, vec![0], false));
+    producers(&mut d);
+    assert_eq!(d.run.adapted().1, 1);
+    assert_eq!(d.waiting(), vec![key(1, 0, 0), key(1, 2, 0), key(1, 3, 0)], "partition 1's Task stands for its pieces");
+    assert!(matches!(&d.published[..], [((1, 1), Some(TaskOutcome::Pieces(p)))] if *p == vec![(1, 2), (1, 3)]), "{:?}", d.published);
+    d.succeed_with(&key(1, 2, 0), "w1", vec![1]);
+    assert!(matches!(&d.published[1], ((1, 2), Some(TaskOutcome::Succeeded { .. }))));
+}
+
+#[test]
+fn coalesced_tasks_the_final_stage_reads_are_published_empty() {
+    let policy = layout::ReadPolicy { coalesce_target_bytes: Some(64 * MIB), skew: None, slots: 1 };
+    let mut d = Driver::new(two_stage_reads(policy, vec![], false));
+    d.succeed_with(&key(0, 0, 0), "w1", vec![10, 10]);
+    d.succeed_with(&key(0, 1, 0), "w1", vec![10, 10]);
+    assert_eq!(d.waiting(), vec![key(1, 0, 0)]);
+    assert!(matches!(&d.published[..], [((1, 1), Some(TaskOutcome::Empty))]), "{:?}", d.published);
+}
+
+/// Stage 0 shuffles into 2 partitions for stage 1, which the final Stage gathers.
+fn two_stage_reads(policy: layout::ReadPolicy, splittable: Vec<u32>, ordered: bool) -> QueryRun {
+    let task = |stage, task| NewTask { stage, task, partition: task, summary: String::new(), plan: vec![] };
+    let reads = StageReads { inputs: vec![0], splittable, ordered };
+    QueryRun::new(
+        "q",
+        vec![
+            NewStage { inputs: vec![], shuffle: true, parts: 2, tasks: (0..2).map(|t| task(0, t)).collect(), adaptive: None },
+            NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: (0..2).map(|t| task(1, t)).collect(), adaptive: Some(reads) },
+        ],
+    )
+    .with_read_policy(policy)
 }

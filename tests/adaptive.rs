@@ -1,0 +1,79 @@
+//! Adaptive shuffle reads on a real cluster: skewed partitions are split only where the join
+//! type allows it, small partitions are coalesced, and every answer equals single-node
+//! DataFusion's.
+
+mod common;
+
+use common::*;
+
+/// `skewed` holds key 7 in 90% of its rows; `uniform` spreads its keys evenly. Each table is
+/// written as one file of many row groups, so its scan is cut into many Tasks (producers).
+async fn skew_cluster() -> TestCluster {
+    let t = TestCluster::start(3).await;
+    t.both("CREATE TABLE skewed AS SELECT CASE WHEN value % 10 < 9 THEN 7 ELSE value % 1000 END AS k, value AS v FROM generate_series(1, 6000)").await;
+    t.both("CREATE TABLE uniform AS SELECT value % 1000 AS k, value AS w FROM generate_series(1, 6000)").await;
+    // Scans of one small file still get several partitions (small batches make splitting the
+    // scan look worthwhile to DataFusion), so joins read shuffles.
+    let settings = ["SET datafusion.optimizer.repartition_file_min_size = 1", "SET datafusion.execution.batch_size = 512", "SET quiver.skew_min_bytes = 0", "SET quiver.coalesce_partitions = false"];
+    for sql in SHUFFLE_JOINS.iter().chain(&settings) {
+        t.both(sql).await;
+    }
+    t
+}
+
+/// Runs `sql` on both engines and returns the partitions the cluster split for it.
+async fn splits(t: &TestCluster, sql: &str) -> u64 {
+    t.check_same(sql).await;
+    let escaped = sql.replace('\'', "''");
+    let rows = t.cluster_rows(&format!("SELECT partitions_split FROM quiver.queries WHERE sql = '{escaped}'")).await;
+    rows[0][0].parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_skewed_side_is_split_only_where_the_join_type_allows_it() {
+    let t = skew_cluster().await;
+    // The skewed side may be cut: its rows are joined with the whole matching partition.
+    for join in ["JOIN", "LEFT JOIN", "LEFT SEMI JOIN", "LEFT ANTI JOIN"] {
+        let columns = if join.contains("SEMI") || join.contains("ANTI") { "count(*), sum(s.v)" } else { "count(*), sum(s.v), sum(u.w)" };
+        let sql = format!("SELECT {columns} FROM skewed s {join} uniform u ON s.k = u.k");
+        assert!(splits(&t, &sql).await > 0, "{sql} was not split");
+    }
+    // The skewed side is the one whose unmatched rows the join emits from the other side's
+    // point of view, or a full join: never split.
+    for join in ["RIGHT JOIN", "FULL JOIN", "RIGHT SEMI JOIN", "RIGHT ANTI JOIN"] {
+        let columns = if join.contains("SEMI") || join.contains("ANTI") { "count(*), sum(u.w)" } else { "count(*), sum(s.v), sum(u.w)" };
+        let sql = format!("SELECT {columns} FROM skewed s {join} uniform u ON s.k = u.k");
+        assert_eq!(splits(&t, &sql).await, 0, "{sql} was split");
+    }
+    // An aggregate over the join key sees whole partitions: the join below it is not split.
+    assert_eq!(splits(&t, "SELECT s.k, count(*) FROM skewed s JOIN uniform u ON s.k = u.k GROUP BY s.k ORDER BY s.k").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_partition_shows_its_pieces_in_quiver_tasks() {
+    let t = skew_cluster().await;
+    let sql = "SELECT u.k % 10 AS g, count(*), sum(s.v) FROM skewed s JOIN uniform u ON s.k = u.k GROUP BY g ORDER BY g";
+    assert!(splits(&t, sql).await > 0);
+    let pieces = t.cluster_rows("SELECT reads FROM quiver.tasks WHERE reads LIKE '%piece%' AND state = 'succeeded' ORDER BY stage, task").await;
+    assert!(pieces.len() >= 2, "{pieces:?}");
+    assert!(pieces.iter().all(|r| r[0].starts_with("partition ") && r[0].contains("producers")), "{pieces:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn small_partitions_are_coalesced_into_fewer_tasks() {
+    let t = skew_cluster().await;
+    t.both("SET quiver.coalesce_partitions = true").await;
+    t.both("SET quiver.skew_split = false").await;
+    let sql = "SELECT u.k % 10 AS g, count(*) FROM uniform u JOIN uniform v ON u.k = v.k GROUP BY g ORDER BY g";
+    t.check_same(sql).await;
+    let rows = t.cluster_rows(&format!("SELECT partitions_coalesced FROM quiver.queries WHERE sql = '{sql}'")).await;
+    assert_ne!(rows[0][0], "0", "tiny partitions should share a Task");
+    let coalesced = t.cluster_rows("SELECT reads FROM quiver.tasks WHERE reads LIKE 'partitions %'").await;
+    assert!(!coalesced.is_empty());
+    // Switched off, every partition is a Task of its own.
+    t.both("SET quiver.coalesce_partitions = false").await;
+    let off = format!("{sql} -- off");
+    t.check_same(&off).await;
+    let rows = t.cluster_rows(&format!("SELECT partitions_coalesced FROM quiver.queries WHERE sql = '{off}'")).await;
+    assert_eq!(rows[0][0], "0");
+}
