@@ -166,6 +166,8 @@ pub struct CoordinatorConfig {
     pub write_row_group_rows: usize,
     /// DataFusion's partition count for the parts of a query that run on the coordinator.
     pub target_partitions: usize,
+    /// Queued Attempts go to the Query with the fewest running; off: first queued first.
+    pub fair_share: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -174,6 +176,7 @@ impl Default for CoordinatorConfig {
             planner: PlannerConfig::default(),
             write_row_group_rows: 1024 * 1024,
             target_partitions: default_parallelism(),
+            fair_share: true,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use datafusion::common::{DataFusionError, Result};
-use quiver::bench::{run_recovery, run_skew, run_straggler, run_tpch, RecoveryBench, SkewBench, StragglerBench, TpchBench};
+use quiver::bench::{run_mixed, run_recovery, run_skew, MixedBench, run_straggler, run_tpch, RecoveryBench, SkewBench, StragglerBench, TpchBench};
 use quiver::cli::Shell;
 use quiver::client::Client;
 use quiver::cluster::{LocalCluster, LocalOptions};
@@ -56,6 +56,10 @@ struct PlannerArgs {
     /// Tasks per worker slot a scan Stage aims for.
     #[arg(long)]
     tasks_per_slot: Option<usize>,
+    /// Hand queued Tasks out first queued first, instead of by fair shares between Queries
+    /// (the Query with the fewest running Tasks first).
+    #[arg(long)]
+    fifo: bool,
 }
 
 impl PlannerArgs {
@@ -67,6 +71,7 @@ impl PlannerArgs {
         if let Some(n) = self.tasks_per_slot {
             config.planner.tasks_per_slot = n;
         }
+        config.fair_share = !self.fifo;
         config
     }
 }
@@ -181,6 +186,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         iterations: usize,
     },
+    /// Small queries on an idle cluster and while a large TPC-H query runs over and over, with
+    /// fair shares between Queries and first queued first.
+    Mixed {
+        #[arg(long, default_value_t = 1.0)]
+        sf: f64,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// The TPC-H query that loads the cluster.
+        #[arg(long, default_value_t = 1)]
+        large: usize,
+        /// Runs of each small query per measurement.
+        #[arg(long, default_value_t = 40)]
+        samples: usize,
+        #[arg(long, default_value = "quiver-data")]
+        data_dir: PathBuf,
+    },
     /// A shuffle join on Zipf-distributed keys against the same join on uniform keys, with
     /// skew splitting on and off.
     Skew {
@@ -293,6 +314,9 @@ async fn run(command: Command) -> Result<()> {
         Command::Bench { bench: BenchCommand::Recovery { sf, workers, queries, data_dir, kill_at } } => {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());
             run_recovery(&RecoveryBench { sf, workers, queries, data_dir, kill_at }).await?;
+        }
+        Command::Bench { bench: BenchCommand::Mixed { sf, workers, large, samples, data_dir } } => {
+            run_mixed(&MixedBench { sf, workers, large, samples, data_dir }).await?;
         }
         Command::Bench { bench: BenchCommand::Skew { rows, keys, zipf, workers, partitions, data_dir, iterations } } => {
             run_skew(&SkewBench { rows, keys, zipf, workers, partitions, data_dir, iterations }).await?;

@@ -12,9 +12,9 @@ async fn skew_cluster() -> TestCluster {
     let t = TestCluster::start(3).await;
     t.both("CREATE TABLE skewed AS SELECT CASE WHEN value % 10 < 9 THEN 7 ELSE value % 1000 END AS k, value AS v FROM generate_series(1, 6000)").await;
     t.both("CREATE TABLE uniform AS SELECT value % 1000 AS k, value AS w FROM generate_series(1, 6000)").await;
-    // Scans of one small file still get several partitions (small batches make splitting the
-    // scan look worthwhile to DataFusion), so joins read shuffles.
-    let settings = ["SET datafusion.optimizer.repartition_file_min_size = 1", "SET datafusion.execution.batch_size = 512", "SET quiver.skew_min_bytes = 0", "SET quiver.coalesce_partitions = false"];
+    // Small batches make DataFusion find hash repartitioning worthwhile even for these few
+    // rows, so joins read shuffles.
+    let settings = ["SET datafusion.execution.batch_size = 512", "SET quiver.skew_min_bytes = 0", "SET quiver.coalesce_partitions = false"];
     for sql in SHUFFLE_JOINS.iter().chain(&settings) {
         t.both(sql).await;
     }

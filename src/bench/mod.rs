@@ -7,8 +7,11 @@
 //! - `quiver bench straggler`: TPC-H on 2 worker processes, then with a third one throttled by
 //!   `cpulimit`, speculation on and off ([`straggler`]);
 //! - `quiver bench skew`: a shuffle join on Zipf-distributed keys against uniform keys, skew
-//!   splitting on and off ([`skew`]).
+//!   splitting on and off ([`skew`]);
+//! - `quiver bench mixed`: small queries on an idle cluster and while a large one runs, with fair
+//!   shares between Queries and first queued first ([`mixed`]).
 
+mod mixed;
 mod skew;
 mod straggler;
 
@@ -25,6 +28,7 @@ use crate::cluster::{LocalCluster, LocalOptions};
 use crate::config::{default_parallelism, session_config, CoordinatorConfig, WorkerConfig};
 use crate::tpch;
 
+pub use mixed::{run_mixed, MixedBench};
 pub use skew::{run_skew, SkewBench};
 pub use straggler::{run_straggler, StragglerBench};
 

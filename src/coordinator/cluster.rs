@@ -65,10 +65,14 @@ struct QueryEntry {
     run: Option<QueryRun>,
     /// What the final Stage reads for each Task, as the Query's run decides it.
     outcomes: HashMap<TaskId, watch::Sender<Option<TaskOutcome>>>,
+    /// Its Attempts assigned to a worker and not ended: its share of the cluster now.
+    running: u32,
 }
 
 #[derive(Default)]
 struct Inner {
+    /// Queued Attempts go to the Query with the fewest running (else first queued first).
+    fifo: bool,
     workers: Registry,
     queue: VecDeque<QueuedAttempt>,
     queries: HashMap<String, QueryEntry>,
@@ -98,6 +102,14 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
+    /// A cluster whose queue hands out Attempts by fair shares between Queries, or, with
+    /// `fair_share` off, first queued first.
+    pub fn new(fair_share: bool) -> Self {
+        let cluster = Self::default();
+        cluster.lock().fifo = !fair_share;
+        cluster
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -162,7 +174,7 @@ impl Cluster {
             partitions_coalesced: 0,
             partitions_split: 0,
         };
-        let entry = QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new() };
+        let entry = QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new(), running: 0 };
         self.lock().queries.insert(id.to_string(), entry);
         self.metrics.query_started();
     }
@@ -237,48 +249,22 @@ impl Cluster {
         if !inner.workers.is_live(worker_id, session) {
             return Err(());
         }
-        let Inner { queue, queries, workers, .. } = &mut *inner;
-        let url = workers.url(worker_id).unwrap_or_default().to_string();
+        let Inner { queue, queries, workers, fifo, .. } = &mut *inner;
         let now = Instant::now();
-        let mut next_ready: Option<Instant> = None;
-        let pace = workers.pace(worker_id);
-        let ready = queue.iter().filter(|q| q.ready_at <= now).count();
-        let mut index = 0;
-        while index < queue.len() {
-            let queued = &queue[index];
-            let run = queries.get_mut(&queued.key.query_id).and_then(|q| q.run.as_mut());
-            let Some(run) = run.filter(|run| run.is_queued(&queued.key)) else {
-                queue.remove(index); // its Query ended, or it was cancelled while it waited
-                continue;
-            };
-            if queued.ready_at > now {
-                next_ready = Some(next_ready.map_or(queued.ready_at, |t| t.min(queued.ready_at)));
-                index += 1;
-                continue;
-            }
-            // A Task that failed on this worker goes to another one when there is one; a
-            // speculative Attempt never runs beside its straggler.
-            let elsewhere = || workers.live().any(|w| !queued.avoid.contains(&w.id));
-            if queued.avoid.iter().any(|w| w == worker_id) && (queued.speculative || elsewhere()) {
-                index += 1;
-                continue;
-            }
-            // A slow worker leaves what the faster ones have room for to them.
-            let slow = queued.slow_pace.filter(|&limit| pace > limit);
-            if slow.is_some_and(|limit| policy::leave_to_faster_workers(ready, workers.free_slots_at_pace(limit))) {
-                index += 1;
-                continue;
-            }
-            workers.attempt_assigned(worker_id);
-            run.assigned(&queued.key, worker_id, &url, now);
-            let queued = queue.remove(index).expect("index is in the queue");
-            tracing::debug!(task = %queued.key, worker = worker_id, "task assigned");
-            let plan = Arc::try_unwrap(queued.plan).unwrap_or_else(|shared| (*shared).clone());
-            let inputs = (*queued.inputs).clone();
-            let reads = (*queued.reads).clone();
-            return Ok(Assigned::Task(TaskAssignment { key: Some(queued.key), plan, partition: queued.partition, inputs, reads }));
-        }
-        Ok(Assigned::NotBefore(next_ready))
+        let (chosen, next_ready) = choose(queue, queries, workers, worker_id, now, *fifo);
+        let Some(index) = chosen else { return Ok(Assigned::NotBefore(next_ready)) };
+        let queued = queue.remove(index).expect("index is in the queue");
+        let query = queries.get_mut(&queued.key.query_id).expect("a queued Attempt's Query is known");
+        let run = query.run.as_mut().expect("a queued Attempt's Query runs");
+        let url = workers.url(worker_id).unwrap_or_default().to_string();
+        run.assigned(&queued.key, worker_id, &url, now);
+        query.running += 1;
+        workers.attempt_assigned(worker_id);
+        tracing::debug!(task = %queued.key, worker = worker_id, "task assigned");
+        let plan = Arc::try_unwrap(queued.plan).unwrap_or_else(|shared| (*shared).clone());
+        let inputs = (*queued.inputs).clone();
+        let reads = (*queued.reads).clone();
+        Ok(Assigned::Task(TaskAssignment { key: Some(queued.key), plan, partition: queued.partition, inputs, reads }))
     }
 
     /// Applies a worker's report on one Attempt.
@@ -485,6 +471,9 @@ impl Cluster {
                     }
                 }
                 Action::Ended { state, ran, worker } => {
+                    if ran.is_some() {
+                        query.running = query.running.saturating_sub(1);
+                    }
                     self.metrics.attempt_ended(state.as_str(), ran);
                     if let Some(worker) = worker {
                         workers.attempt_ended(&worker);
@@ -614,6 +603,58 @@ fn fill_from_run(record: &mut QueryRecord, run: &QueryRun) {
     record.tasks = run.task_total() as u32;
 }
 
+/// The queued Attempt worker `worker_id` takes now, if any, and the earliest instant a queued
+/// Attempt's backoff ends. Drops Attempts no longer queued (their Query ended or was cancelled).
+///
+/// Fair shares: of the Attempts this worker may take, the one whose Query has the fewest
+/// running, first queued among equals, so that a small Query is not left behind every Task a
+/// large one queued before it. With `fifo`, the first it may take.
+fn choose(
+    queue: &mut VecDeque<QueuedAttempt>,
+    queries: &HashMap<String, QueryEntry>,
+    workers: &Registry,
+    worker_id: &str,
+    now: Instant,
+    fifo: bool,
+) -> (Option<usize>, Option<Instant>) {
+    let mut next_ready: Option<Instant> = None;
+    let pace = workers.pace(worker_id);
+    let ready = queue.iter().filter(|q| q.ready_at <= now).count();
+    let mut best: Option<(u32, usize)> = None;
+    let mut index = 0;
+    while index < queue.len() {
+        let queued = &queue[index];
+        let query = queries.get(&queued.key.query_id);
+        let Some(query) = query.filter(|q| q.run.as_ref().is_some_and(|run| run.is_queued(&queued.key))) else {
+            queue.remove(index);
+            continue;
+        };
+        index += 1;
+        if queued.ready_at > now {
+            next_ready = Some(next_ready.map_or(queued.ready_at, |t| t.min(queued.ready_at)));
+            continue;
+        }
+        // A Task that failed on this worker goes to another one when there is one; a
+        // speculative Attempt never runs beside its straggler.
+        let elsewhere = || workers.live().any(|w| !queued.avoid.contains(&w.id));
+        if queued.avoid.iter().any(|w| w == worker_id) && (queued.speculative || elsewhere()) {
+            continue;
+        }
+        // A slow worker leaves what the faster ones have room for to them.
+        let slow = queued.slow_pace.filter(|&limit| pace > limit);
+        if slow.is_some_and(|limit| policy::leave_to_faster_workers(ready, workers.free_slots_at_pace(limit))) {
+            continue;
+        }
+        if best.is_none_or(|(least, _)| query.running < least) {
+            best = Some((query.running, index - 1));
+        }
+        if fifo {
+            break;
+        }
+    }
+    (best.map(|(_, index)| index), next_ready)
+}
+
 fn no_live_workers() -> QuiverError {
     QuiverError::new(ErrorKind::WorkerLost, "no live workers: every worker was lost or none registered")
 }
@@ -627,4 +668,40 @@ fn stop_attempt(worker_url: String, key: TaskKey) {
             tracing::debug!(task = %key, url = %worker_url, "stopping the attempt failed: {e}");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(tasks: u32) -> Vec<NewStage> {
+        let tasks = (0..tasks).map(|task| NewTask { stage: 0, task, partition: task, summary: String::new(), plan: vec![] }).collect();
+        vec![NewStage { inputs: vec![], shuffle: false, parts: 1, tasks, adaptive: None }]
+    }
+
+    /// The Query whose Attempt a poll of `worker` gets.
+    async fn next_query(cluster: &Cluster, worker: &(String, u64)) -> String {
+        let task = cluster.poll(&worker.0, worker.1).await.unwrap().expect("an Attempt is queued");
+        task.key.unwrap().query_id
+    }
+
+    async fn small_query_behind_a_large_one(fair_share: bool) -> Vec<String> {
+        let cluster = Cluster::new(fair_share);
+        let worker = cluster.register_worker("http://w".into(), 4, 1 << 30);
+        cluster.begin_query("large", "large");
+        cluster.submit("large", stage(4), Adaptive::default()).unwrap();
+        let mut order = vec![next_query(&cluster, &worker).await];
+        cluster.begin_query("small", "small");
+        cluster.submit("small", stage(1), Adaptive::default()).unwrap();
+        for _ in 0..2 {
+            order.push(next_query(&cluster, &worker).await);
+        }
+        order
+    }
+
+    #[tokio::test]
+    async fn a_small_query_is_not_queued_behind_every_task_of_a_large_one() {
+        assert_eq!(small_query_behind_a_large_one(true).await, ["large", "small", "large"]);
+        assert_eq!(small_query_behind_a_large_one(false).await, ["large", "large", "large"], "first queued first");
+    }
 }

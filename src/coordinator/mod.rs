@@ -118,7 +118,7 @@ impl Coordinator {
         session.options_mut().optimizer.repartition_file_scans = false;
         // `SELECT … FROM 'path/to/file.parquet'` reads files directly, as in datafusion-cli.
         let ctx = SessionContext::new_with_config(session).enable_url_table();
-        let cluster = Arc::new(Cluster::default());
+        let cluster = Arc::new(Cluster::new(config.fair_share));
         system_tables::register(&ctx, &cluster)?;
         let catalog = catalog::Catalog::new(&data_dir);
         restore_catalog(&ctx, &catalog).await?;

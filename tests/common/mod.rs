@@ -44,7 +44,7 @@ pub const ADAPTIVE_EVERYWHERE: [&str; 8] = [
 
 /// Settings that force many small Tasks: the merge path runs on every query.
 pub fn many_tasks_config() -> CoordinatorConfig {
-    CoordinatorConfig { planner: PlannerConfig::many_small_tasks(), write_row_group_rows: 7, target_partitions: 3 }
+    CoordinatorConfig { planner: PlannerConfig::many_small_tasks(), write_row_group_rows: 7, target_partitions: 3, ..CoordinatorConfig::default() }
 }
 
 impl TestCluster {
