@@ -94,6 +94,10 @@ pub const READER_BUFFER_BATCHES: usize = 4;
 /// below it, a Task's fixed cost outweighs what one more slot would save.
 pub const COALESCE_TASK_MIN_BYTES: u64 = 1024 * 1024;
 
+/// A worker whose reported memory use is over this fraction of its limit takes no new Task while
+/// another live worker has a free slot and memory to spare.
+pub const MEMORY_NEARLY_FULL_FRACTION: f64 = 0.9;
+
 /// How often the coordinator looks for stragglers to speculate on, besides on every report.
 pub const SPECULATION_CHECK_INTERVAL_MS: u64 = 50;
 

@@ -57,6 +57,11 @@ async fn a_split_partition_shows_its_pieces_in_quiver_tasks() {
     let pieces = t.cluster_rows("SELECT reads FROM quiver.tasks WHERE reads LIKE '%piece%' AND state = 'succeeded' ORDER BY stage, task").await;
     assert!(pieces.len() >= 2, "{pieces:?}");
     assert!(pieces.iter().all(|r| r[0].starts_with("partition ") && r[0].contains("producers")), "{pieces:?}");
+    // EXPLAIN ANALYZE says which Stage was split and how many Tasks it ran.
+    let analyze = t.cluster_rows(&format!("EXPLAIN ANALYZE {sql}")).await;
+    let dag = &analyze[0][1];
+    let split = dag.lines().find(|l| l.starts_with("Stage ") && l.contains("tasks_run=") && !l.contains("split=0"));
+    assert!(split.is_some(), "{dag}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

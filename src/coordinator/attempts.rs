@@ -249,6 +249,11 @@ pub struct StageMetrics {
     /// gather): how evenly the consumer Stage's Tasks are loaded.
     pub partition_rows: Vec<u64>,
     pub partition_bytes: Vec<u64>,
+    /// Adaptive scheduling in this Stage: partitions read by a neighbour's Task, skewed
+    /// partitions split, speculative Attempts started.
+    pub coalesced: u32,
+    pub split: u32,
+    pub speculated: u32,
 }
 
 struct Attempt {
@@ -367,6 +372,9 @@ struct StageRun {
     adaptive: Option<StageReads>,
     /// Its reads were laid out (adapted or not) when its inputs finished.
     adapted: bool,
+    /// Partitions coalesced into a neighbour's Task, and skewed partitions split.
+    coalesced: u32,
+    split: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -419,6 +427,8 @@ impl QueryRun {
                 parts: stage.parts.max(1),
                 adaptive: stage.adaptive,
                 adapted: false,
+                coalesced: 0,
+                split: 0,
             });
         }
         Self {
@@ -1014,6 +1024,9 @@ impl QueryRun {
                     },
                     partition_rows: per_partition(stage, &counted, |a| &a.part_rows),
                     partition_bytes: per_partition(stage, &counted, |a| &a.part_bytes),
+                    coalesced: stage.coalesced,
+                    split: stage.split,
+                    speculated: attempts().filter(|a| a.record.started_as == StartedAs::Speculative).count() as u32,
                 }
             })
             .collect()

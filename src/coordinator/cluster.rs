@@ -6,6 +6,7 @@
 //!
 //! One mutex guards it all: every operation is short and never awaits while holding it.
 
+use std::cmp::Reverse;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -607,8 +608,9 @@ fn fill_from_run(record: &mut QueryRecord, run: &QueryRun) {
 /// Attempt's backoff ends. Drops Attempts no longer queued (their Query ended or was cancelled).
 ///
 /// Fair shares: of the Attempts this worker may take, the one whose Query has the fewest
-/// running, first queued among equals, so that a small Query is not left behind every Task a
-/// large one queued before it. With `fifo`, the first it may take.
+/// running, so that a small Query is not left behind every Task a large one queued before it;
+/// among equals, the one with most inputs on this worker, then the first queued. With `fifo`,
+/// the first it may take. A worker nearly out of memory takes nothing while another has room.
 fn choose(
     queue: &mut VecDeque<QueuedAttempt>,
     queries: &HashMap<String, QueryEntry>,
@@ -618,9 +620,13 @@ fn choose(
     fifo: bool,
 ) -> (Option<usize>, Option<Instant>) {
     let mut next_ready: Option<Instant> = None;
+    if workers.full_while_others_have_room(worker_id) {
+        return (None, next_ready);
+    }
     let pace = workers.pace(worker_id);
+    let url = workers.url(worker_id).unwrap_or_default();
     let ready = queue.iter().filter(|q| q.ready_at <= now).count();
-    let mut best: Option<(u32, usize)> = None;
+    let mut best: Option<((u32, Reverse<usize>), usize)> = None;
     let mut index = 0;
     while index < queue.len() {
         let queued = &queue[index];
@@ -645,8 +651,12 @@ fn choose(
         if slow.is_some_and(|limit| policy::leave_to_faster_workers(ready, workers.free_slots_at_pace(limit))) {
             continue;
         }
-        if best.is_none_or(|(least, _)| query.running < least) {
-            best = Some((query.running, index - 1));
+        // Among equal shares, the Attempt with most of its inputs on this worker: read from its
+        // own store, they cross no network.
+        let local = queued.inputs.iter().filter(|l| l.worker_url == url).count();
+        let rank = (query.running, Reverse(local));
+        if best.as_ref().is_none_or(|(least, _)| rank < *least) {
+            best = Some((rank, index - 1));
         }
         if fifo {
             break;
@@ -703,5 +713,22 @@ mod tests {
     async fn a_small_query_is_not_queued_behind_every_task_of_a_large_one() {
         assert_eq!(small_query_behind_a_large_one(true).await, ["large", "small", "large"]);
         assert_eq!(small_query_behind_a_large_one(false).await, ["large", "large", "large"], "first queued first");
+    }
+
+    #[test]
+    fn a_worker_nearly_out_of_memory_leaves_tasks_to_one_with_room() {
+        let cluster = Cluster::new(true);
+        let full = cluster.register_worker("http://full".into(), 2, 1000);
+        let roomy = cluster.register_worker("http://roomy".into(), 2, 1000);
+        cluster.begin_query("q", "q");
+        cluster.submit("q", stage(2), Adaptive::default()).unwrap();
+        assert!(cluster.heartbeat(&full.0, full.1, 0, 950, &[]));
+        assert!(matches!(cluster.try_assign(&full.0, full.1), Ok(Assigned::NotBefore(_))), "the full worker waits");
+        assert!(matches!(cluster.try_assign(&roomy.0, roomy.1), Ok(Assigned::Task(_))));
+        // Once the roomy worker has no free slot, the full one still helps.
+        assert!(matches!(cluster.try_assign(&roomy.0, roomy.1), Ok(Assigned::Task(_))));
+        cluster.begin_query("r", "r");
+        cluster.submit("r", stage(1), Adaptive::default()).unwrap();
+        assert!(matches!(cluster.try_assign(&full.0, full.1), Ok(Assigned::Task(_))));
     }
 }

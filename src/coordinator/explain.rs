@@ -61,11 +61,20 @@ pub(super) async fn analyze(core: &Arc<Core>, id: &str, input: &LogicalPlan) -> 
     let elapsed_ms = started.elapsed().as_millis();
     let metrics = core.cluster.stage_metrics(id);
     let annotate = |stage: StageId| match metrics.get(stage) {
-        Some(m) => format!("rows={}, bytes_out={}, elapsed_ms={}{}", m.rows, m.bytes, m.elapsed_ms, partitions(m)),
+        Some(m) => format!("rows={}, bytes_out={}, elapsed_ms={}{}{}", m.rows, m.bytes, m.elapsed_ms, partitions(m), adapted(m)),
         None => String::new(),
     };
     let summary = format!("rows={rows}, elapsed_ms={elapsed_ms}, stages={}, tasks={}", plan.stages.len(), plan.task_count());
     plan_rows(vec![("distributed_plan", plan.display(Some(&annotate))), ("summary", summary)])
+}
+
+/// What adaptive scheduling did in the Stage: `, tasks_run=5 (coalesced=2, split=1,
+/// speculated=1)`; empty when it did nothing.
+fn adapted(m: &StageMetrics) -> String {
+    if m.coalesced == 0 && m.split == 0 && m.speculated == 0 {
+        return String::new();
+    }
+    format!(", tasks_run={} (coalesced={}, split={}, speculated={})", m.tasks, m.coalesced, m.split, m.speculated)
 }
 
 /// A shuffle's spread over its partitions: `, partitions=8, partition_bytes=min/median/max`.

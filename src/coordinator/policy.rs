@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::attempts::TaskId;
 use super::layout::ReadPolicy;
-use crate::config::{QuiverOptions, QUERY_RETRIES_MAX, RETRY_BACKOFF_MAX_MS, RETRY_BACKOFF_MS, TASK_ATTEMPTS_MAX};
+use crate::config::{QuiverOptions, MEMORY_NEARLY_FULL_FRACTION, QUERY_RETRIES_MAX, RETRY_BACKOFF_MAX_MS, RETRY_BACKOFF_MS, TASK_ATTEMPTS_MAX};
 use crate::protocol::QuiverError;
 
 /// Whether an Attempt that failed with `error` is run again: its kind decides (a lost or
@@ -90,6 +90,12 @@ pub fn pace_after(pace: f64, ratio: f64) -> f64 {
 /// helps when the others are full, and is never the last Task's only taker.
 pub fn leave_to_faster_workers(ready: usize, faster_free_slots: usize) -> bool {
     ready <= faster_free_slots
+}
+
+/// Whether a worker using `used` of its `limit` bytes is too full to take a new Task while
+/// another worker has room (outputs it holds and Tasks it runs count; a new Task would spill).
+pub fn memory_nearly_full(used: u64, limit: u64) -> bool {
+    limit > 0 && used as f64 > limit as f64 * MEMORY_NEARLY_FULL_FRACTION
 }
 
 /// When a running Attempt gets a speculative copy (after Spark's `spark.speculation.*`): once

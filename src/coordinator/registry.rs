@@ -163,6 +163,14 @@ impl Registry {
         self.live().filter(|w| w.pace <= pace).map(|w| w.slots.saturating_sub(w.assigned) as usize).sum()
     }
 
+    /// True when worker `id` is nearly out of memory and another live worker has a free slot
+    /// and memory to spare: that one should take the next Task.
+    pub fn full_while_others_have_room(&self, id: &str) -> bool {
+        let full = |w: &WorkerRecord| policy::memory_nearly_full(w.memory_used_bytes, w.memory_limit_bytes);
+        let Some(worker) = self.workers.get(id) else { return false };
+        full(worker) && self.live().any(|w| w.id != id && !full(w) && w.assigned < w.slots)
+    }
+
     pub fn url(&self, id: &str) -> Option<&str> {
         self.workers.get(id).map(|w| w.url.as_str())
     }

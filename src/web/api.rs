@@ -99,6 +99,11 @@ pub struct StageJson {
     /// A shuffle's output per partition (empty for a gather).
     partition_rows: Vec<u64>,
     partition_bytes: Vec<u64>,
+    /// Adaptive scheduling: partitions coalesced into a neighbour's Task, skewed partitions
+    /// split, speculative Attempts.
+    partitions_coalesced: u32,
+    partitions_split: u32,
+    attempts_speculated: u32,
 }
 
 #[derive(Serialize)]
@@ -119,6 +124,8 @@ pub struct TaskJson {
     started_as: &'static str,
     /// Why the Attempt ended without success, or why its output is no longer read.
     cause: Option<&'static str>,
+    /// What it read when its Stage's shuffle reads were adapted (coalesced or split).
+    reads: Option<String>,
 }
 
 /// A query's record (as `/api/queries` lists it) with its Stage DAG and its Tasks.
@@ -235,6 +242,9 @@ fn stage_json(s: &StageMetrics) -> StageJson {
         elapsed_ms: s.elapsed_ms,
         partition_rows: s.partition_rows.clone(),
         partition_bytes: s.partition_bytes.clone(),
+        partitions_coalesced: s.coalesced,
+        partitions_split: s.split,
+        attempts_speculated: s.speculated,
     }
 }
 
@@ -254,5 +264,6 @@ fn task_json(t: &TaskRecord) -> TaskJson {
         plan: t.plan.clone(),
         started_as: t.started_as.as_str(),
         cause: t.cause.map(|c| c.as_str()),
+        reads: t.reads.clone(),
     }
 }

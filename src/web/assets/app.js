@@ -370,9 +370,10 @@ function tasksTable(tasks, queryStart) {
     el("td", { class: "num" }, t.started_ms ? `+${fmtMs(t.started_ms - queryStart)}` : "–"),
     el("td", { class: "num" }, t.ended_ms ? `+${fmtMs(t.ended_ms - queryStart)}` : "–"),
     el("td", { class: "plan" }, t.plan),
+    el("td", {}, t.reads ?? ""),
     el("td", { class: "error-text" }, t.error ?? "")));
   const headers = [["Stage", "num"], ["Task", "num"], ["Attempt", "num"], ["Started as"], ["Worker"], ["State"], ["Cause"], ["Rows", "num"],
-    ["Bytes", "num"], ["Elapsed", "num"], ["Started", "num"], ["Ended", "num"], ["Plan"], ["Error"]];
+    ["Bytes", "num"], ["Elapsed", "num"], ["Started", "num"], ["Ended", "num"], ["Plan"], ["Reads"], ["Error"]];
   return table("tasks", headers, rows, "This query has no Tasks.");
 }
 
