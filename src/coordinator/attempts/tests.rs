@@ -512,3 +512,28 @@ fn two_stage_reads(policy: layout::ReadPolicy, splittable: Vec<u32>, ordered: bo
     )
     .with_read_policy(policy)
 }
+
+#[test]
+fn a_lost_piece_is_recomputed_with_the_same_read() {
+    let skew = Some(layout::Skew { factor: 5.0, min_bytes: MIB });
+    let policy = layout::ReadPolicy { coalesce_target_bytes: None, skew, slots: 4 };
+    let mut d = Driver::new(three_stages(policy));
+    for t in 0..4 {
+        d.succeed_with(&key(0, t, 0), "w1", vec![MIB, MIB, 50 * MIB, MIB]);
+    }
+    let pieces: Vec<QueuedAttempt> = d.queued.iter().filter(|q| q.key.stage == 1 && !q.reads.is_empty()).cloned().collect();
+    for q in &pieces {
+        d.succeed_with(&q.key, "w2", vec![MIB, MIB]);
+    }
+    let (piece, reads) = (pieces[1].key.clone(), pieces[1].reads.clone());
+    d.succeed_with(&key(1, 0, 0), "w3", vec![MIB, MIB]);
+    d.succeed_with(&key(1, 1, 0), "w3", vec![MIB, MIB]);
+    d.succeed_with(&key(1, 3, 0), "w3", vec![MIB, MIB]);
+    d.lose("w2");
+    // Stage 2 has not run: every piece on w2 runs again, reading what it read before.
+    let again: Vec<&QueuedAttempt> = d.queued.iter().filter(|q| q.key.stage == 1 && q.key.attempt == 1).collect();
+    assert_eq!(again.len(), 4, "{:?}", d.waiting());
+    let rerun = again.iter().find(|q| q.key.task == piece.task).unwrap();
+    assert_eq!(rerun.reads, reads);
+    assert_eq!(d.run.adapted(), (0, 1), "the layout is decided once");
+}
