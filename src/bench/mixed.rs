@@ -2,6 +2,10 @@
 //! measured on an idle cluster, then while a large TPC-H query runs over and over, with the
 //! coordinator's queue handing Tasks out by fair shares between Queries and then first queued
 //! first. The large query keeps every slot busy; what a small query waits for is a slot.
+//!
+//! Small queries arrive at a fixed rate whatever the previous ones did (an open loop): one run
+//! after another would start most of them right after the large query let go of the slots, and
+//! hide how long the others wait.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -58,16 +62,30 @@ pub async fn run_mixed(bench: &MixedBench) -> Result<()> {
     Ok(())
 }
 
-/// Latencies in ms of `samples` runs of `sql`, one after the other.
+/// Latencies in ms of `samples` runs of `sql`, started every [`ARRIVAL_INTERVAL_MS`].
 async fn latencies(client: &Client, sql: &str, samples: usize) -> Result<Vec<f64>> {
-    let mut times = Vec::with_capacity(samples);
-    for _ in 0..samples.max(1) {
-        let started = Instant::now();
-        client.collect(sql).await?;
-        times.push(started.elapsed().as_secs_f64() * 1e3);
+    let start = tokio::time::Instant::now();
+    let runs: Vec<_> = (0..samples.max(1))
+        .map(|i| {
+            let (client, sql) = (client.clone(), sql.to_string());
+            let at = start + std::time::Duration::from_millis(ARRIVAL_INTERVAL_MS * i as u64);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                let started = Instant::now();
+                client.collect(&sql).await?;
+                Ok::<_, DataFusionError>(started.elapsed().as_secs_f64() * 1e3)
+            })
+        })
+        .collect();
+    let mut times = Vec::with_capacity(runs.len());
+    for run in runs {
+        times.push(run.await.map_err(|e| DataFusionError::Execution(e.to_string()))??);
     }
     Ok(times)
 }
+
+/// Small queries arrive this often, whether the previous ones have finished or not.
+const ARRIVAL_INTERVAL_MS: u64 = 50;
 
 /// The small query's latencies while the large one runs in a loop on a connection of its own,
 /// and how many times the large one finished meanwhile.

@@ -991,6 +991,11 @@ impl QueryRun {
         self.tasks.values().filter(|t| !t.absorbed).count()
     }
 
+    /// Tasks that have yet to succeed: how much of the Query is left.
+    pub fn remaining(&self) -> usize {
+        self.tasks.values().filter(|t| !t.absorbed && t.counted().is_none()).count()
+    }
+
     /// (Tasks with a succeeded Attempt, Attempts running now)
     pub fn progress(&self) -> (usize, usize) {
         let done = self.tasks.values().filter(|t| t.counted().is_some()).count();

@@ -609,7 +609,8 @@ fn fill_from_run(record: &mut QueryRecord, run: &QueryRun) {
 ///
 /// Fair shares: of the Attempts this worker may take, the one whose Query has the fewest
 /// running, so that a small Query is not left behind every Task a large one queued before it;
-/// among equals, the one with most inputs on this worker, then the first queued. With `fifo`,
+/// among equals, the Query with the fewest Tasks left, then the Attempt with most inputs on this
+/// worker, then the first queued. With `fifo`,
 /// the first it may take. A worker nearly out of memory takes nothing while another has room.
 fn choose(
     queue: &mut VecDeque<QueuedAttempt>,
@@ -626,7 +627,8 @@ fn choose(
     let pace = workers.pace(worker_id);
     let url = workers.url(worker_id).unwrap_or_default();
     let ready = queue.iter().filter(|q| q.ready_at <= now).count();
-    let mut best: Option<((u32, Reverse<usize>), usize)> = None;
+    let mut remaining: HashMap<String, usize> = HashMap::new();
+    let mut best: Option<((u32, usize, Reverse<usize>), usize)> = None;
     let mut index = 0;
     while index < queue.len() {
         let queued = &queue[index];
@@ -651,10 +653,15 @@ fn choose(
         if slow.is_some_and(|limit| policy::leave_to_faster_workers(ready, workers.free_slots_at_pace(limit))) {
             continue;
         }
-        // Among equal shares, the Attempt with most of its inputs on this worker: read from its
-        // own store, they cross no network.
+        // Among equal shares, the Query with the fewest Tasks left (a small Query finishes
+        // instead of waiting behind a large one's queue), then the Attempt with most of its
+        // inputs on this worker (read from its own store, they cross no network).
+        let left = match remaining.get(&queued.key.query_id) {
+            Some(&left) => left,
+            None => *remaining.entry(queued.key.query_id.clone()).or_insert(query.run.as_ref().map_or(0, QueryRun::remaining)),
+        };
         let local = queued.inputs.iter().filter(|l| l.worker_url == url).count();
-        let rank = (query.running, Reverse(local));
+        let rank = (query.running, left, Reverse(local));
         if best.as_ref().is_none_or(|(least, _)| rank < *least) {
             best = Some((rank, index - 1));
         }
