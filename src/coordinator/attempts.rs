@@ -594,11 +594,7 @@ impl QueryRun {
         self.pace(id.0, paces, out);
     }
 
-    /// How fast the workers of `samples` (the winner of a Task first, then the Attempts it beat)
-    /// ran against the median of `stage`'s finished Tasks. A Stage with too few finished Tasks
-    /// for a median (a shuffle read by two Tasks, say) still says something when a race was
-    /// decided: an Attempt that had run at least as long as the winner and had not finished was
-    /// that much slower.
+    /// How fast the workers of `samples` ran against the median of `stage`'s finished Tasks.
     fn pace(&self, stage: u32, samples: Vec<(String, Duration)>, out: &mut Vec<Action>) {
         let mut finished: Vec<Duration> = self
             .tasks
@@ -610,11 +606,6 @@ impl QueryRun {
             for (worker, ran) in samples {
                 out.push(Action::Paced { worker, ratio: ran.as_secs_f64() / median.as_secs_f64().max(1e-3) });
             }
-            return;
-        }
-        let Some((_, won_in)) = samples.first().cloned() else { return };
-        for (worker, ran) in samples.into_iter().skip(1).filter(|(_, ran)| *ran >= won_in) {
-            out.push(Action::Paced { worker, ratio: ran.as_secs_f64() / won_in.as_secs_f64().max(1e-3) });
         }
     }
 

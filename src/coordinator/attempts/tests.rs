@@ -537,22 +537,3 @@ fn a_lost_piece_is_recomputed_with_the_same_read() {
     assert_eq!(rerun.reads, reads);
     assert_eq!(d.run.adapted(), (0, 1), "the layout is decided once");
 }
-
-#[test]
-fn a_race_won_in_a_stage_too_small_for_a_median_still_paces_the_loser() {
-    let mut d = speculating(2);
-    let start = d.now;
-    d.assign(&key(0, 0, 0), "w1");
-    d.assign(&key(0, 1, 0), "w2");
-    d.at_ms(start, 100);
-    d.report(&key(0, 0, 0), "w1", TaskState::Succeeded, None);
-    d.at_ms(start, 400);
-    d.speculate();
-    assert_eq!(d.waiting(), vec![key(0, 1, 1)]);
-    d.assign(&key(0, 1, 1), "w1");
-    d.at_ms(start, 500);
-    d.report(&key(0, 1, 1), "w1", TaskState::Succeeded, None);
-    // The straggler had run 500 ms, the winner 100 ms: w2 ran five times slower.
-    let paces: Vec<(&str, f64)> = d.paces.iter().map(|(w, r)| (w.as_str(), (*r * 10.0).round() / 10.0)).collect();
-    assert_eq!(paces, vec![("w2", 5.0)]);
-}
