@@ -130,8 +130,11 @@ async fn retried_attempts(client: &Client, id: &str) -> usize {
 /// Each TPC-H query with one worker killed during it: the answer is exact, and the Query shows
 /// the Attempts it ran again. A kill that lands after the Query no longer needed the worker is
 /// repeated with the worker frozen first, so that every query really loses work.
-async fn tpch_with_a_worker_killed_in_each_query(queries: impl Iterator<Item = usize>) {
+async fn tpch_with_a_worker_killed_in_each_query(queries: impl Iterator<Item = usize>, settings: &[&str]) -> (ProcCluster, Client) {
     let (mut cluster, client) = tpch_cluster(3).await;
+    for sql in settings {
+        collect(&client, sql).await;
+    }
     let mut failures = Vec::new();
     for q in queries {
         let mut how = Kill::WhileRunning;
@@ -153,16 +156,28 @@ async fn tpch_with_a_worker_killed_in_each_query(queries: impl Iterator<Item = u
         assert!(retried > 0, "q{q} never ran an Attempt again after {KILL_TRIES_MAX} kills of a worker");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    (cluster, client)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tpch_queries_1_to_11_survive_a_worker_killed_during_each() {
-    tpch_with_a_worker_killed_in_each_query(1..=11).await;
+    tpch_with_a_worker_killed_in_each_query(1..=11, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tpch_queries_12_to_22_survive_a_worker_killed_during_each() {
-    tpch_with_a_worker_killed_in_each_query(12..=22).await;
+    tpch_with_a_worker_killed_in_each_query(12..=22, &[]).await;
+}
+
+/// Shuffle joins with partitions split and coalesced wherever they may be: a worker killed
+/// during each query loses pieces of split partitions, which run again reading what they read
+/// before, and every answer stays exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpch_joins_with_split_partitions_survive_a_worker_killed_during_each() {
+    let settings: Vec<&str> = SHUFFLE_JOINS.iter().chain(&["SET quiver.skew_factor = 1", "SET quiver.skew_min_bytes = 0"]).copied().collect();
+    let (_cluster, client) = tpch_with_a_worker_killed_in_each_query([3, 5, 9, 18].into_iter(), &settings).await;
+    let split = collect(&client, "SELECT CAST(sum(partitions_split) AS BIGINT) FROM quiver.queries").await;
+    assert_ne!(split[0][0], "0", "no partition was split");
 }
 
 /// Two shuffled inputs of a join: while the big side still runs, the worker holding outputs of
