@@ -402,9 +402,6 @@ pub struct QueryRun {
     speculation_wins: u32,
     /// How Stages adapt their shuffle reads.
     read_policy: layout::ReadPolicy,
-    /// Partitions read by a neighbour's Task, and skewed partitions split.
-    coalesced: u32,
-    split: u32,
 }
 
 impl QueryRun {
@@ -444,8 +441,6 @@ impl QueryRun {
             speculated: 0,
             speculation_wins: 0,
             read_policy: layout::ReadPolicy::default(),
-            coalesced: 0,
-            split: 0,
         }
     }
 
@@ -457,7 +452,7 @@ impl QueryRun {
 
     /// Partitions coalesced into a neighbour's Task, and skewed partitions split.
     pub fn adapted(&self) -> (u32, u32) {
-        (self.coalesced, self.split)
+        self.stages.iter().fold((0, 0), |(c, s), stage| (c + stage.coalesced, s + stage.split))
     }
 
     /// Lets [`QueryRun::speculate`] start speculative Attempts under `policy`.

@@ -119,8 +119,6 @@ impl QueryRun {
             }
         }
         if coalesced > 0 || !pieces.is_empty() {
-            self.coalesced += coalesced;
-            self.split += pieces.len() as u32;
             let run = &mut self.stages[stage as usize];
             (run.coalesced, run.split) = (coalesced, pieces.len() as u32);
             out.push(Action::Adapted { coalesced, split: pieces.len() as u32 });
