@@ -98,6 +98,9 @@ pub const COALESCE_TASK_MIN_BYTES: u64 = 1024 * 1024;
 /// another live worker has a free slot and memory to spare.
 pub const MEMORY_NEARLY_FULL_FRACTION: f64 = 0.9;
 
+/// A scan slice cut at dispatch (dynamic granularity) becomes at most this many pieces.
+pub const SLICE_PIECES_MAX: u32 = 8;
+
 /// How often the coordinator looks for stragglers to speculate on, besides on every report.
 pub const SPECULATION_CHECK_INTERVAL_MS: u64 = 50;
 
@@ -131,6 +134,11 @@ extensions_options! {
         pub skew_split: bool, default = true
         pub skew_factor: f64, default = 5.0
         pub skew_min_bytes: u64, default = 32 * 1024 * 1024
+        /// Dynamic granularity: a slot that takes a scan slice over twice its fair share of
+        /// what the Stage still has queued takes a piece of it, the other pieces stay queued;
+        /// no piece is cut below `slice_piece_min_bytes`.
+        pub dynamic_granularity: bool, default = true
+        pub slice_piece_min_bytes: u64, default = 8 * 1024 * 1024
     }
 }
 

@@ -1,6 +1,6 @@
 //! Adaptive shuffle reads on a real cluster: skewed partitions are split only where the join
-//! type allows it, small partitions are coalesced, and every answer equals single-node
-//! DataFusion's.
+//! type allows it, small partitions are coalesced, the last scan slices of a Stage are cut into
+//! pieces, and every answer equals single-node DataFusion's.
 
 mod common;
 
@@ -21,12 +21,17 @@ async fn skew_cluster() -> TestCluster {
     t
 }
 
-/// Runs `sql` on both engines and returns the partitions the cluster split for it.
-async fn splits(t: &TestCluster, sql: &str) -> u64 {
+/// Runs `sql` on both engines and returns what `quiver.queries` counted in `column` for it.
+async fn counted(t: &TestCluster, column: &str, sql: &str) -> u64 {
     t.check_same(sql).await;
     let escaped = sql.replace('\'', "''");
-    let rows = t.cluster_rows(&format!("SELECT partitions_split FROM quiver.queries WHERE sql = '{escaped}'")).await;
+    let rows = t.cluster_rows(&format!("SELECT {column} FROM quiver.queries WHERE sql = '{escaped}'")).await;
     rows[0][0].parse().unwrap()
+}
+
+/// The partitions the cluster split for `sql`.
+async fn splits(t: &TestCluster, sql: &str) -> u64 {
+    counted(t, "partitions_split", sql).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -81,4 +86,31 @@ async fn small_partitions_are_coalesced_into_fewer_tasks() {
     t.check_same(&off).await;
     let rows = t.cluster_rows(&format!("SELECT partitions_coalesced FROM quiver.queries WHERE sql = '{off}'")).await;
     assert_eq!(rows[0][0], "0");
+}
+
+/// The scan slices the cluster cut for `sql`.
+async fn slices_cut(t: &TestCluster, sql: &str) -> u64 {
+    counted(t, "slices_cut", sql).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_scan_slices_are_cut_into_pieces_that_read_every_row_once() {
+    let t = skew_cluster().await;
+    t.both("SET quiver.slice_piece_min_bytes = 1").await;
+    // Gathered by the final Stage (pieces read one after the other), shuffled (pieces are
+    // producers like the others), and joined: each row counted once.
+    for sql in [
+        "SELECT count(*), sum(v), min(v), max(v) FROM skewed",
+        "SELECT k % 7 AS g, count(*), sum(v) FROM skewed GROUP BY g ORDER BY g",
+        "SELECT count(*), sum(s.v), sum(u.w) FROM skewed s JOIN uniform u ON s.k = u.k",
+    ] {
+        assert!(slices_cut(&t, sql).await > 0, "{sql} cut no slice");
+    }
+    let pieces = t.cluster_rows("SELECT reads FROM quiver.tasks WHERE reads LIKE 'piece % of task %' AND state = 'succeeded'").await;
+    assert!(!pieces.is_empty());
+    // A Task that sorts its rows makes a sorted run for a merge: its slice is never cut.
+    assert_eq!(slices_cut(&t, "SELECT v FROM skewed WHERE v % 97 = 0 ORDER BY v").await, 0);
+    // Switched off, no slice is cut.
+    t.both("SET quiver.dynamic_granularity = false").await;
+    assert_eq!(slices_cut(&t, "SELECT count(*), sum(v) FROM skewed WHERE v > 0").await, 0);
 }

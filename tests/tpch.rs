@@ -80,16 +80,19 @@ async fn tpch_sf01_with_shuffle_joins_matches_official_answers() {
 }
 
 /// Adaptive scheduling must never change an answer: with thresholds so low that partitions are
-/// split and coalesced in every Stage that allows it and Tasks are speculated everywhere.
+/// split and coalesced in every Stage that allows it, Tasks are speculated everywhere and the
+/// last slices of scans are cut into pieces.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tpch_sf001_with_every_adaptive_mechanism_forced_on_matches_official_answers_and_single_node() {
     let settings: Vec<&str> = SHUFFLE_JOINS.iter().chain(&ADAPTIVE_EVERYWHERE).copied().collect();
     let t = tpch_cluster(0.01, &settings).await;
     check_all_queries(&t, "0.01", true).await;
-    let totals = t.cluster_rows("SELECT sum(partitions_split), sum(partitions_coalesced), sum(attempts_speculated) FROM quiver.queries").await;
-    let [split, coalesced, speculated] = [0, 1, 2].map(|i| totals[0][i].parse::<u64>().unwrap());
-    eprintln!("adaptive reads forced on: {split} partitions split, {coalesced} coalesced, {speculated} attempts speculated");
-    assert!(split > 0 && coalesced > 0 && speculated > 0, "split {split}, coalesced {coalesced}, speculated {speculated}");
+    let totals = t
+        .cluster_rows("SELECT sum(partitions_split), sum(partitions_coalesced), sum(attempts_speculated), sum(slices_cut) FROM quiver.queries")
+        .await;
+    let [split, coalesced, speculated, cut] = [0, 1, 2, 3].map(|i| totals[0][i].parse::<u64>().unwrap());
+    eprintln!("adaptive forced on: {split} partitions split, {coalesced} coalesced, {speculated} attempts speculated, {cut} slices cut");
+    assert!(split > 0 && coalesced > 0 && speculated > 0 && cut > 0, "split {split}, coalesced {coalesced}, speculated {speculated}, cut {cut}");
 }
 
 /// Regression guard for DataFusion's file-stream work stealing: with it on, a partition run in

@@ -20,10 +20,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{layout, policy};
-use crate::protocol::{ErrorKind, OutputLocation, QuiverError, ShuffleRead, TaskKey, TaskState};
+use super::{granularity, layout, policy};
+use crate::protocol::{ErrorKind, OutputLocation, QuiverError, ShuffleRead, SlicePiece, TaskKey, TaskState};
 
 mod adapt;
+mod slices;
 pub use adapt::StageReads;
 
 /// A Task by (Stage, index).
@@ -164,6 +165,8 @@ pub struct QueuedAttempt {
     pub slow_pace: Option<f64>,
     /// Adapted shuffle reads (coalesced or split partitions); empty: read as planned.
     pub reads: Arc<Vec<ShuffleRead>>,
+    /// The piece of its plan's scan slice it reads; None: the whole slice.
+    pub slice: Option<SlicePiece>,
 }
 
 /// What the caller must do after an event.
@@ -193,6 +196,8 @@ pub enum Action {
     /// A Stage's shuffle reads were adapted: `coalesced` partitions were read by a neighbour's
     /// Task, and `split` skewed partitions were cut over several Tasks.
     Adapted { coalesced: u32, split: u32 },
+    /// A queued scan slice was cut into `pieces` Tasks (dynamic granularity).
+    SliceCut { pieces: u32 },
 }
 
 /// A Task to be run: its Stage and index, the partition it computes, summary and plan.
@@ -202,6 +207,8 @@ pub struct NewTask {
     pub partition: u32,
     pub summary: String,
     pub plan: Vec<u8>,
+    /// The bytes of its scan slice when it may be cut into pieces at dispatch; None: never.
+    pub slice_bytes: Option<u64>,
 }
 
 /// A Stage to be run: the Stages it reads (they run first) and its Tasks.
@@ -254,6 +261,9 @@ pub struct StageMetrics {
     pub coalesced: u32,
     pub split: u32,
     pub speculated: u32,
+    /// Scan slices cut into pieces at dispatch, and the pieces they became.
+    pub slices_cut: u32,
+    pub slice_pieces: u32,
 }
 
 struct Attempt {
@@ -318,8 +328,13 @@ struct TaskRun {
     reads_text: Option<String>,
     /// Never runs: its partitions are read by another Task of its Stage, or by `pieces`.
     absorbed: bool,
-    /// The Tasks of its Stage whose outputs together are its output (its partition was split).
+    /// The Tasks of its Stage whose outputs together are its output (its partition was split,
+    /// or its scan slice cut).
     pieces: Vec<u32>,
+    /// The bytes of its scan slice, while it may still be cut into pieces.
+    slice_bytes: Option<u64>,
+    /// The piece of its plan's scan slice it reads.
+    slice: Option<SlicePiece>,
 }
 
 impl TaskRun {
@@ -338,6 +353,8 @@ impl TaskRun {
             reads_text: None,
             absorbed: false,
             pieces: Vec::new(),
+            slice_bytes: None,
+            slice: None,
         }
     }
 
@@ -375,6 +392,9 @@ struct StageRun {
     /// Partitions coalesced into a neighbour's Task, and skewed partitions split.
     coalesced: u32,
     split: u32,
+    /// Scan slices cut into pieces at dispatch, and the pieces they became.
+    slices_cut: u32,
+    slice_pieces: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -402,6 +422,8 @@ pub struct QueryRun {
     speculation_wins: u32,
     /// How Stages adapt their shuffle reads.
     read_policy: layout::ReadPolicy,
+    /// When queued scan slices are cut into pieces; None: never.
+    granularity: Option<granularity::Granularity>,
 }
 
 impl QueryRun {
@@ -415,7 +437,9 @@ impl QueryRun {
                 }
             }
             for t in stage.tasks {
-                tasks.insert((t.stage, t.task), TaskRun::new(Arc::new(t.plan), t.partition, t.summary));
+                let mut run = TaskRun::new(Arc::new(t.plan), t.partition, t.summary);
+                run.slice_bytes = t.slice_bytes;
+                tasks.insert((t.stage, t.task), run);
             }
             runs.push(StageRun {
                 inputs: stage.inputs,
@@ -426,6 +450,8 @@ impl QueryRun {
                 adapted: false,
                 coalesced: 0,
                 split: 0,
+                slices_cut: 0,
+                slice_pieces: 0,
             });
         }
         Self {
@@ -441,6 +467,7 @@ impl QueryRun {
             speculated: 0,
             speculation_wins: 0,
             read_policy: layout::ReadPolicy::default(),
+            granularity: None,
         }
     }
 
@@ -453,6 +480,17 @@ impl QueryRun {
     /// Partitions coalesced into a neighbour's Task, and skewed partitions split.
     pub fn adapted(&self) -> (u32, u32) {
         self.stages.iter().fold((0, 0), |(c, s), stage| (c + stage.coalesced, s + stage.split))
+    }
+
+    /// Lets [`QueryRun::cut_slice`] cut queued scan slices into pieces under `policy`.
+    pub fn with_granularity(mut self, policy: Option<granularity::Granularity>) -> Self {
+        self.granularity = policy;
+        self
+    }
+
+    /// Scan slices cut into pieces at dispatch.
+    pub fn slices_cut(&self) -> u32 {
+        self.stages.iter().map(|stage| stage.slices_cut).sum()
     }
 
     /// Lets [`QueryRun::speculate`] start speculative Attempts under `policy`.
@@ -850,7 +888,8 @@ impl QueryRun {
         let speculative = started_as == StartedAs::Speculative;
         let slow_pace = self.slow_pace;
         let reads = Arc::clone(&task.reads);
-        QueuedAttempt { key, plan: Arc::clone(&task.plan), partition: task.partition, inputs, ready_at, avoid, speculative, slow_pace, reads }
+        let slice = task.slice;
+        QueuedAttempt { key, plan: Arc::clone(&task.plan), partition: task.partition, inputs, ready_at, avoid, speculative, slow_pace, reads, slice }
     }
 
     /// Starts a speculative Attempt, on another worker, for each straggler: a Task whose only
@@ -1027,6 +1066,8 @@ impl QueryRun {
                     coalesced: stage.coalesced,
                     split: stage.split,
                     speculated: attempts().filter(|a| a.record.started_as == StartedAs::Speculative).count() as u32,
+                    slices_cut: stage.slices_cut,
+                    slice_pieces: stage.slice_pieces,
                 }
             })
             .collect()

@@ -27,6 +27,10 @@ use crate::protocol::{
 };
 use crate::transport::release_attempt;
 
+/// Slices one poll may cut before it takes an Attempt: each cut absorbs a queued slice, so the
+/// bound only keeps one poll's work under the lock short.
+const SLICE_CUTS_PER_POLL_MAX: u32 = 4;
+
 #[derive(Debug, Clone)]
 pub struct QueryRecord {
     pub id: String,
@@ -56,6 +60,8 @@ pub struct QueryRecord {
     /// Shuffle partitions read by a neighbour's Task, and skewed partitions split.
     pub partitions_coalesced: u32,
     pub partitions_split: u32,
+    /// Scan slices cut into pieces at dispatch (dynamic granularity).
+    pub slices_cut: u32,
 }
 
 struct QueryEntry {
@@ -174,6 +180,7 @@ impl Cluster {
             speculation_wins: 0,
             partitions_coalesced: 0,
             partitions_split: 0,
+            slices_cut: 0,
         };
         let entry = QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new(), running: 0 };
         self.lock().queries.insert(id.to_string(), entry);
@@ -208,7 +215,8 @@ impl Cluster {
         let mut run = QueryRun::new(query_id, stages)
             .with_speculation(adaptive.speculation)
             .with_slow_pace(adaptive.slow_pace)
-            .with_read_policy(read_policy);
+            .with_read_policy(read_policy)
+            .with_granularity(adaptive.granularity);
         query.outcomes = run.task_ids().map(|id| (id, watch::channel(None).0)).collect();
         let mut out = Vec::new();
         run.start(Instant::now(), &mut out);
@@ -252,9 +260,23 @@ impl Cluster {
         }
         let Inner { queue, queries, workers, fifo, .. } = &mut *inner;
         let now = Instant::now();
-        let (chosen, next_ready) = choose(queue, queries, workers, worker_id, now, *fifo);
-        let Some(index) = chosen else { return Ok(Assigned::NotBefore(next_ready)) };
-        let queued = queue.remove(index).expect("index is in the queue");
+        let mut cuts = 0;
+        let queued = loop {
+            let (chosen, next_ready) = choose(queue, queries, workers, worker_id, now, *fifo);
+            let Some(index) = chosen else { return Ok(Assigned::NotBefore(next_ready)) };
+            let queued = queue.remove(index).expect("index is in the queue");
+            let query = queries.get_mut(&queued.key.query_id).expect("a queued Attempt's Query is known");
+            let run = query.run.as_mut().expect("a queued Attempt's Query runs");
+            // A scan slice too large for what is left of its Stage is cut, and the poll takes
+            // one of its pieces (or whatever else is first now).
+            let mut out = Vec::new();
+            if cuts < SLICE_CUTS_PER_POLL_MAX && run.cut_slice(&queued.key, workers.total_slots(), now, &mut out) {
+                cuts += 1;
+                self.apply(query, queue, workers, out);
+                continue;
+            }
+            break queued;
+        };
         let query = queries.get_mut(&queued.key.query_id).expect("a queued Attempt's Query is known");
         let run = query.run.as_mut().expect("a queued Attempt's Query runs");
         let url = workers.url(worker_id).unwrap_or_default().to_string();
@@ -265,7 +287,8 @@ impl Cluster {
         let plan = Arc::try_unwrap(queued.plan).unwrap_or_else(|shared| (*shared).clone());
         let inputs = (*queued.inputs).clone();
         let reads = (*queued.reads).clone();
-        Ok(Assigned::Task(TaskAssignment { key: Some(queued.key), plan, partition: queued.partition, inputs, reads }))
+        let slice = queued.slice;
+        Ok(Assigned::Task(TaskAssignment { key: Some(queued.key), plan, partition: queued.partition, inputs, reads, slice }))
     }
 
     /// Applies a worker's report on one Attempt.
@@ -492,6 +515,7 @@ impl Cluster {
                 Action::Speculated => self.metrics.speculated(),
                 Action::SpeculationWon => self.metrics.speculation_won(),
                 Action::Adapted { coalesced, split } => self.metrics.adapted(coalesced, split),
+                Action::SliceCut { pieces } => self.metrics.slice_cut(pieces),
             }
         }
         if queued {
@@ -601,6 +625,7 @@ fn fill_from_run(record: &mut QueryRecord, run: &QueryRun) {
     record.tasks_recomputed = run.recomputed();
     (record.attempts_speculated, record.speculation_wins) = run.speculated();
     (record.partitions_coalesced, record.partitions_split) = run.adapted();
+    record.slices_cut = run.slices_cut();
     record.tasks = run.task_total() as u32;
 }
 
@@ -692,7 +717,7 @@ mod tests {
     use super::*;
 
     fn stage(tasks: u32) -> Vec<NewStage> {
-        let tasks = (0..tasks).map(|task| NewTask { stage: 0, task, partition: task, summary: String::new(), plan: vec![] }).collect();
+        let tasks = (0..tasks).map(|task| NewTask { stage: 0, task, partition: task, summary: String::new(), plan: vec![], slice_bytes: None }).collect();
         vec![NewStage { inputs: vec![], shuffle: false, parts: 1, tasks, adaptive: None }]
     }
 

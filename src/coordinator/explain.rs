@@ -69,12 +69,15 @@ pub(super) async fn analyze(core: &Arc<Core>, id: &str, input: &LogicalPlan) -> 
 }
 
 /// What adaptive scheduling did in the Stage: `, tasks_run=5 (coalesced=2, split=1,
-/// speculated=1)`; empty when it did nothing.
+/// speculated=1, slices_cut=1)`; empty when it did nothing.
 fn adapted(m: &StageMetrics) -> String {
-    if m.coalesced == 0 && m.split == 0 && m.speculated == 0 {
+    if m.coalesced == 0 && m.split == 0 && m.speculated == 0 && m.slices_cut == 0 {
         return String::new();
     }
-    format!(", tasks_run={} (coalesced={}, split={}, speculated={})", m.tasks, m.coalesced, m.split, m.speculated)
+    format!(
+        ", tasks_run={} (coalesced={}, split={}, speculated={}, slices_cut={})",
+        m.tasks, m.coalesced, m.split, m.speculated, m.slices_cut
+    )
 }
 
 /// A shuffle's spread over its partitions: `, partitions=8, partition_bytes=min/median/max`.

@@ -54,6 +54,8 @@ pub struct Metrics {
     speculative_wins: Counter,
     partitions_coalesced: Counter,
     partitions_split: Counter,
+    slices_cut: Counter,
+    slice_pieces: Counter,
     task_duration: Histogram,
     rows_processed: Counter,
     bytes_processed: Counter,
@@ -80,6 +82,8 @@ impl Default for Metrics {
             speculative_wins: Counter::default(),
             partitions_coalesced: Counter::default(),
             partitions_split: Counter::default(),
+            slices_cut: Counter::default(),
+            slice_pieces: Counter::default(),
             task_duration: Histogram::new(buckets),
             rows_processed: Counter::default(),
             bytes_processed: Counter::default(),
@@ -112,6 +116,8 @@ impl Metrics {
         r.register("speculative_wins", "Speculative Attempts that succeeded before their straggler", self.speculative_wins.clone());
         r.register("partitions_coalesced", "Shuffle partitions read by a neighbour's Task", self.partitions_coalesced.clone());
         r.register("partitions_split", "Skewed shuffle partitions read by several Tasks", self.partitions_split.clone());
+        r.register("slices_cut", "Queued scan slices cut into pieces at dispatch", self.slices_cut.clone());
+        r.register("slice_pieces", "Tasks that queued scan slices were cut into", self.slice_pieces.clone());
         r.register_with_unit(
             "task_duration",
             "Time from a Task Attempt's assignment to its end, as the coordinator saw it",
@@ -161,6 +167,12 @@ impl Metrics {
     pub(super) fn adapted(&self, coalesced: u32, split: u32) {
         self.partitions_coalesced.inc_by(coalesced as u64);
         self.partitions_split.inc_by(split as u64);
+    }
+
+    /// A queued scan slice was cut into `pieces` Tasks.
+    pub(super) fn slice_cut(&self, pieces: u32) {
+        self.slices_cut.inc();
+        self.slice_pieces.inc_by(pieces as u64);
     }
 
     /// A speculative Attempt's output won its Task.

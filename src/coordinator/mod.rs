@@ -7,6 +7,7 @@ mod catalog;
 mod cluster;
 mod copy;
 mod explain;
+mod granularity;
 mod layout;
 mod metrics;
 mod policy;

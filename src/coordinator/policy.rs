@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use super::attempts::TaskId;
+use super::granularity::Granularity;
 use super::layout::ReadPolicy;
 use crate::config::{QuiverOptions, MEMORY_NEARLY_FULL_FRACTION, QUERY_RETRIES_MAX, RETRY_BACKOFF_MAX_MS, RETRY_BACKOFF_MS, TASK_ATTEMPTS_MAX};
 use crate::protocol::QuiverError;
@@ -52,12 +53,19 @@ pub struct Adaptive {
     pub slow_pace: Option<f64>,
     /// How shuffle reads adapt (its slots are the cluster's when the Query is submitted).
     pub reads: ReadPolicy,
+    /// When queued scan slices are cut into pieces; None: never.
+    pub granularity: Option<Granularity>,
 }
 
 impl Adaptive {
     pub fn from_options(options: &QuiverOptions) -> Self {
         let slow_pace = options.slow_worker_placement.then_some(options.slow_worker_pace.max(1.0));
-        Self { speculation: Speculation::from_options(options), slow_pace, reads: ReadPolicy::from_options(options, 1) }
+        Self {
+            speculation: Speculation::from_options(options),
+            slow_pace,
+            reads: ReadPolicy::from_options(options, 1),
+            granularity: Granularity::from_options(options),
+        }
     }
 }
 

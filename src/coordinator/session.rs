@@ -392,7 +392,7 @@ fn encode_stages(plan: &DistributedPlan) -> Result<Vec<NewStage>> {
                 _ => encode_plan(Arc::clone(&t.plan))?,
             };
             last = Some((&t.plan, bytes.clone()));
-            tasks.push(NewTask { stage: t.stage as u32, task: t.task as u32, partition: t.partition as u32, summary: t.summary.clone(), plan: bytes });
+            tasks.push(NewTask { stage: t.stage as u32, task: t.task as u32, partition: t.partition as u32, summary: t.summary.clone(), plan: bytes, slice_bytes: t.slice_bytes });
         }
         let inputs = stage.inputs.iter().map(|&i| i as u32).collect();
         let (shuffle, parts) = match stage.exchange {

@@ -41,7 +41,7 @@ pub use adaptive::AdaptiveReads;
 pub use copy::{copy_attempt_dir, copy_task_dir, file_sink_config, retarget, CopyTaskExec};
 pub use reader::{Exchange, StageReaderExec, StageSource};
 pub use rules::shuffle_partitioning;
-pub use split::TaskSlice;
+pub use split::{narrow_task_plan, TaskSlice};
 pub use writer::{attempt_file, count_schema, task_file, AttemptNumber, TaskWriterExec, COORDINATOR_FILE};
 
 /// Index of a Stage within its Query. Stages are numbered so that inputs come first.
@@ -59,6 +59,10 @@ pub struct TaskSpec {
     pub partition: usize,
     /// What a person needs to know about the Task: the operators and the input it reads.
     pub summary: String,
+    /// The bytes of its scan slice when the coordinator may cut the slice into pieces at
+    /// dispatch ([`narrow_task_plan`]): pieces read one after the other compute what the Task
+    /// computes. None: the Task runs as planned.
+    pub slice_bytes: Option<u64>,
 }
 
 /// A Stage that runs on workers as a set of Tasks.
@@ -304,11 +308,19 @@ impl Builder<'_> {
         let (fragment, parts, fetch) = if sliceable {
             let chain = self.prepare_chain(plan)?;
             let slices = split::slice_scan(&chain, self.opts.config, self.opts.total_slots)?;
+            // Pieces of a slice, read one after the other, compute what the slice computes,
+            // unless a Task sorts its rows (a gather merges sorted runs) or writes files.
+            let cuttable = split::ranges_splittable(&chain)
+                && match &output {
+                    Output::Shuffle(_) => true,
+                    Output::Gather => !rules::sorts_rows(&chain),
+                    Output::Write(_) => false,
+                };
             let parts = slices
                 .iter()
                 .map(|slice| {
                     let summary = format!("{} over {}", rules::operator_chain(&chain), slice.describe());
-                    Ok((rules::task_plan(&chain, slice)?, 0, summary))
+                    Ok((rules::task_plan(&chain, slice)?, 0, summary, cuttable.then_some(slice.bytes)))
                 })
                 .collect::<Result<Vec<_>>>()?;
             let fetch = rules::chain_fetch(&chain);
@@ -325,18 +337,18 @@ impl Builder<'_> {
                 Output::Shuffle(partitioning) => Arc::new(RepartitionExec::try_new(fragment, partitioning.clone())?) as _,
                 _ => fragment,
             };
-            let parts = (0..count).map(|p| (Arc::clone(&fragment), p, format!("{summary}, partition {p}"))).collect();
+            let parts = (0..count).map(|p| (Arc::clone(&fragment), p, format!("{summary}, partition {p}"), None)).collect();
             (fragment, parts, None)
         };
         let id = self.stages.len();
         let mut tasks = Vec::with_capacity(parts.len());
-        for (task, (plan, partition, summary)) in parts.into_iter().enumerate() {
+        for (task, (plan, partition, summary, slice_bytes)) in parts.into_iter().enumerate() {
             let (plan, partition): (Arc<dyn ExecutionPlan>, usize) = match &output {
                 Output::Shuffle(partitioning) if sliceable => (Arc::new(RepartitionExec::try_new(plan, partitioning.clone())?), partition),
                 Output::Write(target) => (target.task_writer(plan, partition, id, task), 0),
                 _ => (plan, partition),
             };
-            tasks.push(TaskSpec { stage: id, task, plan, partition, summary });
+            tasks.push(TaskSpec { stage: id, task, plan, partition, summary, slice_bytes });
         }
         let exchange = match &output {
             Output::Shuffle(partitioning) => Exchange::Shuffle { partitions: partitioning.partition_count() },

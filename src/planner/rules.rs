@@ -260,6 +260,12 @@ fn keeps_all_rows(plan: &dyn ExecutionPlan) -> bool {
         || file_scan(plan).is_some()
 }
 
+/// True when a task-local chain sorts its rows (a per-partition sort, a top-K): its output is a
+/// sorted run, and two runs read one after the other are not one.
+pub(super) fn sorts_rows(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    plan.is::<SortExec>() || chain_child(plan).is_some_and(sorts_rows)
+}
+
 /// The smallest limit in a task-local chain that held for a single partition, i.e. for the
 /// whole input (a round-robin repartition above it only spread its rows): the merged Task
 /// outputs must be cut to it again.

@@ -1,11 +1,16 @@
 //! Cutting a Stage's file scan into Task slices: whole files, and byte ranges of large Parquet
-//! files (DataFusion's Parquet reader assigns each row group to exactly one range).
+//! files (DataFusion's Parquet reader assigns each row group to exactly one range). A slice can
+//! be cut again at dispatch ([`narrow_task_plan`]): piece `i` of `n` reads the `i`-th of `n`
+//! contiguous, equal byte ranges of the slice, so the pieces together read it exactly once and,
+//! read one after the other, in its order.
 
 use std::sync::Arc;
 
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{exec_err, Result};
 use datafusion::datasource::listing::{FileRange, PartitionedFile};
-use datafusion::datasource::physical_plan::FileGroup;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
+use datafusion::datasource::source::DataSourceExec;
 use datafusion::physical_plan::ExecutionPlan;
 
 use super::rules::file_scan;
@@ -56,6 +61,64 @@ pub(super) fn slice_scan(
         pieces.extend(split_file(file, chunk, splittable));
     }
     Ok(pack_pieces(pieces, chunk, pack, config.tasks_per_stage_max))
+}
+
+/// Whether a slice of this scan can be cut into byte ranges (Parquet) or only into whole files.
+pub(super) fn ranges_splittable(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    find_scan(plan).is_some_and(|scan| scan.file_source().file_type() == "parquet")
+}
+
+/// A Task plan over one slice, narrowed to piece `index` of `of` of that slice. The plan must
+/// hold exactly one file scan (the probe chain of a sliced Stage).
+pub fn narrow_task_plan(plan: Arc<dyn ExecutionPlan>, index: u32, of: u32) -> Result<Arc<dyn ExecutionPlan>> {
+    if of == 0 || index >= of {
+        return exec_err!("slice piece {index} of {of}");
+    }
+    let mut scans = 0;
+    let narrowed = plan.transform_up(|node| {
+        let Some(scan) = file_scan(node.as_ref()) else { return Ok(Transformed::no(node)) };
+        scans += 1;
+        let splittable = scan.file_source().file_type() == "parquet";
+        let files: Vec<PartitionedFile> = scan.file_groups.iter().flat_map(|g| g.iter().cloned()).collect();
+        let group = FileGroup::new(piece_of(files, index, of, splittable));
+        let config = FileScanConfigBuilder::from(scan.clone()).with_file_groups(vec![group]).build();
+        Ok(Transformed::yes(DataSourceExec::from_data_source(config) as Arc<dyn ExecutionPlan>))
+    })?;
+    if scans != 1 {
+        return exec_err!("a Task plan cut into pieces must scan exactly one set of files, not {scans}");
+    }
+    Ok(narrowed.data)
+}
+
+/// Piece `index` of `of` of `files`: the `index`-th of `of` equal, contiguous byte ranges over
+/// the files laid end to end. A file that cannot be cut belongs whole to the piece that holds
+/// its middle byte.
+fn piece_of(files: Vec<PartitionedFile>, index: u32, of: u32, splittable: bool) -> Vec<PartitionedFile> {
+    let total: u64 = files.iter().map(file_bytes).sum();
+    let boundary = |i: u32| (total as u128 * i as u128 / of as u128) as u64;
+    let (lo, hi) = (boundary(index), boundary(index + 1));
+    let mut offset = 0u64;
+    let mut piece = Vec::new();
+    for file in files {
+        let len = file_bytes(&file);
+        let start_in_file = file.range.as_ref().map_or(0, |r| r.start.max(0) as u64);
+        if splittable {
+            let (a, b) = (lo.max(offset), hi.min(offset + len));
+            if a < b {
+                let mut part = file.clone();
+                part.range = Some(FileRange { start: (start_in_file + a - offset) as i64, end: (start_in_file + b - offset) as i64 });
+                piece.push(part);
+            }
+        } else {
+            let middle = offset + len / 2;
+            let owner = if total == 0 { 0 } else { ((middle as u128 * of as u128) / total as u128).min(of as u128 - 1) as u32 };
+            if owner == index {
+                piece.push(file);
+            }
+        }
+        offset += len;
+    }
+    piece
 }
 
 fn find_scan(plan: &Arc<dyn ExecutionPlan>) -> Option<&datafusion::datasource::physical_plan::FileScanConfig> {
@@ -156,6 +219,42 @@ mod tests {
         let slices = pack_pieces(pieces, 1, true, 3);
         assert_eq!(slices.len(), 3);
         assert_eq!(slices.iter().map(|s| s.group.len()).sum::<usize>(), 10);
+    }
+
+    fn ranges(files: &[PartitionedFile]) -> Vec<(String, i64, i64)> {
+        files
+            .iter()
+            .map(|f| {
+                let r = f.range.clone().unwrap();
+                (f.object_meta.location.to_string(), r.start, r.end)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pieces_of_a_slice_cover_its_bytes_once_and_in_order() {
+        let mut ranged = file("b.parquet", 1000);
+        ranged.range = Some(FileRange { start: 500, end: 1000 });
+        let slice = vec![file("a.parquet", 300), ranged];
+        let pieces: Vec<_> = (0..4).flat_map(|i| ranges(&piece_of(slice.clone(), i, 4, true))).collect();
+        assert_eq!(
+            pieces,
+            vec![
+                ("a.parquet".into(), 0, 200),
+                ("a.parquet".into(), 200, 300),
+                ("b.parquet".into(), 500, 600),
+                ("b.parquet".into(), 600, 800),
+                ("b.parquet".into(), 800, 1000),
+            ]
+        );
+    }
+
+    #[test]
+    fn whole_files_go_to_the_piece_holding_their_middle() {
+        let slice: Vec<_> = (0..5).map(|i| file(&format!("{i}.csv"), 100)).collect();
+        let counts: Vec<usize> = (0..2).map(|i| piece_of(slice.clone(), i, 2, false).len()).collect();
+        assert_eq!(counts, vec![2, 3]);
+        assert_eq!(piece_of(vec![], 0, 3, false).len(), 0);
     }
 
     #[test]

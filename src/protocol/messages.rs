@@ -113,6 +113,19 @@ pub struct TaskAssignment {
     /// Stage not named here is read as planned: part `partition` of every producer.
     #[prost(message, repeated, tag = "5")]
     pub reads: Vec<ShuffleRead>,
+    /// The Task is one piece of a scan slice the coordinator cut finer at dispatch: the worker
+    /// reads only this piece of the plan's files. None: the plan's files as they are.
+    #[prost(message, optional, tag = "6")]
+    pub slice: Option<SlicePiece>,
+}
+
+/// Piece `index` of `of` equal, contiguous byte ranges of a Task plan's scan slice.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct SlicePiece {
+    #[prost(uint32, tag = "1")]
+    pub index: u32,
+    #[prost(uint32, tag = "2")]
+    pub of: u32,
 }
 
 /// What a Task reads of one shuffled Stage: these parts of the outputs of these producer Tasks.

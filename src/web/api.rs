@@ -104,6 +104,8 @@ pub struct StageJson {
     partitions_coalesced: u32,
     partitions_split: u32,
     attempts_speculated: u32,
+    /// Scan slices cut into pieces at dispatch (dynamic granularity).
+    slices_cut: u32,
 }
 
 #[derive(Serialize)]
@@ -245,6 +247,7 @@ fn stage_json(s: &StageMetrics) -> StageJson {
         partitions_coalesced: s.coalesced,
         partitions_split: s.split,
         attempts_speculated: s.speculated,
+        slices_cut: s.slices_cut,
     }
 }
 

@@ -325,7 +325,10 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
         let (state, key) = (Arc::clone(state), key.clone());
         async move {
             let inputs = Arc::new(inputs::TaskInputs::new(Arc::clone(&state), task.inputs, task.reads));
-            let plan = decode_plan(&task.plan, &state.ctx.task_ctx(), Some(inputs))?;
+            let mut plan = decode_plan(&task.plan, &state.ctx.task_ctx(), Some(inputs))?;
+            if let Some(piece) = task.slice {
+                plan = crate::planner::narrow_task_plan(plan, piece.index, piece.of)?;
+            }
             let (stream, router) = execute_task(&plan, task.partition as usize, &state.ctx, &key)?;
             state.outputs.store(&key, stream, router).await
         }

@@ -30,8 +30,8 @@ pub const SHUFFLE_JOINS: [&str; 2] = [
 
 /// Every adaptive mechanism on with thresholds so low that it acts everywhere: partitions above
 /// the median are split, the rest coalesced, and any Task slower than the median finished one
-/// gets a speculative Attempt.
-pub const ADAPTIVE_EVERYWHERE: [&str; 8] = [
+/// gets a speculative Attempt, and the last scan slices of a Stage are cut into pieces.
+pub const ADAPTIVE_EVERYWHERE: [&str; 9] = [
     "SET quiver.skew_factor = 1",
     "SET quiver.skew_min_bytes = 0",
     "SET quiver.coalesce_target_bytes = 67108864",
@@ -40,6 +40,7 @@ pub const ADAPTIVE_EVERYWHERE: [&str; 8] = [
     "SET quiver.speculation_min_runtime_ms = 0",
     "SET quiver.speculation_max_fraction = 1",
     "SET quiver.slow_worker_pace = 1",
+    "SET quiver.slice_piece_min_bytes = 1",
 ];
 
 /// Settings that force many small Tasks: the merge path runs on every query.

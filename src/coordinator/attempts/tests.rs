@@ -6,7 +6,7 @@ use crate::config::TASK_ATTEMPTS_MAX;
 
 /// Stage 0: `producers` Tasks shuffling into 2 parts; stage 1: 2 Tasks read by the final Stage.
 fn two_stages(producers: u32) -> QueryRun {
-    let task = |stage, task| NewTask { stage, task, partition: task, summary: format!("s{stage}t{task}"), plan: vec![stage as u8] };
+    let task = |stage, task| NewTask { stage, task, partition: task, summary: format!("s{stage}t{task}"), plan: vec![stage as u8], slice_bytes: None };
     QueryRun::new(
         "q",
         vec![
@@ -54,7 +54,12 @@ impl Driver {
                 Action::Fail(e) => self.failed = Some(e),
                 Action::Restarted { started_as, cause } => self.restarted.push((started_as, cause)),
                 Action::Paced { worker, ratio } => self.paces.push((worker, ratio)),
-                Action::Ended { .. } | Action::Output { .. } | Action::Speculated | Action::SpeculationWon | Action::Adapted { .. } => {}
+                Action::Ended { .. }
+                | Action::Output { .. }
+                | Action::Speculated
+                | Action::SpeculationWon
+                | Action::Adapted { .. }
+                | Action::SliceCut { .. } => {}
             }
         }
     }
@@ -408,7 +413,7 @@ fn a_shuffle_stage_reports_its_output_per_partition_over_the_counted_attempts() 
 /// Stage 0: 4 producers shuffling into 4 parts; stage 1 reads them (an adaptable inner join
 /// side) and shuffles into 2 parts for stage 2, which the final Stage gathers.
 fn three_stages(policy: layout::ReadPolicy) -> QueryRun {
-    let task = |stage, task| NewTask { stage, task, partition: task, summary: format!("s{stage}t{task}"), plan: vec![stage as u8] };
+    let task = |stage, task| NewTask { stage, task, partition: task, summary: format!("s{stage}t{task}"), plan: vec![stage as u8], slice_bytes: None };
     let reads = StageReads { inputs: vec![0], splittable: vec![0], ordered: false };
     QueryRun::new(
         "q",
@@ -501,7 +506,7 @@ fn coalesced_tasks_the_final_stage_reads_are_published_empty() {
 
 /// Stage 0 shuffles into 2 partitions for stage 1, which the final Stage gathers.
 fn two_stage_reads(policy: layout::ReadPolicy, splittable: Vec<u32>, ordered: bool) -> QueryRun {
-    let task = |stage, task| NewTask { stage, task, partition: task, summary: String::new(), plan: vec![] };
+    let task = |stage, task| NewTask { stage, task, partition: task, summary: String::new(), plan: vec![], slice_bytes: None };
     let reads = StageReads { inputs: vec![0], splittable, ordered };
     QueryRun::new(
         "q",
@@ -536,4 +541,65 @@ fn a_lost_piece_is_recomputed_with_the_same_read() {
     let rerun = again.iter().find(|q| q.key.task == piece.task).unwrap();
     assert_eq!(rerun.reads, reads);
     assert_eq!(d.run.adapted(), (0, 1), "the layout is decided once");
+}
+
+/// Stage 0: two scan slices of 64 MiB (cuttable at dispatch), shuffled into 2 parts when
+/// `shuffle`, else gathered by the final Stage; stage 1 (with `shuffle`): 2 Tasks reading them.
+fn sliced_scan(shuffle: bool) -> QueryRun {
+    let slice = |task| NewTask { stage: 0, task, partition: 0, summary: format!("slice {task}"), plan: vec![0], slice_bytes: Some(64 << 20) };
+    let reader = |task| NewTask { stage: 1, task, partition: task, summary: String::new(), plan: vec![1], slice_bytes: None };
+    let mut stages = vec![NewStage { inputs: vec![], shuffle, parts: if shuffle { 2 } else { 1 }, tasks: (0..2).map(slice).collect(), adaptive: None }];
+    if shuffle {
+        stages.push(NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: (0..2).map(reader).collect(), adaptive: None });
+    }
+    QueryRun::new("q", stages).with_granularity(Some(granularity::Granularity { piece_min_bytes: 8 << 20 }))
+}
+
+impl Driver {
+    fn cut(&mut self, key: &TaskKey, slots: usize) -> bool {
+        let mut out = Vec::new();
+        let cut = self.run.cut_slice(key, slots, self.now, &mut out);
+        self.take(out);
+        cut
+    }
+}
+
+#[test]
+fn a_slice_too_large_for_the_idle_slots_is_cut_into_pieces_that_stand_for_it() {
+    let mut d = Driver::new(sliced_scan(false));
+    // 128 MiB queued over 5 slots: a 64 MiB slice is over two shares.
+    assert!(d.cut(&key(0, 0, 0), 5));
+    assert_eq!(d.waiting(), vec![key(0, 1, 0), key(0, 2, 0), key(0, 3, 0)]);
+    let pieces: Vec<_> = d.queued.iter().filter_map(|q| q.slice.map(|p| (q.key.task, p.index, p.of))).collect();
+    assert_eq!(pieces, vec![(2, 0, 2), (3, 1, 2)]);
+    assert!(matches!(&d.published[..], [((0, 0), Some(TaskOutcome::Pieces(ids)))] if ids == &vec![(0, 2), (0, 3)]));
+    // Pieces are never cut again; the other slice is now alone, a fair share of one slot.
+    assert!(!d.cut(&key(0, 2, 0), 5));
+    assert!(!d.cut(&key(0, 1, 0), 1));
+    assert_eq!(d.run.task_total(), 3);
+    assert_eq!(d.run.slices_cut(), 1);
+}
+
+#[test]
+fn only_a_first_attempt_still_queued_is_cut() {
+    let mut d = Driver::new(sliced_scan(false));
+    d.assign(&key(0, 0, 0), "w1");
+    assert!(!d.cut(&key(0, 0, 0), 4), "running");
+    d.report(&key(0, 0, 0), "w1", TaskState::Failed, Some(io_error()));
+    d.now += Duration::from_secs(5);
+    assert!(d.waiting().contains(&key(0, 0, 1)));
+    assert!(!d.cut(&key(0, 0, 1), 4), "a retry reads what its Task was given");
+}
+
+#[test]
+fn consumers_of_a_cut_slice_read_its_pieces_with_the_other_producers() {
+    let mut d = Driver::new(sliced_scan(true));
+    assert!(d.cut(&key(0, 1, 0), 5));
+    for (task, worker) in [(0, "w1"), (2, "w2"), (3, "w1")] {
+        d.succeed(&key(0, task, 0), worker);
+    }
+    assert_eq!(d.waiting(), vec![key(1, 0, 0), key(1, 1, 0)]);
+    let inputs = &d.queued.last().unwrap().inputs;
+    let read: Vec<_> = inputs.iter().map(|l| (l.key.clone().unwrap().task, l.empty, l.pieces.clone())).collect();
+    assert_eq!(read, vec![(0, false, vec![]), (1, true, vec![2, 3]), (2, false, vec![]), (3, false, vec![])]);
 }
