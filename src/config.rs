@@ -22,6 +22,8 @@ pub const HTTP2_DATA_CONNECTION_WINDOW_BYTES: u32 = (1 << 31) - 1;
 pub const WORKER_CONNECTIONS_MAX: usize = 1024;
 /// How long a worker's task poll waits at the coordinator for a Task before answering "none".
 pub const TASK_POLL_WAIT_MS: u64 = 500;
+/// Most Tasks one poll takes (batched dispatch: one per free slot of the polling worker).
+pub const POLL_TASKS_MAX: usize = 64;
 /// How often a worker tells the coordinator it is alive.
 pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
 /// A Task the coordinator assigned must show up in its worker's heartbeats within this time;
@@ -180,6 +182,8 @@ pub struct CoordinatorConfig {
     pub target_partitions: usize,
     /// Queued Attempts go to the Query with the fewest running; off: first queued first.
     pub fair_share: bool,
+    /// Most Tasks one worker poll takes (batched dispatch); 1: one per poll.
+    pub poll_tasks_max: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -189,6 +193,7 @@ impl Default for CoordinatorConfig {
             write_row_group_rows: 1024 * 1024,
             target_partitions: default_parallelism(),
             fair_share: true,
+            poll_tasks_max: POLL_TASKS_MAX,
         }
     }
 }

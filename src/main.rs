@@ -60,6 +60,10 @@ struct PlannerArgs {
     /// (the Query with the fewest running Tasks first).
     #[arg(long)]
     fifo: bool,
+    /// Most Tasks one worker poll takes when many are queued (one per free slot of the
+    /// worker); 1 turns batched dispatch off.
+    #[arg(long)]
+    poll_tasks_max: Option<usize>,
 }
 
 impl PlannerArgs {
@@ -72,6 +76,9 @@ impl PlannerArgs {
             config.planner.tasks_per_slot = n;
         }
         config.fair_share = !self.fifo;
+        if let Some(n) = self.poll_tasks_max {
+            config.poll_tasks_max = n.max(1);
+        }
         config
     }
 }

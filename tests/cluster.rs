@@ -189,7 +189,7 @@ async fn a_task_whose_assignment_was_lost_runs_again_elsewhere() {
     let client = t.client.clone();
     let query = tokio::spawn(async move { client.collect("SELECT sum(v) FROM lost WHERE v % 3 = 0").await });
     let beat = Heartbeat { worker_id: worker.worker_id.clone(), session: worker.session, ..Default::default() };
-    let poll = PollTask { worker_id: worker.worker_id.clone(), session: worker.session };
+    let poll = PollTask { worker_id: worker.worker_id.clone(), session: worker.session, max_tasks: 1 };
     let taken = loop {
         let reply: PollTaskResponse = call(&coordinator, action::POLL_TASK, &poll).await.unwrap();
         if let Some(task) = reply.task {

@@ -395,6 +395,8 @@ struct StageRun {
     /// Scan slices cut into pieces at dispatch, and the pieces they became.
     slices_cut: u32,
     slice_pieces: u32,
+    /// Stages on the longest path from it to the result, itself included.
+    height: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -452,7 +454,13 @@ impl QueryRun {
                 split: 0,
                 slices_cut: 0,
                 slice_pieces: 0,
+                height: 1,
             });
+        }
+        // Consumers are numbered after their inputs: walking backwards sees them first.
+        for index in (0..runs.len()).rev() {
+            let below = runs[index].consumers.iter().map(|&c| runs[c as usize].height).max().unwrap_or(0);
+            runs[index].height = 1 + below;
         }
         Self {
             query_id: query_id.to_string(),
@@ -1023,6 +1031,13 @@ impl QueryRun {
     /// of split partitions.
     pub fn task_total(&self) -> usize {
         self.tasks.values().filter(|t| !t.absorbed).count()
+    }
+
+    /// Stages between `stage` and the end of the Query, itself included: the longest chain of
+    /// consumers its output still has to pass through. A Task of a higher Stage is on a longer
+    /// path to the result, so it goes first (critical-path priority).
+    pub fn stage_height(&self, stage: u32) -> u32 {
+        self.stages.get(stage as usize).map_or(0, |run| run.height)
     }
 
     /// Tasks that have yet to succeed: how much of the Query is left.

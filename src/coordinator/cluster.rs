@@ -21,7 +21,9 @@ use super::metrics::Metrics;
 use super::registry::Registry;
 pub use super::attempts::{NewStage, NewTask, StageMetrics, StageReads, TaskOutcome, TaskRecord};
 pub use super::registry::WorkerRecord;
-use crate::config::{ASSIGNMENT_ACK_TIMEOUT_MS, HEARTBEAT_OVERDUE_MS, QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS};
+use crate::config::{
+    ASSIGNMENT_ACK_TIMEOUT_MS, HEARTBEAT_OVERDUE_MS, POLL_TASKS_MAX, QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS,
+};
 use crate::protocol::{
     error_text, remote_to_quiver, ErrorKind, QueryProgress, QuiverError, TaskAssignment, TaskKey, TaskReport, TaskState,
 };
@@ -80,6 +82,8 @@ struct QueryEntry {
 struct Inner {
     /// Queued Attempts go to the Query with the fewest running (else first queued first).
     fifo: bool,
+    /// Most Attempts one poll takes (batched dispatch); 1: one per poll.
+    poll_tasks_max: usize,
     workers: Registry,
     queue: VecDeque<QueuedAttempt>,
     queries: HashMap<String, QueryEntry>,
@@ -113,8 +117,17 @@ impl Cluster {
     /// `fair_share` off, first queued first.
     pub fn new(fair_share: bool) -> Self {
         let cluster = Self::default();
-        cluster.lock().fifo = !fair_share;
+        let mut inner = cluster.lock();
+        inner.fifo = !fair_share;
+        inner.poll_tasks_max = POLL_TASKS_MAX;
+        drop(inner);
         cluster
+    }
+
+    /// Lets one poll take at most `max` Attempts (1 turns batched dispatch off).
+    pub fn with_poll_tasks_max(self, max: usize) -> Self {
+        self.lock().poll_tasks_max = max.max(1);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -228,14 +241,34 @@ impl Cluster {
         Ok(())
     }
 
-    /// A worker's long poll: the next Attempt it may take, waiting up to [`TASK_POLL_WAIT_MS`].
-    /// `Err(())` means the worker is unknown and must register again.
-    pub async fn poll(&self, worker_id: &str, session: u64) -> std::result::Result<Option<TaskAssignment>, ()> {
+    /// A worker's long poll for its `max_tasks` free slots: the next Attempt it may take,
+    /// waiting up to [`TASK_POLL_WAIT_MS`], and more of them (batched dispatch) while the queue
+    /// holds more ready Attempts than the other workers have free slots, up to
+    /// [`POLL_TASKS_MAX`]. Empty: nothing came in time. `Err(())` means the worker is unknown
+    /// and must register again.
+    pub async fn poll(&self, worker_id: &str, session: u64, max_tasks: u32) -> std::result::Result<Vec<TaskAssignment>, ()> {
         // A poll is dropped before it answers only when the worker's connection went away.
         let mut guard = PollGuard { cluster: self, worker_id, session, answered: false };
-        let answer = self.wait_for_task(worker_id, session).await;
+        let first = self.wait_for_task(worker_id, session).await;
         guard.answered = true;
-        answer
+        let mut tasks: Vec<TaskAssignment> = first?.into_iter().collect();
+        let max_tasks = (max_tasks.max(1) as usize).min(self.lock().poll_tasks_max);
+        while !tasks.is_empty() && tasks.len() < max_tasks && self.batch_more(worker_id) {
+            match self.try_assign(worker_id, session) {
+                Ok(Assigned::Task(task)) => tasks.push(task),
+                _ => break,
+            }
+        }
+        Ok(tasks)
+    }
+
+    /// Whether a poll of `worker_id` that already got a Task takes another: only while the
+    /// ready queue holds more than the other workers' free slots would take.
+    fn batch_more(&self, worker_id: &str) -> bool {
+        let inner = self.lock();
+        let now = Instant::now();
+        let ready = inner.queue.iter().filter(|q| q.ready_at <= now).count();
+        policy::batch_more(ready, inner.workers.free_slots_elsewhere(worker_id))
     }
 
     async fn wait_for_task(&self, worker_id: &str, session: u64) -> std::result::Result<Option<TaskAssignment>, ()> {
@@ -634,8 +667,9 @@ fn fill_from_run(record: &mut QueryRecord, run: &QueryRun) {
 ///
 /// Fair shares: of the Attempts this worker may take, the one whose Query has the fewest
 /// running, so that a small Query is not left behind every Task a large one queued before it;
-/// among equals, the Query with the fewest Tasks left, then the Attempt with most inputs on this
-/// worker, then the first queued. With `fifo`,
+/// among equals, the Query with the fewest Tasks left, then the Attempt whose Stage is on the
+/// longest path to its Query's result, then the one with most inputs on this worker, then the
+/// first queued. With `fifo`,
 /// the first it may take. A worker nearly out of memory takes nothing while another has room.
 fn choose(
     queue: &mut VecDeque<QueuedAttempt>,
@@ -653,7 +687,7 @@ fn choose(
     let url = workers.url(worker_id).unwrap_or_default();
     let ready = queue.iter().filter(|q| q.ready_at <= now).count();
     let mut remaining: HashMap<String, usize> = HashMap::new();
-    let mut best: Option<((u32, usize, Reverse<usize>), usize)> = None;
+    let mut best: Option<((u32, usize, Reverse<u32>, Reverse<usize>), usize)> = None;
     let mut index = 0;
     while index < queue.len() {
         let queued = &queue[index];
@@ -679,14 +713,16 @@ fn choose(
             continue;
         }
         // Among equal shares, the Query with the fewest Tasks left (a small Query finishes
-        // instead of waiting behind a large one's queue), then the Attempt with most of its
-        // inputs on this worker (read from its own store, they cross no network).
+        // instead of waiting behind a large one's queue), then the Attempt on the longest path
+        // to its Query's result (critical path first), then the one with most of its inputs on
+        // this worker (read from its own store, they cross no network).
         let left = match remaining.get(&queued.key.query_id) {
             Some(&left) => left,
             None => *remaining.entry(queued.key.query_id.clone()).or_insert(query.run.as_ref().map_or(0, QueryRun::remaining)),
         };
         let local = queued.inputs.iter().filter(|l| l.worker_url == url).count();
-        let rank = (query.running, left, Reverse(local));
+        let height = query.run.as_ref().map_or(0, |run| run.stage_height(queued.key.stage));
+        let rank = (query.running, left, Reverse(height), Reverse(local));
         if best.as_ref().is_none_or(|(least, _)| rank < *least) {
             best = Some((rank, index - 1));
         }
@@ -723,7 +759,7 @@ mod tests {
 
     /// The Query whose Attempt a poll of `worker` gets.
     async fn next_query(cluster: &Cluster, worker: &(String, u64)) -> String {
-        let task = cluster.poll(&worker.0, worker.1).await.unwrap().expect("an Attempt is queued");
+        let task = cluster.poll(&worker.0, worker.1, 1).await.unwrap().pop().expect("an Attempt is queued");
         task.key.unwrap().query_id
     }
 
@@ -745,6 +781,43 @@ mod tests {
     async fn a_small_query_is_not_queued_behind_every_task_of_a_large_one() {
         assert_eq!(small_query_behind_a_large_one(true).await, ["large", "small", "large"]);
         assert_eq!(small_query_behind_a_large_one(false).await, ["large", "large", "large"], "first queued first");
+    }
+
+    #[tokio::test]
+    async fn one_poll_takes_several_tasks_only_while_other_workers_have_enough() {
+        let cluster = Cluster::new(true);
+        let big = cluster.register_worker("http://big".into(), 4, 1 << 30);
+        let _other = cluster.register_worker("http://other".into(), 2, 1 << 30);
+        cluster.begin_query("q", "q");
+        cluster.submit("q", stage(8), Adaptive::default()).unwrap();
+        // 8 ready, 2 free slots elsewhere: the big worker fills its 4 slots in one round trip.
+        assert_eq!(cluster.poll(&big.0, big.1, 4).await.unwrap().len(), 4);
+        // 4 left: it takes 2, leaving 2 for the other worker's 2 free slots.
+        assert_eq!(cluster.poll(&big.0, big.1, 4).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_stage_on_the_longest_path_to_the_result_goes_first() {
+        // Stage 0 feeds stage 2, which feeds the final Stage; stage 1 feeds the final Stage
+        // directly. Queued in the order 1, 0: stage 0 is on the critical path.
+        let task = |stage| NewTask { stage, task: 0, partition: 0, summary: String::new(), plan: vec![], slice_bytes: None };
+        let stages = vec![
+            NewStage { inputs: vec![], shuffle: false, parts: 1, tasks: vec![task(0)], adaptive: None },
+            NewStage { inputs: vec![], shuffle: false, parts: 1, tasks: vec![task(1)], adaptive: None },
+            NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: vec![task(2)], adaptive: None },
+        ];
+        let cluster = Cluster::new(true);
+        let worker = cluster.register_worker("http://w".into(), 2, 1 << 30);
+        cluster.begin_query("q", "q");
+        cluster.submit("q", stages, Adaptive::default()).unwrap();
+        {
+            let mut inner = cluster.lock();
+            let (first, second) = (inner.queue[0].clone(), inner.queue[1].clone());
+            inner.queue = [second, first].into();
+            assert_eq!(inner.queue[0].key.stage, 1);
+        }
+        let task = cluster.poll(&worker.0, worker.1, 1).await.unwrap().pop().expect("an Attempt is queued");
+        assert_eq!(task.key.unwrap().stage, 0);
     }
 
     #[test]

@@ -119,7 +119,7 @@ impl Coordinator {
         session.options_mut().optimizer.repartition_file_scans = false;
         // `SELECT … FROM 'path/to/file.parquet'` reads files directly, as in datafusion-cli.
         let ctx = SessionContext::new_with_config(session).enable_url_table();
-        let cluster = Arc::new(Cluster::new(config.fair_share));
+        let cluster = Arc::new(Cluster::new(config.fair_share).with_poll_tasks_max(config.poll_tasks_max));
         system_tables::register(&ctx, &cluster)?;
         let catalog = catalog::Catalog::new(&data_dir);
         restore_catalog(&ctx, &catalog).await?;
@@ -243,9 +243,12 @@ impl SqlHandler for Service {
             }
             action::POLL_TASK => {
                 let p: PollTask = decode(&body)?;
-                match core.cluster.poll(&p.worker_id, p.session).await {
-                    Ok(task) => PollTaskResponse { task, known: true },
-                    Err(()) => PollTaskResponse { task: None, known: false },
+                match core.cluster.poll(&p.worker_id, p.session, p.max_tasks).await {
+                    Ok(tasks) => {
+                        let mut tasks = tasks.into_iter();
+                        PollTaskResponse { task: tasks.next(), known: true, more: tasks.collect() }
+                    }
+                    Err(()) => PollTaskResponse { task: None, known: false, more: Vec::new() },
                 }
                 .encode_to_vec()
             }

@@ -69,6 +69,13 @@ impl Adaptive {
     }
 }
 
+/// Batched dispatch: a poll that already took an Attempt takes another only while `ready`
+/// Attempts wait and the other workers' `free_elsewhere` slots could not take them all, so a
+/// batch never leaves an idle worker without work.
+pub fn batch_more(ready: usize, free_elsewhere: usize) -> bool {
+    ready > free_elsewhere
+}
+
 /// Finished Tasks a Stage needs before its median time says anything about a worker's pace.
 const PACE_SAMPLES_MIN: usize = 3;
 /// Weight of the newest sample in a worker's pace (an exponential moving average).

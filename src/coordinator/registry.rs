@@ -163,6 +163,11 @@ impl Registry {
         self.live().filter(|w| w.pace <= pace).map(|w| w.slots.saturating_sub(w.assigned) as usize).sum()
     }
 
+    /// Free slots of the live workers other than `id`.
+    pub fn free_slots_elsewhere(&self, id: &str) -> usize {
+        self.live().filter(|w| w.id != id).map(|w| w.slots.saturating_sub(w.assigned) as usize).sum()
+    }
+
     /// True when worker `id` is nearly out of memory and another live worker has a free slot
     /// and memory to spare: that one should take the next Task.
     pub fn full_while_others_have_room(&self, id: &str) -> bool {

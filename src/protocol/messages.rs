@@ -85,6 +85,10 @@ pub struct PollTask {
     pub worker_id: String,
     #[prost(uint64, tag = "2")]
     pub session: u64,
+    /// Free slots the worker polls for: the coordinator may answer with up to this many Tasks
+    /// (batched dispatch); 0 counts as 1.
+    #[prost(uint32, tag = "3")]
+    pub max_tasks: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -94,6 +98,9 @@ pub struct PollTaskResponse {
     /// False when the coordinator does not know the worker.
     #[prost(bool, tag = "2")]
     pub known: bool,
+    /// Tasks beyond the first, for the worker's other free slots (never more than it asked).
+    #[prost(message, repeated, tag = "3")]
+    pub more: Vec<TaskAssignment>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -20,7 +20,8 @@ use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use datafusion::prelude::SessionContext;
 use prost::Message;
 use tokio::net::TcpListener;
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::sync::Semaphore;
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 
 use crate::config::{
     session_config, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS, RELEASED_ATTEMPTS_MAX, RELEASED_QUERIES_MAX,
@@ -132,10 +133,7 @@ impl Worker {
             released_attempts: Mutex::new(Recent::new(RELEASED_ATTEMPTS_MAX)),
         });
         let server = serve(Arc::new(Service(Arc::clone(&state))), listener)?;
-        let mut loops = vec![tokio::spawn(membership_loop(Arc::clone(&state)))];
-        for _ in 0..state.config.slots.max(1) {
-            loops.push(tokio::spawn(slot_loop(Arc::clone(&state))));
-        }
+        let loops = vec![tokio::spawn(membership_loop(Arc::clone(&state))), tokio::spawn(dispatch_loop(Arc::clone(&state)))];
         tracing::info!(url = %state.url, coordinator = coordinator_url, slots = state.config.slots, "worker started");
         Ok(Self { state, server, loops })
     }
@@ -286,18 +284,38 @@ async fn membership_loop(state: Arc<State>) {
     }
 }
 
-/// One slot: pull a Task, run it, report it, repeat.
-async fn slot_loop(state: Arc<State>) {
+/// Pulls Tasks for the free slots: once a slot is free, one long poll asks for a Task for each
+/// free slot (the coordinator may batch several into one answer), and each Task runs on a slot
+/// of its own, reported as it goes. The Tasks belong to this loop: stopping it stops them.
+async fn dispatch_loop(state: Arc<State>) {
+    let slots = Arc::new(Semaphore::new(state.config.slots.max(1)));
+    let mut running = JoinSet::new();
     loop {
+        while running.try_join_next().is_some() {}
         let Some(registration) = state.registration() else {
             tokio::time::sleep(Duration::from_millis(REGISTER_RETRY_MS)).await;
             continue;
         };
-        let poll = PollTask { worker_id: registration.id.clone(), session: registration.session };
+        let Ok(first) = Arc::clone(&slots).acquire_owned().await else { return };
+        let mut free = vec![first];
+        while let Ok(permit) = Arc::clone(&slots).try_acquire_owned() {
+            free.push(permit);
+        }
+        let poll = PollTask { worker_id: registration.id.clone(), session: registration.session, max_tasks: free.len() as u32 };
         match call::<_, PollTaskResponse>(&state.coordinator, action::POLL_TASK, &poll).await {
             Ok(PollTaskResponse { known: false, .. }) => state.forget(&registration),
-            Ok(PollTaskResponse { task: Some(task), .. }) => run_task(&state, &registration, task).await,
-            Ok(_) => {}
+            Ok(PollTaskResponse { task, more, .. }) => {
+                for task in task.into_iter().chain(more) {
+                    // Never more than asked for; should a coordinator send more, they still run
+                    // (beyond the slots) rather than be lost.
+                    let permit = free.pop();
+                    let (state, registration) = (Arc::clone(&state), registration.clone());
+                    running.spawn(async move {
+                        run_task(&state, &registration, task).await;
+                        drop(permit);
+                    });
+                }
+            }
             Err(e) => {
                 tracing::debug!("task poll failed: {e}");
                 tokio::time::sleep(Duration::from_millis(REGISTER_RETRY_MS)).await;
