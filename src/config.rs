@@ -157,18 +157,21 @@ pub struct PlannerConfig {
     pub task_min_bytes: u64,
     /// Upper bound on Tasks in one Stage.
     pub tasks_per_stage_max: usize,
+    /// A plan whose table files hold at most this many bytes runs on the coordinator alone:
+    /// distributing it would cost more in round trips than its few Tasks could save. 0: never.
+    pub small_query_max_bytes: u64,
 }
 
 impl Default for PlannerConfig {
     fn default() -> Self {
-        Self { tasks_per_slot: 2, task_min_bytes: 16 * 1024 * 1024, tasks_per_stage_max: 4096 }
+        Self { tasks_per_slot: 2, task_min_bytes: 16 * 1024 * 1024, tasks_per_stage_max: 4096, small_query_max_bytes: 4 * 1024 * 1024 }
     }
 }
 
 impl PlannerConfig {
     /// Settings that cut even tiny tables into many Tasks; tests use them to exercise the merge.
     pub fn many_small_tasks() -> Self {
-        Self { tasks_per_slot: 8, task_min_bytes: 1, tasks_per_stage_max: 4096 }
+        Self { tasks_per_slot: 8, task_min_bytes: 1, tasks_per_stage_max: 4096, small_query_max_bytes: 0 }
     }
 }
 

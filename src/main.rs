@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use datafusion::common::{DataFusionError, Result};
-use quiver::bench::{run_mixed, run_recovery, run_skew, MixedBench, run_straggler, run_tpch, RecoveryBench, SkewBench, StragglerBench, TpchBench};
+use quiver::bench::{
+    run_latency, run_mixed, run_recovery, run_skew, run_straggler, run_tpch, LatencyBench, MixedBench, RecoveryBench, SkewBench, StragglerBench,
+    TpchBench,
+};
 use quiver::cli::Shell;
 use quiver::client::Client;
 use quiver::cluster::{LocalCluster, LocalOptions};
@@ -56,6 +59,10 @@ struct PlannerArgs {
     /// Tasks per worker slot a scan Stage aims for.
     #[arg(long)]
     tasks_per_slot: Option<usize>,
+    /// A query whose table files hold at most this much runs on the coordinator alone, e.g.
+    /// 4MiB (the default); 0: every query that reads files is distributed.
+    #[arg(long, value_parser = parse_bytes)]
+    small_query_max_bytes: Option<u64>,
     /// Hand queued Tasks out first queued first, instead of by fair shares between Queries
     /// (the Query with the fewest running Tasks first).
     #[arg(long)]
@@ -74,6 +81,9 @@ impl PlannerArgs {
         }
         if let Some(n) = self.tasks_per_slot {
             config.planner.tasks_per_slot = n;
+        }
+        if let Some(bytes) = self.small_query_max_bytes {
+            config.planner.small_query_max_bytes = bytes;
         }
         config.fair_share = !self.fifo;
         if let Some(n) = self.poll_tasks_max {
@@ -209,6 +219,15 @@ enum BenchCommand {
         #[arg(long, default_value = "quiver-data")]
         data_dir: PathBuf,
     },
+    /// A small query's p50 and p99 over one Flight SQL connection, run on the coordinator alone
+    /// and distributed to the workers.
+    Latency {
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Timed runs of each query per placement.
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
+    },
     /// A shuffle join on Zipf-distributed keys against the same join on uniform keys, with
     /// skew splitting on and off.
     Skew {
@@ -321,6 +340,9 @@ async fn run(command: Command) -> Result<()> {
         Command::Bench { bench: BenchCommand::Recovery { sf, workers, queries, data_dir, kill_at } } => {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());
             run_recovery(&RecoveryBench { sf, workers, queries, data_dir, kill_at }).await?;
+        }
+        Command::Bench { bench: BenchCommand::Latency { workers, samples } } => {
+            run_latency(&LatencyBench { workers, samples }).await?;
         }
         Command::Bench { bench: BenchCommand::Mixed { sf, workers, large, samples, data_dir } } => {
             run_mixed(&MixedBench { sf, workers, large, samples, data_dir }).await?;

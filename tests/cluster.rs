@@ -254,3 +254,27 @@ async fn a_table_name_cannot_reach_outside_the_data_directory() {
     t.run_all(&[r#"DROP TABLE "../../outside""#]).await;
     assert!(outside.join("keep").exists(), "DROP TABLE removed a directory outside the data directory");
 }
+
+/// A query whose table files hold a few KiB is not worth a round trip to a worker: it runs on the
+/// coordinator alone, says so in `quiver.queries` and EXPLAIN, and answers exactly the same. A
+/// larger one is still distributed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_query_over_small_files_runs_on_the_coordinator_and_says_so() {
+    let mut config = many_tasks_config();
+    config.planner.small_query_max_bytes = 64 * 1024;
+    let t = TestCluster::start_configured(2, quiver::config::WorkerConfig { slots: 2, memory_limit_bytes: 1 << 30 }, config, None).await;
+    t.both("CREATE TABLE tiny AS SELECT value AS k, value * 2 AS v FROM generate_series(1, 100)").await;
+    t.both("CREATE TABLE big AS SELECT value AS k, value * 2 AS v FROM generate_series(1, 200000)").await;
+    let small = "SELECT k, v FROM tiny WHERE k = 42";
+    let joined = "SELECT count(*), sum(b.v) FROM big b JOIN tiny t ON b.k = t.k";
+    for sql in [small, joined] {
+        t.check_same(sql).await;
+    }
+    let modes = t.cluster_rows(&format!("SELECT sql, mode, tasks FROM quiver.queries WHERE sql IN ('{small}', '{joined}') ORDER BY sql")).await;
+    assert_eq!(modes[0][..2], [joined.to_string(), "distributed".into()]);
+    assert_ne!(modes[0][2], "0", "the join runs as Tasks");
+    assert_eq!(modes[1], [small.to_string(), "small".into(), "0".into()]);
+    let explain = t.cluster_rows(&format!("EXPLAIN {small}")).await;
+    let dag = &explain.iter().find(|r| r[0] == "distributed_plan").expect("a distributed_plan row")[1];
+    assert!(dag.starts_with("Runs on the coordinator alone"), "{dag}");
+}

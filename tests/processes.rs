@@ -20,7 +20,8 @@ fn spawn(args: &[&str]) -> KillOnDrop {
 }
 
 fn coordinator(port: u16, dir: &Path) -> KillOnDrop {
-    spawn(&["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", dir.to_str().unwrap()])
+    // Its small tables are distributed all the same: these tests are about the workers.
+    spawn(&["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--small-query-max-bytes", "0", "--data-dir", dir.to_str().unwrap()])
 }
 
 fn worker(port: u16) -> KillOnDrop {
@@ -157,7 +158,7 @@ fn the_coordinator_logs_one_json_line_per_query_start_and_end() {
     let port = free_port();
     let log = dir.path().join("coordinator.log");
     let child = Command::new(quiver_binary())
-        .args(["--log-format", "json", "coordinator", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--log-format", "json", "coordinator", "--listen", &format!("127.0.0.1:{port}"), "--small-query-max-bytes", "0"])
         .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())

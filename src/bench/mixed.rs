@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use datafusion::common::{DataFusionError, Result};
 
-use super::local_options;
+use super::{local_options, percentile as pct};
 use crate::client::Client;
 use crate::cluster::LocalCluster;
 use crate::tpch;
@@ -114,10 +114,3 @@ async fn under_load(cluster: &LocalCluster, client: &Client, large: &str, small:
 /// How long the large query runs before the small ones start.
 const LOAD_SETTLE_MS: u64 = 300;
 
-/// The `q` quantile of `times` (nearest rank).
-fn pct(times: &[f64], q: f64) -> f64 {
-    let mut sorted = times.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
-    sorted.get(rank - 1).copied().unwrap_or(0.0)
-}

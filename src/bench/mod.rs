@@ -9,8 +9,11 @@
 //! - `quiver bench skew`: a shuffle join on Zipf-distributed keys against uniform keys, skew
 //!   splitting on and off ([`skew`]);
 //! - `quiver bench mixed`: small queries on an idle cluster and while a large one runs, with fair
-//!   shares between Queries and first queued first ([`mixed`]).
+//!   shares between Queries and first queued first ([`mixed`]);
+//! - `quiver bench latency`: a small query's p50 and p99 over one connection, run on the
+//!   coordinator and on the workers ([`latency`]).
 
+mod latency;
 mod mixed;
 mod skew;
 mod straggler;
@@ -28,6 +31,7 @@ use crate::cluster::{LocalCluster, LocalOptions};
 use crate::config::{default_parallelism, session_config, CoordinatorConfig, WorkerConfig};
 use crate::tpch;
 
+pub use latency::{run_latency, LatencyBench};
 pub use mixed::{run_mixed, MixedBench};
 pub use skew::{run_skew, SkewBench};
 pub use straggler::{run_straggler, StragglerBench};
@@ -131,6 +135,14 @@ fn moved_bytes(cluster: &LocalCluster, sql: &str) -> (u64, u64) {
     let Some(last) = queries.iter().rev().find(|q| q.sql == sql) else { return (0, 0) };
     let family = |q: &&crate::coordinator::QueryRecord| q.id == last.id || q.id.starts_with(&format!("{}.", last.id));
     queries.iter().filter(family).fold((0, 0), |(s, g), q| (s + q.bytes_shuffled, g + q.bytes_gathered))
+}
+
+/// The `q` quantile of `times` (nearest rank).
+pub(crate) fn percentile(times: &[f64], q: f64) -> f64 {
+    let mut sorted = times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
+    sorted.get(rank - 1).copied().unwrap_or(0.0)
 }
 
 pub(crate) fn tempdir() -> Result<PathBuf> {

@@ -3,7 +3,8 @@
 //! Real processes (a coordinator and worker processes of this binary), so that one worker can be
 //! throttled with `cpulimit` (Debian package `cpulimit`). Each TPC-H query runs, in one session:
 //! on 2 healthy workers; then with a third worker held to a share of one core, with every
-//! adaptive mechanism on, with speculation off, and with slow-worker placement off too. Answers
+//! adaptive mechanism on, with dynamic granularity off, with speculation off, and with
+//! slow-worker placement off too. Answers
 //! must agree across all of them.
 
 use std::path::{Path, PathBuf};
@@ -55,8 +56,9 @@ fn spawn(program: &Path, args: &[String]) -> Result<Proc> {
 }
 
 /// The configurations with the slow worker: a name and the settings that make it.
-const THROTTLED: [(&str, &[&str]); 3] = [
+const THROTTLED: [(&str, &[&str]); 4] = [
     ("adaptive", &[]),
+    ("no_cuts", &["SET quiver.dynamic_granularity = false"]),
     ("no_spec", &["SET quiver.speculation = false"]),
     ("neither", &["SET quiver.speculation = false", "SET quiver.slow_worker_placement = false"]),
 ];
@@ -86,7 +88,8 @@ pub async fn run_straggler(bench: &StragglerBench) -> Result<()> {
     wait_for_workers(&client, 3).await?;
     let _throttle = throttle(workers[2].0.id(), bench.throttle_percent)?;
     for (_, settings) in THROTTLED {
-        for sql in ["SET quiver.speculation = true", "SET quiver.slow_worker_placement = true"].iter().chain(settings.iter()) {
+        let defaults = ["SET quiver.speculation = true", "SET quiver.slow_worker_placement = true", "SET quiver.dynamic_granularity = true"];
+        for sql in defaults.iter().chain(settings.iter()) {
             client.collect(sql).await?;
         }
         runs.push(run_all(&client, bench).await?);

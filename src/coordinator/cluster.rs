@@ -200,6 +200,14 @@ impl Cluster {
         self.metrics.query_started();
     }
 
+    /// The Query runs on the coordinator alone because its input is small (`quiver.queries`
+    /// shows mode `small`).
+    pub fn ran_small(&self, id: &str) {
+        if let Some(query) = self.lock().queries.get_mut(id) {
+            query.record.mode = "small";
+        }
+    }
+
     /// Takes a distributed Query's Stages (inputs first) and queues the first Attempts of the
     /// Tasks whose inputs are ready; the others follow as their inputs get outputs.
     /// Stragglers get speculative Attempts and slow workers leave Tasks to faster ones as

@@ -362,6 +362,9 @@ pub(super) async fn start_physical(
 ) -> Result<(DistributedPlan, SendableRecordBatchStream)> {
     let physical = super::subquery::resolve(core, id, physical).await?;
     let mut plan = plan_query(core, id, physical, write).await?;
+    if plan.small_input_bytes.is_some() {
+        core.cluster.ran_small(id);
+    }
     if plan.is_distributed() {
         core.cluster.submit(id, encode_stages(&plan)?, adaptive(core))?;
     }

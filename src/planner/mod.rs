@@ -94,6 +94,9 @@ pub struct DistributedPlan {
     pub root: Arc<dyn ExecutionPlan>,
     /// The Stage whose Tasks write the files of a distributed write (INSERT, CREATE TABLE AS).
     pub write_stage: Option<StageId>,
+    /// Set when the whole plan runs on the coordinator because its table files hold only these
+    /// bytes, at most `PlannerConfig::small_query_max_bytes`.
+    pub small_input_bytes: Option<u64>,
 }
 
 impl DistributedPlan {
@@ -183,6 +186,13 @@ enum Output<'a> {
 
 /// Cuts `plan` into Stages. The result computes exactly what `plan` computes.
 pub fn distribute(plan: Arc<dyn ExecutionPlan>, opts: &DistributeOptions) -> Result<DistributedPlan> {
+    if let Some(bytes) = split::small_input(&plan, opts.config.small_query_max_bytes) {
+        let root = match &opts.write_dir {
+            Some(target) => target.coordinator_writer(single_partition(plan)),
+            None => plan,
+        };
+        return Ok(DistributedPlan { stages: Vec::new(), root, write_stage: None, small_input_bytes: Some(bytes) });
+    }
     let mut builder = Builder { opts, stages: Vec::new() };
     let mut write_stage = None;
     let root: Arc<dyn ExecutionPlan> = match &opts.write_dir {
@@ -200,7 +210,7 @@ pub fn distribute(plan: Arc<dyn ExecutionPlan>, opts: &DistributeOptions) -> Res
         }
         None => builder.coordinator(plan)?,
     };
-    Ok(DistributedPlan { stages: builder.stages, root, write_stage })
+    Ok(DistributedPlan { stages: builder.stages, root, write_stage, small_input_bytes: None })
 }
 
 /// A Stage just cut out of the plan, as its reader needs to know it.

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{exec_err, Result};
 use datafusion::datasource::listing::{FileRange, PartitionedFile};
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
@@ -119,6 +119,25 @@ fn piece_of(files: Vec<PartitionedFile>, index: u32, of: u32, splittable: bool) 
         offset += len;
     }
     piece
+}
+
+/// The bytes of the table files `plan` reads, when there are some and at most `max_bytes` (0:
+/// never): such a plan is too small to gain from being distributed.
+pub(super) fn small_input(plan: &Arc<dyn ExecutionPlan>, max_bytes: u64) -> Option<u64> {
+    if max_bytes == 0 {
+        return None;
+    }
+    let mut scans = 0;
+    let mut bytes = 0u64;
+    plan.apply(|node| {
+        if let Some(scan) = file_scan(node.as_ref()) {
+            scans += 1;
+            bytes += scan.file_groups.iter().flat_map(|g| g.iter()).map(file_bytes).sum::<u64>();
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .ok()?;
+    (scans > 0 && bytes <= max_bytes).then_some(bytes)
 }
 
 fn find_scan(plan: &Arc<dyn ExecutionPlan>) -> Option<&datafusion::datasource::physical_plan::FileScanConfig> {

@@ -64,6 +64,11 @@ impl TestCluster {
     }
 
     async fn start_serving(workers: usize, worker: WorkerConfig, http: Option<std::net::SocketAddr>) -> Self {
+        Self::start_configured(workers, worker, many_tasks_config(), http).await
+    }
+
+    /// A cluster whose coordinator runs with `coordinator`.
+    pub async fn start_configured(workers: usize, worker: WorkerConfig, coordinator: CoordinatorConfig, http: Option<std::net::SocketAddr>) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -72,7 +77,7 @@ impl TestCluster {
         let opts = LocalOptions {
             workers,
             worker,
-            coordinator: many_tasks_config(),
+            coordinator,
             data_dir: dir.path().join("data"),
             listen: "127.0.0.1:0".parse().unwrap(),
             http,

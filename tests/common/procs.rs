@@ -54,7 +54,8 @@ impl ProcCluster {
     pub fn start_listening(listen: &str, coordinator_url: &str, workers: usize, coordinator_args: &[&str], worker_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("listen address with a port");
-        let mut args: Vec<String> = vec!["coordinator".into(), "--listen".into(), listen.into()];
+        // Tests distribute their small tables: nothing runs on the coordinator for being small.
+        let mut args: Vec<String> = vec!["coordinator".into(), "--listen".into(), listen.into(), "--small-query-max-bytes".into(), "0".into()];
         args.extend(["--data-dir".into(), dir.path().join("data").display().to_string()]);
         args.extend(coordinator_args.iter().map(|a| a.to_string()));
         let mut cluster = Self {
