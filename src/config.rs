@@ -22,6 +22,9 @@ pub const HTTP2_DATA_CONNECTION_WINDOW_BYTES: u32 = (1 << 31) - 1;
 pub const WORKER_CONNECTIONS_MAX: usize = 1024;
 /// How long a worker's task poll waits at the coordinator for a Task before answering "none".
 pub const TASK_POLL_WAIT_MS: u64 = 500;
+/// A Query of at most this many Tasks is small: its Attempts may run on workers' express slots
+/// (`WorkerConfig::express_slots`), beside a large Query's Tasks instead of behind them.
+pub const EXPRESS_QUERY_TASKS_MAX: usize = 4;
 /// Most Tasks one poll takes (batched dispatch: one per free slot of the polling worker).
 pub const POLL_TASKS_MAX: usize = 64;
 /// How often a worker tells the coordinator it is alive.
@@ -206,13 +209,16 @@ impl Default for CoordinatorConfig {
 pub struct WorkerConfig {
     /// Tasks this worker runs at once.
     pub slots: usize,
+    /// Slots beyond `slots` for the Tasks of small Queries only (the express lane): a small
+    /// Query's latency does not depend on how long a large one's Tasks take. 0: none.
+    pub express_slots: usize,
     /// Memory budget for executing Tasks and holding their outputs; outputs beyond it spill.
     pub memory_limit_bytes: u64,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { slots: default_parallelism(), memory_limit_bytes: 2 * 1024 * 1024 * 1024 }
+        Self { slots: default_parallelism(), express_slots: 1, memory_limit_bytes: 2 * 1024 * 1024 * 1024 }
     }
 }
 

@@ -120,6 +120,10 @@ enum Command {
         /// Memory for executing Tasks and holding their outputs, e.g. 2GiB.
         #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
         memory_limit: u64,
+        /// Extra slots that run only small Queries' Tasks, so that they never wait behind a
+        /// large Query's (0: none).
+        #[arg(long, default_value_t = 1)]
+        express_slots: usize,
     },
     /// Run a coordinator and N workers in this process, over loopback gRPC.
     Local {
@@ -294,8 +298,9 @@ async fn run(command: Command) -> Result<()> {
             }
             coordinator.shutdown().await;
         }
-        Command::Worker { coordinator, listen, slots, memory_limit } => {
-            let config = WorkerConfig { slots: slots.unwrap_or_else(quiver::config::default_parallelism), memory_limit_bytes: memory_limit };
+        Command::Worker { coordinator, listen, slots, memory_limit, express_slots } => {
+            let slots = slots.unwrap_or_else(quiver::config::default_parallelism);
+            let config = WorkerConfig { slots, express_slots, memory_limit_bytes: memory_limit };
             let worker = Worker::start(config, &coordinator, bind(listen).await?).await?;
             eprintln!("worker serving on {}", worker.url());
             wait_for_ctrl_c().await;

@@ -65,7 +65,7 @@ async fn limit_in_single_partition_scan_is_applied_after_merging_tasks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shuffle_outputs_are_freed_after_success_failure_and_cancellation() {
     // 4 MiB per worker: 2 MiB for outputs, so the shuffled probe side spills to disk.
-    let t = TestCluster::start_with(3, quiver::config::WorkerConfig { slots: 2, memory_limit_bytes: 4 << 20 }).await;
+    let t = TestCluster::start_with(3, quiver::config::WorkerConfig { slots: 2, memory_limit_bytes: 4 << 20, ..Default::default() }).await;
     t.run_all(&[
         "CREATE TABLE wide AS SELECT value AS id, concat(CAST(value AS VARCHAR), repeat('x', 100)) AS s FROM generate_series(1, 150000)",
         "CREATE TABLE small AS SELECT value AS k FROM generate_series(0, 9)",
@@ -184,12 +184,12 @@ async fn a_task_whose_assignment_was_lost_runs_again_elsewhere() {
     // Speculation would run the Task elsewhere before the assignment is found lost.
     t.client.collect("SET quiver.speculation = false").await.unwrap();
     let coordinator = connect(&t.cluster.url()).await.unwrap();
-    let register = RegisterWorker { address: "http://127.0.0.1:9".into(), slots: 1, memory_limit_bytes: 1 << 30 };
+    let register = RegisterWorker { address: "http://127.0.0.1:9".into(), slots: 1, memory_limit_bytes: 1 << 30, express_slots: 0 };
     let worker: RegisterWorkerResponse = call(&coordinator, action::REGISTER_WORKER, &register).await.unwrap();
     let client = t.client.clone();
     let query = tokio::spawn(async move { client.collect("SELECT sum(v) FROM lost WHERE v % 3 = 0").await });
     let beat = Heartbeat { worker_id: worker.worker_id.clone(), session: worker.session, ..Default::default() };
-    let poll = PollTask { worker_id: worker.worker_id.clone(), session: worker.session, max_tasks: 1 };
+    let poll = PollTask { worker_id: worker.worker_id.clone(), session: worker.session, max_tasks: 1, express_tasks: 0 };
     let taken = loop {
         let reply: PollTaskResponse = call(&coordinator, action::POLL_TASK, &poll).await.unwrap();
         if let Some(task) = reply.task {
@@ -262,7 +262,7 @@ async fn a_table_name_cannot_reach_outside_the_data_directory() {
 async fn a_query_over_small_files_runs_on_the_coordinator_and_says_so() {
     let mut config = many_tasks_config();
     config.planner.small_query_max_bytes = 64 * 1024;
-    let t = TestCluster::start_configured(2, quiver::config::WorkerConfig { slots: 2, memory_limit_bytes: 1 << 30 }, config, None).await;
+    let t = TestCluster::start_configured(2, quiver::config::WorkerConfig { slots: 2, memory_limit_bytes: 1 << 30, ..Default::default() }, config, None).await;
     t.both("CREATE TABLE tiny AS SELECT value AS k, value * 2 AS v FROM generate_series(1, 100)").await;
     t.both("CREATE TABLE big AS SELECT value AS k, value * 2 AS v FROM generate_series(1, 200000)").await;
     let small = "SELECT k, v FROM tiny WHERE k = 42";

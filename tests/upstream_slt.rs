@@ -230,7 +230,7 @@ async fn start_cluster() -> (LocalCluster, Client, tempfile::TempDir) {
     let planner = PlannerConfig { tasks_per_slot: TASKS_PER_SLOT, ..PlannerConfig::many_small_tasks() };
     let opts = LocalOptions {
         workers: WORKERS,
-        worker: WorkerConfig { slots: WORKER_SLOTS, memory_limit_bytes: WORKER_MEMORY_BYTES },
+        worker: WorkerConfig { slots: WORKER_SLOTS, memory_limit_bytes: WORKER_MEMORY_BYTES, ..WorkerConfig::default() },
         coordinator: CoordinatorConfig { planner, ..common::many_tasks_config() },
         data_dir: dir.path().join("data"),
         listen: "127.0.0.1:0".parse().unwrap(),

@@ -15,7 +15,7 @@ use serde_json::Value;
 const POLL_DEADLINE: Duration = Duration::from_secs(60);
 
 async fn http_cluster(workers: usize, slots: usize) -> (TestCluster, SocketAddr) {
-    let t = TestCluster::start_with_http(workers, WorkerConfig { slots, memory_limit_bytes: 1 << 30 }).await;
+    let t = TestCluster::start_with_http(workers, WorkerConfig { slots, memory_limit_bytes: 1 << 30, ..WorkerConfig::default() }).await;
     let addr = t.cluster.http_addr().expect("the cluster serves HTTP");
     (t, addr)
 }

@@ -21,7 +21,7 @@ pub struct LatencyBench {
 }
 
 /// The small queries, by name.
-const QUERIES: [(&str, &str); 2] = [("aggregate", "SELECT count(*) FROM tiny"), ("lookup", "SELECT v FROM tiny WHERE k = 2")];
+const QUERIES: [(&str, &str); 2] = [("aggregate", "SELECT sum(k) FROM tiny"), ("lookup", "SELECT v FROM tiny WHERE k = 2")];
 /// Untimed runs first: connections, caches and the file's metadata warm up.
 const WARMUP_RUNS: usize = 10;
 

@@ -181,7 +181,7 @@ pub enum Action {
     Fail(QuiverError),
     /// An Attempt ended; `ran` is the time from its assignment, and `worker` the worker it
     /// was assigned to, when it was assigned.
-    Ended { state: TaskState, ran: Option<Duration>, worker: Option<String> },
+    Ended { key: TaskKey, state: TaskState, ran: Option<Duration>, worker: Option<String> },
     /// An Attempt on `worker` took (or, beaten, had taken) `ratio` times the median time of
     /// its Stage's finished Tasks: how fast that worker is.
     Paced { worker: String, ratio: f64 },
@@ -296,7 +296,7 @@ impl Attempt {
         self.ended_at = Some(now);
         let ran = self.assigned_at.map(|at| now.saturating_duration_since(at));
         let worker = ran.and(self.record.worker_id.clone());
-        Some(Action::Ended { state, ran, worker })
+        Some(Action::Ended { key: self.record.key.clone(), state, ran, worker })
     }
 
     /// The worker of an assigned Attempt and how long it has run by `now`.

@@ -7,7 +7,7 @@
 //! One mutex guards it all: every operation is short and never awaits while holding it.
 
 use std::cmp::Reverse;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,7 +22,7 @@ use super::registry::Registry;
 pub use super::attempts::{NewStage, NewTask, StageMetrics, StageReads, TaskOutcome, TaskRecord};
 pub use super::registry::WorkerRecord;
 use crate::config::{
-    ASSIGNMENT_ACK_TIMEOUT_MS, HEARTBEAT_OVERDUE_MS, POLL_TASKS_MAX, QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS,
+    ASSIGNMENT_ACK_TIMEOUT_MS, EXPRESS_QUERY_TASKS_MAX, HEARTBEAT_OVERDUE_MS, POLL_TASKS_MAX, QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS,
 };
 use crate::protocol::{
     error_text, remote_to_quiver, ErrorKind, QueryProgress, QuiverError, TaskAssignment, TaskKey, TaskReport, TaskState,
@@ -76,6 +76,8 @@ struct QueryEntry {
     outcomes: HashMap<TaskId, watch::Sender<Option<TaskOutcome>>>,
     /// Its Attempts assigned to a worker and not ended: its share of the cluster now.
     running: u32,
+    /// Those of them on express slots.
+    express: HashSet<TaskKey>,
 }
 
 #[derive(Default)]
@@ -134,9 +136,10 @@ impl Cluster {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Registers a worker; returns its id and the session it must present.
-    pub fn register_worker(&self, url: String, slots: u32, memory_limit_bytes: u64) -> (String, u64) {
-        let registered = self.lock().workers.register(url, slots, memory_limit_bytes, Instant::now());
+    /// Registers a worker with `slots` slots and `express_slots` slots for small Queries only;
+    /// returns its id and the session it must present.
+    pub fn register_worker(&self, url: String, slots: u32, express_slots: u32, memory_limit_bytes: u64) -> (String, u64) {
+        let registered = self.lock().workers.register(url, slots, express_slots, memory_limit_bytes, Instant::now());
         self.worker_joined.notify_waiters();
         registered
     }
@@ -195,7 +198,7 @@ impl Cluster {
             partitions_split: 0,
             slices_cut: 0,
         };
-        let entry = QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new(), running: 0 };
+        let entry = QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new(), running: 0, express: HashSet::new() };
         self.lock().queries.insert(id.to_string(), entry);
         self.metrics.query_started();
     }
@@ -249,20 +252,28 @@ impl Cluster {
         Ok(())
     }
 
-    /// A worker's long poll for its `max_tasks` free slots: the next Attempt it may take,
-    /// waiting up to [`TASK_POLL_WAIT_MS`], and more of them (batched dispatch) while the queue
-    /// holds more ready Attempts than the other workers have free slots, up to
-    /// [`POLL_TASKS_MAX`]. Empty: nothing came in time. `Err(())` means the worker is unknown
-    /// and must register again.
-    pub async fn poll(&self, worker_id: &str, session: u64, max_tasks: u32) -> std::result::Result<Vec<TaskAssignment>, ()> {
+    /// A worker's long poll for its `max_tasks` free slots and `express_tasks` free express
+    /// slots: the next Attempt it may take, waiting up to [`TASK_POLL_WAIT_MS`], then more of
+    /// them for its other free slots (batched dispatch: while the queue holds more ready
+    /// Attempts than the other workers have free slots, up to the coordinator's
+    /// `poll_tasks_max`), and a small Query's Attempt for each free express slot. Empty:
+    /// nothing came in time. `Err(())` means the worker is unknown and must register again.
+    pub async fn poll(&self, worker_id: &str, session: u64, max_tasks: u32, express_tasks: u32) -> std::result::Result<Vec<TaskAssignment>, ()> {
         // A poll is dropped before it answers only when the worker's connection went away.
         let mut guard = PollGuard { cluster: self, worker_id, session, answered: false };
-        let first = self.wait_for_task(worker_id, session).await;
+        let first = self.wait_for_task(worker_id, session, max_tasks > 0, express_tasks > 0).await;
         guard.answered = true;
         let mut tasks: Vec<TaskAssignment> = first?.into_iter().collect();
-        let max_tasks = (max_tasks.max(1) as usize).min(self.lock().poll_tasks_max);
-        while !tasks.is_empty() && tasks.len() < max_tasks && self.batch_more(worker_id) {
-            match self.try_assign(worker_id, session) {
+        let regular = |tasks: &Vec<TaskAssignment>| tasks.iter().filter(|t| !t.express).count();
+        let max_tasks = (max_tasks as usize).min(self.lock().poll_tasks_max);
+        while !tasks.is_empty() && regular(&tasks) < max_tasks && self.batch_more(worker_id) {
+            match self.try_assign(worker_id, session, Lane::Regular) {
+                Ok(Assigned::Task(task)) => tasks.push(task),
+                _ => break,
+            }
+        }
+        while !tasks.is_empty() && tasks.len() - regular(&tasks) < express_tasks as usize {
+            match self.try_assign(worker_id, session, Lane::Express) {
                 Ok(Assigned::Task(task)) => tasks.push(task),
                 _ => break,
             }
@@ -279,14 +290,20 @@ impl Cluster {
         policy::batch_more(ready, inner.workers.free_slots_elsewhere(worker_id))
     }
 
-    async fn wait_for_task(&self, worker_id: &str, session: u64) -> std::result::Result<Option<TaskAssignment>, ()> {
+    /// The first Attempt a poll gets: for a regular slot when `regular`, else (or when none
+    /// fits one) for an express slot when `express`.
+    async fn wait_for_task(&self, worker_id: &str, session: u64, regular: bool, express: bool) -> std::result::Result<Option<TaskAssignment>, ()> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(TASK_POLL_WAIT_MS);
+        let lanes: Vec<Lane> = [(regular, Lane::Regular), (express, Lane::Express)].into_iter().filter(|(on, _)| *on).map(|(_, l)| l).collect();
         loop {
             let ready = self.task_ready.notified();
-            let next_ready = match self.try_assign(worker_id, session)? {
-                Assigned::Task(task) => return Ok(Some(task)),
-                Assigned::NotBefore(at) => at.map(tokio::time::Instant::from_std),
-            };
+            let mut next_ready = None;
+            for &lane in &lanes {
+                match self.try_assign(worker_id, session, lane)? {
+                    Assigned::Task(task) => return Ok(Some(task)),
+                    Assigned::NotBefore(at) => next_ready = next_ready.or(at.map(tokio::time::Instant::from_std)),
+                }
+            }
             let wake = next_ready.map_or(deadline, |at| at.min(deadline));
             if tokio::time::timeout_at(wake, ready).await.is_err() && wake >= deadline {
                 return Ok(None);
@@ -294,7 +311,7 @@ impl Cluster {
         }
     }
 
-    fn try_assign(&self, worker_id: &str, session: u64) -> std::result::Result<Assigned, ()> {
+    fn try_assign(&self, worker_id: &str, session: u64, lane: Lane) -> std::result::Result<Assigned, ()> {
         let mut inner = self.lock();
         if !inner.workers.is_live(worker_id, session) {
             return Err(());
@@ -303,7 +320,7 @@ impl Cluster {
         let now = Instant::now();
         let mut cuts = 0;
         let queued = loop {
-            let (chosen, next_ready) = choose(queue, queries, workers, worker_id, now, *fifo);
+            let (chosen, next_ready) = choose(queue, queries, workers, worker_id, now, *fifo, lane);
             let Some(index) = chosen else { return Ok(Assigned::NotBefore(next_ready)) };
             let queued = queue.remove(index).expect("index is in the queue");
             let query = queries.get_mut(&queued.key.query_id).expect("a queued Attempt's Query is known");
@@ -323,13 +340,17 @@ impl Cluster {
         let url = workers.url(worker_id).unwrap_or_default().to_string();
         run.assigned(&queued.key, worker_id, &url, now);
         query.running += 1;
-        workers.attempt_assigned(worker_id);
+        let express = lane == Lane::Express;
+        workers.attempt_assigned(worker_id, express);
+        if express {
+            query.express.insert(queued.key.clone());
+        }
         tracing::debug!(task = %queued.key, worker = worker_id, "task assigned");
         let plan = Arc::try_unwrap(queued.plan).unwrap_or_else(|shared| (*shared).clone());
         let inputs = (*queued.inputs).clone();
         let reads = (*queued.reads).clone();
         let slice = queued.slice;
-        Ok(Assigned::Task(TaskAssignment { key: Some(queued.key), plan, partition: queued.partition, inputs, reads, slice }))
+        Ok(Assigned::Task(TaskAssignment { key: Some(queued.key), plan, partition: queued.partition, inputs, reads, slice, express }))
     }
 
     /// Applies a worker's report on one Attempt.
@@ -535,13 +556,14 @@ impl Cluster {
                         sender.send_replace(Some(TaskOutcome::Failed(error.clone())));
                     }
                 }
-                Action::Ended { state, ran, worker } => {
+                Action::Ended { key, state, ran, worker } => {
                     if ran.is_some() {
                         query.running = query.running.saturating_sub(1);
                     }
                     self.metrics.attempt_ended(state.as_str(), ran);
+                    let express = query.express.remove(&key);
                     if let Some(worker) = worker {
-                        workers.attempt_ended(&worker);
+                        workers.attempt_ended(&worker, express);
                     }
                 }
                 Action::Paced { worker, ratio } => workers.paced(&worker, ratio),
@@ -638,6 +660,14 @@ impl Drop for PollGuard<'_> {
     }
 }
 
+/// Which of a worker's slots a poll fills: a regular one, or an express one, which takes only
+/// Attempts of small Queries (at most [`EXPRESS_QUERY_TASKS_MAX`] Tasks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    Regular,
+    Express,
+}
+
 /// What a worker's poll found.
 enum Assigned {
     Task(TaskAssignment),
@@ -686,6 +716,7 @@ fn choose(
     worker_id: &str,
     now: Instant,
     fifo: bool,
+    lane: Lane,
 ) -> (Option<usize>, Option<Instant>) {
     let mut next_ready: Option<Instant> = None;
     if workers.full_while_others_have_room(worker_id) {
@@ -713,6 +744,10 @@ fn choose(
         // speculative Attempt never runs beside its straggler.
         let elsewhere = || workers.live().any(|w| !queued.avoid.contains(&w.id));
         if queued.avoid.iter().any(|w| w == worker_id) && (queued.speculative || elsewhere()) {
+            continue;
+        }
+        // An express slot is for small Queries: they do not wait behind a large one's Tasks.
+        if lane == Lane::Express && (queued.speculative || query.run.as_ref().is_none_or(|run| run.task_total() > EXPRESS_QUERY_TASKS_MAX)) {
             continue;
         }
         // A slow worker leaves what the faster ones have room for to them.
@@ -767,13 +802,13 @@ mod tests {
 
     /// The Query whose Attempt a poll of `worker` gets.
     async fn next_query(cluster: &Cluster, worker: &(String, u64)) -> String {
-        let task = cluster.poll(&worker.0, worker.1, 1).await.unwrap().pop().expect("an Attempt is queued");
+        let task = cluster.poll(&worker.0, worker.1, 1, 0).await.unwrap().pop().expect("an Attempt is queued");
         task.key.unwrap().query_id
     }
 
     async fn small_query_behind_a_large_one(fair_share: bool) -> Vec<String> {
         let cluster = Cluster::new(fair_share);
-        let worker = cluster.register_worker("http://w".into(), 4, 1 << 30);
+        let worker = cluster.register_worker("http://w".into(), 4, 0, 1 << 30);
         cluster.begin_query("large", "large");
         cluster.submit("large", stage(4), Adaptive::default()).unwrap();
         let mut order = vec![next_query(&cluster, &worker).await];
@@ -794,14 +829,38 @@ mod tests {
     #[tokio::test]
     async fn one_poll_takes_several_tasks_only_while_other_workers_have_enough() {
         let cluster = Cluster::new(true);
-        let big = cluster.register_worker("http://big".into(), 4, 1 << 30);
-        let _other = cluster.register_worker("http://other".into(), 2, 1 << 30);
+        let big = cluster.register_worker("http://big".into(), 4, 0, 1 << 30);
+        let _other = cluster.register_worker("http://other".into(), 2, 0, 1 << 30);
         cluster.begin_query("q", "q");
         cluster.submit("q", stage(8), Adaptive::default()).unwrap();
         // 8 ready, 2 free slots elsewhere: the big worker fills its 4 slots in one round trip.
-        assert_eq!(cluster.poll(&big.0, big.1, 4).await.unwrap().len(), 4);
+        assert_eq!(cluster.poll(&big.0, big.1, 4, 0).await.unwrap().len(), 4);
         // 4 left: it takes 2, leaving 2 for the other worker's 2 free slots.
-        assert_eq!(cluster.poll(&big.0, big.1, 4).await.unwrap().len(), 2);
+        assert_eq!(cluster.poll(&big.0, big.1, 4, 0).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_express_slot_takes_only_a_small_querys_tasks() {
+        let cluster = Cluster::new(true);
+        let worker = cluster.register_worker("http://w".into(), 1, 1, 1 << 30);
+        cluster.begin_query("large", "large");
+        cluster.submit("large", stage(8), Adaptive::default()).unwrap();
+        let taken = cluster.poll(&worker.0, worker.1, 1, 1).await.unwrap();
+        assert_eq!(taken.iter().map(|t| t.express).collect::<Vec<_>>(), [false], "the large Query fills the regular slot only");
+        // The regular slot is busy: only the express slot polls, and the large Query's Tasks wait.
+        assert!(matches!(cluster.try_assign(&worker.0, worker.1, Lane::Express), Ok(Assigned::NotBefore(_))));
+        cluster.begin_query("small", "small");
+        cluster.submit("small", stage(1), Adaptive::default()).unwrap();
+        let express = cluster.poll(&worker.0, worker.1, 0, 1).await.unwrap();
+        assert_eq!(express.len(), 1);
+        assert!(express[0].express);
+        assert_eq!(express[0].key.as_ref().unwrap().query_id, "small");
+        let used = |c: &Cluster| c.workers().iter().map(|w| (w.assigned, w.express_assigned)).next().unwrap();
+        assert_eq!(used(&cluster), (1, 1));
+        let key = express[0].key.clone();
+        let report = TaskReport { key, worker_id: worker.0.clone(), session: worker.1, state: TaskState::Succeeded as i32, ..Default::default() };
+        cluster.report(report);
+        assert_eq!(used(&cluster), (1, 0), "the express slot is free again");
     }
 
     #[tokio::test]
@@ -815,7 +874,7 @@ mod tests {
             NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: vec![task(2)], adaptive: None },
         ];
         let cluster = Cluster::new(true);
-        let worker = cluster.register_worker("http://w".into(), 2, 1 << 30);
+        let worker = cluster.register_worker("http://w".into(), 2, 0, 1 << 30);
         cluster.begin_query("q", "q");
         cluster.submit("q", stages, Adaptive::default()).unwrap();
         {
@@ -824,24 +883,24 @@ mod tests {
             inner.queue = [second, first].into();
             assert_eq!(inner.queue[0].key.stage, 1);
         }
-        let task = cluster.poll(&worker.0, worker.1, 1).await.unwrap().pop().expect("an Attempt is queued");
+        let task = cluster.poll(&worker.0, worker.1, 1, 0).await.unwrap().pop().expect("an Attempt is queued");
         assert_eq!(task.key.unwrap().stage, 0);
     }
 
     #[test]
     fn a_worker_nearly_out_of_memory_leaves_tasks_to_one_with_room() {
         let cluster = Cluster::new(true);
-        let full = cluster.register_worker("http://full".into(), 2, 1000);
-        let roomy = cluster.register_worker("http://roomy".into(), 2, 1000);
+        let full = cluster.register_worker("http://full".into(), 2, 0, 1000);
+        let roomy = cluster.register_worker("http://roomy".into(), 2, 0, 1000);
         cluster.begin_query("q", "q");
         cluster.submit("q", stage(2), Adaptive::default()).unwrap();
         assert!(cluster.heartbeat(&full.0, full.1, 0, 950, &[]));
-        assert!(matches!(cluster.try_assign(&full.0, full.1), Ok(Assigned::NotBefore(_))), "the full worker waits");
-        assert!(matches!(cluster.try_assign(&roomy.0, roomy.1), Ok(Assigned::Task(_))));
+        assert!(matches!(cluster.try_assign(&full.0, full.1, Lane::Regular), Ok(Assigned::NotBefore(_))), "the full worker waits");
+        assert!(matches!(cluster.try_assign(&roomy.0, roomy.1, Lane::Regular), Ok(Assigned::Task(_))));
         // Once the roomy worker has no free slot, the full one still helps.
-        assert!(matches!(cluster.try_assign(&roomy.0, roomy.1), Ok(Assigned::Task(_))));
+        assert!(matches!(cluster.try_assign(&roomy.0, roomy.1, Lane::Regular), Ok(Assigned::Task(_))));
         cluster.begin_query("r", "r");
         cluster.submit("r", stage(1), Adaptive::default()).unwrap();
-        assert!(matches!(cluster.try_assign(&full.0, full.1), Ok(Assigned::Task(_))));
+        assert!(matches!(cluster.try_assign(&full.0, full.1, Lane::Regular), Ok(Assigned::Task(_))));
     }
 }

@@ -233,7 +233,7 @@ impl SqlHandler for Service {
         let reply = match name {
             action::REGISTER_WORKER => {
                 let r: RegisterWorker = decode(&body)?;
-                let (worker_id, session) = core.cluster.register_worker(r.address, r.slots, r.memory_limit_bytes);
+                let (worker_id, session) = core.cluster.register_worker(r.address, r.slots, r.express_slots, r.memory_limit_bytes);
                 RegisterWorkerResponse { worker_id, session }.encode_to_vec()
             }
             action::HEARTBEAT => {
@@ -243,7 +243,7 @@ impl SqlHandler for Service {
             }
             action::POLL_TASK => {
                 let p: PollTask = decode(&body)?;
-                match core.cluster.poll(&p.worker_id, p.session, p.max_tasks).await {
+                match core.cluster.poll(&p.worker_id, p.session, p.max_tasks, p.express_tasks).await {
                     Ok(tasks) => {
                         let mut tasks = tasks.into_iter();
                         PollTaskResponse { task: tasks.next(), known: true, more: tasks.collect() }

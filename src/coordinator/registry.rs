@@ -21,6 +21,9 @@ pub struct WorkerRecord {
     pub running_tasks: u32,
     /// Attempts the coordinator has assigned to it that have not ended.
     pub assigned: u32,
+    /// Slots only small Queries' Tasks run on, and those of them in use.
+    pub express_slots: u32,
+    pub express_assigned: u32,
     /// How long its Attempts take against their Stages' medians (1 is typical; see
     /// `policy::pace_after`).
     pub pace: f64,
@@ -40,7 +43,7 @@ pub struct Registry {
 
 impl Registry {
     /// Registers a worker; returns its id and session.
-    pub fn register(&mut self, url: String, slots: u32, memory_limit_bytes: u64, now: Instant) -> (String, u64) {
+    pub fn register(&mut self, url: String, slots: u32, express_slots: u32, memory_limit_bytes: u64, now: Instant) -> (String, u64) {
         self.next += 1;
         let id = format!("w{}", self.next);
         let session = uuid::Uuid::new_v4().as_u64_pair().0;
@@ -54,6 +57,8 @@ impl Registry {
             last_heartbeat: SystemTime::now(),
             running_tasks: 0,
             assigned: 0,
+            express_slots,
+            express_assigned: 0,
             pace: 1.0,
             last_seen: now,
             session,
@@ -134,15 +139,22 @@ impl Registry {
         }
     }
 
-    pub fn attempt_assigned(&mut self, id: &str) {
+    /// An Attempt was assigned to worker `id`, on an express slot or a regular one.
+    pub fn attempt_assigned(&mut self, id: &str, express: bool) {
         if let Some(w) = self.workers.get_mut(id) {
-            w.assigned += 1;
+            match express {
+                true => w.express_assigned += 1,
+                false => w.assigned += 1,
+            }
         }
     }
 
-    pub fn attempt_ended(&mut self, id: &str) {
+    pub fn attempt_ended(&mut self, id: &str, express: bool) {
         if let Some(w) = self.workers.get_mut(id) {
-            w.assigned = w.assigned.saturating_sub(1);
+            match express {
+                true => w.express_assigned = w.express_assigned.saturating_sub(1),
+                false => w.assigned = w.assigned.saturating_sub(1),
+            }
         }
     }
 

@@ -44,6 +44,10 @@ pub struct RegisterWorker {
     pub slots: u32,
     #[prost(uint64, tag = "3")]
     pub memory_limit_bytes: u64,
+    /// Slots beyond `slots` that run only the Tasks of small Queries (the express lane), so
+    /// that a small Query does not wait for a large one's Tasks to end.
+    #[prost(uint32, tag = "4")]
+    pub express_slots: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -89,6 +93,9 @@ pub struct PollTask {
     /// (batched dispatch); 0 counts as 1.
     #[prost(uint32, tag = "3")]
     pub max_tasks: u32,
+    /// Free express slots it polls for (see `RegisterWorker::express_slots`).
+    #[prost(uint32, tag = "4")]
+    pub express_tasks: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -124,6 +131,9 @@ pub struct TaskAssignment {
     /// reads only this piece of the plan's files. None: the plan's files as they are.
     #[prost(message, optional, tag = "6")]
     pub slice: Option<SlicePiece>,
+    /// It runs on one of the worker's express slots (a small Query's Task).
+    #[prost(bool, tag = "7")]
+    pub express: bool,
 }
 
 /// Piece `index` of `of` equal, contiguous byte ranges of a Task plan's scan slice.

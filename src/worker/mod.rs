@@ -133,7 +133,10 @@ impl Worker {
             released_attempts: Mutex::new(Recent::new(RELEASED_ATTEMPTS_MAX)),
         });
         let server = serve(Arc::new(Service(Arc::clone(&state))), listener)?;
-        let loops = vec![tokio::spawn(membership_loop(Arc::clone(&state))), tokio::spawn(dispatch_loop(Arc::clone(&state)))];
+        let mut loops = vec![tokio::spawn(membership_loop(Arc::clone(&state))), tokio::spawn(dispatch_loop(Arc::clone(&state), false))];
+        if state.config.express_slots > 0 {
+            loops.push(tokio::spawn(dispatch_loop(Arc::clone(&state), true)));
+        }
         tracing::info!(url = %state.url, coordinator = coordinator_url, slots = state.config.slots, "worker started");
         Ok(Self { state, server, loops })
     }
@@ -254,6 +257,7 @@ async fn membership_loop(state: Arc<State>) {
                 address: state.url.clone(),
                 slots: state.config.slots as u32,
                 memory_limit_bytes: state.config.memory_limit_bytes,
+                express_slots: state.config.express_slots as u32,
             };
             match call::<_, RegisterWorkerResponse>(&state.coordinator, action::REGISTER_WORKER, &request).await {
                 Ok(reply) => {
@@ -284,11 +288,15 @@ async fn membership_loop(state: Arc<State>) {
     }
 }
 
-/// Pulls Tasks for the free slots: once a slot is free, one long poll asks for a Task for each
-/// free slot (the coordinator may batch several into one answer), and each Task runs on a slot
-/// of its own, reported as it goes. The Tasks belong to this loop: stopping it stops them.
-async fn dispatch_loop(state: Arc<State>) {
-    let slots = Arc::new(Semaphore::new(state.config.slots.max(1)));
+/// Pulls Tasks for one lane of slots (the regular ones, or the express ones that take only
+/// small Queries' Tasks): once one of its slots is free, one long poll asks for a Task for each
+/// free one (the coordinator may batch several into one answer), and each Task runs on a slot
+/// of its own, reported as it goes. Each lane polls on its own, so a regular slot that frees up
+/// never waits for an express poll to return. The Tasks belong to this loop: stopping it stops
+/// them.
+async fn dispatch_loop(state: Arc<State>, express: bool) {
+    let count = if express { state.config.express_slots } else { state.config.slots.max(1) };
+    let slots = Arc::new(Semaphore::new(count));
     let mut running = JoinSet::new();
     loop {
         while running.try_join_next().is_some() {}
@@ -301,7 +309,9 @@ async fn dispatch_loop(state: Arc<State>) {
         while let Ok(permit) = Arc::clone(&slots).try_acquire_owned() {
             free.push(permit);
         }
-        let poll = PollTask { worker_id: registration.id.clone(), session: registration.session, max_tasks: free.len() as u32 };
+        let n = free.len() as u32;
+        let (max_tasks, express_tasks) = if express { (0, n) } else { (n, 0) };
+        let poll = PollTask { worker_id: registration.id.clone(), session: registration.session, max_tasks, express_tasks };
         match call::<_, PollTaskResponse>(&state.coordinator, action::POLL_TASK, &poll).await {
             Ok(PollTaskResponse { known: false, .. }) => state.forget(&registration),
             Ok(PollTaskResponse { task, more, .. }) => {

@@ -50,7 +50,7 @@ pub fn many_tasks_config() -> CoordinatorConfig {
 
 impl TestCluster {
     pub async fn start(workers: usize) -> Self {
-        Self::start_with(workers, WorkerConfig { slots: 2, memory_limit_bytes: 1 << 30 }).await
+        Self::start_with(workers, WorkerConfig { slots: 2, memory_limit_bytes: 1 << 30, ..WorkerConfig::default() }).await
     }
 
     pub async fn start_with(workers: usize, worker: WorkerConfig) -> Self {
