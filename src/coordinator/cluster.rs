@@ -261,6 +261,8 @@ impl Cluster {
     pub async fn poll(&self, worker_id: &str, session: u64, max_tasks: u32, express_tasks: u32) -> std::result::Result<Vec<TaskAssignment>, ()> {
         // A poll is dropped before it answers only when the worker's connection went away.
         let mut guard = PollGuard { cluster: self, worker_id, session, answered: false };
+        // A poll that names no slot at all is for one regular slot.
+        let max_tasks = if max_tasks == 0 && express_tasks == 0 { 1 } else { max_tasks };
         let first = self.wait_for_task(worker_id, session, max_tasks > 0, express_tasks > 0).await;
         guard.answered = true;
         let mut tasks: Vec<TaskAssignment> = first?.into_iter().collect();
@@ -837,6 +839,8 @@ mod tests {
         assert_eq!(cluster.poll(&big.0, big.1, 4, 0).await.unwrap().len(), 4);
         // 4 left: it takes 2, leaving 2 for the other worker's 2 free slots.
         assert_eq!(cluster.poll(&big.0, big.1, 4, 0).await.unwrap().len(), 2);
+        // A poll naming no slot is for one.
+        assert_eq!(cluster.poll(&big.0, big.1, 0, 0).await.unwrap().len(), 1);
     }
 
     #[tokio::test]

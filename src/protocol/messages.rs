@@ -90,7 +90,7 @@ pub struct PollTask {
     #[prost(uint64, tag = "2")]
     pub session: u64,
     /// Free slots the worker polls for: the coordinator may answer with up to this many Tasks
-    /// (batched dispatch); 0 counts as 1.
+    /// (batched dispatch); 0 counts as 1 when `express_tasks` is 0 too.
     #[prost(uint32, tag = "3")]
     pub max_tasks: u32,
     /// Free express slots it polls for (see `RegisterWorker::express_slots`).
