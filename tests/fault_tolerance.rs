@@ -180,6 +180,14 @@ async fn tpch_joins_with_split_partitions_survive_a_worker_killed_during_each() 
     assert_ne!(split[0][0], "0", "no partition was split");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpch_scans_cut_into_pieces_survive_a_worker_killed_during_each() {
+    // Every scan's last slices are cut at dispatch: pieces die with the worker and run again.
+    let (_cluster, client) = tpch_with_a_worker_killed_in_each_query([1, 6, 12].into_iter(), &["SET quiver.slice_piece_min_bytes = 1"]).await;
+    let cut = collect(&client, "SELECT CAST(sum(slices_cut) AS BIGINT) FROM quiver.queries").await;
+    assert_ne!(cut[0][0], "0", "no scan slice was cut");
+}
+
 /// Two shuffled inputs of a join: while the big side still runs, the worker holding outputs of
 /// finished Tasks is frozen and killed. Exactly the Tasks that succeeded there are recomputed,
 /// and the Prometheus counters say why.
