@@ -180,8 +180,8 @@ pub enum Action {
     /// The Query failed with this error.
     Fail(QuiverError),
     /// An Attempt ended; `ran` is the time from its assignment, and `worker` the worker it
-    /// was assigned to, when it was assigned.
-    Ended { key: TaskKey, state: TaskState, ran: Option<Duration>, worker: Option<String> },
+    /// was assigned to, when it was assigned; `express` when it ran on an express slot.
+    Ended { state: TaskState, ran: Option<Duration>, worker: Option<String>, express: bool },
     /// An Attempt on `worker` took (or, beaten, had taken) `ratio` times the median time of
     /// its Stage's finished Tasks: how fast that worker is.
     Paced { worker: String, ratio: f64 },
@@ -275,6 +275,8 @@ struct Attempt {
     inputs: Arc<Vec<OutputLocation>>,
     assigned_at: Option<Instant>,
     ended_at: Option<Instant>,
+    /// It runs on one of its worker's express slots.
+    express: bool,
 }
 
 impl Attempt {
@@ -296,7 +298,7 @@ impl Attempt {
         self.ended_at = Some(now);
         let ran = self.assigned_at.map(|at| now.saturating_duration_since(at));
         let worker = ran.and(self.record.worker_id.clone());
-        Some(Action::Ended { key: self.record.key.clone(), state, ran, worker })
+        Some(Action::Ended { state, ran, worker, express: self.express })
     }
 
     /// The worker of an assigned Attempt and how long it has run by `now`.
@@ -552,8 +554,9 @@ impl QueryRun {
         self.attempt(key).is_some_and(|a| a.record.state == TaskState::Queued)
     }
 
-    /// A queued Attempt was given to a worker; false when it is no longer queued.
-    pub fn assigned(&mut self, key: &TaskKey, worker_id: &str, worker_url: &str, now: Instant) -> bool {
+    /// A queued Attempt was given to a worker (on an express slot when `express`); false when it
+    /// is no longer queued.
+    pub fn assigned(&mut self, key: &TaskKey, worker_id: &str, worker_url: &str, express: bool, now: Instant) -> bool {
         let Some(attempt) = self.attempt_mut(key) else { return false };
         if attempt.record.state != TaskState::Queued {
             return false;
@@ -563,6 +566,7 @@ impl QueryRun {
         attempt.record.started = Some(SystemTime::now());
         attempt.worker_url = Some(worker_url.to_string());
         attempt.assigned_at = Some(now);
+        attempt.express = express;
         true
     }
 
@@ -892,6 +896,7 @@ impl QueryRun {
             inputs: Arc::clone(&inputs),
             assigned_at: None,
             ended_at: None,
+            express: false,
         });
         let speculative = started_as == StartedAs::Speculative;
         let slow_pace = self.slow_pace;

@@ -7,7 +7,7 @@
 //! One mutex guards it all: every operation is short and never awaits while holding it.
 
 use std::cmp::Reverse;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -76,8 +76,6 @@ struct QueryEntry {
     outcomes: HashMap<TaskId, watch::Sender<Option<TaskOutcome>>>,
     /// Its Attempts assigned to a worker and not ended: its share of the cluster now.
     running: u32,
-    /// Those of them on express slots.
-    express: HashSet<TaskKey>,
 }
 
 #[derive(Default)]
@@ -198,7 +196,7 @@ impl Cluster {
             partitions_split: 0,
             slices_cut: 0,
         };
-        let entry = QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new(), running: 0, express: HashSet::new() };
+        let entry = QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new(), running: 0 };
         self.lock().queries.insert(id.to_string(), entry);
         self.metrics.query_started();
     }
@@ -252,30 +250,26 @@ impl Cluster {
         Ok(())
     }
 
-    /// A worker's long poll for its `max_tasks` free slots and `express_tasks` free express
-    /// slots: the next Attempt it may take, waiting up to [`TASK_POLL_WAIT_MS`], then more of
-    /// them for its other free slots (batched dispatch: while the queue holds more ready
-    /// Attempts than the other workers have free slots, up to the coordinator's
-    /// `poll_tasks_max`), and a small Query's Attempt for each free express slot. Empty:
-    /// nothing came in time. `Err(())` means the worker is unknown and must register again.
+    /// A worker's long poll for one lane of its slots: its `max_tasks` free slots or, when it
+    /// names none, its `express_tasks` free express slots (a poll that names neither is for one
+    /// slot). The next Attempt it may take, waiting up to [`TASK_POLL_WAIT_MS`], then more for
+    /// its other free slots of that lane: regular ones while the queue holds more ready Attempts
+    /// than the other workers have free slots (batched dispatch, up to the coordinator's
+    /// `poll_tasks_max`), express ones while small Queries' Attempts wait. Empty: nothing came
+    /// in time. `Err(())` means the worker is unknown and must register again.
     pub async fn poll(&self, worker_id: &str, session: u64, max_tasks: u32, express_tasks: u32) -> std::result::Result<Vec<TaskAssignment>, ()> {
+        let (lane, free) = match (max_tasks, express_tasks) {
+            (0, 0) => (Lane::Regular, 1),
+            (0, n) => (Lane::Express, n as usize),
+            (n, _) => (Lane::Regular, (n as usize).min(self.lock().poll_tasks_max)),
+        };
         // A poll is dropped before it answers only when the worker's connection went away.
         let mut guard = PollGuard { cluster: self, worker_id, session, answered: false };
-        // A poll that names no slot at all is for one regular slot.
-        let max_tasks = if max_tasks == 0 && express_tasks == 0 { 1 } else { max_tasks };
-        let first = self.wait_for_task(worker_id, session, max_tasks > 0, express_tasks > 0).await;
+        let first = self.wait_for_task(worker_id, session, lane).await;
         guard.answered = true;
         let mut tasks: Vec<TaskAssignment> = first?.into_iter().collect();
-        let regular = |tasks: &Vec<TaskAssignment>| tasks.iter().filter(|t| !t.express).count();
-        let max_tasks = (max_tasks as usize).min(self.lock().poll_tasks_max);
-        while !tasks.is_empty() && regular(&tasks) < max_tasks && self.batch_more(worker_id) {
-            match self.try_assign(worker_id, session, Lane::Regular) {
-                Ok(Assigned::Task(task)) => tasks.push(task),
-                _ => break,
-            }
-        }
-        while !tasks.is_empty() && tasks.len() - regular(&tasks) < express_tasks as usize {
-            match self.try_assign(worker_id, session, Lane::Express) {
+        while !tasks.is_empty() && tasks.len() < free && (lane == Lane::Express || self.batch_more(worker_id)) {
+            match self.try_assign(worker_id, session, lane) {
                 Ok(Assigned::Task(task)) => tasks.push(task),
                 _ => break,
             }
@@ -292,20 +286,14 @@ impl Cluster {
         policy::batch_more(ready, inner.workers.free_slots_elsewhere(worker_id))
     }
 
-    /// The first Attempt a poll gets: for a regular slot when `regular`, else (or when none
-    /// fits one) for an express slot when `express`.
-    async fn wait_for_task(&self, worker_id: &str, session: u64, regular: bool, express: bool) -> std::result::Result<Option<TaskAssignment>, ()> {
+    async fn wait_for_task(&self, worker_id: &str, session: u64, lane: Lane) -> std::result::Result<Option<TaskAssignment>, ()> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(TASK_POLL_WAIT_MS);
-        let lanes: Vec<Lane> = [(regular, Lane::Regular), (express, Lane::Express)].into_iter().filter(|(on, _)| *on).map(|(_, l)| l).collect();
         loop {
             let ready = self.task_ready.notified();
-            let mut next_ready = None;
-            for &lane in &lanes {
-                match self.try_assign(worker_id, session, lane)? {
-                    Assigned::Task(task) => return Ok(Some(task)),
-                    Assigned::NotBefore(at) => next_ready = next_ready.or(at.map(tokio::time::Instant::from_std)),
-                }
-            }
+            let next_ready = match self.try_assign(worker_id, session, lane)? {
+                Assigned::Task(task) => return Ok(Some(task)),
+                Assigned::NotBefore(at) => at.map(tokio::time::Instant::from_std),
+            };
             let wake = next_ready.map_or(deadline, |at| at.min(deadline));
             if tokio::time::timeout_at(wake, ready).await.is_err() && wake >= deadline {
                 return Ok(None);
@@ -340,13 +328,10 @@ impl Cluster {
         let query = queries.get_mut(&queued.key.query_id).expect("a queued Attempt's Query is known");
         let run = query.run.as_mut().expect("a queued Attempt's Query runs");
         let url = workers.url(worker_id).unwrap_or_default().to_string();
-        run.assigned(&queued.key, worker_id, &url, now);
-        query.running += 1;
         let express = lane == Lane::Express;
+        run.assigned(&queued.key, worker_id, &url, express, now);
+        query.running += 1;
         workers.attempt_assigned(worker_id, express);
-        if express {
-            query.express.insert(queued.key.clone());
-        }
         tracing::debug!(task = %queued.key, worker = worker_id, "task assigned");
         let plan = Arc::try_unwrap(queued.plan).unwrap_or_else(|shared| (*shared).clone());
         let inputs = (*queued.inputs).clone();
@@ -558,12 +543,11 @@ impl Cluster {
                         sender.send_replace(Some(TaskOutcome::Failed(error.clone())));
                     }
                 }
-                Action::Ended { key, state, ran, worker } => {
+                Action::Ended { state, ran, worker, express } => {
                     if ran.is_some() {
                         query.running = query.running.saturating_sub(1);
                     }
                     self.metrics.attempt_ended(state.as_str(), ran);
-                    let express = query.express.remove(&key);
                     if let Some(worker) = worker {
                         workers.attempt_ended(&worker, express);
                     }
@@ -727,7 +711,9 @@ fn choose(
     let pace = workers.pace(worker_id);
     let url = workers.url(worker_id).unwrap_or_default();
     let ready = queue.iter().filter(|q| q.ready_at <= now).count();
+    // Per Query, computed once per poll: Tasks left, and whether it is small (express lane).
     let mut remaining: HashMap<String, usize> = HashMap::new();
+    let mut small: HashMap<String, bool> = HashMap::new();
     let mut best: Option<((u32, usize, Reverse<u32>, Reverse<usize>), usize)> = None;
     let mut index = 0;
     while index < queue.len() {
@@ -749,8 +735,13 @@ fn choose(
             continue;
         }
         // An express slot is for small Queries: they do not wait behind a large one's Tasks.
-        if lane == Lane::Express && (queued.speculative || query.run.as_ref().is_none_or(|run| run.task_total() > EXPRESS_QUERY_TASKS_MAX)) {
-            continue;
+        if lane == Lane::Express {
+            let is_small = *small
+                .entry(queued.key.query_id.clone())
+                .or_insert_with(|| query.run.as_ref().is_some_and(|run| run.task_total() <= EXPRESS_QUERY_TASKS_MAX));
+            if queued.speculative || !is_small {
+                continue;
+            }
         }
         // A slow worker leaves what the faster ones have room for to them.
         let slow = queued.slow_pace.filter(|&limit| pace > limit);

@@ -93,7 +93,8 @@ pub struct PollTask {
     /// (batched dispatch); 0 counts as 1 when `express_tasks` is 0 too.
     #[prost(uint32, tag = "3")]
     pub max_tasks: u32,
-    /// Free express slots it polls for (see `RegisterWorker::express_slots`).
+    /// Free express slots it polls for (see `RegisterWorker::express_slots`) when `max_tasks`
+    /// is 0: a poll is for one lane of slots.
     #[prost(uint32, tag = "4")]
     pub express_tasks: u32,
 }

@@ -126,7 +126,7 @@ impl QueryRun {
     }
 
     /// Task `id` never runs; the final Stage, if it reads it, is told `published` instead.
-    fn absorb(&mut self, id: TaskId, published: Option<TaskOutcome>, out: &mut Vec<Action>) {
+    pub(super) fn absorb(&mut self, id: TaskId, published: Option<TaskOutcome>, out: &mut Vec<Action>) {
         if let Some(task) = self.tasks.get_mut(&id) {
             task.absorbed = true;
         }

@@ -47,7 +47,6 @@ impl QueryRun {
         let task = self.tasks.get_mut(&id).expect("a queued Attempt has a Task");
         // The queue drops the Attempt once it is no longer queued here.
         task.attempts.clear();
-        task.absorbed = true;
         task.slice_bytes = None;
         task.pieces = ids.clone();
         let (plan, partition, summary, reads) = (Arc::clone(&task.plan), task.partition, task.summary.clone(), Arc::clone(&task.reads));
@@ -58,10 +57,7 @@ impl QueryRun {
             piece.reads_text = Some(format!("piece {} of {pieces} of task {number}'s slice", index + 1));
             self.tasks.insert((stage, piece_number), piece);
         }
-        if final_input {
-            let outcome = TaskOutcome::Pieces(ids.iter().map(|&t| (stage, t)).collect());
-            out.push(Action::Publish { task: id, outcome: Some(outcome) });
-        }
+        self.absorb(id, final_input.then(|| TaskOutcome::Pieces(ids.iter().map(|&t| (stage, t)).collect())), out);
         let run = &mut self.stages[stage as usize];
         run.slices_cut += 1;
         run.slice_pieces += pieces;

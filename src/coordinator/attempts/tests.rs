@@ -70,7 +70,7 @@ impl Driver {
     }
 
     fn assign(&mut self, key: &TaskKey, worker: &str) {
-        assert!(self.run.assigned(key, worker, &url(worker), self.now), "{key} is not queued");
+        assert!(self.run.assigned(key, worker, &url(worker), false, self.now), "{key} is not queued");
     }
 
     fn report(&mut self, key: &TaskKey, worker: &str, state: TaskState, error: Option<QuiverError>) {
