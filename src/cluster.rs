@@ -8,9 +8,13 @@ use std::time::Duration;
 use datafusion::common::{DataFusionError, Result};
 use tokio::net::TcpListener;
 
+use std::sync::Arc;
+
+use crate::auth::{AllowedPaths, Authenticator, ClusterKey, Credentials, UserStore};
 use crate::config::{CoordinatorConfig, WorkerConfig};
+use crate::transport::{ClientSecurity, NodeSecurity, ServerSecurity};
 use crate::coordinator::Coordinator;
-use crate::web::WebServer;
+use crate::web::{WebOptions, WebServer};
 use crate::worker::Worker;
 
 /// How long `start` waits for every worker to register.
@@ -33,6 +37,9 @@ pub struct LocalCluster {
     pub workers: Vec<Option<Worker>>,
     worker_config: WorkerConfig,
     web: Option<WebServer>,
+    /// The cluster secret of this process's cluster: made up at start, never written down,
+    /// so that nothing outside the process can join it or read its Task outputs.
+    key: ClusterKey,
 }
 
 impl LocalCluster {
@@ -40,12 +47,22 @@ impl LocalCluster {
         let listener = TcpListener::bind(opts.listen).await.map_err(|e| {
             DataFusionError::Execution(format!("cannot listen on {}: {e}", opts.listen))
         })?;
-        let coordinator = Coordinator::start(opts.coordinator, &opts.data_dir, listener).await?;
+        let key = ClusterKey::random();
+        std::fs::create_dir_all(&opts.data_dir)?;
+        let users = UserStore::open(&opts.data_dir)?;
+        let users = users.has_users().then(|| Arc::new(users));
+        let mut config = opts.coordinator;
+        // With users the cluster is closed, and tables keep to the data directory unless told
+        // otherwise (as `quiver coordinator` does).
+        if users.is_some() && !config.allowed_paths.restricts() {
+            config.allowed_paths = AllowedPaths::under(&[opts.data_dir.clone()]);
+        }
+        let coordinator = Coordinator::start(config, &opts.data_dir, listener, node_security(&key, users)).await?;
         let web = match opts.http {
-            Some(addr) => Some(WebServer::bind(std::sync::Arc::clone(&coordinator.core.cluster), addr).await?),
+            Some(addr) => Some(WebServer::bind(Arc::clone(&coordinator.core.cluster), Arc::clone(&coordinator.core.auth), addr, WebOptions::default()).await?),
             None => None,
         };
-        let mut cluster = Self { coordinator, workers: vec![], worker_config: opts.worker, web };
+        let mut cluster = Self { coordinator, workers: vec![], worker_config: opts.worker, web, key };
         for _ in 0..opts.workers {
             cluster.add_worker().await?;
         }
@@ -57,6 +74,11 @@ impl LocalCluster {
         self.coordinator.url()
     }
 
+    /// What a process must present to act as a member of this cluster (a worker of its own).
+    pub fn member_security(&self, name: &str) -> ClientSecurity {
+        node_security(&self.key, None).named(name).client
+    }
+
     /// The address the web server listens on, when it was started.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.web.as_ref().map(WebServer::addr)
@@ -65,7 +87,7 @@ impl LocalCluster {
     /// Starts one more worker on an ephemeral loopback port.
     pub async fn add_worker(&mut self) -> Result<usize> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let worker = Worker::start(self.worker_config.clone(), &self.url(), listener).await?;
+        let worker = Worker::start(self.worker_config.clone(), &self.url(), listener, node_security(&self.key, None)).await?;
         self.workers.push(Some(worker));
         Ok(self.workers.len() - 1)
     }
@@ -100,5 +122,13 @@ impl LocalCluster {
             worker.shutdown().await;
         }
         self.coordinator.shutdown().await;
+    }
+}
+
+/// A member of a cluster in one process: node tokens signed with `key`, no TLS (loopback).
+fn node_security(key: &ClusterKey, users: Option<Arc<UserStore>>) -> NodeSecurity {
+    NodeSecurity {
+        server: ServerSecurity { auth: Arc::new(Authenticator::new(users, Some(key.clone()))), tls: None },
+        client: ClientSecurity { credentials: Credentials::Node { key: key.clone(), name: String::new() }, tls_ca: None },
     }
 }

@@ -190,6 +190,8 @@ pub struct CoordinatorConfig {
     pub fair_share: bool,
     /// Most Tasks one worker poll takes (batched dispatch); 1: one per poll.
     pub poll_tasks_max: usize,
+    /// Where table files may be read and written (every path on an open coordinator).
+    pub allowed_paths: crate::auth::AllowedPaths,
 }
 
 impl Default for CoordinatorConfig {
@@ -200,6 +202,7 @@ impl Default for CoordinatorConfig {
             target_partitions: default_parallelism(),
             fair_share: true,
             poll_tasks_max: POLL_TASKS_MAX,
+            allowed_paths: crate::auth::AllowedPaths::any(),
         }
     }
 }

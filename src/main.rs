@@ -17,7 +17,10 @@ use quiver::config::{parse_bytes, CoordinatorConfig, WorkerConfig};
 use quiver::coordinator::Coordinator;
 use quiver::format::Format;
 use quiver::tpch;
-use quiver::web::WebServer;
+use quiver::web::{WebOptions, WebServer};
+use quiver::auth::{parse_duration, AllowedPaths, Authenticator, ClusterKey, Credentials, Role, TlsIdentity, UserStore};
+use quiver::transport::{ClientSecurity, NodeSecurity, ServerSecurity};
+use std::sync::Arc;
 use quiver::worker::Worker;
 
 #[derive(Parser)]
@@ -93,9 +96,34 @@ impl PlannerArgs {
     }
 }
 
+/// How a server admits callers and how it calls the others.
+#[derive(clap::Args, Clone)]
+struct SecurityArgs {
+    /// A file holding the cluster secret (at least 16 bytes), the same on the coordinator and
+    /// every worker: only processes that hold it may register, take Tasks, or read and free
+    /// Task outputs.
+    #[arg(long)]
+    cluster_secret_file: Option<PathBuf>,
+    /// Serve TLS with this certificate (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Trust the certificate authorities in this file (PEM) for https:// peers; by default
+    /// --tls-cert itself (a certificate shared by the cluster, or one that carries its CA).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Listen on a non-loopback address without authentication: anyone who can reach the port
+    /// could run SQL, join as a worker or read Task outputs.
+    #[arg(long)]
+    insecure: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run a coordinator.
+    /// Run a coordinator. With users in its data directory (`quiver user add`) every port
+    /// requires authentication.
     Coordinator {
         #[arg(long, default_value = "127.0.0.1:50050")]
         listen: SocketAddr,
@@ -105,6 +133,15 @@ enum Command {
         /// Serve the web UI, JSON API and Prometheus metrics on this address, e.g. 127.0.0.1:8080.
         #[arg(long)]
         http: Option<SocketAddr>,
+        /// Let Prometheus read /metrics without credentials.
+        #[arg(long)]
+        metrics_unauthenticated: bool,
+        /// Tables may also read and write files under this directory (besides the data
+        /// directory); repeatable. Enforced whenever users are configured.
+        #[arg(long)]
+        allow_path: Vec<PathBuf>,
+        #[command(flatten)]
+        security: SecurityArgs,
         #[command(flatten)]
         planner: PlannerArgs,
     },
@@ -114,6 +151,8 @@ enum Command {
         coordinator: String,
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        #[command(flatten)]
+        security: SecurityArgs,
         /// Tasks run at once (default: the number of cores).
         #[arg(long)]
         slots: Option<usize>,
@@ -139,6 +178,10 @@ enum Command {
         /// Keep serving outside clients until interrupted.
         #[arg(long)]
         serve: bool,
+        /// Log in as this user (when the data directory has users); the password comes from
+        /// QUIVER_PASSWORD, or is asked for.
+        #[arg(long)]
+        user: Option<String>,
         /// Serve the web UI, JSON API and Prometheus metrics on this address, e.g. 127.0.0.1:8080.
         #[arg(long)]
         http: Option<SocketAddr>,
@@ -149,13 +192,79 @@ enum Command {
     Sql {
         #[arg(long, default_value = "http://127.0.0.1:50050")]
         coordinator: String,
+        /// Log in as this user; the password comes from QUIVER_PASSWORD, or is asked for.
+        #[arg(long, conflicts_with = "token")]
+        user: Option<String>,
+        /// Present this token (from `quiver token create`); also read from QUIVER_TOKEN.
+        #[arg(long, env = "QUIVER_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Trust the certificate authorities in this file (PEM) for an https:// coordinator.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
         #[command(flatten)]
         input: Input,
+    },
+    /// Manage the users of a coordinator's data directory.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Manage client tokens: each is shown once, when created, and stored as a digest.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
         bench: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user (or set an existing one's password and role); the password is read from
+    /// standard input.
+    Add {
+        name: String,
+        #[arg(long, value_enum)]
+        role: Role,
+        #[arg(long, default_value = "quiver-data")]
+        data_dir: PathBuf,
+    },
+    /// Remove a user and their tokens.
+    Remove {
+        name: String,
+        #[arg(long, default_value = "quiver-data")]
+        data_dir: PathBuf,
+    },
+    List {
+        #[arg(long, default_value = "quiver-data")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token for a user and print it.
+    Create {
+        user: String,
+        #[arg(long, default_value = "quiver-data")]
+        data_dir: PathBuf,
+        /// How long it stays valid, e.g. 30d, 12h; without it, until revoked.
+        #[arg(long, value_parser = parse_duration)]
+        expires: Option<u64>,
+    },
+    /// List tokens (never the tokens themselves).
+    List {
+        #[arg(long, default_value = "quiver-data")]
+        data_dir: PathBuf,
+    },
+    /// Revoke a token by the id `quiver token list` shows.
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "quiver-data")]
+        data_dir: PathBuf,
     },
 }
 
@@ -259,7 +368,10 @@ enum BenchCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Servers log what they do; a shell or a benchmark keeps its terminal for results.
-    let quiet = matches!(cli.command, Command::Sql { .. } | Command::Bench { .. } | Command::Local { serve: false, .. });
+    let quiet = matches!(
+        cli.command,
+        Command::Sql { .. } | Command::Bench { .. } | Command::Local { serve: false, .. } | Command::User { .. } | Command::Token { .. }
+    );
     init_logging(if quiet { "warn" } else { "info" }, cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli.command)) {
@@ -283,12 +395,25 @@ fn init_logging(default: &str, format: LogFormat) {
 
 async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Coordinator { listen, data_dir, http, planner } => {
-            let listener = bind(listen).await?;
-            let coordinator = Coordinator::start(planner.config(), &data_dir, listener).await?;
+        Command::Coordinator { listen, data_dir, http, metrics_unauthenticated, allow_path, security, planner } => {
+            std::fs::create_dir_all(&data_dir)?;
+            let users = UserStore::open(&data_dir)?;
+            let users = users.has_users().then(|| Arc::new(users));
+            let node = node_security(&security, true, users.clone(), [Some(listen), http])?;
+            let mut config = planner.config();
+            if users.is_some() || !allow_path.is_empty() {
+                let mut roots = vec![data_dir.clone()];
+                roots.extend(allow_path);
+                config.allowed_paths = AllowedPaths::under(&roots);
+            }
+            let tls = node.server.tls.clone();
+            let coordinator = Coordinator::start(config, &data_dir, bind(listen).await?, node).await?;
             eprintln!("coordinator listening on {}", coordinator.url());
             let web = match http {
-                Some(addr) => Some(WebServer::bind(coordinator.core.cluster.clone(), addr).await?),
+                Some(addr) => {
+                    let options = WebOptions { metrics_open: metrics_unauthenticated, tls };
+                    Some(WebServer::bind(coordinator.core.cluster.clone(), coordinator.core.auth.clone(), addr, options).await?)
+                }
                 None => None,
             };
             web.iter().for_each(|web| eprintln!("web UI at {}", web.url()));
@@ -298,15 +423,16 @@ async fn run(command: Command) -> Result<()> {
             }
             coordinator.shutdown().await;
         }
-        Command::Worker { coordinator, listen, slots, memory_limit, express_slots } => {
+        Command::Worker { coordinator, listen, security, slots, memory_limit, express_slots } => {
             let slots = slots.unwrap_or_else(quiver::config::default_parallelism);
             let config = WorkerConfig { slots, express_slots, memory_limit_bytes: memory_limit };
-            let worker = Worker::start(config, &coordinator, bind(listen).await?).await?;
+            let node = node_security(&security, false, None, [Some(listen), None])?;
+            let worker = Worker::start(config, &coordinator, bind(listen).await?, node).await?;
             eprintln!("worker serving on {}", worker.url());
             wait_for_ctrl_c().await;
             worker.shutdown().await;
         }
-        Command::Local { workers, tpch: sf, data_dir, listen, serve, http, input } => {
+        Command::Local { workers, tpch: sf, data_dir, listen, serve, user, http, input } => {
             let opts = LocalOptions {
                 workers,
                 worker: WorkerConfig { slots: quiver::config::default_parallelism().div_ceil(workers.max(1)).max(1), ..WorkerConfig::default() },
@@ -317,7 +443,10 @@ async fn run(command: Command) -> Result<()> {
             };
             let cluster = LocalCluster::start(opts).await?;
             cluster.http_addr().iter().for_each(|addr| eprintln!("web UI at http://{addr}/"));
-            let client = Client::connect(&cluster.url()).await?;
+            let client = match user {
+                Some(user) => Client::login(&cluster.url(), &user, &password(&user)?, None).await?,
+                None => Client::connect(&cluster.url()).await?,
+            };
             if let Some(sf) = sf {
                 let dir = tpch::generate(&data_dir, sf, tpch::Layout::for_scale(sf))?;
                 for sql in tpch::create_tables_sql(&dir) {
@@ -334,10 +463,22 @@ async fn run(command: Command) -> Result<()> {
             cluster.shutdown().await;
             result?;
         }
-        Command::Sql { coordinator, input } => {
-            let client = Client::connect(&coordinator).await?;
+        Command::Sql { coordinator, user, token, tls_ca, input } => {
+            let tls_ca = match tls_ca {
+                Some(path) => Some(Arc::new(read_file(&path)?)),
+                None => None,
+            };
+            let client = match (user, token) {
+                (Some(user), _) => Client::login(&coordinator, &user, &password(&user)?, tls_ca).await?,
+                (None, token) => {
+                    let credentials = token.map_or(Credentials::None, Credentials::Bearer);
+                    Client::connect_with(&coordinator, &ClientSecurity { credentials, tls_ca }).await?
+                }
+            };
             run_input(&client, &input).await?;
         }
+        Command::User { command } => manage_users(command)?,
+        Command::Token { command } => manage_tokens(command)?,
         Command::Bench { bench: BenchCommand::Tpch { sf, workers, queries, data_dir, iterations } } => {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());
             run_tpch(&TpchBench { sf, workers, queries, data_dir, iterations }).await?;
@@ -359,6 +500,104 @@ async fn run(command: Command) -> Result<()> {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());
             run_straggler(&StragglerBench { sf, queries, data_dir, throttle_percent, iterations }).await?;
         }
+    }
+    Ok(())
+}
+
+/// What a coordinator or worker started with these flags admits and presents. Refuses to
+/// start a server that would listen beyond loopback with nobody authenticated, unless
+/// `--insecure` says so.
+fn node_security(args: &SecurityArgs, coordinator: bool, users: Option<Arc<UserStore>>, listens: [Option<SocketAddr>; 2]) -> Result<NodeSecurity> {
+    let key = match &args.cluster_secret_file {
+        Some(path) => Some(ClusterKey::from_file(path)?),
+        None => None,
+    };
+    if users.is_some() && key.is_none() {
+        return Err(DataFusionError::Configuration(
+            "this data directory has users, so the cluster is closed: give the coordinator and every worker the same \
+             --cluster-secret-file"
+                .into(),
+        ));
+    }
+    let closed = key.is_some() && (users.is_some() || !coordinator);
+    let exposed = listens.iter().flatten().find(|a| !a.ip().is_loopback());
+    if let (Some(addr), false, false) = (exposed, closed, args.insecure) {
+        let how = if key.is_none() {
+            "give it --cluster-secret-file (and, on the coordinator, add users with `quiver user add`)"
+        } else {
+            "add users with `quiver user add`"
+        };
+        return Err(DataFusionError::Configuration(format!(
+            "refusing to listen on {addr} without authentication: anyone who can reach it could use the cluster; {how}, \
+             or pass --insecure"
+        )));
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsIdentity::from_files(cert, key)?),
+        _ => None,
+    };
+    if exposed.is_some() && closed && tls.is_none() {
+        tracing::warn!("credentials will cross the network in the clear: give --tls-cert and --tls-key");
+    }
+    let tls_ca = match args.tls_ca.as_ref().or(args.tls_cert.as_ref()) {
+        Some(path) => Some(Arc::new(read_file(path)?)),
+        None => None,
+    };
+    let credentials = key.clone().map_or(Credentials::None, |key| Credentials::Node { key, name: String::new() });
+    Ok(NodeSecurity {
+        server: ServerSecurity { auth: Arc::new(Authenticator::new(users, key)), tls },
+        client: ClientSecurity { credentials, tls_ca },
+    })
+}
+
+fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| DataFusionError::Configuration(format!("cannot read {}: {e}", path.display())))
+}
+
+/// A user's password: from QUIVER_PASSWORD, or asked for on the terminal without echo.
+fn password(user: &str) -> Result<String> {
+    if let Ok(password) = std::env::var("QUIVER_PASSWORD") {
+        return Ok(password);
+    }
+    rpassword::prompt_password(format!("Password for {user}: "))
+        .map_err(|e| DataFusionError::Configuration(format!("no password: set QUIVER_PASSWORD or run in a terminal ({e})")))
+}
+
+fn manage_users(command: UserCommand) -> Result<()> {
+    let refused = DataFusionError::from;
+    match command {
+        UserCommand::Add { name, role, data_dir } => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            let password = line.trim_end_matches(['\n', '\r']);
+            UserStore::open(&data_dir).map_err(refused)?.add_user(&name, role, password).map_err(refused)?;
+            eprintln!("user {name} ({role:?}) saved in {}", data_dir.display());
+        }
+        UserCommand::Remove { name, data_dir } => UserStore::open(&data_dir).map_err(refused)?.remove_user(&name).map_err(refused)?,
+        UserCommand::List { data_dir } => {
+            for (name, role) in UserStore::open(&data_dir).map_err(refused)?.users().map_err(refused)? {
+                println!("{name}\t{}", format!("{role:?}").to_lowercase());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn manage_tokens(command: TokenCommand) -> Result<()> {
+    let refused = DataFusionError::from;
+    match command {
+        TokenCommand::Create { user, data_dir, expires } => {
+            let (token, info) = UserStore::open(&data_dir).map_err(refused)?.create_token(&user, expires).map_err(refused)?;
+            eprintln!("token {} for {user}; it is shown only now:", info.id);
+            println!("{token}");
+        }
+        TokenCommand::List { data_dir } => {
+            for t in UserStore::open(&data_dir).map_err(refused)?.tokens().map_err(refused)? {
+                let state = if t.revoked { "revoked".to_string() } else { t.expires_ms.map_or("valid".into(), |ms| format!("expires_ms={ms}")) };
+                println!("{}\t{}\t{state}", t.id, t.user);
+            }
+        }
+        TokenCommand::Revoke { id, data_dir } => UserStore::open(&data_dir).map_err(refused)?.revoke_token(&id).map_err(refused)?,
     }
     Ok(())
 }

@@ -27,7 +27,7 @@ use crate::config::{
 use crate::protocol::{
     error_text, remote_to_quiver, ErrorKind, QueryProgress, QuiverError, TaskAssignment, TaskKey, TaskReport, TaskState,
 };
-use crate::transport::release_attempt;
+use crate::transport::{release_attempt, ClientSecurity};
 
 /// Slices one poll may cut before it takes an Attempt: each cut absorbs a queued slice, so the
 /// bound only keeps one poll's work under the lock short.
@@ -37,6 +37,8 @@ const SLICE_CUTS_PER_POLL_MAX: u32 = 4;
 pub struct QueryRecord {
     pub id: String,
     pub sql: String,
+    /// The user who started it (`anonymous` on an open coordinator).
+    pub user: String,
     pub state: &'static str,
     pub mode: &'static str,
     pub stages: u32,
@@ -96,6 +98,9 @@ pub struct Cluster {
     task_ready: Notify,
     worker_joined: Notify,
     metrics: Metrics,
+    /// What the coordinator presents when it calls a worker (to stop an Attempt, to read an
+    /// output for the final Stage).
+    security: ClientSecurity,
 }
 
 /// One Query as a whole: its record, its Stages and every Attempt.
@@ -128,6 +133,16 @@ impl Cluster {
     pub fn with_poll_tasks_max(self, max: usize) -> Self {
         self.lock().poll_tasks_max = max.max(1);
         self
+    }
+
+    pub fn with_security(mut self, security: ClientSecurity) -> Self {
+        self.security = security;
+        self
+    }
+
+    /// What the coordinator presents when it calls a worker.
+    pub fn security(&self) -> &ClientSecurity {
+        &self.security
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -176,6 +191,7 @@ impl Cluster {
         let record = QueryRecord {
             id: id.to_string(),
             sql: sql.to_string(),
+            user: "anonymous".to_string(),
             state: "running",
             mode: "coordinator",
             stages: 0,
@@ -199,6 +215,13 @@ impl Cluster {
         let entry = QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new(), running: 0 };
         self.lock().queries.insert(id.to_string(), entry);
         self.metrics.query_started();
+    }
+
+    /// Records who started the Query: only they (or an admin) may fetch, follow or cancel it.
+    pub fn set_query_user(&self, id: &str, user: &str) {
+        if let Some(query) = self.lock().queries.get_mut(id) {
+            query.record.user = user.to_string();
+        }
     }
 
     /// The Query runs on the coordinator alone because its input is small (`quiver.queries`
@@ -525,7 +548,7 @@ impl Cluster {
                     queue.push_back(attempt);
                     queued = true;
                 }
-                Action::Stop { key, worker_url } => stop_attempt(worker_url, key),
+                Action::Stop { key, worker_url } => stop_attempt(self.security.clone(), worker_url, key),
                 Action::Publish { task, outcome } => {
                     // The pieces of a split Task are read through channels of their own.
                     if let Some(TaskOutcome::Pieces(pieces)) = &outcome {
@@ -775,10 +798,10 @@ fn no_live_workers() -> QuiverError {
 
 /// Tells a worker to stop an Attempt and free its outputs, in the background: the worker may be
 /// gone, and then there is nothing to free.
-fn stop_attempt(worker_url: String, key: TaskKey) {
+fn stop_attempt(security: ClientSecurity, worker_url: String, key: TaskKey) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     runtime.spawn(async move {
-        if let Err(e) = release_attempt(&worker_url, key.clone()).await {
+        if let Err(e) = release_attempt(&security, &worker_url, key.clone()).await {
             tracing::debug!(task = %key, url = %worker_url, "stopping the attempt failed: {e}");
         }
     });

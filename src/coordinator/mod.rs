@@ -2,6 +2,7 @@
 //! Stages and Tasks, hands Tasks to Workers as they poll with free slots, runs the final Stage
 //! and streams the result to the client.
 
+mod access;
 mod attempts;
 mod catalog;
 mod cluster;
@@ -40,8 +41,10 @@ use crate::protocol::{
     quiver_error, ErrorKind, action, Empty, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, QueryProgressRequest, RegisterWorker,
     RegisterWorkerResponse, ReleaseQuery, TaskReport,
 };
+use crate::auth::{Authenticator, Caller};
 use crate::transport::{
-    refuses_connections, call, serve_sql, worker_peer, Cancelled, Prepared, ServerHandle, SqlHandler, Started, TableEntry,
+    refuses_connections, call, serve_sql, worker_peer, Cancelled, NodeSecurity, Prepared, ServerHandle, SqlHandler, Started,
+    TableEntry,
 };
 
 /// Everything a running coordinator holds.
@@ -54,6 +57,8 @@ pub struct Core {
     catalog_lock: tokio::sync::Mutex<()>,
     /// Statements Flight SQL clients have started or prepared.
     statements: Arc<statements::Statements>,
+    /// Who may call: the same checks on the Flight SQL port and the HTTP port.
+    pub auth: Arc<Authenticator>,
 }
 
 impl Core {
@@ -90,8 +95,9 @@ impl Core {
         let release = ReleaseQuery { query_id: id.to_string() };
         let release_on = |url: String| {
             let release = release.clone();
+            let security = self.cluster.security().clone();
             async move {
-                if let Ok(peer) = worker_peer(&url).await {
+                if let Ok(peer) = worker_peer(&url, &security).await {
                     if let Err(e) = call::<_, Empty>(&peer, action::RELEASE_QUERY, &release).await {
                         tracing::debug!(%url, "release of {} failed: {e}", release.query_id);
                     }
@@ -110,8 +116,10 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Opens the catalog under `data_dir`, restores its tables and serves on `listener`.
-    pub async fn start(config: CoordinatorConfig, data_dir: &Path, listener: TcpListener) -> Result<Self> {
+    /// Opens the catalog under `data_dir`, restores its tables and serves on `listener`,
+    /// admitting callers as `security` says.
+    pub async fn start(config: CoordinatorConfig, data_dir: &Path, listener: TcpListener, security: NodeSecurity) -> Result<Self> {
+        let security = security.named("coordinator");
         std::fs::create_dir_all(data_dir)?;
         let data_dir: PathBuf = std::fs::canonicalize(data_dir)?;
         let mut session = session_config(config.target_partitions);
@@ -119,7 +127,9 @@ impl Coordinator {
         session.options_mut().optimizer.repartition_file_scans = false;
         // `SELECT … FROM 'path/to/file.parquet'` reads files directly, as in datafusion-cli.
         let ctx = SessionContext::new_with_config(session).enable_url_table();
-        let cluster = Arc::new(Cluster::new(config.fair_share).with_poll_tasks_max(config.poll_tasks_max));
+        let cluster = Arc::new(
+            Cluster::new(config.fair_share).with_poll_tasks_max(config.poll_tasks_max).with_security(security.client.clone()),
+        );
         system_tables::register(&ctx, &cluster)?;
         let catalog = catalog::Catalog::new(&data_dir);
         restore_catalog(&ctx, &catalog).await?;
@@ -130,8 +140,9 @@ impl Coordinator {
             catalog,
             catalog_lock: tokio::sync::Mutex::new(()),
             statements: Arc::default(),
+            auth: Arc::clone(&security.server.auth),
         });
-        let server = serve_sql(Arc::new(Service(Arc::clone(&core))), listener)?;
+        let server = serve_sql(Arc::new(Service(Arc::clone(&core))), listener, &security.server)?;
         let statements = Arc::clone(&core.statements);
         let monitor = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(SPECULATION_CHECK_INTERVAL_MS));
@@ -196,40 +207,49 @@ struct Service(Arc<Core>);
 
 #[async_trait::async_trait]
 impl SqlHandler for Service {
-    async fn start(&self, sql: &str) -> Result<Started> {
-        self.0.statements.start(&self.0, sql, None).await
+    async fn start(&self, caller: &Caller, sql: &str) -> Result<Started> {
+        self.0.statements.start(&self.0, caller, sql, None).await
     }
 
-    async fn start_prepared(&self, handle: &str) -> Result<Started> {
-        self.0.statements.start_prepared(&self.0, handle).await
+    async fn start_prepared(&self, caller: &Caller, handle: &str) -> Result<Started> {
+        self.0.statements.start_prepared(&self.0, caller, handle).await
     }
 
-    fn take_result(&self, handle: &str) -> Option<SendableRecordBatchStream> {
-        self.0.statements.take_result(handle)
+    fn take_result(&self, caller: &Caller, handle: &str) -> Option<SendableRecordBatchStream> {
+        self.0.statements.take_result(caller, handle)
     }
 
-    fn cancel(&self, handle: &str) -> Cancelled {
-        self.0.statements.cancel(&self.0, handle)
+    fn cancel(&self, caller: &Caller, handle: &str) -> Cancelled {
+        self.0.statements.cancel(&self.0, caller, handle)
     }
 
-    async fn prepare(&self, sql: &str) -> Result<Prepared> {
-        self.0.statements.prepare(&self.0, sql).await
+    async fn prepare(&self, caller: &Caller, sql: &str) -> Result<Prepared> {
+        self.0.statements.prepare(&self.0, caller, sql).await
     }
 
-    fn bind(&self, handle: &str, parameters: RecordBatch) -> Result<()> {
-        self.0.statements.bind(handle, parameters)
+    fn bind(&self, caller: &Caller, handle: &str, parameters: RecordBatch) -> Result<()> {
+        self.0.statements.bind(caller, handle, parameters)
     }
 
-    fn close_prepared(&self, handle: &str) {
-        self.0.statements.close_prepared(handle)
+    fn close_prepared(&self, caller: &Caller, handle: &str) {
+        self.0.statements.close_prepared(caller, handle)
     }
 
-    async fn tables(&self) -> Result<Vec<TableEntry>> {
+    async fn tables(&self, caller: &Caller) -> Result<Vec<TableEntry>> {
+        if !caller.may_query() {
+            return Err(quiver_error(ErrorKind::Denied, format!("'{}' may not list tables", caller.name)));
+        }
         statements::tables(&self.0).await
     }
 
-    async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes> {
+    async fn do_action(&self, caller: &Caller, name: &str, body: Bytes) -> Result<Bytes> {
         let core = &self.0;
+        if name != action::QUERY_PROGRESS && !caller.is_node() {
+            return Err(quiver_error(
+                ErrorKind::Denied,
+                format!("'{}' is not a member of this cluster: action '{name}' is for workers", caller.name),
+            ));
+        }
         let reply = match name {
             action::REGISTER_WORKER => {
                 let r: RegisterWorker = decode(&body)?;
@@ -258,7 +278,8 @@ impl SqlHandler for Service {
             }
             action::QUERY_PROGRESS => {
                 let r: QueryProgressRequest = decode(&body)?;
-                let progress = core.cluster.progress(&r.query_id);
+                let may = core.cluster.query(&r.query_id).is_some_and(|q| caller.owns(&q.user) || caller.sees_all_queries());
+                let progress = core.cluster.progress(&r.query_id).filter(|_| may);
                 progress.ok_or_else(|| quiver_error(ErrorKind::Plan, format!("unknown query '{}'", r.query_id)))?.encode_to_vec()
             }
             other => return Err(quiver_error(ErrorKind::Plan, format!("unknown action '{other}'"))),

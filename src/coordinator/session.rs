@@ -24,6 +24,7 @@ use super::source::QueryTasks;
 use super::Core;
 use crate::planner::{self, attempt_file, count_schema, task_file, DistributeOptions, COORDINATOR_FILE, DistributedPlan, Exchange, WriteKind, WriteTarget};
 use super::policy::Adaptive;
+use crate::auth::Caller;
 use crate::config::QuiverOptions;
 use crate::protocol::encode_plan;
 
@@ -33,12 +34,18 @@ const WORKER_WAIT_MS: u64 = 10_000;
 /// Starts one statement with the values of its `$n` placeholders; returns the Query's id and
 /// its result. The Query is recorded from start to end. A statement that changes the catalog or
 /// writes has ended (committed) when this returns; a query runs while its result is read.
-pub async fn start(core: &Arc<Core>, sql: &str, parameters: Option<ParamValues>) -> Result<(String, SendableRecordBatchStream)> {
+pub async fn start(
+    core: &Arc<Core>,
+    caller: &Caller,
+    sql: &str,
+    parameters: Option<ParamValues>,
+) -> Result<(String, SendableRecordBatchStream)> {
     let id = format!("q-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     core.cluster.begin_query(&id, sql);
+    core.cluster.set_query_user(&id, &caller.name);
     tracing::info!(query = %id, "query started: {}", sql.trim());
     let abandoned = Abandoned { core: Some(Arc::clone(core)), id: id.clone() };
-    let ran = run(core, &id, sql, parameters).await;
+    let ran = run(core, caller, &id, sql, parameters).await;
     abandoned.disarm();
     match ran {
         Ok((stream, false)) => {
@@ -83,8 +90,15 @@ impl Drop for Abandoned {
 
 /// Runs a statement up to its result; true when the statement has already done all its work
 /// (DDL, writes): its result is a count or nothing, in memory.
-async fn run(core: &Arc<Core>, id: &str, sql: &str, parameters: Option<ParamValues>) -> Result<(SendableRecordBatchStream, bool)> {
+async fn run(
+    core: &Arc<Core>,
+    caller: &Caller,
+    id: &str,
+    sql: &str,
+    parameters: Option<ParamValues>,
+) -> Result<(SendableRecordBatchStream, bool)> {
     let plan = core.ctx.state().create_logical_plan(sql).await?;
+    super::access::check(caller, &plan, &core.config.allowed_paths)?;
     let plan = match parameters {
         Some(values) => plan.with_param_values(values)?,
         None => plan,

@@ -109,7 +109,7 @@ impl Part {
     /// Fetches the part, holding its batches until it has been read whole (or until the hold
     /// budget is spent; then the rest streams through).
     async fn fetch_held(&self, key: &TaskKey, url: &str) -> Result<BoxStream<'static, Result<RecordBatch>>> {
-        let mut stream = fetch_output(url, key.clone(), self.part, Arc::clone(&self.schema)).await?;
+        let mut stream = fetch_output(self.cluster.security(), url, key.clone(), self.part, Arc::clone(&self.schema)).await?;
         let mut held = Hold::default();
         while let Some(batch) = stream.next().await {
             let batch = batch?;

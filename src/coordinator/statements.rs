@@ -18,7 +18,8 @@ use futures::StreamExt;
 
 use super::{session, Core};
 use crate::config::{PREPARED_STATEMENTS_MAX, PREPARED_STATEMENT_IDLE_MS, RESULTS_WAITING_MAX, RESULT_CLAIM_TIMEOUT_MS};
-use crate::protocol::cancelled_error;
+use crate::auth::Caller;
+use crate::protocol::{cancelled_error, quiver_error, ErrorKind};
 use crate::transport::{Cancelled, Prepared, Started, TableEntry};
 
 #[derive(Default)]
@@ -40,9 +41,12 @@ struct Inner {
 struct Waiting {
     stream: SendableRecordBatchStream,
     since: Instant,
+    /// The caller that started the statement: the only one that may fetch its result.
+    owner: String,
 }
 
 struct PreparedEntry {
+    owner: String,
     sql: String,
     parameters: Option<ParamValues>,
     used: Instant,
@@ -54,7 +58,7 @@ impl Statements {
     }
 
     /// Starts a statement; its result waits for [`Statements::take_result`].
-    pub async fn start(&self, core: &Arc<Core>, sql: &str, parameters: Option<ParamValues>) -> Result<Started> {
+    pub async fn start(&self, core: &Arc<Core>, caller: &Caller, sql: &str, parameters: Option<ParamValues>) -> Result<Started> {
         {
             let mut inner = self.lock();
             if inner.waiting.len() + inner.starting >= RESULTS_WAITING_MAX {
@@ -65,29 +69,33 @@ impl Statements {
             inner.starting += 1;
         }
         let slot = Starting(self);
-        let (id, stream) = session::start(core, sql, parameters).await?;
+        let (id, stream) = session::start(core, caller, sql, parameters).await?;
         let schema = stream.schema();
         let mut inner = self.lock();
-        inner.waiting.insert(id.clone(), Waiting { stream, since: Instant::now() });
+        inner.waiting.insert(id.clone(), Waiting { stream, since: Instant::now(), owner: caller.name.clone() });
         drop(inner);
         drop(slot);
         Ok(Started { handle: id, schema })
     }
 
-    pub async fn start_prepared(&self, core: &Arc<Core>, handle: &str) -> Result<Started> {
+    pub async fn start_prepared(&self, core: &Arc<Core>, caller: &Caller, handle: &str) -> Result<Started> {
         let (sql, parameters) = {
             let mut inner = self.lock();
-            let entry = inner.prepared.get_mut(handle).ok_or_else(|| unknown_prepared(handle))?;
+            let entry = inner.prepared.get_mut(handle).filter(|p| caller.owns(&p.owner)).ok_or_else(|| unknown_prepared(handle))?;
             entry.used = Instant::now();
             (entry.sql.clone(), entry.parameters.clone())
         };
-        self.start(core, &sql, parameters).await
+        self.start(core, caller, &sql, parameters).await
     }
 
     /// The result of a started statement, once. A cancel ends it with an error, never early; a
     /// result read to its end stays complete even if a cancel arrives just after.
-    pub fn take_result(self: &Arc<Self>, id: &str) -> Option<SendableRecordBatchStream> {
+    pub fn take_result(self: &Arc<Self>, caller: &Caller, id: &str) -> Option<SendableRecordBatchStream> {
         let mut inner = self.lock();
+        // Another caller's result is as good as absent: its handle tells them nothing.
+        if !caller.owns(&inner.waiting.get(id)?.owner) {
+            return None;
+        }
         let waiting = inner.waiting.remove(id)?;
         let (abort, registration) = AbortHandle::new_pair();
         inner.fetching.insert(id.to_string(), abort.clone());
@@ -111,7 +119,11 @@ impl Statements {
 
     /// Cancels a Query: its waiting result is dropped, its streaming result ends with an error,
     /// and its Tasks are stopped on every worker now, whatever its client is doing.
-    pub fn cancel(&self, core: &Core, id: &str) -> Cancelled {
+    pub fn cancel(&self, core: &Core, caller: &Caller, id: &str) -> Cancelled {
+        let may = core.cluster.query(id).is_some_and(|q| caller.owns(&q.user) || caller.sees_all_queries());
+        if !may {
+            return Cancelled::Unknown;
+        }
         let (waiting, fetching) = {
             let mut inner = self.lock();
             (inner.waiting.remove(id), inner.fetching.get(id).cloned())
@@ -134,7 +146,10 @@ impl Statements {
         outcome
     }
 
-    pub async fn prepare(&self, core: &Core, sql: &str) -> Result<Prepared> {
+    pub async fn prepare(&self, core: &Core, caller: &Caller, sql: &str) -> Result<Prepared> {
+        if !caller.may_query() {
+            return Err(quiver_error(ErrorKind::Denied, format!("'{}' may not run statements", caller.name)));
+        }
         let plan = core.ctx.state().create_logical_plan(sql).await?;
         let prepared = Prepared {
             handle: format!("p-{}", uuid::Uuid::new_v4().simple()),
@@ -151,22 +166,25 @@ impl Statements {
                 inner.prepared.remove(&handle);
             }
         }
-        let entry = PreparedEntry { sql: sql.to_string(), parameters: None, used: Instant::now() };
+        let entry = PreparedEntry { owner: caller.name.clone(), sql: sql.to_string(), parameters: None, used: Instant::now() };
         inner.prepared.insert(prepared.handle.clone(), entry);
         Ok(prepared)
     }
 
-    pub fn bind(&self, handle: &str, parameters: RecordBatch) -> Result<()> {
+    pub fn bind(&self, caller: &Caller, handle: &str, parameters: RecordBatch) -> Result<()> {
         let values = parameter_values(&parameters)?;
         let mut inner = self.lock();
-        let entry = inner.prepared.get_mut(handle).ok_or_else(|| unknown_prepared(handle))?;
+        let entry = inner.prepared.get_mut(handle).filter(|p| caller.owns(&p.owner)).ok_or_else(|| unknown_prepared(handle))?;
         entry.parameters = values;
         entry.used = Instant::now();
         Ok(())
     }
 
-    pub fn close_prepared(&self, handle: &str) {
-        self.lock().prepared.remove(handle);
+    pub fn close_prepared(&self, caller: &Caller, handle: &str) {
+        let mut inner = self.lock();
+        if inner.prepared.get(handle).is_some_and(|p| caller.owns(&p.owner)) {
+            inner.prepared.remove(handle);
+        }
     }
 
     /// Cancels results nobody came for and closes prepared statements nobody uses.

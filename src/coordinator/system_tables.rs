@@ -58,7 +58,7 @@ fn schema(kind: Kind) -> SchemaRef {
             s("query_id"), s("sql"), s("state"), s("mode"), u32f("stages"), u32f("tasks"), u32f("workers_used"),
             u64f("rows"), u64f("bytes_shuffled"), u64f("bytes_gathered"), Field::new("started", timestamp(), false), u64f("duration_ms"), sn("error"),
             u32f("attempts_retried"), u32f("tasks_recomputed"), u32f("attempts_speculated"), u32f("speculation_wins"),
-            u32f("partitions_coalesced"), u32f("partitions_split"), u32f("slices_cut"),
+            u32f("partitions_coalesced"), u32f("partitions_split"), u32f("slices_cut"), s("user"),
         ],
         Kind::Tasks => vec![
             s("query_id"), u32f("stage"), u32f("task"), u32f("attempt"), sn("worker_id"), s("plan"), s("output"), s("state"),
@@ -133,6 +133,7 @@ impl SystemTable {
                     u32s(q.iter().map(|q| q.partitions_coalesced)),
                     u32s(q.iter().map(|q| q.partitions_split)),
                     u32s(q.iter().map(|q| q.slices_cut)),
+                    strings(q.iter().map(|q| q.user.as_str())),
                 ]
             }
             Kind::Tasks => {

@@ -318,6 +318,18 @@ impl PhysicalProtoConverterExtension for SubqueryResultsAsLiterals {
 }
 
 /// Decodes a Task plan; its Stage readers read through `source`.
+///
+/// DataFusion's plan decoding panics on some malformed input (an index out of range, a plan
+/// kind this build leaves out); the bytes come from the network, so a panic becomes an error
+/// here instead of taking a Task's thread down.
 pub fn decode_plan(bytes: &[u8], ctx: &TaskContext, source: Option<Arc<dyn StageSource>>) -> Result<Arc<dyn ExecutionPlan>> {
-    physical_plan_from_bytes_with_extension_codec(bytes, ctx, &QuiverCodec { source })
+    let decode = std::panic::AssertUnwindSafe(|| physical_plan_from_bytes_with_extension_codec(bytes, ctx, &QuiverCodec { source }));
+    std::panic::catch_unwind(decode).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        Err(crate::protocol::quiver_error(crate::protocol::ErrorKind::Plan, format!("malformed plan: decoding it failed: {why}")))
+    })
 }

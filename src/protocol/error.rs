@@ -41,10 +41,12 @@ pub enum ErrorKind {
     WorkerLost,
     /// Another process could not be reached.
     Unreachable,
+    /// The caller is not authenticated, or its role does not allow what it asked.
+    Denied,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 11] = [
+    const ALL: [ErrorKind; 12] = [
         ErrorKind::Plan,
         ErrorKind::NotImplemented,
         ErrorKind::ResourcesExhausted,
@@ -56,6 +58,7 @@ impl ErrorKind {
         ErrorKind::FetchFailed,
         ErrorKind::WorkerLost,
         ErrorKind::Unreachable,
+        ErrorKind::Denied,
     ];
 
     /// The name on the wire, in `quiver.tasks` and in metric labels.
@@ -72,6 +75,7 @@ impl ErrorKind {
             ErrorKind::FetchFailed => "fetch_failed",
             ErrorKind::WorkerLost => "worker_lost",
             ErrorKind::Unreachable => "unreachable",
+            ErrorKind::Denied => "denied",
         }
     }
 
@@ -91,6 +95,13 @@ impl ErrorKind {
 impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// A refusal for who asked: its kind is [`ErrorKind::Denied`], which no retry changes.
+impl From<crate::auth::Refused> for DataFusionError {
+    fn from(refused: crate::auth::Refused) -> Self {
+        quiver_error(ErrorKind::Denied, refused.0)
     }
 }
 

@@ -13,9 +13,10 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::{StreamExt, TryStreamExt};
 use prost::Message;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use super::{error_from_flight, error_from_status};
+use super::{error_from_flight, error_from_status, install_crypto_provider};
+use crate::auth::Credentials;
 use crate::protocol::{quiver_error, ErrorKind, OutputTicket, ReleaseAttempt, TaskKey};
 use crate::config::{
     CONNECT_TIMEOUT_MS, CONTROL_CALL_TIMEOUT_MS, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_DATA_CONNECTION_WINDOW_BYTES, HTTP2_KEEPALIVE_INTERVAL_MS,
@@ -28,6 +29,7 @@ use crate::config::{
 pub struct Peer {
     pub url: String,
     channel: Channel,
+    credentials: Credentials,
 }
 
 impl Peer {
@@ -35,30 +37,69 @@ impl Peer {
         let inner = arrow_flight::flight_service_client::FlightServiceClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        FlightClient::new_from_inner(inner)
+        let mut client = FlightClient::new_from_inner(inner);
+        // A node token is made afresh for every call: it is valid for a minute only.
+        if let Some(header) = self.credentials.header() {
+            if client.add_header("authorization", &header).is_err() {
+                tracing::warn!(url = %self.url, "credentials are not a valid header value");
+            }
+        }
+        client
+    }
+
+    /// The same connection, presenting other credentials.
+    pub fn with_credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = credentials;
+        self
+    }
+
+    /// The raw Flight client, for calls the helpers here do not cover (the handshake).
+    pub(super) fn flight_client(&self) -> FlightClient {
+        self.client()
     }
 }
 
-/// Connects to `url` (`http://host:port`), failing after [`CONNECT_TIMEOUT_MS`].
-pub async fn connect(url: &str) -> Result<Peer> {
-    let endpoint = endpoint(url)?;
+/// How a process calls others: the credentials it presents, and the certificate authority it
+/// trusts for `https://` addresses.
+#[derive(Clone, Debug, Default)]
+pub struct ClientSecurity {
+    pub credentials: Credentials,
+    /// PEM of the CA certificates that sign the cluster's TLS certificates.
+    pub tls_ca: Option<Arc<Vec<u8>>>,
+}
+
+/// Connects to `url` (`http://host:port`, or `https://` with TLS), failing after
+/// [`CONNECT_TIMEOUT_MS`].
+pub async fn connect(url: &str, security: &ClientSecurity) -> Result<Peer> {
+    let endpoint = endpoint(url, security)?;
     let channel = endpoint
         .connect()
         .await
         .map_err(|e| quiver_error(ErrorKind::Unreachable, format!("cannot reach {url}: {}", source_chain(&e))))?;
-    Ok(Peer { url: url.to_string(), channel })
+    Ok(Peer { url: url.to_string(), channel, credentials: security.credentials.clone() })
 }
 
 /// A connection that is made on first use and remade after failures: what a worker keeps to a
 /// coordinator that may not be up yet or may restart.
-pub fn connect_lazy(url: &str) -> Result<Peer> {
-    let endpoint = endpoint(url)?.timeout(Duration::from_millis(CONTROL_CALL_TIMEOUT_MS));
-    Ok(Peer { url: url.to_string(), channel: endpoint.connect_lazy() })
+pub fn connect_lazy(url: &str, security: &ClientSecurity) -> Result<Peer> {
+    let endpoint = endpoint(url, security)?.timeout(Duration::from_millis(CONTROL_CALL_TIMEOUT_MS));
+    Ok(Peer { url: url.to_string(), channel: endpoint.connect_lazy(), credentials: security.credentials.clone() })
 }
 
-fn endpoint(url: &str) -> Result<Endpoint> {
-    Ok(Endpoint::from_shared(url.to_string())
-        .map_err(|e| DataFusionError::Configuration(format!("invalid address '{url}': {e}")))?
+fn endpoint(url: &str, security: &ClientSecurity) -> Result<Endpoint> {
+    let mut endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| DataFusionError::Configuration(format!("invalid address '{url}': {e}")))?;
+    if url.starts_with("https://") {
+        let Some(ca) = &security.tls_ca else {
+            return Err(DataFusionError::Configuration(format!(
+                "{url} uses TLS: give the certificate authority that signed its certificate (--tls-ca FILE)"
+            )));
+        };
+        install_crypto_provider();
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca.as_slice()));
+        endpoint = endpoint.tls_config(tls).map_err(|e| DataFusionError::Configuration(format!("TLS for {url}: {e}")))?;
+    }
+    Ok(endpoint
         .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
         .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW_BYTES))
@@ -108,8 +149,14 @@ pub async fn fetch_batches(peer: &Peer, ticket: Vec<u8>, schema: Option<SchemaRe
 ///
 /// Flight sends some types as others (dictionaries as their values; a LargeList as a List):
 /// each batch is cast back to `schema`, the types the consumer's plan was built for.
-pub async fn fetch_output(url: &str, key: TaskKey, partition: u32, schema: SchemaRef) -> Result<SendableRecordBatchStream> {
-    let peer = worker_peer(url).await?;
+pub async fn fetch_output(
+    security: &ClientSecurity,
+    url: &str,
+    key: TaskKey,
+    partition: u32,
+    schema: SchemaRef,
+) -> Result<SendableRecordBatchStream> {
+    let peer = worker_peer(url, security).await?;
     let ticket = OutputTicket { key: Some(key), partition }.encode_to_vec();
     let stream = fetch_batches(&peer, ticket, Some(Arc::clone(&schema))).await?;
     let expected = Arc::clone(&schema);
@@ -139,23 +186,24 @@ fn conform(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
 /// process.
 static WORKER_CONNECTIONS: LazyLock<Mutex<HashMap<String, Peer>>> = LazyLock::new(Mutex::default);
 
-/// The process's shared connection to the worker at `url`, made on first use.
-pub async fn worker_peer(url: &str) -> Result<Peer> {
+/// The process's shared connection to the worker at `url`, made on first use, presenting the
+/// caller's credentials.
+pub async fn worker_peer(url: &str, security: &ClientSecurity) -> Result<Peer> {
     if let Some(peer) = WORKER_CONNECTIONS.lock().expect("pool lock").get(url) {
-        return Ok(peer.clone());
+        return Ok(peer.clone().with_credentials(security.credentials.clone()));
     }
-    let channel = endpoint(url)?
+    let channel = endpoint(url, security)?
         .initial_connection_window_size(Some(HTTP2_DATA_CONNECTION_WINDOW_BYTES))
         .timeout(Duration::from_millis(CONTROL_CALL_TIMEOUT_MS))
         .connect()
         .await
         .map_err(|e| quiver_error(ErrorKind::Unreachable, format!("cannot reach {url}: {}", source_chain(&e))))?;
-    let peer = Peer { url: url.to_string(), channel };
+    let peer = Peer { url: url.to_string(), channel, credentials: security.credentials.clone() };
     let mut pool = WORKER_CONNECTIONS.lock().expect("pool lock");
     if pool.len() >= WORKER_CONNECTIONS_MAX {
         pool.clear();
     }
-    Ok(pool.entry(url.to_string()).or_insert(peer).clone())
+    Ok(pool.entry(url.to_string()).or_insert(peer).clone().with_credentials(security.credentials.clone()))
 }
 
 /// Waits for the schema message that opens every Quiver stream.
@@ -186,8 +234,8 @@ pub async fn refuses_connections(url: &str) -> bool {
 }
 
 /// Tells the worker at `url` to stop Attempt `key` if it runs and to free its outputs.
-pub async fn release_attempt(url: &str, key: TaskKey) -> Result<()> {
-    let peer = worker_peer(url).await?;
+pub async fn release_attempt(security: &ClientSecurity, url: &str, key: TaskKey) -> Result<()> {
+    let peer = worker_peer(url, security).await?;
     call::<_, crate::protocol::Empty>(&peer, crate::protocol::action::RELEASE_ATTEMPT, &ReleaseAttempt { key: Some(key) }).await?;
     Ok(())
 }

@@ -5,17 +5,21 @@
 //! calls they use: `do_get` (a stream of record batches) and `do_action` (one protobuf request,
 //! one protobuf reply). The coordinator serves Arrow Flight SQL through [`SqlHandler`]: clients
 //! (the ADBC driver, `quiver sql`) speak Flight SQL to it, and workers' control-plane actions pass
-//! through the same service.
+//! through the same service. Every server admits callers through one guard (`guard`), which
+//! authenticates each request before any service code sees it; every client presents its
+//! process's credentials ([`ClientSecurity`]).
 
 mod client;
+mod guard;
 mod server;
 mod sql_client;
 mod sql_server;
 
 pub use client::{
-    call, connect, connect_lazy, fetch_batches, fetch_output, refuses_connections, release_attempt, worker_peer, Peer,
+    call, connect, connect_lazy, fetch_batches, fetch_output, refuses_connections, release_attempt, worker_peer, ClientSecurity, Peer,
 };
-pub use server::{serve, serve_sql, FlightHandler, ServerHandle};
+pub use guard::caller_of;
+pub use server::{serve, serve_sql, FlightHandler, ServerHandle, ServerSecurity};
 pub use sql_client::{SqlClient, Statement};
 pub use sql_server::{Cancelled, Prepared, SqlHandler, Started, TableEntry, CANCEL_FLIGHT_INFO};
 
@@ -26,6 +30,39 @@ use tonic::{Code, Status};
 
 use crate::config::STATUS_MESSAGE_BYTES_MAX;
 use crate::protocol::{classify, error_from_remote, quiver_error, quiver_to_remote, ErrorKind, RemoteError};
+
+/// What a cluster member (the Coordinator or a Worker) needs to admit callers and to call
+/// others.
+#[derive(Clone)]
+pub struct NodeSecurity {
+    pub server: ServerSecurity,
+    pub client: ClientSecurity,
+}
+
+impl NodeSecurity {
+    /// No authentication, no TLS.
+    pub fn open() -> Self {
+        Self { server: ServerSecurity::open(), client: ClientSecurity::default() }
+    }
+
+    /// The same, with node credentials naming `name` (a node's name is known once it listens).
+    pub fn named(mut self, name: &str) -> Self {
+        if let crate::auth::Credentials::Node { name: n, .. } = &mut self.client.credentials {
+            *n = name.to_string();
+        }
+        self
+    }
+}
+
+/// Makes ring rustls's process-wide crypto provider. rustls refuses to choose when more than one
+/// provider is compiled in (it panics at the first TLS connection), so Quiver names its own.
+pub fn install_crypto_provider() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        // Another part of the process may have installed one already; either is fine.
+        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    });
+}
 
 /// How an error travels as a gRPC status: the code for clients that only read codes, the text
 /// users read as the message, and the typed error in the status details for Quiver's own
@@ -41,6 +78,7 @@ pub fn status_from_error(error: &DataFusionError) -> Status {
         ErrorKind::Cancelled => Code::Cancelled,
         ErrorKind::Unreachable | ErrorKind::WorkerLost | ErrorKind::FetchFailed => Code::Unavailable,
         ErrorKind::Io | ErrorKind::Execution => Code::Aborted,
+        ErrorKind::Denied => Code::PermissionDenied,
     };
     let mut typed = typed;
     // The message travels twice in HTTP/2 headers (as text and in the details), which peers
@@ -81,6 +119,7 @@ pub fn error_from_status(status: &Status) -> DataFusionError {
         Code::Internal => ErrorKind::Internal,
         Code::Cancelled => ErrorKind::Cancelled,
         Code::Unavailable => ErrorKind::Unreachable,
+        Code::Unauthenticated | Code::PermissionDenied => ErrorKind::Denied,
         _ => ErrorKind::Execution,
     };
     let message = match status.code() {

@@ -21,7 +21,11 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::guard::{caller_of, GuardLayer};
 use super::sql_server::{FlightSqlAdapter, SqlHandler};
+use super::install_crypto_provider;
+use crate::auth::{Authenticator, Caller, TlsIdentity};
+use datafusion::common::{DataFusionError, Result as DfResult};
 use super::status_from_error;
 use crate::config::MAX_MESSAGE_BYTES;
 
@@ -29,21 +33,22 @@ use crate::config::MAX_MESSAGE_BYTES;
 #[async_trait::async_trait]
 pub trait FlightHandler: Send + Sync + 'static {
     /// Streams the batches a ticket names.
-    async fn do_get(&self, ticket: Bytes) -> datafusion::common::Result<SendableRecordBatchStream>;
+    async fn do_get(&self, caller: &Caller, ticket: Bytes) -> datafusion::common::Result<SendableRecordBatchStream>;
     /// Answers one action; the reply is an encoded protobuf message.
-    async fn do_action(&self, name: &str, body: Bytes) -> datafusion::common::Result<Bytes>;
+    async fn do_action(&self, caller: &Caller, name: &str, body: Bytes) -> datafusion::common::Result<Bytes>;
 }
 
 /// A running server; dropping the handle leaves it running, [`ServerHandle::shutdown`] stops it.
 pub struct ServerHandle {
     pub addr: SocketAddr,
+    scheme: &'static str,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
 impl ServerHandle {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub async fn shutdown(mut self) {
@@ -59,18 +64,48 @@ impl ServerHandle {
     }
 }
 
+/// How a server admits its callers: who they are ([`Authenticator`]), and TLS when it has a
+/// certificate.
+#[derive(Clone)]
+pub struct ServerSecurity {
+    pub auth: Arc<Authenticator>,
+    pub tls: Option<TlsIdentity>,
+}
+
+impl ServerSecurity {
+    /// No authentication and no TLS: what a loopback cluster in one process may use.
+    pub fn open() -> Self {
+        Self { auth: Arc::new(Authenticator::open()), tls: None }
+    }
+
+    /// The scheme of the URLs this server is reached at.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+}
+
 /// Serves `handler` on `listener` until shut down.
-pub fn serve<H: FlightHandler>(handler: Arc<H>, listener: TcpListener) -> std::io::Result<ServerHandle> {
-    serve_service(FlightAdapter { handler }, listener)
+pub fn serve<H: FlightHandler>(handler: Arc<H>, listener: TcpListener, security: &ServerSecurity) -> DfResult<ServerHandle> {
+    serve_service(FlightAdapter { handler }, listener, security)
 }
 
 /// Serves `handler` as a Flight SQL service on `listener` until shut down.
-pub fn serve_sql<H: SqlHandler>(handler: Arc<H>, listener: TcpListener) -> std::io::Result<ServerHandle> {
-    serve_service(FlightSqlAdapter::new(handler), listener)
+pub fn serve_sql<H: SqlHandler>(handler: Arc<H>, listener: TcpListener, security: &ServerSecurity) -> DfResult<ServerHandle> {
+    serve_service(FlightSqlAdapter::new(handler), listener, security)
 }
 
-fn serve_service<S: FlightService>(service: S, listener: TcpListener) -> std::io::Result<ServerHandle> {
+fn serve_service<S: FlightService>(service: S, listener: TcpListener, security: &ServerSecurity) -> DfResult<ServerHandle> {
     let addr = listener.local_addr()?;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &security.tls {
+        install_crypto_provider();
+        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| DataFusionError::Configuration(format!("TLS: {e}")))?;
+    }
+    let mut router = builder.layer(GuardLayer { auth: Arc::clone(&security.auth) });
+    let scheme = security.scheme();
     let (stop, stopped) = oneshot::channel::<()>();
     let service = FlightServiceServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -78,7 +113,7 @@ fn serve_service<S: FlightService>(service: S, listener: TcpListener) -> std::io
     // Small control messages must not wait for Nagle's algorithm (40 ms per round trip).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
+        let result = router
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
@@ -88,7 +123,7 @@ fn serve_service<S: FlightService>(service: S, listener: TcpListener) -> std::io
             tracing::error!(%addr, "flight server stopped: {e}");
         }
     });
-    Ok(ServerHandle { addr, stop: Some(stop), task })
+    Ok(ServerHandle { addr, scheme, stop: Some(stop), task })
 }
 
 struct FlightAdapter<H> {
@@ -132,7 +167,8 @@ impl<H: FlightHandler> FlightService for FlightAdapter<H> {
     }
 
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
-        let stream = self.handler.do_get(request.into_inner().ticket).await.map_err(|e| status_from_error(&e))?;
+        let caller = caller_of(&request)?;
+        let stream = self.handler.do_get(&caller, request.into_inner().ticket).await.map_err(|e| status_from_error(&e))?;
         Ok(Response::new(encode_batches(stream)))
     }
 
@@ -141,8 +177,9 @@ impl<H: FlightHandler> FlightService for FlightAdapter<H> {
     }
 
     async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+        let caller = caller_of(&request)?;
         let action = request.into_inner();
-        let body = self.handler.do_action(&action.r#type, action.body).await.map_err(|e| status_from_error(&e))?;
+        let body = self.handler.do_action(&caller, &action.r#type, action.body).await.map_err(|e| status_from_error(&e))?;
         let reply = futures::stream::once(async move { Ok(arrow_flight::Result { body }) });
         Ok(Response::new(Box::pin(reply)))
     }

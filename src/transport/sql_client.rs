@@ -12,7 +12,10 @@ use futures::TryStreamExt;
 use prost::Message;
 use std::sync::Arc;
 
-use super::client::{call, connect, fetch_batches, get_flight_info, Peer};
+use super::client::{call, connect, fetch_batches, get_flight_info, ClientSecurity, Peer};
+use super::error_from_status;
+use crate::auth::{basic_header, Credentials};
+use arrow_flight::HandshakeRequest;
 use super::sql_server::{statement_handles, CANCEL_FLIGHT_INFO};
 use crate::protocol::{action, QueryProgress, QueryProgressRequest};
 
@@ -32,8 +35,36 @@ pub struct Statement {
 }
 
 impl SqlClient {
+    /// Connects to an open coordinator.
     pub async fn connect(url: &str) -> Result<Self> {
-        Ok(Self { peer: connect(url).await? })
+        Self::connect_with(url, &ClientSecurity::default()).await
+    }
+
+    /// Connects presenting `security`'s credentials (a token) and trusting its CA.
+    pub async fn connect_with(url: &str, security: &ClientSecurity) -> Result<Self> {
+        Ok(Self { peer: connect(url, security).await? })
+    }
+
+    /// Connects and logs in with a user and password: the handshake sends them once (HTTP
+    /// Basic) and every later call presents the session token it returns.
+    pub async fn login(url: &str, user: &str, password: &str, tls_ca: Option<Arc<Vec<u8>>>) -> Result<Self> {
+        let security = ClientSecurity { credentials: Credentials::None, tls_ca };
+        let peer = connect(url, &security).await?;
+        let mut client = peer.flight_client();
+        let mut request = tonic::Request::new(futures::stream::iter([HandshakeRequest::default()]));
+        let header = basic_header(user, password)
+            .parse()
+            .map_err(|_| DataFusionError::Configuration("the user name or password cannot be sent in a header".into()))?;
+        request.metadata_mut().insert("authorization", header);
+        let response = client.inner_mut().handshake(request).await.map_err(|s| error_from_status(&s))?;
+        let token = response
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string);
+        let credentials = token.map_or(Credentials::None, Credentials::Bearer);
+        Ok(Self { peer: peer.with_credentials(credentials) })
     }
 
     /// Starts `sql`; errors in the statement (syntax, unknown tables) are returned here.

@@ -39,7 +39,9 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::guard::{caller_of, Issued};
 use super::server::{encode_batches, wire_schema};
+use crate::auth::Caller;
 use super::status_from_error;
 
 /// The Flight action that cancels the Query behind a `FlightInfo` (Flight RPC, not Flight SQL).
@@ -83,22 +85,23 @@ pub enum Cancelled {
 #[async_trait::async_trait]
 pub trait SqlHandler: Send + Sync + 'static {
     /// Starts a statement; its result waits for [`SqlHandler::take_result`].
-    async fn start(&self, sql: &str) -> Result<Started>;
+    async fn start(&self, caller: &Caller, sql: &str) -> Result<Started>;
     /// Starts a prepared statement with the parameters bound to it.
-    async fn start_prepared(&self, handle: &str) -> Result<Started>;
-    /// The result of a started statement; each handle's result can be taken once. None when no
-    /// result waits for the handle (fetched, cancelled, expired or never started).
-    fn take_result(&self, handle: &str) -> Option<SendableRecordBatchStream>;
+    async fn start_prepared(&self, caller: &Caller, handle: &str) -> Result<Started>;
+    /// The result of a started statement; each handle's result can be taken once, by the
+    /// caller that started it. None when no result waits for the handle (fetched, cancelled,
+    /// expired, never started, or started by another caller).
+    fn take_result(&self, caller: &Caller, handle: &str) -> Option<SendableRecordBatchStream>;
     /// Cancels the Query behind a handle.
-    fn cancel(&self, handle: &str) -> Cancelled;
-    async fn prepare(&self, sql: &str) -> Result<Prepared>;
+    fn cancel(&self, caller: &Caller, handle: &str) -> Cancelled;
+    async fn prepare(&self, caller: &Caller, sql: &str) -> Result<Prepared>;
     /// Binds one row of parameters to a prepared statement.
-    fn bind(&self, handle: &str, parameters: RecordBatch) -> Result<()>;
-    fn close_prepared(&self, handle: &str);
-    /// Every table clients may see.
-    async fn tables(&self) -> Result<Vec<TableEntry>>;
+    fn bind(&self, caller: &Caller, handle: &str, parameters: RecordBatch) -> Result<()>;
+    fn close_prepared(&self, caller: &Caller, handle: &str);
+    /// Every table the caller may see.
+    async fn tables(&self, caller: &Caller) -> Result<Vec<TableEntry>>;
     /// Any other action; the reply is an encoded protobuf message.
-    async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes>;
+    async fn do_action(&self, caller: &Caller, name: &str, body: Bytes) -> Result<Bytes>;
 }
 
 /// Serves a [`SqlHandler`] as a Flight SQL service.
@@ -219,17 +222,17 @@ pub(super) fn statement_handles(info: &FlightInfo) -> Result<Vec<String>, String
 }
 
 impl<H: SqlHandler> FlightSqlAdapter<H> {
-    fn take_result(&self, handle: &str) -> Result<SendableRecordBatchStream, Status> {
-        self.handler.take_result(handle).ok_or_else(|| {
+    fn take_result(&self, caller: &Caller, handle: &str) -> Result<SendableRecordBatchStream, Status> {
+        self.handler.take_result(caller, handle).ok_or_else(|| {
             Status::not_found(format!("no result waits for handle '{handle}': it was fetched, cancelled or expired"))
         })
     }
 
     /// Cancels the Queries a `FlightInfo` names; a `FlightInfo` naming none of this server's
     /// Queries is NOT_FOUND, as the Flight spec asks (rather than CANCEL_STATUS_UNSPECIFIED).
-    fn cancel_info(&self, info: &FlightInfo) -> Result<CancelStatus, Status> {
+    fn cancel_info(&self, caller: &Caller, info: &FlightInfo) -> Result<CancelStatus, Status> {
         let handles = statement_handles(info).map_err(Status::invalid_argument)?;
-        let outcomes: Vec<Cancelled> = handles.iter().map(|h| self.handler.cancel(h)).collect();
+        let outcomes: Vec<Cancelled> = handles.iter().map(|h| self.handler.cancel(caller, h)).collect();
         if outcomes.contains(&Cancelled::Yes) {
             Ok(CancelStatus::Cancelled)
         } else if outcomes.contains(&Cancelled::AlreadyEnded) {
@@ -240,8 +243,8 @@ impl<H: SqlHandler> FlightSqlAdapter<H> {
     }
 
     /// Runs a statement to its end and returns the rows it changed (or returned).
-    async fn drain(&self, started: Started) -> Result<i64, Status> {
-        let mut stream = self.take_result(&started.handle)?;
+    async fn drain(&self, caller: &Caller, started: Started) -> Result<i64, Status> {
+        let mut stream = self.take_result(caller, &started.handle)?;
         let mut count = 0i64;
         while let Some(batch) = stream.try_next().await.map_err(status)? {
             count += changed_rows(&batch);
@@ -282,18 +285,26 @@ fn one_reply(body: Vec<u8>) -> Response<FlightStream<arrow_flight::Result>> {
 impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
     type FlightService = Self;
 
-    /// No authentication: the handshake answers with what it was sent.
+    /// Logs a client in: the transport's guard checked the credentials the handshake carried
+    /// (HTTP Basic, or a bearer token), and the reply carries the token later calls present, as
+    /// `authorization: Bearer …`. On an open server there is nothing to check or return.
     async fn do_handshake(
         &self,
         request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<FlightStream<HandshakeResponse>>, Status> {
+        let issued = request.extensions().get::<Issued>().cloned();
         let mut requests = request.into_inner();
         let payload = match requests.next().await {
             Some(request) => request?.payload,
             None => Bytes::new(),
         };
         let reply = HandshakeResponse { protocol_version: 0, payload };
-        Ok(Response::new(Box::pin(futures::stream::iter([Ok(reply)]))))
+        let mut response = Response::new(Box::pin(futures::stream::iter([Ok(reply)])) as FlightStream<HandshakeResponse>);
+        if let Some(Issued(token)) = issued.filter(|t| !t.0.is_empty()) {
+            let value = format!("Bearer {token}").parse().map_err(|_| Status::internal("token is not a header value"))?;
+            response.metadata_mut().insert("authorization", value);
+        }
+        Ok(response)
     }
 
     async fn get_flight_info_statement(
@@ -301,7 +312,8 @@ impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let started = self.handler.start(&query.query).await.map_err(status)?;
+        let caller = caller_of(&request)?;
+        let started = self.handler.start(&caller, &query.query).await.map_err(status)?;
         started_info(started, request.into_inner())
     }
 
@@ -310,8 +322,9 @@ impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
         query: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        let caller = caller_of(&request)?;
         let handle = handle_text(&query.prepared_statement_handle)?;
-        let started = self.handler.start_prepared(handle).await.map_err(status)?;
+        let started = self.handler.start_prepared(&caller, handle).await.map_err(status)?;
         started_info(started, request.into_inner())
     }
 
@@ -423,18 +436,19 @@ impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
     async fn do_get_statement(
         &self,
         ticket: TicketStatementQuery,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let caller = caller_of(&request)?;
         let handle = handle_text(&ticket.statement_handle)?;
-        Ok(Response::new(encode_batches(self.take_result(handle)?)))
+        Ok(Response::new(encode_batches(self.take_result(&caller, handle)?)))
     }
 
     async fn do_get_catalogs(
         &self,
         query: CommandGetCatalogs,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let tables = self.handler.tables().await.map_err(status)?;
+        let tables = self.handler.tables(&caller_of(&request)?).await.map_err(status)?;
         let mut catalogs: Vec<&str> = tables.iter().map(|t| t.catalog.as_str()).collect();
         catalogs.sort();
         catalogs.dedup();
@@ -446,9 +460,9 @@ impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
     async fn do_get_schemas(
         &self,
         query: CommandGetDbSchemas,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let tables = self.handler.tables().await.map_err(status)?;
+        let tables = self.handler.tables(&caller_of(&request)?).await.map_err(status)?;
         let mut schemas: Vec<(&str, &str)> = tables.iter().map(|t| (t.catalog.as_str(), t.db_schema.as_str())).collect();
         schemas.sort();
         schemas.dedup();
@@ -460,9 +474,9 @@ impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
     async fn do_get_tables(
         &self,
         query: CommandGetTables,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let tables = self.handler.tables().await.map_err(status)?;
+        let tables = self.handler.tables(&caller_of(&request)?).await.map_err(status)?;
         let mut builder = query.into_builder();
         for t in &tables {
             builder
@@ -493,10 +507,11 @@ impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
     async fn do_put_statement_update(
         &self,
         command: CommandStatementUpdate,
-        _request: Request<PeekableFlightDataStream>,
+        request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
-        let started = self.handler.start(&command.query).await.map_err(status)?;
-        self.drain(started).await
+        let caller = caller_of(&request)?;
+        let started = self.handler.start(&caller, &command.query).await.map_err(status)?;
+        self.drain(&caller, started).await
     }
 
     async fn do_put_prepared_statement_query(
@@ -504,9 +519,10 @@ impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
         query: CommandPreparedStatementQuery,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
+        let caller = caller_of(&request)?;
         let handle = handle_text(&query.prepared_statement_handle)?.to_string();
         if let Some(parameters) = read_parameters(request).await? {
-            self.handler.bind(&handle, parameters).map_err(status)?;
+            self.handler.bind(&caller, &handle, parameters).map_err(status)?;
         }
         Ok(DoPutPreparedStatementResult { prepared_statement_handle: Some(handle.into_bytes().into()) })
     }
@@ -516,20 +532,21 @@ impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
         query: CommandPreparedStatementUpdate,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
+        let caller = caller_of(&request)?;
         let handle = handle_text(&query.prepared_statement_handle)?.to_string();
         if let Some(parameters) = read_parameters(request).await? {
-            self.handler.bind(&handle, parameters).map_err(status)?;
+            self.handler.bind(&caller, &handle, parameters).map_err(status)?;
         }
-        let started = self.handler.start_prepared(&handle).await.map_err(status)?;
-        self.drain(started).await
+        let started = self.handler.start_prepared(&caller, &handle).await.map_err(status)?;
+        self.drain(&caller, started).await
     }
 
     async fn do_action_create_prepared_statement(
         &self,
         query: ActionCreatePreparedStatementRequest,
-        _request: Request<Action>,
+        request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let prepared = self.handler.prepare(&query.query).await.map_err(status)?;
+        let prepared = self.handler.prepare(&caller_of(&request)?, &query.query).await.map_err(status)?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: prepared.handle.into_bytes().into(),
             dataset_schema: schema_bytes(&wire_schema(&prepared.dataset_schema))?,
@@ -540,9 +557,9 @@ impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
     async fn do_action_close_prepared_statement(
         &self,
         query: ActionClosePreparedStatementRequest,
-        _request: Request<Action>,
+        request: Request<Action>,
     ) -> Result<(), Status> {
-        self.handler.close_prepared(handle_text(&query.prepared_statement_handle)?);
+        self.handler.close_prepared(&caller_of(&request)?, handle_text(&query.prepared_statement_handle)?);
         Ok(())
     }
 
@@ -550,10 +567,11 @@ impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
     async fn do_action_cancel_query(
         &self,
         query: ActionCancelQueryRequest,
-        _request: Request<Action>,
+        request: Request<Action>,
     ) -> Result<ActionCancelQueryResult, Status> {
+        let caller = caller_of(&request)?;
         let info = FlightInfo::decode(query.info).map_err(|e| Status::invalid_argument(format!("malformed FlightInfo: {e}")))?;
-        let result = match self.cancel_info(&info)? {
+        let result = match self.cancel_info(&caller, &info)? {
             CancelStatus::Cancelled => 1,
             CancelStatus::NotCancellable => 3,
             _ => 0,
@@ -565,15 +583,16 @@ impl<H: SqlHandler> FlightSqlService for FlightSqlAdapter<H> {
         &self,
         request: Request<Action>,
     ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
+        let caller = caller_of(&request)?;
         let action = request.into_inner();
         if action.r#type == CANCEL_FLIGHT_INFO {
             let cancel = CancelFlightInfoRequest::decode(action.body)
                 .map_err(|e| Status::invalid_argument(format!("malformed CancelFlightInfoRequest: {e}")))?;
             let info = cancel.info.ok_or_else(|| Status::invalid_argument("CancelFlightInfoRequest without info"))?;
-            let status = self.cancel_info(&info)?;
+            let status = self.cancel_info(&caller, &info)?;
             return Ok(one_reply(CancelFlightInfoResult { status: status as i32 }.encode_to_vec()));
         }
-        let body = self.handler.do_action(&action.r#type, action.body).await.map_err(status)?;
+        let body = self.handler.do_action(&caller, &action.r#type, action.body).await.map_err(status)?;
         Ok(one_reply(body.to_vec()))
     }
 

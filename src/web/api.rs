@@ -22,7 +22,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self { status, message: message.into() }
     }
 
@@ -61,6 +61,7 @@ pub struct WorkersJson {
 pub struct QueryJson {
     id: String,
     sql: String,
+    user: String,
     state: &'static str,
     mode: &'static str,
     stages: u32,
@@ -204,6 +205,7 @@ fn query_json(q: &QueryRecord) -> QueryJson {
     QueryJson {
         id: q.id.clone(),
         sql: q.sql.clone(),
+        user: q.user.clone(),
         state: q.state,
         mode: q.mode,
         stages: q.stages,

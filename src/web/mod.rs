@@ -5,9 +5,13 @@
 //!
 //! Routes: `/` (the UI; `#/queries/<id>` in the URL fragment shows one query), `/assets/<file>`,
 //! `/api/workers`, `/api/queries[?limit=N]`, `/api/queries/<id>`, `/metrics`. Every error is a
-//! JSON object `{"error": "..."}` with its HTTP status.
+//! JSON object `{"error": "..."}` with its HTTP status. A coordinator with users asks for the
+//! same credentials here as on its Flight SQL port (`access`); with a certificate it speaks
+//! HTTPS (`tls`).
 
+mod access;
 mod api;
+mod tls;
 mod ui;
 
 use std::net::SocketAddr;
@@ -21,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::auth::{Authenticator, TlsIdentity};
 use crate::config::WEB_SHUTDOWN_WAIT_MS;
 use crate::coordinator::Cluster;
 
@@ -28,33 +33,41 @@ use crate::coordinator::Cluster;
 /// without waiting).
 pub struct WebServer {
     addr: SocketAddr,
+    scheme: &'static str,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
 
 impl WebServer {
     /// Listens on `addr` and serves there.
-    pub async fn bind(cluster: Arc<Cluster>, addr: SocketAddr) -> Result<Self> {
+    pub async fn bind(cluster: Arc<Cluster>, auth: Arc<Authenticator>, addr: SocketAddr, options: WebOptions) -> Result<Self> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| DataFusionError::Execution(format!("cannot listen for HTTP on {addr}: {e}")))?;
-        Self::start(cluster, listener)
+        Self::start(cluster, auth, listener, options)
     }
 
-    /// Serves the API, the UI and the metrics of `cluster` on `listener`.
-    pub fn start(cluster: Arc<Cluster>, listener: TcpListener) -> Result<Self> {
+    /// Serves the API, the UI and the metrics of `cluster` on `listener`, to the callers
+    /// `auth` admits.
+    pub fn start(cluster: Arc<Cluster>, auth: Arc<Authenticator>, listener: TcpListener, options: WebOptions) -> Result<Self> {
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let serve = axum::serve(listener, router(cluster)).with_graceful_shutdown(async {
+        let stopped = async {
             let _ = stopped.await;
-        });
-        let task = tokio::spawn(async move {
-            if let Err(e) = serve.await {
-                tracing::error!(%addr, "web server stopped: {e}");
+        };
+        let app = router(cluster, access::Gate { auth, metrics_open: options.metrics_open });
+        let (scheme, task) = match &options.tls {
+            Some(identity) => {
+                let serve = axum::serve(tls::TlsListener::new(listener, identity)?, app).with_graceful_shutdown(stopped);
+                ("https", tokio::spawn(async move { report(addr, serve.await) }))
             }
-        });
-        tracing::info!(%addr, "web UI and API listening");
-        Ok(Self { addr, stop, task })
+            None => {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(stopped);
+                ("http", tokio::spawn(async move { report(addr, serve.await) }))
+            }
+        };
+        tracing::info!(%addr, scheme, "web UI and API listening");
+        Ok(Self { addr, scheme, stop, task })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -63,7 +76,7 @@ impl WebServer {
 
     /// The UI's address, e.g. `http://127.0.0.1:8080/`.
     pub fn url(&self) -> String {
-        format!("http://{}/", self.addr)
+        format!("{}://{}/", self.scheme, self.addr)
     }
 
     /// Stops accepting, lets requests in flight finish for up to [`WEB_SHUTDOWN_WAIT_MS`], then
@@ -77,7 +90,22 @@ impl WebServer {
     }
 }
 
-fn router(cluster: Arc<Cluster>) -> Router {
+/// How the web server admits requests.
+#[derive(Clone, Default)]
+pub struct WebOptions {
+    /// Serve `/metrics` without credentials (for a Prometheus that has none).
+    pub metrics_open: bool,
+    /// Speak HTTPS with this certificate.
+    pub tls: Option<TlsIdentity>,
+}
+
+fn report(addr: SocketAddr, served: std::io::Result<()>) {
+    if let Err(e) = served {
+        tracing::error!(%addr, "web server stopped: {e}");
+    }
+}
+
+fn router(cluster: Arc<Cluster>, gate: access::Gate) -> Router {
     Router::new()
         .route("/", get(ui::index))
         .route("/assets/{file}", get(ui::asset))
@@ -88,4 +116,5 @@ fn router(cluster: Arc<Cluster>) -> Router {
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .with_state(cluster)
+        .layer(axum::middleware::from_fn_with_state(gate, access::require_caller))
 }

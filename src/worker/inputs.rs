@@ -74,7 +74,8 @@ impl TaskInputs {
             return Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream.map_err(failed))));
         }
         let fetch_schema = Arc::clone(&schema);
-        let fetch = async move { fetch_output(&url, key, partition as u32, fetch_schema).await };
+        let state = Arc::clone(&self.state);
+        let fetch = async move { fetch_output(&state.security, &url, key, partition as u32, fetch_schema).await };
         let stream = futures::stream::once(fetch).try_flatten().map_err(failed);
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
     }

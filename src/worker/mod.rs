@@ -29,11 +29,12 @@ use crate::config::{
 };
 use crate::planner::{shuffle_partitioning, AttemptNumber};
 use crate::protocol::{
-    action, decode_plan, error_to_remote, quiver_error, Empty, ErrorKind, Heartbeat, HeartbeatResponse, OutputTicket,
+    action, classify, decode_plan, error_to_remote, quiver_error, Empty, ErrorKind, Heartbeat, HeartbeatResponse, OutputTicket,
     PollTask, PollTaskResponse, RegisterWorker, RegisterWorkerResponse, ReleaseAttempt, ReleaseQuery, TaskAssignment,
     TaskKey, TaskReport, TaskState,
 };
-use crate::transport::{call, connect_lazy, serve, FlightHandler, Peer, ServerHandle};
+use crate::auth::Caller;
+use crate::transport::{call, connect_lazy, serve, ClientSecurity, FlightHandler, NodeSecurity, Peer, ServerHandle};
 use outputs::{OutputStore, Router};
 
 /// Tasks execute on a runtime of their own. CPU-bound operators (a join building or probing, a
@@ -61,6 +62,8 @@ struct State {
     config: WorkerConfig,
     url: String,
     coordinator: Peer,
+    /// What this worker presents when it calls another (the coordinator, a worker).
+    security: ClientSecurity,
     ctx: SessionContext,
     outputs: OutputStore,
     /// None until registered, or after the coordinator forgot this worker (it restarted, or
@@ -114,8 +117,9 @@ pub struct Worker {
 impl Worker {
     /// Serves outputs on `listener` and starts pulling Tasks from `coordinator_url`. Returns at
     /// once: registration keeps retrying in the background until the coordinator answers.
-    pub async fn start(config: WorkerConfig, coordinator_url: &str, listener: TcpListener) -> Result<Self> {
-        let url = format!("http://{}", listener.local_addr()?);
+    pub async fn start(config: WorkerConfig, coordinator_url: &str, listener: TcpListener, security: NodeSecurity) -> Result<Self> {
+        let url = format!("{}://{}", security.server.scheme(), listener.local_addr()?);
+        let security = security.named(&url);
         let half = (config.memory_limit_bytes / 2) as usize;
         let runtime = RuntimeEnvBuilder::new().with_memory_limit(half.max(1 << 20), 1.0).build_arc()?;
         let ctx = SessionContext::new_with_config_rt(session_config(config.slots), runtime);
@@ -124,7 +128,8 @@ impl Worker {
             outputs: OutputStore::new(config.memory_limit_bytes / 2, spill_dir),
             config,
             url,
-            coordinator: connect_lazy(coordinator_url)?,
+            coordinator: connect_lazy(coordinator_url, &security.client)?,
+            security: security.client.clone(),
             ctx,
             registration: RwLock::new(None),
             running: Mutex::default(),
@@ -132,7 +137,7 @@ impl Worker {
             released_queries: Mutex::new(Recent::new(RELEASED_QUERIES_MAX)),
             released_attempts: Mutex::new(Recent::new(RELEASED_ATTEMPTS_MAX)),
         });
-        let server = serve(Arc::new(Service(Arc::clone(&state))), listener)?;
+        let server = serve(Arc::new(Service(Arc::clone(&state))), listener, &security.server)?;
         let mut loops = vec![tokio::spawn(membership_loop(Arc::clone(&state))), tokio::spawn(dispatch_loop(Arc::clone(&state), false))];
         if state.config.express_slots > 0 {
             loops.push(tokio::spawn(dispatch_loop(Arc::clone(&state), true)));
@@ -251,6 +256,8 @@ impl State {
 /// Registers (retrying until the coordinator answers), then heartbeats; registers again when
 /// the coordinator no longer knows this worker.
 async fn membership_loop(state: Arc<State>) {
+    // A coordinator that refuses this worker (no or another cluster secret) is said once, loud.
+    let mut told_refused = false;
     loop {
         let Some(registration) = state.registration() else {
             let request = RegisterWorker {
@@ -264,6 +271,12 @@ async fn membership_loop(state: Arc<State>) {
                     tracing::info!(worker = %reply.worker_id, "registered with {}", state.coordinator.url);
                     let registration = Registration { id: reply.worker_id, session: reply.session };
                     *state.registration.write().expect("registration lock") = Some(registration);
+                }
+                Err(e) if classify(&e).kind == ErrorKind::Denied => {
+                    if !std::mem::replace(&mut told_refused, true) {
+                        tracing::error!("the coordinator refuses this worker (is --cluster-secret-file the same on both?): {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(REGISTER_RETRY_MS)).await;
                 }
                 Err(e) => {
                     tracing::debug!("coordinator not reachable yet: {e}");
@@ -459,8 +472,16 @@ async fn report(
     }
 }
 
-/// The worker's Flight service: Task outputs by ticket, Query and Attempt release.
+/// The worker's Flight service: Task outputs by ticket, Query and Attempt release. Only
+/// cluster members may call it: a client's token never reads an output or stops a Task.
 struct Service(Arc<State>);
+
+fn only_nodes(caller: &Caller) -> Result<()> {
+    if caller.is_node() {
+        return Ok(());
+    }
+    Err(quiver_error(ErrorKind::Denied, format!("'{}' is not a member of this cluster: workers serve only the coordinator and other workers", caller.name)))
+}
 
 fn decode<M: Message + Default>(body: Bytes) -> Result<M> {
     M::decode(body).map_err(|e| quiver_error(ErrorKind::Plan, format!("malformed message: {e}")))
@@ -468,13 +489,15 @@ fn decode<M: Message + Default>(body: Bytes) -> Result<M> {
 
 #[async_trait::async_trait]
 impl FlightHandler for Service {
-    async fn do_get(&self, ticket: Bytes) -> Result<SendableRecordBatchStream> {
+    async fn do_get(&self, caller: &Caller, ticket: Bytes) -> Result<SendableRecordBatchStream> {
+        only_nodes(caller)?;
         let ticket: OutputTicket = decode(ticket)?;
         let key = ticket.key.ok_or_else(|| quiver_error(ErrorKind::Plan, "ticket without a task key"))?;
         self.0.outputs.open(&key, ticket.partition)
     }
 
-    async fn do_action(&self, name: &str, body: Bytes) -> Result<Bytes> {
+    async fn do_action(&self, caller: &Caller, name: &str, body: Bytes) -> Result<Bytes> {
+        only_nodes(caller)?;
         match name {
             action::RELEASE_QUERY => {
                 let release: ReleaseQuery = decode(body)?;

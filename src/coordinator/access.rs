@@ -1,0 +1,87 @@
+//! What a caller may run: readers may query (SELECT, EXPLAIN, SHOW), admins may also change the
+//! catalog, the session and files (CREATE, INSERT, DROP, COPY, SET). On a coordinator that
+//! restricts paths, every table file a statement reads or writes must lie under the allowed
+//! roots, whether it comes from a table's definition, a `SELECT … FROM 'path'` or a COPY target.
+
+use datafusion::catalog::TableProvider;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::Result;
+use datafusion::datasource::listing::ListingTable;
+use datafusion::datasource::source_as_provider;
+use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+
+use crate::auth::{AllowedPaths, Caller};
+use crate::protocol::{quiver_error, ErrorKind};
+
+/// Refuses a statement the caller's role does not allow, or that touches files outside the
+/// allowed roots.
+pub(super) fn check(caller: &Caller, plan: &LogicalPlan, paths: &AllowedPaths) -> Result<()> {
+    if !caller.may_query() {
+        return Err(denied(format!("'{}' is a cluster member, not a client: it may not run statements", caller.name)));
+    }
+    if writes(plan) && !caller.may_write() {
+        return Err(denied(format!(
+            "'{}' is a reader: readers may run SELECT, EXPLAIN and SHOW; {} needs an admin",
+            caller.name,
+            statement_name(plan)
+        )));
+    }
+    if paths.restricts() {
+        for location in locations(plan)? {
+            paths.check(&location)?;
+        }
+    }
+    Ok(())
+}
+
+/// True when the statement changes the catalog, the session or files.
+fn writes(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::Ddl(_) | LogicalPlan::Dml(_) | LogicalPlan::Copy(_) | LogicalPlan::Statement(_) => true,
+        // EXPLAIN ANALYZE runs its statement.
+        LogicalPlan::Analyze(analyze) => writes(&analyze.input),
+        _ => false,
+    }
+}
+
+fn statement_name(plan: &LogicalPlan) -> String {
+    match plan {
+        LogicalPlan::Ddl(ddl) => ddl.name().to_string(),
+        LogicalPlan::Dml(dml) => dml.op.to_string(),
+        LogicalPlan::Copy(_) => "COPY".into(),
+        LogicalPlan::Statement(s) => s.name().to_string(),
+        LogicalPlan::Analyze(a) => statement_name(&a.input),
+        other => other.display().to_string(),
+    }
+}
+
+/// Every file location the statement reads or writes: the scans of listing tables (its own
+/// and its subqueries'), an external table's location, a COPY target.
+fn locations(plan: &LogicalPlan) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    plan.apply_with_subqueries(|node| {
+        match node {
+            LogicalPlan::TableScan(scan) => {
+                if let Ok(provider) = source_as_provider(&scan.source) {
+                    found.extend(listing_paths(provider.as_ref()));
+                }
+            }
+            LogicalPlan::Ddl(DdlStatement::CreateExternalTable(c)) => found.extend(c.locations.iter().cloned()),
+            LogicalPlan::Copy(copy) => found.push(copy.output_url.clone()),
+            _ => {}
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(found)
+}
+
+fn listing_paths(provider: &dyn TableProvider) -> Vec<String> {
+    match provider.downcast_ref::<ListingTable>() {
+        Some(listing) => listing.table_paths().iter().map(|url| url.as_str().to_string()).collect(),
+        None => Vec::new(),
+    }
+}
+
+fn denied(message: String) -> datafusion::common::DataFusionError {
+    quiver_error(ErrorKind::Denied, message)
+}

@@ -1,0 +1,52 @@
+//! Who may read the HTTP port: the same users and tokens as the Flight SQL port. A request
+//! carries `Authorization: Bearer <token>` (a token from `quiver token create`) or HTTP Basic,
+//! which browsers send after asking for a user and password (the 401 answer names the
+//! realm); a verified pair is remembered for a minute, so that every request of the UI does not
+//! pay for a slow hash. `/metrics` is open only with `--metrics-unauthenticated`.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::api::ApiError;
+use crate::auth::{presented, Authenticator, Caller, Presented, Refused};
+
+/// What the HTTP guard checks requests against.
+#[derive(Clone)]
+pub struct Gate {
+    pub auth: Arc<Authenticator>,
+    /// Prometheus may scrape `/metrics` without credentials.
+    pub metrics_open: bool,
+}
+
+/// Lets a request through when its caller may read the cluster's state.
+pub async fn require_caller(State(gate): State<Gate>, request: Request, next: Next) -> Response {
+    if gate.auth.is_open() || (gate.metrics_open && request.uri().path() == "/metrics") {
+        return next.run(request).await;
+    }
+    let header = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
+    match caller(&gate.auth, header).await {
+        Ok(caller) if caller.may_query() => next.run(request).await,
+        Ok(caller) => ApiError::new(StatusCode::FORBIDDEN, format!("'{}' may not read this", caller.name)).into_response(),
+        Err(Refused(why)) => {
+            let mut response = ApiError::new(StatusCode::UNAUTHORIZED, why).into_response();
+            let challenge = HeaderValue::from_static("Basic realm=\"quiver\", charset=\"UTF-8\"");
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
+            response
+        }
+    }
+}
+
+async fn caller(auth: &Arc<Authenticator>, header: Option<Vec<u8>>) -> Result<Caller, Refused> {
+    if let Ok(caller) = auth.authenticate(header.as_deref()) {
+        return Ok(caller);
+    }
+    match presented(header.as_deref())? {
+        // Not verified recently: check the password, off the async threads.
+        Presented::Basic { user, password } => auth.login_async(user, password).await.map(|(caller, _)| caller),
+        _ => auth.authenticate(header.as_deref()),
+    }
+}
