@@ -113,6 +113,9 @@ async fn malformed_messages_are_rejected_and_the_coordinator_keeps_serving() {
     let t = TestCluster::start(1).await;
     let channel = tonic::transport::Endpoint::from_shared(t.cluster.url()).unwrap().connect().await.unwrap();
     let mut raw = FlightClient::new(channel);
+    // A member of the cluster, so that what is checked is the message, not who sent it.
+    let member = t.cluster.member_security("raw").credentials.header().unwrap();
+    raw.add_header("authorization", &member).unwrap();
     let err = raw.do_get(Ticket::new(vec![0xff, 0xff, 0xff, 0x01])).await.err().expect("garbage ticket must fail");
     assert!(err.to_string().contains("invalid argument") && err.to_string().contains("DecodeError"), "{err}");
     // A well-formed Flight SQL ticket whose Query does not exist.
@@ -183,7 +186,7 @@ async fn a_task_whose_assignment_was_lost_runs_again_elsewhere() {
     t.client.collect("CREATE TABLE lost AS SELECT value AS v FROM generate_series(1, 1000)").await.unwrap();
     // Speculation would run the Task elsewhere before the assignment is found lost.
     t.client.collect("SET quiver.speculation = false").await.unwrap();
-    let coordinator = connect(&t.cluster.url()).await.unwrap();
+    let coordinator = connect(&t.cluster.url(), &t.cluster.member_security("fake-worker")).await.unwrap();
     let register = RegisterWorker { address: "http://127.0.0.1:9".into(), slots: 1, memory_limit_bytes: 1 << 30, express_slots: 0 };
     let worker: RegisterWorkerResponse = call(&coordinator, action::REGISTER_WORKER, &register).await.unwrap();
     let client = t.client.clone();

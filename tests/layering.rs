@@ -1,5 +1,5 @@
 //! The module layering ARCHITECTURE.md states, checked on the source: dependencies point one
-//! way (planner → protocol → transport → coordinator / worker → web → cluster), and only the
+//! way (auth → planner → protocol → transport → coordinator / worker → web → cluster), and only the
 //! transport layer knows gRPC.
 
 use std::path::{Path, PathBuf};
@@ -42,7 +42,7 @@ fn offenders(module: &str, names: &[&str]) -> Vec<String> {
 
 #[test]
 fn only_the_transport_layer_knows_grpc() {
-    for module in ["planner", "protocol", "coordinator", "worker", "web", "cluster", "client", "cli", "bench", "main"] {
+    for module in ["auth", "planner", "protocol", "coordinator", "worker", "web", "cluster", "client", "cli", "bench", "main"] {
         let found = offenders(module, &["tonic", "arrow_flight"]);
         assert!(found.is_empty(), "gRPC outside src/transport:\n{}", found.join("\n"));
     }
@@ -50,7 +50,9 @@ fn only_the_transport_layer_knows_grpc() {
 
 #[test]
 fn dependencies_point_one_way() {
-    let rules: [(&str, &[&str]); 4] = [
+    let rules: [(&str, &[&str]); 5] = [
+        // Who may do what is decided apart from everything it guards.
+        ("auth", &["crate::config", "crate::planner", "crate::protocol", "crate::transport", "crate::coordinator", "crate::worker", "crate::web", "crate::cluster"]),
         ("planner", &["crate::protocol", "crate::transport", "crate::coordinator", "crate::worker", "crate::web", "crate::cluster"]),
         ("protocol", &["crate::transport", "crate::coordinator", "crate::worker", "crate::web", "crate::cluster"]),
         ("transport", &["crate::coordinator", "crate::worker", "crate::web", "crate::cluster"]),

@@ -259,15 +259,23 @@ pub async fn assert_workers_idle(t: &TestCluster, after: &str) {
 pub struct HttpResponse {
     pub status: u16,
     pub content_type: String,
+    /// The status line and headers, as sent.
+    pub head: String,
     pub body: String,
 }
 
 /// Sends one HTTP/1.0 request: the server closes the connection after its answer, so the body
 /// is everything read until then.
 pub async fn http_request(addr: std::net::SocketAddr, method: &str, path: &str) -> HttpResponse {
+    http_request_with(addr, method, path, &[]).await
+}
+
+/// As [`http_request`], with extra request headers.
+pub async fn http_request_with(addr: std::net::SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    let request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+    let extra: String = headers.iter().map(|(name, value)| format!("{name}: {value}\r\n")).collect();
+    let request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}Content-Length: 0\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.unwrap();
@@ -280,7 +288,7 @@ pub async fn http_request(addr: std::net::SocketAddr, method: &str, path: &str) 
         .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
         .map(|(_, value)| value.trim().to_string())
         .unwrap_or_default();
-    HttpResponse { status, content_type, body: body.to_string() }
+    HttpResponse { status, content_type, head: head.to_string(), body: body.to_string() }
 }
 
 /// GETs `path` and parses its JSON body, whatever the status.
@@ -402,4 +410,37 @@ pub fn stderr_line_after(child: &mut std::process::Child, prefix: &str) -> Strin
         seen.push(line);
     }
     panic!("the process ended without printing '{prefix}'; it printed:\n{}", seen.join("\n"));
+}
+
+/// A small deterministic generator (xorshift64*): the same seed makes the same query, the same
+/// fuzz input.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
 }

@@ -57,14 +57,25 @@ impl ProcCluster {
         // Tests distribute their small tables: nothing runs on the coordinator for being small.
         let mut args: Vec<String> = vec!["coordinator".into(), "--listen".into(), listen.into(), "--small-query-max-bytes".into(), "0".into()];
         args.extend(["--data-dir".into(), dir.path().join("data").display().to_string()]);
+        // The cluster is closed, as on a real network: workers prove they hold its secret. Its
+        // clients (the tests) are not authenticated, which a coordinator listening beyond
+        // loopback accepts only with --insecure.
+        let secret = dir.path().join("cluster-secret");
+        std::fs::write(&secret, "a test cluster's secret, 32 bytes").expect("secret file");
+        let secret_args = ["--cluster-secret-file".to_string(), secret.display().to_string()];
+        args.extend(secret_args.iter().cloned());
+        if !listen.starts_with("127.") {
+            args.push("--insecure".into());
+        }
         args.extend(coordinator_args.iter().map(|a| a.to_string()));
+        let worker_args: Vec<String> = secret_args.into_iter().chain(worker_args.iter().map(|a| a.to_string())).collect();
         let mut cluster = Self {
             port,
             dir,
             coordinator: None,
             coordinator_args: args,
             workers: Vec::new(),
-            worker_args: worker_args.iter().map(|a| a.to_string()).collect(),
+            worker_args,
             coordinator_url: coordinator_url.to_string(),
         };
         cluster.start_coordinator();
