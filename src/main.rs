@@ -182,6 +182,10 @@ enum Command {
         /// QUIVER_PASSWORD, or is asked for.
         #[arg(long)]
         user: Option<String>,
+        /// Listen beyond loopback with no users in the data directory: anyone who can reach
+        /// the port could use the cluster.
+        #[arg(long)]
+        insecure: bool,
         /// Serve the web UI, JSON API and Prometheus metrics on this address, e.g. 127.0.0.1:8080.
         #[arg(long)]
         http: Option<SocketAddr>,
@@ -432,7 +436,14 @@ async fn run(command: Command) -> Result<()> {
             wait_for_ctrl_c().await;
             worker.shutdown().await;
         }
-        Command::Local { workers, tpch: sf, data_dir, listen, serve, user, http, input } => {
+        Command::Local { workers, tpch: sf, data_dir, listen, serve, user, insecure, http, input } => {
+            std::fs::create_dir_all(&data_dir)?;
+            let exposed = [Some(listen), http].into_iter().flatten().find(|a| !a.ip().is_loopback());
+            if let (Some(addr), false, false) = (exposed, UserStore::open(&data_dir)?.has_users(), insecure) {
+                return Err(DataFusionError::Configuration(format!(
+                    "refusing to listen on {addr} with no users: add some with `quiver user add`, or pass --insecure"
+                )));
+            }
             let opts = LocalOptions {
                 workers,
                 worker: WorkerConfig { slots: quiver::config::default_parallelism().div_ceil(workers.max(1)).max(1), ..WorkerConfig::default() },

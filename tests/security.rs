@@ -119,7 +119,6 @@ async fn table_files_stay_under_the_allowed_roots() {
     for sql in [
         format!("CREATE EXTERNAL TABLE e STORED AS PARQUET LOCATION '{}'", file.display()),
         "CREATE EXTERNAL TABLE etc STORED AS CSV LOCATION '/etc/'".to_string(),
-        format!("SELECT * FROM '{}'", file.display()),
         format!("COPY (SELECT 1 AS a) TO '{}'", leaked.display()),
         format!("COPY (SELECT 1 AS a) TO '{}/../outside/leak.parquet'", t.dir.path().join("data").display()),
     ] {
@@ -127,6 +126,14 @@ async fn table_files_stay_under_the_allowed_roots() {
         assert!(error.contains("outside the directories tables may use"), "{sql}: {error}");
     }
     assert!(!leaked.exists(), "a refused COPY wrote nothing");
+    // Reading a file by its path would open it while planning, before any check: where paths
+    // are restricted, files are read through tables only.
+    let error = refused(&t.reader, &format!("SELECT * FROM '{}'", file.display())).await;
+    assert!(error.contains("not found"), "{error}");
+    for sneaky in ["FILE:///etc/", "file:///%2e%2e/etc/"] {
+        let error = refused(&t.admin, &format!("CREATE EXTERNAL TABLE s STORED AS CSV LOCATION '{sneaky}'")).await;
+        assert!(error.contains("outside the directories tables may use"), "{sneaky}: {error}");
+    }
     let inside = t.dir.path().join("data").join("exports").join("ok.parquet");
     t.admin.collect(&format!("COPY (SELECT 1 AS a) TO '{}'", inside.display())).await.expect("under the data directory");
     t.admin.collect(&format!("CREATE EXTERNAL TABLE ok STORED AS PARQUET LOCATION '{}'", inside.display())).await.unwrap();

@@ -89,11 +89,22 @@ impl std::fmt::Display for Refused {
 }
 
 /// What a request presented in its `authorization` header.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 pub enum Presented {
     Nothing,
     Basic { user: String, password: String },
     Bearer(String),
+}
+
+impl std::fmt::Debug for Presented {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a password or a token, not even in a debug log.
+        match self {
+            Presented::Nothing => f.write_str("Nothing"),
+            Presented::Basic { user, .. } => write!(f, "Basic({user}, …)"),
+            Presented::Bearer(_) => f.write_str("Bearer(…)"),
+        }
+    }
 }
 
 /// Reads an `authorization` header. Basic credentials may come with or without base64 padding
@@ -196,8 +207,8 @@ impl Authenticator {
         users.verify_token(token)
     }
 
-    /// A token sent to a server with no users: nothing to check it against. An open server
-    /// lets it pass as anonymous (clients may always send one); a closed cluster refuses it.
+    /// A token sent to a server with no users: nothing to check it against, so it counts for
+    /// nothing; the caller is anonymous (never a node: node tokens were checked before).
     fn anonymous_with_token(&self) -> Result<Caller, Refused> {
         self.anonymous()
     }
@@ -215,7 +226,12 @@ impl Authenticator {
         let now = Instant::now();
         sessions.retain(|_, s| s.expires > now);
         if sessions.len() >= SESSIONS_MAX {
-            sessions.clear();
+            // The sessions closest to expiry go first; everyone else stays logged in.
+            let mut by_expiry: Vec<_> = sessions.iter().map(|(k, s)| (s.expires, *k)).collect();
+            by_expiry.sort();
+            for (_, key) in by_expiry.into_iter().take(SESSIONS_MAX / 10 + 1) {
+                sessions.remove(&key);
+            }
         }
         let expires = now + Duration::from_millis(SESSION_TOKEN_TTL_MS);
         sessions.insert(users::digest(&token), Session { user: user.to_string(), expires });
@@ -251,9 +267,13 @@ impl Authenticator {
     }
 
     fn cached_basic(&self, user: &str, password: &str) -> Option<Caller> {
-        let cache = self.basic_cache.lock().expect("basic cache");
-        let (caller, at) = cache.get(&basic_key(user, password))?;
-        (at.elapsed() < Duration::from_millis(BASIC_CACHE_TTL_MS)).then(|| caller.clone())
+        let fresh = {
+            let cache = self.basic_cache.lock().expect("basic cache");
+            let (_, at) = cache.get(&basic_key(user, password))?;
+            at.elapsed() < Duration::from_millis(BASIC_CACHE_TTL_MS)
+        };
+        // The user as they are now: removed or given another role since, it shows at once.
+        fresh.then(|| self.users.as_ref().and_then(|users| users.caller(user))).flatten()
     }
 }
 

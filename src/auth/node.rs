@@ -33,8 +33,9 @@ impl ClusterKey {
     /// Reads the secret from a file (surrounding whitespace is not part of it).
     pub fn from_file(path: &Path) -> Result<Self, Refused> {
         let bytes = std::fs::read(path).map_err(|e| Refused(format!("cannot read the cluster secret {}: {e}", path.display())))?;
-        let text = String::from_utf8_lossy(&bytes);
-        Self::new(text.trim().as_bytes())
+        // The bytes as they are (a binary secret keeps all its entropy), less surrounding ASCII
+        // whitespace such as the newline an editor adds.
+        Self::new(bytes.trim_ascii())
     }
 
     /// A random secret, for a cluster that lives in one process (`quiver local`).

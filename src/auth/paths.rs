@@ -28,16 +28,15 @@ impl AllowedPaths {
         self.roots.is_some()
     }
 
-    /// Checks a table location: a local path, or a `file://` URL. Other URL schemes (object
-    /// stores) are judged by the store's own credentials and pass here.
+    /// Checks a table location: a local path, or a `file:` URL. The location is read the way
+    /// DataFusion reads it (`ListingTableUrl::parse`: an absolute path as it is, else a URL,
+    /// else a relative path), so that what is checked is what will be opened: `FILE:///…`,
+    /// percent-encoded `..` and the like resolve here as they do there. Other schemes (object
+    /// stores) are refused while paths are restricted.
     pub fn check(&self, location: &str) -> Result<(), Refused> {
         let Some(roots) = &self.roots else { return Ok(()) };
-        let path = match location.split_once("://") {
-            Some(("file", rest)) => rest,
-            Some((scheme, _)) if scheme.len() > 1 => return Ok(()),
-            _ => location,
-        };
-        let resolved = resolve(Path::new(path));
+        let path = local_path(location)?;
+        let resolved = resolve(&path);
         if roots.iter().any(|root| resolved.starts_with(root)) {
             return Ok(());
         }
@@ -46,6 +45,23 @@ impl AllowedPaths {
             "'{location}' is outside the directories tables may use ({}); an admin can allow more with --allow-path",
             roots.join(", ")
         )))
+    }
+}
+
+fn local_path(location: &str) -> Result<PathBuf, Refused> {
+    if Path::new(location).is_absolute() {
+        return Ok(PathBuf::from(location));
+    }
+    match url::Url::parse(location) {
+        Ok(url) if url.scheme() == "file" => {
+            url.to_file_path().map_err(|()| Refused(format!("'{location}' is not a local file path")))
+        }
+        Ok(url) => Err(Refused(format!(
+            "'{location}': tables may use local files only on a coordinator that restricts paths (not {}://)",
+            url.scheme()
+        ))),
+        Err(url::ParseError::RelativeUrlWithoutBase) => Ok(PathBuf::from(location)),
+        Err(e) => Err(Refused(format!("'{location}' is not a path or URL: {e}"))),
     }
 }
 

@@ -98,7 +98,9 @@ fn table_paths_must_stay_under_the_allowed_roots() {
     let inside = root.path().join("t/part.parquet");
     allowed.check(&inside.display().to_string()).unwrap();
     allowed.check(&format!("file://{}", inside.display())).unwrap();
-    for outside in ["/etc", "/etc/passwd", "file:///etc/passwd"] {
+    let encoded = format!("file://{}/%2e%2e/%2E%2E/etc/passwd", root.path().display());
+    let upper = "FILE:///etc/passwd".to_string();
+    for outside in ["/etc", "/etc/passwd", "file:///etc/passwd", &encoded, &upper, "s3://bucket/x", "file:/etc/passwd"] {
         assert!(allowed.check(outside).is_err(), "{outside}");
     }
     let escape = root.path().join("../../etc/passwd");

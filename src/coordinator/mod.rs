@@ -125,8 +125,11 @@ impl Coordinator {
         let mut session = session_config(config.target_partitions);
         // Quiver cuts files into Task slices itself; whole files keep that cut exact.
         session.options_mut().optimizer.repartition_file_scans = false;
-        // `SELECT … FROM 'path/to/file.parquet'` reads files directly, as in datafusion-cli.
-        let ctx = SessionContext::new_with_config(session).enable_url_table();
+        // `SELECT … FROM 'path/to/file.parquet'` reads files directly, as in datafusion-cli;
+        // not where paths are restricted: planning opens the file (its header, its schema)
+        // before any check could see the plan.
+        let ctx = SessionContext::new_with_config(session);
+        let ctx = if config.allowed_paths.restricts() { ctx } else { ctx.enable_url_table() };
         let cluster = Arc::new(
             Cluster::new(config.fair_share).with_poll_tasks_max(config.poll_tasks_max).with_security(security.client.clone()),
         );

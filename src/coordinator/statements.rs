@@ -151,6 +151,7 @@ impl Statements {
             return Err(quiver_error(ErrorKind::Denied, format!("'{}' may not run statements", caller.name)));
         }
         let plan = core.ctx.state().create_logical_plan(sql).await?;
+        super::access::check(caller, &plan, &core.config.allowed_paths)?;
         let prepared = Prepared {
             handle: format!("p-{}", uuid::Uuid::new_v4().simple()),
             dataset_schema: result_schema(&plan),

@@ -15,7 +15,7 @@ use tonic::{Request, Status};
 use crate::auth::{presented, Authenticator, Caller, Presented, Refused};
 
 /// The token a handshake issued, for the service to return to the client.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Issued(pub String);
 
 /// The caller the guard let in.

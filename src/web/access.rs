@@ -23,13 +23,18 @@ pub struct Gate {
 }
 
 /// Lets a request through when its caller may read the cluster's state.
-pub async fn require_caller(State(gate): State<Gate>, request: Request, next: Next) -> Response {
+/// The handlers find the caller in the request's extensions.
+pub async fn require_caller(State(gate): State<Gate>, mut request: Request, next: Next) -> Response {
     if gate.auth.is_open() || (gate.metrics_open && request.uri().path() == "/metrics") {
+        request.extensions_mut().insert(Caller::open());
         return next.run(request).await;
     }
     let header = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
     match caller(&gate.auth, header).await {
-        Ok(caller) if caller.may_query() => next.run(request).await,
+        Ok(caller) if caller.may_query() => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
         Ok(caller) => ApiError::new(StatusCode::FORBIDDEN, format!("'{}' may not read this", caller.name)).into_response(),
         Err(Refused(why)) => {
             let mut response = ApiError::new(StatusCode::UNAUTHORIZED, why).into_response();

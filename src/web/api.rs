@@ -9,9 +9,10 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Caller;
 use crate::config::WEB_RECENT_QUERIES_DEFAULT;
 use crate::coordinator::{Cluster, QueryDetail, QueryRecord, StageMetrics, TaskRecord, WorkerRecord, METRICS_CONTENT_TYPE};
 
@@ -153,21 +154,29 @@ pub async fn workers(State(cluster): State<Arc<Cluster>>) -> Json<WorkersJson> {
 }
 
 /// Running queries, then up to `limit` finished ones; each group newest first.
+/// Readers see their own Queries; admins see all.
 pub async fn queries(
     State(cluster): State<Arc<Cluster>>,
+    Extension(caller): Extension<Caller>,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<QueriesJson>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let limit = params.limit.unwrap_or(WEB_RECENT_QUERIES_DEFAULT);
     let mut all = cluster.queries();
+    all.retain(|q| caller.sees_all_queries() || caller.owns(&q.user));
     all.reverse();
     let (running, finished): (Vec<_>, Vec<_>) = all.into_iter().partition(|q| q.state == "running");
     let queries = running.iter().chain(finished.iter().take(limit)).map(query_json).collect();
     Ok(Json(QueriesJson { now_ms: epoch_ms(SystemTime::now()), queries }))
 }
 
-pub async fn query(State(cluster): State<Arc<Cluster>>, Path(id): Path<String>) -> Result<Json<QueryDetailJson>, ApiError> {
-    let detail = cluster.query_detail(&id).ok_or_else(|| ApiError::not_found(format!("no query '{id}'")))?;
+pub async fn query(
+    State(cluster): State<Arc<Cluster>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<QueryDetailJson>, ApiError> {
+    let detail = cluster.query_detail(&id).filter(|d| caller.sees_all_queries() || caller.owns(&d.query.user));
+    let detail = detail.ok_or_else(|| ApiError::not_found(format!("no query '{id}'")))?;
     Ok(Json(detail_json(&detail)))
 }
 

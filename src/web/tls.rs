@@ -21,6 +21,10 @@ use crate::transport::install_crypto_provider;
 pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Connections whose handshake is done but that the server has not taken yet.
 const ACCEPTED_QUEUE_MAX: usize = 64;
+/// TLS handshakes in progress at once; beyond it new connections wait to be accepted.
+const HANDSHAKES_MAX: usize = 256;
+/// Pause after a failed accept (out of file descriptors, say) before trying again.
+const ACCEPT_RETRY_MS: u64 = 50;
 
 /// Accepts TLS connections for `axum::serve`.
 pub struct TlsListener {
@@ -40,11 +44,21 @@ impl TlsListener {
         let addr = listener.local_addr()?;
         let acceptor = TlsAcceptor::from(Arc::new(server_config(identity)?));
         let (send, accepted) = mpsc::channel(ACCEPTED_QUEUE_MAX);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
         let acceptor_task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, peer)) = listener.accept().await else { continue };
+                let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else { return };
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::debug!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(ACCEPT_RETRY_MS)).await;
+                        continue;
+                    }
+                };
                 let (acceptor, send) = (acceptor.clone(), send.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let handshake = tokio::time::timeout(Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS), acceptor.accept(tcp));
                     match handshake.await {
                         Ok(Ok(tls)) => {
