@@ -105,6 +105,14 @@ async fn readers_query_and_only_admins_change_the_catalog_or_the_session() {
     assert_eq!(rows(&batches), vec![vec!["5000".to_string()]], "nothing a reader tried happened");
     let (_, batches) = t.admin.collect("SELECT DISTINCT \"user\" FROM quiver.queries WHERE sql LIKE 'SELECT v %' ").await.unwrap();
     assert_eq!(rows(&batches), vec![vec![READER.0.to_string()]], "quiver.queries says who ran what");
+    // A reader sees their own Queries and their Tasks, never another user's SQL.
+    let (_, batches) = t.reader.collect("SELECT DISTINCT \"user\" FROM quiver.queries").await.unwrap();
+    assert_eq!(rows(&batches), vec![vec![READER.0.to_string()]]);
+    let sql = "SELECT count(*) FROM quiver.tasks k JOIN quiver.queries q ON k.query_id = q.query_id WHERE q.\"user\" <> 'rex'";
+    let (_, batches) = t.reader.collect(sql).await.unwrap();
+    assert_eq!(rows(&batches), vec![vec!["0".to_string()]]);
+    let (_, batches) = t.admin.collect("SELECT count(*) > 0 FROM quiver.tasks k JOIN quiver.queries q ON k.query_id = q.query_id WHERE q.\"user\" = 'rex'").await.unwrap();
+    assert_eq!(rows(&batches), vec![vec!["true".to_string()]], "an admin sees every Query's Tasks");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

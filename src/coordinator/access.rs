@@ -13,6 +13,23 @@ use datafusion::logical_expr::{DdlStatement, LogicalPlan};
 use crate::auth::{AllowedPaths, Caller};
 use crate::protocol::{quiver_error, ErrorKind};
 
+tokio::task_local! {
+    /// The caller of the statement being planned and run in this task: the system tables show
+    /// a reader only their own Queries.
+    static VIEWER: Caller;
+}
+
+/// Runs a statement's work with its caller as the viewer of the system tables.
+pub(super) async fn as_viewer<T>(caller: &Caller, work: impl std::future::Future<Output = T>) -> T {
+    VIEWER.scope(caller.clone(), work).await
+}
+
+/// Whether the statement being run may see a Query started by `owner` (outside a statement,
+/// the coordinator itself sees everything).
+pub(super) fn may_see(owner: &str) -> bool {
+    VIEWER.try_with(|caller| caller.sees_all_queries() || caller.owns(owner)).unwrap_or(true)
+}
+
 /// Refuses a statement the caller's role does not allow, or that touches files outside the
 /// allowed roots.
 pub(super) fn check(caller: &Caller, plan: &LogicalPlan, paths: &AllowedPaths) -> Result<()> {

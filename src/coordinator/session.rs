@@ -45,7 +45,7 @@ pub async fn start(
     core.cluster.set_query_user(&id, &caller.name);
     tracing::info!(query = %id, "query started: {}", sql.trim());
     let abandoned = Abandoned { core: Some(Arc::clone(core)), id: id.clone() };
-    let ran = run(core, caller, &id, sql, parameters).await;
+    let ran = super::access::as_viewer(caller, run(core, caller, &id, sql, parameters)).await;
     abandoned.disarm();
     match ran {
         Ok((stream, false)) => {

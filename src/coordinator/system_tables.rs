@@ -111,7 +111,8 @@ impl SystemTable {
                 ]
             }
             Kind::Queries => {
-                let q = self.cluster.queries();
+                let mut q = self.cluster.queries();
+                q.retain(|q| super::access::may_see(&q.user));
                 vec![
                     strings(q.iter().map(|q| q.id.as_str())),
                     strings(q.iter().map(|q| q.sql.as_str())),
@@ -137,7 +138,10 @@ impl SystemTable {
                 ]
             }
             Kind::Tasks => {
-                let t = self.cluster.tasks();
+                let mut t = self.cluster.tasks();
+                let visible: std::collections::HashSet<String> =
+                    self.cluster.queries().into_iter().filter(|q| super::access::may_see(&q.user)).map(|q| q.id).collect();
+                t.retain(|t| visible.contains(&t.key.query_id));
                 vec![
                     strings(t.iter().map(|t| t.key.query_id.as_str())),
                     u32s(t.iter().map(|t| t.key.stage)),
