@@ -90,6 +90,8 @@ async fn readers_query_and_only_admins_change_the_catalog_or_the_session() {
     let (_, batches) = t.reader.collect("SELECT v % 7 AS k, count(*) FROM t GROUP BY k ORDER BY k").await.unwrap();
     assert_eq!(rows(&batches).len(), 7);
     t.reader.collect("EXPLAIN SELECT count(*) FROM t").await.expect("readers may EXPLAIN");
+    let (_, batches) = t.reader.collect("SELECT slots, express_slots, express_running FROM quiver.workers").await.unwrap();
+    assert_eq!(rows(&batches), vec![vec!["2", "1", "0"].iter().map(|s| s.to_string()).collect::<Vec<_>>(); 2], "express slots are shown");
     for sql in [
         "INSERT INTO t VALUES (1)",
         "CREATE TABLE u AS SELECT 1 AS x",

@@ -38,6 +38,8 @@ fn assert_worker_shape(w: &Value) {
     assert_eq!(u64_of(w, "slots"), 2, "{w}");
     assert_eq!(u64_of(w, "memory_limit_bytes"), 1 << 30, "{w}");
     assert!(u64_of(w, "running_tasks") <= 2, "{w}");
+    assert_eq!(u64_of(w, "express_slots"), 1, "{w}");
+    assert!(u64_of(w, "express_running") <= 1, "{w}");
     u64_of(w, "memory_used_bytes");
     u64_of(w, "heartbeat_age_ms");
     assert!(u64_of(w, "last_heartbeat_ms") > 0, "{w}");

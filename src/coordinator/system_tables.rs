@@ -53,6 +53,7 @@ fn schema(kind: Kind) -> SchemaRef {
             s("worker_id"), s("address"), u32f("slots"), s("state"), Field::new("alive", DataType::Boolean, false),
             Field::new("last_heartbeat", timestamp(), false), u32f("running_tasks"),
             u64f("memory_limit_bytes"), u64f("memory_used_bytes"), Field::new("pace", DataType::Float64, false),
+            u32f("express_slots"), u32f("express_running"),
         ],
         Kind::Queries => vec![
             s("query_id"), s("sql"), s("state"), s("mode"), u32f("stages"), u32f("tasks"), u32f("workers_used"),
@@ -108,6 +109,8 @@ impl SystemTable {
                     u64s(w.iter().map(|w| w.memory_limit_bytes)),
                     u64s(w.iter().map(|w| w.memory_used_bytes)),
                     Arc::new(Float64Array::from_iter_values(w.iter().map(|w| w.pace))) as ArrayRef,
+                    u32s(w.iter().map(|w| w.express_slots)),
+                    u32s(w.iter().map(|w| w.express_assigned)),
                 ]
             }
             Kind::Queries => {

@@ -50,6 +50,9 @@ pub struct WorkerJson {
     alive: bool,
     last_heartbeat_ms: u64,
     heartbeat_age_ms: u64,
+    /// Slots for small Queries' Tasks only, and those of them in use.
+    express_slots: u32,
+    express_running: u32,
 }
 
 #[derive(Serialize)]
@@ -207,6 +210,8 @@ fn worker_json(w: &WorkerRecord, now: SystemTime) -> WorkerJson {
         alive: w.alive,
         last_heartbeat_ms: epoch_ms(w.last_heartbeat),
         heartbeat_age_ms: now.duration_since(w.last_heartbeat).map_or(0, |d| d.as_millis() as u64),
+        express_slots: w.express_slots,
+        express_running: w.express_assigned,
     }
 }
 
