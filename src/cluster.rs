@@ -76,7 +76,7 @@ impl LocalCluster {
 
     /// What a process must present to act as a member of this cluster (a worker of its own).
     pub fn member_security(&self, name: &str) -> ClientSecurity {
-        node_security(&self.key, None).named(name).client
+        ClientSecurity { credentials: Credentials::Node { key: self.key.clone(), name: name.to_string() }, tls_ca: None }
     }
 
     /// The address the web server listens on, when it was started.

@@ -58,6 +58,12 @@ fn sql_when_up(url: &str, auth: &[&str], env: &[(&str, &str)], sql: &str) -> Str
     }
 }
 
+/// `quiver user add NAME --role ROLE --data-dir DATA`, the password on standard input.
+fn add_user(data: &str, name: &str, role: &str, password: &str) {
+    let added = quiver(&["user", "add", name, "--role", role, "--data-dir", data], &format!("{password}\n"), &[]);
+    assert!(added.status.success(), "{}", text(&added));
+}
+
 fn secret_file(dir: &Path) -> PathBuf {
     let path = dir.join("cluster-secret");
     std::fs::write(&path, "this cluster's secret: 0123456789\n").unwrap();
@@ -69,10 +75,8 @@ fn users_and_tokens_from_the_command_line_log_in_and_strangers_stay_out() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data_arg = data.to_str().unwrap();
-    let added = quiver(&["user", "add", "ada", "--role", "admin", "--data-dir", data_arg], "admin password\n", &[]);
-    assert!(added.status.success(), "{}", text(&added));
-    let added = quiver(&["user", "add", "rex", "--role", "reader", "--data-dir", data_arg], "reader password\n", &[]);
-    assert!(added.status.success(), "{}", text(&added));
+    add_user(data_arg, "ada", "admin", "admin password");
+    add_user(data_arg, "rex", "reader", "reader password");
     let created = quiver(&["token", "create", "rex", "--data-dir", data_arg, "--expires", "30d"], "", &[]);
     assert!(created.status.success(), "{}", text(&created));
     let token = String::from_utf8_lossy(&created.stdout).trim().to_string();
@@ -147,8 +151,7 @@ fn a_server_beyond_loopback_with_nobody_authenticated_refuses_to_start_without_i
     drop(insecure);
 
     // With users and the cluster secret, it starts as it is.
-    let added = quiver(&["user", "add", "ada", "--role", "admin", "--data-dir", data.to_str().unwrap()], "admin password\n", &[]);
-    assert!(added.status.success(), "{}", text(&added));
+    add_user(data.to_str().unwrap(), "ada", "admin", "admin password");
     let secret = secret_file(dir.path());
     let args = ["coordinator", "--listen", &public, "--data-dir", data.to_str().unwrap(), "--cluster-secret-file", secret.to_str().unwrap()];
     let mut closed = server(&args, &log);
@@ -233,8 +236,7 @@ fn adbc_and_pyarrow_log_in_over_tls_with_a_password_or_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data_arg = data.to_str().unwrap();
-    let added = quiver(&["user", "add", "ada", "--role", "admin", "--data-dir", data_arg], "admin password\n", &[]);
-    assert!(added.status.success(), "{}", text(&added));
+    add_user(data_arg, "ada", "admin", "admin password");
     let created = quiver(&["token", "create", "ada", "--data-dir", data_arg], "", &[]);
     let token = String::from_utf8_lossy(&created.stdout).trim().to_string();
     let (ca, cert, key) = certificates(dir.path());

@@ -198,19 +198,15 @@ impl Authenticator {
         if ClusterKey::looks_like_node_token(token) {
             return Err(Refused("this node token was not signed with the cluster secret".into()));
         }
+        // A server with no users has nothing to check a client token against: it counts for
+        // nothing, and the caller is anonymous (never a node: node tokens were checked above).
         let Some(users) = &self.users else {
-            return self.anonymous_with_token();
+            return self.anonymous();
         };
         if let Some(caller) = self.session(users, token) {
             return Ok(caller);
         }
         users.verify_token(token)
-    }
-
-    /// A token sent to a server with no users: nothing to check it against, so it counts for
-    /// nothing; the caller is anonymous (never a node: node tokens were checked before).
-    fn anonymous_with_token(&self) -> Result<Caller, Refused> {
-        self.anonymous()
     }
 
     /// Checks a user's password (slow, on purpose) and opens a session; returns the caller and
