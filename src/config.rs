@@ -192,6 +192,8 @@ pub struct CoordinatorConfig {
     pub poll_tasks_max: usize,
     /// Where table files may be read and written (every path on an open coordinator).
     pub allowed_paths: crate::auth::AllowedPaths,
+    /// Options every object store takes unless a table's `OPTIONS` say otherwise.
+    pub store_defaults: crate::storage::StoreDefaults,
 }
 
 impl Default for CoordinatorConfig {
@@ -203,6 +205,7 @@ impl Default for CoordinatorConfig {
             fair_share: true,
             poll_tasks_max: POLL_TASKS_MAX,
             allowed_paths: crate::auth::AllowedPaths::any(),
+            store_defaults: crate::storage::StoreDefaults::default(),
         }
     }
 }

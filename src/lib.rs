@@ -9,6 +9,7 @@ pub mod config;
 pub mod planner;
 pub mod protocol;
 pub mod auth;
+pub mod storage;
 pub mod transport;
 pub mod coordinator;
 pub mod worker;

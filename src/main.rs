@@ -74,10 +74,15 @@ struct PlannerArgs {
     /// worker); 1 turns batched dispatch off.
     #[arg(long)]
     poll_tasks_max: Option<usize>,
+    /// An option every object store takes unless a table's OPTIONS say otherwise, e.g.
+    /// aws.region=eu-west-1 or aws.endpoint=http://minio:9000; repeatable. Workers receive
+    /// what they need from the coordinator.
+    #[arg(long, value_name = "KEY=VALUE")]
+    store_option: Vec<String>,
 }
 
 impl PlannerArgs {
-    fn config(&self) -> CoordinatorConfig {
+    fn config(&self) -> Result<CoordinatorConfig> {
         let mut config = CoordinatorConfig::default();
         if let Some(bytes) = self.task_min_bytes {
             config.planner.task_min_bytes = bytes;
@@ -92,7 +97,8 @@ impl PlannerArgs {
         if let Some(n) = self.poll_tasks_max {
             config.poll_tasks_max = n.max(1);
         }
-        config
+        config.store_defaults = quiver::storage::StoreDefaults::parse(&self.store_option)?;
+        Ok(config)
     }
 }
 
@@ -136,8 +142,9 @@ enum Command {
         /// Let Prometheus read /metrics without credentials.
         #[arg(long)]
         metrics_unauthenticated: bool,
-        /// Tables may also read and write files under this directory (besides the data
-        /// directory); repeatable. Enforced whenever users are configured.
+        /// Tables may also read and write files under this directory or object-store prefix
+        /// (s3://bucket/prefix), besides the data directory; repeatable. Enforced whenever
+        /// users are configured.
         #[arg(long)]
         allow_path: Vec<PathBuf>,
         #[command(flatten)]
@@ -404,7 +411,7 @@ async fn run(command: Command) -> Result<()> {
             let users = UserStore::open(&data_dir)?;
             let users = users.has_users().then(|| Arc::new(users));
             let node = node_security(&security, true, users.clone(), [Some(listen), http])?;
-            let mut config = planner.config();
+            let mut config = planner.config()?;
             if users.is_some() || !allow_path.is_empty() {
                 let mut roots = vec![data_dir.clone()];
                 roots.extend(allow_path);

@@ -1,7 +1,9 @@
 //! Where table files may be read and written: under the allowed roots only (the data directory
 //! and each `--allow-path`), so that `CREATE EXTERNAL TABLE … LOCATION '/etc'` or
 //! `COPY … TO '/root/.ssh/…'` is refused. A path is judged after `..` and symbolic links are
-//! resolved, as far as it exists.
+//! resolved, as far as it exists. An object-store location is allowed under an allowed store
+//! prefix (`--allow-path s3://bucket/prefix`), segment by segment, and never with a `.` or `..`
+//! segment.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -11,17 +13,26 @@ use super::Refused;
 #[derive(Debug, Clone, Default)]
 pub struct AllowedPaths {
     roots: Option<Vec<PathBuf>>,
+    /// Object-store prefixes (`s3://bucket/prefix`), as scheme, authority and path segments.
+    stores: Vec<Vec<String>>,
 }
 
 impl AllowedPaths {
     /// Every path.
     pub fn any() -> Self {
-        Self { roots: None }
+        Self { roots: None, stores: Vec::new() }
     }
 
-    /// Only under `roots`.
+    /// Only under `roots`: directories, or object-store URLs such as `s3://bucket/prefix`.
     pub fn under(roots: &[PathBuf]) -> Self {
-        Self { roots: Some(roots.iter().map(|r| resolve(r)).collect()) }
+        let (mut dirs, mut stores) = (Vec::new(), Vec::new());
+        for root in roots {
+            match root.to_str().and_then(|r| store_segments(r).ok().flatten()) {
+                Some(segments) => stores.push(segments),
+                None => dirs.push(resolve(root)),
+            }
+        }
+        Self { roots: Some(dirs), stores }
     }
 
     pub fn restricts(&self) -> bool {
@@ -35,6 +46,14 @@ impl AllowedPaths {
     /// stores) are refused while paths are restricted.
     pub fn check(&self, location: &str) -> Result<(), Refused> {
         let Some(roots) = &self.roots else { return Ok(()) };
+        if let Some(segments) = store_segments(location)? {
+            if self.stores.iter().any(|root| segments.starts_with(root)) {
+                return Ok(());
+            }
+            return Err(Refused(format!(
+                "'{location}' is outside the object-store prefixes tables may use; an admin can allow one with --allow-path s3://bucket/prefix"
+            )));
+        }
         let path = local_path(location)?;
         let resolved = resolve(&path);
         if roots.iter().any(|root| resolved.starts_with(root)) {
@@ -46,6 +65,48 @@ impl AllowedPaths {
             roots.join(", ")
         )))
     }
+}
+
+/// An object-store location as [scheme, authority, path segments…]; None for a local path or
+/// a `file:` URL. Segments are compared decoded; `.` and `..` are refused, since stores and
+/// DataFusion would read them differently from this check.
+fn store_segments(location: &str) -> Result<Option<Vec<String>>, Refused> {
+    if Path::new(location).is_absolute() {
+        return Ok(None);
+    }
+    let url = match url::Url::parse(location) {
+        Ok(url) if url.scheme() != "file" => url,
+        _ => return Ok(None),
+    };
+    let mut segments = vec![url.scheme().to_string(), url[url::Position::BeforeUsername..url::Position::AfterPort].to_string()];
+    for segment in url.path().split('/').filter(|s| !s.is_empty()) {
+        let decoded = percent_decode(segment);
+        if decoded == "." || decoded == ".." || decoded.contains('/') {
+            return Err(Refused(format!("'{location}' has a '{segment}' segment, which tables may not use")));
+        }
+        segments.push(decoded);
+    }
+    Ok(Some(segments))
+}
+
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn local_path(location: &str) -> Result<PathBuf, Refused> {

@@ -1,5 +1,6 @@
 
 use super::*;
+use std::path::PathBuf;
 
 fn store_with(user: &str, role: Role) -> (tempfile::TempDir, Arc<UserStore>) {
     let dir = tempfile::tempdir().unwrap();
@@ -112,6 +113,26 @@ fn table_paths_must_stay_under_the_allowed_roots() {
         assert!(allowed.check(&link.join("passwd").display().to_string()).is_err(), "a link out of the root");
     }
     AllowedPaths::any().check("/etc").unwrap();
+}
+
+#[test]
+fn store_locations_must_stay_under_an_allowed_prefix() {
+    let allowed = AllowedPaths::under(&[PathBuf::from("/data"), PathBuf::from("s3://bucket/tables/")]);
+    for inside in ["s3://bucket/tables/t/", "s3://bucket/tables", "S3://bucket/tables/a%20b/x.parquet"] {
+        allowed.check(inside).unwrap_or_else(|e| panic!("{inside}: {e:?}"));
+    }
+    for outside in [
+        "s3://bucket/tablesX/t",
+        "s3://bucket/other/t",
+        "s3://other/tables/t",
+        "gs://bucket/tables/t",
+        "s3://bucket/tables/../other",
+        "s3://bucket/tables/%2e%2e/other",
+        "s3://bucket/tables/a%2Fb",
+        "https://bucket/tables/t",
+    ] {
+        assert!(allowed.check(outside).is_err(), "{outside}");
+    }
 }
 
 #[test]

@@ -11,12 +11,14 @@ use datafusion::arrow::datatypes::{Schema, SchemaRef};
 use datafusion::catalog::MemTable;
 use datafusion::catalog::TableProvider;
 use datafusion::common::{Constraint, Constraints, DFSchema, DataFusionError, Result, TableReference};
-use datafusion::logical_expr::Expr;
+use datafusion::logical_expr::{DdlStatement, Expr, LogicalPlan};
 use datafusion::sql::unparser::expr_to_sql;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::prelude::SessionContext;
 use serde::{Deserialize, Serialize};
+
+use super::stores::Stores;
 
 const CATALOG_FILE: &str = "catalog.json";
 
@@ -145,17 +147,37 @@ impl Catalog {
         let text = serde_json::to_string_pretty(&CatalogFile { tables })
             .map_err(|e| DataFusionError::Execution(format!("cannot write the catalog: {e}")))?;
         let tmp = self.data_dir.join(format!("{CATALOG_FILE}.tmp"));
-        std::fs::write(&tmp, text)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
+        // Readable by the coordinator's user alone: a table's OPTIONS may hold store keys.
+        let _ = std::fs::remove_file(&tmp);
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&tmp)?;
+        std::io::Write::write_all(&mut file, text.as_bytes())?;
+        file.sync_all()?;
         std::fs::rename(&tmp, self.data_dir.join(CATALOG_FILE))?;
         Ok(())
     }
 
     /// Registers a definition with DataFusion, replacing any table of the same name. The name
     /// is taken as it is, never parsed again: a quoted `"T1"` or `"a.b"` stays itself.
-    pub async fn register(&self, ctx: &SessionContext, def: &TableDef) -> Result<()> {
+    pub async fn register(&self, ctx: &SessionContext, stores: &Stores, def: &TableDef) -> Result<()> {
         match def {
-            TableDef::External { sql, .. } | TableDef::View { sql, .. } => {
+            TableDef::External { sql, .. } => {
+                let mut plan = ctx.state().create_logical_plan(sql).await?;
+                let replaced = match &mut plan {
+                    LogicalPlan::Ddl(DdlStatement::CreateExternalTable(create)) => Some(stores.open_for(ctx, create)?),
+                    _ => None,
+                };
+                if let Err(e) = ctx.execute_logical_plan(plan).await {
+                    if let Some(replaced) = replaced {
+                        stores.undo(ctx, replaced);
+                    }
+                    return Err(e);
+                }
+            }
+            TableDef::View { sql, .. } => {
                 ctx.sql(sql).await?;
             }
             TableDef::Managed { name, schema, segments, keys, defaults } => {

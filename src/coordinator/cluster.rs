@@ -25,7 +25,7 @@ use crate::config::{
     ASSIGNMENT_ACK_TIMEOUT_MS, EXPRESS_QUERY_TASKS_MAX, HEARTBEAT_OVERDUE_MS, POLL_TASKS_MAX, QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS,
 };
 use crate::protocol::{
-    error_text, remote_to_quiver, ErrorKind, QueryProgress, QuiverError, TaskAssignment, TaskKey, TaskReport, TaskState,
+    error_text, remote_to_quiver, ErrorKind, QueryProgress, QuiverError, StoreConfig, TaskAssignment, TaskKey, TaskReport, TaskState,
 };
 use crate::transport::{release_attempt, ClientSecurity};
 
@@ -78,6 +78,8 @@ struct QueryEntry {
     outcomes: HashMap<TaskId, watch::Sender<Option<TaskOutcome>>>,
     /// Its Attempts assigned to a worker and not ended: its share of the cluster now.
     running: u32,
+    /// The object stores its plan reads, named in each of its assignments.
+    stores: Arc<Vec<StoreConfig>>,
 }
 
 #[derive(Default)]
@@ -187,10 +189,12 @@ impl Cluster {
         }
     }
 
+    /// Records a Query as started. Its text is kept with the values of secret options (an
+    /// object store's keys) hidden: `quiver.queries` and the web UI show it.
     pub fn begin_query(&self, id: &str, sql: &str) {
         let record = QueryRecord {
             id: id.to_string(),
-            sql: sql.to_string(),
+            sql: crate::storage::redact_sql(sql),
             user: "anonymous".to_string(),
             state: "running",
             mode: "coordinator",
@@ -212,7 +216,8 @@ impl Cluster {
             partitions_split: 0,
             slices_cut: 0,
         };
-        let entry = QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new(), running: 0 };
+        let entry =
+            QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new(), running: 0, stores: Arc::default() };
         self.lock().queries.insert(id.to_string(), entry);
         self.metrics.query_started();
     }
@@ -221,6 +226,13 @@ impl Cluster {
     pub fn set_query_user(&self, id: &str, user: &str) {
         if let Some(query) = self.lock().queries.get_mut(id) {
             query.record.user = user.to_string();
+        }
+    }
+
+    /// The object stores the Query's plan reads: its assignments name them to the workers.
+    pub fn set_query_stores(&self, id: &str, stores: Vec<StoreConfig>) {
+        if let Some(query) = self.lock().queries.get_mut(id) {
+            query.stores = Arc::new(stores);
         }
     }
 
@@ -360,7 +372,8 @@ impl Cluster {
         let inputs = (*queued.inputs).clone();
         let reads = (*queued.reads).clone();
         let slice = queued.slice;
-        Ok(Assigned::Task(TaskAssignment { key: Some(queued.key), plan, partition: queued.partition, inputs, reads, slice, express }))
+        let stores = (*query.stores).clone();
+        Ok(Assigned::Task(TaskAssignment { key: Some(queued.key), plan, partition: queued.partition, inputs, reads, slice, express, stores }))
     }
 
     /// Applies a worker's report on one Attempt.

@@ -16,6 +16,7 @@ mod registry;
 mod session;
 mod source;
 mod statements;
+mod stores;
 mod subquery;
 mod system_tables;
 
@@ -59,6 +60,8 @@ pub struct Core {
     statements: Arc<statements::Statements>,
     /// Who may call: the same checks on the Flight SQL port and the HTTP port.
     pub auth: Arc<Authenticator>,
+    /// The object stores tables live in.
+    stores: stores::Stores,
 }
 
 impl Core {
@@ -135,7 +138,8 @@ impl Coordinator {
         );
         system_tables::register(&ctx, &cluster)?;
         let catalog = catalog::Catalog::new(&data_dir);
-        restore_catalog(&ctx, &catalog).await?;
+        let stores = stores::Stores::new(config.store_defaults.clone());
+        restore_catalog(&ctx, &catalog, &stores).await?;
         let core = Arc::new(Core {
             config,
             ctx,
@@ -144,6 +148,7 @@ impl Coordinator {
             catalog_lock: tokio::sync::Mutex::new(()),
             statements: Arc::default(),
             auth: Arc::clone(&security.server.auth),
+            stores,
         });
         let server = serve_sql(Arc::new(Service(Arc::clone(&core))), listener, &security.server)?;
         let statements = Arc::clone(&core.statements);
@@ -189,12 +194,12 @@ fn probe_suspects(cluster: &Arc<Cluster>) {
     }
 }
 
-async fn restore_catalog(ctx: &SessionContext, catalog: &catalog::Catalog) -> Result<()> {
+async fn restore_catalog(ctx: &SessionContext, catalog: &catalog::Catalog, stores: &stores::Stores) -> Result<()> {
     let mut defs = catalog.load()?;
     // Views last: they may read the tables.
     defs.sort_by_key(|d| matches!(d, catalog::TableDef::View { .. }));
     for def in defs {
-        if let Err(e) = catalog.register(ctx, &def).await {
+        if let Err(e) = catalog.register(ctx, stores, &def).await {
             tracing::error!(table = def.name(), "cannot restore table: {e}");
         }
     }

@@ -26,7 +26,7 @@ use crate::planner::{self, attempt_file, count_schema, task_file, DistributeOpti
 use super::policy::Adaptive;
 use crate::auth::Caller;
 use crate::config::QuiverOptions;
-use crate::protocol::encode_plan;
+use crate::protocol::{classify, encode_plan, quiver_error, ErrorKind};
 
 /// How long a Query that needs workers waits for the first one to register.
 const WORKER_WAIT_MS: u64 = 10_000;
@@ -43,7 +43,7 @@ pub async fn start(
     let id = format!("q-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     core.cluster.begin_query(&id, sql);
     core.cluster.set_query_user(&id, &caller.name);
-    tracing::info!(query = %id, "query started: {}", sql.trim());
+    tracing::info!(query = %id, "query started: {}", crate::storage::redact_sql(sql.trim()));
     let abandoned = Abandoned { core: Some(Arc::clone(core)), id: id.clone() };
     let ran = super::access::as_viewer(caller, run(core, caller, &id, sql, parameters)).await;
     abandoned.disarm();
@@ -109,12 +109,17 @@ async fn run(
 
 async fn dispatch(core: &Arc<Core>, id: &str, sql: &str, plan: LogicalPlan) -> Result<SendableRecordBatchStream> {
     match plan {
-        LogicalPlan::Ddl(DdlStatement::CreateExternalTable(c)) => {
-            let (name, skip) = (c.name.table().to_string(), c.if_not_exists);
-            define(core, name, skip, LogicalPlan::Ddl(DdlStatement::CreateExternalTable(c)), |name| {
+        LogicalPlan::Ddl(DdlStatement::CreateExternalTable(mut c)) => {
+            let replaced = core.stores.open_for(&core.ctx, &mut c)?;
+            let (name, skip, locations) = (c.name.table().to_string(), c.if_not_exists, c.locations.join(", "));
+            let defined = define(core, name, skip, LogicalPlan::Ddl(DdlStatement::CreateExternalTable(c)), |name| {
                 TableDef::External { name, sql: sql.to_string() }
             })
-            .await
+            .await;
+            if defined.is_err() {
+                core.stores.undo(&core.ctx, replaced);
+            }
+            defined.map_err(|e| unreadable_location(e, &locations))
         }
         LogicalPlan::Ddl(DdlStatement::CreateView(v)) => {
             let name = v.name.table().to_string();
@@ -145,6 +150,16 @@ async fn dispatch(core: &Arc<Core>, id: &str, sql: &str, plan: LogicalPlan) -> R
             let physical = core.ctx.execute_logical_plan(plan).await?.create_physical_plan().await?;
             Ok(deferred(core, id, physical))
         }
+    }
+}
+
+/// An I/O error creating an external table (a store that refuses, a bucket or directory that
+/// is not there) names the location it could not read.
+fn unreadable_location(error: DataFusionError, locations: &str) -> DataFusionError {
+    let typed = classify(&error);
+    match typed.kind {
+        ErrorKind::Io => quiver_error(ErrorKind::Io, format!("cannot read the table location '{locations}': {}", typed.message)),
+        _ => error,
     }
 }
 
@@ -209,7 +224,7 @@ async fn create_table(
     }
     let def = TableDef::Managed { name: name.to_string(), schema, segments: segments.clone(), keys, defaults };
     core.catalog.put(def.clone())?;
-    core.catalog.register(&core.ctx, &def).await?;
+    core.catalog.register(&core.ctx, &core.stores, &def).await?;
     if let Some(TableDef::Managed { segments: old_segments, .. }) = old {
         for s in old_segments.iter().filter(|s| !segments.contains(s)) {
             let _ = std::fs::remove_dir_all(core.catalog.table_dir(name).join(s));
@@ -227,7 +242,7 @@ async fn insert(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan) ->
     segments.extend(commit_segment(core, id, table, &written)?);
     let def = TableDef::Managed { name, schema, segments, keys, defaults };
     core.catalog.put(def.clone())?;
-    core.catalog.register(&core.ctx, &def).await?;
+    core.catalog.register(&core.ctx, &core.stores, &def).await?;
     Ok(written.rows)
 }
 
@@ -375,11 +390,13 @@ pub(super) async fn start_physical(
     write: Option<WriteTarget>,
 ) -> Result<(DistributedPlan, SendableRecordBatchStream)> {
     let physical = super::subquery::resolve(core, id, physical).await?;
+    let stores = core.stores.for_plan(&physical);
     let mut plan = plan_query(core, id, physical, write).await?;
     if plan.small_input_bytes.is_some() {
         core.cluster.ran_small(id);
     }
     if plan.is_distributed() {
+        core.cluster.set_query_stores(id, stores);
         core.cluster.submit(id, encode_stages(&plan)?, adaptive(core))?;
     }
     if plan.root.output_partitioning().partition_count() > 1 {

@@ -135,6 +135,39 @@ pub struct TaskAssignment {
     /// It runs on one of the worker's express slots (a small Query's Task).
     #[prost(bool, tag = "7")]
     pub express: bool,
+    /// The object stores the plan reads, with what opens them (credentials included: a
+    /// worker reads a table exactly as the coordinator resolved it).
+    #[prost(message, repeated, tag = "8")]
+    pub stores: Vec<StoreConfig>,
+}
+
+/// One object store: its URL (`s3://bucket`) and its options by canonical name. Its debug
+/// output hides secret values, so that an assignment may be logged.
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct StoreConfig {
+    #[prost(string, tag = "1")]
+    pub url: String,
+    #[prost(btree_map = "string, string", tag = "2")]
+    pub options: std::collections::BTreeMap<String, String>,
+}
+
+impl From<&crate::storage::StoreSpec> for StoreConfig {
+    fn from(spec: &crate::storage::StoreSpec) -> Self {
+        Self { url: spec.url.clone(), options: spec.options.clone() }
+    }
+}
+
+impl From<StoreConfig> for crate::storage::StoreSpec {
+    fn from(config: StoreConfig) -> Self {
+        Self { url: config.url, options: config.options }
+    }
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&crate::storage::StoreSpec::from(self.clone()), f)
+    }
 }
 
 /// Piece `index` of `of` equal, contiguous byte ranges of a Task plan's scan slice.

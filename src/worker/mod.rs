@@ -18,6 +18,8 @@ use datafusion::physical_plan::metrics::Time;
 use datafusion::physical_plan::repartition::BatchPartitioner;
 use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use datafusion::prelude::SessionContext;
+
+use crate::storage::StoreSpec;
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -29,7 +31,7 @@ use crate::config::{
 };
 use crate::planner::{shuffle_partitioning, AttemptNumber};
 use crate::protocol::{
-    action, classify, decode_plan, error_to_remote, quiver_error, Empty, ErrorKind, Heartbeat, HeartbeatResponse, OutputTicket,
+    action, classify, decode_plan, StoreConfig, error_to_remote, quiver_error, Empty, ErrorKind, Heartbeat, HeartbeatResponse, OutputTicket,
     PollTask, PollTaskResponse, RegisterWorker, RegisterWorkerResponse, ReleaseAttempt, ReleaseQuery, TaskAssignment,
     TaskKey, TaskReport, TaskState,
 };
@@ -77,6 +79,8 @@ struct State {
     /// wire, or that finishes late, must not leave an output behind.
     released_queries: Mutex<Recent<String>>,
     released_attempts: Mutex<Recent<TaskKey>>,
+    /// Object stores opened for Tasks, by DataFusion's name for each (`s3://bucket/`).
+    stores: Mutex<HashMap<String, StoreSpec>>,
 }
 
 /// The last `capacity` values seen, for membership tests.
@@ -136,6 +140,7 @@ impl Worker {
             held: Mutex::default(),
             released_queries: Mutex::new(Recent::new(RELEASED_QUERIES_MAX)),
             released_attempts: Mutex::new(Recent::new(RELEASED_ATTEMPTS_MAX)),
+            stores: Mutex::default(),
         });
         let server = serve(Arc::new(Service(Arc::clone(&state))), listener, &security.server)?;
         let mut loops = vec![tokio::spawn(membership_loop(Arc::clone(&state))), tokio::spawn(dispatch_loop(Arc::clone(&state), false))];
@@ -365,6 +370,7 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
     let job = TASK_RUNTIME.spawn({
         let (state, key) = (Arc::clone(state), key.clone());
         async move {
+            open_stores(&state, task.stores)?;
             let inputs = Arc::new(inputs::TaskInputs::new(Arc::clone(&state), task.inputs, task.reads));
             let mut plan = decode_plan(&task.plan, &state.ctx.task_ctx(), Some(inputs))?;
             if let Some(piece) = task.slice {
@@ -402,6 +408,21 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
             report(state, registration, &key, TaskState::Failed, None, Some(&e), started).await;
         }
     }
+}
+
+/// Opens the object stores an assignment names, unless this worker has opened each with the
+/// same options already (a store whose options changed is opened again).
+fn open_stores(state: &State, stores: Vec<StoreConfig>) -> Result<()> {
+    let mut opened = state.stores.lock().expect("stores lock");
+    for config in stores {
+        let spec = StoreSpec::from(config);
+        let url = spec.object_store_url()?;
+        if opened.get(url.as_str()) != Some(&spec) {
+            state.ctx.runtime_env().register_object_store(url.as_ref(), spec.build()?);
+            opened.insert(url.as_str().to_string(), spec);
+        }
+    }
+    Ok(())
 }
 
 /// Starts a Task's plan: the partition it was given, split into output parts when the plan's

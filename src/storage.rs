@@ -1,0 +1,405 @@
+//! Object stores: table files at `s3://`, `gs://`, `az://` / `abfss://` and `https://`
+//! locations. A [`StoreSpec`] is one store as the coordinator resolved it (its URL and the
+//! options that open it); the coordinator and every worker build the same store from it, so a
+//! worker never depends on its own environment to read a table. This module knows DataFusion
+//! and `object_store`, nothing of the network or of the cluster.
+//!
+//! Options come, later ones winning, from the coordinator's environment (`AWS_*`, `GOOGLE_*`,
+//! `AZURE_*`), from cluster configuration (`--store-option`), and from a table's `OPTIONS`
+//! (`'aws.region' 'eu-west-1'`, as in datafusion-cli). Every request is bounded: a store that
+//! does not answer, refuses credentials or lacks the bucket fails in seconds, without a storm of
+//! retries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::common::{plan_datafusion_err, plan_err, DataFusionError, Result};
+use datafusion::datasource::physical_plan::FileScanConfig;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::physical_plan::ExecutionPlan;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::http::HttpBuilder;
+use object_store::{BackoffConfig, ClientConfigKey, ClientOptions, ObjectStore, RetryConfig};
+use url::Url;
+
+/// Retries of one request to a store (on a 5xx answer or a broken connection; never on a
+/// refusal such as 403 or 404).
+pub const STORE_RETRIES_MAX: usize = 3;
+/// No request is retried after this long from its first try.
+pub const STORE_RETRY_TIMEOUT_MS: u64 = 15_000;
+/// Connecting to a store's endpoint.
+pub const STORE_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// One request, from sending it to the end of its answer's body.
+pub const STORE_REQUEST_TIMEOUT_MS: u64 = 120_000;
+
+/// The kinds of store, by the option prefix that configures them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    S3,
+    Gcs,
+    Azure,
+    Http,
+}
+
+impl Kind {
+    /// The store a location's scheme names; None for a local path.
+    pub fn of(url: &Url) -> Option<Kind> {
+        match url.scheme() {
+            "s3" | "s3a" => Some(Kind::S3),
+            "gs" | "gcs" => Some(Kind::Gcs),
+            "az" | "adl" | "azure" | "abfs" | "abfss" => Some(Kind::Azure),
+            "http" | "https" => Some(Kind::Http),
+            _ => None,
+        }
+    }
+
+    /// The prefix of its options in `OPTIONS` and `--store-option`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Kind::S3 => "aws",
+            Kind::Gcs => "gcp",
+            Kind::Azure => "azure",
+            Kind::Http => "http",
+        }
+    }
+
+    /// The prefix of its environment variables.
+    fn env_prefix(self) -> Option<&'static str> {
+        match self {
+            Kind::S3 => Some("AWS_"),
+            Kind::Gcs => Some("GOOGLE_"),
+            Kind::Azure => Some("AZURE_"),
+            Kind::Http => None,
+        }
+    }
+
+    /// `key` (without prefix) in the store's canonical spelling, or None when the store has no
+    /// such option. Canonical names let options from different sources override each other.
+    fn canonical(self, key: &str) -> Option<String> {
+        let key = key.to_ascii_lowercase();
+        match self {
+            Kind::S3 => AmazonS3ConfigKey::from_str(&key).ok().map(|k| k.as_ref().to_string()),
+            Kind::Gcs => GoogleConfigKey::from_str(&key).ok().map(|k| k.as_ref().to_string()),
+            Kind::Azure => AzureConfigKey::from_str(&key).ok().map(|k| k.as_ref().to_string()),
+            Kind::Http => ClientConfigKey::from_str(&key).ok().map(|k| k.as_ref().to_string()),
+        }
+    }
+}
+
+/// Is `key` an option of some object store (`aws.…`, `gcp.…`, `azure.…`, `http.…`)? Such
+/// options are taken out of a table's `OPTIONS` before DataFusion reads the rest.
+pub fn is_store_option(key: &str) -> bool {
+    ["aws.", "gcp.", "azure.", "http."].iter().any(|p| key.to_ascii_lowercase().starts_with(p))
+}
+
+/// Does this option's value have to be kept secret (keys, tokens, passwords)?
+pub fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["secret", "key", "token", "password", "credential", "sas", "signature"]
+        .iter()
+        .any(|word| key.contains(word))
+        && !key.ends_with("skip_signature")
+}
+
+/// Takes a table's store options (`aws.…` and the like) out of its `OPTIONS`, leaving DataFusion
+/// the rest (`format.…`).
+pub fn take_store_options(options: &mut HashMap<String, String>) -> Vec<(String, String)> {
+    let keys: Vec<String> = options.keys().filter(|k| is_store_option(k)).cloned().collect();
+    let mut taken: Vec<(String, String)> = keys.into_iter().filter_map(|k| options.remove_entry(&k)).collect();
+    taken.sort();
+    taken
+}
+
+/// Options every store of its kind takes unless a table says otherwise: cluster configuration.
+#[derive(Debug, Clone, Default)]
+pub struct StoreDefaults {
+    options: Vec<(String, String)>,
+}
+
+impl StoreDefaults {
+    /// From `KEY=VALUE` pairs such as `aws.endpoint=http://minio:9000`.
+    pub fn parse(pairs: &[String]) -> Result<Self> {
+        let mut options = Vec::with_capacity(pairs.len());
+        for pair in pairs {
+            let Some((key, value)) = pair.split_once('=') else {
+                return plan_err!("store option '{pair}' is not KEY=VALUE (for example aws.region=eu-west-1)");
+            };
+            if !is_store_option(key) {
+                return plan_err!("store option '{key}' names no store: it starts with aws., gcp., azure. or http.");
+            }
+            options.push((key.trim().to_string(), value.trim().to_string()));
+        }
+        Ok(Self { options })
+    }
+}
+
+/// One object store: the URL it serves (`s3://bucket`) and the options that open it, by
+/// canonical name. Built the same way on the coordinator and on every worker.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreSpec {
+    pub url: String,
+    pub options: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for StoreSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let options: BTreeMap<&str, &str> =
+            self.options.iter().map(|(k, v)| (k.as_str(), if is_secret(k) { "***" } else { v.as_str() })).collect();
+        f.debug_struct("StoreSpec").field("url", &self.url).field("options", &options).finish()
+    }
+}
+
+impl StoreSpec {
+    /// The store that holds `location`, with its options resolved from the environment,
+    /// `defaults` and the table's store options (see [`take_store_options`]). None for a local
+    /// path.
+    pub fn resolve(location: &str, table_options: &[(String, String)], defaults: &StoreDefaults) -> Result<Option<Self>> {
+        let Some((url, kind)) = remote(location) else {
+            if let Some((key, _)) = table_options.first() {
+                return plan_err!("option '{key}' is for object stores, but '{location}' is a local path");
+            }
+            return Ok(None);
+        };
+        let mut resolved = BTreeMap::new();
+        if let Some(prefix) = kind.env_prefix() {
+            for (name, value) in std::env::vars() {
+                if name.starts_with(prefix) {
+                    if let Some(key) = kind.canonical(&name) {
+                        resolved.insert(key, value);
+                    }
+                }
+            }
+        }
+        for (key, value) in defaults.options.iter().chain(table_options.iter()) {
+            let Some(rest) = strip_prefix(key, kind.prefix()) else { continue };
+            let Some(canonical) = kind.canonical(rest) else {
+                return plan_err!("unknown option '{key}' for {}:// locations", url.scheme());
+            };
+            resolved.insert(canonical, value.clone());
+        }
+        let spec = StoreSpec { url: store_url(&url), options: resolved };
+        spec.check(kind)?;
+        Ok(Some(spec))
+    }
+
+    fn kind(&self) -> Result<Kind> {
+        let url = Url::parse(&self.url).map_err(|e| plan_datafusion_err!("store URL '{}': {e}", self.url))?;
+        Kind::of(&url).ok_or_else(|| plan_datafusion_err!("'{}' is not an object store", self.url))
+    }
+
+    /// What would make opening the store reach somewhere the user did not name.
+    fn check(&self, kind: Kind) -> Result<()> {
+        if kind == Kind::S3 {
+            let has = |key: AmazonS3ConfigKey| self.options.contains_key(key.as_ref());
+            let region = has(AmazonS3ConfigKey::Region) || has(AmazonS3ConfigKey::DefaultRegion);
+            if !region && !has(AmazonS3ConfigKey::Endpoint) {
+                return plan_err!(
+                    "{}: no region is set; give OPTIONS ('aws.region' '…'), AWS_REGION, or --store-option aws.region=… \
+                     (Quiver does not ask AWS where a bucket is), or aws.endpoint for an S3-compatible server",
+                    self.url
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// DataFusion's name for the store, as scans name it.
+    pub fn object_store_url(&self) -> Result<ObjectStoreUrl> {
+        ObjectStoreUrl::parse(&self.url)
+    }
+
+    /// Opens the store. Nothing is sent over the network until it is used.
+    pub fn build(&self) -> Result<Arc<dyn ObjectStore>> {
+        let kind = self.kind()?;
+        let retry = RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: STORE_RETRIES_MAX,
+            retry_timeout: Duration::from_millis(STORE_RETRY_TIMEOUT_MS),
+        };
+        let client = ClientOptions::new()
+            .with_connect_timeout(Duration::from_millis(STORE_CONNECT_TIMEOUT_MS))
+            .with_timeout(Duration::from_millis(STORE_REQUEST_TIMEOUT_MS));
+        let failed = |e: object_store::Error| DataFusionError::Plan(format!("cannot open {}: {e}", self.url));
+        // The four builders take the same calls, each with its own key type.
+        macro_rules! open {
+            ($builder:ty, $key:ty) => {{
+                let mut builder = <$builder>::new().with_url(&self.url).with_retry(retry).with_client_options(client);
+                for (key, value) in &self.options {
+                    builder = builder.with_config(<$key>::from_str(key).map_err(failed)?, value);
+                }
+                Arc::new(builder.build().map_err(failed)?) as Arc<dyn ObjectStore>
+            }};
+        }
+        let store = match kind {
+            Kind::S3 => open!(AmazonS3Builder, AmazonS3ConfigKey),
+            Kind::Gcs => open!(GoogleCloudStorageBuilder, GoogleConfigKey),
+            Kind::Azure => open!(MicrosoftAzureBuilder, AzureConfigKey),
+            Kind::Http => open!(HttpBuilder, ClientConfigKey),
+        };
+        Ok(store)
+    }
+}
+
+/// `location` as a URL of an object store, with the store's kind; None for a local path.
+fn remote(location: &str) -> Option<(Url, Kind)> {
+    if std::path::Path::new(location).is_absolute() {
+        return None;
+    }
+    let url = Url::parse(location).ok()?;
+    Kind::of(&url).map(|kind| (url, kind))
+}
+
+/// `key` without `prefix.`, compared without case.
+fn strip_prefix<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
+    let (head, rest) = key.split_once('.')?;
+    head.eq_ignore_ascii_case(prefix).then_some(rest)
+}
+
+/// The part of a URL that names its store: scheme and authority, as DataFusion keys stores.
+fn store_url(url: &Url) -> String {
+    format!("{}://{}", url.scheme(), &url[url::Position::BeforeUsername..url::Position::AfterPort])
+}
+
+/// The stores a plan's file scans read, by DataFusion's name for each (`s3://bucket/`).
+pub fn scanned_stores(plan: &Arc<dyn ExecutionPlan>) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![Arc::clone(plan)];
+    while let Some(node) = stack.pop() {
+        if let Some(scan) = node.downcast_ref::<DataSourceExec>() {
+            if let Some(config) = scan.data_source().downcast_ref::<FileScanConfig>() {
+                let url = config.object_store_url.as_str().to_string();
+                if !found.contains(&url) {
+                    found.push(url);
+                }
+            }
+        }
+        stack.extend(node.children().into_iter().cloned());
+    }
+    found
+}
+
+/// `sql` with the values of secret options (keys, tokens, passwords) replaced by `'***'`, for
+/// logs and `quiver.queries`. Quoted literals are read as SQL reads them (`''` inside one is a
+/// quote); a literal that names a secret option hides the literal after it.
+pub fn redact_sql(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut hide_next = false;
+    let mut rest = sql;
+    while let Some(start) = rest.find('\'') {
+        let (before, from_quote) = rest.split_at(start);
+        out.push_str(before);
+        let end = literal_end(from_quote);
+        let literal = &from_quote[..end];
+        let text = literal.trim_matches('\'');
+        if hide_next {
+            out.push_str("'***'");
+            hide_next = false;
+        } else {
+            out.push_str(literal);
+            hide_next = is_store_option(text) && is_secret(text);
+        }
+        rest = &from_quote[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Length of the quoted literal that `s` starts with, its closing quote included (all of `s`
+/// when it is not closed).
+fn literal_end(s: &str) -> usize {
+    let bytes = s.as_bytes();
+    let mut i = 1;
+    while i < bytes.len() {
+        if bytes[i] == b'\'' {
+            if bytes.get(i + 1) == Some(&b'\'') {
+                i += 2;
+                continue;
+            }
+            return i + 1;
+        }
+        i += 1;
+    }
+    s.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_local_path_has_no_store() {
+        let mut o = options(&[("format.has_header", "true")]);
+        let taken = take_store_options(&mut o);
+        assert_eq!(StoreSpec::resolve("/data/t", &taken, &StoreDefaults::default()).unwrap(), None);
+        assert_eq!(StoreSpec::resolve("file:///data/t", &taken, &StoreDefaults::default()).unwrap(), None);
+        assert!(o.contains_key("format.has_header"));
+        let taken = take_store_options(&mut options(&[("aws.region", "x")]));
+        assert!(StoreSpec::resolve("/data/t", &taken, &StoreDefaults::default()).is_err());
+    }
+
+    #[test]
+    fn table_options_override_cluster_defaults_and_leave_the_rest_to_datafusion() {
+        let defaults = StoreDefaults::parse(&["aws.region=us-east-2".into(), "aws.endpoint=http://s3:9000".into()]).unwrap();
+        let mut o = options(&[("aws.region", "eu-west-1"), ("AWS.Access_Key_Id", "AK"), ("aws.secret_access_key", "SK"), ("format.compression", "zstd")]);
+        let taken = take_store_options(&mut o);
+        let spec = StoreSpec::resolve("s3://bucket/dir/", &taken, &defaults).unwrap().unwrap();
+        assert_eq!(spec.url, "s3://bucket");
+        assert_eq!(spec.options.get("aws_region").map(String::as_str), Some("eu-west-1"));
+        assert_eq!(spec.options.get("aws_endpoint").map(String::as_str), Some("http://s3:9000"));
+        assert_eq!(spec.options.get("aws_access_key_id").map(String::as_str), Some("AK"));
+        assert_eq!(o.keys().collect::<Vec<_>>(), vec!["format.compression"]);
+        spec.build().unwrap();
+    }
+
+    #[test]
+    fn unknown_options_and_a_missing_region_are_errors() {
+        let none = StoreDefaults::default();
+        let e = StoreSpec::resolve("s3://b/x", &[("aws.regoin".into(), "x".into())], &none).unwrap_err();
+        assert!(e.to_string().contains("unknown option 'aws.regoin'"), "{e}");
+        if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
+            let e = StoreSpec::resolve("s3://b/x", &[], &none).unwrap_err();
+            assert!(e.to_string().contains("no region"), "{e}");
+        }
+        assert!(StoreDefaults::parse(&["region=x".into()]).is_err());
+    }
+
+    #[test]
+    fn other_stores_resolve_and_build() {
+        let none = StoreDefaults::default();
+        let gcs = StoreSpec::resolve("gs://b/t", &take_store_options(&mut options(&[("gcp.skip_signature", "true")])), &none).unwrap().unwrap();
+        assert_eq!(gcs.url, "gs://b");
+        gcs.build().unwrap();
+        let az = StoreSpec::resolve("az://c/t", &take_store_options(&mut options(&[("azure.account_name", "a"), ("azure.skip_signature", "true")])), &none)
+            .unwrap()
+            .unwrap();
+        az.build().unwrap();
+        let http = StoreSpec::resolve("https://example.com:8443/data/t.parquet", &[], &none).unwrap().unwrap();
+        assert_eq!(http.url, "https://example.com:8443");
+        http.build().unwrap();
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_sql_and_debug_output() {
+        let sql = "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION 's3://b/t' OPTIONS \
+                   ('aws.secret_access_key' 'S3CR''ET', 'aws.region' 'eu', 'aws.access_key_id' 'AKIA', 'note' 'aws.session_token')";
+        let redacted = redact_sql(sql);
+        assert!(!redacted.contains("S3CR") && !redacted.contains("AKIA"), "{redacted}");
+        assert!(redacted.contains("'aws.region' 'eu'"), "{redacted}");
+        assert!(redacted.contains("'note' 'aws.session_token'"), "{redacted}");
+        let taken = take_store_options(&mut options(&[("aws.secret_access_key", "S3CRET"), ("aws.region", "eu")]));
+        let spec = StoreSpec::resolve("s3://b/t", &taken, &StoreDefaults::default()).unwrap().unwrap();
+        let debug = format!("{spec:?}");
+        assert!(!debug.contains("S3CRET") && debug.contains("eu"), "{debug}");
+        assert_eq!(redact_sql("SELECT 'it''s'"), "SELECT 'it''s'");
+    }
+}
