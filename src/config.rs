@@ -5,6 +5,13 @@ use datafusion::common::config::ConfigExtension;
 use datafusion::common::extensions_options;
 use datafusion::prelude::SessionConfig;
 
+/// Where a coordinator listens unless told otherwise. Port 7050 is outside Linux's ephemeral
+/// range (32768–60999): a default in that range was once held by a socket in TIME_WAIT, and
+/// `quiver local` could not start.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7050";
+/// Where clients and workers look for the coordinator unless told otherwise.
+pub const DEFAULT_COORDINATOR_URL: &str = "http://127.0.0.1:7050";
+
 /// Largest gRPC message either side accepts or sends (plans, batches, control messages).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Longest error message a gRPC status carries: it goes in HTTP/2 headers twice (as text and
@@ -220,11 +227,14 @@ pub struct WorkerConfig {
     pub express_slots: usize,
     /// Memory budget for executing Tasks and holding their outputs; outputs beyond it spill.
     pub memory_limit_bytes: u64,
+    /// `HOST:PORT` the coordinator and the other workers reach this worker at, when that is not
+    /// the address it listens on (it listens on 0.0.0.0, behind NAT, in a container).
+    pub advertise: Option<String>,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { slots: default_parallelism(), express_slots: 1, memory_limit_bytes: 2 * 1024 * 1024 * 1024 }
+        Self { slots: default_parallelism(), express_slots: 1, memory_limit_bytes: 2 * 1024 * 1024 * 1024, advertise: None }
     }
 }
 

@@ -46,8 +46,11 @@ struct Input {
     #[arg(short = 'c', long = "command")]
     command: Option<String>,
     /// Run the SQL statements in this file and exit.
-    #[arg(short = 'f', long = "file")]
+    #[arg(short = 'f', long = "file", conflicts_with = "command")]
     file: Option<PathBuf>,
+    /// Run TPC-H query N (1 to 22, built in) and exit.
+    #[arg(long, value_name = "N", conflicts_with_all = ["command", "file"])]
+    tpch_query: Option<usize>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: Format,
@@ -131,7 +134,7 @@ enum Command {
     /// Run a coordinator. With users in its data directory (`quiver user add`) every port
     /// requires authentication.
     Coordinator {
-        #[arg(long, default_value = "127.0.0.1:50050")]
+        #[arg(long, default_value = quiver::config::DEFAULT_LISTEN)]
         listen: SocketAddr,
         /// Where the catalog and the tables Quiver writes live.
         #[arg(long, default_value = "quiver-data")]
@@ -154,7 +157,7 @@ enum Command {
     },
     /// Run a worker that pulls Tasks from a coordinator.
     Worker {
-        #[arg(long, default_value = "http://127.0.0.1:50050")]
+        #[arg(long, default_value = quiver::config::DEFAULT_COORDINATOR_URL)]
         coordinator: String,
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
@@ -170,6 +173,11 @@ enum Command {
         /// large Query's (0: none).
         #[arg(long, default_value_t = 1)]
         express_slots: usize,
+        /// The HOST:PORT the coordinator and the other workers reach this worker at, when it
+        /// is not --listen (a worker listening on 0.0.0.0, behind NAT, in a container). The
+        /// coordinator checks it at registration.
+        #[arg(long, value_name = "HOST:PORT")]
+        advertise: Option<String>,
     },
     /// Run a coordinator and N workers in this process, over loopback gRPC.
     Local {
@@ -180,7 +188,7 @@ enum Command {
         tpch: Option<f64>,
         #[arg(long, default_value = "quiver-data")]
         data_dir: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:50050")]
+        #[arg(long, default_value = quiver::config::DEFAULT_LISTEN)]
         listen: SocketAddr,
         /// Keep serving outside clients until interrupted.
         #[arg(long)]
@@ -201,7 +209,7 @@ enum Command {
     },
     /// Send SQL to a coordinator.
     Sql {
-        #[arg(long, default_value = "http://127.0.0.1:50050")]
+        #[arg(long, default_value = quiver::config::DEFAULT_COORDINATOR_URL)]
         coordinator: String,
         /// Log in as this user; the password comes from QUIVER_PASSWORD, or is asked for.
         #[arg(long, conflicts_with = "token")]
@@ -434,9 +442,9 @@ async fn run(command: Command) -> Result<()> {
             }
             coordinator.shutdown().await;
         }
-        Command::Worker { coordinator, listen, security, slots, memory_limit, express_slots } => {
+        Command::Worker { coordinator, listen, security, slots, memory_limit, express_slots, advertise } => {
             let slots = slots.unwrap_or_else(quiver::config::default_parallelism);
-            let config = WorkerConfig { slots, express_slots, memory_limit_bytes: memory_limit };
+            let config = WorkerConfig { slots, express_slots, memory_limit_bytes: memory_limit, advertise };
             let node = node_security(&security, false, None, [Some(listen), None])?;
             let worker = Worker::start(config, &coordinator, bind(listen).await?, node).await?;
             eprintln!("worker serving on {}", worker.url());
@@ -632,6 +640,9 @@ async fn wait_for_ctrl_c() {
 
 async fn run_input(client: &Client, input: &Input) -> Result<()> {
     let mut shell = Shell::new(client.clone(), input.format);
+    if let Some(n) = input.tpch_query {
+        return shell.run_script(&quiver::tpch::query_sql(n)?).await;
+    }
     match (&input.command, &input.file) {
         (Some(sql), _) => shell.run_script(sql).await,
         (None, Some(path)) => {

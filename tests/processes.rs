@@ -221,3 +221,63 @@ fn copy_to_files_and_queries_over_file_paths_work_through_quiver_sql() {
     let mode = sql_ok(port, &format!("SELECT mode FROM quiver.queries WHERE sql = '{}'", grouped.replace('\'', "''")));
     assert_eq!(mode, "mode\ndistributed\n", "a query over a file path runs on the workers");
 }
+
+/// The README's demo works from an install alone: the queries are built in, and nothing is read
+/// from beside the checkout (the process runs in an empty directory, without QUIVER_TPCH_DIR).
+#[test]
+fn the_demo_runs_a_built_in_tpch_query_from_any_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let out = Command::new(quiver_binary())
+        .args(["local", "--workers", "2", "--tpch", "0.01", "--tpch-query", "1", "--format", "csv"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .current_dir(dir.path())
+        .env_remove("QUIVER_TPCH_DIR")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("l_returnflag,l_linestatus,sum_qty"), "{stdout}");
+    assert_eq!(lines.len(), 5, "a header and TPC-H q1's 4 groups: {stdout}");
+    let bad = Command::new(quiver_binary()).args(["local", "--tpch-query", "23", "--listen", "127.0.0.1:0"]).current_dir(dir.path()).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("1 to 22"));
+}
+
+/// A worker listening on every address says which one others reach it at (`--advertise`); one
+/// that cannot be dialled is told so at registration, and one with no address to give refuses
+/// to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_advertise_an_address_the_coordinator_checks_at_registration() {
+    let port = free_port();
+    let mut cluster = common::procs::ProcCluster::start(0, &[], &["--advertise", &format!("127.0.0.1:{port}")]);
+    cluster.add_worker_at(format!("0.0.0.0:{port}"), None);
+    let client = cluster.client().await;
+    cluster.wait_alive(&client, 1).await;
+    let address = common::rows(&client.collect("SELECT address FROM quiver.workers WHERE alive").await.unwrap().1);
+    assert_eq!(address[0][0], format!("http://127.0.0.1:{port}"));
+    client.collect("CREATE TABLE t AS SELECT * FROM (VALUES (1), (2)) AS v(x)").await.unwrap();
+    let sum = common::rows(&client.collect("SELECT sum(x) FROM t").await.unwrap().1);
+    assert_eq!(sum[0][0], "3");
+
+    let nowhere = free_port();
+    let mut wrong = common::procs::ProcCluster::start(0, &[], &["--advertise", &format!("127.0.0.1:{nowhere}")]);
+    wrong.add_worker_at(format!("127.0.0.1:{}", free_port()), None);
+    let log = common::wait_for("the refused registration in the worker's log", Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(wrong.log("worker-0")).unwrap_or_default();
+        async move { log.contains("cannot reach this worker").then_some(log) }
+    })
+    .await;
+    assert!(log.contains(&format!("http://127.0.0.1:{nowhere}")) && log.contains("--advertise"), "{log}");
+    let client = wrong.client().await;
+    let alive = common::rows(&client.collect(ALIVE).await.unwrap().1);
+    assert_eq!(alive[0][0], "0", "an unreachable worker is not registered");
+
+    let secret = cluster.dir.path().join("cluster-secret");
+    let out = Command::new(quiver_binary())
+        .args(["worker", "--listen", "0.0.0.0:0", "--coordinator", &cluster.url(), "--cluster-secret-file", secret.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--advertise"), "{stderr}");
+}

@@ -219,4 +219,9 @@ async fn the_http_port_asks_for_the_same_credentials() {
     let wrong = basic_header(ADMIN.0, "guess");
     let response = http_request_with(addr, "GET", "/api/queries", &[("Authorization", &wrong)]).await;
     assert_eq!(response.status, 401, "{response:?}");
+    // Probes (Kubernetes, load balancers) carry no credentials, and learn nothing but "ok".
+    for path in ["/healthz", "/readyz"] {
+        let response = http_request_with(addr, "GET", path, &[]).await;
+        assert_eq!((response.status, response.body.as_str()), (200, "ok\n"), "{path}: {response:?}");
+    }
 }

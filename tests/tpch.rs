@@ -53,6 +53,16 @@ async fn check_all_queries(t: &TestCluster, sf: &str, differential: bool) -> Vec
     plans
 }
 
+/// The queries compiled into the binary are the ones the official answers answer.
+#[test]
+fn the_built_in_queries_are_the_shared_ones() {
+    for q in 1..=22 {
+        let shared = std::fs::read_to_string(tpch_dir().join(format!("queries/q{q:02}.sql"))).unwrap();
+        assert_eq!(tpch::query_sql(q).unwrap(), shared, "q{q}");
+    }
+    assert!(tpch::query_sql(0).is_err() && tpch::query_sql(23).is_err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tpch_sf001_with_broadcast_joins_matches_official_answers_and_single_node() {
     let t = tpch_cluster(0.01, &[]).await;

@@ -39,12 +39,12 @@ pub use metrics::METRICS_CONTENT_TYPE;
 
 use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS, SPECULATION_CHECK_INTERVAL_MS};
 use crate::protocol::{
-    quiver_error, ErrorKind, action, Empty, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, QueryProgressRequest, RegisterWorker,
+    error_text, quiver_error, ErrorKind, action, Empty, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, QueryProgressRequest, RegisterWorker,
     RegisterWorkerResponse, ReleaseQuery, TaskReport,
 };
 use crate::auth::{Authenticator, Caller};
 use crate::transport::{
-    refuses_connections, call, serve_sql, worker_peer, Cancelled, NodeSecurity, Prepared, ServerHandle, SqlHandler, Started,
+    refuses_connections, call, serve_sql, worker_peer, Cancelled, ClientSecurity, NodeSecurity, Prepared, ServerHandle, SqlHandler, Started,
     TableEntry,
 };
 
@@ -206,6 +206,23 @@ async fn restore_catalog(ctx: &SessionContext, catalog: &catalog::Catalog, store
     Ok(())
 }
 
+/// A worker must be reachable at the address it advertises: by the coordinator (to probe it and
+/// free its outputs) and by the other workers (to read them). The coordinator dials it before
+/// accepting it, so that a wrong address is said at registration instead of failing Queries.
+async fn check_advertised(url: &str, security: &ClientSecurity) -> Result<()> {
+    match worker_peer(url, security).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(quiver_error(
+            ErrorKind::Configuration,
+            format!(
+                "the coordinator cannot reach this worker at {url}, the address it advertises ({}); start it with \
+                 --advertise HOST:PORT, an address the coordinator and the other workers can reach",
+                error_text(&e)
+            ),
+        )),
+    }
+}
+
 fn decode<M: Message + Default>(body: &Bytes) -> Result<M> {
     M::decode(body.clone()).map_err(|e| quiver_error(ErrorKind::Plan, format!("malformed message: {e}")))
 }
@@ -261,6 +278,7 @@ impl SqlHandler for Service {
         let reply = match name {
             action::REGISTER_WORKER => {
                 let r: RegisterWorker = decode(&body)?;
+                check_advertised(&r.address, self.0.cluster.security()).await?;
                 let (worker_id, session) = core.cluster.register_worker(r.address, r.slots, r.express_slots, r.memory_limit_bytes);
                 RegisterWorkerResponse { worker_id, session }.encode_to_vec()
             }

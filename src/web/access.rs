@@ -2,7 +2,8 @@
 //! carries `Authorization: Bearer <token>` (a token from `quiver token create`) or HTTP Basic,
 //! which browsers send after asking for a user and password (the 401 answer names the
 //! realm); a verified pair is remembered for a minute, so that every request of the UI does not
-//! pay for a slow hash. `/metrics` is open only with `--metrics-unauthenticated`.
+//! pay for a slow hash. `/metrics` is open only with `--metrics-unauthenticated`; the probes
+//! `/healthz` and `/readyz` are open, and say nothing but "ok".
 
 use std::sync::Arc;
 
@@ -25,7 +26,9 @@ pub struct Gate {
 /// Lets a request through when its caller may read the cluster's state.
 /// The handlers find the caller in the request's extensions.
 pub async fn require_caller(State(gate): State<Gate>, mut request: Request, next: Next) -> Response {
-    if gate.auth.is_open() || (gate.metrics_open && request.uri().path() == "/metrics") {
+    let path = request.uri().path();
+    let probe = path == super::HEALTH_PATH || path == super::READY_PATH;
+    if gate.auth.is_open() || probe || (gate.metrics_open && path == "/metrics") {
         request.extensions_mut().insert(Caller::open());
         return next.run(request).await;
     }

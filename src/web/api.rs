@@ -150,6 +150,17 @@ pub struct ListParams {
     limit: Option<usize>,
 }
 
+/// `/healthz`: the process serves HTTP.
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `/readyz`: the coordinator takes statements (its catalog is restored and its Flight SQL port
+/// bound before the web server starts). Workers are not required: a Query waits for them.
+pub async fn readyz() -> &'static str {
+    "ok\n"
+}
+
 pub async fn workers(State(cluster): State<Arc<Cluster>>) -> Json<WorkersJson> {
     let now = SystemTime::now();
     let workers = cluster.workers().iter().map(|w| worker_json(w, now)).collect();

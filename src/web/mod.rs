@@ -105,6 +105,12 @@ fn report(addr: SocketAddr, served: std::io::Result<()>) {
     }
 }
 
+/// Liveness and readiness probes (Kubernetes, load balancers): open to anyone, and they say
+/// nothing but "ok". The web server starts once the coordinator serves (catalog restored,
+/// Flight SQL port bound), so both answer 200 as soon as it answers at all.
+pub const HEALTH_PATH: &str = "/healthz";
+pub const READY_PATH: &str = "/readyz";
+
 fn router(cluster: Arc<Cluster>, gate: access::Gate) -> Router {
     Router::new()
         .route("/", get(ui::index))
@@ -113,6 +119,8 @@ fn router(cluster: Arc<Cluster>, gate: access::Gate) -> Router {
         .route("/api/queries", get(api::queries))
         .route("/api/queries/{id}", get(api::query))
         .route("/metrics", get(api::metrics))
+        .route(HEALTH_PATH, get(api::healthz))
+        .route(READY_PATH, get(api::readyz))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .with_state(cluster)

@@ -31,7 +31,7 @@ use crate::config::{
 };
 use crate::planner::{shuffle_partitioning, AttemptNumber};
 use crate::protocol::{
-    action, classify, decode_plan, StoreConfig, error_to_remote, quiver_error, Empty, ErrorKind, Heartbeat, HeartbeatResponse, OutputTicket,
+    action, classify, decode_plan, error_text, StoreConfig, error_to_remote, quiver_error, Empty, ErrorKind, Heartbeat, HeartbeatResponse, OutputTicket,
     PollTask, PollTaskResponse, RegisterWorker, RegisterWorkerResponse, ReleaseAttempt, ReleaseQuery, TaskAssignment,
     TaskKey, TaskReport, TaskState,
 };
@@ -122,7 +122,7 @@ impl Worker {
     /// Serves outputs on `listener` and starts pulling Tasks from `coordinator_url`. Returns at
     /// once: registration keeps retrying in the background until the coordinator answers.
     pub async fn start(config: WorkerConfig, coordinator_url: &str, listener: TcpListener, security: NodeSecurity) -> Result<Self> {
-        let url = format!("{}://{}", security.server.scheme(), listener.local_addr()?);
+        let url = format!("{}://{}", security.server.scheme(), advertised(&config, listener.local_addr()?)?);
         let security = security.named(&url);
         let half = (config.memory_limit_bytes / 2) as usize;
         let runtime = RuntimeEnvBuilder::new().with_memory_limit(half.max(1 << 20), 1.0).build_arc()?;
@@ -277,9 +277,13 @@ async fn membership_loop(state: Arc<State>) {
                     let registration = Registration { id: reply.worker_id, session: reply.session };
                     *state.registration.write().expect("registration lock") = Some(registration);
                 }
-                Err(e) if classify(&e).kind == ErrorKind::Denied => {
+                Err(e) if matches!(classify(&e).kind, ErrorKind::Denied | ErrorKind::Configuration) => {
                     if !std::mem::replace(&mut told_refused, true) {
-                        tracing::error!("the coordinator refuses this worker (is --cluster-secret-file the same on both?): {e}");
+                        let hint = match classify(&e).kind {
+                            ErrorKind::Denied => " (is --cluster-secret-file the same on both?)",
+                            _ => "",
+                        };
+                        tracing::error!("the coordinator refuses this worker{hint}: {}", error_text(&e));
                     }
                     tokio::time::sleep(Duration::from_millis(REGISTER_RETRY_MS)).await;
                 }
@@ -407,6 +411,24 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
             let e = quiver_error(ErrorKind::Internal, format!("task {key} panicked: {join}"));
             report(state, registration, &key, TaskState::Failed, None, Some(&e), started).await;
         }
+    }
+}
+
+/// The address other processes reach this worker at: `--advertise`, else the address it
+/// listens on, which must then be one they can dial.
+fn advertised(config: &WorkerConfig, listening: std::net::SocketAddr) -> Result<String> {
+    match &config.advertise {
+        Some(addr) => {
+            let port = addr.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
+            match port.map(str::parse::<u16>) {
+                Some(Ok(_)) => Ok(addr.clone()),
+                _ => Err(DataFusionError::Configuration(format!("--advertise {addr}: expected HOST:PORT"))),
+            }
+        }
+        None if listening.ip().is_unspecified() => Err(DataFusionError::Configuration(format!(
+            "the worker listens on {listening}, which no other host can dial: give --advertise HOST:PORT, the address the coordinator and the other workers reach it at"
+        ))),
+        None => Ok(listening.to_string()),
     }
 }
 
