@@ -20,3 +20,4 @@ pub mod cli;
 pub mod tpch;
 pub mod bench;
 pub mod format;
+pub mod settings;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use datafusion::common::{DataFusionError, Result};
 use quiver::bench::{
     run_latency, run_mixed, run_recovery, run_skew, run_straggler, run_tpch, LatencyBench, MixedBench, RecoveryBench, SkewBench, StragglerBench,
@@ -32,6 +32,11 @@ struct Cli {
     /// comes from RUST_LOG.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Read flags the command line leaves out from this TOML file (a section per command:
+    /// [coordinator], [worker], [local], [sql]); else from ./quiver.toml if it exists.
+    /// QUIVER_<FLAG> environment variables (QUIVER_DATA_DIR for --data-dir) come before it.
+    #[arg(long, global = true, env = "QUIVER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -385,7 +390,14 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match quiver::settings::complete(&Cli::command(), std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(argv);
     // Servers log what they do; a shell or a benchmark keeps its terminal for results.
     let quiet = matches!(
         cli.command,

@@ -281,3 +281,47 @@ async fn workers_advertise_an_address_the_coordinator_checks_at_registration() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("--advertise"), "{stderr}");
 }
+
+/// Flags come from the command line, then `QUIVER_*` variables, then `quiver.toml`: a
+/// deployment's processes start with no flags at all, and a typo in the file is an error.
+#[test]
+fn flags_come_from_the_command_line_then_the_environment_then_quiver_toml() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, wrong) = (free_port(), free_port());
+    let file = dir.path().join("quiver.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &file,
+        format!(
+            "[coordinator]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nsmall_query_max_bytes = 0\n\
+             store_option = [\"aws.region=eu-west-1\"]\n\n[worker]\ncoordinator = \"http://127.0.0.1:{wrong}\"\nslots = 3\n\
+             memory_limit = \"512MiB\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let start = |args: &[&str], cwd: &Path, env: &[(&str, String)]| {
+        let mut command = Command::new(quiver_binary());
+        command.args(args).current_dir(cwd).env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null());
+        command.envs(env.iter().map(|(k, v)| (k, v)));
+        KillOnDrop(command.spawn().unwrap())
+    };
+    let elsewhere = tempfile::tempdir().unwrap();
+    let _coordinator = start(&["coordinator", "--config", file.to_str().unwrap()], elsewhere.path(), &[]);
+    // The worker reads ./quiver.toml; the environment corrects the file's coordinator.
+    let _worker = start(&["worker"], dir.path(), &[("QUIVER_COORDINATOR", format!("http://127.0.0.1:{port}"))]);
+    eventually(port, "SELECT slots FROM quiver.workers WHERE alive", "slots\n3");
+    assert!(data.join("catalog.json").exists() || data.is_dir(), "the coordinator uses the file's data directory");
+    // The command line wins over the environment.
+    let out = Command::new(quiver_binary())
+        .args(["sql", "--coordinator", &format!("http://127.0.0.1:{port}"), "--format", "csv", "-c", "SELECT 1 AS one"])
+        .env("QUIVER_COORDINATOR", format!("http://127.0.0.1:{wrong}"))
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one\n1\n", "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&file, "[worker]\nslot = 3\n").unwrap();
+    let out = Command::new(quiver_binary()).args(["worker", "--config", file.to_str().unwrap()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("unknown setting 'slot'"), "{stderr}");
+}
