@@ -81,6 +81,9 @@ pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 pub const LOST_WORKERS_MAX: usize = 256;
 /// How many released Query ids a worker remembers, to drop outputs of Tasks that finish late.
 pub const RELEASED_QUERIES_MAX: usize = 4096;
+/// How long the coordinator trusts a table's file listing: files added to a table's directory
+/// or object-store prefix show within this time, or at once after `REFRESH TABLE t`.
+pub const LIST_FILES_CACHE_TTL_MS: u64 = 30_000;
 /// How many finished queries `quiver.queries` / `quiver.tasks` remember.
 pub const QUERY_HISTORY_MAX: usize = 1_000;
 /// Finished queries `GET /api/queries` lists when the request sets no `limit` (running queries

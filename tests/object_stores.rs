@@ -203,6 +203,18 @@ async fn s3_tables_survive_a_restart_and_store_errors_are_clear() {
     cluster.wait_alive(&client, 2).await;
     assert_eq!(tpch_mismatch("0.01", 3, &collect(&client, &q3).await), None, "after a restart");
 
+    // A file added to a table's prefix shows after REFRESH TABLE (listings are cached).
+    let store = s3.store();
+    let nation = store.get(&StorePath::from("sf0.01/nation/part-1.parquet")).await.unwrap().bytes().await.unwrap();
+    store.put(&StorePath::from("grow/a.parquet"), PutPayload::from(nation.clone())).await.unwrap();
+    let create = format!("CREATE EXTERNAL TABLE grow STORED AS PARQUET LOCATION 's3://{BUCKET}/grow/' {}", s3.options());
+    collect(&client, &create).await;
+    assert_eq!(collect(&client, "SELECT count(*) FROM grow").await[0][0], "25");
+    store.put(&StorePath::from("grow/b.parquet"), PutPayload::from(nation)).await.unwrap();
+    collect(&client, "REFRESH TABLE grow").await;
+    assert_eq!(collect(&client, "SELECT count(*) FROM grow").await[0][0], "50");
+    assert!(error_of(&client, "REFRESH TABLE nowhere").await.contains("'nowhere' not found"));
+
     let options = s3.options();
     let started = Instant::now();
     let missing = error_of(&client, &format!("CREATE EXTERNAL TABLE m STORED AS PARQUET LOCATION 's3://no-such-bucket/t/' {options}")).await;

@@ -37,7 +37,9 @@ pub use cluster::{Cluster, QueryRecord, StageMetrics, TaskRecord, WorkerRecord};
 pub use cluster::QueryDetail;
 pub use metrics::METRICS_CONTENT_TYPE;
 
-use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS, SPECULATION_CHECK_INTERVAL_MS};
+use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS, LIST_FILES_CACHE_TTL_MS, SPECULATION_CHECK_INTERVAL_MS};
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use crate::protocol::{
     error_text, quiver_error, ErrorKind, action, Empty, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, QueryProgressRequest, RegisterWorker,
     RegisterWorkerResponse, ReleaseQuery, TaskReport,
@@ -131,7 +133,11 @@ impl Coordinator {
         // `SELECT … FROM 'path/to/file.parquet'` reads files directly, as in datafusion-cli;
         // not where paths are restricted: planning opens the file (its header, its schema)
         // before any check could see the plan.
-        let ctx = SessionContext::new_with_config(session);
+        // A table's file listing is cached (object stores list slowly) for at most
+        // LIST_FILES_CACHE_TTL_MS; `REFRESH TABLE t` drops it at once.
+        let caches = CacheManagerConfig::default().with_list_files_cache_ttl(Some(Duration::from_millis(LIST_FILES_CACHE_TTL_MS)));
+        let runtime = RuntimeEnvBuilder::new().with_cache_manager(caches).build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(session, runtime);
         let ctx = if config.allowed_paths.restricts() { ctx } else { ctx.enable_url_table() };
         let cluster = Arc::new(
             Cluster::new(config.fair_share).with_poll_tasks_max(config.poll_tasks_max).with_security(security.client.clone()),

@@ -97,6 +97,9 @@ async fn run(
     sql: &str,
     parameters: Option<ParamValues>,
 ) -> Result<(SendableRecordBatchStream, bool)> {
+    if let Some(table) = refresh_target(sql) {
+        return Ok((refresh_table(core, &table)?, true));
+    }
     let plan = core.ctx.state().create_logical_plan(sql).await?;
     super::access::check(caller, &plan, &core.config.allowed_paths)?;
     let plan = match parameters {
@@ -105,6 +108,35 @@ async fn run(
     };
     let done = matches!(plan, LogicalPlan::Ddl(_) | LogicalPlan::Dml(_) | LogicalPlan::Copy(_));
     Ok((dispatch(core, id, sql, plan).await?, done))
+}
+
+/// The table of a `REFRESH TABLE name` statement (Spark's and Hive's words; DataFusion's parser
+/// does not know them), taken as written or as one quoted identifier.
+fn refresh_target(sql: &str) -> Option<String> {
+    let words = sql.trim().trim_end_matches(';').trim();
+    let mut parts = words.splitn(3, char::is_whitespace);
+    let (refresh, table, name) = (parts.next()?, parts.next()?, parts.next()?.trim());
+    if !refresh.eq_ignore_ascii_case("REFRESH") || !table.eq_ignore_ascii_case("TABLE") || name.is_empty() {
+        return None;
+    }
+    Some(match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None => name.to_ascii_lowercase(),
+    })
+}
+
+/// Forgets a table's cached file listing: its next scan lists its files again.
+fn refresh_table(core: &Arc<Core>, table: &str) -> Result<SendableRecordBatchStream> {
+    if !core.ctx.table_exist(TableReference::bare(table))? {
+        return plan_err!("table '{table}' not found");
+    }
+    if let Some(cache) = core.ctx.runtime_env().cache_manager.get_list_files_cache() {
+        let keys = cache.list_entries().into_keys();
+        for key in keys.filter(|k| k.table.as_ref().is_some_and(|t| t.table() == table)) {
+            cache.remove(&key);
+        }
+    }
+    Ok(empty_stream())
 }
 
 async fn dispatch(core: &Arc<Core>, id: &str, sql: &str, plan: LogicalPlan) -> Result<SendableRecordBatchStream> {
