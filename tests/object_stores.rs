@@ -146,20 +146,20 @@ async fn assert_secret_kept(cluster: &ProcCluster, client: &Client) {
     }
 }
 
-/// TPC-H SF 0.1 from S3, on workers that are hosts of their own (network namespaces): every
-/// process reads the tables from the store alone, and all 22 queries match the answers.
+/// TPC-H SF 0.1 from S3, on a coordinator and workers that are hosts of their own (network
+/// namespaces): every process reads the tables from the store alone, and all 22 queries match
+/// the answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tpch_from_s3_on_hosts_of_their_own_matches_the_answers() {
     // SAFETY: nextest runs each test in a process of its own; the variable is read by the
     // processes this test starts.
     unsafe { std::env::set_var("QUIVER_TEST_LOG", "debug") };
-    let net = Netns::create(2);
+    // Host 0 runs the coordinator, hosts 1 and 2 a worker each; the store is outside them all.
+    let net = Netns::create(3);
     let s3 = S3Server::start(&net.coordinator_address()).await;
-    let port = free_port();
-    let coordinator = format!("http://{}:{port}", net.coordinator_address());
     let args = ["--task-min-bytes", "1MiB"];
-    let mut cluster = ProcCluster::start_listening(&format!("0.0.0.0:{port}"), &coordinator, 0, &args, &[]);
-    for host in 0..2 {
+    let mut cluster = ProcCluster::start_on_host(&net, 0, &args, &[]);
+    for host in 1..3 {
         cluster.add_worker_at(format!("{}:{}", net.host(host), 4100), Some(net.name(host)));
     }
     let client = cluster.client().await;

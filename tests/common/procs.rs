@@ -40,6 +40,10 @@ pub struct ProcCluster {
     worker_args: Vec<String>,
     /// Where workers reach the coordinator.
     coordinator_url: String,
+    /// Where the test reaches it.
+    client_url: String,
+    /// The network namespace it runs in, if any.
+    coordinator_netns: Option<String>,
 }
 
 impl ProcCluster {
@@ -52,6 +56,17 @@ impl ProcCluster {
 
     /// A coordinator listening on `listen`, which workers reach at `coordinator_url`.
     pub fn start_listening(listen: &str, coordinator_url: &str, workers: usize, coordinator_args: &[&str], worker_args: &[&str]) -> Self {
+        Self::start_listening_in(None, listen, coordinator_url, workers, coordinator_args, worker_args)
+    }
+
+    fn start_listening_in(
+        netns: Option<String>,
+        listen: &str,
+        coordinator_url: &str,
+        workers: usize,
+        coordinator_args: &[&str],
+        worker_args: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("listen address with a port");
         // Tests distribute their small tables: nothing runs on the coordinator for being small.
@@ -77,6 +92,8 @@ impl ProcCluster {
             workers: Vec::new(),
             worker_args,
             coordinator_url: coordinator_url.to_string(),
+            client_url: format!("http://127.0.0.1:{port}"),
+            coordinator_netns: netns,
         };
         cluster.start_coordinator();
         for _ in 0..workers {
@@ -85,8 +102,19 @@ impl ProcCluster {
         cluster
     }
 
+    /// A coordinator on host `host` of `net`, a namespace of its own, listening on the host's
+    /// address, where the workers and the test reach it. Workers join with `add_worker_at` on
+    /// hosts of their own.
+    pub fn start_on_host(net: &Netns, host: usize, coordinator_args: &[&str], worker_args: &[&str]) -> Self {
+        let listen = format!("{}:{}", net.host(host), free_port());
+        let url = format!("http://{listen}");
+        let mut cluster = Self::start_listening_in(Some(net.name(host)), &listen, &url, 0, coordinator_args, worker_args);
+        cluster.client_url = url;
+        cluster
+    }
+
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.client_url.clone()
     }
 
     pub fn log(&self, name: &str) -> PathBuf {
@@ -94,7 +122,7 @@ impl ProcCluster {
     }
 
     pub fn start_coordinator(&mut self) {
-        let child = spawn(None, &self.coordinator_args, &self.log("coordinator"));
+        let child = spawn(self.coordinator_netns.as_deref(), &self.coordinator_args, &self.log("coordinator"));
         self.coordinator = Some(child);
     }
 
