@@ -103,6 +103,9 @@ async fn several_queries_run_at_once_and_each_gets_its_own_answer() {
     for (q, rows) in queries.iter().zip(results) {
         assert_eq!(rows, t.single_rows_after_copy(q, "c").await, "{q}");
     }
+    // Every Attempt a worker took says which kind of slot it ran in.
+    let lanes = t.cluster_rows("SELECT lane, count(*) FROM quiver.tasks WHERE state = 'succeeded' GROUP BY lane ORDER BY lane").await;
+    assert!(!lanes.is_empty() && lanes.iter().all(|r| r[0] == "regular" || r[0] == "express"), "{lanes:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -187,7 +190,9 @@ async fn a_task_whose_assignment_was_lost_runs_again_elsewhere() {
     // Speculation would run the Task elsewhere before the assignment is found lost.
     t.client.collect("SET quiver.speculation = false").await.unwrap();
     let coordinator = connect(&t.cluster.url(), &t.cluster.member_security("fake-worker")).await.unwrap();
-    let register = RegisterWorker { address: "http://127.0.0.1:9".into(), slots: 1, memory_limit_bytes: 1 << 30, express_slots: 0 };
+    // The coordinator dials a worker's address before accepting it: the fake one gives the
+    // coordinator's own, which answers, and is never asked for an output.
+    let register = RegisterWorker { address: t.cluster.url(), slots: 1, memory_limit_bytes: 1 << 30, express_slots: 0 };
     let worker: RegisterWorkerResponse = call(&coordinator, action::REGISTER_WORKER, &register).await.unwrap();
     let client = t.client.clone();
     let query = tokio::spawn(async move { client.collect("SELECT sum(v) FROM lost WHERE v % 3 = 0").await });

@@ -122,6 +122,9 @@ pub struct TaskRecord {
     /// What it reads when its shuffle reads were adapted, e.g. "partitions 0-3" or
     /// "partition 5 of stage 1, producers 0-3 (piece 1 of 3)"; None when read as planned.
     pub reads: Option<String>,
+    /// The kind of slot it ran in, "regular" or "express" (a small Query's lane); None before
+    /// a worker took it.
+    pub lane: Option<&'static str>,
 }
 
 impl TaskRecord {
@@ -142,6 +145,7 @@ impl TaskRecord {
             started: None,
             ended: None,
             reads: None,
+            lane: None,
         }
     }
 }
@@ -564,6 +568,7 @@ impl QueryRun {
         attempt.record.state = TaskState::Running;
         attempt.record.worker_id = Some(worker_id.to_string());
         attempt.record.started = Some(SystemTime::now());
+        attempt.record.lane = Some(if express { "express" } else { "regular" });
         attempt.worker_url = Some(worker_url.to_string());
         attempt.assigned_at = Some(now);
         attempt.express = express;

@@ -37,6 +37,10 @@ impl Stores {
     /// options, as DataFusion keeps one store per bucket; if the table then cannot be created,
     /// [`Stores::undo`] puts the stores that were open back.
     pub fn open_for(&self, ctx: &SessionContext, create: &mut CreateExternalTable) -> Result<Replaced> {
+        // A format DataFusion does not know fails there first, with DataFusion's own words.
+        if !ctx.state().table_factories().contains_key(create.file_type.to_uppercase().as_str()) {
+            return Ok(Replaced(Vec::new()));
+        }
         let table_options = take_store_options(&mut create.options);
         let mut specs = Vec::new();
         for location in &create.locations {

@@ -64,6 +64,7 @@ fn schema(kind: Kind) -> SchemaRef {
         Kind::Tasks => vec![
             s("query_id"), u32f("stage"), u32f("task"), u32f("attempt"), sn("worker_id"), s("plan"), s("output"), s("state"),
             u64f("rows"), u64f("bytes"), u64f("elapsed_ms"), sn("error"), s("started_as"), sn("cause"), sn("reads"),
+            sn("lane"),
         ],
     };
     Arc::new(Schema::new(fields))
@@ -161,6 +162,7 @@ impl SystemTable {
                     strings(t.iter().map(|t| t.started_as.as_str())),
                     opt_strings(t.iter().map(|t| t.cause.map(|c| c.as_str()))),
                     opt_strings(t.iter().map(|t| t.reads.as_deref())),
+                    opt_strings(t.iter().map(|t| t.lane)),
                 ]
             }
         };

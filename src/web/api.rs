@@ -133,6 +133,8 @@ pub struct TaskJson {
     cause: Option<&'static str>,
     /// What it read when its Stage's shuffle reads were adapted (coalesced or split).
     reads: Option<String>,
+    /// The kind of slot it ran in: "regular" or "express".
+    lane: Option<&'static str>,
 }
 
 /// A query's record (as `/api/queries` lists it) with its Stage DAG and its Tasks.
@@ -295,5 +297,6 @@ fn task_json(t: &TaskRecord) -> TaskJson {
         started_as: t.started_as.as_str(),
         cause: t.cause.map(|c| c.as_str()),
         reads: t.reads.clone(),
+        lane: t.lane,
     }
 }

@@ -361,7 +361,7 @@ function tasksTable(tasks, queryStart) {
     el("td", { class: "num" }, t.task),
     el("td", { class: "num" }, t.attempt),
     el("td", {}, t.started_as),
-    el("td", {}, t.worker_id ?? "–"),
+    el("td", { "data-lane": t.lane ?? "" }, (t.worker_id ?? "–") + (t.lane === "express" ? " · express" : "")),
     el("td", {}, badge(t.state)),
     el("td", {}, t.cause ? t.cause.replaceAll("_", " ") : ""),
     el("td", { class: "num" }, fmtNum(t.rows)),
