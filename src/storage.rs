@@ -21,6 +21,8 @@ use datafusion::datasource::physical_plan::FileScanConfig;
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::physical_plan::ExecutionPlan;
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::tokenizer::{Location, Token, Tokenizer};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
@@ -285,47 +287,50 @@ pub fn scanned_stores(plan: &Arc<dyn ExecutionPlan>) -> Vec<String> {
 }
 
 /// `sql` with the values of secret options (keys, tokens, passwords) replaced by `'***'`, for
-/// logs and `quiver.queries`. Quoted literals are read as SQL reads them (`''` inside one is a
-/// quote); a literal that names a secret option hides the literal after it.
+/// logs and `quiver.queries`. The statement is read by DataFusion's SQL tokenizer, so quoting
+/// (`''`, `E'…\'…'`, comments) is read as the parser reads it; a literal that names a secret
+/// option hides the token after it. A statement the tokenizer cannot read is hidden whole.
 pub fn redact_sql(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len());
+    let Ok(tokens) = Tokenizer::new(&GenericDialect {}, sql).tokenize_with_location() else {
+        return "(a statement that cannot be tokenized, hidden: it may hold secrets)".to_string();
+    };
+    let mut hidden = Vec::new();
     let mut hide_next = false;
-    let mut rest = sql;
-    while let Some(start) = rest.find('\'') {
-        let (before, from_quote) = rest.split_at(start);
-        out.push_str(before);
-        let end = literal_end(from_quote);
-        let literal = &from_quote[..end];
-        let text = literal.trim_matches('\'');
-        if hide_next {
-            out.push_str("'***'");
-            hide_next = false;
-        } else {
-            out.push_str(literal);
-            hide_next = is_store_option(text) && is_secret(text);
+    for token in tokens.iter().filter(|t| !matches!(t.token, Token::Whitespace(_))) {
+        if std::mem::take(&mut hide_next) {
+            hidden.push((byte_offset(sql, token.span.start), byte_offset(sql, token.span.end)));
+            continue;
         }
-        rest = &from_quote[end..];
+        hide_next = match &token.token {
+            Token::SingleQuotedString(text) | Token::DoubleQuotedString(text) => is_store_option(text) && is_secret(text),
+            _ => false,
+        };
     }
-    out.push_str(rest);
+    let mut out = String::with_capacity(sql.len());
+    let mut from = 0;
+    for (start, end) in hidden {
+        out.push_str(&sql[from..start]);
+        out.push_str("'***'");
+        from = end;
+    }
+    out.push_str(&sql[from..]);
     out
 }
 
-/// Length of the quoted literal that `s` starts with, its closing quote included (all of `s`
-/// when it is not closed).
-fn literal_end(s: &str) -> usize {
-    let bytes = s.as_bytes();
-    let mut i = 1;
-    while i < bytes.len() {
-        if bytes[i] == b'\'' {
-            if bytes.get(i + 1) == Some(&b'\'') {
-                i += 2;
-                continue;
-            }
-            return i + 1;
+/// The byte offset of a tokenizer location (1-based line and column, in characters).
+fn byte_offset(sql: &str, location: Location) -> usize {
+    let (mut line, mut column) = (1, 1);
+    for (offset, c) in sql.char_indices() {
+        if (line, column) >= (location.line, location.column) {
+            return offset;
         }
-        i += 1;
+        if c == '\n' {
+            (line, column) = (line + 1, 1);
+        } else {
+            column += 1;
+        }
     }
-    s.len()
+    sql.len()
 }
 
 #[cfg(test)]
@@ -401,5 +406,10 @@ mod tests {
         let debug = format!("{spec:?}");
         assert!(!debug.contains("S3CRET") && debug.contains("eu"), "{debug}");
         assert_eq!(redact_sql("SELECT 'it''s'"), "SELECT 'it''s'");
+        // Escapes, comments and lines are read as the parser reads them.
+        let escaped = "OPTIONS (\n  -- 'aws.secret_access_key' 'x'\n  'aws.secret_access_key' E'S3\\'CRET', 'aws.region' 'é')";
+        let redacted = redact_sql(escaped);
+        assert_eq!(redacted, "OPTIONS (\n  -- 'aws.secret_access_key' 'x'\n  'aws.secret_access_key' '***', 'aws.region' 'é')");
+        assert!(!redact_sql("SELECT 'aws.secret_access_key' 'unterminated").contains("unterminated"));
     }
 }
