@@ -80,33 +80,13 @@ fn store_segments(location: &str) -> Result<Option<Vec<String>>, Refused> {
     };
     let mut segments = vec![url.scheme().to_string(), url[url::Position::BeforeUsername..url::Position::AfterPort].to_string()];
     for segment in url.path().split('/').filter(|s| !s.is_empty()) {
-        let decoded = percent_decode(segment);
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
         if decoded == "." || decoded == ".." || decoded.contains('/') {
             return Err(Refused(format!("'{location}' has a '{segment}' segment, which tables may not use")));
         }
-        segments.push(decoded);
+        segments.push(decoded.into_owned());
     }
     Ok(Some(segments))
-}
-
-fn percent_decode(segment: &str) -> String {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn local_path(location: &str) -> Result<PathBuf, Refused> {

@@ -166,15 +166,13 @@ impl Catalog {
         match def {
             TableDef::External { sql, .. } => {
                 let mut plan = ctx.state().create_logical_plan(sql).await?;
-                let replaced = match &mut plan {
+                let opened = match &mut plan {
                     LogicalPlan::Ddl(DdlStatement::CreateExternalTable(create)) => Some(stores.open_for(ctx, create)?),
                     _ => None,
                 };
-                if let Err(e) = ctx.execute_logical_plan(plan).await {
-                    if let Some(replaced) = replaced {
-                        stores.undo(ctx, replaced);
-                    }
-                    return Err(e);
+                ctx.execute_logical_plan(plan).await?;
+                if let Some(opened) = opened {
+                    opened.keep();
                 }
             }
             TableDef::View { sql, .. } => {

@@ -142,14 +142,14 @@ fn refresh_table(core: &Arc<Core>, table: &str) -> Result<SendableRecordBatchStr
 async fn dispatch(core: &Arc<Core>, id: &str, sql: &str, plan: LogicalPlan) -> Result<SendableRecordBatchStream> {
     match plan {
         LogicalPlan::Ddl(DdlStatement::CreateExternalTable(mut c)) => {
-            let replaced = core.stores.open_for(&core.ctx, &mut c)?;
+            let opened = core.stores.open_for(&core.ctx, &mut c)?;
             let (name, skip, locations) = (c.name.table().to_string(), c.if_not_exists, c.locations.join(", "));
             let defined = define(core, name, skip, LogicalPlan::Ddl(DdlStatement::CreateExternalTable(c)), |name| {
                 TableDef::External { name, sql: sql.to_string() }
             })
             .await;
-            if defined.is_err() {
-                core.stores.undo(&core.ctx, replaced);
+            if defined.is_ok() {
+                opened.keep();
             }
             defined.map_err(|e| unreadable_location(e, &locations))
         }

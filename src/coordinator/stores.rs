@@ -15,9 +15,40 @@ use datafusion::prelude::SessionContext;
 use crate::protocol::StoreConfig;
 use crate::storage::{scanned_stores, take_store_options, StoreDefaults, StoreSpec};
 
-/// The stores a table's creation replaced, by URL: what [`Stores::undo`] puts back.
+/// The stores a table's creation opened, with those they replaced. Dropped without
+/// [`Opened::keep`] (the table was not created, or its statement was dropped half-way), it puts
+/// the replaced stores back, so the tables already in them read on as before.
 #[must_use]
-pub struct Replaced(Vec<(ObjectStoreUrl, Option<Arc<dyn ObjectStore>>, Option<StoreSpec>)>);
+pub struct Opened<'a> {
+    stores: &'a Stores,
+    ctx: &'a SessionContext,
+    replaced: Vec<(ObjectStoreUrl, Option<Arc<dyn ObjectStore>>, Option<StoreSpec>)>,
+}
+
+impl Opened<'_> {
+    /// The table was created: its stores stay open.
+    pub fn keep(mut self) {
+        self.replaced.clear();
+    }
+}
+
+impl Drop for Opened<'_> {
+    fn drop(&mut self) {
+        let mut opened = self.stores.opened.lock().expect("stores lock");
+        for (url, store, spec) in self.replaced.drain(..).rev() {
+            match (store, spec) {
+                (Some(store), Some(spec)) => {
+                    self.ctx.runtime_env().register_object_store(url.as_ref(), store);
+                    opened.insert(url.as_str().to_string(), spec);
+                }
+                _ => {
+                    let _ = self.ctx.runtime_env().object_store_registry.deregister_store(url.as_ref());
+                    opened.remove(url.as_str());
+                }
+            }
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Stores {
@@ -34,12 +65,12 @@ impl Stores {
     /// Takes the store options out of an external table's `OPTIONS` (DataFusion would refuse
     /// them) and opens the store its locations are in, for `ctx` and for the Queries that read
     /// it. A store opened again (another table in the same bucket) is opened with the newer
-    /// options, as DataFusion keeps one store per bucket; if the table then cannot be created,
-    /// [`Stores::undo`] puts the stores that were open back.
-    pub fn open_for(&self, ctx: &SessionContext, create: &mut CreateExternalTable) -> Result<Replaced> {
+    /// options, as DataFusion keeps one store per bucket, until the returned [`Opened`] is
+    /// dropped without being kept.
+    pub fn open_for<'a>(&'a self, ctx: &'a SessionContext, create: &mut CreateExternalTable) -> Result<Opened<'a>> {
         // A format DataFusion does not know fails there first, with DataFusion's own words.
         if !ctx.state().table_factories().contains_key(create.file_type.to_uppercase().as_str()) {
-            return Ok(Replaced(Vec::new()));
+            return Ok(Opened { stores: self, ctx, replaced: Vec::new() });
         }
         let table_options = take_store_options(&mut create.options);
         let mut specs = Vec::new();
@@ -48,33 +79,15 @@ impl Stores {
                 specs.push((spec.object_store_url()?, spec.build()?, spec));
             }
         }
-        let mut replaced = Replaced(Vec::new());
+        let mut replaced = Opened { stores: self, ctx, replaced: Vec::new() };
         let mut opened = self.opened.lock().expect("stores lock");
         for (url, store, spec) in specs {
             tracing::debug!(store = ?spec, "object store opened");
             let previous_store = ctx.runtime_env().register_object_store(url.as_ref(), store);
             let previous_spec = opened.insert(url.as_str().to_string(), spec);
-            replaced.0.push((url, previous_store, previous_spec));
+            replaced.replaced.push((url, previous_store, previous_spec));
         }
         Ok(replaced)
-    }
-
-    /// Puts back the stores an [`Stores::open_for`] replaced: its table was not created, and
-    /// the tables already in those stores keep reading them as before.
-    pub fn undo(&self, ctx: &SessionContext, replaced: Replaced) {
-        let mut opened = self.opened.lock().expect("stores lock");
-        for (url, store, spec) in replaced.0.into_iter().rev() {
-            match (store, spec) {
-                (Some(store), Some(spec)) => {
-                    ctx.runtime_env().register_object_store(url.as_ref(), store);
-                    opened.insert(url.as_str().to_string(), spec);
-                }
-                _ => {
-                    let _ = ctx.runtime_env().object_store_registry.deregister_store(url.as_ref());
-                    opened.remove(url.as_str());
-                }
-            }
-        }
     }
 
     /// The stores `plan` reads, as Task assignments carry them.
