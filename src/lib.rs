@@ -1,7 +1,7 @@
 //! Quiver: a distributed SQL query engine built on Apache DataFusion and Arrow Flight.
 //!
 //! The crate is split into concepts with one-way dependencies:
-//! `planner` → `protocol` → `transport` → `coordinator` / `worker` → `web` → `cluster`, `client` →
+//! `auth`, `storage` → `planner` → `protocol` → `transport` → `coordinator` / `worker` → `web` → `cluster`, `client` →
 //! `cli`, the binary. The planner turns a DataFusion physical plan into Stages and Tasks and knows
 //! nothing of the network; the protocol names the messages; only the transport speaks gRPC.
 
