@@ -204,6 +204,9 @@ pub struct CoordinatorConfig {
     pub allowed_paths: crate::auth::AllowedPaths,
     /// Options every object store takes unless a table's `OPTIONS` say otherwise.
     pub store_defaults: crate::storage::StoreDefaults,
+    /// The object store prefix (`s3://bucket/warehouse`) tables Quiver writes (CREATE TABLE,
+    /// INSERT) keep their files under; None: the data directory.
+    pub warehouse: Option<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -216,6 +219,7 @@ impl Default for CoordinatorConfig {
             poll_tasks_max: POLL_TASKS_MAX,
             allowed_paths: crate::auth::AllowedPaths::any(),
             store_defaults: crate::storage::StoreDefaults::default(),
+            warehouse: None,
         }
     }
 }

@@ -87,6 +87,11 @@ struct PlannerArgs {
     /// what they need from the coordinator.
     #[arg(long, value_name = "KEY=VALUE")]
     store_option: Vec<String>,
+    /// Keep the files of tables Quiver writes (CREATE TABLE, INSERT) under this object store
+    /// prefix, e.g. s3://bucket/warehouse, opened with the --store-option options, instead of
+    /// in the data directory: workers on other hosts write there directly.
+    #[arg(long, value_name = "URL")]
+    warehouse: Option<String>,
 }
 
 impl PlannerArgs {
@@ -106,6 +111,7 @@ impl PlannerArgs {
             config.poll_tasks_max = n.max(1);
         }
         config.store_defaults = quiver::storage::StoreDefaults::parse(&self.store_option)?;
+        config.warehouse = self.warehouse.clone();
         Ok(config)
     }
 }

@@ -248,6 +248,18 @@ impl StoreSpec {
     }
 }
 
+/// Where `location` is in an object store: DataFusion's name for the store (`s3://bucket/`)
+/// and the object's path in it. None for a local path.
+pub fn object_location(location: &str) -> Option<Result<(ObjectStoreUrl, object_store::path::Path)>> {
+    let (url, _) = remote(location)?;
+    let located = || -> Result<_> {
+        let path = object_store::path::Path::from_url_path(url.path())
+            .map_err(|e| plan_datafusion_err!("'{location}' is not a valid object path: {e}"))?;
+        Ok((ObjectStoreUrl::parse(store_url(&url))?, path))
+    };
+    Some(located())
+}
+
 /// `location` as a URL of an object store, with the store's kind; None for a local path.
 fn remote(location: &str) -> Option<(Url, Kind)> {
     if std::path::Path::new(location).is_absolute() {

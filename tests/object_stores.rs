@@ -157,7 +157,17 @@ async fn tpch_from_s3_on_hosts_of_their_own_matches_the_answers() {
     // Host 0 runs the coordinator, hosts 1 and 2 a worker each; the store is outside them all.
     let net = Netns::create(3);
     let s3 = S3Server::start(&net.coordinator_address()).await;
-    let args = ["--task-min-bytes", "1MiB"];
+    // Tables the cluster writes go to the store too, opened with the coordinator's environment.
+    // SAFETY: as above.
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "quiver-test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET);
+    }
+    let (warehouse, endpoint) = (format!("s3://{BUCKET}/warehouse"), format!("aws.endpoint={}", s3.endpoint));
+    let args = [
+        "--task-min-bytes", "1MiB", "--warehouse", &warehouse, "--store-option", &endpoint,
+        "--store-option", "aws.allow_http=true", "--store-option", "aws.region=us-east-1",
+    ];
     let mut cluster = ProcCluster::start_on_host(&net, 0, &args, &[]);
     for host in 1..3 {
         cluster.add_worker_at(format!("{}:{}", net.host(host), 4100), Some(net.name(host)));
@@ -177,6 +187,16 @@ async fn tpch_from_s3_on_hosts_of_their_own_matches_the_answers() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     let tasks = collect(&client, "SELECT count(DISTINCT worker_id) FROM quiver.tasks WHERE plan LIKE '%DataSourceExec%'").await;
     assert_eq!(tasks[0][0], "2", "both workers scanned the store");
+
+    // Workers on other hosts write a table into the store (its one Stage scans and writes),
+    // and read it back.
+    collect(&client, "CREATE TABLE orders_copy AS SELECT * FROM orders").await;
+    let summary = "SELECT count(*), sum(o_totalprice), min(o_comment), max(o_orderdate) FROM";
+    assert_eq!(collect(&client, &format!("{summary} orders_copy")).await, collect(&client, &format!("{summary} orders")).await);
+    let writers = "SELECT count(DISTINCT t.worker_id) FROM quiver.tasks t JOIN quiver.queries q ON t.query_id = q.query_id \
+                   WHERE q.sql LIKE 'CREATE TABLE orders_copy%' AND t.state = 'succeeded'";
+    assert_eq!(collect(&client, writers).await[0][0], "2", "both workers wrote to the store");
+    assert!(!objects(&s3, "warehouse/orders_copy").await.is_empty());
     assert_secret_kept(&cluster, &client).await;
 }
 
@@ -241,4 +261,98 @@ async fn s3_tables_survive_a_restart_and_store_errors_are_clear() {
     use std::os::unix::fs::PermissionsExt;
     let catalog = std::fs::metadata(cluster.dir.path().join("data/catalog.json")).unwrap();
     assert_eq!(catalog.permissions().mode() & 0o077, 0, "the catalog holds store keys: only its owner may read it");
+}
+
+/// The objects under `prefix/` in the test bucket, sorted.
+async fn objects(s3: &S3Server, prefix: &str) -> Vec<String> {
+    use futures::TryStreamExt;
+    let listed: Vec<_> = s3.store().list(Some(&StorePath::from(prefix))).try_collect().await.unwrap();
+    let mut names: Vec<String> = listed.into_iter().map(|m| m.location.to_string()).collect();
+    names.sort();
+    names
+}
+
+/// Waits (at most 30 s: a write's sweeps start at once) until the objects under `prefix/` are
+/// exactly `expected`.
+async fn wait_for_objects(s3: &S3Server, prefix: &str, expected: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = objects(s3, prefix).await;
+        if found == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "objects under {prefix}/: {found:?}, expected {expected:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// With `--warehouse s3://…`, CREATE TABLE AS and INSERT are written by the workers' Tasks
+/// straight into the store, one object per Task, and committed by the catalog listing them. A
+/// write that fails after some of its Tasks wrote their objects leaves no row and, once its
+/// sweeps ran, no object; DROP and CREATE OR REPLACE remove the objects they retire; a
+/// restarted coordinator reads the tables on. The keys come from the coordinator's environment
+/// and show in no log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tables_written_to_an_s3_warehouse_commit_whole_and_failed_writes_leave_nothing() {
+    let s3 = S3Server::start("127.0.0.1").await;
+    // SAFETY: nextest runs each test in a process of its own; the processes it starts read them.
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "quiver-test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET);
+    }
+    let warehouse = format!("s3://{BUCKET}/warehouse");
+    let endpoint = format!("aws.endpoint={}", s3.endpoint);
+    let args = [
+        "--warehouse", &warehouse, "--store-option", &endpoint, "--store-option", "aws.allow_http=true",
+        "--store-option", "aws.region=us-east-1", "--task-min-bytes", "64KiB",
+    ];
+    // One slot per worker: a write's Tasks run a few at a time, in order.
+    let mut cluster = ProcCluster::start(2, &args, &["--slots", "1"]);
+    let client = cluster.client().await;
+    cluster.wait_alive(&client, 2).await;
+    let local = tpch::generate(cluster.dir.path(), 0.01, Layout { files: 2, row_group_rows: 2_000 }).unwrap();
+    collect(&client, &format!("CREATE EXTERNAL TABLE lineitem STORED AS PARQUET LOCATION '{}/lineitem/'", local.display())).await;
+
+    assert_eq!(collect(&client, "CREATE TABLE li AS SELECT * FROM lineitem").await[0][0], "60175");
+    let summary = "SELECT count(*), sum(l_quantity), min(l_comment), max(l_shipdate), count(DISTINCT l_orderkey) FROM";
+    let expected = collect(&client, &format!("{summary} lineitem")).await;
+    assert_eq!(collect(&client, &format!("{summary} li")).await, expected);
+    let written = objects(&s3, "warehouse/li").await;
+    assert!(written.len() >= 2, "one object per write Task: {written:?}");
+    let inserted = collect(&client, "INSERT INTO li SELECT * FROM lineitem WHERE l_orderkey <= 1000").await[0][0].clone();
+    let lines: u64 = inserted.parse().unwrap();
+    assert!(lines > 0);
+    assert_eq!(collect(&client, "SELECT count(*) FROM li").await[0][0], (60175 + lines).to_string());
+
+    // The last Task of the write fails, after the others wrote and committed their Attempts.
+    collect(&client, "CREATE TABLE keys AS SELECT l_orderkey AS k, l_comment AS c FROM lineitem").await;
+    let committed = objects(&s3, "warehouse/keys").await;
+    let max = collect(&client, "SELECT max(l_orderkey) FROM lineitem").await[0][0].clone();
+    let failing = format!(
+        "INSERT INTO keys SELECT CAST(CASE WHEN l_orderkey = {max} THEN 'x' ELSE CAST(l_orderkey AS VARCHAR) END AS BIGINT), l_comment FROM lineitem"
+    );
+    assert!(error_of(&client, &failing).await.contains("Cannot cast string 'x'"));
+    let wrote = "SELECT count(*) FROM quiver.tasks t JOIN quiver.queries q ON t.query_id = q.query_id \
+                 WHERE q.sql LIKE 'INSERT INTO keys%' AND t.state = 'succeeded' AND t.rows > 0";
+    assert_ne!(collect(&client, wrote).await[0][0], "0", "no Task of the failed write wrote its object first");
+    wait_for_objects(&s3, "warehouse/keys", &committed).await;
+    assert_eq!(collect(&client, "SELECT count(*) FROM keys").await[0][0], "60175");
+
+    cluster.kill_coordinator();
+    cluster.start_coordinator();
+    let client = cluster.client().await;
+    cluster.wait_alive(&client, 2).await;
+    assert_eq!(collect(&client, "SELECT count(*) FROM li").await[0][0], (60175 + lines).to_string(), "after a restart");
+
+    collect(&client, "DROP TABLE li").await;
+    wait_for_objects(&s3, "warehouse/li", &[]).await;
+    assert_eq!(collect(&client, "CREATE OR REPLACE TABLE keys AS SELECT 1 AS k").await[0][0], "1");
+    let replaced = objects(&s3, "warehouse/keys").await;
+    assert!(replaced.len() == 1 && !committed.contains(&replaced[0]), "{replaced:?}");
+    assert_eq!(collect(&client, "SELECT k FROM keys").await, vec![vec!["1".to_string()]]);
+    for entry in std::fs::read_dir(cluster.dir.path()).unwrap().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "log") {
+            assert!(!std::fs::read_to_string(entry.path()).unwrap().contains(SECRET), "{} holds the secret", entry.path().display());
+        }
+    }
 }

@@ -282,6 +282,45 @@ async fn workers_advertise_an_address_the_coordinator_checks_at_registration() {
     assert!(!out.status.success() && stderr.contains("--advertise"), "{stderr}");
 }
 
+/// A worker that cannot connect to another worker (host 1 may not open connections to host 0,
+/// though the coordinator reaches both) says so in its log, and `quiver.workers` shows it, soon
+/// after it joins instead of when a Task of a Query fails; once the path opens the column clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_reach_a_peer_says_so_when_it_joins() {
+    let net = common::procs::Netns::create(2);
+    let port = free_port();
+    let coordinator = format!("http://{}:{port}", net.coordinator_address());
+    let mut cluster = common::procs::ProcCluster::start_listening(&format!("0.0.0.0:{port}"), &coordinator, 0, &[], &[]);
+    net.block(1, 0, true);
+    for host in 0..2 {
+        cluster.add_worker_at(format!("{}:{}", net.host(host), 4100), Some(net.name(host)));
+    }
+    let client = cluster.client().await;
+    cluster.wait_alive(&client, 2).await;
+    let (cut_off, reached) = (format!("http://{}:4100", net.host(0)), format!("http://{}:4100", net.host(1)));
+    let sql = "SELECT address, unreachable_peers FROM quiver.workers WHERE alive ORDER BY address";
+    let shown = common::wait_for("the unreachable peer in quiver.workers", Duration::from_secs(30), || {
+        let (client, cut_off) = (&client, &cut_off);
+        async move {
+            let rows = common::rows(&client.collect(sql).await.ok()?.1);
+            rows.iter().any(|r| r[1] == *cut_off).then_some(rows)
+        }
+    })
+    .await;
+    assert_eq!(shown, vec![vec![cut_off.clone(), "NULL".to_string()], vec![reached, cut_off.clone()]], "only host 1 is cut off from host 0");
+    let log = std::fs::read_to_string(cluster.log("worker-1")).unwrap();
+    assert!(log.contains(&format!("cannot reach the worker at {cut_off}")) && log.contains("--advertise"), "{log}");
+    net.block(1, 0, false);
+    common::wait_for("the column to clear once host 1 reaches host 0", Duration::from_secs(30), || {
+        let client = &client;
+        async move {
+            let rows = common::rows(&client.collect(sql).await.ok()?.1);
+            rows.iter().all(|r| r[1] == "NULL").then_some(())
+        }
+    })
+    .await;
+}
+
 /// Flags come from the command line, then `QUIVER_*` variables, then `quiver.toml`: a
 /// deployment's processes start with no flags at all, and a typo in the file is an error.
 #[test]

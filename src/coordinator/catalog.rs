@@ -29,12 +29,21 @@ pub enum TableDef {
     External { name: String, sql: String },
     /// A view; replayed from its CREATE statement.
     View { name: String, sql: String },
-    /// A table whose Parquet files Quiver wrote, one directory per committed write.
+    /// A table whose Parquet files Quiver wrote: in the data directory, one directory per
+    /// committed write (`segments`); or in an object store under `location`, which cannot
+    /// rename a directory, as the list of committed objects (`files`).
     Managed {
         name: String,
         #[serde(with = "ipc_schema")]
         schema: Schema,
         segments: Vec<String>,
+        /// The table's prefix in an object store (`s3://bucket/warehouse/t/`); None: the table
+        /// lives in the data directory.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        location: Option<String>,
+        /// The committed objects, relative to `location` (`<query id>/part-1-0-a1.parquet`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        files: Vec<String>,
         /// PRIMARY KEY and UNIQUE constraints, which DataFusion plans with (functional
         /// dependencies) and enforces as NOT NULL.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -178,9 +187,16 @@ impl Catalog {
             TableDef::View { sql, .. } => {
                 ctx.sql(sql).await?;
             }
-            TableDef::Managed { name, schema, segments, keys, defaults } => {
+            TableDef::Managed { name, schema, segments, location, files, keys, defaults } => {
                 let schema = Arc::new(schema.clone());
-                let provider = self.managed_provider(name, Arc::clone(&schema), segments)?;
+                let provider = match location {
+                    Some(location) => {
+                        stores.open_location(ctx, location)?;
+                        let urls = files.iter().map(|f| ListingTableUrl::parse(format!("{location}{f}"))).collect::<Result<Vec<_>>>()?;
+                        listing_provider(urls, schema.clone())?
+                    }
+                    None => self.managed_provider(name, Arc::clone(&schema), segments)?,
+                };
                 let defaults = parse_defaults(ctx, &schema, defaults)?;
                 let provider = provider.with_constraints(KeyDef::to_constraints(keys)).with_column_defaults(defaults);
                 let provider: Arc<dyn TableProvider> = provider.into();
@@ -193,9 +209,6 @@ impl Catalog {
 
     /// A table over its committed segments (read as one listing of their Parquet files).
     fn managed_provider(&self, name: &str, schema: SchemaRef, segments: &[String]) -> Result<ManagedProvider> {
-        if segments.is_empty() {
-            return Ok(ManagedProvider::Empty(MemTable::try_new(schema, vec![vec![]])?));
-        }
         let urls = segments
             .iter()
             .map(|s| {
@@ -203,10 +216,27 @@ impl Catalog {
                 ListingTableUrl::parse(format!("{}/", dir.to_string_lossy()))
             })
             .collect::<Result<Vec<_>>>()?;
-        let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-        let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
-        Ok(ManagedProvider::Files(ListingTable::try_new(config)?))
+        listing_provider(urls, schema)
     }
+}
+
+/// A table over Parquet directories or files: empty (a `MemTable`) when there are none.
+fn listing_provider(urls: Vec<ListingTableUrl>, schema: SchemaRef) -> Result<ManagedProvider> {
+    if urls.is_empty() {
+        return Ok(ManagedProvider::Empty(MemTable::try_new(schema, vec![vec![]])?));
+    }
+    let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
+    Ok(ManagedProvider::Files(ListingTable::try_new(config)?))
+}
+
+/// The prefix of table `name` under `warehouse` (an object store URL): the name as it is when
+/// it holds only letters, digits and `_`, else `~` and its bytes in hex (a store path has its
+/// own rules for other characters, and `~` is in no plain name).
+pub fn store_table_location(warehouse: &str, name: &str) -> String {
+    let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let part = if plain { name.to_string() } else { format!("~{}", name.bytes().map(|b| format!("{b:02x}")).collect::<String>()) };
+    format!("{}/{part}/", warehouse.trim_end_matches('/'))
 }
 
 /// A managed table's provider: an empty table before its first write, its files after.

@@ -20,7 +20,7 @@ use super::policy::{self, Adaptive};
 use super::metrics::Metrics;
 use super::registry::Registry;
 pub use super::attempts::{NewStage, NewTask, StageMetrics, StageReads, TaskOutcome, TaskRecord};
-pub use super::registry::WorkerRecord;
+pub use super::registry::{Beat, WorkerRecord};
 use crate::config::{
     ASSIGNMENT_ACK_TIMEOUT_MS, EXPRESS_QUERY_TASKS_MAX, HEARTBEAT_OVERDUE_MS, POLL_TASKS_MAX, QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS,
 };
@@ -162,15 +162,17 @@ impl Cluster {
     /// Records a heartbeat; false when the worker must register again. `held` are the Attempts
     /// the worker knows of: one assigned to it long ago that it does not list was lost on the
     /// way (or its report was), and runs again.
-    pub fn heartbeat(&self, worker_id: &str, session: u64, running_tasks: u32, memory_used_bytes: u64, held: &[TaskKey]) -> bool {
+    /// Records a heartbeat; returns the addresses of the worker's live peers, or None when the
+    /// worker is unknown (it registers again).
+    pub fn heartbeat(&self, worker_id: &str, session: u64, beat: Beat, held: &[TaskKey]) -> Option<Vec<String>> {
         let mut inner = self.lock();
         let now = Instant::now();
-        if !inner.workers.heartbeat(worker_id, session, running_tasks, memory_used_bytes, now) {
-            return false;
+        if !inner.workers.heartbeat(worker_id, session, beat, now) {
+            return None;
         }
         let timeout = Duration::from_millis(ASSIGNMENT_ACK_TIMEOUT_MS);
         self.for_each_run(&mut inner, |run, out| run.unacknowledged(worker_id, held, timeout, now, out));
-        true
+        Some(inner.workers.peers_of(worker_id))
     }
 
     pub fn total_slots(&self) -> usize {
@@ -925,7 +927,8 @@ mod tests {
         let roomy = cluster.register_worker("http://roomy".into(), 2, 0, 1000);
         cluster.begin_query("q", "q");
         cluster.submit("q", stage(2), Adaptive::default()).unwrap();
-        assert!(cluster.heartbeat(&full.0, full.1, 0, 950, &[]));
+        let beat = Beat { running_tasks: 0, memory_used_bytes: 950, unreachable_peers: Vec::new() };
+        assert!(cluster.heartbeat(&full.0, full.1, beat, &[]).is_some());
         assert!(matches!(cluster.try_assign(&full.0, full.1, Lane::Regular), Ok(Assigned::NotBefore(_))), "the full worker waits");
         assert!(matches!(cluster.try_assign(&roomy.0, roomy.1, Lane::Regular), Ok(Assigned::Task(_))));
         // Once the roomy worker has no free slot, the full one still helps.

@@ -17,6 +17,7 @@ mod session;
 mod source;
 mod statements;
 mod stores;
+mod store_writes;
 mod subquery;
 mod system_tables;
 
@@ -33,7 +34,7 @@ use prost::Message;
 use tokio::net::TcpListener;
 
 pub use attempts::{Cause, StartedAs};
-pub use cluster::{Cluster, QueryRecord, StageMetrics, TaskRecord, WorkerRecord};
+pub use cluster::{Beat, Cluster, QueryRecord, StageMetrics, TaskRecord, WorkerRecord};
 pub use cluster::QueryDetail;
 pub use metrics::METRICS_CONTENT_TYPE;
 
@@ -145,6 +146,7 @@ impl Coordinator {
         system_tables::register(&ctx, &cluster)?;
         let catalog = catalog::Catalog::new(&data_dir);
         let stores = stores::Stores::new(config.store_defaults.clone());
+        open_warehouse(&ctx, &stores, config.warehouse.as_deref())?;
         restore_catalog(&ctx, &catalog, &stores).await?;
         let core = Arc::new(Core {
             config,
@@ -198,6 +200,18 @@ fn probe_suspects(cluster: &Arc<Cluster>) {
             }
         });
     }
+}
+
+/// Opens the store tables are written to; a warehouse that is not in a store is refused (the
+/// data directory is where local tables live).
+fn open_warehouse(ctx: &SessionContext, stores: &stores::Stores, warehouse: Option<&str>) -> Result<()> {
+    let Some(warehouse) = warehouse else { return Ok(()) };
+    if crate::storage::object_location(warehouse).is_none() {
+        return Err(DataFusionError::Configuration(format!(
+            "--warehouse '{warehouse}' is not an object store URL (s3://, gs://, az://); tables Quiver writes locally go under --data-dir"
+        )));
+    }
+    stores.open_location(ctx, warehouse).map_err(|e| DataFusionError::Configuration(format!("--warehouse '{warehouse}': {e}")))
 }
 
 async fn restore_catalog(ctx: &SessionContext, catalog: &catalog::Catalog, stores: &stores::Stores) -> Result<()> {
@@ -290,8 +304,9 @@ impl SqlHandler for Service {
             }
             action::HEARTBEAT => {
                 let h: Heartbeat = decode(&body)?;
-                let known = core.cluster.heartbeat(&h.worker_id, h.session, h.running_tasks, h.memory_used_bytes, &h.tasks);
-                HeartbeatResponse { known }.encode_to_vec()
+                let beat = Beat { running_tasks: h.running_tasks, memory_used_bytes: h.memory_used_bytes, unreachable_peers: h.unreachable_peers };
+                let peers = core.cluster.heartbeat(&h.worker_id, h.session, beat, &h.tasks);
+                HeartbeatResponse { known: peers.is_some(), peers: peers.unwrap_or_default() }.encode_to_vec()
             }
             action::POLL_TASK => {
                 let p: PollTask = decode(&body)?;

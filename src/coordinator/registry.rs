@@ -27,12 +27,21 @@ pub struct WorkerRecord {
     /// How long its Attempts take against their Stages' medians (1 is typical; see
     /// `policy::pace_after`).
     pub pace: f64,
+    /// Other workers it could not connect to, as its last heartbeat said.
+    pub unreachable_peers: Vec<String>,
     last_seen: Instant,
     /// Names this registration (see `RegisterWorkerResponse::session`).
     session: u64,
     /// Its connection to the coordinator dropped a poll half-way: it may have died. A probe
     /// of its port tells before its heartbeats are missed for good.
     suspected: bool,
+}
+
+/// What a heartbeat says of its worker.
+pub struct Beat {
+    pub running_tasks: u32,
+    pub memory_used_bytes: u64,
+    pub unreachable_peers: Vec<String>,
 }
 
 #[derive(Default)]
@@ -60,6 +69,7 @@ impl Registry {
             express_slots,
             express_assigned: 0,
             pace: 1.0,
+            unreachable_peers: Vec::new(),
             last_seen: now,
             session,
             suspected: false,
@@ -75,17 +85,26 @@ impl Registry {
     }
 
     /// Records a heartbeat; false when the worker is unknown, lost, or of another registration.
-    pub fn heartbeat(&mut self, id: &str, session: u64, running_tasks: u32, memory_used_bytes: u64, now: Instant) -> bool {
+    pub fn heartbeat(&mut self, id: &str, session: u64, beat: Beat, now: Instant) -> bool {
         match self.workers.get_mut(id) {
             Some(w) if w.alive && w.session == session => {
                 w.last_seen = now;
                 w.last_heartbeat = SystemTime::now();
-                w.running_tasks = running_tasks;
-                w.memory_used_bytes = memory_used_bytes;
+                w.running_tasks = beat.running_tasks;
+                w.memory_used_bytes = beat.memory_used_bytes;
+                if w.unreachable_peers != beat.unreachable_peers && !beat.unreachable_peers.is_empty() {
+                    tracing::warn!(worker = %id, url = %w.url, peers = ?beat.unreachable_peers, "a worker cannot reach other workers: Tasks there that read their outputs will fail");
+                }
+                w.unreachable_peers = beat.unreachable_peers;
                 true
             }
             _ => false,
         }
+    }
+
+    /// The addresses of the live workers other than `id`.
+    pub fn peers_of(&self, id: &str) -> Vec<String> {
+        self.workers.values().filter(|w| w.alive && w.id != id).map(|w| w.url.clone()).collect()
     }
 
     /// The worker's poll was dropped before its answer: its process or its connection may be gone.

@@ -18,7 +18,8 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{EmptyRecordBatchStream, ExecutionPlan, ExecutionPlanProperties};
 use futures::{Stream, StreamExt, TryStreamExt};
 
-use super::catalog::{defaults_to_sql, KeyDef, TableDef};
+use super::catalog::{defaults_to_sql, store_table_location, KeyDef, TableDef};
+use super::store_writes::{self, SweepOnDrop, WritePrefix};
 use super::cluster::{NewStage, NewTask, StageReads};
 use super::source::QueryTasks;
 use super::Core;
@@ -247,19 +248,36 @@ async fn create_table(
     }
     let schema: Schema = input.schema().as_arrow().clone();
     let has_rows = !matches!(input.as_ref(), LogicalPlan::EmptyRelation(e) if !e.produce_one_row);
-    let mut segments = vec![];
+    let location = core.config.warehouse.as_deref().map(|w| store_table_location(w, name));
+    let (mut segments, mut files) = (vec![], vec![]);
     let mut rows = 0;
     if has_rows {
-        let written = write_segment(core, id, name, &input, not_null(&schema)).await?;
+        let written = write_segment(core, id, name, location.as_deref(), &input, not_null(&schema)).await?;
         rows = written.rows;
-        segments.extend(commit_segment(core, id, name, &written)?);
+        commit(core, id, name, written, (&mut segments, &mut files)).await?;
     }
-    let def = TableDef::Managed { name: name.to_string(), schema, segments: segments.clone(), keys, defaults };
+    let def = TableDef::Managed {
+        name: name.to_string(),
+        schema,
+        segments: segments.clone(),
+        location,
+        files: files.clone(),
+        keys,
+        defaults,
+    };
     core.catalog.put(def.clone())?;
     core.catalog.register(&core.ctx, &core.stores, &def).await?;
-    if let Some(TableDef::Managed { segments: old_segments, .. }) = old {
-        for s in old_segments.iter().filter(|s| !segments.contains(s)) {
-            let _ = std::fs::remove_dir_all(core.catalog.table_dir(name).join(s));
+    if let Some(TableDef::Managed { segments: old_segments, location: old_location, files: old_files, .. }) = old {
+        match old_location {
+            Some(old_location) => {
+                let replaced = old_files.into_iter().filter(|f| !files.contains(f)).collect();
+                store_writes::remove_files(&core.ctx, &old_location, replaced);
+            }
+            None => {
+                for s in old_segments.iter().filter(|s| !segments.contains(s)) {
+                    let _ = std::fs::remove_dir_all(core.catalog.table_dir(name).join(s));
+                }
+            }
         }
     }
     Ok(count_stream(rows))
@@ -267,15 +285,32 @@ async fn create_table(
 
 async fn insert(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan) -> Result<u64> {
     let _catalog = core.catalog_lock.lock().await;
-    let Some(TableDef::Managed { name, schema, mut segments, keys, defaults }) = core.catalog.get(table)? else {
+    let Some(TableDef::Managed { name, schema, mut segments, location, mut files, keys, defaults }) = core.catalog.get(table)? else {
         return plan_err!("cannot INSERT INTO '{table}': only tables created by Quiver (CREATE TABLE) accept writes");
     };
-    let written = write_segment(core, id, table, input, not_null(&schema)).await?;
-    segments.extend(commit_segment(core, id, table, &written)?);
-    let def = TableDef::Managed { name, schema, segments, keys, defaults };
+    let written = write_segment(core, id, table, location.as_deref(), input, not_null(&schema)).await?;
+    let rows = written.rows;
+    commit(core, id, table, written, (&mut segments, &mut files)).await?;
+    let def = TableDef::Managed { name, schema, segments, location, files, keys, defaults };
     core.catalog.put(def.clone())?;
     core.catalog.register(&core.ctx, &core.stores, &def).await?;
-    Ok(written.rows)
+    Ok(rows)
+}
+
+/// Makes a finished write's files part of its table: a segment directory in the data
+/// directory, or objects in the table's store (named relative to the table's location).
+async fn commit(core: &Core, id: &str, table: &str, mut written: Written, (segments, files): (&mut Vec<String>, &mut Vec<String>)) -> Result<()> {
+    match written.store.0.take() {
+        None => segments.extend(commit_segment(core, id, table, &written)?),
+        Some(prefix) => {
+            let mut failed = SweepOnDrop(Some(prefix.clone()));
+            let kept = prefix.commit(&written.files).await?;
+            failed.0 = None;
+            prefix.sweep(kept.clone());
+            files.extend(kept.iter().map(|f| format!("{id}/{f}")));
+        }
+    }
+    Ok(())
 }
 
 /// Runs `input` as a distributed write into the staging directory of `table`; returns the rows
@@ -286,37 +321,51 @@ fn not_null(schema: &Schema) -> Vec<usize> {
     schema.fields().iter().enumerate().filter(|(_, f)| !f.is_nullable()).map(|(i, _)| i).collect()
 }
 
-async fn write_segment(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan, not_null: Vec<usize>) -> Result<Written> {
-    let staging = staging_dir(core, id, table);
-    std::fs::create_dir_all(&staging)?;
-    let mut cleanup = RemoveOnDrop(Some(staging.clone()));
-    let result = async {
-        let physical = core.ctx.state().create_physical_plan(input).await?;
-        let target = WriteTarget { dir: staging.clone(), kind: WriteKind::Table { row_group_rows: core.config.write_row_group_rows, not_null } };
-        let (plan, stream) = start_physical(core, id, physical, Some(target)).await?;
-        let batches: Vec<RecordBatch> = stream.try_collect().await?;
-        let rows = batches.iter().flat_map(|b| b.column(0).as_primitive::<UInt64Type>().iter().flatten()).sum();
-        // Of each write Task, exactly the file of the Attempt whose count was returned.
-        let files = match plan.write_stage {
-            Some(stage) => {
-                let counted = core.cluster.counted_attempts(id, stage as u32);
-                counted.iter().map(|k| file_name(&attempt_file(&task_file(&staging, stage, k.task as usize), k.attempt))).collect()
-            }
-            None => vec![file_name(&staging.join(COORDINATOR_FILE))],
-        };
-        Ok::<Written, DataFusionError>(Written { rows, files })
-    }
-    .await;
-    if result.is_ok() {
-        cleanup.0 = None;
-    }
-    result
+async fn write_segment(
+    core: &Arc<Core>,
+    id: &str,
+    table: &str,
+    location: Option<&str>,
+    input: &LogicalPlan,
+    not_null: Vec<usize>,
+) -> Result<Written> {
+    // A local write stages in a directory that its commit renames; a write to a store puts
+    // its objects under a prefix of its own that a failure sweeps.
+    let (staging, mut local, store) = match location {
+        None => {
+            let staging = staging_dir(core, id, table);
+            std::fs::create_dir_all(&staging)?;
+            (staging.clone(), RemoveOnDrop(Some(staging)), SweepOnDrop(None))
+        }
+        Some(location) => {
+            let prefix = format!("{location}{id}");
+            let opened = WritePrefix::open(&core.ctx, &prefix)?;
+            (std::path::PathBuf::from(prefix), RemoveOnDrop(None), SweepOnDrop(Some(opened)))
+        }
+    };
+    let physical = core.ctx.state().create_physical_plan(input).await?;
+    let target = WriteTarget { dir: staging.clone(), kind: WriteKind::Table { row_group_rows: core.config.write_row_group_rows, not_null } };
+    let (plan, stream) = start_physical(core, id, physical, Some(target)).await?;
+    let batches: Vec<RecordBatch> = stream.try_collect().await?;
+    let rows = batches.iter().flat_map(|b| b.column(0).as_primitive::<UInt64Type>().iter().flatten()).sum();
+    // Of each write Task, exactly the file of the Attempt whose count was returned.
+    let files = match plan.write_stage {
+        Some(stage) => {
+            let counted = core.cluster.counted_attempts(id, stage as u32);
+            counted.iter().map(|k| file_name(&attempt_file(&task_file(&staging, stage, k.task as usize), k.attempt))).collect()
+        }
+        None => vec![file_name(&staging.join(COORDINATOR_FILE))],
+    };
+    local.0 = None;
+    Ok(Written { rows, files, store })
 }
 
-/// What a write produced: its row count and the names of the files it committed.
+/// What a write produced: its row count, the names of the files it committed, and (for a
+/// table in a store) its prefix, swept unless the commit takes it.
 struct Written {
     rows: u64,
     files: Vec<String>,
+    store: SweepOnDrop,
 }
 
 fn file_name(path: &Path) -> String {
@@ -376,8 +425,12 @@ async fn drop_table(core: &Arc<Core>, name: &str, if_exists: bool, view: bool) -
     }
     let removed = core.catalog.remove(name)?;
     core.ctx.deregister_table(TableReference::bare(name))?;
-    if let Some(TableDef::Managed { .. }) = removed {
-        let _ = std::fs::remove_dir_all(core.catalog.table_dir(name));
+    match removed {
+        Some(TableDef::Managed { location: Some(location), files, .. }) => store_writes::remove_files(&core.ctx, &location, files),
+        Some(TableDef::Managed { .. }) => {
+            let _ = std::fs::remove_dir_all(core.catalog.table_dir(name));
+        }
+        _ => {}
     }
     Ok(empty_stream())
 }
@@ -422,7 +475,9 @@ pub(super) async fn start_physical(
     write: Option<WriteTarget>,
 ) -> Result<(DistributedPlan, SendableRecordBatchStream)> {
     let physical = super::subquery::resolve(core, id, physical).await?;
-    let stores = core.stores.for_plan(&physical);
+    let mut stores = core.stores.for_plan(&physical);
+    // A write to a table in a store: its Tasks open that store too.
+    stores.extend(write.as_ref().and_then(|w| core.stores.for_location(&w.dir.to_string_lossy())));
     let mut plan = plan_query(core, id, physical, write).await?;
     if plan.small_input_bytes.is_some() {
         core.cluster.ran_small(id);

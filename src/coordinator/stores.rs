@@ -13,7 +13,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 
 use crate::protocol::StoreConfig;
-use crate::storage::{scanned_stores, take_store_options, StoreDefaults, StoreSpec};
+use crate::storage::{object_location, scanned_stores, take_store_options, StoreDefaults, StoreSpec};
 
 /// The stores a table's creation opened, with those they replaced. Dropped without
 /// [`Opened::keep`] (the table was not created, or its statement was dropped half-way), it puts
@@ -88,6 +88,27 @@ impl Stores {
             replaced.replaced.push((url, previous_store, previous_spec));
         }
         Ok(replaced)
+    }
+
+    /// Opens the store `location` is in with the coordinator's options (the environment and
+    /// `--store-option`), unless a table opened it already: the warehouse Quiver writes tables
+    /// to, and the tables written there.
+    pub fn open_location(&self, ctx: &SessionContext, location: &str) -> Result<()> {
+        let Some(spec) = StoreSpec::resolve(location, &[], &self.defaults)? else { return Ok(()) };
+        let url = spec.object_store_url()?;
+        let mut opened = self.opened.lock().expect("stores lock");
+        if !opened.contains_key(url.as_str()) {
+            tracing::debug!(store = ?spec, "object store opened");
+            ctx.runtime_env().register_object_store(url.as_ref(), spec.build()?);
+            opened.insert(url.as_str().to_string(), spec);
+        }
+        Ok(())
+    }
+
+    /// The store `location` is in, as Task assignments carry it; None for a local path.
+    pub fn for_location(&self, location: &str) -> Option<StoreConfig> {
+        let (url, _) = object_location(location)?.ok()?;
+        self.opened.lock().expect("stores lock").get(url.as_str()).map(StoreConfig::from)
     }
 
     /// The stores `plan` reads, as Task assignments carry them.

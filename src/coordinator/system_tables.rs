@@ -53,7 +53,7 @@ fn schema(kind: Kind) -> SchemaRef {
             s("worker_id"), s("address"), u32f("slots"), s("state"), Field::new("alive", DataType::Boolean, false),
             Field::new("last_heartbeat", timestamp(), false), u32f("running_tasks"),
             u64f("memory_limit_bytes"), u64f("memory_used_bytes"), Field::new("pace", DataType::Float64, false),
-            u32f("express_slots"), u32f("express_running"),
+            u32f("express_slots"), u32f("express_running"), sn("unreachable_peers"),
         ],
         Kind::Queries => vec![
             s("query_id"), s("sql"), s("state"), s("mode"), u32f("stages"), u32f("tasks"), u32f("workers_used"),
@@ -99,6 +99,8 @@ impl SystemTable {
         let columns = match self.kind {
             Kind::Workers => {
                 let w = self.cluster.workers();
+                let peer_lists: Vec<Option<String>> =
+                    w.iter().map(|w| (!w.unreachable_peers.is_empty()).then(|| w.unreachable_peers.join(", "))).collect();
                 vec![
                     strings(w.iter().map(|w| w.id.as_str())),
                     strings(w.iter().map(|w| w.url.as_str())),
@@ -112,6 +114,7 @@ impl SystemTable {
                     Arc::new(Float64Array::from_iter_values(w.iter().map(|w| w.pace))) as ArrayRef,
                     u32s(w.iter().map(|w| w.express_slots)),
                     u32s(w.iter().map(|w| w.express_assigned)),
+                    opt_strings(peer_lists.iter().map(|p| p.as_deref())),
                 ]
             }
             Kind::Queries => {

@@ -1,7 +1,7 @@
 //! [`TaskWriterExec`]: writes one partition of its input to one Parquet file and returns the
 //! row count. Workers run it inside write Tasks (one file per Attempt, named after it, so that
 //! two Attempts of one Task never write the same file); the coordinator runs it when the last
-//! Stage of a write is its own.
+//! Stage of a write is its own. The file is a local path or an object in a store (`s3://…`).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -11,7 +11,10 @@ use datafusion::arrow::array::{RecordBatch, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::{exec_err, DataFusionError, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::parquet::arrow::async_writer::AsyncFileWriter;
 use datafusion::parquet::arrow::AsyncArrowWriter;
+use object_store::buffered::BufWriter;
 use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
@@ -144,15 +147,21 @@ impl ExecutionPlan for TaskWriterExec {
             Some(attempt) => attempt_file(&self.path, attempt.0),
             None => self.path.clone(),
         };
+        let runtime = context.runtime_env();
         let input = self.input.execute(self.input_partition, context)?;
-        let write = write_parquet(input, path, self.row_group_rows, self.not_null.clone());
+        let write = write_parquet(input, (path, runtime), self.row_group_rows, self.not_null.clone());
         let stream = futures::stream::once(write);
         Ok(Box::pin(RecordBatchStreamAdapter::new(count_schema(), stream)))
     }
 }
 
 /// Writes the stream to `path` (no file for an empty input) and returns `count` as a batch.
-async fn write_parquet(mut input: SendableRecordBatchStream, path: PathBuf, row_group_rows: usize, not_null: Vec<usize>) -> Result<RecordBatch> {
+async fn write_parquet(
+    mut input: SendableRecordBatchStream,
+    (path, runtime): (PathBuf, Arc<RuntimeEnv>),
+    row_group_rows: usize,
+    not_null: Vec<usize>,
+) -> Result<RecordBatch> {
     let mut writer = None;
     let mut rows = 0u64;
     while let Some(batch) = input.next().await {
@@ -164,7 +173,7 @@ async fn write_parquet(mut input: SendableRecordBatchStream, path: PathBuf, row_
             return exec_err!("Invalid batch column at '{column}' has null but schema specifies non-nullable");
         }
         if writer.is_none() {
-            writer = Some(open_writer(&path, input.schema(), row_group_rows).await?);
+            writer = Some(open_writer(&path, &runtime, input.schema(), row_group_rows).await?);
         }
         rows += batch.num_rows() as u64;
         writer.as_mut().expect("opened above").write(&batch).await?;
@@ -179,10 +188,23 @@ async fn write_parquet(mut input: SendableRecordBatchStream, path: PathBuf, row_
 /// Opens `path` in its write's staging directory. The coordinator makes that directory before
 /// the write starts and renames it when the write commits: an Attempt that runs on after its
 /// write ended finds no directory, and cannot leave a file behind.
-async fn open_writer(path: &PathBuf, schema: SchemaRef, row_group_rows: usize) -> Result<AsyncArrowWriter<tokio::fs::File>> {
-    let file = tokio::fs::File::create(path)
-        .await
-        .map_err(|e| DataFusionError::IoError(std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))))?;
+///
+/// A `path` in an object store (`s3://…`) is written through the store the Task's assignment
+/// opened. The object appears only when it is whole (a PUT, or a multipart upload completed
+/// by `close`); the commit is the catalog entry that lists it, as a store cannot rename.
+async fn open_writer(path: &Path, runtime: &RuntimeEnv, schema: SchemaRef, row_group_rows: usize) -> Result<AsyncArrowWriter<Box<dyn AsyncFileWriter>>> {
     let props = WriterProperties::builder().set_max_row_group_row_count(Some(row_group_rows.max(1))).build();
+    let location = path.to_string_lossy();
+    let file: Box<dyn AsyncFileWriter> = match crate::storage::object_location(&location) {
+        Some(located) => {
+            let (store_url, object) = located?;
+            Box::new(BufWriter::new(runtime.object_store(&store_url)?, object))
+        }
+        None => Box::new(
+            tokio::fs::File::create(path)
+                .await
+                .map_err(|e| DataFusionError::IoError(std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))))?,
+        ),
+    };
     Ok(AsyncArrowWriter::try_new(file, schema, Some(props))?)
 }

@@ -73,6 +73,9 @@ pub struct Heartbeat {
     pub tasks: Vec<TaskKey>,
     #[prost(uint64, tag = "5")]
     pub session: u64,
+    /// Peers (addresses from `HeartbeatResponse::peers`) the worker could not connect to.
+    #[prost(string, repeated, tag = "6")]
+    pub unreachable_peers: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -81,6 +84,10 @@ pub struct HeartbeatResponse {
     /// worker lost): the worker registers again.
     #[prost(bool, tag = "1")]
     pub known: bool,
+    /// The addresses of the other live workers, which this one must reach to read their
+    /// Task outputs: it checks each once, and those it failed to reach again.
+    #[prost(string, repeated, tag = "2")]
+    pub peers: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

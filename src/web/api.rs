@@ -53,6 +53,8 @@ pub struct WorkerJson {
     /// Slots for small Queries' Tasks only, and those of them in use.
     express_slots: u32,
     express_running: u32,
+    /// Other workers it could not connect to at their advertised addresses.
+    unreachable_peers: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -225,6 +227,7 @@ fn worker_json(w: &WorkerRecord, now: SystemTime) -> WorkerJson {
         heartbeat_age_ms: now.duration_since(w.last_heartbeat).map_or(0, |d| d.as_millis() as u64),
         express_slots: w.express_slots,
         express_running: w.express_assigned,
+        unreachable_peers: w.unreachable_peers.clone(),
     }
 }
 

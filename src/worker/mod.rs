@@ -5,6 +5,7 @@
 
 mod inputs;
 mod outputs;
+mod peers;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
@@ -81,6 +82,8 @@ struct State {
     released_attempts: Mutex<Recent<TaskKey>>,
     /// Object stores opened for Tasks, by DataFusion's name for each (`s3://bucket/`).
     stores: Mutex<HashMap<String, StoreSpec>>,
+    /// Which peers this worker reached at their advertised addresses.
+    peers: Mutex<peers::PeerChecks>,
 }
 
 /// The last `capacity` values seen, for membership tests.
@@ -141,6 +144,7 @@ impl Worker {
             released_queries: Mutex::new(Recent::new(RELEASED_QUERIES_MAX)),
             released_attempts: Mutex::new(Recent::new(RELEASED_ATTEMPTS_MAX)),
             stores: Mutex::default(),
+            peers: Mutex::default(),
         });
         let server = serve(Arc::new(Service(Arc::clone(&state))), listener, &security.server)?;
         let mut loops = vec![tokio::spawn(membership_loop(Arc::clone(&state))), tokio::spawn(dispatch_loop(Arc::clone(&state), false))];
@@ -258,6 +262,19 @@ impl State {
     }
 }
 
+/// Dials, in the background, the peers that are due a check (see [`peers`]).
+fn check_peers(state: &Arc<State>, named: &[String]) {
+    let due = state.peers.lock().expect("peers lock").due(named, Instant::now());
+    if due.is_empty() {
+        return;
+    }
+    let state = Arc::clone(state);
+    tokio::spawn(async move {
+        let results = peers::dial(due, &state.url, &state.security).await;
+        state.peers.lock().expect("peers lock").record(results);
+    });
+}
+
 /// Registers (retrying until the coordinator answers), then heartbeats; registers again when
 /// the coordinator no longer knows this worker.
 async fn membership_loop(state: Arc<State>) {
@@ -300,10 +317,11 @@ async fn membership_loop(state: Arc<State>) {
             memory_used_bytes: state.memory_used(),
             tasks: state.held.lock().expect("held lock").iter().cloned().collect(),
             session: registration.session,
+            unreachable_peers: state.peers.lock().expect("peers lock").unreachable(),
         };
         match call::<_, HeartbeatResponse>(&state.coordinator, action::HEARTBEAT, &beat).await {
             Ok(reply) if !reply.known => state.forget(&registration),
-            Ok(_) => {}
+            Ok(reply) => check_peers(&state, &reply.peers),
             Err(e) => tracing::debug!("heartbeat failed: {e}"),
         }
         tokio::time::sleep(Duration::from_millis(HEARTBEAT_INTERVAL_MS)).await;

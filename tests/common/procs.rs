@@ -282,6 +282,13 @@ impl Netns {
         format!("10.{}.{}.1", self.net, i + 1)
     }
 
+    /// Host `from` can no longer open connections to host `to` (a `prohibit` route: refused at
+    /// once), or can again; every other path stays as it was.
+    pub fn block(&self, from: usize, to: usize, blocked: bool) {
+        let verb = if blocked { "add" } else { "del" };
+        ip(&["netns", "exec", &self.name(from), "ip", "route", verb, "prohibit", &format!("{}/32", self.host(to))]);
+    }
+
     /// Cuts host `i` off the network (its link goes down), or joins it again.
     pub fn set_link(&self, i: usize, up: bool) {
         ip(&["link", "set", &self.link(i), if up { "up" } else { "down" }]);
