@@ -246,6 +246,23 @@ async fn s3_tables_survive_a_restart_and_store_errors_are_clear() {
     let strict = S3Server::start_checking_keys().await;
     let denied = error_of(&client, &format!("CREATE EXTERNAL TABLE d STORED AS PARQUET LOCATION 's3://{BUCKET}/t/' {}", strict.options())).await;
     assert!(denied.contains("403") && denied.contains(&format!("'s3://{BUCKET}/t/'")), "{denied}");
+    // A warehouse whose store refuses the keys is said at start, and a write to it fails
+    // naming the object, leaving no table.
+    let strict_endpoint = format!("aws.endpoint={}", strict.endpoint);
+    let strict_args = [
+        "--warehouse", "s3://tables/w", "--store-option", &strict_endpoint, "--store-option", "aws.allow_http=true",
+        "--store-option", "aws.region=us-east-1", "--store-option", "aws.access_key_id=nobody", "--store-option", "aws.secret_access_key=wrong",
+    ];
+    let refusing = ProcCluster::start(1, &strict_args, &[]);
+    wait_for("the unreadable warehouse in the coordinator's log", Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(refusing.log("coordinator")).unwrap_or_default();
+        async move { log.contains("the warehouse 's3://tables/w' cannot be read").then_some(()) }
+    })
+    .await;
+    let refused_client = refusing.client().await;
+    let write = error_of(&refused_client, "CREATE TABLE w AS SELECT * FROM (VALUES (1), (2)) AS v(x)").await;
+    assert!(write.contains("cannot write s3://tables/w/w/") && write.contains("403"), "{write}");
+    assert_eq!(collect(&refused_client, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'w'").await[0][0], "0");
     assert!(started.elapsed() < Duration::from_secs(60), "store errors took {:?}", started.elapsed());
     let no_region = error_of(&client, &format!("CREATE EXTERNAL TABLE r STORED AS PARQUET LOCATION 's3://{BUCKET}/t/'")).await;
     assert!(no_region.contains("no region"), "{no_region}");

@@ -211,7 +211,16 @@ fn open_warehouse(ctx: &SessionContext, stores: &stores::Stores, warehouse: Opti
             "--warehouse '{warehouse}' is not an object store URL (s3://, gs://, az://); tables Quiver writes locally go under --data-dir"
         )));
     }
-    stores.open_location(ctx, warehouse).map_err(|e| DataFusionError::Configuration(format!("--warehouse '{warehouse}': {e}")))
+    stores.open_location(ctx, warehouse).map_err(|e| DataFusionError::Configuration(format!("--warehouse '{warehouse}': {e}")))?;
+    // Said at start, not at the first write: a warehouse this coordinator cannot read (a wrong
+    // key, a missing bucket). The store may only be down for now, so the coordinator starts.
+    let (ctx, warehouse) = (ctx.clone(), warehouse.to_string());
+    tokio::spawn(async move {
+        if let Err(e) = store_writes::probe(&ctx, &warehouse).await {
+            tracing::error!("the warehouse '{warehouse}' cannot be read, so writes to its tables will fail: {e}");
+        }
+    });
+    Ok(())
 }
 
 async fn restore_catalog(ctx: &SessionContext, catalog: &catalog::Catalog, stores: &stores::Stores) -> Result<()> {

@@ -89,6 +89,13 @@ impl WritePrefix {
     }
 }
 
+/// Lists one page of `location`: whether the store answers and accepts this coordinator's keys.
+pub(super) async fn probe(ctx: &SessionContext, location: &str) -> Result<()> {
+    let prefix = WritePrefix::open(ctx, location.trim_end_matches('/'))?;
+    prefix.store.list_with_delimiter(Some(&prefix.prefix)).await.map_err(|e| prefix.failed("list", e))?;
+    Ok(())
+}
+
 /// Removes the given objects of a table in a store (files of a dropped or replaced table),
 /// in the background: the catalog no longer lists them, so no reader reads them.
 pub(super) fn remove_files(ctx: &SessionContext, location: &str, files: Vec<String>) {

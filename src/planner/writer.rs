@@ -176,13 +176,18 @@ async fn write_parquet(
             writer = Some(open_writer(&path, &runtime, input.schema(), row_group_rows).await?);
         }
         rows += batch.num_rows() as u64;
-        writer.as_mut().expect("opened above").write(&batch).await?;
+        writer.as_mut().expect("opened above").write(&batch).await.map_err(|e| cannot_write(&path, e))?;
     }
     if let Some(writer) = writer {
-        writer.close().await?;
+        writer.close().await.map_err(|e| cannot_write(&path, e))?;
     }
     let counts = UInt64Array::from(vec![rows]);
     Ok(RecordBatch::try_new(count_schema(), vec![Arc::new(counts)])?)
+}
+
+/// A failed write (a store that refuses the upload, a full disk) names the file.
+fn cannot_write(path: &Path, e: datafusion::parquet::errors::ParquetError) -> DataFusionError {
+    DataFusionError::IoError(std::io::Error::other(format!("cannot write {}: {e}", path.display())))
 }
 
 /// Opens `path` in its write's staging directory. The coordinator makes that directory before
