@@ -30,6 +30,20 @@ use object_store::http::HttpBuilder;
 use object_store::{BackoffConfig, ClientConfigKey, ClientOptions, ObjectStore, RetryConfig};
 use url::Url;
 
+use bytes::Bytes;
+use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::parquet::{CachedParquetFileReaderFactory, ParquetFileReaderFactory};
+use datafusion::datasource::physical_plan::ParquetSource;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::parquet;
+use datafusion::parquet::arrow::arrow_reader::ArrowReaderOptions;
+use datafusion::parquet::arrow::async_reader::AsyncFileReader;
+use datafusion::parquet::file::metadata::{PageIndexPolicy, ParquetMetaData};
+use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
+use futures::future::BoxFuture;
+use std::ops::Range;
+
 /// Retries of one request to a store (on a 5xx answer or a broken connection; never on a
 /// refusal such as 403 or 404).
 pub const STORE_RETRIES_MAX: usize = 3;
@@ -298,6 +312,62 @@ pub fn scanned_stores(plan: &Arc<dyn ExecutionPlan>) -> Vec<String> {
     found
 }
 
+/// `plan` with each Parquet scan reading its files' metadata with their page index, so that
+/// the process's metadata cache keeps the index too. DataFusion 55's opener asks for the footer
+/// alone and then loads the page index itself, uncached, on every file open that has a
+/// page-pruning predicate: one more request per Task and file, on every Query, which in an
+/// object store is a round trip each time. With this, a process reads a file's footer and page
+/// index once.
+pub fn cache_page_indexes(plan: Arc<dyn ExecutionPlan>, runtime: &RuntimeEnv) -> Result<Arc<dyn ExecutionPlan>> {
+    plan.transform_up(|node| {
+        let Some(exec) = node.downcast_ref::<DataSourceExec>() else { return Ok(Transformed::no(node)) };
+        let Some(config) = exec.data_source().downcast_ref::<FileScanConfig>() else { return Ok(Transformed::no(node)) };
+        let Some(parquet) = config.file_source.downcast_ref::<ParquetSource>() else { return Ok(Transformed::no(node)) };
+        let store = runtime.object_store(&config.object_store_url)?;
+        let cached = CachedParquetFileReaderFactory::new(store, runtime.cache_manager.get_file_metadata_cache());
+        let source = parquet.clone().with_parquet_file_reader_factory(Arc::new(WithPageIndex(Arc::new(cached))));
+        let mut config = config.clone();
+        config.file_source = Arc::new(source);
+        let constraints = exec.properties().eq_properties.constraints().clone();
+        let rebuilt = exec.clone().with_data_source(Arc::new(config)).with_constraints(constraints);
+        Ok(Transformed::yes(Arc::new(rebuilt) as Arc<dyn ExecutionPlan>))
+    })
+    .data()
+}
+
+/// Makes readers whose metadata requests ask for the page index (see [`cache_page_indexes`]).
+#[derive(Debug)]
+struct WithPageIndex(Arc<dyn ParquetFileReaderFactory>);
+
+impl ParquetFileReaderFactory for WithPageIndex {
+    fn create_reader(
+        &self,
+        partition_index: usize,
+        file: PartitionedFile,
+        metadata_size_hint: Option<usize>,
+        metrics: &ExecutionPlanMetricsSet,
+    ) -> Result<Box<dyn AsyncFileReader + Send>> {
+        Ok(Box::new(PageIndexReader(self.0.create_reader(partition_index, file, metadata_size_hint, metrics)?)))
+    }
+}
+
+struct PageIndexReader(Box<dyn AsyncFileReader + Send>);
+
+impl AsyncFileReader for PageIndexReader {
+    fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        self.0.get_bytes(range)
+    }
+
+    fn get_byte_ranges(&mut self, ranges: Vec<Range<u64>>) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+        self.0.get_byte_ranges(ranges)
+    }
+
+    fn get_metadata<'a>(&'a mut self, options: Option<&'a ArrowReaderOptions>) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        let options = options.cloned().unwrap_or_default().with_page_index_policy(PageIndexPolicy::Optional);
+        Box::pin(async move { self.0.get_metadata(Some(&options)).await })
+    }
+}
+
 /// `sql` with the values of secret options (keys, tokens, passwords) replaced by `'***'`, for
 /// logs and `quiver.queries`. The statement is read by DataFusion's SQL tokenizer, so quoting
 /// (`''`, `E'…\'…'`, comments) is read as the parser reads it; a literal that names a secret
@@ -423,5 +493,61 @@ mod tests {
         let redacted = redact_sql(escaped);
         assert_eq!(redacted, "OPTIONS (\n  -- 'aws.secret_access_key' 'x'\n  'aws.secret_access_key' '***', 'aws.region' 'é')");
         assert!(!redact_sql("SELECT 'aws.secret_access_key' 'unterminated").contains("unterminated"));
+    }
+}
+
+#[cfg(test)]
+mod page_index_tests {
+    use super::*;
+    use datafusion::arrow::array::{Int64Array, RecordBatch};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::parquet::arrow::ArrowWriter;
+    use datafusion::parquet::file::properties::WriterProperties;
+    use datafusion::physical_plan::collect;
+    use datafusion::prelude::{ParquetReadOptions, SessionContext};
+
+    /// Bytes the scans read through their file readers: data pages, and the page index when
+    /// the opener loads it itself (the footer is read straight from the store). As on a worker,
+    /// the plan is planned in one process (whose planning cached the page index) and decoded
+    /// and run twice in another.
+    async fn bytes_read(file: &str, rewrite: bool) -> (usize, usize) {
+        let coordinator = SessionContext::new();
+        coordinator.register_parquet("t", file, ParquetReadOptions::default()).await.unwrap();
+        let planned = coordinator.sql("SELECT x FROM t WHERE x > 99000").await.unwrap().create_physical_plan().await.unwrap();
+        let bytes = datafusion_proto::bytes::physical_plan_to_bytes(planned).unwrap();
+        let worker = SessionContext::new();
+        let (mut total, mut rows) = (0, 0);
+        for _ in 0..2 {
+            let plan = datafusion_proto::bytes::physical_plan_from_bytes(&bytes, &worker.task_ctx()).unwrap();
+            let plan = if rewrite { cache_page_indexes(plan, worker.runtime_env().as_ref()).unwrap() } else { plan };
+            rows = collect(Arc::clone(&plan), worker.task_ctx()).await.unwrap().iter().map(|b| b.num_rows()).sum();
+            let mut stack = vec![plan];
+            while let Some(node) = stack.pop() {
+                total += node.metrics().and_then(|m| m.sum_by_name("bytes_scanned")).map_or(0, |v| v.as_usize());
+                stack.extend(node.children().into_iter().cloned());
+            }
+        }
+        (total, rows)
+    }
+
+    /// Regression: every scan of a file re-read its page index (an object store request per Task
+    /// and file), because DataFusion's opener loads it past the metadata cache.
+    #[tokio::test]
+    async fn a_files_page_index_is_read_once_per_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let props = WriterProperties::builder().set_max_row_group_row_count(Some(50_000)).set_data_page_row_count_limit(1_000).build();
+        let mut writer = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), Arc::clone(&schema), Some(props)).unwrap();
+        for chunk in 0..100 {
+            let values = Int64Array::from_iter_values(chunk * 1_000..(chunk + 1) * 1_000);
+            writer.write(&RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(values)]).unwrap()).unwrap();
+        }
+        writer.close().unwrap();
+        let file = path.to_str().unwrap();
+        let (uncached, rows) = bytes_read(file, false).await;
+        let (cached, same_rows) = bytes_read(file, true).await;
+        assert_eq!((rows, same_rows), (999, 999));
+        assert!(cached < uncached, "the page index is read through the cache: {cached} bytes against {uncached}");
     }
 }

@@ -475,6 +475,7 @@ pub(super) async fn start_physical(
     write: Option<WriteTarget>,
 ) -> Result<(DistributedPlan, SendableRecordBatchStream)> {
     let physical = super::subquery::resolve(core, id, physical).await?;
+    let physical = crate::storage::cache_page_indexes(physical, core.ctx.runtime_env().as_ref())?;
     let mut stores = core.stores.for_plan(&physical);
     // A write to a table in a store: its Tasks open that store too.
     stores.extend(write.as_ref().and_then(|w| core.stores.for_location(&w.dir.to_string_lossy())));

@@ -395,6 +395,7 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
             open_stores(&state, task.stores)?;
             let inputs = Arc::new(inputs::TaskInputs::new(Arc::clone(&state), task.inputs, task.reads));
             let mut plan = decode_plan(&task.plan, &state.ctx.task_ctx(), Some(inputs))?;
+            plan = crate::storage::cache_page_indexes(plan, state.ctx.runtime_env().as_ref())?;
             if let Some(piece) = task.slice {
                 plan = crate::planner::narrow_task_plan(plan, piece.index, piece.of)?;
             }
