@@ -274,6 +274,17 @@ pub fn object_location(location: &str) -> Option<Result<(ObjectStoreUrl, object_
     Some(located())
 }
 
+/// What to add to a store error that came from asking the EC2 instance metadata service for
+/// credentials: `object_store` does so when no keys were given, which off EC2 fails with an
+/// error about that service, not about the missing keys.
+pub fn credentials_hint(message: &str) -> &'static str {
+    if message.contains("169.254.169.254") {
+        " (no keys were given, in OPTIONS, --store-option or AWS_ACCESS_KEY_ID, so the EC2 instance metadata service was asked for some)"
+    } else {
+        ""
+    }
+}
+
 /// `location` as a URL of an object store, with the store's kind; None for a local path.
 fn remote(location: &str) -> Option<(Url, Kind)> {
     if std::path::Path::new(location).is_absolute() {

@@ -263,12 +263,17 @@ async fn s3_tables_survive_a_restart_and_store_errors_are_clear() {
     let write = error_of(&refused_client, "CREATE TABLE w AS SELECT * FROM (VALUES (1), (2)) AS v(x)").await;
     assert!(write.contains("cannot write s3://tables/w/w/") && write.contains("403"), "{write}");
     assert_eq!(collect(&refused_client, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'w'").await[0][0], "0");
+    // No keys anywhere: object_store asks the EC2 instance metadata service, and the error says
+    // that this is why.
+    let keyless = format!("OPTIONS ('aws.endpoint' '{}', 'aws.allow_http' 'true', 'aws.region' 'us-east-1')", s3.endpoint);
+    let no_keys = error_of(&client, &format!("CREATE EXTERNAL TABLE n STORED AS PARQUET LOCATION 's3://{BUCKET}/sf0.01/nation/' {keyless}")).await;
+    assert!(no_keys.contains("no keys were given"), "{no_keys}");
     assert!(started.elapsed() < Duration::from_secs(60), "store errors took {:?}", started.elapsed());
     let no_region = error_of(&client, &format!("CREATE EXTERNAL TABLE r STORED AS PARQUET LOCATION 's3://{BUCKET}/t/'")).await;
     assert!(no_region.contains("no region"), "{no_region}");
     let unknown = error_of(&client, &format!("CREATE EXTERNAL TABLE k STORED AS PARQUET LOCATION 's3://{BUCKET}/t/' OPTIONS ('aws.regoin' 'x')")).await;
     assert!(unknown.contains("unknown option 'aws.regoin'"), "{unknown}");
-    for table in ["m", "u", "d", "r", "k"] {
+    for table in ["m", "u", "d", "r", "k", "n"] {
         let listed = collect(&client, &format!("SELECT count(*) FROM information_schema.tables WHERE table_name = '{table}'")).await;
         assert_eq!(listed[0][0], "0", "a failed CREATE left table {table}");
     }

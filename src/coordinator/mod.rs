@@ -217,7 +217,8 @@ fn open_warehouse(ctx: &SessionContext, stores: &stores::Stores, warehouse: Opti
     let (ctx, warehouse) = (ctx.clone(), warehouse.to_string());
     tokio::spawn(async move {
         if let Err(e) = store_writes::probe(&ctx, &warehouse).await {
-            tracing::error!("the warehouse '{warehouse}' cannot be read, so writes to its tables will fail: {e}");
+            let hint = crate::storage::credentials_hint(&e.to_string());
+            tracing::error!("the warehouse '{warehouse}' cannot be read, so writes to its tables will fail: {e}{hint}");
         }
     });
     Ok(())

@@ -191,7 +191,10 @@ async fn dispatch(core: &Arc<Core>, id: &str, sql: &str, plan: LogicalPlan) -> R
 fn unreadable_location(error: DataFusionError, locations: &str) -> DataFusionError {
     let typed = classify(&error);
     match typed.kind {
-        ErrorKind::Io => quiver_error(ErrorKind::Io, format!("cannot read the table location '{locations}': {}", typed.message)),
+        ErrorKind::Io => {
+            let hint = crate::storage::credentials_hint(&typed.message);
+            quiver_error(ErrorKind::Io, format!("cannot read the table location '{locations}': {}{hint}", typed.message))
+        }
         _ => error,
     }
 }

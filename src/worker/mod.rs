@@ -196,8 +196,11 @@ impl Worker {
         self.server.shutdown().await;
     }
 
-    /// Stops at once, as a crash would: no goodbye to the coordinator.
+    /// Stops at once, as a crash would: no goodbye to the coordinator, and no report of the
+    /// Attempts it stops (without a registration nothing is reported: an Attempt aborted here
+    /// must not reach the coordinator as "cancelled" before the worker is found lost).
     pub fn kill(self) {
+        *self.state.registration.write().expect("registration lock") = None;
         for l in &self.loops {
             l.abort();
         }
