@@ -224,6 +224,19 @@ impl Default for CoordinatorConfig {
     }
 }
 
+/// How a worker compresses the Task outputs it sends to other workers and to the coordinator
+/// (Arrow IPC buffer compression; the reader decompresses whatever it is sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ShuffleCompression {
+    /// Buffers go as they are: on one host, or a fast network, compressing only costs CPU.
+    #[default]
+    None,
+    /// LZ4 frames: cheap to compress and decompress.
+    Lz4,
+    /// Zstandard: smaller, at more CPU.
+    Zstd,
+}
+
 /// Settings a worker starts with.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -237,11 +250,19 @@ pub struct WorkerConfig {
     /// `HOST:PORT` the coordinator and the other workers reach this worker at, when that is not
     /// the address it listens on (it listens on 0.0.0.0, behind NAT, in a container).
     pub advertise: Option<String>,
+    /// Compression of the Task outputs it serves.
+    pub shuffle_compression: ShuffleCompression,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { slots: default_parallelism(), express_slots: 1, memory_limit_bytes: 2 * 1024 * 1024 * 1024, advertise: None }
+        Self {
+            slots: default_parallelism(),
+            express_slots: 1,
+            memory_limit_bytes: 2 * 1024 * 1024 * 1024,
+            advertise: None,
+            shuffle_compression: ShuffleCompression::None,
+        }
     }
 }
 

@@ -189,11 +189,18 @@ enum Command {
         /// coordinator checks it at registration.
         #[arg(long, value_name = "HOST:PORT")]
         advertise: Option<String>,
+        /// Compress the Task outputs this worker sends to others: worth it between hosts on a
+        /// slow network, not on one host (see README).
+        #[arg(long, value_enum, default_value = "none")]
+        shuffle_compression: quiver::config::ShuffleCompression,
     },
     /// Run a coordinator and N workers in this process, over loopback gRPC.
     Local {
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// Compress the Task outputs workers send each other (as `quiver worker`).
+        #[arg(long, value_enum, default_value = "none")]
+        shuffle_compression: quiver::config::ShuffleCompression,
         /// Generate TPC-H data at this scale factor (cached) and register its 8 tables.
         #[arg(long)]
         tpch: Option<f64>,
@@ -460,16 +467,16 @@ async fn run(command: Command) -> Result<()> {
             }
             coordinator.shutdown().await;
         }
-        Command::Worker { coordinator, listen, security, slots, memory_limit, express_slots, advertise } => {
+        Command::Worker { coordinator, listen, security, slots, memory_limit, express_slots, advertise, shuffle_compression } => {
             let slots = slots.unwrap_or_else(quiver::config::default_parallelism);
-            let config = WorkerConfig { slots, express_slots, memory_limit_bytes: memory_limit, advertise };
+            let config = WorkerConfig { slots, express_slots, memory_limit_bytes: memory_limit, advertise, shuffle_compression };
             let node = node_security(&security, false, None, [Some(listen), None])?;
             let worker = Worker::start(config, &coordinator, bind(listen).await?, node).await?;
             eprintln!("worker serving on {}", worker.url());
             wait_for_ctrl_c().await;
             worker.shutdown().await;
         }
-        Command::Local { workers, tpch: sf, data_dir, listen, serve, user, insecure, http, input } => {
+        Command::Local { workers, shuffle_compression, tpch: sf, data_dir, listen, serve, user, insecure, http, input } => {
             std::fs::create_dir_all(&data_dir)?;
             let exposed = [Some(listen), http].into_iter().flatten().find(|a| !a.ip().is_loopback());
             if let (Some(addr), false, false) = (exposed, UserStore::open(&data_dir)?.has_users(), insecure) {
@@ -479,7 +486,11 @@ async fn run(command: Command) -> Result<()> {
             }
             let opts = LocalOptions {
                 workers,
-                worker: WorkerConfig { slots: quiver::config::default_parallelism().div_ceil(workers.max(1)).max(1), ..WorkerConfig::default() },
+                worker: WorkerConfig {
+                    slots: quiver::config::default_parallelism().div_ceil(workers.max(1)).max(1),
+                    shuffle_compression,
+                    ..WorkerConfig::default()
+                },
                 coordinator: CoordinatorConfig::default(),
                 data_dir: data_dir.clone(),
                 listen,

@@ -286,3 +286,21 @@ async fn a_query_over_small_files_runs_on_the_coordinator_and_says_so() {
     let dag = &explain.iter().find(|r| r[0] == "distributed_plan").expect("a distributed_plan row")[1];
     assert!(dag.starts_with("Runs on the coordinator alone"), "{dag}");
 }
+
+/// Workers that compress the Task outputs they serve (LZ4, Zstandard) give the answers of
+/// workers that do not, through shuffles and gathers: readers decompress what they are sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compressed_task_outputs_give_the_same_answers() {
+    use quiver::config::ShuffleCompression;
+    let join = "SELECT count(*), sum(a.id), max(b.s) FROM cz a JOIN cz b ON a.id = b.id + 1";
+    let groups = "SELECT k, count(*) FROM cz GROUP BY k ORDER BY k LIMIT 2";
+    for compression in [ShuffleCompression::None, ShuffleCompression::Lz4, ShuffleCompression::Zstd] {
+        let worker = quiver::config::WorkerConfig { slots: 2, shuffle_compression: compression, ..Default::default() };
+        let t = TestCluster::start_with(2, worker).await;
+        t.run_all(&["CREATE TABLE cz AS SELECT value AS id, value % 97 AS k, concat('row ', CAST(value AS VARCHAR)) AS s FROM generate_series(1, 50000)"]).await;
+        t.run_all(&SHUFFLE_JOINS).await;
+        let expected = vec![vec!["49999".to_string(), "1250024999".to_string(), "row 9999".to_string()]];
+        assert_eq!(t.cluster_rows(join).await, expected, "{compression:?}");
+        assert_eq!(t.cluster_rows(groups).await, vec![vec!["0".to_string(), "515".to_string()], vec!["1".to_string(), "516".to_string()]], "{compression:?}");
+    }
+}

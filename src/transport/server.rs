@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use arrow_flight::encode::FlightDataEncoderBuilder;
+use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::{
@@ -36,6 +37,10 @@ pub trait FlightHandler: Send + Sync + 'static {
     async fn do_get(&self, caller: &Caller, ticket: Bytes) -> datafusion::common::Result<SendableRecordBatchStream>;
     /// Answers one action; the reply is an encoded protobuf message.
     async fn do_action(&self, caller: &Caller, name: &str, body: Bytes) -> datafusion::common::Result<Bytes>;
+    /// How `do_get` streams are written (their buffers' compression).
+    fn ipc_options(&self) -> IpcWriteOptions {
+        IpcWriteOptions::default()
+    }
 }
 
 /// A running server; dropping the handle leaves it running, [`ServerHandle::shutdown`] stops it.
@@ -169,7 +174,7 @@ impl<H: FlightHandler> FlightService for FlightAdapter<H> {
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
         let caller = caller_of(&request)?;
         let stream = self.handler.do_get(&caller, request.into_inner().ticket).await.map_err(|e| status_from_error(&e))?;
-        Ok(Response::new(encode_batches(stream)))
+        Ok(Response::new(encode_batches_with(stream, self.handler.ipc_options())))
     }
 
     async fn do_put(&self, _r: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
@@ -204,13 +209,56 @@ pub(super) fn wire_schema(schema: &SchemaRef) -> SchemaRef {
 /// Dictionary columns go as their values (see [`wire_schema`]); a Task output's reader casts
 /// its columns back to the types its plan expects (`client::fetch_output`).
 pub(super) fn encode_batches(stream: SendableRecordBatchStream) -> Stream<FlightData> {
+    encode_batches_with(stream, IpcWriteOptions::default())
+}
+
+fn encode_batches_with(stream: SendableRecordBatchStream, options: IpcWriteOptions) -> Stream<FlightData> {
     let schema = stream.schema();
     let batches: BoxStream<'static, Result<_, FlightError>> =
         stream.map_err(|e| FlightError::Tonic(Box::new(status_from_error(&e)))).boxed();
     let encoded = FlightDataEncoderBuilder::new()
         .with_schema(schema)
         .with_max_flight_data_size(MAX_MESSAGE_BYTES / 4)
+        .with_options(options)
         .build(batches)
         .map_err(Status::from);
     Box::pin(encoded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{RecordBatch, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::ipc::CompressionType;
+    use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+
+    fn batch() -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("s", DataType::Utf8, false)]));
+        let values = StringArray::from_iter_values((0..10_000).map(|i| format!("a repetitive value {}", i % 10)));
+        RecordBatch::try_new(schema, vec![Arc::new(values)]).unwrap()
+    }
+
+    async fn body_bytes(options: IpcWriteOptions) -> (usize, Vec<RecordBatch>) {
+        let b = batch();
+        let stream = Box::pin(RecordBatchStreamAdapter::new(b.schema(), futures::stream::iter([Ok(b)])));
+        let encoded: Vec<FlightData> = encode_batches_with(stream, options).try_collect().await.unwrap();
+        let size = encoded.iter().map(|d| d.data_body.len()).sum();
+        let decoded = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(
+            futures::stream::iter(encoded.into_iter().map(Ok)),
+        );
+        (size, decoded.try_collect().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn compressed_outputs_are_smaller_and_decode_to_the_same_batches() {
+        let (plain, plain_batches) = body_bytes(IpcWriteOptions::default()).await;
+        assert_eq!(plain_batches, vec![batch()]);
+        for codec in [CompressionType::LZ4_FRAME, CompressionType::ZSTD] {
+            let options = IpcWriteOptions::default().try_with_compression(Some(codec)).unwrap();
+            let (size, batches) = body_bytes(options).await;
+            assert!(size * 4 < plain, "{codec:?}: {size} bytes against {plain}");
+            assert_eq!(batches, vec![batch()], "{codec:?}");
+        }
+    }
 }

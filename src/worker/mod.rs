@@ -26,8 +26,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 
+use datafusion::arrow::ipc::writer::IpcWriteOptions;
+use datafusion::arrow::ipc::CompressionType;
 use crate::config::{
-    session_config, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS, RELEASED_ATTEMPTS_MAX, RELEASED_QUERIES_MAX,
+    session_config, ShuffleCompression, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS, RELEASED_ATTEMPTS_MAX, RELEASED_QUERIES_MAX,
     REPORT_RETRIES_MAX,
 };
 use crate::planner::{shuffle_partitioning, AttemptNumber};
@@ -84,6 +86,8 @@ struct State {
     stores: Mutex<HashMap<String, StoreSpec>>,
     /// Which peers this worker reached at their advertised addresses.
     peers: Mutex<peers::PeerChecks>,
+    /// How the Task outputs it serves are written (`WorkerConfig::shuffle_compression`).
+    ipc: IpcWriteOptions,
 }
 
 /// The last `capacity` values seen, for membership tests.
@@ -131,6 +135,7 @@ impl Worker {
         let runtime = RuntimeEnvBuilder::new().with_memory_limit(half.max(1 << 20), 1.0).build_arc()?;
         let ctx = SessionContext::new_with_config_rt(session_config(config.slots), runtime);
         let spill_dir = std::env::temp_dir().join(format!("quiver-worker-{}", uuid::Uuid::new_v4().simple()));
+        let ipc = ipc_options(config.shuffle_compression)?;
         let state = Arc::new(State {
             outputs: OutputStore::new(config.memory_limit_bytes / 2, spill_dir),
             config,
@@ -145,6 +150,7 @@ impl Worker {
             released_attempts: Mutex::new(Recent::new(RELEASED_ATTEMPTS_MAX)),
             stores: Mutex::default(),
             peers: Mutex::default(),
+            ipc,
         });
         let server = serve(Arc::new(Service(Arc::clone(&state))), listener, &security.server)?;
         let mut loops = vec![tokio::spawn(membership_loop(Arc::clone(&state))), tokio::spawn(dispatch_loop(Arc::clone(&state), false))];
@@ -263,6 +269,16 @@ impl State {
         }
         self.outputs.release_attempt(key);
     }
+}
+
+/// Arrow IPC options that compress buffers as `compression` says.
+fn ipc_options(compression: ShuffleCompression) -> Result<IpcWriteOptions> {
+    let codec = match compression {
+        ShuffleCompression::None => None,
+        ShuffleCompression::Lz4 => Some(CompressionType::LZ4_FRAME),
+        ShuffleCompression::Zstd => Some(CompressionType::ZSTD),
+    };
+    Ok(IpcWriteOptions::default().try_with_compression(codec)?)
 }
 
 /// Dials, in the background, the peers that are due a check (see [`peers`]).
@@ -554,6 +570,10 @@ fn decode<M: Message + Default>(body: Bytes) -> Result<M> {
 
 #[async_trait::async_trait]
 impl FlightHandler for Service {
+    fn ipc_options(&self) -> IpcWriteOptions {
+        self.0.ipc.clone()
+    }
+
     async fn do_get(&self, caller: &Caller, ticket: Bytes) -> Result<SendableRecordBatchStream> {
         only_nodes(caller)?;
         let ticket: OutputTicket = decode(ticket)?;
