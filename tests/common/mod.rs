@@ -387,9 +387,25 @@ pub fn attribute<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
     Some(&tag[start..start + tag[start..].find('"')?])
 }
 
-/// A loopback port free now (a server started right after can take it).
+/// A port free now on every address (a server started right after can take it), drawn at
+/// random below Linux's ephemeral range (32768–60999). A port the OS hands out for `:0` is an
+/// ephemeral one, which any outgoing connection of the many processes tests run at once may
+/// take as its source port before the server binds it (regression: a coordinator's port taken
+/// so, and a client talking to another test's worker). Never the same port twice in a process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    const FIRST: u16 = 12_000;
+    const COUNT: u128 = 20_000;
+    loop {
+        let port = FIRST + (uuid::Uuid::new_v4().as_u128() % COUNT) as u16;
+        let mut given = GIVEN.lock().unwrap();
+        if given.contains(&port) || std::net::TcpListener::bind(("0.0.0.0", port)).is_err() {
+            continue;
+        }
+        given.push(port);
+        return port;
+    }
 }
 
 /// A child process killed when dropped, so a failing test leaves nothing running.
