@@ -13,6 +13,7 @@
 #                per table (HTTP stores list with WebDAV, which nginx lacks).
 #   QUIVER=target/release/quiver DATA=quiver-data/tpch-sf1-f1-rg131072 scripts/bench-s3-vs-local.sh
 set -u
+source "$(dirname "$0")/tpch-queries.sh"
 Q=${QUIVER:-target/release/quiver}
 DATA=${DATA:?set DATA to a TPC-H SF1 directory, e.g. quiver-data/tpch-sf1-f1-rg131072}
 STORE=${STORE:-moto}
@@ -70,14 +71,7 @@ run() { # mode
     $Q sql --coordinator http://127.0.0.1:$port -c "CREATE EXTERNAL TABLE $t STORED AS PARQUET LOCATION $loc $extra" >/dev/null || echo "create $t failed"
   done
   local before=$(wc -l < "$LOG")
-  local total=0 line="$mode"
-  for q in $(seq 1 22); do
-    local s=$(date +%s%N)
-    $Q sql --coordinator http://127.0.0.1:$port --tpch-query $q --format csv >/dev/null || echo "q$q failed"
-    local e=$(( ($(date +%s%N) - s) / 1000000 ))
-    total=$((total + e)); line="$line q$q=$e"
-  done
-  line="$line total_ms=$total"
+  local line="$mode$(time_tpch_queries $port)"
   if [ "$STORE" = http ] && [ $mode = store ]; then
     line="$line store_requests=$(( $(wc -l < "$LOG") - before ))"
   fi

@@ -4,6 +4,7 @@
 # (/proc/net/dev; Task outputs between workers and to the coordinator, plus the results).
 #   QUIVER=target/release/quiver DATA=quiver-data/tpch-sf1-f1-rg131072 scripts/bench-shuffle-compression.sh
 set -u
+source "$(dirname "$0")/tpch-queries.sh"
 Q=${QUIVER:-target/release/quiver}
 DATA=${DATA:?set DATA to a TPC-H SF1 directory, e.g. quiver-data/tpch-sf1-f1-rg131072}
 lo_bytes() { awk '$1 == "lo:" { print $2 }' /proc/net/dev; }
@@ -15,14 +16,9 @@ run() { # compression
   for t in nation region part supplier partsupp customer orders lineitem; do
     $Q sql --coordinator http://127.0.0.1:$port -c "CREATE EXTERNAL TABLE $t STORED AS PARQUET LOCATION '$DATA/$t/'" >/dev/null || echo "create $t failed"
   done
-  local before=$(lo_bytes) total=0 line="$mode"
-  for q in $(seq 1 22); do
-    local s=$(date +%s%N)
-    $Q sql --coordinator http://127.0.0.1:$port --tpch-query $q --format csv >/dev/null || echo "q$q failed"
-    local e=$(( ($(date +%s%N) - s) / 1000000 ))
-    total=$((total + e)); line="$line q$q=$e"
-  done
-  echo "$line total_ms=$total loopback_mb=$(( ($(lo_bytes) - before) / 1000000 ))"
+  local before=$(lo_bytes)
+  local line="$mode$(time_tpch_queries $port)"
+  echo "$line loopback_mb=$(( ($(lo_bytes) - before) / 1000000 ))"
   kill $pid; wait $pid 2>/dev/null; rm -rf "$dir"
 }
 for round in 1 2; do run none; run lz4; run zstd; done
