@@ -316,14 +316,15 @@ async fn commit(core: &Core, id: &str, table: &str, mut written: Written, (segme
     Ok(())
 }
 
-/// Runs `input` as a distributed write into the staging directory of `table`; returns the rows
-/// written and the files to commit. On failure, or when the statement is dropped half-way, the
-/// staging directory is removed: nothing of a failed write remains.
 /// The columns of a table's schema that are NOT NULL.
 fn not_null(schema: &Schema) -> Vec<usize> {
     schema.fields().iter().enumerate().filter(|(_, f)| !f.is_nullable()).map(|(i, _)| i).collect()
 }
 
+/// Runs `input` as a distributed write into `table`'s staging directory, or under its prefix
+/// in the table's store (`location`); returns the rows written and the files to commit. On
+/// failure, or when the statement is dropped half-way, the staging directory is removed, or
+/// the prefix swept: nothing of a failed write remains.
 async fn write_segment(
     core: &Arc<Core>,
     id: &str,
