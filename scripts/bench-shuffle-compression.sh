@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# TPC-H SF1 on `quiver local --workers 2` with each --shuffle-compression (none, lz4, zstd),
+# TPC-H SF1 on `quiver local --workers 2 --over-network` (Task outputs over Flight on loopback,
+# as between hosts) with each --shuffle-compression (none, lz4, zstd),
 # alternating twice: total ms of the 22 queries, and the bytes that crossed loopback meanwhile
 # (/proc/net/dev; Task outputs between workers and to the coordinator, plus the results).
 #   QUIVER=target/release/quiver DATA=quiver-data/tpch-sf1-f1-rg131072 scripts/bench-shuffle-compression.sh
@@ -10,7 +11,7 @@ DATA=${DATA:?set DATA to a TPC-H SF1 directory, e.g. quiver-data/tpch-sf1-f1-rg1
 lo_bytes() { awk '$1 == "lo:" { print $2 }' /proc/net/dev; }
 run() { # compression
   local mode=$1 port=$((7100 + RANDOM % 500)) dir=$(mktemp -d)
-  $Q local --workers 2 --shuffle-compression "$mode" --serve --listen 127.0.0.1:$port --data-dir "$dir" >/dev/null 2>&1 &
+  $Q local --workers 2 --over-network --shuffle-compression "$mode" --serve --listen 127.0.0.1:$port --data-dir "$dir" >/dev/null 2>&1 &
   local pid=$!
   sleep 2
   for t in nation region part supplier partsupp customer orders lineitem; do

@@ -252,6 +252,10 @@ pub struct WorkerConfig {
     pub advertise: Option<String>,
     /// Compression of the Task outputs it serves.
     pub shuffle_compression: ShuffleCompression,
+    /// Whether readers in its own process (`quiver local`'s coordinator and other workers)
+    /// read its Task outputs directly instead of over Flight. Off only to measure the gain or
+    /// to test the network path in one process.
+    pub in_process_reads: bool,
 }
 
 impl Default for WorkerConfig {
@@ -262,6 +266,7 @@ impl Default for WorkerConfig {
             memory_limit_bytes: 2 * 1024 * 1024 * 1024,
             advertise: None,
             shuffle_compression: ShuffleCompression::None,
+            in_process_reads: true,
         }
     }
 }

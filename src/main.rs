@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 use datafusion::common::{DataFusionError, Result};
 use quiver::bench::{
-    run_latency, run_mixed, run_recovery, run_skew, run_straggler, run_tpch, LatencyBench, MixedBench, RecoveryBench, SkewBench, StragglerBench,
+    run_latency, run_memory, run_mixed, run_recovery, run_skew, run_straggler, run_tpch, LatencyBench, MemoryBench, MixedBench, RecoveryBench, SkewBench, StragglerBench,
     TpchBench,
 };
 use quiver::cli::Shell;
@@ -198,9 +198,15 @@ enum Command {
     Local {
         #[arg(long, default_value_t = 2)]
         workers: usize,
-        /// Compress the Task outputs workers send each other (as `quiver worker`).
+        /// Compress the Task outputs workers send each other (as `quiver worker`); only with
+        /// --over-network, since the workers of one process otherwise read each other's
+        /// outputs directly.
         #[arg(long, value_enum, default_value = "none")]
         shuffle_compression: quiver::config::ShuffleCompression,
+        /// Send Task outputs over Flight on loopback, as between hosts, instead of reading them
+        /// in-process: to measure the network path.
+        #[arg(long)]
+        over_network: bool,
         /// Generate TPC-H data at this scale factor (cached) and register its 8 tables.
         #[arg(long)]
         tpch: Option<f64>,
@@ -320,6 +326,29 @@ enum BenchCommand {
         data_dir: PathBuf,
         #[arg(long, default_value_t = 1)]
         iterations: usize,
+        /// Read Task outputs over Flight on loopback even within the process, as before
+        /// in-process reads: to measure what they save.
+        #[arg(long)]
+        over_network: bool,
+    },
+    /// TPC-H on worker processes with a memory limit well below the data: every query must
+    /// finish, spilling; peak memory per process and single-node DataFusion under the same limit.
+    Memory {
+        #[arg(long, default_value_t = 10.0)]
+        sf: f64,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Comma-separated query numbers (default: all 22).
+        #[arg(long, value_delimiter = ',')]
+        queries: Option<Vec<usize>>,
+        #[arg(long, default_value = "quiver-data")]
+        data_dir: PathBuf,
+        /// Files per table.
+        #[arg(long, default_value_t = 4)]
+        files: usize,
+        /// Each worker's memory limit, and single-node DataFusion's (e.g. 4GiB).
+        #[arg(long, default_value = "4GiB", value_parser = parse_bytes)]
+        memory_limit: u64,
     },
     /// TPC-H on a healthy local cluster, then with one worker killed part-way through each
     /// query and replaced: how long recovery takes, and that the answer stays the same.
@@ -469,14 +498,14 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Worker { coordinator, listen, security, slots, memory_limit, express_slots, advertise, shuffle_compression } => {
             let slots = slots.unwrap_or_else(quiver::config::default_parallelism);
-            let config = WorkerConfig { slots, express_slots, memory_limit_bytes: memory_limit, advertise, shuffle_compression };
+            let config = WorkerConfig { slots, express_slots, memory_limit_bytes: memory_limit, advertise, shuffle_compression, ..WorkerConfig::default() };
             let node = node_security(&security, false, None, [Some(listen), None])?;
             let worker = Worker::start(config, &coordinator, bind(listen).await?, node).await?;
             eprintln!("worker serving on {}", worker.url());
             wait_for_ctrl_c().await;
             worker.shutdown().await;
         }
-        Command::Local { workers, shuffle_compression, tpch: sf, data_dir, listen, serve, user, insecure, http, input } => {
+        Command::Local { workers, shuffle_compression, over_network, tpch: sf, data_dir, listen, serve, user, insecure, http, input } => {
             std::fs::create_dir_all(&data_dir)?;
             let exposed = [Some(listen), http].into_iter().flatten().find(|a| !a.ip().is_loopback());
             if let (Some(addr), false, false) = (exposed, UserStore::open(&data_dir)?.has_users(), insecure) {
@@ -489,6 +518,7 @@ async fn run(command: Command) -> Result<()> {
                 worker: WorkerConfig {
                     slots: quiver::config::default_parallelism().div_ceil(workers.max(1)).max(1),
                     shuffle_compression,
+                    in_process_reads: !over_network,
                     ..WorkerConfig::default()
                 },
                 coordinator: CoordinatorConfig::default(),
@@ -534,9 +564,13 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::User { command } => manage_users(command)?,
         Command::Token { command } => manage_tokens(command)?,
-        Command::Bench { bench: BenchCommand::Tpch { sf, workers, queries, data_dir, iterations } } => {
+        Command::Bench { bench: BenchCommand::Tpch { sf, workers, queries, data_dir, iterations, over_network } } => {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());
-            run_tpch(&TpchBench { sf, workers, queries, data_dir, iterations }).await?;
+            run_tpch(&TpchBench { sf, workers, queries, data_dir, iterations, over_network }).await?;
+        }
+        Command::Bench { bench: BenchCommand::Memory { sf, workers, queries, data_dir, files, memory_limit } } => {
+            let queries = queries.unwrap_or_else(|| (1..=22).collect());
+            run_memory(&MemoryBench { sf, workers, queries, data_dir, files, memory_limit_bytes: memory_limit }).await?;
         }
         Command::Bench { bench: BenchCommand::Recovery { sf, workers, queries, data_dir, kill_at } } => {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());

@@ -289,18 +289,43 @@ async fn a_query_over_small_files_runs_on_the_coordinator_and_says_so() {
 
 /// Workers that compress the Task outputs they serve (LZ4, Zstandard) give the answers of
 /// workers that do not, through shuffles and gathers: readers decompress what they are sent.
+/// In-process reads are off, so that every output crosses Flight (with them on, and no
+/// compression: the default of every other test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compressed_task_outputs_give_the_same_answers() {
     use quiver::config::ShuffleCompression;
     let join = "SELECT count(*), sum(a.id), max(b.s) FROM cz a JOIN cz b ON a.id = b.id + 1";
     let groups = "SELECT k, count(*) FROM cz GROUP BY k ORDER BY k LIMIT 2";
     for compression in [ShuffleCompression::None, ShuffleCompression::Lz4, ShuffleCompression::Zstd] {
-        let worker = quiver::config::WorkerConfig { slots: 2, shuffle_compression: compression, ..Default::default() };
+        let worker = quiver::config::WorkerConfig { slots: 2, shuffle_compression: compression, in_process_reads: false, ..Default::default() };
         let t = TestCluster::start_with(2, worker).await;
         t.run_all(&["CREATE TABLE cz AS SELECT value AS id, value % 97 AS k, concat('row ', CAST(value AS VARCHAR)) AS s FROM generate_series(1, 50000)"]).await;
         t.run_all(&SHUFFLE_JOINS).await;
         let expected = vec![vec!["49999".to_string(), "1250024999".to_string(), "row 9999".to_string()]];
         assert_eq!(t.cluster_rows(join).await, expected, "{compression:?}");
         assert_eq!(t.cluster_rows(groups).await, vec![vec!["0".to_string(), "515".to_string()], vec!["1".to_string(), "516".to_string()]], "{compression:?}");
+    }
+}
+
+/// In one process (`quiver local`, these tests) readers take Task outputs straight from the
+/// worker holding them; with `in_process_reads` off they cross Flight. Answers are the same,
+/// and only the first way skips the network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn task_outputs_are_read_in_process_when_the_worker_is_in_this_process() {
+    use quiver::transport::in_process_reads_total;
+    let join = "SELECT count(*), sum(a.id), max(b.s) FROM ip a JOIN ip b ON a.id = b.id + 1";
+    let expected = vec![vec!["29999".to_string(), "450014999".to_string(), "row 9999".to_string()]];
+    for in_process in [true, false] {
+        let worker = quiver::config::WorkerConfig { slots: 2, in_process_reads: in_process, ..Default::default() };
+        let t = TestCluster::start_with(2, worker).await;
+        t.run_all(&["CREATE TABLE ip AS SELECT value AS id, concat('row ', CAST(value AS VARCHAR)) AS s FROM generate_series(1, 30000)"]).await;
+        t.run_all(&SHUFFLE_JOINS).await;
+        let before = in_process_reads_total();
+        assert_eq!(t.cluster_rows(join).await, expected, "in_process_reads={in_process}");
+        let read_here = in_process_reads_total() - before;
+        match in_process {
+            true => assert!(read_here > 0, "no output was read in-process"),
+            false => assert_eq!(read_here, 0, "outputs were read in-process with in_process_reads off"),
+        }
     }
 }

@@ -8,21 +8,15 @@
 //! must agree across all of them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use datafusion::arrow::array::AsArray;
-use datafusion::arrow::datatypes::Int64Type;
 use datafusion::common::{DataFusionError, Result};
 
-use super::{sorted_rows, tempdir};
+use super::procs::{count, spawn, start_coordinator, wait_for_workers, Proc};
+use super::sorted_rows;
 use crate::client::Client;
 use crate::config::default_parallelism;
 use crate::tpch;
-
-/// How long the cluster may take to come up or to see a new worker.
-const STARTUP_DEADLINE_MS: u64 = 30_000;
-const STARTUP_POLL_MS: u64 = 100;
 
 #[derive(Debug, Clone)]
 pub struct StragglerBench {
@@ -35,26 +29,6 @@ pub struct StragglerBench {
     pub iterations: usize,
 }
 
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(program: &Path, args: &[String]) -> Result<Proc> {
-    let child = Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| DataFusionError::Execution(format!("cannot start {} {}: {e}", program.display(), args.join(" "))))?;
-    Ok(Proc(child))
-}
-
 /// The configurations with the slow worker: a name and the settings that make it.
 const THROTTLED: [(&str, &[&str]); 4] = [
     ("adaptive", &[]),
@@ -65,13 +39,7 @@ const THROTTLED: [(&str, &[&str]); 4] = [
 
 pub async fn run_straggler(bench: &StragglerBench) -> Result<()> {
     let dir = tpch::generate(&bench.data_dir, bench.sf, tpch::Layout::for_scale(bench.sf))?;
-    let exe = std::env::current_exe()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let url = format!("http://127.0.0.1:{port}");
-    let data = tempdir()?;
-    let coordinator_args = ["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", &data.display().to_string()];
-    let _coordinator = spawn(&exe, &coordinator_args.map(String::from))?;
-    let client = connect(&url).await?;
+    let (exe, url, _coordinator, client) = start_coordinator().await?;
     let slots = default_parallelism().div_ceil(2).max(1).to_string();
     let worker_args = ["worker", "--coordinator", &url, "--slots", &slots].map(String::from);
     let mut workers = vec![spawn(&exe, &worker_args)?, spawn(&exe, &worker_args)?];
@@ -130,13 +98,6 @@ async fn speculated(client: &Client, sql: &str) -> Result<u32> {
     Ok(count(client, &sql).await? as u32)
 }
 
-/// The one `count(*)` a query returns.
-async fn count(client: &Client, sql: &str) -> Result<i64> {
-    let (_, batches) = client.collect(sql).await?;
-    let value = batches.first().and_then(|b| b.column(0).as_primitive_opt::<Int64Type>().map(|a| a.value(0)));
-    value.ok_or_else(|| DataFusionError::Execution(format!("no count from {sql}")))
-}
-
 /// Times per query and configuration, each as a ratio to 2 healthy workers.
 fn report(bench: &StragglerBench, runs: &[Vec<Run>]) -> Result<()> {
     let names: Vec<&str> = THROTTLED.iter().map(|(name, _)| *name).collect();
@@ -173,28 +134,4 @@ fn throttle(pid: u32, percent: u32) -> Result<Proc> {
     let args = ["--limit".to_string(), percent.to_string(), "--pid".into(), pid.to_string(), "--lazy".into()];
     spawn(Path::new("cpulimit"), &args)
         .map_err(|e| DataFusionError::Execution(format!("{e}: install cpulimit (Debian package cpulimit)")))
-}
-
-async fn connect(url: &str) -> Result<Client> {
-    let deadline = Instant::now() + Duration::from_millis(STARTUP_DEADLINE_MS);
-    loop {
-        match Client::connect(url).await {
-            Ok(client) => return Ok(client),
-            Err(e) if Instant::now() > deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(STARTUP_POLL_MS)).await,
-        }
-    }
-}
-
-async fn wait_for_workers(client: &Client, n: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_millis(STARTUP_DEADLINE_MS);
-    loop {
-        if count(client, "SELECT count(*) FROM quiver.workers WHERE alive").await? >= n as i64 {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(DataFusionError::Execution(format!("{n} workers did not register within {STARTUP_DEADLINE_MS} ms")));
-        }
-        tokio::time::sleep(Duration::from_millis(STARTUP_POLL_MS)).await;
-    }
 }

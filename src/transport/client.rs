@@ -141,7 +141,8 @@ pub async fn fetch_batches(peer: &Peer, ticket: Vec<u8>, schema: Option<SchemaRe
     Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
 }
 
-/// Streams part `partition` of the output of Attempt `key` from the worker at `url`.
+/// Streams part `partition` of the output of Attempt `key` from the worker at `url`. A worker
+/// of this same process is asked directly, without encoding (`in_process`).
 ///
 /// All fetches from one worker share one HTTP/2 connection. Its connection-level window is
 /// as large as HTTP/2 allows, so that an output nobody reads yet (a join's probe side while it
@@ -156,9 +157,11 @@ pub async fn fetch_output(
     partition: u32,
     schema: SchemaRef,
 ) -> Result<SendableRecordBatchStream> {
-    let peer = worker_peer(url, security).await?;
     let ticket = OutputTicket { key: Some(key), partition }.encode_to_vec();
-    let stream = fetch_batches(&peer, ticket, Some(Arc::clone(&schema))).await?;
+    let stream = match super::in_process::do_get(url, ticket.clone().into()).await {
+        Some(stream) => stream?,
+        None => fetch_batches(&worker_peer(url, security).await?, ticket, Some(Arc::clone(&schema))).await?,
+    };
     let expected = Arc::clone(&schema);
     let conformed = stream.map(move |batch| batch.and_then(|b| conform(b, &expected)));
     Ok(Box::pin(RecordBatchStreamAdapter::new(schema, conformed)))

@@ -11,6 +11,7 @@
 
 mod client;
 mod guard;
+mod in_process;
 mod server;
 mod sql_client;
 mod sql_server;
@@ -19,6 +20,7 @@ pub use client::{
     call, connect, connect_lazy, fetch_batches, fetch_output, refuses_connections, release_attempt, worker_peer, ClientSecurity, Peer,
 };
 pub use guard::caller_of;
+pub use in_process::in_process_reads_total;
 pub use server::{serve, serve_sql, FlightHandler, ServerHandle, ServerSecurity};
 pub use sql_client::{SqlClient, Statement};
 pub use sql_server::{Cancelled, Prepared, SqlHandler, Started, TableEntry, CANCEL_FLIGHT_INFO};

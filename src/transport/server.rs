@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::guard::{caller_of, GuardLayer};
+use super::in_process::Registration;
 use super::sql_server::{FlightSqlAdapter, SqlHandler};
 use super::install_crypto_provider;
 use crate::auth::{Authenticator, Caller, TlsIdentity};
@@ -43,12 +44,14 @@ pub trait FlightHandler: Send + Sync + 'static {
     }
 }
 
-/// A running server; dropping the handle leaves it running, [`ServerHandle::shutdown`] stops it.
+/// A running server; dropping the handle leaves it running (reachable only over the network),
+/// [`ServerHandle::shutdown`] stops it.
 pub struct ServerHandle {
     pub addr: SocketAddr,
     scheme: &'static str,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    in_process: Option<Registration>,
 }
 
 impl ServerHandle {
@@ -56,7 +59,14 @@ impl ServerHandle {
         format!("{}://{}", self.scheme, self.addr)
     }
 
+    /// Lets callers in this process reach the handler at `url` (the address others are told)
+    /// without the network, until the server stops ([`super::in_process`]).
+    pub fn serve_in_process(&mut self, url: &str, handler: Arc<dyn FlightHandler>) {
+        self.in_process = Some(Registration::new(url, handler));
+    }
+
     pub async fn shutdown(mut self) {
+        self.in_process = None;
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -128,7 +138,7 @@ fn serve_service<S: FlightService>(service: S, listener: TcpListener, security: 
             tracing::error!(%addr, "flight server stopped: {e}");
         }
     });
-    Ok(ServerHandle { addr, scheme, stop: Some(stop), task })
+    Ok(ServerHandle { addr, scheme, stop: Some(stop), task, in_process: None })
 }
 
 struct FlightAdapter<H> {

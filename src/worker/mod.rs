@@ -152,7 +152,11 @@ impl Worker {
             peers: Mutex::default(),
             ipc,
         });
-        let server = serve(Arc::new(Service(Arc::clone(&state))), listener, &security.server)?;
+        let service = Arc::new(Service(Arc::clone(&state)));
+        let mut server = serve(Arc::clone(&service), listener, &security.server)?;
+        if state.config.in_process_reads {
+            server.serve_in_process(&state.url, service);
+        }
         let mut loops = vec![tokio::spawn(membership_loop(Arc::clone(&state))), tokio::spawn(dispatch_loop(Arc::clone(&state), false))];
         if state.config.express_slots > 0 {
             loops.push(tokio::spawn(dispatch_loop(Arc::clone(&state), true)));

@@ -1,0 +1,148 @@
+//! `quiver bench tpch`: the 22 TPC-H queries on a local cluster, on single-node DataFusion in
+//! the same process over the same files, and on DuckDB when it is installed ([`super::duckdb`]),
+//! each query on each engine in turn, so that the ratios are measured side by side.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::prelude::SessionContext;
+use futures::TryStreamExt;
+
+use super::{duckdb, local_options, moved_bytes, tpch_cluster};
+use crate::client::Client;
+use crate::cluster::LocalCluster;
+use crate::config::{default_parallelism, session_config};
+use crate::tpch;
+
+#[derive(Debug, Clone)]
+pub struct TpchBench {
+    pub sf: f64,
+    pub workers: usize,
+    pub queries: Vec<usize>,
+    pub data_dir: PathBuf,
+    /// Runs per query and engine; the fastest counts.
+    pub iterations: usize,
+    /// Task outputs go over Flight on loopback even within the process.
+    pub over_network: bool,
+}
+
+pub struct Row {
+    pub query: usize,
+    pub single_ms: f64,
+    pub cluster_ms: f64,
+    /// DuckDB's time on the same files, when its Python package is installed.
+    pub duckdb_ms: Option<f64>,
+    pub rows: usize,
+    /// Bytes of Task outputs moved worker to worker (shuffles) and read whole (broadcasts and
+    /// the final gather), in the last run; subqueries' Queries included.
+    pub shuffled_bytes: u64,
+    pub gathered_bytes: u64,
+}
+
+pub async fn run_tpch(bench: &TpchBench) -> Result<Vec<Row>> {
+    let dir = tpch::generate(&bench.data_dir, bench.sf, tpch::Layout::for_scale(bench.sf))?;
+    let cores = default_parallelism();
+    let single = SessionContext::new_with_config(session_config(cores));
+    for sql in tpch::create_tables_sql(&dir) {
+        single.sql(&sql).await?;
+    }
+    let mut opts = local_options(bench.workers)?;
+    opts.worker.in_process_reads = !bench.over_network;
+    let (cluster, client) = tpch_cluster(opts.clone(), &dir).await?;
+    let reads = if bench.over_network { "outputs over Flight" } else { "outputs read in-process" };
+    println!("TPC-H SF {} | {} workers x {} slots | {} cores | best of {} | {reads}", bench.sf, bench.workers, opts.worker.slots, cores, bench.iterations);
+    let mut duckdb = match duckdb::DuckDb::start(&dir).await {
+        Ok(duckdb) => {
+            println!("beside {}", duckdb.description);
+            Some(duckdb)
+        }
+        Err(why) => {
+            println!("without DuckDB: {why}");
+            None
+        }
+    };
+    println!(
+        "{:>5} {:>12} {:>12} {:>7} {:>12} {:>7} {:>8} {:>12} {:>12}",
+        "query", "single_ms", "cluster_ms", "ratio", "duckdb_ms", "ratio", "rows", "shuffled_MB", "gathered_MB"
+    );
+    let mut rows = Vec::new();
+    for &q in &bench.queries {
+        let row = time_query(bench, q, &single, &client, duckdb.as_mut(), &cluster).await?;
+        print_row(&row);
+        rows.push(row);
+    }
+    print_total(&rows);
+    cluster.shutdown().await;
+    Ok(rows)
+}
+
+/// Runs query `q` `iterations` times on each engine, alternating, and keeps each one's best.
+async fn time_query(
+    bench: &TpchBench,
+    q: usize,
+    single: &SessionContext,
+    client: &Client,
+    mut duckdb: Option<&mut duckdb::DuckDb>,
+    cluster: &LocalCluster,
+) -> Result<Row> {
+    let sql = tpch::query_sql(q)?;
+    let (mut single_ms, mut cluster_ms, mut duckdb_ms) = (f64::MAX, f64::MAX, None::<f64>);
+    let mut counts = (0, 0);
+    for _ in 0..bench.iterations.max(1) {
+        let started = Instant::now();
+        let batches: Vec<RecordBatch> = single.sql(&sql).await?.execute_stream().await?.try_collect().await?;
+        single_ms = single_ms.min(started.elapsed().as_secs_f64() * 1e3);
+        counts.0 = batches.iter().map(|b| b.num_rows()).sum();
+        let started = Instant::now();
+        let (_, batches) = client.collect(&sql).await?;
+        cluster_ms = cluster_ms.min(started.elapsed().as_secs_f64() * 1e3);
+        counts.1 = batches.iter().map(|b| b.num_rows()).sum();
+        if let Some(duckdb) = duckdb.as_deref_mut() {
+            let (ms, rows) = duckdb.run(&sql).await?;
+            if rows != counts.0 {
+                return Err(DataFusionError::Execution(format!("q{q}: single node returned {} rows, DuckDB {rows}", counts.0)));
+            }
+            duckdb_ms = Some(duckdb_ms.map_or(ms, |best| best.min(ms)));
+        }
+    }
+    if counts.0 != counts.1 {
+        return Err(DataFusionError::Execution(format!("q{q}: single node returned {} rows, cluster {}", counts.0, counts.1)));
+    }
+    let (shuffled_bytes, gathered_bytes) = moved_bytes(cluster, &sql);
+    Ok(Row { query: q, single_ms, cluster_ms, duckdb_ms, rows: counts.0, shuffled_bytes, gathered_bytes })
+}
+
+fn print_row(row: &Row) {
+    let mb = |b: u64| b as f64 / 1e6;
+    let (duckdb_ms, duckdb_ratio) = match row.duckdb_ms {
+        Some(ms) => (format!("{ms:.1}"), format!("{:.2}x", row.cluster_ms / ms)),
+        None => ("-".into(), "-".into()),
+    };
+    println!(
+        "{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>12} {:>7} {:>8} {:>12.1} {:>12.1}",
+        format!("q{:02}", row.query),
+        row.single_ms,
+        row.cluster_ms,
+        row.cluster_ms / row.single_ms,
+        duckdb_ms,
+        duckdb_ratio,
+        row.rows,
+        mb(row.shuffled_bytes),
+        mb(row.gathered_bytes)
+    );
+}
+
+/// Totals, and the cluster's ratio to each engine (`cluster/duckdb`: how much slower the
+/// cluster is than DuckDB).
+fn print_total(rows: &[Row]) {
+    let single: f64 = rows.iter().map(|r| r.single_ms).sum();
+    let cluster: f64 = rows.iter().map(|r| r.cluster_ms).sum();
+    let duckdb: Option<f64> = rows.iter().map(|r| r.duckdb_ms).sum();
+    let (duckdb_ms, duckdb_ratio) = match duckdb {
+        Some(ms) => (format!("{ms:.1}"), format!("{:.2}x", cluster / ms)),
+        None => ("-".into(), "-".into()),
+    };
+    println!("{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>12} {:>7}", "total", single, cluster, cluster / single, duckdb_ms, duckdb_ratio);
+}
