@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions};
+use datafusion::arrow::array::{make_array, Array, ArrayRef, AsArray, MutableArrayData, RecordBatch, RecordBatchOptions};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::reader::FileReader;
 use datafusion::arrow::ipc::writer::FileWriter;
@@ -268,11 +268,16 @@ impl Drop for OutputStore {
     }
 }
 
+/// Slack a stored column's buffers may have beyond twice what its rows use before they are
+/// copied to buffers of their own size.
+const COMPACT_SLACK_BYTES: usize = 16 * 1024;
+
 /// A batch that holds only what its rows need, and its size. String and binary views keep
 /// whole data buffers of the batch they were cut from alive (a join's output points into the
 /// whole build side): stored or sent as they are, every batch would carry those buffers again.
 /// Other columns of a shuffle part are slices of buffers shared with the other parts; they are
-/// charged for their slice only.
+/// charged for their slice only, and copied out when their buffers are more than twice what
+/// they use (a reader in this process would otherwise hold and account for the whole buffers).
 fn compact(batch: RecordBatch) -> Result<(RecordBatch, u64)> {
     let mut size = 0u64;
     let mut columns = Vec::with_capacity(batch.num_columns());
@@ -282,9 +287,19 @@ fn compact(batch: RecordBatch) -> Result<(RecordBatch, u64)> {
         } else if let Some(views) = column.as_binary_view_opt() {
             Arc::new(views.gc())
         } else {
-            size += column.to_data().get_slice_memory_size().unwrap_or_else(|_| column.get_array_memory_size()) as u64;
-            columns.push(Arc::clone(column));
-            continue;
+            let used = column.to_data().get_slice_memory_size().unwrap_or_else(|_| column.get_array_memory_size());
+            if column.get_array_memory_size() <= 2 * used + COMPACT_SLACK_BYTES {
+                size += used as u64;
+                columns.push(Arc::clone(column));
+                continue;
+            }
+            // Buffers far larger than the rows they hold (a scan's batch of a few rows keeps
+            // buffers sized for a full batch): the rows are copied out, or a reader in this
+            // process would hold, and account for, every such buffer.
+            let data = column.to_data();
+            let mut copy = MutableArrayData::new(vec![&data], false, data.len());
+            copy.try_extend(0, 0, data.len())?;
+            make_array(copy.freeze())
         };
         size += owned.get_array_memory_size() as u64;
         columns.push(owned);
@@ -313,4 +328,35 @@ fn read_spill(schema: SchemaRef, path: PathBuf) -> SendableRecordBatchStream {
         }
     });
     Box::pin(RecordBatchStreamAdapter::new(schema, tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    fn batch_of(column: ArrayRef) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![column]).unwrap()
+    }
+
+    /// Regression: a scan of row groups of a few rows gives batches whose buffers are sized for
+    /// a full batch. Stored as they were, a reader in this process (`quiver local`) held and
+    /// accounted for every such buffer, and a join's build side over many of them ran out of
+    /// memory (a NOT IN over 30,000 rows asked for 512 MB).
+    #[test]
+    fn a_few_rows_in_large_buffers_are_stored_in_buffers_of_their_own_size() {
+        let full: ArrayRef = Arc::new(Int64Array::from_iter_values(0..8192));
+        let few = full.slice(100, 7);
+        let (stored, size) = compact(batch_of(Arc::clone(&few))).unwrap();
+        assert_eq!(stored.column(0).as_ref(), few.as_ref());
+        assert!(stored.get_array_memory_size() < 1024, "{} bytes", stored.get_array_memory_size());
+        assert!(size < 1024, "{size}");
+        // Half of a batch (one of two shuffle parts) stays a slice of the shared buffers.
+        let half = full.slice(0, 4096);
+        let (stored, size) = compact(batch_of(Arc::clone(&half))).unwrap();
+        assert_eq!(stored.column(0).to_data().buffers()[0].as_ptr(), half.to_data().buffers()[0].as_ptr());
+        assert_eq!(size, 4096 * 8);
+    }
 }
