@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 use datafusion::common::{DataFusionError, Result};
 use quiver::bench::{
-    run_latency, run_memory, run_mixed, run_recovery, run_skew, run_straggler, run_tpch, LatencyBench, MemoryBench, MixedBench, RecoveryBench, SkewBench, StragglerBench,
-    TpchBench,
+    run_latency, run_memory, run_mixed, run_recovery, run_skew, run_straggler, run_tpch, Comparison, LatencyBench, MemoryBench, MixedBench, RecoveryBench, SkewBench,
+    StragglerBench, TpchBench,
 };
 use quiver::cli::Shell;
 use quiver::client::Client;
@@ -330,6 +330,10 @@ enum BenchCommand {
         /// in-process reads: to measure what they save.
         #[arg(long)]
         over_network: bool,
+        /// Time the cluster with a setting at two values, side by side in the same run:
+        /// `quiver.join_key_filters=true,false` (the first value is `cluster_ms`).
+        #[arg(long, value_name = "NAME=A,B")]
+        compare: Option<String>,
     },
     /// TPC-H on worker processes with a memory limit well below the data: every query must
     /// finish, spilling; peak memory per process and single-node DataFusion under the same limit.
@@ -564,9 +568,10 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::User { command } => manage_users(command)?,
         Command::Token { command } => manage_tokens(command)?,
-        Command::Bench { bench: BenchCommand::Tpch { sf, workers, queries, data_dir, iterations, over_network } } => {
+        Command::Bench { bench: BenchCommand::Tpch { sf, workers, queries, data_dir, iterations, over_network, compare } } => {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());
-            run_tpch(&TpchBench { sf, workers, queries, data_dir, iterations, over_network }).await?;
+            let compare = compare.as_deref().map(Comparison::parse).transpose()?;
+            run_tpch(&TpchBench { sf, workers, queries, data_dir, iterations, over_network, compare }).await?;
         }
         Command::Bench { bench: BenchCommand::Memory { sf, workers, queries, data_dir, files, memory_limit } } => {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());

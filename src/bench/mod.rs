@@ -40,7 +40,7 @@ pub use mixed::{run_mixed, MixedBench};
 pub use recovery::{run_recovery, RecoveryBench};
 pub use skew::{run_skew, SkewBench};
 pub use straggler::{run_straggler, StragglerBench};
-pub use tpch::{run_tpch, Row, TpchBench};
+pub use tpch::{run_tpch, Comparison, Row, TpchBench};
 
 /// A local cluster of `workers` workers sharing the cores, with the TPC-H tables in `dir`.
 pub(crate) async fn tpch_cluster(opts: LocalOptions, dir: &std::path::Path) -> Result<(LocalCluster, Client)> {

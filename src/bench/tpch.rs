@@ -26,6 +26,32 @@ pub struct TpchBench {
     pub iterations: usize,
     /// Task outputs go over Flight on loopback even within the process.
     pub over_network: bool,
+    /// A setting the cluster also runs each query with at another value.
+    pub compare: Option<Comparison>,
+}
+
+/// A setting timed at two values side by side: `cluster_ms` with `base`, `other_ms` with
+/// `other`.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    pub name: String,
+    pub base: String,
+    pub other: String,
+}
+
+impl Comparison {
+    /// `NAME=A,B`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let parsed = text.split_once('=').and_then(|(name, values)| Some((name, values.split_once(',')?)));
+        match parsed {
+            Some((name, (base, other))) if !name.is_empty() => Ok(Self { name: name.into(), base: base.into(), other: other.into() }),
+            _ => Err(DataFusionError::Configuration(format!("--compare {text}: expected NAME=A,B"))),
+        }
+    }
+
+    fn set(&self, value: &str) -> String {
+        format!("SET {} = {value}", self.name)
+    }
 }
 
 pub struct Row {
@@ -34,6 +60,8 @@ pub struct Row {
     pub cluster_ms: f64,
     /// DuckDB's time on the same files, when its Python package is installed.
     pub duckdb_ms: Option<f64>,
+    /// The cluster's time with the compared setting at its other value.
+    pub other_ms: Option<f64>,
     pub rows: usize,
     /// Bytes of Task outputs moved worker to worker (shuffles) and read whole (broadcasts and
     /// the final gather), in the last run; subqueries' Queries included.
@@ -53,6 +81,10 @@ pub async fn run_tpch(bench: &TpchBench) -> Result<Vec<Row>> {
     let (cluster, client) = tpch_cluster(opts.clone(), &dir).await?;
     let reads = if bench.over_network { "outputs over Flight" } else { "outputs read in-process" };
     println!("TPC-H SF {} | {} workers x {} slots | {} cores | best of {} | {reads}", bench.sf, bench.workers, opts.worker.slots, cores, bench.iterations);
+    if let Some(c) = &bench.compare {
+        println!("cluster_ms with {} = {}, other_ms with {} = {}", c.name, c.base, c.name, c.other);
+        client.collect(&c.set(&c.base)).await?;
+    }
     let mut duckdb = match duckdb::DuckDb::start(&dir).await {
         Ok(duckdb) => {
             println!("beside {}", duckdb.description);
@@ -64,8 +96,8 @@ pub async fn run_tpch(bench: &TpchBench) -> Result<Vec<Row>> {
         }
     };
     println!(
-        "{:>5} {:>12} {:>12} {:>7} {:>12} {:>7} {:>8} {:>12} {:>12}",
-        "query", "single_ms", "cluster_ms", "ratio", "duckdb_ms", "ratio", "rows", "shuffled_MB", "gathered_MB"
+        "{:>5} {:>12} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7} {:>8} {:>12} {:>12}",
+        "query", "single_ms", "cluster_ms", "ratio", "duckdb_ms", "ratio", "other_ms", "ratio", "rows", "shuffled_MB", "gathered_MB"
     );
     let mut rows = Vec::new();
     for &q in &bench.queries {
@@ -88,7 +120,7 @@ async fn time_query(
     cluster: &LocalCluster,
 ) -> Result<Row> {
     let sql = tpch::query_sql(q)?;
-    let (mut single_ms, mut cluster_ms, mut duckdb_ms) = (f64::MAX, f64::MAX, None::<f64>);
+    let (mut single_ms, mut cluster_ms, mut duckdb_ms, mut other_ms) = (f64::MAX, f64::MAX, None::<f64>, None::<f64>);
     let mut counts = (0, 0);
     for _ in 0..bench.iterations.max(1) {
         let started = Instant::now();
@@ -99,6 +131,18 @@ async fn time_query(
         let (_, batches) = client.collect(&sql).await?;
         cluster_ms = cluster_ms.min(started.elapsed().as_secs_f64() * 1e3);
         counts.1 = batches.iter().map(|b| b.num_rows()).sum();
+        if let Some(c) = &bench.compare {
+            client.collect(&c.set(&c.other)).await?;
+            let started = Instant::now();
+            let outcome = client.collect(&sql).await;
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            client.collect(&c.set(&c.base)).await?;
+            let rows: usize = outcome?.1.iter().map(|b| b.num_rows()).sum();
+            if rows != counts.1 {
+                return Err(DataFusionError::Execution(format!("q{q}: the cluster returned {} rows, and {rows} with {} = {}", counts.1, c.name, c.other)));
+            }
+            other_ms = Some(other_ms.map_or(ms, |best| best.min(ms)));
+        }
         if let Some(duckdb) = duckdb.as_deref_mut() {
             let (ms, rows) = duckdb.run(&sql).await?;
             if rows != counts.0 {
@@ -111,23 +155,23 @@ async fn time_query(
         return Err(DataFusionError::Execution(format!("q{q}: single node returned {} rows, cluster {}", counts.0, counts.1)));
     }
     let (shuffled_bytes, gathered_bytes) = moved_bytes(cluster, &sql);
-    Ok(Row { query: q, single_ms, cluster_ms, duckdb_ms, rows: counts.0, shuffled_bytes, gathered_bytes })
+    Ok(Row { query: q, single_ms, cluster_ms, duckdb_ms, other_ms, rows: counts.0, shuffled_bytes, gathered_bytes })
 }
 
 fn print_row(row: &Row) {
     let mb = |b: u64| b as f64 / 1e6;
-    let (duckdb_ms, duckdb_ratio) = match row.duckdb_ms {
-        Some(ms) => (format!("{ms:.1}"), format!("{:.2}x", row.cluster_ms / ms)),
-        None => ("-".into(), "-".into()),
-    };
+    let (duckdb_ms, duckdb_ratio) = beside(row.duckdb_ms, row.cluster_ms);
+    let (other_ms, other_ratio) = beside(row.other_ms, row.cluster_ms);
     println!(
-        "{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>12} {:>7} {:>8} {:>12.1} {:>12.1}",
+        "{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>12} {:>7} {:>12} {:>7} {:>8} {:>12.1} {:>12.1}",
         format!("q{:02}", row.query),
         row.single_ms,
         row.cluster_ms,
         row.cluster_ms / row.single_ms,
         duckdb_ms,
         duckdb_ratio,
+        other_ms,
+        other_ratio,
         row.rows,
         mb(row.shuffled_bytes),
         mb(row.gathered_bytes)
@@ -139,10 +183,18 @@ fn print_row(row: &Row) {
 fn print_total(rows: &[Row]) {
     let single: f64 = rows.iter().map(|r| r.single_ms).sum();
     let cluster: f64 = rows.iter().map(|r| r.cluster_ms).sum();
-    let duckdb: Option<f64> = rows.iter().map(|r| r.duckdb_ms).sum();
-    let (duckdb_ms, duckdb_ratio) = match duckdb {
-        Some(ms) => (format!("{ms:.1}"), format!("{:.2}x", cluster / ms)),
+    let (duckdb_ms, duckdb_ratio) = beside(rows.iter().map(|r| r.duckdb_ms).sum(), cluster);
+    let (other_ms, other_ratio) = beside(rows.iter().map(|r| r.other_ms).sum(), cluster);
+    println!(
+        "{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>12} {:>7} {:>12} {:>7}",
+        "total", single, cluster, cluster / single, duckdb_ms, duckdb_ratio, other_ms, other_ratio
+    );
+}
+
+/// Another time beside the cluster's, and the cluster's ratio to it; dashes without one.
+fn beside(ms: Option<f64>, cluster_ms: f64) -> (String, String) {
+    match ms {
+        Some(ms) => (format!("{ms:.1}"), format!("{:.2}x", cluster_ms / ms)),
         None => ("-".into(), "-".into()),
-    };
-    println!("{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>12} {:>7}", "total", single, cluster, cluster / single, duckdb_ms, duckdb_ratio);
+    }
 }
