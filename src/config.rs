@@ -17,6 +17,21 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Longest error message a gRPC status carries: it goes in HTTP/2 headers twice (as text and
 /// in the typed details, base64), and peers refuse header lists much over 16 KiB.
 pub const STATUS_MESSAGE_BYTES_MAX: usize = 4 * 1024;
+/// Join key filters across Stages (`planner::key_filter`): a build Task summarizes its join
+/// keys as a Bloom filter of this many bits (1 MiB)…
+pub const KEY_SUMMARY_BITS: usize = 1 << 23;
+/// …or, while it has at most this many distinct keys, as their hashes (at most 1 MiB).
+pub const KEY_SUMMARY_HASHES_MAX: usize = 1 << 17;
+/// The filter a probe Stage gets has this many bits per build key (about 3% false positives
+/// with its three hash functions), at least `KEY_FILTER_BITS_MIN` and at most `KEY_SUMMARY_BITS`.
+pub const KEY_FILTER_BITS_PER_KEY: usize = 8;
+pub const KEY_FILTER_BITS_MIN: usize = 1 << 10;
+/// A filter with more of its bits set than this lets most absent keys through: it is not sent.
+pub const KEY_FILTER_DENSITY_MAX: f64 = 0.75;
+/// A probe Task stops applying a filter that kept more than this fraction of the first
+/// `KEY_FILTER_SAMPLE_ROWS` rows it saw.
+pub const KEY_FILTER_KEEP_FRACTION_MAX: f64 = 0.9;
+pub const KEY_FILTER_SAMPLE_ROWS: u64 = 1 << 17;
 /// How many producer outputs a shuffle reader fetches at once.
 pub const EXCHANGE_FETCHES_MAX: usize = 8;
 /// HTTP/2 receive windows: how much of a batch stream may be in flight unread.
@@ -154,6 +169,12 @@ extensions_options! {
         /// no piece is cut below `slice_piece_min_bytes`.
         pub dynamic_granularity: bool, default = true
         pub slice_piece_min_bytes: u64, default = 8 * 1024 * 1024
+        /// Join key filters: the probe Stage of a join between two Stages starts after the
+        /// build Stage and drops the rows whose keys the build side does not hold.
+        pub join_key_filters: bool, default = true
+        /// The probe Stage waits for the build Stage, so that all its Tasks filter; off, a
+        /// slot with nothing else to do takes probe Tasks early, and they run unfiltered.
+        pub join_key_filter_wait: bool, default = true
     }
 }
 

@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{granularity, layout, policy};
-use crate::protocol::{ErrorKind, OutputLocation, QuiverError, ShuffleRead, SlicePiece, TaskKey, TaskState};
+use crate::planner::{KeyFilter, SummaryForm};
+use crate::protocol::{ErrorKind, KeyFilterSpec, OutputLocation, QuiverError, ShuffleRead, SlicePiece, TaskKey, TaskState};
 
 mod adapt;
 mod slices;
@@ -216,6 +217,7 @@ pub struct NewTask {
 }
 
 /// A Stage to be run: the Stages it reads (they run first) and its Tasks.
+#[derive(Default)]
 pub struct NewStage {
     pub inputs: Vec<u32>,
     pub shuffle: bool,
@@ -224,6 +226,10 @@ pub struct NewStage {
     pub tasks: Vec<NewTask>,
     /// The shuffle reads its Tasks may adapt once its inputs have finished; None: as planned.
     pub adaptive: Option<StageReads>,
+    /// The output columns its Tasks summarize: the build side of a join key filter.
+    pub key_summary: Vec<u32>,
+    /// The build Stage whose join keys filter its output (it runs first), and its key columns.
+    pub key_filter: Option<(u32, Vec<u32>)>,
 }
 
 /// A worker's report on an Attempt.
@@ -238,6 +244,10 @@ pub struct Report {
     /// Rows and bytes of each output part of a succeeded Attempt.
     pub part_rows: Vec<u64>,
     pub part_bytes: Vec<u64>,
+    /// The join keys of a build Task's output.
+    pub key_summary: Option<SummaryForm>,
+    /// Rows its key filter saw and kept.
+    pub filter_rows: (u64, u64),
 }
 
 /// What one Stage did, for EXPLAIN ANALYZE and the web UI.
@@ -268,6 +278,8 @@ pub struct StageMetrics {
     /// Scan slices cut into pieces at dispatch, and the pieces they became.
     pub slices_cut: u32,
     pub slice_pieces: u32,
+    /// Rows its counted Attempts' join key filters saw and kept; None without a filter.
+    pub key_filter_rows: Option<(u64, u64)>,
 }
 
 struct Attempt {
@@ -281,6 +293,8 @@ struct Attempt {
     ended_at: Option<Instant>,
     /// It runs on one of its worker's express slots.
     express: bool,
+    /// Rows its key filter saw and kept.
+    filter_rows: (u64, u64),
 }
 
 impl Attempt {
@@ -341,6 +355,9 @@ struct TaskRun {
     slice_bytes: Option<u64>,
     /// The piece of its plan's scan slice it reads.
     slice: Option<SlicePiece>,
+    /// The join keys of its output, from its first succeeded Attempt, when its Stage is a
+    /// key filter's build side. Kept when the output is lost: the keys are the same.
+    key_summary: Option<Arc<SummaryForm>>,
 }
 
 impl TaskRun {
@@ -361,6 +378,7 @@ impl TaskRun {
             pieces: Vec::new(),
             slice_bytes: None,
             slice: None,
+            key_summary: None,
         }
     }
 
@@ -403,6 +421,11 @@ struct StageRun {
     slice_pieces: u32,
     /// Stages on the longest path from it to the result, itself included.
     height: u32,
+    key_summary: Vec<u32>,
+    key_filter: Option<(u32, Vec<u32>)>,
+    /// The filter its Attempts assigned from now on get, decided once every build Task has its
+    /// keys in; None inside when it gets none (a filter that would keep nearly every row).
+    filter: Option<Option<Arc<KeyFilterSpec>>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -432,6 +455,8 @@ pub struct QueryRun {
     read_policy: layout::ReadPolicy,
     /// When queued scan slices are cut into pieces; None: never.
     granularity: Option<granularity::Granularity>,
+    /// A key filter's probe Stage waits until its filter is decided.
+    key_filter_wait: bool,
 }
 
 impl QueryRun {
@@ -461,11 +486,18 @@ impl QueryRun {
                 slices_cut: 0,
                 slice_pieces: 0,
                 height: 1,
+                key_summary: stage.key_summary,
+                key_filter: stage.key_filter,
+                filter: None,
             });
         }
-        // Consumers are numbered after their inputs: walking backwards sees them first.
+        // Consumers are numbered after their inputs: walking backwards sees them first. A key
+        // filter's build Stage goes before its probe Stage too, so that more probe Attempts
+        // start with the filter (the planner cuts the build side first, so the probe Stage
+        // also comes later in this walk).
         for index in (0..runs.len()).rev() {
-            let below = runs[index].consumers.iter().map(|&c| runs[c as usize].height).max().unwrap_or(0);
+            let waiting = runs.iter().enumerate().filter(|(_, r)| r.key_filter.as_ref().is_some_and(|(b, _)| *b as usize == index)).map(|(i, _)| i as u32);
+            let below = runs[index].consumers.iter().copied().chain(waiting).map(|c| runs[c as usize].height).max().unwrap_or(0);
             runs[index].height = 1 + below;
         }
         Self {
@@ -482,6 +514,7 @@ impl QueryRun {
             speculation_wins: 0,
             read_policy: layout::ReadPolicy::default(),
             granularity: None,
+            key_filter_wait: true,
         }
     }
 
@@ -494,6 +527,12 @@ impl QueryRun {
     /// Partitions coalesced into a neighbour's Task, and skewed partitions split.
     pub fn adapted(&self) -> (u32, u32) {
         self.stages.iter().fold((0, 0), |(c, s), stage| (c + stage.coalesced, s + stage.split))
+    }
+
+    /// Makes a key filter's probe Stage wait for its build Stage (or not).
+    pub fn with_key_filter_wait(mut self, wait: bool) -> Self {
+        self.key_filter_wait = wait;
+        self
     }
 
     /// Lets [`QueryRun::cut_slice`] cut queued scan slices into pieces under `policy`.
@@ -577,7 +616,7 @@ impl QueryRun {
 
     /// Applies a worker's report on one of its Attempts.
     pub fn reported(&mut self, report: Report, now: Instant, out: &mut Vec<Action>) {
-        let Report { key, worker_id, state, rows, bytes, elapsed_ms, error, part_rows, part_bytes } = report;
+        let Report { key, worker_id, state, rows, bytes, elapsed_ms, error, part_rows, part_bytes, key_summary, filter_rows } = report;
         let parts = self.stages.get(key.stage as usize).map_or(0, |s| s.parts as usize);
         let Some(attempt) = self.attempt_mut(&key) else { return };
         let from_its_worker = attempt.record.worker_id.as_deref() == Some(worker_id.as_str());
@@ -595,9 +634,16 @@ impl QueryRun {
         attempt.part_rows = part_rows.into_iter().take(parts).collect();
         attempt.part_bytes = part_bytes.into_iter().take(parts).collect();
         attempt.record.elapsed_ms = elapsed_ms;
+        attempt.filter_rows = filter_rows;
         match state {
             TaskState::Queued | TaskState::Running => attempt.record.state = TaskState::Running,
-            TaskState::Succeeded => self.succeeded(key, now, out),
+            TaskState::Succeeded => {
+                if let Some(summary) = key_summary {
+                    let task = self.tasks.get_mut(&(key.stage, key.task)).expect("reported Attempt has a Task");
+                    task.key_summary.get_or_insert(Arc::new(summary));
+                }
+                self.succeeded(key, now, out)
+            }
             TaskState::Failed | TaskState::Cancelled => {
                 let error = error.unwrap_or_else(|| {
                     QuiverError::new(ErrorKind::Execution, format!("task {key} {} without an error", state.as_str()))
@@ -832,13 +878,14 @@ impl QueryRun {
             return;
         }
         self.adapt_ready_stages(out);
+        self.decide_key_filters();
         let needed = self.needed();
         let ready: Vec<TaskId> = self
             .tasks
             .iter()
             .filter(|(id, t)| needed.contains(id) && !t.is_done() && !t.has_live_attempt())
             .map(|(id, _)| *id)
-            .filter(|id| self.inputs_available(id.0))
+            .filter(|id| self.inputs_available(id.0) && self.filter_ready(id.0))
             .collect();
         for id in ready {
             if let Err(error) = self.start_attempt(id, now, out) {
@@ -902,6 +949,7 @@ impl QueryRun {
             assigned_at: None,
             ended_at: None,
             express: false,
+            filter_rows: (0, 0),
         });
         let speculative = started_as == StartedAs::Speculative;
         let slow_pace = self.slow_pace;
@@ -968,6 +1016,36 @@ impl QueryRun {
             }
         }
         needed
+    }
+
+    /// Decides the key filter of every Stage whose build Stage now has the keys of all its
+    /// Tasks: none at all when a Task succeeded without reporting them.
+    fn decide_key_filters(&mut self) {
+        for s in 0..self.stages.len() {
+            let Some((build, keys)) = self.stages[s].key_filter.clone().filter(|_| self.stages[s].filter.is_none()) else { continue };
+            let tasks: Vec<&TaskRun> = self.tasks.range((build, 0)..(build + 1, 0)).map(|(_, t)| t).filter(|t| !t.absorbed).collect();
+            if !tasks.iter().all(|t| t.key_summary.is_some() || t.is_done()) {
+                continue;
+            }
+            let summaries: Option<Vec<&SummaryForm>> = tasks.iter().map(|t| t.key_summary.as_deref()).collect();
+            let filter = summaries.and_then(KeyFilter::combine).map(|f| Arc::new(KeyFilterSpec { keys: keys.clone(), bits: f.to_bytes() }));
+            self.stages[s].filter = Some(filter);
+        }
+    }
+
+    /// The Tasks of `stage` may start as far as its key filter goes: it has none, it is
+    /// decided, or the Stage does not wait for it.
+    fn filter_ready(&self, stage: u32) -> bool {
+        let run = &self.stages[stage as usize];
+        !self.key_filter_wait || run.key_filter.is_none() || run.filter.is_some()
+    }
+
+    /// What the Tasks of `stage` do with join keys: the output columns to summarize, and the
+    /// filter to apply.
+    pub fn key_work(&self, stage: u32) -> (Vec<u32>, Option<KeyFilterSpec>) {
+        let Some(run) = self.stages.get(stage as usize) else { return (Vec::new(), None) };
+        let filter = run.filter.clone().flatten().map(|f| (*f).clone());
+        (run.key_summary.clone(), filter)
     }
 
     fn inputs_available(&self, stage: u32) -> bool {
@@ -1093,6 +1171,9 @@ impl QueryRun {
                     speculated: attempts().filter(|a| a.record.started_as == StartedAs::Speculative).count() as u32,
                     slices_cut: stage.slices_cut,
                     slice_pieces: stage.slice_pieces,
+                    key_filter_rows: stage.key_filter.as_ref().map(|_| {
+                        counted.iter().fold((0, 0), |(i, k), a| (i + a.filter_rows.0, k + a.filter_rows.1))
+                    }),
                 }
             })
             .collect()

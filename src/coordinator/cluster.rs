@@ -275,7 +275,8 @@ impl Cluster {
             .with_speculation(adaptive.speculation)
             .with_slow_pace(adaptive.slow_pace)
             .with_read_policy(read_policy)
-            .with_granularity(adaptive.granularity);
+            .with_granularity(adaptive.granularity)
+            .with_key_filter_wait(adaptive.key_filter_wait);
         query.outcomes = run.task_ids().map(|id| (id, watch::channel(None).0)).collect();
         let mut out = Vec::new();
         run.start(Instant::now(), &mut out);
@@ -375,7 +376,19 @@ impl Cluster {
         let reads = (*queued.reads).clone();
         let slice = queued.slice;
         let stores = (*query.stores).clone();
-        Ok(Assigned::Task(TaskAssignment { key: Some(queued.key), plan, partition: queued.partition, inputs, reads, slice, express, stores }))
+        let (summarize_keys, key_filter) = run.key_work(queued.key.stage);
+        Ok(Assigned::Task(TaskAssignment {
+            key: Some(queued.key),
+            plan,
+            partition: queued.partition,
+            inputs,
+            reads,
+            slice,
+            express,
+            stores,
+            summarize_keys,
+            key_filter,
+        }))
     }
 
     /// Applies a worker's report on one Attempt.
@@ -398,6 +411,8 @@ impl Cluster {
             error: report.error.map(remote_to_quiver),
             part_rows: report.part_rows,
             part_bytes: report.part_bytes,
+            key_summary: report.key_summary.map(Into::into),
+            filter_rows: (report.filter_rows_in, report.filter_rows_kept),
         };
         self.with_run(&mut inner, &query_id, |run, out| {
             let now = Instant::now();
@@ -828,7 +843,7 @@ mod tests {
 
     fn stage(tasks: u32) -> Vec<NewStage> {
         let tasks = (0..tasks).map(|task| NewTask { stage: 0, task, partition: task, summary: String::new(), plan: vec![], slice_bytes: None }).collect();
-        vec![NewStage { inputs: vec![], shuffle: false, parts: 1, tasks, adaptive: None }]
+        vec![NewStage { inputs: vec![], shuffle: false, parts: 1, tasks, adaptive: None, ..Default::default() }]
     }
 
     /// The Query whose Attempt a poll of `worker` gets.
@@ -902,9 +917,9 @@ mod tests {
         // directly. Queued in the order 1, 0: stage 0 is on the critical path.
         let task = |stage| NewTask { stage, task: 0, partition: 0, summary: String::new(), plan: vec![], slice_bytes: None };
         let stages = vec![
-            NewStage { inputs: vec![], shuffle: false, parts: 1, tasks: vec![task(0)], adaptive: None },
-            NewStage { inputs: vec![], shuffle: false, parts: 1, tasks: vec![task(1)], adaptive: None },
-            NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: vec![task(2)], adaptive: None },
+            NewStage { inputs: vec![], shuffle: false, parts: 1, tasks: vec![task(0)], adaptive: None, ..Default::default() },
+            NewStage { inputs: vec![], shuffle: false, parts: 1, tasks: vec![task(1)], adaptive: None, ..Default::default() },
+            NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: vec![task(2)], adaptive: None, ..Default::default() },
         ];
         let cluster = Cluster::new(true);
         let worker = cluster.register_worker("http://w".into(), 2, 0, 1 << 30);

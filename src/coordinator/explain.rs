@@ -29,6 +29,7 @@ pub(super) async fn explain(core: &Arc<Core>, _id: &str, plan: &LogicalPlan) -> 
         total_slots: core.cluster.total_slots().max(1),
         source: Arc::new(NotRun),
         write_dir: None,
+        join_key_filters: super::session::quiver_options(core).join_key_filters,
     };
     let shown = displayable(physical.as_ref()).indent(true).to_string();
     let mut subqueries = Vec::new();
@@ -61,7 +62,7 @@ pub(super) async fn analyze(core: &Arc<Core>, id: &str, input: &LogicalPlan) -> 
     let elapsed_ms = started.elapsed().as_millis();
     let metrics = core.cluster.stage_metrics(id);
     let annotate = |stage: StageId| match metrics.get(stage) {
-        Some(m) => format!("rows={}, bytes_out={}, elapsed_ms={}{}{}", m.rows, m.bytes, m.elapsed_ms, partitions(m), adapted(m)),
+        Some(m) => format!("rows={}, bytes_out={}, elapsed_ms={}{}{}{}", m.rows, m.bytes, m.elapsed_ms, partitions(m), adapted(m), key_filtered(m)),
         None => String::new(),
     };
     let summary = format!("rows={rows}, elapsed_ms={elapsed_ms}, stages={}, tasks={}", plan.stages.len(), plan.task_count());
@@ -78,6 +79,14 @@ fn adapted(m: &StageMetrics) -> String {
         ", tasks_run={} (coalesced={}, split={}, speculated={}, slices_cut={})",
         m.tasks, m.coalesced, m.split, m.speculated, m.slices_cut
     )
+}
+
+/// What the Stage's join key filter did: `, key_filter_rows=kept/seen`.
+fn key_filtered(m: &StageMetrics) -> String {
+    match m.key_filter_rows {
+        Some((seen, kept)) => format!(", key_filter_rows={kept}/{seen} (kept/seen)"),
+        None => String::new(),
+    }
 }
 
 /// A shuffle's spread over its partitions: `, partitions=8, partition_bytes=min/median/max`.

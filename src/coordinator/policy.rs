@@ -55,6 +55,8 @@ pub struct Adaptive {
     pub reads: ReadPolicy,
     /// When queued scan slices are cut into pieces; None: never.
     pub granularity: Option<Granularity>,
+    /// A key filter's probe Stage waits for its build Stage.
+    pub key_filter_wait: bool,
 }
 
 impl Adaptive {
@@ -65,6 +67,7 @@ impl Adaptive {
             slow_pace,
             reads: ReadPolicy::from_options(options, 1),
             granularity: Granularity::from_options(options),
+            key_filter_wait: options.join_key_filter_wait,
         }
     }
 }

@@ -457,7 +457,8 @@ pub(super) async fn plan_query(
     write: Option<WriteTarget>,
 ) -> Result<DistributedPlan> {
     let source = Arc::new(QueryTasks { query_id: id.to_string(), cluster: Arc::clone(&core.cluster) });
-    let mut opts = DistributeOptions { config: &core.config.planner, total_slots: core.cluster.total_slots(), source, write_dir: write };
+    let join_key_filters = quiver_options(core).join_key_filters;
+    let mut opts = DistributeOptions { config: &core.config.planner, total_slots: core.cluster.total_slots(), source, write_dir: write, join_key_filters };
     let plan = planner::distribute(Arc::clone(&physical), &opts)?;
     if !plan.is_distributed() || opts.total_slots > 0 {
         return Ok(plan);
@@ -500,9 +501,13 @@ pub(super) async fn start_physical(
 
 /// The adaptive scheduling the session's `quiver.*` settings ask for.
 fn adaptive(core: &Core) -> Adaptive {
+    Adaptive::from_options(&quiver_options(core))
+}
+
+/// The session's `quiver.*` settings.
+pub(super) fn quiver_options(core: &Core) -> QuiverOptions {
     let state = core.ctx.state();
-    let options = state.config().options().extensions.get::<QuiverOptions>().cloned().unwrap_or_default();
-    Adaptive::from_options(&options)
+    state.config().options().extensions.get::<QuiverOptions>().cloned().unwrap_or_default()
 }
 
 /// The Stages as the cluster queues them. Tasks of one Stage often share one plan (they
@@ -530,7 +535,9 @@ fn encode_stages(plan: &DistributedPlan) -> Result<Vec<NewStage>> {
             splittable: a.splittable.iter().map(|&i| i as u32).collect(),
             ordered: a.ordered,
         });
-        stages.push(NewStage { inputs, shuffle, parts, tasks, adaptive });
+        let key_summary = stage.key_summary.iter().flatten().map(|&k| k as u32).collect();
+        let key_filter = stage.key_filter.as_ref().map(|l| (l.build as u32, l.probe_keys.iter().map(|&k| k as u32).collect()));
+        stages.push(NewStage { inputs, shuffle, parts, tasks, adaptive, key_summary, key_filter });
     }
     Ok(stages)
 }

@@ -47,6 +47,12 @@ pub(super) fn render(plan: &DistributedPlan, annotate: Option<&dyn Fn(StageId) -
             ""
         };
         let _ = write!(out, "Stage {} [workers]: {} task(s){sliced}, reads {inputs}, output {output}", stage.id, stage.tasks.len());
+        if stage.key_summary.is_some() {
+            out.push_str(", summarizes its join keys");
+        }
+        if let Some(link) = &stage.key_filter {
+            let _ = write!(out, ", keeps only rows whose join keys stage {} holds", link.build);
+        }
         match annotate {
             Some(annotate) => {
                 let _ = writeln!(out, "; {}", annotate(stage.id));

@@ -18,6 +18,7 @@
 mod adaptive;
 mod copy;
 mod display;
+mod key_filter;
 mod reader;
 mod rules;
 mod split;
@@ -38,6 +39,7 @@ use datafusion::physical_plan::{
 
 use crate::config::PlannerConfig;
 pub use adaptive::AdaptiveReads;
+pub use key_filter::{filter_stream, summarize_stream, FilterCounts, KeyFilter, KeyFilterLink, KeySummary, SummaryForm};
 pub use copy::{copy_attempt_dir, copy_task_dir, file_sink_config, retarget, CopyTaskExec};
 pub use reader::{Exchange, StageReaderExec, StageSource};
 pub use rules::shuffle_partitioning;
@@ -83,6 +85,11 @@ pub struct Stage {
     /// The shuffle reads the coordinator may coalesce or split once its inputs have finished;
     /// None when the Tasks must read as planned.
     pub adaptive: Option<AdaptiveReads>,
+    /// The output's join key columns, when it is the build side of a join whose probe Stage
+    /// filters by them: its Tasks summarize these columns.
+    pub key_summary: Option<Vec<usize>>,
+    /// The build Stage whose join keys filter this Stage's output, and this side's keys.
+    pub key_filter: Option<KeyFilterLink>,
 }
 
 /// The result of distributing one physical plan.
@@ -125,6 +132,8 @@ pub struct DistributeOptions<'a> {
     /// When set, the last Stage's Tasks write their output to files in this directory
     /// (INSERT, CREATE TABLE AS, COPY) and return row counts.
     pub write_dir: Option<WriteTarget>,
+    /// Link the two Stage inputs of a join with a key filter (`quiver.join_key_filters`).
+    pub join_key_filters: bool,
 }
 
 /// Where a distributed write puts its files.
@@ -210,6 +219,9 @@ pub fn distribute(plan: Arc<dyn ExecutionPlan>, opts: &DistributeOptions) -> Res
         }
         None => builder.coordinator(plan)?,
     };
+    if opts.join_key_filters {
+        key_filter::link_stages(&mut builder.stages, &root);
+    }
     Ok(DistributedPlan { stages: builder.stages, root, write_stage, small_input_bytes: None })
 }
 
@@ -369,7 +381,7 @@ impl Builder<'_> {
         let fragment = if sliceable { Arc::clone(&tasks[0].plan) } else { fragment };
         let inputs = display::stage_inputs(&fragment);
         let count = tasks.len();
-        self.stages.push(Stage { id, tasks, inputs, exchange, sliced: sliceable, fragment, adaptive });
+        self.stages.push(Stage { id, tasks, inputs, exchange, sliced: sliceable, fragment, adaptive, key_summary: None, key_filter: None });
         Ok(Cut { id, tasks: count, fetch, sliced: sliceable })
     }
 

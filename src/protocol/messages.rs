@@ -146,6 +146,51 @@ pub struct TaskAssignment {
     /// worker reads a table exactly as the coordinator resolved it).
     #[prost(message, repeated, tag = "8")]
     pub stores: Vec<StoreConfig>,
+    /// Its output is the build side of a join whose probe Stage filters by its join keys:
+    /// these columns of it are summarized in the report (`TaskReport::key_summary`).
+    #[prost(uint32, repeated, tag = "9")]
+    pub summarize_keys: Vec<u32>,
+    /// Its output keeps only the rows whose join keys this filter holds.
+    #[prost(message, optional, tag = "10")]
+    pub key_filter: Option<KeyFilterSpec>,
+}
+
+/// A Bloom filter of a build Stage's join keys (`planner::KeyFilter`) and the columns of the
+/// probe Task's output it applies to.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KeyFilterSpec {
+    #[prost(uint32, repeated, tag = "1")]
+    pub keys: Vec<u32>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub bits: Vec<u8>,
+}
+
+/// The join keys of a build Task's output (`planner::SummaryForm`): Bloom filter bits when
+/// `bits` is not empty, else the distinct key hashes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KeySummaryMessage {
+    #[prost(fixed64, repeated, tag = "1")]
+    pub hashes: Vec<u64>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub bits: Vec<u8>,
+}
+
+impl From<crate::planner::SummaryForm> for KeySummaryMessage {
+    fn from(form: crate::planner::SummaryForm) -> Self {
+        match form {
+            crate::planner::SummaryForm::Hashes(hashes) => Self { hashes, bits: Vec::new() },
+            crate::planner::SummaryForm::Bits(bits) => Self { hashes: Vec::new(), bits },
+        }
+    }
+}
+
+impl From<KeySummaryMessage> for crate::planner::SummaryForm {
+    fn from(message: KeySummaryMessage) -> Self {
+        match message.bits.is_empty() {
+            true => Self::Hashes(message.hashes),
+            false => Self::Bits(message.bits),
+        }
+    }
 }
 
 /// One object store: its URL (`s3://bucket`) and its options by canonical name. Its debug
@@ -267,6 +312,14 @@ pub struct TaskReport {
     pub part_rows: Vec<u64>,
     #[prost(uint64, repeated, tag = "10")]
     pub part_bytes: Vec<u64>,
+    /// The join keys of a succeeded build Task's output, when it was asked to summarize them.
+    #[prost(message, optional, tag = "11")]
+    pub key_summary: Option<KeySummaryMessage>,
+    /// Rows its key filter saw and kept, when it had one.
+    #[prost(uint64, tag = "12")]
+    pub filter_rows_in: u64,
+    #[prost(uint64, tag = "13")]
+    pub filter_rows_kept: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -4,6 +4,7 @@
 //! reports the Attempt's state as it goes.
 
 mod inputs;
+mod key_filters;
 mod outputs;
 mod peers;
 
@@ -423,7 +424,9 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
                 plan = crate::planner::narrow_task_plan(plan, piece.index, piece.of)?;
             }
             let (stream, router) = execute_task(&plan, task.partition as usize, &state.ctx, &key)?;
-            state.outputs.store(&key, stream, router).await
+            let (stream, keys) = key_filters::wrap(stream, task.key_filter, task.summarize_keys)?;
+            let stored = state.outputs.store(&key, stream, router).await?;
+            Ok::<_, DataFusionError>((stored, keys))
         }
     });
     {
@@ -442,7 +445,10 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
         return;
     }
     match outcome {
-        Ok(Ok(stored)) => report(state, registration, &key, TaskState::Succeeded, Some(&stored), None, started).await,
+        Ok(Ok((stored, keys))) => {
+            let done = Done { stored, keys: keys.finish() };
+            report(state, registration, &key, TaskState::Succeeded, Some(&done), None, started).await
+        }
         Ok(Err(e)) => report(state, registration, &key, TaskState::Failed, None, Some(&e), started).await,
         Err(join) if join.is_cancelled() => {
             state.outputs.release_attempt(&key);
@@ -524,15 +530,23 @@ fn task_context(ctx: &SessionContext, executed: &dyn ExecutionPlan, key: &TaskKe
     Arc::new(task.with_session_config(config))
 }
 
+/// What a succeeded Attempt reports: its stored output and what it did with join keys.
+struct Done {
+    stored: outputs::Stored,
+    keys: key_filters::KeysDone,
+}
+
 async fn report(
     state: &State,
     registration: &Registration,
     key: &TaskKey,
     task_state: TaskState,
-    stored: Option<&outputs::Stored>,
+    done: Option<&Done>,
     error: Option<&DataFusionError>,
     started: Instant,
 ) {
+    let stored = done.map(|d| &d.stored);
+    let keys = done.map(|d| &d.keys);
     let report = TaskReport {
         key: Some(key.clone()),
         worker_id: registration.id.clone(),
@@ -542,6 +556,9 @@ async fn report(
         bytes: stored.map_or(0, |s| s.bytes),
         part_rows: stored.map_or_else(Vec::new, |s| s.part_rows.clone()),
         part_bytes: stored.map_or_else(Vec::new, |s| s.part_bytes.clone()),
+        key_summary: keys.and_then(|k| k.summary.clone()).map(Into::into),
+        filter_rows_in: keys.map_or(0, |k| k.filter_rows.0),
+        filter_rows_kept: keys.map_or(0, |k| k.filter_rows.1),
         elapsed_ms: started.elapsed().as_millis() as u64,
         error: error.map(error_to_remote),
     };

@@ -10,8 +10,8 @@ fn two_stages(producers: u32) -> QueryRun {
     QueryRun::new(
         "q",
         vec![
-            NewStage { inputs: vec![], shuffle: true, parts: 2, tasks: (0..producers).map(|t| task(0, t)).collect(), adaptive: None },
-            NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: (0..2).map(|t| task(1, t)).collect(), adaptive: None },
+            NewStage { inputs: vec![], shuffle: true, parts: 2, tasks: (0..producers).map(|t| task(0, t)).collect(), adaptive: None, ..Default::default() },
+            NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: (0..2).map(|t| task(1, t)).collect(), adaptive: None, ..Default::default() },
         ],
     )
 }
@@ -76,7 +76,7 @@ impl Driver {
     fn report(&mut self, key: &TaskKey, worker: &str, state: TaskState, error: Option<QuiverError>) {
         let mut out = Vec::new();
         let (part_rows, part_bytes) = (vec![4, 6], vec![40, 60]);
-        let report = Report { key: key.clone(), worker_id: worker.into(), state, rows: 10, bytes: 100, elapsed_ms: 1, error, part_rows, part_bytes };
+        let report = Report { key: key.clone(), worker_id: worker.into(), state, rows: 10, bytes: 100, elapsed_ms: 1, error, part_rows, part_bytes, key_summary: None, filter_rows: (0, 0) };
         self.run.reported(report, self.now, &mut out);
         self.take(out);
     }
@@ -86,7 +86,7 @@ impl Driver {
         self.assign(key, worker);
         let mut out = Vec::new();
         let part_rows = part_bytes.iter().map(|b| b / 10).collect();
-        let report = Report { key: key.clone(), worker_id: worker.into(), state: TaskState::Succeeded, rows: 10, bytes: 100, elapsed_ms: 1, error: None, part_rows, part_bytes };
+        let report = Report { key: key.clone(), worker_id: worker.into(), state: TaskState::Succeeded, rows: 10, bytes: 100, elapsed_ms: 1, error: None, part_rows, part_bytes, key_summary: None, filter_rows: (0, 0) };
         self.run.reported(report, self.now, &mut out);
         self.take(out);
     }
@@ -418,9 +418,9 @@ fn three_stages(policy: layout::ReadPolicy) -> QueryRun {
     QueryRun::new(
         "q",
         vec![
-            NewStage { inputs: vec![], shuffle: true, parts: 4, tasks: (0..4).map(|t| task(0, t)).collect(), adaptive: None },
-            NewStage { inputs: vec![0], shuffle: true, parts: 2, tasks: (0..4).map(|t| task(1, t)).collect(), adaptive: Some(reads) },
-            NewStage { inputs: vec![1], shuffle: false, parts: 1, tasks: (0..2).map(|t| task(2, t)).collect(), adaptive: None },
+            NewStage { inputs: vec![], shuffle: true, parts: 4, tasks: (0..4).map(|t| task(0, t)).collect(), adaptive: None, ..Default::default() },
+            NewStage { inputs: vec![0], shuffle: true, parts: 2, tasks: (0..4).map(|t| task(1, t)).collect(), adaptive: Some(reads), ..Default::default() },
+            NewStage { inputs: vec![1], shuffle: false, parts: 1, tasks: (0..2).map(|t| task(2, t)).collect(), adaptive: None, ..Default::default() },
         ],
     )
     .with_read_policy(policy)
@@ -511,8 +511,8 @@ fn two_stage_reads(policy: layout::ReadPolicy, splittable: Vec<u32>, ordered: bo
     QueryRun::new(
         "q",
         vec![
-            NewStage { inputs: vec![], shuffle: true, parts: 2, tasks: (0..2).map(|t| task(0, t)).collect(), adaptive: None },
-            NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: (0..2).map(|t| task(1, t)).collect(), adaptive: Some(reads) },
+            NewStage { inputs: vec![], shuffle: true, parts: 2, tasks: (0..2).map(|t| task(0, t)).collect(), adaptive: None, ..Default::default() },
+            NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: (0..2).map(|t| task(1, t)).collect(), adaptive: Some(reads), ..Default::default() },
         ],
     )
     .with_read_policy(policy)
@@ -548,9 +548,9 @@ fn a_lost_piece_is_recomputed_with_the_same_read() {
 fn sliced_scan(shuffle: bool) -> QueryRun {
     let slice = |task| NewTask { stage: 0, task, partition: 0, summary: format!("slice {task}"), plan: vec![0], slice_bytes: Some(64 << 20) };
     let reader = |task| NewTask { stage: 1, task, partition: task, summary: String::new(), plan: vec![1], slice_bytes: None };
-    let mut stages = vec![NewStage { inputs: vec![], shuffle, parts: if shuffle { 2 } else { 1 }, tasks: (0..2).map(slice).collect(), adaptive: None }];
+    let mut stages = vec![NewStage { inputs: vec![], shuffle, parts: if shuffle { 2 } else { 1 }, tasks: (0..2).map(slice).collect(), adaptive: None, ..Default::default() }];
     if shuffle {
-        stages.push(NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: (0..2).map(reader).collect(), adaptive: None });
+        stages.push(NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: (0..2).map(reader).collect(), adaptive: None, ..Default::default() });
     }
     QueryRun::new("q", stages).with_granularity(Some(granularity::Granularity { piece_min_bytes: 8 << 20 }))
 }
@@ -602,4 +602,81 @@ fn consumers_of_a_cut_slice_read_its_pieces_with_the_other_producers() {
     let inputs = &d.queued.last().unwrap().inputs;
     let read: Vec<_> = inputs.iter().map(|l| (l.key.clone().unwrap().task, l.empty, l.pieces.clone())).collect();
     assert_eq!(read, vec![(0, false, vec![]), (1, true, vec![2, 3]), (2, false, vec![]), (3, false, vec![])]);
+}
+
+/// Stage 0 (2 Tasks) is a join's build side, stage 1 (2 Tasks) its probe side, stage 2 the join.
+fn joined_by_key_filter() -> QueryRun {
+    let task = |stage, task| NewTask { stage, task, partition: task, summary: String::new(), plan: vec![stage as u8], slice_bytes: None };
+    QueryRun::new(
+        "q",
+        vec![
+            NewStage { shuffle: true, parts: 2, tasks: (0..2).map(|t| task(0, t)).collect(), key_summary: vec![0], ..Default::default() },
+            NewStage { shuffle: true, parts: 2, tasks: (0..2).map(|t| task(1, t)).collect(), key_filter: Some((0, vec![1])), ..Default::default() },
+            NewStage { inputs: vec![0, 1], parts: 1, tasks: (0..2).map(|t| task(2, t)).collect(), ..Default::default() },
+        ],
+    )
+}
+
+impl Driver {
+    fn succeed_with_keys(&mut self, key: &TaskKey, worker: &str, summary: Option<SummaryForm>) {
+        self.assign(key, worker);
+        let mut out = Vec::new();
+        let report = Report {
+            key: key.clone(),
+            worker_id: worker.into(),
+            state: TaskState::Succeeded,
+            rows: 10,
+            bytes: 100,
+            elapsed_ms: 1,
+            error: None,
+            part_rows: vec![5, 5],
+            part_bytes: vec![50, 50],
+            key_summary: summary,
+            filter_rows: (0, 0),
+        };
+        self.run.reported(report, self.now, &mut out);
+        self.take(out);
+    }
+}
+
+#[test]
+fn the_probe_stage_waits_for_the_build_stages_keys_and_gets_their_filter() {
+    let mut d = Driver::new(joined_by_key_filter());
+    assert_eq!(d.waiting(), vec![key(0, 0, 0), key(0, 1, 0)], "the probe Stage waits for the build Stage");
+    d.succeed_with_keys(&key(0, 0, 0), "a", Some(SummaryForm::Hashes(vec![1, 2, 3])));
+    assert_eq!(d.waiting(), vec![key(0, 1, 0)]);
+    d.succeed_with_keys(&key(0, 1, 0), "b", Some(SummaryForm::Hashes(vec![7])));
+    assert_eq!(d.waiting(), vec![key(1, 0, 0), key(1, 1, 0)]);
+    assert!(d.run.key_work(1).1.is_some(), "every probe Attempt gets the filter");
+}
+
+#[test]
+fn probe_attempts_assigned_once_the_build_stage_has_finished_get_its_filter() {
+    let mut d = Driver::new(joined_by_key_filter().with_key_filter_wait(false));
+    // The probe Stage does not wait (a slot with nothing else to do takes its Tasks unfiltered),
+    // but the build Stage is on the longer path, so it goes first.
+    assert_eq!(d.waiting(), vec![key(0, 0, 0), key(0, 1, 0), key(1, 0, 0), key(1, 1, 0)]);
+    assert!(d.run.stage_height(0) > d.run.stage_height(1), "the build Stage is on the longer path");
+    assert_eq!(d.run.key_work(0), (vec![0], None), "build Tasks summarize column 0");
+    d.succeed_with_keys(&key(0, 0, 0), "a", Some(SummaryForm::Hashes(vec![1, 2, 3])));
+    assert_eq!(d.run.key_work(1), (vec![], None), "no filter before every build Task has its keys in");
+    d.succeed_with_keys(&key(0, 1, 0), "b", Some(SummaryForm::Hashes(vec![7])));
+    let (summarize, filter) = d.run.key_work(1);
+    let filter = filter.expect("the probe Stage gets a filter");
+    assert!(summarize.is_empty());
+    assert_eq!(filter.keys, vec![1]);
+    let expected = KeyFilter::combine([&SummaryForm::Hashes(vec![1, 2, 3]), &SummaryForm::Hashes(vec![7])]).unwrap();
+    assert_eq!(KeyFilter::from_bytes(&filter.bits).unwrap(), expected);
+    // A build output lost now keeps its keys: the probe Stage's retries get the same filter.
+    d.lose("a");
+    assert_eq!(d.run.key_work(1).1.map(|f| f.bits), Some(expected.to_bytes()));
+}
+
+#[test]
+fn a_build_task_that_reports_no_keys_leaves_the_probe_stage_unfiltered() {
+    let mut d = Driver::new(joined_by_key_filter());
+    d.succeed_with_keys(&key(0, 0, 0), "a", Some(SummaryForm::Hashes(vec![1])));
+    d.succeed_with_keys(&key(0, 1, 0), "a", None);
+    assert_eq!(d.waiting(), vec![key(1, 0, 0), key(1, 1, 0)], "the probe Stage runs all the same");
+    assert_eq!(d.run.key_work(1).1, None, "unfiltered");
 }

@@ -1,0 +1,446 @@
+//! Join key filters across Stages. In one process DataFusion hands a hash join's build keys to
+//! the probe side's scan (its dynamic filter), so probe rows with no partner are dropped before
+//! anything else touches them. When the two inputs of a join are Stages of their own, that
+//! handoff would cross processes, and the probe Stage would shuffle every row only for the join
+//! to drop most of them. So the planner links such a pair ([`link_stages`]): the build Stage's
+//! Tasks summarize the join keys of their output ([`KeySummary`]), the coordinator combines the
+//! summaries into one Bloom filter ([`KeyFilter::combine`]), and the probe Stage, which now
+//! starts after the build Stage, drops every row whose keys the filter rules out before it
+//! stores its output ([`filter_stream`]).
+//!
+//! A Bloom filter has false positives, never false negatives: a dropped row matches no build
+//! row, and only join types whose output never depends on an unmatched probe row are linked. A
+//! filter that would let nearly everything through is not sent, and a probe Task stops
+//! applying one that turns out to keep nearly every row.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::array::{BooleanArray, RecordBatch};
+use datafusion::arrow::buffer::NullBuffer;
+use datafusion::arrow::compute::filter_record_batch;
+use datafusion::common::hash_utils::{create_hashes, RandomState};
+use datafusion::common::{exec_err, NullEquality, Result};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::limit::{GlobalLimitExec, LocalLimitExec};
+use datafusion::physical_plan::joins::HashJoinExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
+use futures::StreamExt;
+
+use super::{Stage, StageId, StageReaderExec};
+use crate::config::{
+    KEY_FILTER_BITS_MIN, KEY_FILTER_BITS_PER_KEY, KEY_FILTER_DENSITY_MAX, KEY_FILTER_KEEP_FRACTION_MAX, KEY_FILTER_SAMPLE_ROWS,
+    KEY_SUMMARY_BITS, KEY_SUMMARY_HASHES_MAX,
+};
+
+/// The hash both sides compute over the key columns. Fixed, so that every process agrees; apart
+/// from the shuffle's, so that a filter's bits do not follow the partitions.
+const KEY_HASH: RandomState = RandomState::with_seed(0x5155_4956_4552_4b46);
+
+/// Where a Stage's rows are filtered by another Stage's join keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFilterLink {
+    /// The Stage whose output is the join's build side: it runs first.
+    pub build: StageId,
+    /// The join key columns of this (the probe) Stage's output, in the order of the build's.
+    pub probe_keys: Vec<usize>,
+}
+
+/// Links the probe Stage of every hash join whose two inputs are Stages to its build Stage:
+/// the build Stage summarizes its join key columns (`Stage::key_summary`) and the probe Stage
+/// filters by them (`Stage::key_filter`). Only joins whose result no unmatched probe row can
+/// change, and whose build side may hold fewer keys than its tables, are linked; a Stage takes
+/// part in at most one link on each side.
+pub(super) fn link_stages(stages: &mut [Stage], root: &Arc<dyn ExecutionPlan>) {
+    let mut links = Vec::new();
+    for plan in stages.iter().map(|s| &s.fragment).chain([root]) {
+        collect_links(plan, &mut links);
+    }
+    for (build, build_keys, probe, probe_keys) in links {
+        let (Some(b), Some(p)) = (stages.get(build), stages.get(probe)) else { continue };
+        if b.key_summary.is_some() || p.key_filter.is_some() || !narrows(&b.fragment, stages) {
+            continue;
+        }
+        stages[build].key_summary = Some(build_keys);
+        stages[probe].key_filter = Some(KeyFilterLink { build, probe_keys });
+    }
+}
+
+type Link = (StageId, Vec<usize>, StageId, Vec<usize>);
+
+/// Whether a build side may hold fewer keys than its tables: something below it drops rows (a
+/// filter, a HAVING, a limit), in its Stage or the Stages it reads. A build side that is a whole
+/// table (the primary key side of a foreign key join) holds every key the probe side has: its
+/// filter would cost a wait and a hash per row, and drop nothing.
+fn narrows(plan: &Arc<dyn ExecutionPlan>, stages: &[Stage]) -> bool {
+    let any = plan.as_ref();
+    if any.downcast_ref::<FilterExec>().is_some() || any.downcast_ref::<GlobalLimitExec>().is_some() || any.downcast_ref::<LocalLimitExec>().is_some() {
+        return true;
+    }
+    if let Some(reader) = plan.downcast_ref::<StageReaderExec>() {
+        return stages.get(reader.stage()).is_some_and(|s| narrows(&s.fragment, stages));
+    }
+    plan.children().into_iter().any(|child| narrows(child, stages))
+}
+
+fn collect_links(plan: &Arc<dyn ExecutionPlan>, links: &mut Vec<Link>) {
+    if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
+        links.extend(join_link(join));
+    }
+    for child in plan.children() {
+        collect_links(child, links);
+    }
+}
+
+/// The (build Stage, build keys, probe Stage, probe keys) of a join between two Stage readers
+/// whose probe side may lose its unmatched rows.
+fn join_link(join: &HashJoinExec) -> Option<Link> {
+    // A probe row without a partner must leave no trace in the result: not as a row of its own
+    // (right, full, right anti/mark joins), not as a NULL that empties a NOT IN (null-aware anti
+    // joins), and NULL keys must match nothing.
+    let (_, probe_may_shrink) = join.join_type().on_lr_is_preserved();
+    if !probe_may_shrink || join.null_aware || join.null_equality() != NullEquality::NullEqualsNothing {
+        return None;
+    }
+    let build = reader_stage(join.left())?;
+    let probe = reader_stage(join.right())?;
+    let (left, right) = (join.left().schema(), join.right().schema());
+    let mut build_keys = Vec::new();
+    let mut probe_keys = Vec::new();
+    for (l, r) in join.on() {
+        let (l, r) = (column(l)?, column(r)?);
+        // Equal types hash alike; anything else is left to the join.
+        if left.field(l).data_type() != right.field(r).data_type() {
+            return None;
+        }
+        build_keys.push(l);
+        probe_keys.push(r);
+    }
+    (!build_keys.is_empty()).then_some((build, build_keys, probe, probe_keys))
+}
+
+/// The Stage a join input reads, when the input is a Stage reader (or the merge of one).
+fn reader_stage(plan: &Arc<dyn ExecutionPlan>) -> Option<StageId> {
+    let plan = match plan.downcast_ref::<CoalescePartitionsExec>() {
+        Some(merge) => merge.input(),
+        None => plan,
+    };
+    plan.downcast_ref::<StageReaderExec>().map(StageReaderExec::stage)
+}
+
+fn column(expr: &Arc<dyn PhysicalExpr>) -> Option<usize> {
+    expr.downcast_ref::<Column>().map(Column::index)
+}
+
+/// The key hashes of `batch`'s rows, and which rows have a NULL key (they match nothing).
+fn key_hashes(batch: &RecordBatch, keys: &[usize], hashes: &mut Vec<u64>) -> Result<Option<NullBuffer>> {
+    let mut columns = Vec::with_capacity(keys.len());
+    for &k in keys {
+        let Some(column) = batch.columns().get(k) else {
+            return exec_err!("join key column {k} is not in a batch of {} columns", batch.num_columns());
+        };
+        columns.push(Arc::clone(column));
+    }
+    hashes.clear();
+    hashes.resize(batch.num_rows(), 0);
+    create_hashes(&columns, &KEY_HASH, hashes)?;
+    let nulls = columns.iter().fold(None, |acc: Option<NullBuffer>, c| NullBuffer::union(acc.as_ref(), c.logical_nulls().as_ref()));
+    Ok(nulls)
+}
+
+/// The three bit positions of a key hash (double hashing), before reduction to a filter's size:
+/// reduced modulo any power of two, so that a filter can be folded to a smaller one.
+fn positions(hash: u64) -> [u64; 3] {
+    let step = hash.rotate_left(32) | 1;
+    [hash, hash.wrapping_add(step), hash.wrapping_add(step.wrapping_mul(2))]
+}
+
+/// A bit set whose size is a power of two.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn zeros(bits: usize) -> Self {
+        Self(vec![0; bits.max(64) / 64])
+    }
+
+    fn mask(&self) -> u64 {
+        (self.0.len() as u64 * 64) - 1
+    }
+
+    fn insert(&mut self, hash: u64) {
+        let mask = self.mask();
+        for p in positions(hash) {
+            let p = p & mask;
+            self.0[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+
+    fn contains(&self, hash: u64) -> bool {
+        let mask = self.mask();
+        positions(hash).iter().all(|p| {
+            let p = p & mask;
+            self.0[(p / 64) as usize] & (1 << (p % 64)) != 0
+        })
+    }
+
+    /// ORs `other`, of a size at least this one's, into this one: bit `p` of `other` is bit
+    /// `p mod size` here, exactly where a key of `other` lands in this size.
+    fn fold_in(&mut self, other: &[u64]) {
+        let words = self.0.len();
+        for (i, word) in other.iter().enumerate() {
+            self.0[i % words] |= word;
+        }
+    }
+
+    fn density(&self) -> f64 {
+        let ones: u64 = self.0.iter().map(|w| w.count_ones() as u64).sum();
+        ones as f64 / (self.0.len() as f64 * 64.0)
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        self.0.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    fn from_bytes(bytes: &[u8], max_bits: usize) -> Result<Self> {
+        let words = bytes.len() / 8;
+        if bytes.len() % 8 != 0 || !words.is_power_of_two() || words * 64 > max_bits {
+            return exec_err!("a join key filter of {} bytes: expected a power of two of 8-byte words, at most {} bits", bytes.len(), max_bits);
+        }
+        Ok(Self(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()))
+    }
+}
+
+/// The join keys of one build Task's output, as its worker reports them: the distinct key
+/// hashes while they are few, else a Bloom filter of `KEY_SUMMARY_BITS` bits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SummaryForm {
+    Hashes(Vec<u64>),
+    Bits(Vec<u8>),
+}
+
+/// Summarizes the join keys of a build Task's output as it is written.
+#[derive(Debug)]
+pub struct KeySummary {
+    keys: Vec<usize>,
+    bits: Bits,
+    /// Every key hash while there are at most `KEY_SUMMARY_HASHES_MAX`; None beyond.
+    hashes: Option<Vec<u64>>,
+    scratch: Vec<u64>,
+}
+
+impl KeySummary {
+    pub fn new(keys: Vec<usize>) -> Self {
+        Self { keys, bits: Bits::zeros(KEY_SUMMARY_BITS), hashes: Some(Vec::new()), scratch: Vec::new() }
+    }
+
+    pub fn add(&mut self, batch: &RecordBatch) -> Result<()> {
+        let mut hashes = std::mem::take(&mut self.scratch);
+        let nulls = key_hashes(batch, &self.keys, &mut hashes)?;
+        for (row, &hash) in hashes.iter().enumerate() {
+            if nulls.as_ref().is_some_and(|n| n.is_null(row)) {
+                continue;
+            }
+            self.bits.insert(hash);
+            if let Some(list) = &mut self.hashes {
+                list.push(hash);
+            }
+        }
+        if let Some(list) = &mut self.hashes {
+            if list.len() > KEY_SUMMARY_HASHES_MAX {
+                list.sort_unstable();
+                list.dedup();
+                if list.len() > KEY_SUMMARY_HASHES_MAX / 2 {
+                    self.hashes = None;
+                }
+            }
+        }
+        self.scratch = hashes;
+        Ok(())
+    }
+
+    /// The summary of every batch added so far; it leaves the summary empty.
+    pub fn finish(&mut self) -> SummaryForm {
+        let bits = std::mem::replace(&mut self.bits, Bits(Vec::new()));
+        match self.hashes.take() {
+            Some(mut list) => {
+                list.sort_unstable();
+                list.dedup();
+                SummaryForm::Hashes(list)
+            }
+            None => SummaryForm::Bits(bits.to_bytes()),
+        }
+    }
+}
+
+/// A Bloom filter over the join keys of a whole build Stage, as the probe Stage's Tasks get it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFilter(Bits);
+
+impl KeyFilter {
+    /// Combines the summaries of every Task of a build Stage into one filter, sized for the
+    /// keys they hold; None when it would keep nearly every row anyway.
+    pub fn combine<'a>(summaries: impl IntoIterator<Item = &'a SummaryForm>) -> Option<Self> {
+        let summaries: Vec<&SummaryForm> = summaries.into_iter().collect();
+        let any_bits = summaries.iter().any(|s| matches!(s, SummaryForm::Bits(_)));
+        let keys: usize = summaries.iter().map(|s| if let SummaryForm::Hashes(h) = s { h.len() } else { 0 }).sum();
+        let size = match any_bits {
+            true => KEY_SUMMARY_BITS,
+            false => (keys * KEY_FILTER_BITS_PER_KEY).next_power_of_two().clamp(KEY_FILTER_BITS_MIN, KEY_SUMMARY_BITS),
+        };
+        let mut bits = Bits::zeros(size);
+        for summary in summaries {
+            match summary {
+                SummaryForm::Hashes(hashes) => hashes.iter().for_each(|&h| bits.insert(h)),
+                SummaryForm::Bits(bytes) => bits.fold_in(&Bits::from_bytes(bytes, KEY_SUMMARY_BITS).ok()?.0),
+            }
+        }
+        (bits.density() <= KEY_FILTER_DENSITY_MAX).then_some(Self(bits))
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.to_bytes()
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        Bits::from_bytes(bytes, KEY_SUMMARY_BITS).map(Self)
+    }
+
+    /// Which rows of `batch` may have a partner: the filter holds their keys, none NULL.
+    fn keep(&self, batch: &RecordBatch, keys: &[usize], hashes: &mut Vec<u64>) -> Result<BooleanArray> {
+        let nulls = key_hashes(batch, keys, hashes)?;
+        Ok(hashes
+            .iter()
+            .enumerate()
+            .map(|(row, &h)| Some(nulls.as_ref().is_none_or(|n| n.is_valid(row)) && self.0.contains(h)))
+            .collect())
+    }
+}
+
+/// Rows a probe Task's key filter saw and kept.
+#[derive(Debug, Default)]
+pub struct FilterCounts {
+    pub rows_in: AtomicU64,
+    pub rows_kept: AtomicU64,
+}
+
+/// `stream` without the rows `filter` rules out. After `KEY_FILTER_SAMPLE_ROWS` rows, a filter
+/// that kept more than `KEY_FILTER_KEEP_FRACTION_MAX` of them is no longer applied: it costs
+/// more than it saves.
+pub fn filter_stream(stream: SendableRecordBatchStream, filter: KeyFilter, keys: Vec<usize>, counts: Arc<FilterCounts>) -> SendableRecordBatchStream {
+    let schema = stream.schema();
+    let mut hashes = Vec::new();
+    let mut applying = true;
+    let filtered = stream.map(move |batch| {
+        let batch = batch?;
+        if !applying {
+            return Ok(batch);
+        }
+        let keep = filter.keep(&batch, &keys, &mut hashes)?;
+        let kept = filter_record_batch(&batch, &keep)?;
+        let seen = counts.rows_in.fetch_add(batch.num_rows() as u64, Ordering::Relaxed) + batch.num_rows() as u64;
+        let passed = counts.rows_kept.fetch_add(kept.num_rows() as u64, Ordering::Relaxed) + kept.num_rows() as u64;
+        if seen >= KEY_FILTER_SAMPLE_ROWS && passed as f64 > seen as f64 * KEY_FILTER_KEEP_FRACTION_MAX {
+            applying = false;
+        }
+        Ok(kept)
+    });
+    Box::pin(RecordBatchStreamAdapter::new(schema, filtered))
+}
+
+/// `stream` as it is, adding the join keys of every batch to `summary` on the way.
+pub fn summarize_stream(stream: SendableRecordBatchStream, summary: Arc<Mutex<KeySummary>>) -> SendableRecordBatchStream {
+    let schema = stream.schema();
+    let summarized = stream.map(move |batch| {
+        let batch = batch?;
+        summary.lock().expect("key summary lock").add(&batch)?;
+        Ok(batch)
+    });
+    Box::pin(RecordBatchStreamAdapter::new(schema, summarized))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    fn batch(ids: Vec<Option<i64>>) -> RecordBatch {
+        let names: Vec<String> = ids.iter().map(|i| format!("n{i:?}")).collect();
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, true), Field::new("name", DataType::Utf8, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))]).unwrap()
+    }
+
+    fn kept(filter: &KeyFilter, probe: &RecordBatch) -> Vec<bool> {
+        let keep = filter.keep(probe, &[0], &mut Vec::new()).unwrap();
+        keep.iter().map(|b| b.unwrap()).collect()
+    }
+
+    #[test]
+    fn every_build_key_passes_and_null_keys_never_do() {
+        let mut summary = KeySummary::new(vec![0]);
+        summary.add(&batch((0..1000).map(|i| Some(i * 7)).chain([None]).collect())).unwrap();
+        let filter = KeyFilter::combine([&summary.finish()]).unwrap();
+        let probe = batch((0..7000).map(Some).chain([None]).collect());
+        let keep = kept(&filter, &probe);
+        assert!((0..1000).all(|i| keep[i * 7]), "a build key was ruled out");
+        assert!(!keep[7000], "a NULL key has no partner");
+        let false_positives = (0..7000).filter(|i| i % 7 != 0 && keep[*i]).count();
+        assert!(false_positives < 600, "{false_positives} of 6000 absent keys passed");
+    }
+
+    #[test]
+    fn summaries_too_large_for_hashes_fold_into_the_same_filter() {
+        // One Task with more keys than a hash list holds reports bits; another reports hashes.
+        let mut large = KeySummary::new(vec![0]);
+        let many = KEY_SUMMARY_HASHES_MAX as i64 + 10;
+        large.add(&batch((0..many).map(Some).collect())).unwrap();
+        let large = large.finish();
+        assert!(matches!(large, SummaryForm::Bits(_)));
+        let mut small = KeySummary::new(vec![0]);
+        small.add(&batch(vec![Some(-5), Some(-5), Some(-9)])).unwrap();
+        let small = small.finish();
+        assert_eq!(small, SummaryForm::Hashes({
+            let mut h = Vec::new();
+            key_hashes(&batch(vec![Some(-9), Some(-5)]), &[0], &mut h).unwrap();
+            h.sort_unstable();
+            h
+        }));
+        let filter = KeyFilter::combine([&large, &small]).unwrap();
+        let probe = batch((-10..many).map(Some).collect());
+        let keep = kept(&filter, &probe);
+        assert!(keep[5] && keep[1] && (10..keep.len()).all(|i| keep[i]));
+        let bytes = filter.to_bytes();
+        assert_eq!(KeyFilter::from_bytes(&bytes).unwrap(), filter);
+    }
+
+    #[test]
+    fn an_empty_build_side_rules_out_every_row_and_a_full_one_is_not_sent() {
+        let empty = KeySummary::new(vec![0]).finish();
+        let filter = KeyFilter::combine([&empty]).unwrap();
+        assert!(kept(&filter, &batch((0..100).map(Some).collect())).iter().all(|k| !k));
+        let dense = SummaryForm::Bits(vec![0xff; KEY_SUMMARY_BITS / 8]);
+        assert!(KeyFilter::combine([&dense]).is_none());
+        assert!(KeyFilter::from_bytes(&[0; 24]).is_err(), "not a power of two");
+    }
+
+    #[tokio::test]
+    async fn a_filter_that_keeps_nearly_everything_stops_being_applied() {
+        let mut summary = KeySummary::new(vec![0]);
+        summary.add(&batch((0..100).map(Some).collect())).unwrap();
+        let filter = KeyFilter::combine([&summary.finish()]).unwrap();
+        let rows = KEY_FILTER_SAMPLE_ROWS as i64;
+        // Every key of the first batches is in the build side; the last batch's are not.
+        let batches = vec![Ok(batch((0..rows).map(|i| Some(i % 100)).collect())), Ok(batch((1000..1100).map(Some).collect()))];
+        let schema = batch(vec![]).schema();
+        let stream = Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::iter(batches)));
+        let counts = Arc::new(FilterCounts::default());
+        let out: Vec<RecordBatch> = filter_stream(stream, filter, vec![0], Arc::clone(&counts)).map(|b| b.unwrap()).collect().await;
+        assert_eq!(out.iter().map(RecordBatch::num_rows).sum::<usize>(), rows as usize + 100);
+        assert_eq!(counts.rows_in.load(Ordering::Relaxed), rows as u64);
+    }
+}

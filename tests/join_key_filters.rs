@@ -1,0 +1,106 @@
+//! Join key filters across Stages: the probe Stage of a join between two Stages drops the rows
+//! whose keys the build side lacks. Answers must be those of single-node DataFusion for every
+//! join type (the filter may only drop rows the join would), with NULL keys, duplicates and an
+//! empty build side; and the filter must really drop rows.
+
+mod common;
+
+use common::*;
+
+const TABLES: [&str; 3] = [
+    // Every third id of `big` has a partner in `small`; both have NULL keys and duplicates.
+    "CREATE TABLE kf_big AS SELECT CASE WHEN value % 101 = 0 THEN NULL ELSE value END AS id, value % 7 AS g FROM generate_series(1, 30000) \
+     UNION ALL SELECT value AS id, 8 AS g FROM generate_series(1, 3000)",
+    "CREATE TABLE kf_small AS SELECT CASE WHEN value % 50 = 0 THEN NULL ELSE value * 3 END AS id, value % 5 AS h FROM generate_series(1, 4000) \
+     UNION ALL SELECT value * 3 AS id, 9 AS h FROM generate_series(1, 200)",
+    "CREATE TABLE kf_pairs AS SELECT value % 3000 AS a, value % 11 AS b, value AS v FROM generate_series(1, 20000)",
+];
+
+/// The build sides drop rows (a filter): a whole table as a build side is not linked, its keys
+/// would drop nothing.
+const QUERIES: [&str; 15] = [
+    "SELECT b.g, count(*), sum(s.h) FROM kf_big b JOIN (SELECT * FROM kf_small WHERE h <> 3) s ON b.id = s.id GROUP BY b.g",
+    "SELECT s.h, count(*), count(b.id) FROM (SELECT * FROM kf_small WHERE h <> 3) s JOIN kf_big b ON b.id = s.id GROUP BY s.h",
+    "SELECT b.g, count(*), count(s.id) FROM kf_big b LEFT JOIN (SELECT * FROM kf_small WHERE h <> 3) s ON b.id = s.id GROUP BY b.g",
+    "SELECT s.h, count(*), count(b.id) FROM kf_big b RIGHT JOIN (SELECT * FROM kf_small WHERE h <> 3) s ON b.id = s.id GROUP BY s.h",
+    "SELECT count(*), count(b.id), count(s.id) FROM kf_big b FULL JOIN (SELECT * FROM kf_small WHERE h <> 3) s ON b.id = s.id",
+    "SELECT g, count(*) FROM kf_big WHERE id IN (SELECT id FROM kf_small WHERE h <> 3) GROUP BY g",
+    "SELECT g, count(*) FROM kf_big b WHERE EXISTS (SELECT 1 FROM kf_small s WHERE s.id = b.id AND s.h <> 3) GROUP BY g",
+    "SELECT g, count(*) FROM kf_big b WHERE NOT EXISTS (SELECT 1 FROM kf_small s WHERE s.id = b.id AND s.h <> 3) GROUP BY g",
+    "SELECT g, count(*) FROM kf_big WHERE id NOT IN (SELECT id FROM kf_small WHERE h <> 3) GROUP BY g",
+    "SELECT g, count(*) FROM kf_big WHERE id NOT IN (SELECT id FROM kf_small WHERE id IS NOT NULL) GROUP BY g",
+    "SELECT h, count(*) FROM kf_small s WHERE NOT EXISTS (SELECT 1 FROM kf_big b WHERE s.id = b.id AND b.g <> 2) GROUP BY h",
+    "SELECT h, count(*) FROM (SELECT * FROM kf_small WHERE h <> 3) s WHERE NOT EXISTS (SELECT 1 FROM kf_big b WHERE s.id = b.id) GROUP BY h",
+    "SELECT b.g, count(*) FROM kf_big b JOIN (SELECT * FROM kf_small WHERE h > 100) n ON b.id = n.id GROUP BY b.g",
+    "SELECT n.h, count(*) FROM kf_big b RIGHT JOIN (SELECT * FROM kf_small WHERE h > 100) n ON b.id = n.id GROUP BY n.h",
+    "SELECT p.b, count(*), sum(q.v) FROM kf_pairs p JOIN kf_pairs q ON p.a = q.a AND p.b = q.b AND q.v < 2000 GROUP BY p.b",
+];
+
+async fn cluster_with_tables(workers: usize, slots: usize) -> TestCluster {
+    let t = TestCluster::start_with(workers, quiver::config::WorkerConfig { slots, memory_limit_bytes: 1 << 30, ..Default::default() }).await;
+    for sql in TABLES {
+        t.both(sql).await;
+    }
+    t.run_all(&SHUFFLE_JOINS).await;
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_join_type_gives_the_single_node_answer_with_key_filters_on_and_off() {
+    let t = cluster_with_tables(2, 2).await;
+    for on in [true, false] {
+        t.run_all(&[&format!("SET quiver.join_key_filters = {on}")]).await;
+        for sql in QUERIES {
+            t.check_same(sql).await;
+        }
+    }
+}
+
+/// Also with every adaptive mechanism acting everywhere: split and coalesced partitions, scan
+/// slices cut at dispatch and speculative Attempts all report their keys or filter their rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_filters_agree_with_every_adaptive_mechanism() {
+    let t = cluster_with_tables(2, 2).await;
+    t.run_all(&ADAPTIVE_EVERYWHERE).await;
+    for sql in QUERIES {
+        t.check_same(sql).await;
+    }
+}
+
+fn filtered_stage(dag: &str) -> Option<(u64, u64)> {
+    let line = dag.lines().find(|l| l.starts_with("Stage ") && l.contains("key_filter_rows="))?;
+    let counts = line.split("key_filter_rows=").nth(1)?.split(' ').next()?;
+    let (kept, seen) = counts.split_once('/')?;
+    Some((kept.parse().ok()?, seen.parse().ok()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_probe_stage_drops_the_rows_whose_keys_the_build_side_lacks() {
+    let t = cluster_with_tables(2, 2).await;
+    let sql = "SELECT b.g, count(*) FROM kf_big b JOIN (SELECT * FROM kf_small WHERE h <> 3) s ON b.id = s.id GROUP BY b.g";
+    let explain = t.cluster_rows(&format!("EXPLAIN {sql}")).await;
+    let dag = &explain[2][1];
+    assert!(dag.contains("summarizes its join keys") && dag.contains("keeps only rows whose join keys stage"), "{dag}");
+    let analyze = t.cluster_rows(&format!("EXPLAIN ANALYZE {sql}")).await;
+    let (kept, seen) = filtered_stage(&analyze[0][1]).unwrap_or_else(|| panic!("no Stage filtered its rows:\n{}", analyze[0][1]));
+    // 33000 probe rows, of which about 3300 have a partner; a Bloom filter lets a few percent
+    // of the others through.
+    assert!(seen == 33000 && kept < seen / 4 && kept >= 3000, "kept {kept} of {seen}");
+
+    // A whole table as the build side holds every key: no link.
+    let whole = "SELECT b.g, count(*) FROM kf_big b JOIN kf_small s ON b.id = s.id GROUP BY b.g";
+    let explain = t.cluster_rows(&format!("EXPLAIN {whole}")).await;
+    assert!(!explain[2][1].contains("keeps only rows"), "{}", explain[2][1]);
+
+    // Probe Tasks that do not wait for the build Stage may start unfiltered, never wrong.
+    t.run_all(&["SET quiver.join_key_filter_wait = false"]).await;
+    for sql in QUERIES {
+        t.check_same(sql).await;
+    }
+
+    t.run_all(&["SET quiver.join_key_filters = false"]).await;
+    let explain = t.cluster_rows(&format!("EXPLAIN {sql}")).await;
+    assert!(!explain[2][1].contains("keeps only rows"), "{}", explain[2][1]);
+    let analyze = t.cluster_rows(&format!("EXPLAIN ANALYZE {sql}")).await;
+    assert_eq!(filtered_stage(&analyze[0][1]), None, "{}", analyze[0][1]);
+}
