@@ -77,8 +77,7 @@ type Link = (StageId, Vec<usize>, StageId, Vec<usize>);
 /// table (the primary key side of a foreign key join) holds every key the probe side has: its
 /// filter would cost a wait and a hash per row, and drop nothing.
 fn narrows(plan: &Arc<dyn ExecutionPlan>, stages: &[Stage]) -> bool {
-    let any = plan.as_ref();
-    if any.downcast_ref::<FilterExec>().is_some() || any.downcast_ref::<GlobalLimitExec>().is_some() || any.downcast_ref::<LocalLimitExec>().is_some() {
+    if plan.downcast_ref::<FilterExec>().is_some() || plan.downcast_ref::<GlobalLimitExec>().is_some() || plan.downcast_ref::<LocalLimitExec>().is_some() {
         return true;
     }
     if let Some(reader) = plan.downcast_ref::<StageReaderExec>() {
