@@ -10,6 +10,8 @@
 //! does not answer, refuses credentials or lacks the bucket fails in seconds, without a storm of
 //! retries.
 
+pub mod pruning;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;

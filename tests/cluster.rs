@@ -287,6 +287,36 @@ async fn a_query_over_small_files_runs_on_the_coordinator_and_says_so() {
     assert!(dag.starts_with("Runs on the coordinator alone"), "{dag}");
 }
 
+/// A lookup that row-group statistics narrow to a few KiB is small too, however large its
+/// table: the coordinator reads the footers, prunes as the scan will, and runs it alone, where
+/// it does not queue behind other Queries' Tasks. What the predicate does not narrow, and what a
+/// join's build side filters only at run time, stays distributed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lookup_that_row_group_statistics_narrow_runs_on_the_coordinator() {
+    let mut config = many_tasks_config();
+    config.planner.small_query_max_bytes = 512 * 1024; // the table's file holds about 7 MB
+    config.write_row_group_rows = 4096;
+    let t = TestCluster::start_configured(2, quiver::config::WorkerConfig { slots: 2, memory_limit_bytes: 1 << 30, ..Default::default() }, config, None).await;
+    t.both("CREATE TABLE wide AS SELECT value AS k, value * 2 AS v, concat('row ', CAST(value AS VARCHAR)) AS s FROM generate_series(1, 300000)").await;
+    t.both("CREATE TABLE keys AS SELECT value * 1000 AS k FROM generate_series(1, 3)").await;
+    let lookup = "SELECT k, v, s FROM wide WHERE k = 4242";
+    let range = "SELECT count(*), sum(v) FROM wide WHERE k BETWEEN 100 AND 4200";
+    let broad = "SELECT count(*), sum(v) FROM wide WHERE k > 10";
+    let joined = "SELECT count(*), sum(w.v) FROM wide w JOIN keys USING (k)";
+    for sql in [lookup, range, broad, joined] {
+        t.check_same(sql).await;
+    }
+    let rows = t.cluster_rows(&format!("SELECT sql, mode FROM quiver.queries WHERE sql IN ('{lookup}', '{range}', '{broad}', '{joined}')")).await;
+    let mode = |sql: &str| rows.iter().find(|r| r[0] == sql).map(|r| r[1].clone()).unwrap_or_else(|| panic!("{sql} not in quiver.queries: {rows:?}"));
+    assert_eq!(mode(lookup), "small");
+    assert_eq!(mode(range), "small");
+    assert_eq!(mode(broad), "distributed");
+    assert_eq!(mode(joined), "distributed");
+    let explain = t.cluster_rows(&format!("EXPLAIN {lookup}")).await;
+    let dag = &explain.iter().find(|r| r[0] == "distributed_plan").expect("a distributed_plan row")[1];
+    assert!(dag.starts_with("Runs on the coordinator alone: its scans read"), "{dag}");
+}
+
 /// Workers that compress the Task outputs they serve (LZ4, Zstandard) give the answers of
 /// workers that do not, through shuffles and gathers: readers decompress what they are sent.
 /// In-process reads are off, so that every output crosses Flight (with them on, and no

@@ -24,16 +24,21 @@ pub(super) async fn explain(core: &Arc<Core>, _id: &str, plan: &LogicalPlan) -> 
     let state = core.ctx.state();
     let logical = state.optimize(plan)?;
     let physical = state.create_physical_plan(plan).await?;
-    let opts = DistributeOptions {
+    let mut opts = DistributeOptions {
         config: &core.config.planner,
         total_slots: core.cluster.total_slots().max(1),
         source: Arc::new(NotRun),
         write_dir: None,
         join_key_filters: super::session::quiver_options(core).join_key_filters,
+        pruned_input_bytes: None,
     };
     let shown = displayable(physical.as_ref()).indent(true).to_string();
     let mut subqueries = Vec::new();
     let main = super::subquery::split(physical, &mut subqueries)?;
+    // A subquery's value is unknown here (NULL below), and would prune as no row groups at all.
+    if subqueries.is_empty() {
+        opts.pruned_input_bytes = super::session::pruned_input_bytes(core, &main).await;
+    }
     let mut text = String::new();
     for (n, subquery) in subqueries.into_iter().enumerate() {
         let _ = writeln!(text, "Scalar subquery {n}: runs first as a Query of its own; its value reaches the Tasks as a literal (shown as NULL below)");

@@ -458,7 +458,15 @@ pub(super) async fn plan_query(
 ) -> Result<DistributedPlan> {
     let source = Arc::new(QueryTasks { query_id: id.to_string(), cluster: Arc::clone(&core.cluster) });
     let join_key_filters = quiver_options(core).join_key_filters;
-    let mut opts = DistributeOptions { config: &core.config.planner, total_slots: core.cluster.total_slots(), source, write_dir: write, join_key_filters };
+    let pruned_input_bytes = pruned_input_bytes(core, &physical).await;
+    let mut opts = DistributeOptions {
+        config: &core.config.planner,
+        total_slots: core.cluster.total_slots(),
+        source,
+        write_dir: write,
+        join_key_filters,
+        pruned_input_bytes,
+    };
     let plan = planner::distribute(Arc::clone(&physical), &opts)?;
     if !plan.is_distributed() || opts.total_slots > 0 {
         return Ok(plan);
@@ -470,6 +478,15 @@ pub(super) async fn plan_query(
         )));
     }
     planner::distribute(physical, &opts)
+}
+
+/// What `plan`'s scans read after row-group pruning, when that is few enough bytes for the plan
+/// to run on the coordinator alone.
+pub(super) async fn pruned_input_bytes(core: &Core, plan: &Arc<dyn ExecutionPlan>) -> Option<u64> {
+    match core.config.planner.small_query_max_bytes {
+        0 => None,
+        max => crate::storage::pruning::small_scan_bytes(plan, core.ctx.runtime_env().as_ref(), max).await,
+    }
 }
 
 /// Plans, queues the Stages' Tasks and starts the final Stage; returns the plan as executed.

@@ -29,7 +29,7 @@ fn collect_inputs(plan: &Arc<dyn ExecutionPlan>, found: &mut BTreeSet<StageId>) 
 pub(super) fn render(plan: &DistributedPlan, annotate: Option<&dyn Fn(StageId) -> String>) -> String {
     let mut out = String::new();
     if let Some(bytes) = plan.small_input_bytes {
-        let _ = writeln!(out, "Runs on the coordinator alone: its table files hold {bytes} bytes, too few to gain from workers");
+        let _ = writeln!(out, "Runs on the coordinator alone: its scans read {bytes} bytes, too few to gain from workers");
     }
     for stage in &plan.stages {
         let output = match stage.exchange {

@@ -101,8 +101,9 @@ pub struct DistributedPlan {
     pub root: Arc<dyn ExecutionPlan>,
     /// The Stage whose Tasks write the files of a distributed write (INSERT, CREATE TABLE AS).
     pub write_stage: Option<StageId>,
-    /// Set when the whole plan runs on the coordinator because its table files hold only these
-    /// bytes, at most `PlannerConfig::small_query_max_bytes`.
+    /// Set when the whole plan runs on the coordinator because its scans read only these bytes
+    /// (after row-group pruning, when the caller measured it), at most
+    /// `PlannerConfig::small_query_max_bytes`.
     pub small_input_bytes: Option<u64>,
 }
 
@@ -134,6 +135,10 @@ pub struct DistributeOptions<'a> {
     pub write_dir: Option<WriteTarget>,
     /// Link the two Stage inputs of a join with a key filter (`quiver.join_key_filters`).
     pub join_key_filters: bool,
+    /// The bytes the plan's scans read after row-group pruning, when the caller found them to
+    /// be at most `PlannerConfig::small_query_max_bytes` (`storage::pruning`): the plan then runs
+    /// on the coordinator alone even though its table files hold more.
+    pub pruned_input_bytes: Option<u64>,
 }
 
 /// Where a distributed write puts its files.
@@ -195,7 +200,9 @@ enum Output<'a> {
 
 /// Cuts `plan` into Stages. The result computes exactly what `plan` computes.
 pub fn distribute(plan: Arc<dyn ExecutionPlan>, opts: &DistributeOptions) -> Result<DistributedPlan> {
-    if let Some(bytes) = split::small_input(&plan, opts.config.small_query_max_bytes) {
+    let max_small = opts.config.small_query_max_bytes;
+    let pruned = opts.pruned_input_bytes.filter(|&b| max_small > 0 && b <= max_small);
+    if let Some(bytes) = split::small_input(&plan, max_small).or(pruned) {
         let root = match &opts.write_dir {
             Some(target) => target.coordinator_writer(single_partition(plan)),
             None => plan,

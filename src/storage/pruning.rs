@@ -1,0 +1,138 @@
+//! What a plan's Parquet scans will read, found before the plan runs: the compressed bytes of
+//! the column chunks they decode, in the row groups that their predicates do not prune by
+//! statistics. The coordinator asks before distributing a Query, so that a selective lookup on
+//! a large table counts as small and runs on the coordinator alone instead of queueing Tasks
+//! behind another Query's (a point lookup on 60 MB of `orders` reads one row group). Footers come
+//! through the process's metadata cache, the same entries the scan itself reads next, so a
+//! second Query over the same files reads nothing from the store.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
+use datafusion::datasource::physical_plan::parquet::{ParquetAccessPlan, ParquetFileMetrics, RowGroupAccessPlanFilter};
+use datafusion::datasource::physical_plan::{FileScanConfig, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::parquet::file::metadata::{ParquetMetaData, RowGroupMetaData};
+use datafusion::physical_expr::utils::collect_columns;
+use datafusion::datasource::physical_plan::FileSource;
+use datafusion::physical_optimizer::pruning::{PruningPredicate, PruningPredicateBuilder};
+use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
+use datafusion::physical_plan::ExecutionPlan;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use object_store::ObjectMeta;
+
+/// Files whose footers one estimate reads at most; a plan over more is not small.
+pub const PRUNING_FILES_MAX: usize = 64;
+/// Footers read at once on a cold cache.
+const FOOTER_READS_PARALLEL: usize = 8;
+
+/// The bytes `plan`'s file scans will read after row-group pruning, when that is at most
+/// `limit_bytes`; `None` when it is more, when a scan is not Parquet, or when a footer cannot be
+/// read (the scan will report that error itself). Stops reading footers once over the limit.
+pub async fn small_scan_bytes(plan: &Arc<dyn ExecutionPlan>, runtime: &RuntimeEnv, limit_bytes: u64) -> Option<u64> {
+    let scans = parquet_scans(plan)?;
+    let files: usize = scans.iter().map(|s| unique_files(s).len()).sum();
+    if scans.is_empty() || files > PRUNING_FILES_MAX {
+        return None;
+    }
+    let mut total = 0u64;
+    for scan in &scans {
+        total += scan_bytes(scan, runtime, limit_bytes - total).await?;
+        if total > limit_bytes {
+            return None;
+        }
+    }
+    Some(total)
+}
+
+/// The plan's file scans, or `None` when one of them is not a Parquet scan.
+fn parquet_scans(plan: &Arc<dyn ExecutionPlan>) -> Option<Vec<FileScanConfig>> {
+    let mut scans = Vec::new();
+    let mut other = false;
+    let _ = plan.apply(|node| {
+        if let Some(config) = node.downcast_ref::<DataSourceExec>().and_then(|e| e.data_source().downcast_ref::<FileScanConfig>()) {
+            match config.file_source.downcast_ref::<ParquetSource>() {
+                Some(_) => scans.push(config.clone()),
+                None => other = true,
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    (!other).then_some(scans)
+}
+
+/// A scan's files, each once: DataFusion may have cut a file into byte ranges read by several
+/// partitions, which together read every row group once.
+fn unique_files(scan: &FileScanConfig) -> Vec<&ObjectMeta> {
+    let mut seen = HashSet::new();
+    scan.file_groups.iter().flat_map(|g| g.iter()).map(|f| &f.object_meta).filter(|m| seen.insert(&m.location)).collect()
+}
+
+/// What one scan reads, or `None` once it is over `limit_bytes`.
+async fn scan_bytes(scan: &FileScanConfig, runtime: &RuntimeEnv, limit_bytes: u64) -> Option<u64> {
+    let source = scan.file_source.downcast_ref::<ParquetSource>()?;
+    let schema = Arc::clone(source.table_schema().table_schema());
+    let predicate = source.filter().and_then(|p| PruningPredicateBuilder::new().with_file_schema(Arc::clone(&schema)).build(p));
+    let columns = read_columns(source);
+    let store = runtime.object_store(&scan.object_store_url).ok()?;
+    let cache = runtime.cache_manager.get_file_metadata_cache();
+    let files: Vec<ObjectMeta> = unique_files(scan).into_iter().cloned().collect();
+    let reads = files.into_iter().map(|meta| {
+        let (store, cache) = (Arc::clone(&store), Arc::clone(&cache));
+        async move {
+            let footer = DFParquetMetadata::new(store.as_ref(), &meta).with_file_metadata_cache(Some(cache)).fetch_metadata().await;
+            footer.map(|footer| (meta, footer))
+        }
+        .boxed()
+    });
+    let mut footers = futures::stream::iter(reads).buffer_unordered(FOOTER_READS_PARALLEL);
+    let mut total = 0u64;
+    while let Some((meta, footer)) = footers.try_next().await.ok()? {
+        total += file_bytes(&meta, &footer, predicate.as_deref(), &schema, columns.as_ref());
+        if total > limit_bytes {
+            return None;
+        }
+    }
+    Some(total)
+}
+
+/// The top-level columns the scan decodes: its projection and its predicate's columns (which
+/// a pushed-down row filter reads even when it projects them away). `None` means all.
+fn read_columns(source: &ParquetSource) -> Option<HashSet<String>> {
+    let schema = source.table_schema().table_schema();
+    let indices = source.projection()?.column_indices();
+    let mut names: HashSet<String> = indices.iter().map(|&i| schema.field(i).name().clone()).collect();
+    if let Some(predicate) = source.filter() {
+        names.extend(collect_columns(&predicate).into_iter().map(|c| c.name().to_string()));
+    }
+    Some(names)
+}
+
+/// The compressed bytes of `columns` over the row groups of one file that `predicate` keeps.
+fn file_bytes(
+    meta: &ObjectMeta,
+    footer: &ParquetMetaData,
+    predicate: Option<&PruningPredicate>,
+    schema: &datafusion::arrow::datatypes::Schema,
+    columns: Option<&HashSet<String>>,
+) -> u64 {
+    let groups = footer.row_groups();
+    let mut access = RowGroupAccessPlanFilter::new(ParquetAccessPlan::new_all(groups.len()));
+    if let Some(predicate) = predicate {
+        let metrics = ParquetFileMetrics::new(0, meta.location.as_ref(), &ExecutionPlanMetricsSet::new());
+        access.prune_by_statistics(schema, footer.file_metadata().schema_descr(), groups, predicate, &metrics);
+    }
+    access.row_group_indexes().map(|i| group_bytes(&groups[i], columns)).sum()
+}
+
+fn group_bytes(group: &RowGroupMetaData, columns: Option<&HashSet<String>>) -> u64 {
+    let read = |name: Option<&String>| match (columns, name) {
+        (None, _) => true,
+        (Some(columns), Some(name)) => columns.contains(name),
+        (Some(_), None) => false,
+    };
+    group.columns().iter().filter(|c| read(c.column_path().parts().first())).map(|c| c.compressed_size().max(0) as u64).sum()
+}
