@@ -191,8 +191,9 @@ pub struct PlannerConfig {
     pub task_min_bytes: u64,
     /// Upper bound on Tasks in one Stage.
     pub tasks_per_stage_max: usize,
-    /// A plan whose table files hold at most this many bytes runs on the coordinator alone:
-    /// distributing it would cost more in round trips than its few Tasks could save. 0: never.
+    /// A plan whose scans read at most this many bytes (its table files' sizes, or the caller's
+    /// count after row-group pruning) runs on the coordinator alone: distributing it would cost
+    /// more in round trips than its few Tasks could save. 0: never.
     pub small_query_max_bytes: u64,
 }
 
@@ -277,6 +278,10 @@ pub struct WorkerConfig {
     /// read its Task outputs directly instead of over Flight. Off only to measure the gain or
     /// to test the network path in one process.
     pub in_process_reads: bool,
+    /// Each Attempt waits this long before it starts: a worker made slow on purpose, the same
+    /// on any machine and under any load (unlike `cpulimit`), for tests and benchmarks of
+    /// stragglers. The wait can be cancelled like the Attempt. 0 (the default): none.
+    pub task_delay_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -288,6 +293,7 @@ impl Default for WorkerConfig {
             advertise: None,
             shuffle_compression: ShuffleCompression::None,
             in_process_reads: true,
+            task_delay_ms: 0,
         }
     }
 }

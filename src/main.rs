@@ -70,8 +70,8 @@ struct PlannerArgs {
     /// Tasks per worker slot a scan Stage aims for.
     #[arg(long)]
     tasks_per_slot: Option<usize>,
-    /// A query whose table files hold at most this much runs on the coordinator alone, e.g.
-    /// 4MiB (the default); 0: every query that reads files is distributed.
+    /// A query whose scans read at most this much, after row-group pruning, runs on the
+    /// coordinator alone, e.g. 4MiB (the default); 0: every query that reads files is distributed.
     #[arg(long, value_parser = parse_bytes)]
     small_query_max_bytes: Option<u64>,
     /// Hand queued Tasks out first queued first, instead of by fair shares between Queries
@@ -193,6 +193,10 @@ enum Command {
         /// slow network, not on one host (see README).
         #[arg(long, value_enum, default_value = "none")]
         shuffle_compression: quiver::config::ShuffleCompression,
+        /// Make this worker slow on purpose: each Task Attempt waits this long before it
+        /// starts (tests and benchmarks of stragglers; 0: no wait).
+        #[arg(long, default_value_t = 0)]
+        task_delay_ms: u64,
     },
     /// Run a coordinator and N workers in this process, over loopback gRPC.
     Local {
@@ -383,6 +387,10 @@ enum BenchCommand {
         /// The slow worker's share of one core, in percent.
         #[arg(long, default_value_t = 25)]
         throttle_percent: u32,
+        /// Slow the third worker by this wait before each Task Attempt instead of cpulimit:
+        /// the same on any machine, whatever else runs on it.
+        #[arg(long)]
+        delay_ms: Option<u64>,
         #[arg(long, default_value_t = 1)]
         iterations: usize,
     },
@@ -500,9 +508,9 @@ async fn run(command: Command) -> Result<()> {
             }
             coordinator.shutdown().await;
         }
-        Command::Worker { coordinator, listen, security, slots, memory_limit, express_slots, advertise, shuffle_compression } => {
+        Command::Worker { coordinator, listen, security, slots, memory_limit, express_slots, advertise, shuffle_compression, task_delay_ms } => {
             let slots = slots.unwrap_or_else(quiver::config::default_parallelism);
-            let config = WorkerConfig { slots, express_slots, memory_limit_bytes: memory_limit, advertise, shuffle_compression, ..WorkerConfig::default() };
+            let config = WorkerConfig { slots, express_slots, memory_limit_bytes: memory_limit, advertise, shuffle_compression, task_delay_ms, ..WorkerConfig::default() };
             let node = node_security(&security, false, None, [Some(listen), None])?;
             let worker = Worker::start(config, &coordinator, bind(listen).await?, node).await?;
             eprintln!("worker serving on {}", worker.url());
@@ -590,9 +598,9 @@ async fn run(command: Command) -> Result<()> {
         Command::Bench { bench: BenchCommand::Skew { rows, keys, zipf, workers, partitions, data_dir, iterations } } => {
             run_skew(&SkewBench { rows, keys, zipf, workers, partitions, data_dir, iterations }).await?;
         }
-        Command::Bench { bench: BenchCommand::Straggler { sf, queries, data_dir, throttle_percent, iterations } } => {
+        Command::Bench { bench: BenchCommand::Straggler { sf, queries, data_dir, throttle_percent, delay_ms, iterations } } => {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());
-            run_straggler(&StragglerBench { sf, queries, data_dir, throttle_percent, iterations }).await?;
+            run_straggler(&StragglerBench { sf, queries, data_dir, throttle_percent, delay_ms, iterations }).await?;
         }
     }
     Ok(())

@@ -1,7 +1,8 @@
 //! `quiver bench straggler`: does a slow worker make the cluster slower than not having it?
 //!
 //! Real processes (a coordinator and worker processes of this binary), so that one worker can be
-//! throttled with `cpulimit` (Debian package `cpulimit`). Each TPC-H query runs, in one session:
+//! throttled with `cpulimit` (Debian package `cpulimit`), or, with `--delay-ms`, slowed by a wait
+//! before each Attempt, which does not depend on the machine's load. Each TPC-H query runs, in one session:
 //! on 2 healthy workers; then with a third worker held to a share of one core, with every
 //! adaptive mechanism on, with dynamic granularity off, with speculation off, and with
 //! slow-worker placement off too. Answers
@@ -25,6 +26,9 @@ pub struct StragglerBench {
     pub data_dir: PathBuf,
     /// The slow worker's share of one core, in percent.
     pub throttle_percent: u32,
+    /// When set, the slow worker waits this long before each Attempt (`--task-delay-ms`)
+    /// instead of being throttled.
+    pub delay_ms: Option<u64>,
     /// Runs per query and configuration; the fastest counts.
     pub iterations: usize,
 }
@@ -47,14 +51,20 @@ pub async fn run_straggler(bench: &StragglerBench) -> Result<()> {
     for sql in tpch::create_tables_sql(&dir) {
         client.collect(&sql).await?;
     }
-    println!(
-        "TPC-H SF {} | workers x {slots} slots | third worker at {}% of a core | best of {}",
-        bench.sf, bench.throttle_percent, bench.iterations
-    );
+    let slow = match bench.delay_ms {
+        Some(ms) => format!("waiting {ms} ms before each Attempt"),
+        None => format!("at {}% of a core", bench.throttle_percent),
+    };
+    println!("TPC-H SF {} | workers x {slots} slots | third worker {slow} | best of {}", bench.sf, bench.iterations);
     let mut runs = vec![run_all(&client, bench).await?];
-    workers.push(spawn(&exe, &worker_args)?);
+    let delay = bench.delay_ms.map(|ms| ["--task-delay-ms".to_string(), ms.to_string()]);
+    let slow_args: Vec<String> = worker_args.iter().cloned().chain(delay.into_iter().flatten()).collect();
+    workers.push(spawn(&exe, &slow_args)?);
     wait_for_workers(&client, 3).await?;
-    let _throttle = throttle(workers[2].0.id(), bench.throttle_percent)?;
+    let _throttle = match bench.delay_ms {
+        Some(_) => None,
+        None => Some(throttle(workers[2].0.id(), bench.throttle_percent)?),
+    };
     for (_, settings) in THROTTLED {
         let defaults = ["SET quiver.speculation = true", "SET quiver.slow_worker_placement = true", "SET quiver.dynamic_granularity = true"];
         for sql in defaults.iter().chain(settings.iter()) {

@@ -416,6 +416,9 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
     let job = TASK_RUNTIME.spawn({
         let (state, key) = (Arc::clone(state), key.clone());
         async move {
+            if state.config.task_delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(state.config.task_delay_ms)).await;
+            }
             open_stores(&state, task.stores)?;
             let inputs = Arc::new(inputs::TaskInputs::new(Arc::clone(&state), task.inputs, task.reads));
             let mut plan = decode_plan(&task.plan, &state.ctx.task_ctx(), Some(inputs))?;

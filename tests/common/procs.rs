@@ -136,12 +136,23 @@ impl ProcCluster {
         self.add_worker_at(format!("127.0.0.1:{}", free_port()), None)
     }
 
+    /// Starts one more worker on a free loopback port with `extra` arguments besides the
+    /// cluster's worker arguments; returns its index.
+    pub fn add_worker_with(&mut self, extra: &[&str]) -> usize {
+        self.spawn_worker(format!("127.0.0.1:{}", free_port()), None, extra)
+    }
+
     /// Starts one more worker listening on `addr`, in network namespace `netns` if given.
     pub fn add_worker_at(&mut self, addr: String, netns: Option<String>) -> usize {
+        self.spawn_worker(addr, netns, &[])
+    }
+
+    fn spawn_worker(&mut self, addr: String, netns: Option<String>, extra: &[&str]) -> usize {
         let index = self.workers.len();
         let mut args: Vec<String> = vec!["worker".into(), "--coordinator".into(), self.coordinator_url.clone()];
         args.extend(["--listen".into(), addr.clone()]);
         args.extend(self.worker_args.iter().cloned());
+        args.extend(extra.iter().map(|a| a.to_string()));
         let child = spawn(netns.as_deref(), &args, &self.log(&format!("worker-{index}")));
         self.workers.push(Worker { addr, netns, process: Some(child) });
         index
