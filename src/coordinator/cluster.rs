@@ -798,7 +798,7 @@ fn choose(
         }
         // A slow worker leaves what the faster ones have room for to them.
         let slow = queued.slow_pace.filter(|&limit| pace > limit);
-        if slow.is_some_and(|limit| policy::leave_to_faster_workers(ready, workers.free_slots_at_pace(limit))) {
+        if slow.is_some_and(|limit| policy::leave_to_faster_workers(ready, pace, workers.slots_at_pace(limit))) {
             continue;
         }
         // Among equal shares, the Query with the fewest Tasks left (a small Query finishes

@@ -86,6 +86,8 @@ const PACE_WEIGHT: f64 = 0.3;
 /// A single sample counts at most this far from 1 either way: one odd Task cannot condemn a
 /// worker for long.
 const PACE_RATIO_MAX: f64 = 20.0;
+/// A pace's excess over 1 halves every this long without a new sample (see [`pace_now`]).
+pub const PACE_HALF_LIFE_MS: u64 = 10_000;
 
 /// The median of `durations`, when there are enough of them to judge a pace by.
 pub fn median_if_enough(durations: &mut [Duration]) -> Option<Duration> {
@@ -103,11 +105,20 @@ pub fn pace_after(pace: f64, ratio: f64) -> f64 {
     pace * (1.0 - PACE_WEIGHT) + ratio * PACE_WEIGHT
 }
 
+/// A worker's pace `since` its last sample: the excess over 1 halves every
+/// [`PACE_HALF_LIFE_MS`]. A worker left without Tasks for being slow gets no new samples; this
+/// way it is tried again, and a worker that was slow only for a while is not shunned for good.
+pub fn pace_now(pace: f64, since: Duration) -> f64 {
+    1.0 + (pace - 1.0) * 0.5f64.powf(since.as_secs_f64() * 1e3 / PACE_HALF_LIFE_MS as f64)
+}
+
 /// Whether a worker whose pace is over the limit leaves the ready Attempts to the faster
-/// workers: only while they have a free slot for each of them, so that a slow worker still
-/// helps when the others are full, and is never the last Task's only taker.
-pub fn leave_to_faster_workers(ready: usize, faster_free_slots: usize) -> bool {
-    ready <= faster_free_slots
+/// workers (after LATE, OSDI 2008). While it runs one Attempt, `pace` times a typical one, each
+/// faster slot runs about `pace` of them: when the faster slots can clear every ready Attempt
+/// in that time, the slow worker's taking one would only make it the Stage's last. With more
+/// ready than that, it helps.
+pub fn leave_to_faster_workers(ready: usize, pace: f64, faster_slots: usize) -> bool {
+    ready as f64 <= faster_slots as f64 * pace.min(PACE_RATIO_MAX)
 }
 
 /// Whether a worker using `used` of its `limit` bytes is too full to take a new Task while
@@ -182,7 +193,25 @@ mod tests {
         assert!(pace_after(1.0, 1e9) <= 1.0 * 0.7 + PACE_RATIO_MAX * 0.3);
         assert_eq!(median_if_enough(&mut [ms(1), ms(2)]), None);
         assert_eq!(median_if_enough(&mut [ms(9), ms(1), ms(5)]), Some(ms(5)));
-        assert!(leave_to_faster_workers(2, 2) && !leave_to_faster_workers(3, 2));
+    }
+
+    #[test]
+    fn a_slow_worker_leaves_what_the_faster_slots_clear_while_it_runs_one_attempt() {
+        // Pace 4, 2 faster slots: they run 8 Attempts while it runs one.
+        assert!(leave_to_faster_workers(8, 4.0, 2));
+        assert!(!leave_to_faster_workers(9, 4.0, 2));
+        // With no faster worker, a slow one takes everything.
+        assert!(!leave_to_faster_workers(1, 4.0, 0));
+        // A single odd pace cannot bench a worker beyond PACE_RATIO_MAX.
+        assert!(!leave_to_faster_workers(2 * PACE_RATIO_MAX as usize + 1, 1e9, 2));
+    }
+
+    #[test]
+    fn a_pace_without_news_returns_to_one() {
+        assert_eq!(pace_now(5.0, Duration::ZERO), 5.0);
+        assert!((pace_now(5.0, Duration::from_millis(PACE_HALF_LIFE_MS)) - 3.0).abs() < 1e-9);
+        assert!((pace_now(0.5, Duration::from_millis(PACE_HALF_LIFE_MS)) - 0.75).abs() < 1e-9);
+        assert!(pace_now(20.0, Duration::from_secs(600)) < 1.01);
     }
 
     #[test]

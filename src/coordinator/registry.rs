@@ -27,6 +27,8 @@ pub struct WorkerRecord {
     /// How long its Attempts take against their Stages' medians (1 is typical; see
     /// `policy::pace_after`).
     pub pace: f64,
+    /// When `pace` last had a sample: it returns towards 1 from then (`policy::pace_now`).
+    paced_at: Instant,
     /// Other workers it could not connect to, as its last heartbeat said.
     pub unreachable_peers: Vec<String>,
     last_seen: Instant,
@@ -35,6 +37,13 @@ pub struct WorkerRecord {
     /// Its connection to the coordinator dropped a poll half-way: it may have died. A probe
     /// of its port tells before its heartbeats are missed for good.
     suspected: bool,
+}
+
+impl WorkerRecord {
+    /// Its pace as of now (see `policy::pace_now`).
+    pub fn pace_now(&self) -> f64 {
+        policy::pace_now(self.pace, self.paced_at.elapsed())
+    }
 }
 
 /// What a heartbeat says of its worker.
@@ -69,6 +78,7 @@ impl Registry {
             express_slots,
             express_assigned: 0,
             pace: 1.0,
+            paced_at: now,
             unreachable_peers: Vec::new(),
             last_seen: now,
             session,
@@ -180,18 +190,19 @@ impl Registry {
     /// An Attempt on worker `id` took `ratio` times its Stage's median.
     pub fn paced(&mut self, id: &str, ratio: f64) {
         if let Some(w) = self.workers.get_mut(id) {
-            w.pace = policy::pace_after(w.pace, ratio);
+            w.pace = policy::pace_after(w.pace_now(), ratio);
+            w.paced_at = Instant::now();
         }
     }
 
-    /// The pace of live worker `id`; 1 when unknown.
+    /// The pace of live worker `id` now; 1 when unknown.
     pub fn pace(&self, id: &str) -> f64 {
-        self.workers.get(id).map_or(1.0, |w| w.pace)
+        self.workers.get(id).map_or(1.0, WorkerRecord::pace_now)
     }
 
-    /// Free slots on the live workers no slower than `pace`, by the coordinator's count.
-    pub fn free_slots_at_pace(&self, pace: f64) -> usize {
-        self.live().filter(|w| w.pace <= pace).map(|w| w.slots.saturating_sub(w.assigned) as usize).sum()
+    /// Slots of the live workers no slower than `pace`.
+    pub fn slots_at_pace(&self, pace: f64) -> usize {
+        self.live().filter(|w| w.pace_now() <= pace).map(|w| w.slots as usize).sum()
     }
 
     /// Free slots of the live workers other than `id`.

@@ -111,7 +111,7 @@ impl SystemTable {
                     u32s(w.iter().map(|w| w.running_tasks)),
                     u64s(w.iter().map(|w| w.memory_limit_bytes)),
                     u64s(w.iter().map(|w| w.memory_used_bytes)),
-                    Arc::new(Float64Array::from_iter_values(w.iter().map(|w| w.pace))) as ArrayRef,
+                    Arc::new(Float64Array::from_iter_values(w.iter().map(|w| w.pace_now()))) as ArrayRef,
                     u32s(w.iter().map(|w| w.express_slots)),
                     u32s(w.iter().map(|w| w.express_assigned)),
                     opt_strings(peer_lists.iter().map(|p| p.as_deref())),
