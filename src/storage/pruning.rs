@@ -15,7 +15,7 @@ use datafusion::datasource::physical_plan::parquet::{ParquetAccessPlan, ParquetF
 use datafusion::datasource::physical_plan::{FileScanConfig, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::runtime_env::RuntimeEnv;
-use datafusion::parquet::file::metadata::{ParquetMetaData, RowGroupMetaData};
+use datafusion::parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, RowGroupMetaData};
 use datafusion::physical_expr::utils::collect_columns;
 use datafusion::datasource::physical_plan::FileSource;
 use datafusion::physical_optimizer::pruning::{PruningPredicate, PruningPredicateBuilder};
@@ -34,13 +34,19 @@ const FOOTER_READS_PARALLEL: usize = 8;
 /// read (the scan will report that error itself). Stops reading footers once over the limit.
 pub async fn small_scan_bytes(plan: &Arc<dyn ExecutionPlan>, runtime: &RuntimeEnv, limit_bytes: u64) -> Option<u64> {
     let scans = parquet_scans(plan)?;
-    let files: usize = scans.iter().map(|s| unique_files(s).len()).sum();
-    if scans.is_empty() || files > PRUNING_FILES_MAX {
+    let files: Vec<Vec<&ObjectMeta>> = scans.iter().map(unique_files).collect();
+    let file_bytes: u64 = files.iter().flatten().map(|m| m.size).sum();
+    // Small by its files' sizes alone: no footer needs reading (the common case of a small
+    // query, whose latency this is on the path of).
+    if file_bytes <= limit_bytes {
+        return (!scans.is_empty()).then_some(file_bytes);
+    }
+    if files.iter().map(Vec::len).sum::<usize>() > PRUNING_FILES_MAX {
         return None;
     }
     let mut total = 0u64;
-    for scan in &scans {
-        total += scan_bytes(scan, runtime, limit_bytes - total).await?;
+    for (scan, files) in scans.iter().zip(&files) {
+        total += scan_bytes(scan, files, runtime, limit_bytes - total).await?;
         if total > limit_bytes {
             return None;
         }
@@ -71,19 +77,25 @@ fn unique_files(scan: &FileScanConfig) -> Vec<&ObjectMeta> {
     scan.file_groups.iter().flat_map(|g| g.iter()).map(|f| &f.object_meta).filter(|m| seen.insert(&m.location)).collect()
 }
 
-/// What one scan reads, or `None` once it is over `limit_bytes`.
-async fn scan_bytes(scan: &FileScanConfig, runtime: &RuntimeEnv, limit_bytes: u64) -> Option<u64> {
+/// What one scan reads of its `files`, or `None` once it is over `limit_bytes`.
+async fn scan_bytes(scan: &FileScanConfig, files: &[&ObjectMeta], runtime: &RuntimeEnv, limit_bytes: u64) -> Option<u64> {
     let source = scan.file_source.downcast_ref::<ParquetSource>()?;
     let schema = Arc::clone(source.table_schema().table_schema());
     let predicate = source.filter().and_then(|p| PruningPredicateBuilder::new().with_file_schema(Arc::clone(&schema)).build(p));
     let columns = read_columns(source);
     let store = runtime.object_store(&scan.object_store_url).ok()?;
     let cache = runtime.cache_manager.get_file_metadata_cache();
-    let files: Vec<ObjectMeta> = unique_files(scan).into_iter().cloned().collect();
+    let files: Vec<ObjectMeta> = files.iter().map(|&m| m.clone()).collect();
     let reads = files.into_iter().map(|meta| {
         let (store, cache) = (Arc::clone(&store), Arc::clone(&cache));
         async move {
-            let footer = DFParquetMetadata::new(store.as_ref(), &meta).with_file_metadata_cache(Some(cache)).fetch_metadata().await;
+            // Row-group statistics are in the footer: the page index is the scan's business
+            // (asking for it here would re-read it on every Query for a file that has none).
+            let footer = DFParquetMetadata::new(store.as_ref(), &meta)
+                .with_file_metadata_cache(Some(cache))
+                .with_page_index_policy(Some(PageIndexPolicy::Skip))
+                .fetch_metadata()
+                .await;
             footer.map(|footer| (meta, footer))
         }
         .boxed()
