@@ -2,7 +2,8 @@
 //! processes, one worker throttled with `cpulimit`. Its Tasks get speculative Attempts on the
 //! other workers, the first Attempt to succeed wins, and the answers stay exact; the coordinator
 //! learns the worker is slow (its pace; that test slows the worker with `--task-delay-ms`
-//! instead, so its pace does not depend on the machine's load). With
+//! instead, so its pace does not depend on the machine's load). A worker that stalls longer
+//! than the test has its superseded Attempts stopped and its slots back. With
 //! `SET quiver.speculation = false` nothing is speculated.
 
 mod common;
@@ -22,6 +23,13 @@ const THROTTLE_PERCENT: &str = "5";
 /// How long the slow worker of the pace test waits before each Attempt: many times any Task's
 /// run time here, even on a loaded machine.
 const SLOW_WORKER_DELAY_MS: &str = "1000";
+/// How long the stalled worker of the stop test waits before each Attempt: longer than the
+/// test may take, so that only stopping its Attempts frees its slots in time.
+const STALLED_WORKER_DELAY_MS: u64 = 600_000;
+/// How soon a stopped Attempt's slot is free again on its worker, heartbeats included.
+const STOP_DEADLINE: Duration = Duration::from_secs(20);
+/// Queries run while a worker stalls: after the first, only stopped Attempts free its slots.
+const QUERIES_ON_STALLED_WORKER: usize = 2;
 const QUERY_DEADLINE: Duration = Duration::from_secs(180);
 /// Queries with scans, shuffles, joins and a final sort.
 const QUERIES: [usize; 3] = [1, 3, 18];
@@ -64,11 +72,25 @@ async fn throttled_cluster() -> (ProcCluster, Client, Throttle) {
 async fn tpch_tables(cluster: &ProcCluster) -> Client {
     let client = cluster.client().await;
     cluster.wait_alive(&client, 3).await;
-    let dir = tpch::generate(cluster.dir.path(), 0.1, Layout { files: 1, row_group_rows: 20_000 }).unwrap();
-    for sql in tpch::create_tables_sql(&dir) {
+    for sql in tpch::create_tables_sql(&tpch_data(cluster)) {
         collect(&client, &sql).await;
     }
     client
+}
+
+fn tpch_data(cluster: &ProcCluster) -> std::path::PathBuf {
+    tpch::generate(cluster.dir.path(), 0.1, Layout { files: 1, row_group_rows: 20_000 }).unwrap()
+}
+
+/// `sql`'s rows from single-node DataFusion over the same files, sorted.
+async fn single_node_rows(cluster: &ProcCluster, sql: &str) -> Vec<Vec<String>> {
+    let ctx = datafusion::prelude::SessionContext::new();
+    for ddl in tpch::create_tables_sql(&tpch_data(cluster)) {
+        ctx.sql(&ddl).await.unwrap().collect().await.unwrap();
+    }
+    let mut rows = rows(&ctx.sql(sql).await.unwrap().collect().await.unwrap());
+    rows.sort();
+    rows
 }
 
 /// Runs each query, checks its answer, and returns (speculative Attempts, of them winners,
@@ -123,6 +145,47 @@ async fn a_delayed_worker_is_learned_to_be_slow() {
     assert_eq!(paces[0][0], cluster.workers[2].url(), "the delayed worker is the slowest: {paces:?}");
     assert!(paces[0][1].parse::<f64>().unwrap() > 2.0, "the delayed worker counts as slow: {paces:?}");
     assert!(paces[1][1].parse::<f64>().unwrap() < 2.0, "the healthy workers do not: {paces:?}");
+}
+
+/// A worker that stalls before every Attempt (`--task-delay-ms`, far longer than the test)
+/// holds no Query back: each Attempt it takes gets a speculative copy on a healthy worker, the
+/// copy wins, and the stalled Attempt is stopped on its worker. Its slots come back at once,
+/// long before its stall would have ended: it takes Attempts of the next Query too (a worker
+/// polls only for free slots) and ends up running none. Answers equal single-node DataFusion's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_workers_attempts_are_superseded_and_stopped() {
+    let mut cluster = ProcCluster::start(2, &SMALL_TASKS, &WORKER_ARGS);
+    let stalled = cluster.add_worker_with(&["--task-delay-ms", &STALLED_WORKER_DELAY_MS.to_string()]);
+    let client = tpch_tables(&cluster).await;
+    collect(&client, "SET quiver.speculation_min_runtime_ms = 50").await;
+    // Left to slow-worker placement, the stalled worker would soon get no Task at all.
+    collect(&client, "SET quiver.slow_worker_placement = false").await;
+    // One Stage of many Tasks, gathered by the coordinator: whatever the stalled worker takes,
+    // enough of its Stage's Tasks finish elsewhere to show that it lags. (Its comments make it
+    // read too much to run on the coordinator alone.)
+    let sql = "SELECT l_orderkey, l_linenumber, l_comment FROM lineitem WHERE l_quantity > 48";
+    let expected = single_node_rows(&cluster, sql).await;
+    for _ in 0..QUERIES_ON_STALLED_WORKER {
+        let mut got = collect(&client, sql).await;
+        got.sort();
+        assert_rows_match(sql, &got, &expected);
+    }
+    let url = cluster.workers[stalled].url();
+    let taken = collect(
+        &client,
+        &format!(
+            "SELECT count(DISTINCT t.query_id), count(*) FILTER (WHERE t.state = 'succeeded') FROM quiver.tasks t \
+             JOIN quiver.workers w ON t.worker_id = w.worker_id WHERE w.address = '{url}'"
+        ),
+    )
+    .await;
+    assert_eq!(taken[0][0], QUERIES_ON_STALLED_WORKER.to_string(), "the stalled worker took Attempts of every Query (its slots came back)");
+    assert_eq!(taken[0][1], "0", "an Attempt of the stalled worker counted");
+    let running = format!("SELECT running_tasks FROM quiver.workers WHERE address = '{url}' AND alive");
+    wait_for("the stalled worker's stopped Attempts to end", STOP_DEADLINE, || async {
+        (collect(&client, &running).await == [["0"]]).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
