@@ -68,10 +68,10 @@ async fn throttled_cluster() -> (ProcCluster, Client, Throttle) {
     (cluster, client, throttle)
 }
 
-/// A client of `cluster`, once its 3 workers are alive and TPC-H SF 0.1 is its tables.
+/// A client of `cluster`, once its workers are alive and TPC-H SF 0.1 is its tables.
 async fn tpch_tables(cluster: &ProcCluster) -> Client {
     let client = cluster.client().await;
-    cluster.wait_alive(&client, 3).await;
+    cluster.wait_alive(&client, cluster.workers.len()).await;
     for sql in tpch::create_tables_sql(&tpch_data(cluster)) {
         collect(&client, &sql).await;
     }
@@ -186,6 +186,33 @@ async fn a_stalled_workers_attempts_are_superseded_and_stopped() {
         (collect(&client, &running).await == [["0"]]).then_some(())
     })
     .await;
+}
+
+/// A Stage of one Task has no finished Task to measure it by. When its only Attempt landed on a
+/// stalled worker, it gets a speculative copy once it has run `quiver.speculation_lone_task_ms`
+/// (here on a worker that joined since), the copy wins, and the Query ends long before the
+/// stall would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lone_task_on_a_stalled_worker_is_speculated() {
+    // Default Task sizes: a small table is one Task.
+    let mut cluster = ProcCluster::start(0, &[], &WORKER_ARGS);
+    cluster.add_worker_with(&["--task-delay-ms", &STALLED_WORKER_DELAY_MS.to_string()]);
+    let client = tpch_tables(&cluster).await;
+    collect(&client, "SET quiver.speculation_lone_task_ms = 300").await;
+    let sql = "SELECT n_nationkey, n_name, n_regionkey FROM nation";
+    let expected = single_node_rows(&cluster, sql).await;
+    let query = tokio::spawn({
+        let client = cluster.client().await;
+        async move { collect(&client, sql).await }
+    });
+    let stalled = "SELECT count(*) FROM quiver.tasks WHERE state = 'running'";
+    wait_for("the stalled worker to take the Task", QUERY_DEADLINE, || async { (collect(&client, stalled).await == [["1"]]).then_some(()) }).await;
+    cluster.add_worker();
+    let mut got = query.await.unwrap();
+    got.sort();
+    assert_rows_match(sql, &got, &expected);
+    let speculated = collect(&client, "SELECT attempts_speculated, speculation_wins, tasks FROM quiver.queries WHERE sql LIKE '%FROM nation'").await;
+    assert_eq!(speculated, [["1", "1", "1"]], "one Task, speculated once, and the copy won");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

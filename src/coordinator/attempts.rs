@@ -982,7 +982,8 @@ impl QueryRun {
             .filter_map(|(_, t)| t.output.map(|n| &t.attempts[n as usize]))
             .filter_map(|a| Some(a.ended_at?.saturating_duration_since(a.assigned_at?)))
             .collect();
-        let Some(threshold) = policy.threshold(&mut finished, tasks.len()) else { return vec![] };
+        let all_running = tasks.iter().all(|(_, t)| t.output.is_some() || t.attempts.iter().any(|a| a.record.state == TaskState::Running));
+        let Some(threshold) = policy.threshold(&mut finished, tasks.len(), all_running) else { return vec![] };
         let speculative = |t: &TaskRun| t.attempts.iter().any(|a| a.record.started_as == StartedAs::Speculative);
         let spent = tasks.iter().filter(|(_, t)| speculative(t)).count();
         let mut slow: Vec<(Duration, TaskId, String)> = tasks

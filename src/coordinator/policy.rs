@@ -129,13 +129,17 @@ pub fn memory_nearly_full(used: u64, limit: u64) -> bool {
 
 /// When a running Attempt gets a speculative copy (after Spark's `spark.speculation.*`): once
 /// `quantile` of its Stage's Tasks have finished, an Attempt that has run longer than
-/// `multiplier` times their median, and at least `min_runtime`, is a straggler.
+/// `multiplier` times their median, and at least `min_runtime`, is a straggler. Before that,
+/// while every unfinished Task of the Stage runs (none waits for a slot), one that has run
+/// `lone_runtime` is: a Stage of one Task, or of a few that all landed on one stalled worker,
+/// would otherwise wait for that worker however long it takes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Speculation {
     pub quantile: f64,
     pub multiplier: f64,
     pub min_runtime: Duration,
     pub max_fraction: f64,
+    pub lone_runtime: Option<Duration>,
 }
 
 impl Speculation {
@@ -146,15 +150,20 @@ impl Speculation {
             multiplier: options.speculation_multiplier.max(1.0),
             min_runtime: Duration::from_millis(options.speculation_min_runtime_ms),
             max_fraction: options.speculation_max_fraction.clamp(0.0, 1.0),
+            lone_runtime: (options.speculation_lone_task_ms > 0).then(|| Duration::from_millis(options.speculation_lone_task_ms)),
         })
     }
 
     /// How long an Attempt of a Stage of `tasks` Tasks may run before it is a straggler, given
-    /// how long its finished Tasks took; None while too few have finished.
-    pub fn threshold(&self, finished: &mut [Duration], tasks: usize) -> Option<Duration> {
+    /// how long its finished Tasks took and whether all its unfinished Tasks run; None while
+    /// nothing can tell.
+    pub fn threshold(&self, finished: &mut [Duration], tasks: usize, all_running: bool) -> Option<Duration> {
         let needed = ((self.quantile * tasks as f64).floor() as usize).max(1);
-        if finished.len() < needed || finished.len() >= tasks {
+        if finished.len() >= tasks {
             return None;
+        }
+        if finished.len() < needed {
+            return self.lone_runtime.filter(|_| all_running).map(|lone| lone.max(self.min_runtime));
         }
         finished.sort();
         let median = finished[finished.len() / 2];
@@ -177,13 +186,28 @@ mod tests {
 
     #[test]
     fn a_straggler_is_measured_against_the_finished_median_and_the_minimum() {
-        let s = Speculation { quantile: 0.75, multiplier: 1.5, min_runtime: ms(100), max_fraction: 0.25 };
+        let s = Speculation { quantile: 0.75, multiplier: 1.5, min_runtime: ms(100), max_fraction: 0.25, lone_runtime: None };
         // 2 of 4 finished: below the quantile.
-        assert_eq!(s.threshold(&mut [ms(400), ms(200)], 4), None);
-        assert_eq!(s.threshold(&mut [ms(400), ms(200), ms(300)], 4), Some(ms(450)));
-        assert_eq!(s.threshold(&mut [ms(10), ms(20), ms(30)], 4), Some(ms(100)), "the minimum runtime holds");
-        assert_eq!(s.threshold(&mut [ms(10); 4], 4), None, "nothing left to speculate on");
+        assert_eq!(s.threshold(&mut [ms(400), ms(200)], 4, true), None);
+        assert_eq!(s.threshold(&mut [ms(400), ms(200), ms(300)], 4, true), Some(ms(450)));
+        assert_eq!(s.threshold(&mut [ms(10), ms(20), ms(30)], 4, true), Some(ms(100)), "the minimum runtime holds");
+        assert_eq!(s.threshold(&mut [ms(10); 4], 4, true), None, "nothing left to speculate on");
         assert_eq!((s.budget(1), s.budget(8), s.budget(9)), (1, 2, 3));
+    }
+
+    #[test]
+    fn a_task_with_nothing_to_compare_with_is_a_straggler_after_the_lone_runtime() {
+        let s = Speculation { quantile: 0.75, multiplier: 1.5, min_runtime: ms(100), max_fraction: 0.25, lone_runtime: Some(ms(5_000)) };
+        // A Stage of one Task, and one whose four Tasks all run.
+        assert_eq!(s.threshold(&mut [], 1, true), Some(ms(5_000)));
+        assert_eq!(s.threshold(&mut [ms(10)], 4, true), Some(ms(5_000)));
+        // While some Task waits for a slot, the Stage's own Tasks will tell soon enough.
+        assert_eq!(s.threshold(&mut [ms(10)], 4, false), None);
+        // Once enough have finished, their median decides.
+        assert_eq!(s.threshold(&mut [ms(400), ms(200), ms(300)], 4, true), Some(ms(450)));
+        assert_eq!(s.threshold(&mut [ms(10)], 1, true), None, "nothing left to speculate on");
+        let tiny = Speculation { min_runtime: ms(200), lone_runtime: Some(ms(1)), ..s };
+        assert_eq!(tiny.threshold(&mut [], 1, true), Some(ms(200)), "the minimum runtime holds");
     }
 
     #[test]

@@ -29,9 +29,10 @@ pub const SHUFFLE_JOINS: [&str; 2] = [
 ];
 
 /// Every adaptive mechanism on with thresholds so low that it acts everywhere: partitions above
-/// the median are split, the rest coalesced, and any Task slower than the median finished one
-/// gets a speculative Attempt, and the last scan slices of a Stage are cut into pieces.
-pub const ADAPTIVE_EVERYWHERE: [&str; 9] = [
+/// the median are split, the rest coalesced, any Task slower than the median finished one (or,
+/// with none finished, running over 1 ms) gets a speculative Attempt, and the last scan slices
+/// of a Stage are cut into pieces.
+pub const ADAPTIVE_EVERYWHERE: [&str; 10] = [
     "SET quiver.skew_factor = 1",
     "SET quiver.skew_min_bytes = 0",
     "SET quiver.coalesce_target_bytes = 67108864",
@@ -39,6 +40,7 @@ pub const ADAPTIVE_EVERYWHERE: [&str; 9] = [
     "SET quiver.speculation_multiplier = 1",
     "SET quiver.speculation_min_runtime_ms = 0",
     "SET quiver.speculation_max_fraction = 1",
+    "SET quiver.speculation_lone_task_ms = 1",
     "SET quiver.slow_worker_pace = 1",
     "SET quiver.slice_piece_min_bytes = 1",
 ];

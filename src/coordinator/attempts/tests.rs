@@ -300,7 +300,7 @@ fn a_write_commits_the_attempts_the_final_stage_read() {
 }
 
 fn speculating(producers: u32) -> Driver {
-    let policy = policy::Speculation { quantile: 0.75, multiplier: 1.5, min_runtime: Duration::from_millis(100), max_fraction: 0.25 };
+    let policy = policy::Speculation { quantile: 0.75, multiplier: 1.5, min_runtime: Duration::from_millis(100), max_fraction: 0.25, lone_runtime: None };
     Driver::new(two_stages(producers).with_speculation(Some(policy)))
 }
 
