@@ -37,7 +37,7 @@ const QUERIES: [&str; 15] = [
 ];
 
 async fn cluster_with_tables(workers: usize, slots: usize) -> TestCluster {
-    let t = TestCluster::start_with(workers, quiver::config::WorkerConfig { slots, memory_limit_bytes: 1 << 30, ..Default::default() }).await;
+    let t = TestCluster::start_with_http(workers, quiver::config::WorkerConfig { slots, memory_limit_bytes: 1 << 30, ..Default::default() }).await;
     for sql in TABLES {
         t.both(sql).await;
     }
@@ -86,6 +86,23 @@ async fn the_probe_stage_drops_the_rows_whose_keys_the_build_side_lacks() {
     // 33000 probe rows, of which about 3300 have a partner; a Bloom filter lets a few percent
     // of the others through.
     assert!(seen == 33000 && kept < seen / 4 && kept >= 3000, "kept {kept} of {seen}");
+    // quiver.tasks shows each probe Attempt's share: the counted ones add up to the Stage's,
+    // and Attempts of Stages without a filter show none.
+    let analyzed = "SELECT query_id FROM quiver.queries WHERE sql LIKE 'EXPLAIN ANALYZE%' ORDER BY started DESC LIMIT 1";
+    let tasks = t
+        .cluster_rows(&format!(
+            "SELECT sum(key_filter_rows_kept), sum(key_filter_rows_seen), count(*) FILTER (WHERE key_filter_rows_seen IS NULL) \
+             FROM quiver.tasks WHERE state = 'succeeded' AND cause IS NULL AND query_id = ({analyzed})"
+        ))
+        .await;
+    assert_eq!(tasks[0][..2], [kept.to_string(), seen.to_string()], "quiver.tasks against EXPLAIN ANALYZE");
+    assert_ne!(tasks[0][2], "0", "the build Stage's Attempts show no key filter");
+    // So does the web UI's API.
+    let id = &t.cluster_rows(analyzed).await[0][0];
+    let (_, detail) = get_json(t.cluster.http_addr().unwrap(), &format!("/api/queries/{id}")).await;
+    let counted = detail["tasks"].as_array().unwrap().iter().filter(|t| t["state"] == "succeeded" && t["cause"].is_null());
+    let api = counted.fold((0, 0), |(k, s), t| (k + t["key_filter_rows_kept"].as_u64().unwrap_or(0), s + t["key_filter_rows_seen"].as_u64().unwrap_or(0)));
+    assert_eq!(api, (kept, seen), "the API's Tasks against EXPLAIN ANALYZE");
 
     // A whole table as the build side holds every key: no link.
     let whole = "SELECT b.g, count(*) FROM kf_big b JOIN kf_small s ON b.id = s.id GROUP BY b.g";

@@ -126,6 +126,8 @@ pub struct TaskRecord {
     /// The kind of slot it ran in, "regular" or "express" (a small Query's lane); None before
     /// a worker took it.
     pub lane: Option<&'static str>,
+    /// Rows its join key filter saw and kept, as last reported; None when its Stage has none.
+    pub key_filter_rows: Option<(u64, u64)>,
 }
 
 impl TaskRecord {
@@ -147,6 +149,7 @@ impl TaskRecord {
             ended: None,
             reads: None,
             lane: None,
+            key_filter_rows: None,
         }
     }
 }
@@ -293,8 +296,6 @@ struct Attempt {
     ended_at: Option<Instant>,
     /// It runs on one of its worker's express slots.
     express: bool,
-    /// Rows its key filter saw and kept.
-    filter_rows: (u64, u64),
 }
 
 impl Attempt {
@@ -634,7 +635,9 @@ impl QueryRun {
         attempt.part_rows = part_rows.into_iter().take(parts).collect();
         attempt.part_bytes = part_bytes.into_iter().take(parts).collect();
         attempt.record.elapsed_ms = elapsed_ms;
-        attempt.filter_rows = filter_rows;
+        if attempt.record.key_filter_rows.is_some() {
+            attempt.record.key_filter_rows = Some(filter_rows);
+        }
         match state {
             TaskState::Queued | TaskState::Running => attempt.record.state = TaskState::Running,
             TaskState::Succeeded => {
@@ -937,11 +940,13 @@ impl QueryRun {
         ready_at: Instant,
         avoid: Vec<String>,
     ) -> QueuedAttempt {
-        let shuffle = self.stages[id.0 as usize].shuffle;
+        let stage = &self.stages[id.0 as usize];
+        let (shuffle, key_filter_rows) = (stage.shuffle, stage.key_filter.as_ref().map(|_| (0, 0)));
         let task = self.tasks.get_mut(&id).expect("Task exists");
         let key = TaskKey { query_id: self.query_id.clone(), stage: id.0, task: id.1, attempt: task.attempts.len() as u32 };
+        let unassigned = TaskRecord::unassigned(key.clone(), &task.summary, shuffle, TaskState::Queued, started_as, None);
         task.attempts.push(Attempt {
-            record: TaskRecord { reads: task.reads_text.clone(), ..TaskRecord::unassigned(key.clone(), &task.summary, shuffle, TaskState::Queued, started_as, None) },
+            record: TaskRecord { reads: task.reads_text.clone(), key_filter_rows, ..unassigned },
             part_rows: Vec::new(),
             part_bytes: Vec::new(),
             worker_url: None,
@@ -949,7 +954,6 @@ impl QueryRun {
             assigned_at: None,
             ended_at: None,
             express: false,
-            filter_rows: (0, 0),
         });
         let speculative = started_as == StartedAs::Speculative;
         let slow_pace = self.slow_pace;
@@ -1173,7 +1177,8 @@ impl QueryRun {
                     slices_cut: stage.slices_cut,
                     slice_pieces: stage.slice_pieces,
                     key_filter_rows: stage.key_filter.as_ref().map(|_| {
-                        counted.iter().fold((0, 0), |(i, k), a| (i + a.filter_rows.0, k + a.filter_rows.1))
+                        let rows = counted.iter().filter_map(|a| a.record.key_filter_rows);
+                        rows.fold((0, 0), |(i, k), (seen, kept)| (i + seen, k + kept))
                     }),
                 }
             })

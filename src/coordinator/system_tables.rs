@@ -48,6 +48,7 @@ fn schema(kind: Kind) -> SchemaRef {
     let sn = |n: &str| Field::new(n, DataType::Utf8, true);
     let u32f = |n: &str| Field::new(n, DataType::UInt32, false);
     let u64f = |n: &str| Field::new(n, DataType::UInt64, false);
+    let u64n = |n: &str| Field::new(n, DataType::UInt64, true);
     let fields = match kind {
         Kind::Workers => vec![
             s("worker_id"), s("address"), u32f("slots"), s("state"), Field::new("alive", DataType::Boolean, false),
@@ -64,7 +65,7 @@ fn schema(kind: Kind) -> SchemaRef {
         Kind::Tasks => vec![
             s("query_id"), u32f("stage"), u32f("task"), u32f("attempt"), sn("worker_id"), s("plan"), s("output"), s("state"),
             u64f("rows"), u64f("bytes"), u64f("elapsed_ms"), sn("error"), s("started_as"), sn("cause"), sn("reads"),
-            sn("lane"),
+            sn("lane"), u64n("key_filter_rows_seen"), u64n("key_filter_rows_kept"),
         ],
     };
     Arc::new(Schema::new(fields))
@@ -88,6 +89,10 @@ fn u32s(v: impl Iterator<Item = u32>) -> ArrayRef {
 
 fn u64s(v: impl Iterator<Item = u64>) -> ArrayRef {
     Arc::new(UInt64Array::from_iter_values(v))
+}
+
+fn opt_u64s(v: impl Iterator<Item = Option<u64>>) -> ArrayRef {
+    Arc::new(UInt64Array::from_iter(v))
 }
 
 fn stamps(v: impl Iterator<Item = SystemTime>) -> ArrayRef {
@@ -166,6 +171,8 @@ impl SystemTable {
                     opt_strings(t.iter().map(|t| t.cause.map(|c| c.as_str()))),
                     opt_strings(t.iter().map(|t| t.reads.as_deref())),
                     opt_strings(t.iter().map(|t| t.lane)),
+                    opt_u64s(t.iter().map(|t| t.key_filter_rows.map(|(seen, _)| seen))),
+                    opt_u64s(t.iter().map(|t| t.key_filter_rows.map(|(_, kept)| kept))),
                 ]
             }
         };

@@ -137,6 +137,9 @@ pub struct TaskJson {
     reads: Option<String>,
     /// The kind of slot it ran in: "regular" or "express".
     lane: Option<&'static str>,
+    /// Rows its join key filter saw and kept; absent when its Stage has none.
+    key_filter_rows_seen: Option<u64>,
+    key_filter_rows_kept: Option<u64>,
 }
 
 /// A query's record (as `/api/queries` lists it) with its Stage DAG and its Tasks.
@@ -301,5 +304,7 @@ fn task_json(t: &TaskRecord) -> TaskJson {
         cause: t.cause.map(|c| c.as_str()),
         reads: t.reads.clone(),
         lane: t.lane,
+        key_filter_rows_seen: t.key_filter_rows.map(|(seen, _)| seen),
+        key_filter_rows_kept: t.key_filter_rows.map(|(_, kept)| kept),
     }
 }
