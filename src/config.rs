@@ -148,10 +148,10 @@ extensions_options! {
         pub speculation_min_runtime_ms: u64, default = 100
         /// At most this fraction of a Stage's Tasks (and at least one) get a speculative Attempt.
         pub speculation_max_fraction: f64, default = 0.25
-        /// A Stage with too few finished Tasks to measure a Task by (one of a single Task, or
-        /// whose Tasks all run at once) has nothing to compare with: a Task of it is slow once
-        /// it has run this long, after Spark's `spark.speculation.task.duration.threshold`.
-        /// 0: never.
+        /// A Stage with too few finished Tasks to measure a Task by, and none left waiting for
+        /// a slot (one of a single Task, say), has little to compare with: a Task of it is slow
+        /// once it has run this long (and `speculation_multiplier` times what did finish), after
+        /// Spark's `spark.speculation.task.duration.threshold`. 0: never.
         pub speculation_lone_task_ms: u64, default = 10_000
         /// Slow-worker placement: a worker whose Attempts take longer than their Stages' medians
         /// by more than `slow_worker_pace` (an average over its recent Attempts) takes a Task

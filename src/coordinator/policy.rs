@@ -130,9 +130,10 @@ pub fn memory_nearly_full(used: u64, limit: u64) -> bool {
 /// When a running Attempt gets a speculative copy (after Spark's `spark.speculation.*`): once
 /// `quantile` of its Stage's Tasks have finished, an Attempt that has run longer than
 /// `multiplier` times their median, and at least `min_runtime`, is a straggler. Before that,
-/// while every unfinished Task of the Stage runs (none waits for a slot), one that has run
-/// `lone_runtime` is: a Stage of one Task, or of a few that all landed on one stalled worker,
-/// would otherwise wait for that worker however long it takes.
+/// while every unfinished Task of the Stage runs (none waits for a slot), so that no more will
+/// finish to measure by, one that has run `lone_runtime` and that long against what did finish
+/// is: a Stage of one Task, or of a few that landed on one stalled worker, would otherwise wait
+/// for that worker however long it takes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Speculation {
     pub quantile: f64,
@@ -162,12 +163,14 @@ impl Speculation {
         if finished.len() >= tasks {
             return None;
         }
+        let by_median = |finished: &mut [Duration]| {
+            finished.sort();
+            finished.get(finished.len() / 2).map_or(Duration::ZERO, |median| median.mul_f64(self.multiplier)).max(self.min_runtime)
+        };
         if finished.len() < needed {
-            return self.lone_runtime.filter(|_| all_running).map(|lone| lone.max(self.min_runtime));
+            return self.lone_runtime.filter(|_| all_running).map(|lone| lone.max(by_median(finished)));
         }
-        finished.sort();
-        let median = finished[finished.len() / 2];
-        Some(median.mul_f64(self.multiplier).max(self.min_runtime))
+        Some(by_median(finished))
     }
 
     /// Speculative Attempts a Stage of `tasks` Tasks may start in all.
@@ -201,6 +204,8 @@ mod tests {
         // A Stage of one Task, and one whose four Tasks all run.
         assert_eq!(s.threshold(&mut [], 1, true), Some(ms(5_000)));
         assert_eq!(s.threshold(&mut [ms(10)], 4, true), Some(ms(5_000)));
+        // The few that finished still count: a Task is never slow for running as long as they.
+        assert_eq!(s.threshold(&mut [ms(8_000)], 4, true), Some(ms(12_000)));
         // While some Task waits for a slot, the Stage's own Tasks will tell soon enough.
         assert_eq!(s.threshold(&mut [ms(10)], 4, false), None);
         // Once enough have finished, their median decides.

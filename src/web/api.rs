@@ -137,7 +137,7 @@ pub struct TaskJson {
     reads: Option<String>,
     /// The kind of slot it ran in: "regular" or "express".
     lane: Option<&'static str>,
-    /// Rows its join key filter saw and kept; absent when its Stage has none.
+    /// Rows its join key filter saw and kept; null when its Stage has none.
     key_filter_rows_seen: Option<u64>,
     key_filter_rows_kept: Option<u64>,
 }
