@@ -317,6 +317,54 @@ async fn a_lookup_that_row_group_statistics_narrow_runs_on_the_coordinator() {
     assert!(dag.starts_with("Runs on the coordinator alone: its scans read"), "{dag}");
 }
 
+/// Parquet's magic at both ends of `body`, and a footer claiming `metadata_len` bytes of
+/// metadata: a file that is Parquet by its name and its first and last bytes only.
+fn corrupt_parquet(body: usize, metadata_len: u32) -> Vec<u8> {
+    let mut bytes = b"PAR1".to_vec();
+    bytes.extend(std::iter::repeat_n(7u8, body));
+    bytes.extend(metadata_len.to_le_bytes());
+    bytes.extend(b"PAR1");
+    bytes
+}
+
+/// A footer the small-query estimate cannot read (a corrupt Parquet file appears beside a good
+/// one) makes the Query "not small", never wrong: it is distributed, its scan meets the same file
+/// and the client gets the Parquet error naming it. A file whose footer makes the Parquet reader
+/// panic (its metadata would start before the file: a subtraction that overflows in a debug
+/// build) fails its statement with an error too, and the cluster goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_parquet_file_fails_its_statement_with_an_error() {
+    let mut config = many_tasks_config();
+    config.planner.small_query_max_bytes = 64 * 1024; // the good file alone is over this
+    let t = TestCluster::start_configured(2, quiver::config::WorkerConfig { slots: 2, memory_limit_bytes: 1 << 30, ..Default::default() }, config, None).await;
+    let dir = t.dir.path().join("corrupt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rows = "SELECT value AS k, concat('row ', CAST(value AS VARCHAR)) AS s FROM generate_series(1, 100000)";
+    let copy = format!("COPY ({rows}) TO '{}/good.parquet'", dir.display());
+    t.single.sql(&copy).await.unwrap().collect().await.unwrap();
+    std::fs::write(dir.join("torn.parquet"), corrupt_parquet(2048, 100)).unwrap();
+    // With its schema given and no statistics to gather, creating the table reads no footer.
+    t.run_all(&[
+        "SET datafusion.execution.collect_statistics = false",
+        &format!("CREATE EXTERNAL TABLE torn (k BIGINT, s VARCHAR) STORED AS PARQUET LOCATION '{}/'", dir.display()),
+    ])
+    .await;
+    let lookup = "SELECT k, s FROM torn WHERE k = 4242";
+    let error = t.client.collect(lookup).await.expect_err("a corrupt file cannot be read").to_string();
+    assert!(error.to_lowercase().contains("parquet") && error.contains("torn.parquet"), "{error}");
+    let mode = t.cluster_rows(&format!("SELECT mode, state FROM quiver.queries WHERE sql = '{lookup}'")).await;
+    assert_eq!(mode, [["distributed", "failed"]], "the estimate fell back to distributing");
+
+    let overflowing = t.dir.path().join("overflowing");
+    std::fs::create_dir_all(&overflowing).unwrap();
+    std::fs::write(overflowing.join("x.parquet"), corrupt_parquet(16, u32::MAX)).unwrap();
+    let create = format!("CREATE EXTERNAL TABLE overflowing STORED AS PARQUET LOCATION '{}/'", overflowing.display());
+    let error = t.client.collect(&create).await.expect_err("the file's metadata cannot be read").to_string();
+    assert!(!error.contains("h2 protocol error"), "the statement's own error, not a dropped stream: {error}");
+    t.both("CREATE TABLE after_corrupt AS SELECT value AS v FROM generate_series(1, 1000)").await;
+    t.check_same("SELECT count(*), sum(v) FROM after_corrupt").await;
+}
+
 /// Workers that compress the Task outputs they serve (LZ4, Zstandard) give the answers of
 /// workers that do not, through shuffles and gathers: readers decompress what they are sent.
 /// In-process reads are off, so that every output crosses Flight (with them on, and no

@@ -16,7 +16,7 @@ use datafusion::logical_expr::{DdlStatement, DmlStatement, LogicalPlan, WriteOp}
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{EmptyRecordBatchStream, ExecutionPlan, ExecutionPlanProperties};
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 
 use super::catalog::{defaults_to_sql, store_table_location, KeyDef, TableDef};
 use super::store_writes::{self, SweepOnDrop, WritePrefix};
@@ -46,7 +46,10 @@ pub async fn start(
     core.cluster.set_query_user(&id, &caller.name);
     tracing::info!(query = %id, "query started: {}", crate::storage::redact_sql(sql.trim()));
     let abandoned = Abandoned { core: Some(Arc::clone(core)), id: id.clone() };
-    let ran = super::access::as_viewer(caller, run(core, caller, &id, sql, parameters)).await;
+    // A panic while the statement is planned (a dependency's bug on a corrupt file, say) is
+    // this statement's error, not a dropped connection.
+    let ran = std::panic::AssertUnwindSafe(run(core, caller, &id, sql, parameters)).catch_unwind();
+    let ran = super::access::as_viewer(caller, ran).await.unwrap_or_else(|panic| Err(panicked(panic.as_ref())));
     abandoned.disarm();
     match ran {
         Ok((stream, false)) => {
@@ -65,6 +68,12 @@ pub async fn start(
             Err(error)
         }
     }
+}
+
+/// The error a statement that panicked answers with.
+fn panicked(payload: &(dyn std::any::Any + Send)) -> DataFusionError {
+    let message = payload.downcast_ref::<&str>().copied().or_else(|| payload.downcast_ref::<String>().map(String::as_str));
+    DataFusionError::Internal(format!("the statement failed inside the engine (a panic): {}", message.unwrap_or("no message")))
 }
 
 /// Ends a Query as cancelled when its start is dropped half-way (the client went away while it
