@@ -190,9 +190,10 @@ pub enum Action {
     /// An Attempt ended; `ran` is the time from its assignment, and `worker` the worker it
     /// was assigned to, when it was assigned; `express` when it ran on an express slot.
     Ended { state: TaskState, ran: Option<Duration>, worker: Option<String>, express: bool },
-    /// An Attempt on `worker` took (or, beaten, had taken) `ratio` times the median time of
-    /// its Stage's finished Tasks: how fast that worker is.
-    Paced { worker: String, ratio: f64 },
+    /// An Attempt on `worker` took `ratio` times the median time of its Stage's finished
+    /// Tasks: how fast that worker is. `at_least`: it was beaten and stopped after running
+    /// that long, so it would have taken longer.
+    Paced { worker: String, ratio: f64, at_least: bool },
     /// An Attempt succeeded with this output.
     Output { rows: u64, bytes: u64, shuffle: bool },
     /// An Attempt beyond its Task's first was started, after an Attempt that ended for `cause`.
@@ -679,9 +680,9 @@ impl QueryRun {
             self.speculation_wins += 1;
             out.push(Action::SpeculationWon);
         }
-        let mut paces: Vec<(String, Duration)> = attempt.pace_sample(now).into_iter().collect();
+        let mut paces: Vec<(String, Duration, bool)> = attempt.pace_sample(now).map(|(w, ran)| (w, ran, false)).into_iter().collect();
         for other in task.attempts.iter_mut().filter(|a| a.is_live()) {
-            paces.extend(other.pace_sample(now));
+            paces.extend(other.pace_sample(now).map(|(w, ran)| (w, ran, true)));
             out.extend(other.end(TaskState::Cancelled, Some(Cause::Superseded), None, now));
             if let Some(url) = other.worker_url.clone() {
                 out.push(Action::Stop { key: other.record.key.clone(), worker_url: url });
@@ -694,7 +695,7 @@ impl QueryRun {
     }
 
     /// How fast the workers of `samples` ran against the median of `stage`'s finished Tasks.
-    fn pace(&self, stage: u32, samples: Vec<(String, Duration)>, out: &mut Vec<Action>) {
+    fn pace(&self, stage: u32, samples: Vec<(String, Duration, bool)>, out: &mut Vec<Action>) {
         let mut finished: Vec<Duration> = self
             .tasks
             .range((stage, 0)..(stage + 1, 0))
@@ -702,8 +703,8 @@ impl QueryRun {
             .filter_map(|a| Some(a.ended_at?.saturating_duration_since(a.assigned_at?)))
             .collect();
         if let Some(median) = policy::median_if_enough(&mut finished) {
-            for (worker, ran) in samples {
-                out.push(Action::Paced { worker, ratio: ran.as_secs_f64() / median.as_secs_f64().max(1e-3) });
+            for (worker, ran, at_least) in samples {
+                out.push(Action::Paced { worker, ratio: ran.as_secs_f64() / median.as_secs_f64().max(1e-3), at_least });
             }
         }
     }

@@ -99,10 +99,19 @@ pub fn median_if_enough(durations: &mut [Duration]) -> Option<Duration> {
 }
 
 /// A worker's pace after an Attempt on it took `ratio` times its Stage's median: 1 is typical,
-/// 4 means four times slower.
-pub fn pace_after(pace: f64, ratio: f64) -> f64 {
+/// 4 means four times slower. An Attempt beaten by a speculative copy and stopped
+/// (`at_least`) would have taken longer than `ratio`: it can only raise the pace. Its `ratio`
+/// is where speculation cut it off (about 2.5 with the defaults), whatever the worker's real
+/// pace; taken as an ordinary sample, it would pull a worker known to be 8 times slower back
+/// towards 2.5 each time it is beaten.
+pub fn pace_after(pace: f64, ratio: f64, at_least: bool) -> f64 {
     let ratio = ratio.clamp(1.0 / PACE_RATIO_MAX, PACE_RATIO_MAX);
-    pace * (1.0 - PACE_WEIGHT) + ratio * PACE_WEIGHT
+    let moved = pace * (1.0 - PACE_WEIGHT) + ratio * PACE_WEIGHT;
+    if at_least {
+        moved.max(pace)
+    } else {
+        moved
+    }
 }
 
 /// A worker's pace `since` its last sample: the excess over 1 halves every
@@ -217,9 +226,19 @@ mod tests {
 
     #[test]
     fn a_pace_moves_towards_each_sample_and_one_sample_cannot_run_away() {
-        let slow = (0..10).fold(1.0, |pace, _| pace_after(pace, 4.0));
+        let slow = (0..10).fold(1.0, |pace, _| pace_after(pace, 4.0, false));
         assert!(slow > 3.8 && slow < 4.0, "{slow}");
-        assert!(pace_after(1.0, 1e9) <= 1.0 * 0.7 + PACE_RATIO_MAX * 0.3);
+        assert!(pace_after(1.0, 1e9, false) <= 1.0 * 0.7 + PACE_RATIO_MAX * 0.3);
+    }
+
+    #[test]
+    fn a_beaten_attempt_can_only_raise_a_pace() {
+        // Beaten after 2.5 medians: a typical worker looks slower…
+        assert!((pace_after(1.0, 2.5, true) - 1.45).abs() < 1e-9);
+        // …but one known to be 8 times slower is not taken for faster.
+        assert_eq!(pace_after(8.0, 2.5, true), 8.0);
+        // A finished Attempt is a whole sample either way.
+        assert!((pace_after(8.0, 2.5, false) - 6.35).abs() < 1e-9);
         assert_eq!(median_if_enough(&mut [ms(1), ms(2)]), None);
         assert_eq!(median_if_enough(&mut [ms(9), ms(1), ms(5)]), Some(ms(5)));
     }

@@ -187,10 +187,11 @@ impl Registry {
         }
     }
 
-    /// An Attempt on worker `id` took `ratio` times its Stage's median.
-    pub fn paced(&mut self, id: &str, ratio: f64) {
+    /// An Attempt on worker `id` took `ratio` times its Stage's median (`at_least`: it was
+    /// stopped after that long).
+    pub fn paced(&mut self, id: &str, ratio: f64, at_least: bool) {
         if let Some(w) = self.workers.get_mut(id) {
-            w.pace = policy::pace_after(w.pace_now(), ratio);
+            w.pace = policy::pace_after(w.pace_now(), ratio, at_least);
             w.paced_at = Instant::now();
         }
     }

@@ -53,7 +53,7 @@ impl Driver {
                 Action::Publish { task, outcome } => self.published.push((task, outcome)),
                 Action::Fail(e) => self.failed = Some(e),
                 Action::Restarted { started_as, cause } => self.restarted.push((started_as, cause)),
-                Action::Paced { worker, ratio } => self.paces.push((worker, ratio)),
+                Action::Paced { worker, ratio, .. } => self.paces.push((worker, ratio)),
                 Action::Ended { .. }
                 | Action::Output { .. }
                 | Action::Speculated
