@@ -11,6 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::datatypes::Float64Type;
 use datafusion::common::{DataFusionError, Result};
 
 use super::procs::{count, spawn, start_coordinator, wait_for_workers, Proc};
@@ -75,11 +77,13 @@ pub async fn run_straggler(bench: &StragglerBench) -> Result<()> {
     report(bench, &runs)
 }
 
-/// One configuration's result for one query: best time, rows as text, speculative Attempts.
+/// One configuration's result for one query: best time, rows as text, speculative Attempts,
+/// and the slowest worker's pace after it (what slow-worker placement knew).
 struct Run {
     ms: f64,
     rows: Vec<String>,
     speculated: u32,
+    pace: f64,
 }
 
 async fn run_all(client: &Client, bench: &StragglerBench) -> Result<Vec<Run>> {
@@ -95,7 +99,8 @@ async fn run_all(client: &Client, bench: &StragglerBench) -> Result<Vec<Run>> {
             rows = sorted_rows(&batches)?;
         }
         let speculated = speculated(client, &sql).await?;
-        runs.push(Run { ms: best, rows, speculated });
+        let pace = slowest_pace(client).await?;
+        runs.push(Run { ms: best, rows, speculated, pace });
     }
     Ok(runs)
 }
@@ -108,6 +113,13 @@ async fn speculated(client: &Client, sql: &str) -> Result<u32> {
     Ok(count(client, &sql).await? as u32)
 }
 
+/// The pace of the slowest live worker (1: typical).
+async fn slowest_pace(client: &Client) -> Result<f64> {
+    let (_, batches) = client.collect("SELECT max(pace) FROM quiver.workers").await?;
+    let value = batches.first().and_then(|b| b.column(0).as_primitive_opt::<Float64Type>().map(|a| a.value(0)));
+    value.ok_or_else(|| DataFusionError::Execution("no pace in quiver.workers".into()))
+}
+
 /// Times per query and configuration, each as a ratio to 2 healthy workers.
 fn report(bench: &StragglerBench, runs: &[Vec<Run>]) -> Result<()> {
     let names: Vec<&str> = THROTTLED.iter().map(|(name, _)| *name).collect();
@@ -115,7 +127,7 @@ fn report(bench: &StragglerBench, runs: &[Vec<Run>]) -> Result<()> {
     for name in &names {
         print!(" {:>12} {:>7}", format!("{name}_ms"), "ratio");
     }
-    println!(" {:>11}", "speculated");
+    println!(" {:>11} {:>8} {:>8}", "speculated", "pace_on", "pace_off");
     let mut totals = vec![0.0; runs.len()];
     for (i, q) in bench.queries.iter().enumerate() {
         let two = &runs[0][i];
@@ -127,7 +139,7 @@ fn report(bench: &StragglerBench, runs: &[Vec<Run>]) -> Result<()> {
             }
             print!(" {:>12.1} {:>6.2}x", run.ms, run.ms / two.ms);
         }
-        println!(" {:>11}", runs[1][i].speculated);
+        println!(" {:>11} {:>8.2} {:>8.2}", runs[1][i].speculated, runs[1][i].pace, runs[3][i].pace);
         for (total, config) in totals.iter_mut().zip(runs) {
             *total += config[i].ms;
         }

@@ -363,6 +363,13 @@ struct TaskRun {
 }
 
 impl TaskRun {
+    /// The fraction of a planned Task's work it does: a piece of a slice cut in `of` does
+    /// `1/of` (the cut aims at equal pieces). Speculation and worker paces compare Attempts
+    /// by their time per share.
+    fn share(&self) -> f64 {
+        self.slice.map_or(1.0, |piece| 1.0 / piece.of.max(1) as f64)
+    }
+
     fn new(plan: Arc<Vec<u8>>, partition: u32, summary: String) -> Self {
         Self {
             plan,
@@ -691,22 +698,31 @@ impl QueryRun {
         if final_input {
             out.push(Action::Publish { task: id, outcome: Some(TaskOutcome::Succeeded { key, worker_url }) });
         }
-        self.pace(id.0, paces, out);
+        let share = task.share();
+        self.pace(id.0, share, paces, out);
     }
 
-    /// How fast the workers of `samples` ran against the median of `stage`'s finished Tasks.
-    fn pace(&self, stage: u32, samples: Vec<(String, Duration, bool)>, out: &mut Vec<Action>) {
-        let mut finished: Vec<Duration> = self
-            .tasks
-            .range((stage, 0)..(stage + 1, 0))
-            .filter_map(|(_, t)| t.output.map(|n| &t.attempts[n as usize]))
-            .filter_map(|a| Some(a.ended_at?.saturating_duration_since(a.assigned_at?)))
-            .collect();
+    /// How fast the workers of `samples`, Attempts of a Task of `share`, ran against the median
+    /// of `stage`'s finished Tasks.
+    fn pace(&self, stage: u32, share: f64, samples: Vec<(String, Duration, bool)>, out: &mut Vec<Action>) {
+        let mut finished = self.finished_per_task(stage);
         if let Some(median) = policy::median_if_enough(&mut finished) {
             for (worker, ran, at_least) in samples {
-                out.push(Action::Paced { worker, ratio: ran.as_secs_f64() / median.as_secs_f64().max(1e-3), at_least });
+                let ratio = ran.as_secs_f64() / share / median.as_secs_f64().max(1e-3);
+                out.push(Action::Paced { worker, ratio, at_least });
             }
         }
+    }
+
+    /// How long each finished Task of `stage` took, scaled to a whole Task: a piece of a cut
+    /// slice does a fraction of a planned Task's work, and measured as it is, would make its
+    /// worker look fast and a whole Task beside it look slow.
+    fn finished_per_task(&self, stage: u32) -> Vec<Duration> {
+        self.tasks
+            .range((stage, 0)..(stage + 1, 0))
+            .filter_map(|(_, t)| t.output.map(|n| (t.share(), &t.attempts[n as usize])))
+            .filter_map(|(share, a)| Some(a.ended_at?.saturating_duration_since(a.assigned_at?).div_f64(share)))
+            .collect()
     }
 
     fn failed(&mut self, key: TaskKey, worker_id: &str, error: QuiverError, retryable: bool, now: Instant, out: &mut Vec<Action>) {
@@ -982,11 +998,7 @@ impl QueryRun {
     /// Attempt is on; longest-running first, within what the Stage's budget has left.
     fn stragglers(&self, stage: u32, policy: &policy::Speculation, now: Instant) -> Vec<(TaskId, String)> {
         let tasks: Vec<(&TaskId, &TaskRun)> = self.tasks.range((stage, 0)..(stage + 1, 0)).filter(|(_, t)| !t.absorbed).collect();
-        let mut finished: Vec<Duration> = tasks
-            .iter()
-            .filter_map(|(_, t)| t.output.map(|n| &t.attempts[n as usize]))
-            .filter_map(|a| Some(a.ended_at?.saturating_duration_since(a.assigned_at?)))
-            .collect();
+        let mut finished = self.finished_per_task(stage);
         let all_running = tasks.iter().all(|(_, t)| t.output.is_some() || t.attempts.iter().any(|a| a.record.state == TaskState::Running));
         let Some(threshold) = policy.threshold(&mut finished, tasks.len(), all_running) else { return vec![] };
         let speculative = |t: &TaskRun| t.attempts.iter().any(|a| a.record.started_as == StartedAs::Speculative);
@@ -997,7 +1009,7 @@ impl QueryRun {
             .filter_map(|(id, t)| {
                 let live = t.attempts.iter().find(|a| a.is_live())?;
                 let ran = now.saturating_duration_since(live.assigned_at?);
-                (ran > threshold).then(|| (ran, **id, live.record.worker_id.clone().unwrap_or_default()))
+                (ran > threshold.for_share(t.share())).then(|| (ran, **id, live.record.worker_id.clone().unwrap_or_default()))
             })
             .collect();
         slow.sort_by(|a, b| b.0.cmp(&a.0));

@@ -152,6 +152,21 @@ pub struct Speculation {
     pub lone_runtime: Option<Duration>,
 }
 
+/// How long an Attempt may run before it is a straggler: `per_task` for a whole Task's work,
+/// scaled to the Attempt's Task's share of it, and never less than `floor`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Threshold {
+    per_task: Duration,
+    floor: Duration,
+}
+
+impl Threshold {
+    /// The threshold of a Task doing `share` of a whole Task's work (a piece of a cut slice).
+    pub fn for_share(&self, share: f64) -> Duration {
+        self.per_task.mul_f64(share).max(self.floor)
+    }
+}
+
 impl Speculation {
     /// The policy the options ask for; None when speculation is off.
     pub fn from_options(options: &QuiverOptions) -> Option<Self> {
@@ -165,21 +180,19 @@ impl Speculation {
     }
 
     /// How long an Attempt of a Stage of `tasks` Tasks may run before it is a straggler, given
-    /// how long its finished Tasks took and whether all its unfinished Tasks run; None while
-    /// nothing can tell.
-    pub fn threshold(&self, finished: &mut [Duration], tasks: usize, all_running: bool) -> Option<Duration> {
+    /// how long its finished Tasks took (each scaled to a whole Task's work) and whether all its
+    /// unfinished Tasks run; None while nothing can tell.
+    pub fn threshold(&self, finished: &mut [Duration], tasks: usize, all_running: bool) -> Option<Threshold> {
         let needed = ((self.quantile * tasks as f64).floor() as usize).max(1);
         if finished.len() >= tasks {
             return None;
         }
-        let by_median = |finished: &mut [Duration]| {
-            finished.sort();
-            finished.get(finished.len() / 2).map_or(Duration::ZERO, |median| median.mul_f64(self.multiplier)).max(self.min_runtime)
-        };
+        finished.sort();
+        let per_task = finished.get(finished.len() / 2).map_or(Duration::ZERO, |median| median.mul_f64(self.multiplier));
         if finished.len() < needed {
-            return self.lone_runtime.filter(|_| all_running).map(|lone| lone.max(by_median(finished)));
+            return self.lone_runtime.filter(|_| all_running).map(|lone| Threshold { per_task, floor: lone.max(self.min_runtime) });
         }
-        Some(by_median(finished))
+        Some(Threshold { per_task, floor: self.min_runtime })
     }
 
     /// Speculative Attempts a Stage of `tasks` Tasks may start in all.
@@ -196,32 +209,44 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    fn whole(threshold: Option<Threshold>) -> Option<Duration> {
+        threshold.map(|t| t.for_share(1.0))
+    }
+
     #[test]
     fn a_straggler_is_measured_against_the_finished_median_and_the_minimum() {
         let s = Speculation { quantile: 0.75, multiplier: 1.5, min_runtime: ms(100), max_fraction: 0.25, lone_runtime: None };
         // 2 of 4 finished: below the quantile.
-        assert_eq!(s.threshold(&mut [ms(400), ms(200)], 4, true), None);
-        assert_eq!(s.threshold(&mut [ms(400), ms(200), ms(300)], 4, true), Some(ms(450)));
-        assert_eq!(s.threshold(&mut [ms(10), ms(20), ms(30)], 4, true), Some(ms(100)), "the minimum runtime holds");
-        assert_eq!(s.threshold(&mut [ms(10); 4], 4, true), None, "nothing left to speculate on");
+        assert_eq!(whole(s.threshold(&mut [ms(400), ms(200)], 4, true)), None);
+        assert_eq!(whole(s.threshold(&mut [ms(400), ms(200), ms(300)], 4, true)), Some(ms(450)));
+        assert_eq!(whole(s.threshold(&mut [ms(10), ms(20), ms(30)], 4, true)), Some(ms(100)), "the minimum runtime holds");
+        assert_eq!(whole(s.threshold(&mut [ms(10); 4], 4, true)), None, "nothing left to speculate on");
         assert_eq!((s.budget(1), s.budget(8), s.budget(9)), (1, 2, 3));
+    }
+
+    #[test]
+    fn a_piece_of_a_task_is_a_straggler_after_its_share_of_the_threshold() {
+        let s = Speculation { quantile: 0.75, multiplier: 1.5, min_runtime: ms(100), max_fraction: 0.25, lone_runtime: None };
+        let threshold = s.threshold(&mut [ms(400), ms(200), ms(300)], 4, true).unwrap();
+        assert_eq!(threshold.for_share(0.5), ms(225));
+        assert_eq!(threshold.for_share(0.1), ms(100), "the minimum runtime holds for a piece too");
     }
 
     #[test]
     fn a_task_with_nothing_to_compare_with_is_a_straggler_after_the_lone_runtime() {
         let s = Speculation { quantile: 0.75, multiplier: 1.5, min_runtime: ms(100), max_fraction: 0.25, lone_runtime: Some(ms(5_000)) };
         // A Stage of one Task, and one whose four Tasks all run.
-        assert_eq!(s.threshold(&mut [], 1, true), Some(ms(5_000)));
-        assert_eq!(s.threshold(&mut [ms(10)], 4, true), Some(ms(5_000)));
+        assert_eq!(whole(s.threshold(&mut [], 1, true)), Some(ms(5_000)));
+        assert_eq!(whole(s.threshold(&mut [ms(10)], 4, true)), Some(ms(5_000)));
         // The few that finished still count: a Task is never slow for running as long as they.
-        assert_eq!(s.threshold(&mut [ms(8_000)], 4, true), Some(ms(12_000)));
+        assert_eq!(whole(s.threshold(&mut [ms(8_000)], 4, true)), Some(ms(12_000)));
         // While some Task waits for a slot, the Stage's own Tasks will tell soon enough.
-        assert_eq!(s.threshold(&mut [ms(10)], 4, false), None);
+        assert_eq!(whole(s.threshold(&mut [ms(10)], 4, false)), None);
         // Once enough have finished, their median decides.
-        assert_eq!(s.threshold(&mut [ms(400), ms(200), ms(300)], 4, true), Some(ms(450)));
-        assert_eq!(s.threshold(&mut [ms(10)], 1, true), None, "nothing left to speculate on");
+        assert_eq!(whole(s.threshold(&mut [ms(400), ms(200), ms(300)], 4, true)), Some(ms(450)));
+        assert_eq!(whole(s.threshold(&mut [ms(10)], 1, true)), None, "nothing left to speculate on");
         let tiny = Speculation { min_runtime: ms(200), lone_runtime: Some(ms(1)), ..s };
-        assert_eq!(tiny.threshold(&mut [], 1, true), Some(ms(200)), "the minimum runtime holds");
+        assert_eq!(whole(tiny.threshold(&mut [], 1, true)), Some(ms(200)), "the minimum runtime holds");
     }
 
     #[test]

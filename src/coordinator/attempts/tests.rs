@@ -546,9 +546,13 @@ fn a_lost_piece_is_recomputed_with_the_same_read() {
 /// Stage 0: two scan slices of 64 MiB (cuttable at dispatch), shuffled into 2 parts when
 /// `shuffle`, else gathered by the final Stage; stage 1 (with `shuffle`): 2 Tasks reading them.
 fn sliced_scan(shuffle: bool) -> QueryRun {
+    sliced_scan_of(2, shuffle)
+}
+
+fn sliced_scan_of(slices: u32, shuffle: bool) -> QueryRun {
     let slice = |task| NewTask { stage: 0, task, partition: 0, summary: format!("slice {task}"), plan: vec![0], slice_bytes: Some(64 << 20) };
     let reader = |task| NewTask { stage: 1, task, partition: task, summary: String::new(), plan: vec![1], slice_bytes: None };
-    let mut stages = vec![NewStage { inputs: vec![], shuffle, parts: if shuffle { 2 } else { 1 }, tasks: (0..2).map(slice).collect(), adaptive: None, ..Default::default() }];
+    let mut stages = vec![NewStage { inputs: vec![], shuffle, parts: if shuffle { 2 } else { 1 }, tasks: (0..slices).map(slice).collect(), adaptive: None, ..Default::default() }];
     if shuffle {
         stages.push(NewStage { inputs: vec![0], shuffle: false, parts: 1, tasks: (0..2).map(reader).collect(), adaptive: None, ..Default::default() });
     }
@@ -602,6 +606,29 @@ fn consumers_of_a_cut_slice_read_its_pieces_with_the_other_producers() {
     let inputs = &d.queued.last().unwrap().inputs;
     let read: Vec<_> = inputs.iter().map(|l| (l.key.clone().unwrap().task, l.empty, l.pieces.clone())).collect();
     assert_eq!(read, vec![(0, false, vec![]), (1, true, vec![2, 3]), (2, false, vec![]), (3, false, vec![])]);
+}
+
+#[test]
+fn a_piece_of_a_cut_slice_paces_its_worker_by_its_share_of_a_whole_tasks_work() {
+    let mut d = Driver::new(sliced_scan_of(4, false));
+    let start = d.now;
+    for (t, w) in [(0, "w1"), (1, "w2"), (2, "w3")] {
+        d.assign(&key(0, t, 0), w);
+    }
+    assert!(d.cut(&key(0, 3, 0), 4));
+    let (piece, of) = d.queued.iter().find_map(|q| q.slice.map(|p| (q.key.task, p.of))).unwrap();
+    assert!(of >= 2, "{of}");
+    d.assign(&key(0, piece, 0), "w4");
+    d.at_ms(start, 200);
+    for (t, w) in [(0, "w1"), (1, "w2"), (2, "w3")] {
+        d.report(&key(0, t, 0), w, TaskState::Succeeded, None);
+    }
+    // Whole Tasks took 200 ms; the piece does 1/of of one, and took 1.5 times its share.
+    d.at_ms(start, 300 / of as u64);
+    d.paces.clear();
+    d.report(&key(0, piece, 0), "w4", TaskState::Succeeded, None);
+    let ratio = d.paces.iter().find(|(w, _)| w == "w4").map(|(_, r)| *r).unwrap();
+    assert!((ratio - 1.5).abs() < 0.05, "a piece measured as a whole Task would look fast: {ratio}");
 }
 
 /// Stage 0 (2 Tasks) is a join's build side, stage 1 (2 Tasks) its probe side, stage 2 the join.
