@@ -103,6 +103,22 @@ async fn the_probe_stage_drops_the_rows_whose_keys_the_build_side_lacks() {
     let counted = detail["tasks"].as_array().unwrap().iter().filter(|t| t["state"] == "succeeded" && t["cause"].is_null());
     let api = counted.fold((0, 0), |(k, s), t| (k + t["key_filter_rows_kept"].as_u64().unwrap_or(0), s + t["key_filter_rows_seen"].as_u64().unwrap_or(0)));
     assert_eq!(api, (kept, seen), "the API's Tasks against EXPLAIN ANALYZE");
+    // And the UI's Tasks table, rendered in Chromium, shows each Attempt's as "kept / seen".
+    let listed: Vec<(u64, u64)> = detail["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| Some((t["key_filter_rows_kept"].as_u64()?, t["key_filter_rows_seen"].as_u64()?)))
+        .collect();
+    let url = format!("http://{}/#/queries/{id}", t.cluster.http_addr().unwrap());
+    let page = tokio::task::spawn_blocking(move || rendered_dom(&url, 3_000)).await.unwrap();
+    let mut shown: Vec<&str> = page.split("data-key-filter=\"").skip(1).filter_map(|cell| cell.split("</td>").next()).collect();
+    shown.retain(|cell| !cell.starts_with('"'));
+    let mut expected: Vec<String> = listed.iter().map(|(k, s)| format!("{s}\">{} / {}", thousands(*k), thousands(*s))).collect();
+    shown.sort_unstable();
+    expected.sort_unstable();
+    assert!(!expected.is_empty());
+    assert_eq!(shown, expected, "key filter cells of the Tasks table in:\n{page}");
 
     // A whole table as the build side holds every key: no link.
     let whole = "SELECT b.g, count(*) FROM kf_big b JOIN kf_small s ON b.id = s.id GROUP BY b.g";
@@ -120,4 +136,17 @@ async fn the_probe_stage_drops_the_rows_whose_keys_the_build_side_lacks() {
     assert!(!explain[2][1].contains("keeps only rows"), "{}", explain[2][1]);
     let analyze = t.cluster_rows(&format!("EXPLAIN ANALYZE {sql}")).await;
     assert_eq!(filtered_stage(&analyze[0][1]), None, "{}", analyze[0][1]);
+}
+
+/// `n` as the UI writes it: `33,000`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
