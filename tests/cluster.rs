@@ -365,6 +365,25 @@ async fn a_corrupt_parquet_file_fails_its_statement_with_an_error() {
     t.check_same("SELECT count(*), sum(v) FROM after_corrupt").await;
 }
 
+/// A panic while a result is computed is the statement's error, and the cluster goes on:
+/// on the coordinator (a plan that reads no files runs there) and in a worker's Task. DataFusion
+/// 55's `lpad` to a width past `isize::MAX` panics (capacity overflow); should a later
+/// DataFusion answer with an error instead, this still holds. Regression: on the coordinator,
+/// the client saw only `h2 protocol error: error reading a body from connection (Cancelled)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_panic_while_the_result_streams_fails_its_statement_with_an_error() {
+    let t = TestCluster::start(2).await;
+    t.both("CREATE TABLE streams_t AS SELECT value AS v FROM generate_series(1, 1000)").await;
+    let huge = "SELECT lpad('x', c * 4611686018427387904) FROM (SELECT count(*) AS c FROM";
+    for (sql, mode) in [(format!("{huge} generate_series(1, 2))"), "coordinator"), (format!("{huge} streams_t WHERE v < 3)"), "distributed")] {
+        let error = t.client.collect(&sql).await.expect_err("no string is that long").to_string();
+        assert!(!error.contains("h2 protocol error"), "the statement's own error, not a dropped stream: {error}");
+        let state = t.cluster_rows(&format!("SELECT mode, state FROM quiver.queries WHERE sql = '{}'", sql.replace('\'', "''"))).await;
+        assert_eq!(state, [[mode, "failed"]], "{sql}");
+    }
+    t.check_same("SELECT count(*), sum(v) FROM streams_t").await;
+}
+
 /// Workers that compress the Task outputs they serve (LZ4, Zstandard) give the answers of
 /// workers that do not, through shuffles and gathers: readers decompress what they are sent.
 /// In-process reads are off, so that every output crosses Flight (with them on, and no

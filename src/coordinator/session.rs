@@ -47,7 +47,8 @@ pub async fn start(
     tracing::info!(query = %id, "query started: {}", crate::storage::redact_sql(sql.trim()));
     let abandoned = Abandoned { core: Some(Arc::clone(core)), id: id.clone() };
     // A panic while the statement is planned (a dependency's bug on a corrupt file, say) is
-    // this statement's error, not a dropped connection.
+    // this statement's error, not a dropped connection; so is one while its result streams
+    // (`QueryStream`).
     let ran = std::panic::AssertUnwindSafe(run(core, caller, &id, sql, parameters)).catch_unwind();
     let ran = super::access::as_viewer(caller, ran).await.unwrap_or_else(|panic| Err(panicked(panic.as_ref())));
     abandoned.disarm();
@@ -598,7 +599,17 @@ impl Stream for QueryStream {
     type Item = Result<RecordBatch>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let polled = self.inner.poll_next_unpin(cx);
+        // A panic while the result is computed (the coordinator's part of the plan, or a
+        // DataFusion task it re-raises) is this Query's error, not a dropped connection.
+        let polled = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.poll_next_unpin(cx))) {
+            Ok(polled) => polled,
+            Err(panic) => {
+                // What the plan holds after a panic is unknown: it is never polled again.
+                let schema = self.inner.schema();
+                self.inner = Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::empty()));
+                Poll::Ready(Some(Err(panicked(panic.as_ref()))))
+            }
+        };
         match &polled {
             Poll::Ready(Some(Ok(batch))) => self.rows += batch.num_rows() as u64,
             Poll::Ready(Some(Err(e))) => self.end(Some(e), false),
