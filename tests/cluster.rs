@@ -384,6 +384,38 @@ async fn a_panic_while_the_result_streams_fails_its_statement_with_an_error() {
     t.check_same("SELECT count(*), sum(v) FROM streams_t").await;
 }
 
+/// The scalar subqueries of a query run at once, each as a Query of its own, and the answer is
+/// single node's. Concurrent: the second began before the first ended (each is recorded with
+/// its start and duration in whole milliseconds; run one after the other, the second would
+/// start no earlier than the first's start plus its duration).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scalar_subqueries_run_at_once_and_answer_as_single_node() {
+    let t = TestCluster::start(2).await;
+    t.both("CREATE TABLE sq_t AS SELECT value AS v, value % 7 AS k FROM generate_series(1, 20000)").await;
+    let sql = "SELECT k, count(*) FROM sq_t WHERE v > (SELECT avg(v) FROM sq_t WHERE k = 3) AND v < (SELECT max(v) - 100 FROM sq_t WHERE k = 5) GROUP BY k";
+    t.check_same(sql).await;
+    let outer = format!("(SELECT query_id FROM quiver.queries WHERE sql = '{}' ORDER BY started DESC LIMIT 1)", sql.replace('\'', "''"));
+    let rows = t
+        .cluster_rows(&format!(
+            "SELECT query_id, mode, state, CAST(started AS BIGINT), duration_ms FROM quiver.queries \
+             WHERE query_id LIKE {outer} || '.sq%' ORDER BY query_id"
+        ))
+        .await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for row in &rows {
+        assert_eq!(row[1..3], ["distributed", "succeeded"], "{rows:?}");
+    }
+    let ms = |row: usize, col: usize| rows[row][col].parse::<i64>().unwrap();
+    assert!(ms(1, 3) < ms(0, 3) + ms(0, 4), "the second subquery started after the first ended: {rows:?}");
+    // One that fails fails the query with its error, and none is left running.
+    let failing = "SELECT count(*) FROM sq_t WHERE v > (SELECT v FROM sq_t WHERE k = 1) AND v < (SELECT max(v) FROM sq_t WHERE k = 5)";
+    let error = t.client.collect(failing).await.expect_err("the first subquery returns many rows").to_string();
+    assert!(error.contains("more than one row"), "{error}");
+    let running = t.cluster_rows("SELECT query_id FROM quiver.queries WHERE state = 'running' AND query_id LIKE '%.sq%'").await;
+    assert!(running.is_empty(), "{running:?}");
+    t.check_same(sql).await;
+}
+
 /// Workers that compress the Task outputs they serve (LZ4, Zstandard) give the answers of
 /// workers that do not, through shuffles and gathers: readers decompress what they are sent.
 /// In-process reads are off, so that every output crosses Flight (with them on, and no

@@ -1,5 +1,5 @@
 //! Uncorrelated scalar subqueries (`WHERE x > (SELECT avg(..) ..)`) run before the Query that
-//! reads them, each as a distributed Query of its own. Their values are then part of the plan:
+//! reads them, each as a distributed Query of its own (those of one plan node at once). Their values are then part of the plan:
 //! the Tasks that read them receive them as literals, so the rest of the Query runs on workers
 //! like any other (DataFusion would otherwise evaluate them inside the coordinator's process,
 //! keeping every operator that reads one, and everything above it, on the coordinator).
@@ -20,8 +20,12 @@ use super::Core;
 pub(super) fn resolve<'a>(core: &'a Arc<Core>, id: &'a str, plan: Arc<dyn ExecutionPlan>) -> BoxFuture<'a, Result<Arc<dyn ExecutionPlan>>> {
     async move {
         if let Some(exec) = plan.downcast_ref::<ScalarSubqueryExec>() {
-            for (n, link) in exec.subqueries().iter().enumerate() {
-                let value = run(core, &format!("{id}.sq{n}"), Arc::clone(&link.plan)).await?;
+            // Independent of each other, they run at once: one that fails drops (cancels) the
+            // others.
+            let ids: Vec<String> = (0..exec.subqueries().len()).map(|n| format!("{id}.sq{n}")).collect();
+            let runs = exec.subqueries().iter().zip(&ids).map(|(link, id)| run(core, id, Arc::clone(&link.plan)));
+            let values = futures::future::try_join_all(runs).await?;
+            for (link, value) in exec.subqueries().iter().zip(values) {
                 exec.results().set(link.index, value)?;
             }
             return resolve(core, id, Arc::clone(exec.input())).await;
