@@ -357,6 +357,10 @@ enum BenchCommand {
         /// Each worker's memory limit, and single-node DataFusion's (e.g. 4GiB).
         #[arg(long, default_value = "4GiB", value_parser = parse_bytes)]
         memory_limit: u64,
+        /// Run the cluster's queries with this session setting, e.g. `quiver.speculation=false`
+        /// (repeatable): to measure a mechanism's cost at scale.
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        settings: Vec<String>,
     },
     /// TPC-H on a healthy local cluster, then with one worker killed part-way through each
     /// query and replaced: how long recovery takes, and that the answer stays the same.
@@ -581,9 +585,9 @@ async fn run(command: Command) -> Result<()> {
             let compare = compare.as_deref().map(Comparison::parse).transpose()?;
             run_tpch(&TpchBench { sf, workers, queries, data_dir, iterations, over_network, compare }).await?;
         }
-        Command::Bench { bench: BenchCommand::Memory { sf, workers, queries, data_dir, files, memory_limit } } => {
+        Command::Bench { bench: BenchCommand::Memory { sf, workers, queries, data_dir, files, memory_limit, settings } } => {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());
-            run_memory(&MemoryBench { sf, workers, queries, data_dir, files, memory_limit_bytes: memory_limit }).await?;
+            run_memory(&MemoryBench { sf, workers, queries, data_dir, files, memory_limit_bytes: memory_limit, settings }).await?;
         }
         Command::Bench { bench: BenchCommand::Recovery { sf, workers, queries, data_dir, kill_at } } => {
             let queries = queries.unwrap_or_else(|| (1..=22).collect());

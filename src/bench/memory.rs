@@ -16,7 +16,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
 
-use super::procs::{spawn, start_coordinator, wait_for_workers, Proc};
+use super::procs::{spawn, speculated, start_coordinator, wait_for_workers, Proc};
 use crate::config::{default_parallelism, session_config};
 use crate::tpch;
 
@@ -30,6 +30,8 @@ pub struct MemoryBench {
     pub files: usize,
     /// Each worker's `--memory-limit`, and single-node DataFusion's memory pool.
     pub memory_limit_bytes: u64,
+    /// Session settings (`name=value`) the cluster's queries run with.
+    pub settings: Vec<String>,
 }
 
 /// One query's outcome on one engine: its time and rows, or why it failed.
@@ -47,17 +49,27 @@ pub async fn run_memory(bench: &MemoryBench) -> Result<()> {
     for sql in tpch::create_tables_sql(&dir) {
         client.collect(&sql).await?;
     }
+    for setting in &bench.settings {
+        let Some((name, value)) = setting.split_once('=') else {
+            return Err(DataFusionError::Configuration(format!("--set {setting}: expected NAME=VALUE")));
+        };
+        client.collect(&format!("SET {} = {}", name.trim(), value.trim())).await?;
+    }
     let single = single_node(bench.memory_limit_bytes)?;
     for sql in tpch::create_tables_sql(&dir) {
         single.sql(&sql).await?;
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     println!(
-        "TPC-H SF {} ({} files per table) | {} workers x {slots} slots, each limited to {:.1} GiB | single node limited to the same",
-        bench.sf, files, bench.workers, gib(bench.memory_limit_bytes)
+        "TPC-H SF {} ({} files per table) | {} workers x {slots} slots, each limited to {:.1} GiB | single node limited to the same{}",
+        bench.sf,
+        files,
+        bench.workers,
+        gib(bench.memory_limit_bytes),
+        if bench.settings.is_empty() { String::new() } else { format!(" | cluster with {}", bench.settings.join(", ")) }
     );
-    println!("{:>5} {:>12} {:>12} {:>7} {:>10}", "query", "single_ms", "cluster_ms", "ratio", "rows");
-    let (mut single_total, mut cluster_total, mut failed) = (0.0, 0.0, 0);
+    println!("{:>5} {:>12} {:>12} {:>7} {:>10} {:>11}", "query", "single_ms", "cluster_ms", "ratio", "rows", "speculated");
+    let (mut single_total, mut cluster_total, mut failed, mut speculated_total) = (0.0, 0.0, 0, 0);
     for &q in &bench.queries {
         let sql = tpch::query_sql(q)?;
         let one = run_single(&single, &sql).await;
@@ -76,10 +88,13 @@ pub async fn run_memory(bench: &MemoryBench) -> Result<()> {
             single_total += s;
             cluster_total += c;
         }
-        print_outcomes(q, &one, &cluster);
+        // What speculation cost where nothing is slow but the data is large.
+        let speculated = speculated(&client, &sql).await?;
+        speculated_total += speculated;
+        print_outcomes(q, &one, &cluster, speculated);
     }
     println!("{:>5} {:>12.1} {:>12.1} {:>6.2}x  (queries both finished)", "total", single_total, cluster_total, cluster_total / single_total);
-    println!("cluster: {} of {} queries finished", bench.queries.len() - failed, bench.queries.len());
+    println!("cluster: {} of {} queries finished, {speculated_total} speculative Attempts", bench.queries.len() - failed, bench.queries.len());
     report_peaks(bench, &coordinator, &workers);
     Ok(())
 }
@@ -99,14 +114,14 @@ async fn run_single(ctx: &SessionContext, sql: &str) -> Outcome {
     }
 }
 
-fn print_outcomes(q: usize, single: &Outcome, cluster: &Outcome) {
+fn print_outcomes(q: usize, single: &Outcome, cluster: &Outcome, speculated: u32) {
     let ms = |o: &Outcome| o.as_ref().map_or("failed".to_string(), |(ms, _)| format!("{ms:.1}"));
     let ratio = match (single, cluster) {
         (Ok((s, _)), Ok((c, _))) => format!("{:.2}x", c / s),
         _ => "-".into(),
     };
     let rows = cluster.as_ref().or(single.as_ref()).map_or(0, |(_, r)| *r);
-    println!("{:>5} {:>12} {:>12} {:>7} {:>10}", format!("q{q:02}"), ms(single), ms(cluster), ratio, rows);
+    println!("{:>5} {:>12} {:>12} {:>7} {:>10} {:>11}", format!("q{q:02}"), ms(single), ms(cluster), ratio, rows, speculated);
     for (engine, outcome) in [("single node", single), ("cluster", cluster)] {
         if let Err(e) = outcome {
             println!("      {engine}: {}", e.lines().next().unwrap_or_default());

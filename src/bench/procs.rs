@@ -43,6 +43,14 @@ pub(super) async fn count(client: &Client, sql: &str) -> Result<i64> {
     value.ok_or_else(|| DataFusionError::Execution(format!("no count from {sql}")))
 }
 
+/// Speculative Attempts of the last run of `sql`, its scalar subqueries' included.
+pub(super) async fn speculated(client: &Client, sql: &str) -> Result<u32> {
+    let escaped = sql.replace('\'', "''");
+    let last = format!("(SELECT query_id FROM quiver.queries WHERE sql = '{escaped}' ORDER BY started DESC LIMIT 1)");
+    let sql = format!("SELECT count(*) FROM quiver.tasks WHERE started_as = 'speculative' AND query_id LIKE {last} || '%'");
+    Ok(count(client, &sql).await? as u32)
+}
+
 pub(super) async fn connect(url: &str) -> Result<Client> {
     let deadline = Instant::now() + Duration::from_millis(STARTUP_DEADLINE_MS);
     loop {

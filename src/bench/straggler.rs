@@ -15,7 +15,7 @@ use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::Float64Type;
 use datafusion::common::{DataFusionError, Result};
 
-use super::procs::{count, spawn, start_coordinator, wait_for_workers, Proc};
+use super::procs::{speculated, spawn, start_coordinator, wait_for_workers, Proc};
 use super::sorted_rows;
 use crate::client::Client;
 use crate::config::default_parallelism;
@@ -103,14 +103,6 @@ async fn run_all(client: &Client, bench: &StragglerBench) -> Result<Vec<Run>> {
         runs.push(Run { ms: best, rows, speculated, pace });
     }
     Ok(runs)
-}
-
-/// Speculative Attempts of the last run of `sql`, its scalar subqueries' included.
-async fn speculated(client: &Client, sql: &str) -> Result<u32> {
-    let escaped = sql.replace('\'', "''");
-    let last = format!("(SELECT query_id FROM quiver.queries WHERE sql = '{escaped}' ORDER BY started DESC LIMIT 1)");
-    let sql = format!("SELECT count(*) FROM quiver.tasks WHERE started_as = 'speculative' AND query_id LIKE {last} || '%'");
-    Ok(count(client, &sql).await? as u32)
 }
 
 /// The pace of the slowest live worker (1: typical).
