@@ -38,6 +38,8 @@ pub struct MemoryBench {
 type Outcome = std::result::Result<(f64, usize), String>;
 
 pub async fn run_memory(bench: &MemoryBench) -> Result<()> {
+    // A malformed setting is refused before any data is generated or process started.
+    let sets = bench.settings.iter().map(|setting| set_statement(setting)).collect::<Result<Vec<_>>>()?;
     let files = bench.files.max(1);
     let dir = tpch::generate(&bench.data_dir, bench.sf, tpch::Layout { files, ..tpch::Layout::for_scale(bench.sf) })?;
     let (exe, url, coordinator, client) = start_coordinator().await?;
@@ -49,11 +51,8 @@ pub async fn run_memory(bench: &MemoryBench) -> Result<()> {
     for sql in tpch::create_tables_sql(&dir) {
         client.collect(&sql).await?;
     }
-    for setting in &bench.settings {
-        let Some((name, value)) = setting.split_once('=') else {
-            return Err(DataFusionError::Configuration(format!("--set {setting}: expected NAME=VALUE")));
-        };
-        client.collect(&format!("SET {} = {}", name.trim(), value.trim())).await?;
+    for sql in &sets {
+        client.collect(sql).await?;
     }
     let single = single_node(bench.memory_limit_bytes)?;
     for sql in tpch::create_tables_sql(&dir) {
@@ -97,6 +96,14 @@ pub async fn run_memory(bench: &MemoryBench) -> Result<()> {
     println!("cluster: {} of {} queries finished, {speculated_total} speculative Attempts", bench.queries.len() - failed, bench.queries.len());
     report_peaks(bench, &coordinator, &workers);
     Ok(())
+}
+
+/// `SET name = value` for a `--set name=value`.
+fn set_statement(setting: &str) -> Result<String> {
+    match setting.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => Ok(format!("SET {} = {}", name.trim(), value.trim())),
+        _ => Err(DataFusionError::Configuration(format!("--set {setting}: expected NAME=VALUE"))),
+    }
 }
 
 /// Single-node DataFusion with a memory pool of `limit` bytes; what does not fit spills.
