@@ -108,6 +108,30 @@ async fn a_partitioned_copy_writes_one_directory_per_value() {
     check_copied(&t, "PARQUET", &format!("{}/", dir.display()), true).await;
 }
 
+/// Regression (CI, stop 26): an Attempt that lost its Task (a speculative one, say) still wrote
+/// when the copy committed, and DataFusion's sink re-created the staging directory inside the
+/// target after the commit removed it. With speculation everywhere, no copy leaves anything but
+/// its partition directories, and each holds exactly the query's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_whose_tasks_are_speculated_leaves_only_its_own_files() {
+    let t = cluster_with_files().await;
+    t.run_all(&common::ADAPTIVE_EVERYWHERE).await;
+    let dirs: Vec<PathBuf> = (0..6).map(|i| t.dir.path().join(format!("spec-{i}"))).collect();
+    for dir in &dirs {
+        let sql = format!("COPY ({QUERY}) TO '{}' STORED AS PARQUET PARTITIONED BY (k)", dir.display());
+        assert_eq!(t.cluster_rows(&sql).await, vec![vec!["20000".to_string()]]);
+    }
+    let speculated = t.cluster_rows("SELECT sum(attempts_speculated) FROM quiver.queries WHERE sql LIKE 'COPY%'").await;
+    assert!(speculated[0][0].parse::<u64>().unwrap() > 0, "no copy Task was speculated: {speculated:?}");
+    for dir in &dirs {
+        check_copied(&t, "PARQUET", &format!("{}/", dir.display()), true).await;
+    }
+    for dir in &dirs {
+        let hidden: Vec<_> = entries(dir).into_iter().filter(|p| p.file_name().unwrap().to_string_lossy().starts_with('.')).collect();
+        assert!(hidden.is_empty(), "a committed copy left {hidden:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn copy_to_a_file_writes_exactly_that_file() {
     let t = cluster_with_files().await;

@@ -645,6 +645,13 @@ impl Cluster {
         records
     }
 
+    /// The URLs of the workers that ran an Attempt of a Query.
+    pub fn query_worker_urls(&self, id: &str) -> Vec<String> {
+        let inner = self.lock();
+        let run = inner.queries.get(id).and_then(|q| q.run.as_ref());
+        run.map(|r| r.worker_urls().into_iter().collect()).unwrap_or_default()
+    }
+
     pub fn query(&self, id: &str) -> Option<QueryRecord> {
         self.lock().queries.get(id).map(QueryEntry::snapshot)
     }

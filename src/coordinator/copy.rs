@@ -72,7 +72,7 @@ async fn to_directory(core: &Arc<Core>, id: &str, exec: &DataSinkExec, target: &
     // A target this copy creates goes again if the copy fails (dropped last: emptied first).
     let mut created = RemoveEmptyDir((!target.exists()).then(|| target.to_path_buf()));
     std::fs::create_dir_all(&staging).map_err(|e| io_error(e, "cannot create", &staging))?;
-    let _staging = RemoveOnDrop(Some(staging.clone()));
+    let mut staging_guard = RemoveOnDrop(Some(staging.clone()));
     let sink = retarget(exec.sink(), target, FileOutputMode::Directory)?;
     let write = WriteTarget { dir: staging.clone(), kind: WriteKind::Copy { sink } };
     let (plan, stream) = start_physical(core, id, per_partition(exec.input()), Some(write)).await?;
@@ -86,6 +86,8 @@ async fn to_directory(core: &Arc<Core>, id: &str, exec: &DataSinkExec, target: &
             return Err(e);
         }
     };
+    // Attempts that lost their Task write on into the staging directory until stopped.
+    core.stop_attempts(id).await;
     let written: Vec<PathBuf> = match plan.write_stage {
         Some(stage) => core
             .cluster
@@ -98,12 +100,14 @@ async fn to_directory(core: &Arc<Core>, id: &str, exec: &DataSinkExec, target: &
     for dir in written.iter().filter(|d| d.exists()) {
         move_tree(dir, target)?;
     }
+    staging_guard.0 = None;
+    remove_settled(&staging).await;
     created.0 = None;
     Ok(rows)
 }
 
-/// How often, and how far apart, a failed copy's staging directory is removed again: an
-/// Attempt stopped a moment ago may still be finishing a step that creates a directory in it.
+/// How often, and how far apart, a copy's staging directory is removed again: an Attempt
+/// stopped a moment ago may still be finishing a step that creates a directory in it.
 const STAGING_REMOVE_TRIES: usize = 20;
 const STAGING_SETTLE_MS: u64 = 25;
 
@@ -116,7 +120,7 @@ async fn remove_settled(dir: &Path) {
             return;
         }
     }
-    tracing::warn!("could not remove {} after a failed copy", dir.display());
+    tracing::warn!("could not remove the copy's staging directory {}", dir.display());
 }
 
 /// The sink's input without the merge DataFusion put under the sink, which wants one input

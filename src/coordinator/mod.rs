@@ -98,6 +98,19 @@ impl Core {
                 None => tracing::info!(query = %id, state, duration_ms, rows, tasks, "query ended"),
             }
         }
+        self.release_calls(id, workers)
+    }
+
+    /// Stops every Attempt of a Query that is still running, returning once each worker that ran
+    /// one has stopped them (or did not answer within the control call timeout). A write that
+    /// succeeded calls this before it commits: an Attempt that lost its Task to another (a
+    /// speculative race) may still be writing into the staging directory.
+    async fn stop_attempts(&self, id: &str) {
+        futures::future::join_all(self.release_calls(id, self.cluster.query_worker_urls(id))).await;
+    }
+
+    /// The calls that release a Query on `workers`: stop its Attempts and free its outputs.
+    fn release_calls(&self, id: &str, workers: Vec<String>) -> Vec<impl std::future::Future<Output = ()> + Send + 'static> {
         let release = ReleaseQuery { query_id: id.to_string() };
         let release_on = |url: String| {
             let release = release.clone();

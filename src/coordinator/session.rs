@@ -362,6 +362,8 @@ async fn write_segment(
     let (plan, stream) = start_physical(core, id, physical, Some(target)).await?;
     let batches: Vec<RecordBatch> = stream.try_collect().await?;
     let rows = batches.iter().flat_map(|b| b.column(0).as_primitive::<UInt64Type>().iter().flatten()).sum();
+    // An Attempt that lost its Task may still be writing; the commit's sweep must come after it.
+    core.stop_attempts(id).await;
     // Of each write Task, exactly the file of the Attempt whose count was returned.
     let files = match plan.write_stage {
         Some(stage) => {
