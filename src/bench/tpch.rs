@@ -67,6 +67,8 @@ pub struct Row {
     /// the final gather), in the last run; subqueries' Queries included.
     pub shuffled_bytes: u64,
     pub gathered_bytes: u64,
+    /// Bytes shuffled in the last run with the compared setting at its other value.
+    pub other_shuffled_bytes: Option<u64>,
 }
 
 pub async fn run_tpch(bench: &TpchBench) -> Result<Vec<Row>> {
@@ -96,8 +98,8 @@ pub async fn run_tpch(bench: &TpchBench) -> Result<Vec<Row>> {
         }
     };
     println!(
-        "{:>5} {:>12} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7} {:>8} {:>12} {:>12}",
-        "query", "single_ms", "cluster_ms", "ratio", "duckdb_ms", "ratio", "other_ms", "ratio", "rows", "shuffled_MB", "gathered_MB"
+        "{:>5} {:>12} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7} {:>8} {:>12} {:>12} {:>15}",
+        "query", "single_ms", "cluster_ms", "ratio", "duckdb_ms", "ratio", "other_ms", "ratio", "rows", "shuffled_MB", "gathered_MB", "other_shuffled_MB"
     );
     let mut rows = Vec::new();
     for &q in &bench.queries {
@@ -122,6 +124,7 @@ async fn time_query(
     let sql = tpch::query_sql(q)?;
     let (mut single_ms, mut cluster_ms, mut duckdb_ms, mut other_ms) = (f64::MAX, f64::MAX, None::<f64>, None::<f64>);
     let mut counts = (0, 0);
+    let (mut moved, mut other_shuffled_bytes) = ((0, 0), None);
     for _ in 0..bench.iterations.max(1) {
         let started = Instant::now();
         let batches: Vec<RecordBatch> = single.sql(&sql).await?.execute_stream().await?.try_collect().await?;
@@ -131,6 +134,7 @@ async fn time_query(
         let (_, batches) = client.collect(&sql).await?;
         cluster_ms = cluster_ms.min(started.elapsed().as_secs_f64() * 1e3);
         counts.1 = batches.iter().map(|b| b.num_rows()).sum();
+        moved = moved_bytes(cluster, &sql);
         if let Some(c) = &bench.compare {
             client.collect(&c.set(&c.other)).await?;
             let started = Instant::now();
@@ -142,6 +146,7 @@ async fn time_query(
                 return Err(DataFusionError::Execution(format!("q{q}: the cluster returned {} rows, and {rows} with {} = {}", counts.1, c.name, c.other)));
             }
             other_ms = Some(other_ms.map_or(ms, |best| best.min(ms)));
+            other_shuffled_bytes = Some(moved_bytes(cluster, &sql).0);
         }
         if let Some(duckdb) = duckdb.as_deref_mut() {
             let (ms, rows) = duckdb.run(&sql).await?;
@@ -154,8 +159,8 @@ async fn time_query(
     if counts.0 != counts.1 {
         return Err(DataFusionError::Execution(format!("q{q}: single node returned {} rows, cluster {}", counts.0, counts.1)));
     }
-    let (shuffled_bytes, gathered_bytes) = moved_bytes(cluster, &sql);
-    Ok(Row { query: q, single_ms, cluster_ms, duckdb_ms, other_ms, rows: counts.0, shuffled_bytes, gathered_bytes })
+    let (shuffled_bytes, gathered_bytes) = moved;
+    Ok(Row { query: q, single_ms, cluster_ms, duckdb_ms, other_ms, rows: counts.0, shuffled_bytes, gathered_bytes, other_shuffled_bytes })
 }
 
 fn print_row(row: &Row) {
@@ -163,7 +168,7 @@ fn print_row(row: &Row) {
     let (duckdb_ms, duckdb_ratio) = beside(row.duckdb_ms, row.cluster_ms);
     let (other_ms, other_ratio) = beside(row.other_ms, row.cluster_ms);
     println!(
-        "{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>12} {:>7} {:>12} {:>7} {:>8} {:>12.1} {:>12.1}",
+        "{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>12} {:>7} {:>12} {:>7} {:>8} {:>12.1} {:>12.1} {:>15}",
         format!("q{:02}", row.query),
         row.single_ms,
         row.cluster_ms,
@@ -174,7 +179,8 @@ fn print_row(row: &Row) {
         other_ratio,
         row.rows,
         mb(row.shuffled_bytes),
-        mb(row.gathered_bytes)
+        mb(row.gathered_bytes),
+        row.other_shuffled_bytes.map_or("-".into(), |b| format!("{:.1}", mb(b)))
     );
 }
 
