@@ -32,6 +32,10 @@ pub const KEY_FILTER_DENSITY_MAX: f64 = 0.75;
 /// `KEY_FILTER_SAMPLE_ROWS` rows it saw.
 pub const KEY_FILTER_KEEP_FRACTION_MAX: f64 = 0.9;
 pub const KEY_FILTER_SAMPLE_ROWS: u64 = 1 << 17;
+/// Key filters a worker keeps for Stages none of its Attempts waits on yet (one that arrived
+/// just before the Attempt it is for started); beyond it such a filter is dropped and that
+/// Attempt filters nothing.
+pub const LATE_FILTER_STAGES_MAX: usize = 1024;
 /// How many producer outputs a shuffle reader fetches at once.
 pub const EXCHANGE_FETCHES_MAX: usize = 8;
 /// HTTP/2 receive windows: how much of a batch stream may be in flight unread.
@@ -178,7 +182,9 @@ extensions_options! {
         /// build Stage and drops the rows whose keys the build side does not hold.
         pub join_key_filters: bool, default = true
         /// The probe Stage waits for the build Stage, so that all its Tasks filter; off, a
-        /// slot with nothing else to do takes probe Tasks early, and they run unfiltered.
+        /// slot with nothing else to do takes probe Tasks early, and they filter only the rows
+        /// they output after the filter reaches them. On a single host the two measured even
+        /// (TPC-H SF1); off shuffles more bytes (q03: 46.6 MB against 4.8).
         pub join_key_filter_wait: bool, default = true
     }
 }

@@ -16,7 +16,7 @@ use datafusion::prelude::SessionContext;
 use prost::Message;
 use quiver::protocol::{
     decode_plan, encode_plan, Heartbeat, OutputTicket, PollTask, PollTaskResponse, QueryProgressRequest, RegisterWorker,
-    ReleaseAttempt, ReleaseQuery, TaskAssignment, TaskKey, TaskReport,
+    KeyFilterSpec, ReleaseAttempt, ReleaseQuery, StageKeyFilter, TaskAssignment, TaskKey, TaskReport,
 };
 
 /// Inputs per decoder.
@@ -54,6 +54,13 @@ fn key() -> TaskKey {
     TaskKey { query_id: "q-0123456789ab".into(), stage: 2, task: 5, attempt: 1 }
 }
 
+/// A Stage's key filter as the coordinator sends it to a worker: 1024 bits, as a Bloom filter
+/// of few keys is sized.
+fn stage_key_filter() -> Vec<u8> {
+    let filter = KeyFilterSpec { keys: vec![0, 2], bits: vec![0b1010_0101; 128] };
+    StageKeyFilter { query_id: "q-1".into(), stage: 1, filter: Some(filter) }.encode_to_vec()
+}
+
 #[test]
 fn control_messages_and_tickets_decode_or_fail_without_panicking() {
     let seeds = vec![
@@ -64,6 +71,7 @@ fn control_messages_and_tickets_decode_or_fail_without_panicking() {
         ReleaseAttempt { key: Some(key()) }.encode_to_vec(),
         ReleaseQuery { query_id: "q-1".into() }.encode_to_vec(),
         QueryProgressRequest { query_id: "q-1".into() }.encode_to_vec(),
+        stage_key_filter(),
     ];
     let mut rng = Rng::new(1);
     for _ in 0..CASES * 4 {
@@ -76,6 +84,7 @@ fn control_messages_and_tickets_decode_or_fail_without_panicking() {
         let _ = TaskAssignment::decode(input.as_slice());
         let _ = TaskReport::decode(input.as_slice());
         let _ = ReleaseAttempt::decode(input.as_slice());
+        let _ = StageKeyFilter::decode(input.as_slice());
         let _ = Any::decode(input.as_slice()).map(|any| any.unpack::<CommandStatementQuery>());
     }
 }
@@ -133,6 +142,7 @@ async fn garbage_from_the_network_is_answered_with_errors_and_the_servers_keep_s
         PollTask { worker_id: "w-1".into(), session: 7, max_tasks: 4, express_tasks: 1 }.encode_to_vec(),
         TaskReport::default().encode_to_vec(),
         ReleaseQuery { query_id: "q-1".into() }.encode_to_vec(),
+        stage_key_filter(),
     ];
     let mut rng = Rng::new(3);
     for case in 0..CASES / 2 {
@@ -143,7 +153,7 @@ async fn garbage_from_the_network_is_answered_with_errors_and_the_servers_keep_s
         let name = ["heartbeat", "poll_task", "report_task", "query_progress", "CancelFlightInfo"][rng.below(5)];
         let _ = coordinator.do_action(Action::new(name, input(&mut rng, &action_seeds))).await;
         let _ = worker.do_get(Ticket::new(input(&mut rng, &ticket_seeds))).await;
-        let name = ["release_query", "release_attempt", "no_such_action"][rng.below(3)];
+        let name = ["release_query", "release_attempt", "stage_key_filter", "no_such_action"][rng.below(4)];
         let _ = worker.do_action(Action::new(name, input(&mut rng, &action_seeds))).await;
         if case % 50 == 0 {
             assert_eq!(t.cluster_rows("SELECT sum(v) FROM f").await, vec![vec!["5050".to_string()]], "after case {case}");

@@ -207,6 +207,9 @@ pub enum Action {
     Adapted { coalesced: u32, split: u32 },
     /// A queued scan slice was cut into `pieces` Tasks (dynamic granularity).
     SliceCut { pieces: u32 },
+    /// Stage `stage`'s key filter was decided while Attempts of it ran on these workers: they
+    /// apply it to the rest of their output.
+    KeyFilter { stage: u32, filter: Arc<KeyFilterSpec>, worker_urls: Vec<String> },
 }
 
 /// A Task to be run: its Stage and index, the partition it computes, summary and plan.
@@ -898,7 +901,7 @@ impl QueryRun {
             return;
         }
         self.adapt_ready_stages(out);
-        self.decide_key_filters();
+        self.decide_key_filters(out);
         let needed = self.needed();
         let ready: Vec<TaskId> = self
             .tasks
@@ -1037,8 +1040,9 @@ impl QueryRun {
     }
 
     /// Decides the key filter of every Stage whose build Stage now has the keys of all its
-    /// Tasks: none at all when a Task succeeded without reporting them.
-    fn decide_key_filters(&mut self) {
+    /// Tasks: none at all when a Task succeeded without reporting them. Attempts of the Stage
+    /// that already run (it did not wait for its filter) get it where they run.
+    fn decide_key_filters(&mut self, out: &mut Vec<Action>) {
         for s in 0..self.stages.len() {
             let Some((build, keys)) = self.stages[s].key_filter.clone().filter(|_| self.stages[s].filter.is_none()) else { continue };
             let tasks: Vec<&TaskRun> = self.tasks.range((build, 0)..(build + 1, 0)).map(|(_, t)| t).filter(|t| !t.absorbed).collect();
@@ -1047,7 +1051,25 @@ impl QueryRun {
             }
             let summaries: Option<Vec<&SummaryForm>> = tasks.iter().map(|t| t.key_summary.as_deref()).collect();
             let filter = summaries.and_then(KeyFilter::combine).map(|f| Arc::new(KeyFilterSpec { keys: keys.clone(), bits: f.to_bytes() }));
-            self.stages[s].filter = Some(filter);
+            self.stages[s].filter = Some(filter.clone());
+            let stage = s as u32;
+            let worker_urls: BTreeSet<String> = self
+                .tasks
+                .range((stage, 0)..(stage + 1, 0))
+                .flat_map(|(_, t)| t.attempts.iter().filter(|a| a.is_live()).filter_map(|a| a.worker_url.clone()))
+                .collect();
+            if let (Some(filter), false) = (filter, worker_urls.is_empty()) {
+                out.push(Action::KeyFilter { stage, filter, worker_urls: worker_urls.into_iter().collect() });
+            }
+        }
+    }
+
+    /// The output columns an Attempt of `stage` assigned now filters once its Stage's key
+    /// filter arrives: those of a probe Stage whose filter is not decided yet.
+    pub fn late_filter_keys(&self, stage: u32) -> Vec<u32> {
+        match self.stages.get(stage as usize) {
+            Some(StageRun { key_filter: Some((_, keys)), filter: None, .. }) => keys.clone(),
+            _ => Vec::new(),
         }
     }
 

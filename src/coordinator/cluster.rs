@@ -25,9 +25,10 @@ use crate::config::{
     ASSIGNMENT_ACK_TIMEOUT_MS, EXPRESS_QUERY_TASKS_MAX, HEARTBEAT_OVERDUE_MS, POLL_TASKS_MAX, QUERY_HISTORY_MAX, TASK_POLL_WAIT_MS, TASK_QUEUE_MAX, WORKER_TIMEOUT_MS,
 };
 use crate::protocol::{
-    error_text, remote_to_quiver, ErrorKind, QueryProgress, QuiverError, StoreConfig, TaskAssignment, TaskKey, TaskReport, TaskState,
+    error_text, remote_to_quiver, ErrorKind, QueryProgress, QuiverError, StageKeyFilter, StoreConfig, TaskAssignment, TaskKey, TaskReport,
+    TaskState,
 };
-use crate::transport::{release_attempt, ClientSecurity};
+use crate::transport::{release_attempt, send_key_filter, ClientSecurity};
 
 /// Slices one poll may cut before it takes an Attempt: each cut absorbs a queued slice, so the
 /// bound only keeps one poll's work under the lock short.
@@ -377,6 +378,7 @@ impl Cluster {
         let slice = queued.slice;
         let stores = (*query.stores).clone();
         let (summarize_keys, key_filter) = run.key_work(queued.key.stage);
+        let late_filter_keys = run.late_filter_keys(queued.key.stage);
         Ok(Assigned::Task(TaskAssignment {
             key: Some(queued.key),
             plan,
@@ -388,6 +390,7 @@ impl Cluster {
             stores,
             summarize_keys,
             key_filter,
+            late_filter_keys,
         }))
     }
 
@@ -579,6 +582,10 @@ impl Cluster {
                     queued = true;
                 }
                 Action::Stop { key, worker_url } => stop_attempt(self.security.clone(), worker_url, key),
+                Action::KeyFilter { stage, filter, worker_urls } => {
+                    let message = StageKeyFilter { query_id: query.record.id.clone(), stage, filter: Some((*filter).clone()) };
+                    send_stage_key_filter(self.security.clone(), worker_urls, message);
+                }
                 Action::Publish { task, outcome } => {
                     // The pieces of a split Task are read through channels of their own.
                     if let Some(TaskOutcome::Pieces(pieces)) = &outcome {
@@ -842,6 +849,20 @@ fn stop_attempt(security: ClientSecurity, worker_url: String, key: TaskKey) {
             tracing::debug!(task = %key, url = %worker_url, "stopping the attempt failed: {e}");
         }
     });
+}
+
+/// Sends a Stage's key filter to the workers running its Attempts; one that misses it only
+/// filters less.
+fn send_stage_key_filter(security: ClientSecurity, worker_urls: Vec<String>, message: StageKeyFilter) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    for url in worker_urls {
+        let (security, message) = (security.clone(), message.clone());
+        runtime.spawn(async move {
+            if let Err(e) = send_key_filter(&security, &url, message).await {
+                tracing::debug!(%url, "sending a key filter failed: {e}");
+            }
+        });
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 //! applying one that turns out to keep nearly every row.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use datafusion::arrow::array::{BooleanArray, RecordBatch};
 use datafusion::arrow::buffer::NullBuffer;
@@ -327,15 +327,30 @@ pub struct FilterCounts {
     pub rows_kept: AtomicU64,
 }
 
+/// Where a probe Task's key filter comes from: its assignment, or the coordinator while it
+/// runs (its Stage did not wait for the filter). Until a late one arrives, rows pass as they are:
+/// they are correct either way, the filter only saves moving them.
+pub enum FilterSource {
+    Given(KeyFilter),
+    Late(Arc<OnceLock<KeyFilter>>),
+}
+
 /// `stream` without the rows `filter` rules out. After `KEY_FILTER_SAMPLE_ROWS` rows, a filter
 /// that kept more than `KEY_FILTER_KEEP_FRACTION_MAX` of them is no longer applied: it costs
 /// more than it saves.
-pub fn filter_stream(stream: SendableRecordBatchStream, filter: KeyFilter, keys: Vec<usize>, counts: Arc<FilterCounts>) -> SendableRecordBatchStream {
+pub fn filter_stream(stream: SendableRecordBatchStream, source: FilterSource, keys: Vec<usize>, counts: Arc<FilterCounts>) -> SendableRecordBatchStream {
     let schema = stream.schema();
     let mut hashes = Vec::new();
     let mut applying = true;
     let filtered = stream.map(move |batch| {
         let batch = batch?;
+        let filter = match &source {
+            FilterSource::Given(filter) => filter,
+            FilterSource::Late(slot) => match slot.get() {
+                Some(filter) => filter,
+                None => return Ok(batch),
+            },
+        };
         if !applying {
             return Ok(batch);
         }
@@ -438,8 +453,32 @@ mod tests {
         let schema = batch(vec![]).schema();
         let stream = Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::iter(batches)));
         let counts = Arc::new(FilterCounts::default());
-        let out: Vec<RecordBatch> = filter_stream(stream, filter, vec![0], Arc::clone(&counts)).map(|b| b.unwrap()).collect().await;
+        let out: Vec<RecordBatch> = filter_stream(stream, FilterSource::Given(filter), vec![0], Arc::clone(&counts)).map(|b| b.unwrap()).collect().await;
         assert_eq!(out.iter().map(RecordBatch::num_rows).sum::<usize>(), rows as usize + 100);
         assert_eq!(counts.rows_in.load(Ordering::Relaxed), rows as u64);
+    }
+
+    #[tokio::test]
+    async fn a_filter_that_arrives_while_the_stream_runs_applies_from_the_next_batch() {
+        let mut summary = KeySummary::new(vec![0]);
+        summary.add(&batch((0..10).map(Some).collect())).unwrap();
+        let filter = KeyFilter::combine([&summary.finish()]).unwrap();
+        let slot = Arc::new(OnceLock::new());
+        let (sender, receiver) = futures::channel::mpsc::unbounded();
+        let schema = batch(vec![]).schema();
+        let stream = Box::pin(RecordBatchStreamAdapter::new(schema, receiver));
+        let counts = Arc::new(FilterCounts::default());
+        let mut out = filter_stream(stream, FilterSource::Late(Arc::clone(&slot)), vec![0], Arc::clone(&counts));
+        // Before the filter arrives every row passes and none is counted as seen by it.
+        sender.unbounded_send(Ok(batch((0..1000).map(Some).collect()))).unwrap();
+        assert_eq!(out.next().await.unwrap().unwrap().num_rows(), 1000);
+        assert_eq!(counts.rows_in.load(Ordering::Relaxed), 0);
+        slot.set(filter).unwrap();
+        sender.unbounded_send(Ok(batch((0..1000).map(Some).collect()))).unwrap();
+        let kept = out.next().await.unwrap().unwrap();
+        let ids = kept.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+        assert!((0..10).all(|k| ids.values().contains(&k)), "a build key was dropped");
+        assert!(kept.num_rows() < 100, "the late filter was not applied: {} rows kept", kept.num_rows());
+        assert_eq!(counts.rows_in.load(Ordering::Relaxed), 1000);
     }
 }

@@ -39,7 +39,7 @@ use datafusion::physical_plan::{
 
 use crate::config::PlannerConfig;
 pub use adaptive::AdaptiveReads;
-pub use key_filter::{filter_stream, summarize_stream, FilterCounts, KeyFilter, KeyFilterLink, KeySummary, SummaryForm};
+pub use key_filter::{filter_stream, summarize_stream, FilterCounts, FilterSource, KeyFilter, KeyFilterLink, KeySummary, SummaryForm};
 pub use copy::{copy_attempt_dir, copy_task_dir, file_sink_config, retarget, CopyTaskExec};
 pub use reader::{Exchange, StageReaderExec, StageSource};
 pub use rules::shuffle_partitioning;

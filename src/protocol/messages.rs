@@ -14,6 +14,9 @@ pub mod action {
     pub const RELEASE_QUERY: &str = "release_query";
     /// Served by workers: stop one Attempt if it runs and drop its outputs.
     pub const RELEASE_ATTEMPT: &str = "release_attempt";
+    /// Served by workers: the key filter of a Stage whose Attempts started before it was
+    /// decided; they apply it from then on.
+    pub const STAGE_KEY_FILTER: &str = "stage_key_filter";
 }
 
 /// Identifies one Attempt of one Task: the unit a worker runs and stores output for.
@@ -153,6 +156,10 @@ pub struct TaskAssignment {
     /// Its output keeps only the rows whose join keys this filter holds.
     #[prost(message, optional, tag = "10")]
     pub key_filter: Option<KeyFilterSpec>,
+    /// Its Stage filters by join keys, but the filter was not decided when it was assigned:
+    /// these columns of its output are filtered once the filter arrives (`StageKeyFilter`).
+    #[prost(uint32, repeated, tag = "11")]
+    pub late_filter_keys: Vec<u32>,
 }
 
 /// A Bloom filter of a build Stage's join keys (`planner::KeyFilter`) and the columns of the
@@ -349,6 +356,17 @@ pub struct ReleaseQuery {
 pub struct ReleaseAttempt {
     #[prost(message, optional, tag = "1")]
     pub key: Option<TaskKey>,
+}
+
+/// The key filter of one Stage of a Query, for its Attempts already running.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StageKeyFilter {
+    #[prost(string, tag = "1")]
+    pub query_id: String,
+    #[prost(uint32, tag = "2")]
+    pub stage: u32,
+    #[prost(message, optional, tag = "3")]
+    pub filter: Option<KeyFilterSpec>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -17,7 +17,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use super::{error_from_flight, error_from_status, install_crypto_provider};
 use crate::auth::Credentials;
-use crate::protocol::{quiver_error, ErrorKind, OutputTicket, ReleaseAttempt, TaskKey};
+use crate::protocol::{quiver_error, ErrorKind, OutputTicket, ReleaseAttempt, StageKeyFilter, TaskKey};
 use crate::config::{
     CONNECT_TIMEOUT_MS, CONTROL_CALL_TIMEOUT_MS, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_DATA_CONNECTION_WINDOW_BYTES, HTTP2_KEEPALIVE_INTERVAL_MS,
     HTTP2_KEEPALIVE_TIMEOUT_MS, HTTP2_STREAM_WINDOW_BYTES,
@@ -240,6 +240,13 @@ pub async fn refuses_connections(url: &str) -> bool {
 pub async fn release_attempt(security: &ClientSecurity, url: &str, key: TaskKey) -> Result<()> {
     let peer = worker_peer(url, security).await?;
     call::<_, crate::protocol::Empty>(&peer, crate::protocol::action::RELEASE_ATTEMPT, &ReleaseAttempt { key: Some(key) }).await?;
+    Ok(())
+}
+
+/// Hands the worker at `url` a Stage's key filter for its Attempts of that Stage that run.
+pub async fn send_key_filter(security: &ClientSecurity, url: &str, filter: StageKeyFilter) -> Result<()> {
+    let peer = worker_peer(url, security).await?;
+    call::<_, crate::protocol::Empty>(&peer, crate::protocol::action::STAGE_KEY_FILTER, &filter).await?;
     Ok(())
 }
 

@@ -17,7 +17,7 @@ mod sql_client;
 mod sql_server;
 
 pub use client::{
-    call, connect, connect_lazy, fetch_batches, fetch_output, refuses_connections, release_attempt, worker_peer, ClientSecurity, Peer,
+    call, connect, connect_lazy, fetch_batches, fetch_output, refuses_connections, release_attempt, send_key_filter, worker_peer, ClientSecurity, Peer,
 };
 pub use guard::caller_of;
 pub use in_process::in_process_reads_total;

@@ -1,15 +1,50 @@
 //! A Task's part in join key filters across Stages (`planner::key_filter`): a probe Task drops
 //! the rows its filter rules out before storing its output, a build Task summarizes the join
-//! keys of what it stores, and both say what they did in their report.
+//! keys of what it stores, and both say what they did in their report. A probe Task that
+//! started before its filter was decided takes it from [`LateFilters`] once it arrives.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use datafusion::common::Result;
 use datafusion::execution::SendableRecordBatchStream;
 
-use crate::planner::{filter_stream, summarize_stream, FilterCounts, KeyFilter, KeySummary, SummaryForm};
-use crate::protocol::KeyFilterSpec;
+use crate::config::LATE_FILTER_STAGES_MAX;
+use crate::planner::{filter_stream, summarize_stream, FilterCounts, FilterSource, KeyFilter, KeySummary, SummaryForm};
+use crate::protocol::{KeyFilterSpec, StageKeyFilter};
+
+type Slot = Arc<OnceLock<KeyFilter>>;
+
+/// Key filters that arrive while Attempts of their Stage run here, by Query and Stage.
+#[derive(Default)]
+pub(super) struct LateFilters(Mutex<HashMap<(String, u32), Slot>>);
+
+impl LateFilters {
+    /// The slot a running Attempt of `stage` takes its filter from.
+    pub(super) fn slot(&self, query_id: &str, stage: u32) -> Slot {
+        let mut slots = self.0.lock().expect("late filters lock");
+        Arc::clone(slots.entry((query_id.to_string(), stage)).or_default())
+    }
+
+    /// A Stage's filter arrived: its Attempts here apply it from their next batch. One for a
+    /// Stage no Attempt here waits on is kept for one about to start, up to a bound.
+    pub(super) fn arrived(&self, message: StageKeyFilter) -> Result<()> {
+        let Some(spec) = message.filter else { return Ok(()) };
+        let filter = KeyFilter::from_bytes(&spec.bits)?;
+        let mut slots = self.0.lock().expect("late filters lock");
+        let key = (message.query_id, message.stage);
+        if !slots.contains_key(&key) && slots.len() >= LATE_FILTER_STAGES_MAX {
+            return Ok(());
+        }
+        let _ = slots.entry(key).or_default().set(filter);
+        Ok(())
+    }
+
+    pub(super) fn release_query(&self, query_id: &str) {
+        self.0.lock().expect("late filters lock").retain(|(query, _), _| query != query_id);
+    }
+}
 
 /// What a Task is doing with join keys while its output is stored.
 pub(super) struct Keys {
@@ -29,14 +64,19 @@ pub(super) struct KeysDone {
 pub(super) fn wrap(
     stream: SendableRecordBatchStream,
     filter: Option<KeyFilterSpec>,
+    late: Option<(Vec<u32>, Slot)>,
     summarize: Vec<u32>,
 ) -> Result<(SendableRecordBatchStream, Keys)> {
     let mut keys = Keys { summary: None, counts: None };
     let mut stream = stream;
-    if let Some(spec) = filter {
-        let filter = KeyFilter::from_bytes(&spec.bits)?;
+    let source = match (filter, late) {
+        (Some(spec), _) => Some((FilterSource::Given(KeyFilter::from_bytes(&spec.bits)?), spec.keys)),
+        (None, Some((columns, slot))) => Some((FilterSource::Late(slot), columns)),
+        (None, None) => None,
+    };
+    if let Some((source, filter_keys)) = source {
         let counts = Arc::new(FilterCounts::default());
-        stream = filter_stream(stream, filter, columns(&spec.keys), Arc::clone(&counts));
+        stream = filter_stream(stream, source, columns(&filter_keys), Arc::clone(&counts));
         keys.counts = Some(counts);
     }
     if !summarize.is_empty() {

@@ -36,7 +36,7 @@ use crate::config::{
 use crate::planner::{shuffle_partitioning, AttemptNumber};
 use crate::protocol::{
     action, classify, decode_plan, error_text, StoreConfig, error_to_remote, quiver_error, Empty, ErrorKind, Heartbeat, HeartbeatResponse, OutputTicket,
-    PollTask, PollTaskResponse, RegisterWorker, RegisterWorkerResponse, ReleaseAttempt, ReleaseQuery, TaskAssignment,
+    PollTask, PollTaskResponse, RegisterWorker, RegisterWorkerResponse, ReleaseAttempt, ReleaseQuery, StageKeyFilter, TaskAssignment,
     TaskKey, TaskReport, TaskState,
 };
 use crate::auth::Caller;
@@ -89,6 +89,8 @@ struct State {
     peers: Mutex<peers::PeerChecks>,
     /// How the Task outputs it serves are written (`WorkerConfig::shuffle_compression`).
     ipc: IpcWriteOptions,
+    /// Key filters for probe Attempts that started before their filter was decided.
+    late_filters: key_filters::LateFilters,
 }
 
 /// The last `capacity` values seen, for membership tests.
@@ -152,6 +154,7 @@ impl Worker {
             stores: Mutex::default(),
             peers: Mutex::default(),
             ipc,
+            late_filters: key_filters::LateFilters::default(),
         });
         let service = Arc::new(Service(Arc::clone(&state)));
         let mut server = serve(Arc::clone(&service), listener, &security.server)?;
@@ -264,6 +267,7 @@ impl State {
             key.query_id != query_id
         });
         self.outputs.release_query(query_id);
+        self.late_filters.release_query(query_id);
     }
 
     /// Stops one Attempt if it runs and frees its outputs.
@@ -427,7 +431,8 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
                 plan = crate::planner::narrow_task_plan(plan, piece.index, piece.of)?;
             }
             let (stream, router) = execute_task(&plan, task.partition as usize, &state.ctx, &key)?;
-            let (stream, keys) = key_filters::wrap(stream, task.key_filter, task.summarize_keys)?;
+            let late = (!task.late_filter_keys.is_empty()).then(|| (task.late_filter_keys, state.late_filters.slot(&key.query_id, key.stage)));
+            let (stream, keys) = key_filters::wrap(stream, task.key_filter, late, task.summarize_keys)?;
             let stored = state.outputs.store(&key, stream, router).await?;
             Ok::<_, DataFusionError>((stored, keys))
         }
@@ -611,6 +616,13 @@ impl FlightHandler for Service {
             action::RELEASE_QUERY => {
                 let release: ReleaseQuery = decode(body)?;
                 self.0.release_query(&release.query_id);
+            }
+            action::STAGE_KEY_FILTER => {
+                let filter: StageKeyFilter = decode(body)?;
+                // One that crossed its Query's release on the wire would be kept for nothing.
+                if !self.0.released_queries.lock().expect("released lock").contains(&filter.query_id) {
+                    self.0.late_filters.arrived(filter)?;
+                }
             }
             action::RELEASE_ATTEMPT => {
                 let release: ReleaseAttempt = decode(body)?;

@@ -34,11 +34,13 @@ struct Driver {
     failed: Option<QuiverError>,
     restarted: Vec<(StartedAs, Cause)>,
     paces: Vec<(String, f64)>,
+    /// Key filters sent to running Attempts: the Stage and the workers.
+    filters_sent: Vec<(u32, Vec<String>)>,
 }
 
 impl Driver {
     fn new(run: QueryRun) -> Self {
-        let mut d = Self { run, now: Instant::now(), queued: vec![], stopped: vec![], published: vec![], failed: None, restarted: vec![], paces: vec![] };
+        let mut d = Self { run, now: Instant::now(), queued: vec![], stopped: vec![], published: vec![], failed: None, restarted: vec![], paces: vec![], filters_sent: vec![] };
         let mut out = Vec::new();
         d.run.start(d.now, &mut out);
         d.take(out);
@@ -54,6 +56,7 @@ impl Driver {
                 Action::Fail(e) => self.failed = Some(e),
                 Action::Restarted { started_as, cause } => self.restarted.push((started_as, cause)),
                 Action::Paced { worker, ratio, .. } => self.paces.push((worker, ratio)),
+                Action::KeyFilter { stage, worker_urls, .. } => self.filters_sent.push((stage, worker_urls)),
                 Action::Ended { .. }
                 | Action::Output { .. }
                 | Action::Speculated
@@ -697,6 +700,29 @@ fn probe_attempts_assigned_once_the_build_stage_has_finished_get_its_filter() {
     // A build output lost now keeps its keys: the probe Stage's retries get the same filter.
     d.lose("a");
     assert_eq!(d.run.key_work(1).1.map(|f| f.bits), Some(expected.to_bytes()));
+}
+
+#[test]
+fn probe_attempts_running_when_the_filter_is_decided_get_it_where_they_run() {
+    let mut d = Driver::new(joined_by_key_filter().with_key_filter_wait(false));
+    assert_eq!(d.run.late_filter_keys(0), Vec::<u32>::new(), "the build Stage filters nothing");
+    assert_eq!(d.run.late_filter_keys(1), vec![1], "a probe Attempt assigned now filters column 1 once the filter arrives");
+    d.assign(&key(1, 0, 0), "c");
+    d.succeed_with_keys(&key(0, 0, 0), "a", Some(SummaryForm::Hashes(vec![1, 2, 3])));
+    assert!(d.filters_sent.is_empty(), "no filter before every build Task has its keys in");
+    d.assign(&key(1, 1, 0), "d");
+    d.succeed_with_keys(&key(0, 1, 0), "b", Some(SummaryForm::Hashes(vec![7])));
+    assert_eq!(d.filters_sent, vec![(1, vec![url("c"), url("d")])], "sent once, to the workers running probe Attempts");
+    assert_eq!(d.run.late_filter_keys(1), Vec::<u32>::new(), "decided: Attempts assigned now get it with their Task");
+}
+
+#[test]
+fn a_filter_decided_before_any_probe_attempt_runs_is_sent_nowhere() {
+    let mut d = Driver::new(joined_by_key_filter());
+    d.succeed_with_keys(&key(0, 0, 0), "a", Some(SummaryForm::Hashes(vec![1])));
+    d.succeed_with_keys(&key(0, 1, 0), "b", Some(SummaryForm::Hashes(vec![2])));
+    assert!(d.filters_sent.is_empty());
+    assert_eq!(d.run.late_filter_keys(1), Vec::<u32>::new());
 }
 
 #[test]
