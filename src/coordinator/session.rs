@@ -6,7 +6,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{AsArray, RecordBatch, UInt64Array};
 use datafusion::arrow::datatypes::{Schema, SchemaRef, UInt64Type};
@@ -111,7 +111,9 @@ async fn run(
     if let Some(table) = refresh_target(sql) {
         return Ok((refresh_table(core, &table)?, true));
     }
+    let started = Instant::now();
     let plan = core.ctx.state().create_logical_plan(sql).await?;
+    tracing::debug!(query = %id, logical_ms = started.elapsed().as_secs_f64() * 1e3, "logical plan created");
     super::access::check(caller, &plan, &core.config.allowed_paths)?;
     let plan = match parameters {
         Some(values) => plan.with_param_values(values)?,
@@ -190,7 +192,9 @@ async fn dispatch(core: &Arc<Core>, id: &str, sql: &str, plan: LogicalPlan) -> R
         LogicalPlan::Explain(explain) => super::explain::explain(core, id, &explain.plan).await,
         LogicalPlan::Analyze(analyze) => super::explain::analyze(core, id, &analyze.input).await,
         plan => {
+            let started = Instant::now();
             let physical = core.ctx.execute_logical_plan(plan).await?.create_physical_plan().await?;
+            tracing::debug!(query = %id, physical_ms = started.elapsed().as_secs_f64() * 1e3, "physical plan created");
             Ok(deferred(core, id, physical))
         }
     }
@@ -508,12 +512,15 @@ pub(super) async fn start_physical(
     physical: Arc<dyn ExecutionPlan>,
     write: Option<WriteTarget>,
 ) -> Result<(DistributedPlan, SendableRecordBatchStream)> {
+    let started = Instant::now();
     let physical = super::subquery::resolve(core, id, physical).await?;
+    let resolved = started.elapsed();
     let physical = crate::storage::cache_page_indexes(physical, core.ctx.runtime_env().as_ref())?;
     let mut stores = core.stores.for_plan(&physical);
     // A write to a table in a store: its Tasks open that store too.
     stores.extend(write.as_ref().and_then(|w| core.stores.for_location(&w.dir.to_string_lossy())));
     let mut plan = plan_query(core, id, physical, write).await?;
+    let distributed = started.elapsed();
     if plan.small_input_bytes.is_some() {
         core.cluster.ran_small(id);
     }
@@ -521,6 +528,9 @@ pub(super) async fn start_physical(
         core.cluster.set_query_stores(id, stores);
         core.cluster.submit(id, encode_stages(&plan)?, adaptive(core))?;
     }
+    // Where a Query's time goes before its first Task runs.
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    tracing::debug!(query = %id, subqueries_ms = ms(resolved), distribute_ms = ms(distributed - resolved), submit_ms = ms(started.elapsed() - distributed), "query planned");
     if plan.root.output_partitioning().partition_count() > 1 {
         plan.root = Arc::new(CoalescePartitionsExec::new(Arc::clone(&plan.root)));
     }
