@@ -32,10 +32,10 @@ pub const KEY_FILTER_DENSITY_MAX: f64 = 0.75;
 /// `KEY_FILTER_SAMPLE_ROWS` rows it saw.
 pub const KEY_FILTER_KEEP_FRACTION_MAX: f64 = 0.9;
 pub const KEY_FILTER_SAMPLE_ROWS: u64 = 1 << 17;
-/// Key filters a worker keeps for Stages none of its Attempts waits on yet (one that arrived
-/// just before the Attempt it is for started); beyond it such a filter is dropped and that
-/// Attempt filters nothing.
-pub const LATE_FILTER_STAGES_MAX: usize = 1024;
+/// Bytes of key filters a worker keeps for Stages none of its Attempts waits on yet (one that
+/// arrived just before the Attempt it is for started); beyond it such a filter is dropped and
+/// that Attempt filters nothing.
+pub const LATE_FILTER_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// How many producer outputs a shuffle reader fetches at once.
 pub const EXCHANGE_FETCHES_MAX: usize = 8;
 /// HTTP/2 receive windows: how much of a batch stream may be in flight unread.
@@ -100,6 +100,13 @@ pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 pub const LOST_WORKERS_MAX: usize = 256;
 /// How many released Query ids a worker remembers, to drop outputs of Tasks that finish late.
 pub const RELEASED_QUERIES_MAX: usize = 4096;
+/// How long a worker's answer to a Query's release waits for the Query's Attempts to stop: a
+/// write's commit waits for that answer, so that no Attempt writes behind it.
+pub const RELEASE_WAIT_MS: u64 = 2_000;
+/// How often that wait looks again.
+pub const RELEASE_POLL_MS: u64 = 2;
+/// How long a committing write waits for the answers to its Query's release.
+pub const STOP_ATTEMPTS_WAIT_MS: u64 = 3_000;
 /// How long the coordinator trusts a table's file listing: files added to a table's directory
 /// or object-store prefix show within this time, or at once after `REFRESH TABLE t`.
 pub const LIST_FILES_CACHE_TTL_MS: u64 = 30_000;

@@ -100,8 +100,8 @@ async fn to_directory(core: &Arc<Core>, id: &str, exec: &DataSinkExec, target: &
     for dir in written.iter().filter(|d| d.exists()) {
         move_tree(dir, target)?;
     }
-    staging_guard.0 = None;
     remove_settled(&staging).await;
+    staging_guard.0 = None;
     created.0 = None;
     Ok(rows)
 }

@@ -38,7 +38,7 @@ pub use cluster::{Beat, Cluster, QueryRecord, StageMetrics, TaskRecord, WorkerRe
 pub use cluster::QueryDetail;
 pub use metrics::METRICS_CONTENT_TYPE;
 
-use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS, LIST_FILES_CACHE_TTL_MS, SPECULATION_CHECK_INTERVAL_MS};
+use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS, LIST_FILES_CACHE_TTL_MS, SPECULATION_CHECK_INTERVAL_MS, STOP_ATTEMPTS_WAIT_MS};
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use crate::protocol::{
@@ -102,11 +102,15 @@ impl Core {
     }
 
     /// Stops every Attempt of a Query that is still running, returning once each worker that ran
-    /// one has stopped them (or did not answer within the control call timeout). A write that
-    /// succeeded calls this before it commits: an Attempt that lost its Task to another (a
-    /// speculative race) may still be writing into the staging directory.
+    /// one has stopped them (or after `STOP_ATTEMPTS_WAIT_MS`: a worker that does not answer
+    /// must not hold a commit, and the catalog lock with it, for long). A write that succeeded
+    /// calls this before it commits: an Attempt that lost its Task to another (a speculative
+    /// race) may still be writing into the staging directory.
     async fn stop_attempts(&self, id: &str) {
-        futures::future::join_all(self.release_calls(id, self.cluster.query_worker_urls(id))).await;
+        let calls = futures::future::join_all(self.release_calls(id, self.cluster.query_worker_urls(id)));
+        if tokio::time::timeout(Duration::from_millis(STOP_ATTEMPTS_WAIT_MS), calls).await.is_err() {
+            tracing::warn!(query = %id, "a worker did not confirm within {STOP_ATTEMPTS_WAIT_MS} ms that the query's attempts stopped");
+        }
     }
 
     /// The calls that release a Query on `workers`: stop its Attempts and free its outputs.

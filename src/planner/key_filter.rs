@@ -305,6 +305,11 @@ impl KeyFilter {
         self.0.to_bytes()
     }
 
+    /// The memory its bits take.
+    pub fn size_bytes(&self) -> usize {
+        self.0 .0.len() * 8
+    }
+
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         Bits::from_bytes(bytes, KEY_SUMMARY_BITS).map(Self)
     }

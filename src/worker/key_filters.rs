@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use datafusion::common::Result;
 use datafusion::execution::SendableRecordBatchStream;
 
-use crate::config::LATE_FILTER_STAGES_MAX;
+use crate::config::LATE_FILTER_BYTES_MAX;
 use crate::planner::{filter_stream, summarize_stream, FilterCounts, FilterSource, KeyFilter, KeySummary, SummaryForm};
 use crate::protocol::{KeyFilterSpec, StageKeyFilter};
 
@@ -28,13 +28,14 @@ impl LateFilters {
     }
 
     /// A Stage's filter arrived: its Attempts here apply it from their next batch. One for a
-    /// Stage no Attempt here waits on is kept for one about to start, up to a bound.
+    /// Stage no Attempt here waits on yet is kept for one about to start, within a byte budget.
     pub(super) fn arrived(&self, message: StageKeyFilter) -> Result<()> {
         let Some(spec) = message.filter else { return Ok(()) };
         let filter = KeyFilter::from_bytes(&spec.bits)?;
         let mut slots = self.0.lock().expect("late filters lock");
         let key = (message.query_id, message.stage);
-        if !slots.contains_key(&key) && slots.len() >= LATE_FILTER_STAGES_MAX {
+        let held: usize = slots.values().filter_map(|s| s.get()).map(KeyFilter::size_bytes).sum();
+        if !slots.contains_key(&key) && held + spec.bits.len() > LATE_FILTER_BYTES_MAX {
             return Ok(());
         }
         let _ = slots.entry(key).or_default().set(filter);
@@ -43,6 +44,10 @@ impl LateFilters {
 
     pub(super) fn release_query(&self, query_id: &str) {
         self.0.lock().expect("late filters lock").retain(|(query, _), _| query != query_id);
+    }
+
+    pub(super) fn clear(&self) {
+        self.0.lock().expect("late filters lock").clear();
     }
 }
 

@@ -30,7 +30,7 @@ use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::arrow::ipc::CompressionType;
 use crate::config::{
-    session_config, ShuffleCompression, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS, RELEASED_ATTEMPTS_MAX, RELEASED_QUERIES_MAX,
+    session_config, ShuffleCompression, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS, RELEASED_ATTEMPTS_MAX, RELEASED_QUERIES_MAX, RELEASE_POLL_MS, RELEASE_WAIT_MS,
     REPORT_RETRIES_MAX,
 };
 use crate::planner::{shuffle_partitioning, AttemptNumber};
@@ -241,6 +241,7 @@ impl State {
         tracing::warn!(worker = %registration.id, "the coordinator no longer knows this worker: dropping its tasks and outputs");
         self.abort_all();
         self.outputs.clear();
+        self.late_filters.clear();
     }
 
     fn memory_used(&self) -> u64 {
@@ -268,6 +269,15 @@ impl State {
         });
         self.outputs.release_query(query_id);
         self.late_filters.release_query(query_id);
+    }
+
+    /// Returns once no Attempt of a released Query is left running here (its Tasks were
+    /// aborted, and an abort ends a Task at its next await), or after `RELEASE_WAIT_MS`.
+    async fn stopped(&self, query_id: &str) {
+        let deadline = Instant::now() + Duration::from_millis(RELEASE_WAIT_MS);
+        while self.held.lock().expect("held lock").iter().any(|k| k.query_id == query_id) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(RELEASE_POLL_MS)).await;
+        }
     }
 
     /// Stops one Attempt if it runs and frees its outputs.
@@ -450,6 +460,10 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
     state.running.lock().expect("running lock").remove(&key);
     if state.is_released(&key) || state.registration().as_ref() != Some(registration) {
         state.outputs.release_attempt(&key);
+        // Its late filter slot may have come after the release swept the Query's.
+        if state.released_queries.lock().expect("released lock").contains(&key.query_id) {
+            state.late_filters.release_query(&key.query_id);
+        }
         return;
     }
     match outcome {
@@ -616,12 +630,16 @@ impl FlightHandler for Service {
             action::RELEASE_QUERY => {
                 let release: ReleaseQuery = decode(body)?;
                 self.0.release_query(&release.query_id);
+                self.0.stopped(&release.query_id).await;
             }
             action::STAGE_KEY_FILTER => {
                 let filter: StageKeyFilter = decode(body)?;
                 // One that crossed its Query's release on the wire would be kept for nothing.
-                if !self.0.released_queries.lock().expect("released lock").contains(&filter.query_id) {
-                    self.0.late_filters.arrived(filter)?;
+                let query_id = filter.query_id.clone();
+                self.0.late_filters.arrived(filter)?;
+                // Checked after: a release that ran meanwhile may have missed this filter.
+                if self.0.released_queries.lock().expect("released lock").contains(&query_id) {
+                    self.0.late_filters.release_query(&query_id);
                 }
             }
             action::RELEASE_ATTEMPT => {
