@@ -98,7 +98,7 @@ pub async fn run_tpch(bench: &TpchBench) -> Result<Vec<Row>> {
         }
     };
     println!(
-        "{:>5} {:>12} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7} {:>8} {:>12} {:>12} {:>15}",
+        "{:>5} {:>12} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7} {:>8} {:>12} {:>12} {:>17}",
         "query", "single_ms", "cluster_ms", "ratio", "duckdb_ms", "ratio", "other_ms", "ratio", "rows", "shuffled_MB", "gathered_MB", "other_shuffled_MB"
     );
     let mut rows = Vec::new();
@@ -168,7 +168,7 @@ fn print_row(row: &Row) {
     let (duckdb_ms, duckdb_ratio) = beside(row.duckdb_ms, row.cluster_ms);
     let (other_ms, other_ratio) = beside(row.other_ms, row.cluster_ms);
     println!(
-        "{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>12} {:>7} {:>12} {:>7} {:>8} {:>12.1} {:>12.1} {:>15}",
+        "{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>12} {:>7} {:>12} {:>7} {:>8} {:>12.1} {:>12.1} {:>17}",
         format!("q{:02}", row.query),
         row.single_ms,
         row.cluster_ms,
