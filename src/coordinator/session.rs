@@ -27,7 +27,7 @@ use crate::planner::{self, attempt_file, count_schema, task_file, DistributeOpti
 use super::policy::Adaptive;
 use crate::auth::Caller;
 use crate::config::QuiverOptions;
-use crate::protocol::{classify, encode_plan, quiver_error, ErrorKind};
+use crate::protocol::{cancelled_error, classify, encode_plan, quiver_error, ErrorKind};
 
 /// How long a Query that needs workers waits for the first one to register.
 const WORKER_WAIT_MS: u64 = 10_000;
@@ -600,6 +600,11 @@ struct QueryStream {
 }
 
 impl QueryStream {
+    /// The Query was cancelled while its result streamed (`CancelFlightInfo`).
+    fn cancelled_from_outside(&self) -> bool {
+        self.core.as_ref().and_then(|core| core.cluster.query(&self.id)).is_some_and(|q| q.state == "cancelled")
+    }
+
     fn end(&mut self, error: Option<&DataFusionError>, cancelled: bool) {
         if let Some(core) = self.core.take() {
             core.finish(&self.id, self.rows, error, cancelled);
@@ -624,6 +629,13 @@ impl Stream for QueryStream {
         };
         match &polled {
             Poll::Ready(Some(Ok(batch))) => self.rows += batch.num_rows() as u64,
+            Poll::Ready(Some(Err(_))) if self.cancelled_from_outside() => {
+                // Its stopped Tasks fail the reader in their own ways (an output freed under
+                // it, say); the client asked for the cancel, so that is what it is told.
+                let error = cancelled_error(format!("query {} was cancelled", self.id));
+                self.end(Some(&error), false);
+                return Poll::Ready(Some(Err(error)));
+            }
             Poll::Ready(Some(Err(e))) => self.end(Some(e), false),
             Poll::Ready(None) => self.end(None, false),
             Poll::Pending => {}
