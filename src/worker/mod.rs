@@ -271,6 +271,15 @@ impl State {
         self.late_filters.release_query(query_id);
     }
 
+    /// Drops a released Query's late key filters: a filter that crossed the release on the
+    /// wire, or a slot an Attempt took after it, came after the release swept them. Checked
+    /// after adding, so that a release running meanwhile cannot miss one.
+    fn sweep_late_filters_if_released(&self, query_id: &str) {
+        if self.released_queries.lock().expect("released lock").contains(&query_id.to_string()) {
+            self.late_filters.release_query(query_id);
+        }
+    }
+
     /// Returns once no Attempt of a released Query is left running here (its Tasks were
     /// aborted, and an abort ends a Task at its next await), or after `RELEASE_WAIT_MS`.
     async fn stopped(&self, query_id: &str) {
@@ -460,10 +469,7 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
     state.running.lock().expect("running lock").remove(&key);
     if state.is_released(&key) || state.registration().as_ref() != Some(registration) {
         state.outputs.release_attempt(&key);
-        // Its late filter slot may have come after the release swept the Query's.
-        if state.released_queries.lock().expect("released lock").contains(&key.query_id) {
-            state.late_filters.release_query(&key.query_id);
-        }
+        state.sweep_late_filters_if_released(&key.query_id);
         return;
     }
     match outcome {
@@ -634,13 +640,9 @@ impl FlightHandler for Service {
             }
             action::STAGE_KEY_FILTER => {
                 let filter: StageKeyFilter = decode(body)?;
-                // One that crossed its Query's release on the wire would be kept for nothing.
                 let query_id = filter.query_id.clone();
                 self.0.late_filters.arrived(filter)?;
-                // Checked after: a release that ran meanwhile may have missed this filter.
-                if self.0.released_queries.lock().expect("released lock").contains(&query_id) {
-                    self.0.late_filters.release_query(&query_id);
-                }
+                self.0.sweep_late_filters_if_released(&query_id);
             }
             action::RELEASE_ATTEMPT => {
                 let release: ReleaseAttempt = decode(body)?;
