@@ -18,7 +18,7 @@ const TABLES: [&str; 3] = [
 
 /// The build sides drop rows (a filter): a whole table as a build side is not linked, its keys
 /// would drop nothing.
-const QUERIES: [&str; 15] = [
+const QUERIES: [&str; 21] = [
     "SELECT b.g, count(*), sum(s.h) FROM kf_big b JOIN (SELECT * FROM kf_small WHERE h <> 3) s ON b.id = s.id GROUP BY b.g",
     "SELECT s.h, count(*), count(b.id) FROM (SELECT * FROM kf_small WHERE h <> 3) s JOIN kf_big b ON b.id = s.id GROUP BY s.h",
     "SELECT b.g, count(*), count(s.id) FROM kf_big b LEFT JOIN (SELECT * FROM kf_small WHERE h <> 3) s ON b.id = s.id GROUP BY b.g",
@@ -34,7 +34,23 @@ const QUERIES: [&str; 15] = [
     "SELECT b.g, count(*) FROM kf_big b JOIN (SELECT * FROM kf_small WHERE h > 100) n ON b.id = n.id GROUP BY b.g",
     "SELECT n.h, count(*) FROM kf_big b RIGHT JOIN (SELECT * FROM kf_small WHERE h > 100) n ON b.id = n.id GROUP BY n.h",
     "SELECT p.b, count(*), sum(q.v) FROM kf_pairs p JOIN kf_pairs q ON p.a = q.a AND p.b = q.b AND q.v < 2000 GROUP BY p.b",
+    // The probe side is an aggregate grouped by its join keys (as in TPC-H q17 and q20).
+    AGGREGATE_PROBE,
+    "SELECT s.h, count(*), sum(b.n) FROM (SELECT * FROM kf_small WHERE h <> 3) s JOIN (SELECT id % 1000 AS k, count(*) AS n FROM kf_big GROUP BY id % 1000) b ON s.id = b.k GROUP BY s.h",
+    "SELECT count(*), sum(q.s) FROM (SELECT * FROM kf_pairs WHERE v < 2000) p JOIN (SELECT b, a, sum(v) AS s FROM kf_pairs GROUP BY b, a) q ON p.a = q.a AND p.b = q.b",
+    "SELECT s.h, count(*), sum(b.n) FROM (SELECT * FROM kf_small WHERE h <> 3) s JOIN (SELECT id, g, count(*) AS n FROM kf_big GROUP BY GROUPING SETS ((id, g), (id))) b ON s.id = b.id GROUP BY s.h",
+    "SELECT s.h, count(*) FROM (SELECT * FROM kf_small WHERE h <> 3) s JOIN (SELECT g, count(*) AS n FROM kf_big GROUP BY g) b ON s.id = b.n GROUP BY s.h",
+    LIMITED_PROBE,
 ];
+
+/// A join whose probe side aggregates `kf_pairs` grouped by its join key: 20000 rows in 11
+/// groups, of which the build side holds 5.
+const AGGREGATE_PROBE: &str = "SELECT s.h, count(*), sum(p.n), sum(p.t) FROM (SELECT * FROM kf_small WHERE h <> 3) s \
+     JOIN (SELECT b, count(*) AS n, sum(v) AS t FROM kf_pairs GROUP BY b) p ON s.h = p.b GROUP BY s.h";
+
+/// Its probe side keeps the first groups: which ones depends on every row below the limit.
+const LIMITED_PROBE: &str = "SELECT s.h, count(*), sum(b.n) FROM (SELECT * FROM kf_small WHERE h <> 3) s \
+     JOIN (SELECT id % 1000 AS k, count(*) AS n FROM kf_big GROUP BY id % 1000 ORDER BY k LIMIT 300) b ON s.id = b.k GROUP BY s.h ORDER BY s.h";
 
 async fn cluster_with_tables(workers: usize, slots: usize) -> TestCluster {
     let t = TestCluster::start_with_http(workers, quiver::config::WorkerConfig { slots, memory_limit_bytes: 1 << 30, ..Default::default() }).await;
@@ -175,6 +191,28 @@ async fn probe_attempts_that_start_before_their_filter_apply_it_when_it_arrives(
         }
     }
     panic!("no probe Attempt assigned before its filter was decided applied it: rows its filter saw {early_seen:?}");
+}
+
+/// A probe side that aggregates by its join keys is filtered under the aggregate, where its
+/// Tasks drop the rows of the groups the join would drop before grouping them (before, such a
+/// join was not linked: q17 and q20 shuffled about a million groups the join dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_probe_side_aggregated_by_its_join_keys_is_filtered_below_the_aggregate() {
+    let t = cluster_with_tables(2, 2).await;
+    let explain = t.cluster_rows(&format!("EXPLAIN {AGGREGATE_PROBE}")).await;
+    let (probe, _) = linked_stages(&explain[2][1]);
+    let analyze = t.cluster_rows(&format!("EXPLAIN ANALYZE {AGGREGATE_PROBE}")).await;
+    let (kept, seen) = filtered_stage(&analyze[0][1]).unwrap_or_else(|| panic!("no Stage filtered its rows:\n{}", analyze[0][1]));
+    // The filter sees every row of kf_pairs, not the few groups each probe Task outputs.
+    assert!(seen == 20000 && kept < seen * 6 / 10, "kept {kept} of {seen}:\n{}", analyze[0][1]);
+    let stage = analyze[0][1].lines().find(|l| l.starts_with(&format!("Stage {probe} "))).unwrap();
+    let groups: u64 = stage.split("rows=").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    assert!(groups < 1000, "the probe Stage output {groups} groups:\n{stage}");
+    t.check_same(AGGREGATE_PROBE).await;
+
+    // Below a limit the groups a join would drop decide which others are kept: no link.
+    let explain = t.cluster_rows(&format!("EXPLAIN {LIMITED_PROBE}")).await;
+    assert!(!explain[2][1].contains("keeps only rows"), "{}", explain[2][1]);
 }
 
 /// `n` as the UI writes it: `33,000`.

@@ -23,10 +23,14 @@ use datafusion::common::hash_utils::{create_hashes, RandomState};
 use datafusion::common::{exec_err, NullEquality, Result};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_plan::aggregates::AggregateExec;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::filter::FilterExec;
-use datafusion::physical_plan::limit::{GlobalLimitExec, LocalLimitExec};
 use datafusion::physical_plan::joins::HashJoinExec;
+use datafusion::physical_plan::limit::{GlobalLimitExec, LocalLimitExec};
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 use futures::StreamExt;
@@ -106,7 +110,6 @@ fn join_link(join: &HashJoinExec) -> Option<Link> {
         return None;
     }
     let build = reader_stage(join.left())?;
-    let probe = reader_stage(join.right())?;
     let (left, right) = (join.left().schema(), join.right().schema());
     let mut build_keys = Vec::new();
     let mut probe_keys = Vec::new();
@@ -119,7 +122,53 @@ fn join_link(join: &HashJoinExec) -> Option<Link> {
         build_keys.push(l);
         probe_keys.push(r);
     }
+    let (probe, probe_keys) = probe_stage(join.right(), probe_keys)?;
     (!build_keys.is_empty()).then_some((build, build_keys, probe, probe_keys))
+}
+
+/// The Stage whose output reaches `plan` (a join's probe input) with the key columns `keys`
+/// unchanged, and where those columns are in its output. Dropping that output's rows by key
+/// then drops exactly the rows, or whole groups, the join finds no partner for; so the probe
+/// side may pass the operators [`keys_below`] sees through, aggregates grouped by the keys
+/// among them (q17 and q20 join an aggregate of lineitem to a few keys).
+fn probe_stage(plan: &Arc<dyn ExecutionPlan>, keys: Vec<usize>) -> Option<(StageId, Vec<usize>)> {
+    if let Some(reader) = plan.downcast_ref::<StageReaderExec>() {
+        return Some((reader.stage(), keys));
+    }
+    let below = keys_below(plan, &keys)?;
+    probe_stage(plan.children()[0], below)
+}
+
+/// Where the columns `keys` of `plan`'s output are in its only input's output, when every
+/// output row keeps its input row's key values and a row (or group) of the input with given
+/// keys is in the output only through rows with those keys: a merge, a repartition, a sort, a
+/// filter, a projection of the key columns as they are, an aggregate grouped by them. Nothing
+/// with a limit: which rows a limit keeps depends on the rows before it.
+pub(super) fn keys_below(plan: &Arc<dyn ExecutionPlan>, keys: &[usize]) -> Option<Vec<usize>> {
+    let [_] = plan.children()[..] else { return None };
+    if plan.fetch().is_some() {
+        return None;
+    }
+    if plan.downcast_ref::<CoalescePartitionsExec>().is_some() || plan.downcast_ref::<RepartitionExec>().is_some() || plan.downcast_ref::<SortExec>().is_some() {
+        return Some(keys.to_vec());
+    }
+    if let Some(projection) = plan.downcast_ref::<ProjectionExec>() {
+        return keys.iter().map(|&k| column(&projection.expr().get(k)?.expr)).collect();
+    }
+    if let Some(filter) = plan.downcast_ref::<FilterExec>() {
+        return match filter.projection() {
+            Some(columns) => keys.iter().map(|&k| columns.get(k).copied()).collect(),
+            None => Some(keys.to_vec()),
+        };
+    }
+    if let Some(aggregate) = plan.downcast_ref::<AggregateExec>() {
+        let groups = aggregate.group_expr();
+        if !groups.is_single() || aggregate.limit_options().is_some() {
+            return None;
+        }
+        return keys.iter().map(|&k| column(&groups.expr().get(k)?.0)).collect();
+    }
+    None
 }
 
 /// The Stage a join input reads, when the input is a Stage reader (or the merge of one).
@@ -335,8 +384,9 @@ pub struct FilterCounts {
 /// Where a probe Task's key filter comes from: its assignment, or the coordinator while it
 /// runs (its Stage did not wait for the filter). Until a late one arrives, rows pass as they are:
 /// they are correct either way, the filter only saves moving them.
+#[derive(Clone)]
 pub enum FilterSource {
-    Given(KeyFilter),
+    Given(Arc<KeyFilter>),
     Late(Arc<OnceLock<KeyFilter>>),
 }
 
@@ -458,7 +508,7 @@ mod tests {
         let schema = batch(vec![]).schema();
         let stream = Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::iter(batches)));
         let counts = Arc::new(FilterCounts::default());
-        let out: Vec<RecordBatch> = filter_stream(stream, FilterSource::Given(filter), vec![0], Arc::clone(&counts)).map(|b| b.unwrap()).collect().await;
+        let out: Vec<RecordBatch> = filter_stream(stream, FilterSource::Given(Arc::new(filter)), vec![0], Arc::clone(&counts)).map(|b| b.unwrap()).collect().await;
         assert_eq!(out.iter().map(RecordBatch::num_rows).sum::<usize>(), rows as usize + 100);
         assert_eq!(counts.rows_in.load(Ordering::Relaxed), rows as u64);
     }

@@ -1,5 +1,5 @@
 //! A Task's part in join key filters across Stages (`planner::key_filter`): a probe Task drops
-//! the rows its filter rules out before storing its output, a build Task summarizes the join
+//! the rows its filter rules out, as low in its plan as they can go, a build Task summarizes the join
 //! keys of what it stores, and both say what they did in their report. A probe Task that
 //! started before its filter was decided takes it from [`LateFilters`] once it arrives.
 
@@ -9,9 +9,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use datafusion::common::Result;
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::ExecutionPlan;
 
 use crate::config::LATE_FILTER_BYTES_MAX;
-use crate::planner::{filter_stream, summarize_stream, FilterCounts, FilterSource, KeyFilter, KeySummary, SummaryForm};
+
+use crate::planner::{apply_key_filter, summarize_stream, FilterCounts, FilterSource, KeyFilter, KeySummary, SummaryForm};
 use crate::protocol::{KeyFilterSpec, StageKeyFilter};
 
 type Slot = Arc<OnceLock<KeyFilter>>;
@@ -64,32 +66,33 @@ pub(super) struct KeysDone {
     pub filter_rows: (u64, u64),
 }
 
-/// `stream` filtered by `filter` and summarized over `summarize` (in that order: a Stage that
-/// is both a probe side and a build side summarizes what it keeps).
-pub(super) fn wrap(
-    stream: SendableRecordBatchStream,
+/// `plan` with its key filter applied (`planner::apply_key_filter`), when it has one: from its
+/// assignment, or a late one from `late`'s slot.
+pub(super) fn filter_plan(
+    plan: Arc<dyn ExecutionPlan>,
     filter: Option<KeyFilterSpec>,
     late: Option<(Vec<u32>, Slot)>,
-    summarize: Vec<u32>,
-) -> Result<(SendableRecordBatchStream, Keys)> {
-    let mut keys = Keys { summary: None, counts: None };
-    let mut stream = stream;
-    let source = match (filter, late) {
-        (Some(spec), _) => Some((FilterSource::Given(KeyFilter::from_bytes(&spec.bits)?), spec.keys)),
-        (None, Some((columns, slot))) => Some((FilterSource::Late(slot), columns)),
-        (None, None) => None,
+) -> Result<(Arc<dyn ExecutionPlan>, Option<Arc<FilterCounts>>)> {
+    let (source, keys) = match (filter, late) {
+        (Some(spec), _) => (FilterSource::Given(Arc::new(KeyFilter::from_bytes(&spec.bits)?)), spec.keys),
+        (None, Some((keys, slot))) => (FilterSource::Late(slot), keys),
+        (None, None) => return Ok((plan, None)),
     };
-    if let Some((source, filter_keys)) = source {
-        let counts = Arc::new(FilterCounts::default());
-        stream = filter_stream(stream, source, columns(&filter_keys), Arc::clone(&counts));
-        keys.counts = Some(counts);
+    let counts = Arc::new(FilterCounts::default());
+    Ok((apply_key_filter(plan, columns(&keys), source, Arc::clone(&counts))?, Some(counts)))
+}
+
+/// `stream` summarized over the key columns `summarize`, if any. It is the Task's output,
+/// filtered already: a Stage that is both a probe side and a build side summarizes what it
+/// keeps.
+pub(super) fn summarize(stream: SendableRecordBatchStream, counts: Option<Arc<FilterCounts>>, summarize: Vec<u32>) -> (SendableRecordBatchStream, Keys) {
+    let mut keys = Keys { summary: None, counts };
+    if summarize.is_empty() {
+        return (stream, keys);
     }
-    if !summarize.is_empty() {
-        let summary = Arc::new(Mutex::new(KeySummary::new(columns(&summarize))));
-        stream = summarize_stream(stream, Arc::clone(&summary));
-        keys.summary = Some(summary);
-    }
-    Ok((stream, keys))
+    let summary = Arc::new(Mutex::new(KeySummary::new(columns(&summarize))));
+    keys.summary = Some(Arc::clone(&summary));
+    (summarize_stream(stream, summary), keys)
 }
 
 fn columns(keys: &[u32]) -> Vec<usize> {

@@ -449,9 +449,10 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
             if let Some(piece) = task.slice {
                 plan = crate::planner::narrow_task_plan(plan, piece.index, piece.of)?;
             }
-            let (stream, router) = execute_task(&plan, task.partition as usize, &state.ctx, &key)?;
             let late = (!task.late_filter_keys.is_empty()).then(|| (task.late_filter_keys, state.late_filters.slot(&key.query_id, key.stage)));
-            let (stream, keys) = key_filters::wrap(stream, task.key_filter, late, task.summarize_keys)?;
+            let (plan, counts) = key_filters::filter_plan(plan, task.key_filter, late)?;
+            let (stream, router) = execute_task(&plan, task.partition as usize, &state.ctx, &key)?;
+            let (stream, keys) = key_filters::summarize(stream, counts, task.summarize_keys);
             let stored = state.outputs.store(&key, stream, router).await?;
             Ok::<_, DataFusionError>((stored, keys))
         }
