@@ -18,7 +18,7 @@ const TABLES: [&str; 3] = [
 
 /// The build sides drop rows (a filter): a whole table as a build side is not linked, its keys
 /// would drop nothing.
-const QUERIES: [&str; 21] = [
+const QUERIES: [&str; 22] = [
     "SELECT b.g, count(*), sum(s.h) FROM kf_big b JOIN (SELECT * FROM kf_small WHERE h <> 3) s ON b.id = s.id GROUP BY b.g",
     "SELECT s.h, count(*), count(b.id) FROM (SELECT * FROM kf_small WHERE h <> 3) s JOIN kf_big b ON b.id = s.id GROUP BY s.h",
     "SELECT b.g, count(*), count(s.id) FROM kf_big b LEFT JOIN (SELECT * FROM kf_small WHERE h <> 3) s ON b.id = s.id GROUP BY b.g",
@@ -36,12 +36,26 @@ const QUERIES: [&str; 21] = [
     "SELECT p.b, count(*), sum(q.v) FROM kf_pairs p JOIN kf_pairs q ON p.a = q.a AND p.b = q.b AND q.v < 2000 GROUP BY p.b",
     // The probe side is an aggregate grouped by its join keys (as in TPC-H q17 and q20).
     AGGREGATE_PROBE,
-    "SELECT s.h, count(*), sum(b.n) FROM (SELECT * FROM kf_small WHERE h <> 3) s JOIN (SELECT id % 1000 AS k, count(*) AS n FROM kf_big GROUP BY id % 1000) b ON s.id = b.k GROUP BY s.h",
-    "SELECT count(*), sum(q.s) FROM (SELECT * FROM kf_pairs WHERE v < 2000) p JOIN (SELECT b, a, sum(v) AS s FROM kf_pairs GROUP BY b, a) q ON p.a = q.a AND p.b = q.b",
+    AGGREGATE_PROBES_LINKED[0],
+    AGGREGATE_PROBES_LINKED[1],
+    AGGREGATE_PROBES_LINKED[2],
     "SELECT s.h, count(*), sum(b.n) FROM (SELECT * FROM kf_small WHERE h <> 3) s JOIN (SELECT id, g, count(*) AS n FROM kf_big GROUP BY GROUPING SETS ((id, g), (id))) b ON s.id = b.id GROUP BY s.h",
-    "SELECT s.h, count(*) FROM (SELECT * FROM kf_small WHERE h <> 3) s JOIN (SELECT g, count(*) AS n FROM kf_big GROUP BY g) b ON s.id = b.n GROUP BY s.h",
+    AGGREGATE_VALUE_KEY,
     LIMITED_PROBE,
 ];
+
+/// Probe sides that reach their Stage with the join keys intact: through an aggregate grouped
+/// by an expression (filtered above it), by two keys in another order, and under a HAVING.
+const AGGREGATE_PROBES_LINKED: [&str; 3] = [
+    "SELECT s.h, count(*), sum(b.n) FROM (SELECT * FROM kf_small WHERE h <> 3) s JOIN (SELECT id % 1000 AS k, count(*) AS n FROM kf_big GROUP BY id % 1000) b ON s.id = b.k GROUP BY s.h",
+    "SELECT count(*), sum(q.s) FROM (SELECT * FROM kf_pairs WHERE v < 2000) p JOIN (SELECT b, a, sum(v) AS s FROM kf_pairs GROUP BY b, a) q ON p.a = q.a AND p.b = q.b",
+    "SELECT count(*), sum(q.s) FROM (SELECT * FROM kf_pairs WHERE v < 2000) p JOIN (SELECT b, a, sum(v) AS s FROM kf_pairs GROUP BY b, a HAVING sum(v) > 20000) q ON p.a = q.a AND p.b = q.b",
+];
+
+/// The join key is an aggregate's value, which no row below it holds: its Stage's output is
+/// filtered, never the rows it aggregates.
+const AGGREGATE_VALUE_KEY: &str =
+    "SELECT s.h, count(*) FROM (SELECT * FROM kf_small WHERE h <> 3) s JOIN (SELECT g, count(*) AS n FROM kf_big GROUP BY g) b ON s.id = b.n GROUP BY s.h";
 
 /// A join whose probe side aggregates `kf_pairs` grouped by its join key: 20000 rows in 11
 /// groups, of which the build side holds 5.
@@ -205,14 +219,22 @@ async fn a_probe_side_aggregated_by_its_join_keys_is_filtered_below_the_aggregat
     let (kept, seen) = filtered_stage(&analyze[0][1]).unwrap_or_else(|| panic!("no Stage filtered its rows:\n{}", analyze[0][1]));
     // The filter sees every row of kf_pairs, not the few groups each probe Task outputs.
     assert!(seen == 20000 && kept < seen * 6 / 10, "kept {kept} of {seen}:\n{}", analyze[0][1]);
-    let stage = analyze[0][1].lines().find(|l| l.starts_with(&format!("Stage {probe} "))).unwrap();
-    let groups: u64 = stage.split("rows=").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
-    assert!(groups < 1000, "the probe Stage output {groups} groups:\n{stage}");
     t.check_same(AGGREGATE_PROBE).await;
-
+    for sql in AGGREGATE_PROBES_LINKED {
+        linked_stages(&t.cluster_rows(&format!("EXPLAIN {sql}")).await[2][1]);
+    }
     // Below a limit the groups a join would drop decide which others are kept: no link.
     let explain = t.cluster_rows(&format!("EXPLAIN {LIMITED_PROBE}")).await;
     assert!(!explain[2][1].contains("keeps only rows"), "{}", explain[2][1]);
+    // Without the filter, the probe Stage's Tasks output more groups.
+    let groups = |analyze: &str| -> u64 {
+        let stage = analyze.lines().find(|l| l.starts_with(&format!("Stage {probe} "))).unwrap();
+        stage.split("rows=").nth(1).unwrap().split(',').next().unwrap().parse().unwrap()
+    };
+    let filtered = groups(&analyze[0][1]);
+    t.run_all(&["SET quiver.join_key_filters = false"]).await;
+    let unfiltered = groups(&t.cluster_rows(&format!("EXPLAIN ANALYZE {AGGREGATE_PROBE}")).await[0][1]);
+    assert!(filtered < unfiltered, "the probe Stage output {filtered} groups with its filter, {unfiltered} without");
 }
 
 /// `n` as the UI writes it: `33,000`.

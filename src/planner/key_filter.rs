@@ -5,13 +5,19 @@
 //! to drop most of them. So the planner links such a pair ([`link_stages`]): the build Stage's
 //! Tasks summarize the join keys of their output ([`KeySummary`]), the coordinator combines the
 //! summaries into one Bloom filter ([`KeyFilter::combine`]), and the probe Stage, which now
-//! starts after the build Stage, drops every row whose keys the filter rules out before it
-//! stores its output ([`filter_stream`]).
+//! starts after the build Stage, drops every row whose keys the filter rules out
+//! ([`filter_stream`], placed in its Tasks' plans by `probe_filter`).
 //!
 //! A Bloom filter has false positives, never false negatives: a dropped row matches no build
 //! row, and only join types whose output never depends on an unmatched probe row are linked. A
 //! filter that would let nearly everything through is not sent, and a probe Task stops
 //! applying one that turns out to keep nearly every row.
+//!
+//! Between the probe Stage and the join there may be an aggregate grouped by the keys. A group
+//! whose key the filter rules out may then be aggregated from some of its rows only (one Attempt
+//! filtered, another had not got its filter yet or stopped applying it): its key has no partner,
+//! so the join drops it whatever its values. Arithmetic on such a group's values between the
+//! aggregate and the join could, in principle, fail where single-node DataFusion's would not.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,6 +27,7 @@ use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::common::hash_utils::{create_hashes, RandomState};
 use datafusion::common::{exec_err, NullEquality, Result};
+use datafusion::logical_expr::Aggregate;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_plan::aggregates::AggregateExec;
@@ -54,7 +61,8 @@ pub struct KeyFilterLink {
     pub probe_keys: Vec<usize>,
 }
 
-/// Links the probe Stage of every hash join whose two inputs are Stages to its build Stage:
+/// Links the probe Stage of every hash join whose build input is a Stage reader, and whose probe
+/// input reads a Stage through operators that keep its keys ([`probe_stage`]), to its build Stage:
 /// the build Stage summarizes its join key columns (`Stage::key_summary`) and the probe Stage
 /// filters by them (`Stage::key_filter`). Only joins whose result no unmatched probe row can
 /// change, and whose build side may hold fewer keys than its tables, are linked; a Stage takes
@@ -99,8 +107,9 @@ fn collect_links(plan: &Arc<dyn ExecutionPlan>, links: &mut Vec<Link>) {
     }
 }
 
-/// The (build Stage, build keys, probe Stage, probe keys) of a join between two Stage readers
-/// whose probe side may lose its unmatched rows.
+/// The (build Stage, build keys, probe Stage, probe keys) of a join whose build input is a Stage
+/// reader, whose probe input reads a Stage with its keys intact, and whose probe side may lose
+/// its unmatched rows.
 fn join_link(join: &HashJoinExec) -> Option<Link> {
     // A probe row without a partner must leave no trace in the result: not as a row of its own
     // (right, full, right anti/mark joins), not as a NULL that empties a NOT IN (null-aware anti
@@ -162,8 +171,10 @@ pub(super) fn keys_below(plan: &Arc<dyn ExecutionPlan>, keys: &[usize]) -> Optio
         };
     }
     if let Some(aggregate) = plan.downcast_ref::<AggregateExec>() {
+        // Grouping sets: a Final aggregate of them looks single, with a grouping id column.
         let groups = aggregate.group_expr();
-        if !groups.is_single() || aggregate.limit_options().is_some() {
+        let grouping_sets = !groups.is_single() || groups.expr().iter().any(|(_, name)| name == Aggregate::INTERNAL_GROUPING_ID);
+        if grouping_sets || aggregate.limit_options().is_some() {
             return None;
         }
         return keys.iter().map(|&k| column(&groups.expr().get(k)?.0)).collect();
@@ -430,6 +441,67 @@ pub fn summarize_stream(stream: SendableRecordBatchStream, summary: Arc<Mutex<Ke
         Ok(batch)
     });
     Box::pin(RecordBatchStreamAdapter::new(schema, summarized))
+}
+
+#[cfg(test)]
+mod keys_below_tests {
+    use super::*;
+    use datafusion::physical_plan::aggregates::AggregateMode;
+    use datafusion::prelude::{SessionConfig, SessionContext};
+
+    /// The physical plan of `sql` over `t(id, g, v)`, in two partitions.
+    async fn plan(sql: &str) -> Arc<dyn ExecutionPlan> {
+        let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(2));
+        ctx.sql("CREATE TABLE t AS SELECT value % 100 AS id, value % 3 AS g, value AS v FROM generate_series(0, 999)").await.unwrap();
+        ctx.sql(sql).await.unwrap().create_physical_plan().await.unwrap()
+    }
+
+    fn find(plan: &Arc<dyn ExecutionPlan>, hit: &dyn Fn(&Arc<dyn ExecutionPlan>) -> bool) -> Option<Arc<dyn ExecutionPlan>> {
+        if hit(plan) {
+            return Some(Arc::clone(plan));
+        }
+        plan.children().into_iter().find_map(|c| find(c, hit))
+    }
+
+    fn aggregate(plan: &Arc<dyn ExecutionPlan>, mode: AggregateMode) -> Arc<dyn ExecutionPlan> {
+        find(plan, &|p| p.downcast_ref::<AggregateExec>().is_some_and(|a| *a.mode() == mode)).unwrap_or_else(|| panic!("no {mode:?} aggregate"))
+    }
+
+    #[tokio::test]
+    async fn aggregates_pass_their_group_columns_to_their_input() {
+        let plan = plan("SELECT g, id, count(*) FROM t WHERE v > 10 GROUP BY g, id").await;
+        let fin = aggregate(&plan, AggregateMode::FinalPartitioned);
+        assert_eq!(keys_below(&fin, &[1, 0]), Some(vec![1, 0]));
+        assert_eq!(keys_below(&fin, &[2]), None, "count(*) is no input column");
+        let partial = aggregate(&plan, AggregateMode::Partial);
+        let input = partial.children()[0].schema();
+        let below = keys_below(&partial, &[1]).unwrap();
+        assert_eq!(input.field(below[0]).name(), "id");
+    }
+
+    #[tokio::test]
+    async fn grouping_sets_and_limits_stop_the_keys() {
+        let sets = plan("SELECT id, g, count(*) FROM t GROUP BY GROUPING SETS ((id, g), (id))").await;
+        for mode in [AggregateMode::Partial, AggregateMode::FinalPartitioned] {
+            assert_eq!(keys_below(&aggregate(&sets, mode.clone()), &[0]), None, "{mode:?} of grouping sets");
+        }
+        let limited = plan("SELECT id FROM t GROUP BY id LIMIT 5").await;
+        let agg = find(&limited, &|p| p.downcast_ref::<AggregateExec>().is_some_and(|a| a.limit_options().is_some())).expect("a limited aggregate");
+        assert_eq!(keys_below(&agg, &[0]), None);
+        let sorted = plan("SELECT id, v FROM t ORDER BY v LIMIT 5").await;
+        let top = find(&sorted, &|p| p.downcast_ref::<SortExec>().is_some()).unwrap();
+        assert!(top.fetch().is_some());
+        assert_eq!(keys_below(&top, &[0]), None);
+        // Merges and filters with and without a fetch.
+        let filtered = plan("SELECT id, v FROM t WHERE v > 10").await;
+        let filter = find(&filtered, &|p| p.downcast_ref::<FilterExec>().is_some()).unwrap();
+        let merge: Arc<dyn ExecutionPlan> = Arc::new(CoalescePartitionsExec::new(Arc::clone(&filter)));
+        for node in [filter, merge] {
+            assert!(keys_below(&node, &[0]).is_some(), "{}", node.name());
+            let limited = node.with_fetch(Some(5)).unwrap_or_else(|| panic!("{} takes no fetch", node.name()));
+            assert_eq!(keys_below(&limited, &[0]), None, "{} with a fetch", node.name());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,9 @@
 //! the Task's output; applied there, it saves only the shuffle. Moved down through operators
 //! that keep each row's keys (`key_filter::keys_below`), it also spares them the rows: below
 //! a partial aggregate grouped by the keys, the aggregate never builds the groups the join
-//! would drop (q17's and q20's lineitem aggregates keep about 1% of their groups). The result
-//! is the same wherever it applies: every row of a group has the group's keys.
+//! would drop (q17's and q20's lineitem aggregates keep about 1% of their groups). The rows it
+//! drops have keys the join finds no partner for, wherever it applies: every row of a group has
+//! the group's keys (see `key_filter` for groups only some of whose rows were dropped).
 
 use std::fmt;
 use std::sync::Arc;
