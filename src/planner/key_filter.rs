@@ -27,21 +27,22 @@ use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::common::hash_utils::{create_hashes, RandomState};
 use datafusion::common::{exec_err, NullEquality, Result};
-use datafusion::logical_expr::Aggregate;
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::logical_expr::Aggregate;
 use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_plan::aggregates::AggregateExec;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::filter::FilterExec;
-use datafusion::physical_plan::joins::HashJoinExec;
+use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
 use datafusion::physical_plan::limit::{GlobalLimitExec, LocalLimitExec};
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
+use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties, Partitioning, PhysicalExpr};
 use futures::StreamExt;
 
+use super::rules::{is_gather, shuffle_partitioning};
 use super::{Stage, StageId, StageReaderExec};
 use crate::config::{
     KEY_FILTER_BITS_MIN, KEY_FILTER_BITS_PER_KEY, KEY_FILTER_DENSITY_MAX, KEY_FILTER_KEEP_FRACTION_MAX, KEY_FILTER_SAMPLE_ROWS,
@@ -62,11 +63,11 @@ pub struct KeyFilterLink {
 }
 
 /// Links the probe Stage of every hash join whose build input is a Stage reader, and whose probe
-/// input reads a Stage through operators that keep its keys ([`probe_stage`]), to its build Stage:
+/// input reads Stages through operators that keep its keys ([`probe_stages`]), to its build Stage:
 /// the build Stage summarizes its join key columns (`Stage::key_summary`) and the probe Stage
 /// filters by them (`Stage::key_filter`). Only joins whose result no unmatched probe row can
-/// change, and whose build side may hold fewer keys than its tables, are linked; a Stage takes
-/// part in at most one link on each side.
+/// change, and whose build side may hold fewer keys than its tables, are linked; a probe Stage
+/// takes part in one link, a build Stage summarizes one set of keys.
 pub(super) fn link_stages(stages: &mut [Stage], root: &Arc<dyn ExecutionPlan>) {
     let mut links = Vec::new();
     for plan in stages.iter().map(|s| &s.fragment).chain([root]) {
@@ -74,7 +75,10 @@ pub(super) fn link_stages(stages: &mut [Stage], root: &Arc<dyn ExecutionPlan>) {
     }
     for (build, build_keys, probe, probe_keys) in links {
         let (Some(b), Some(p)) = (stages.get(build), stages.get(probe)) else { continue };
-        if b.key_summary.is_some() || p.key_filter.is_some() || !narrows(&b.fragment, stages) {
+        // One build Stage may filter several probe Stages by the same keys (both inputs of an
+        // inner join below the linked join).
+        let summarizes_other_keys = b.key_summary.as_ref().is_some_and(|k| *k != build_keys);
+        if summarizes_other_keys || p.key_filter.is_some() || !narrows(&b.fragment, stages) {
             continue;
         }
         stages[build].key_summary = Some(build_keys);
@@ -100,7 +104,7 @@ fn narrows(plan: &Arc<dyn ExecutionPlan>, stages: &[Stage]) -> bool {
 
 fn collect_links(plan: &Arc<dyn ExecutionPlan>, links: &mut Vec<Link>) {
     if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
-        links.extend(join_link(join));
+        links.extend(join_links(join));
     }
     for child in plan.children() {
         collect_links(child, links);
@@ -108,14 +112,54 @@ fn collect_links(plan: &Arc<dyn ExecutionPlan>, links: &mut Vec<Link>) {
 }
 
 /// The (build Stage, build keys, probe Stage, probe keys) of a join whose build input is a Stage
-/// reader, whose probe input reads a Stage with its keys intact, and whose probe side may lose
-/// its unmatched rows.
-fn join_link(join: &HashJoinExec) -> Option<Link> {
+/// reader, whose probe input reads Stages with its keys intact, and whose probe side may lose
+/// its unmatched rows: one for each such Stage.
+fn join_links(join: &HashJoinExec) -> Vec<Link> {
+    join_probes(join).map_or_else(Vec::new, |(build, build_keys, probes)| {
+        probes.into_iter().map(|(probe, probe_keys)| (build, build_keys.clone(), probe, probe_keys)).collect()
+    })
+}
+
+type Probes = Vec<(StageId, Vec<usize>)>;
+
+/// Whether a key filter may drop the probe rows of `join` its build side has no partner for.
+fn linkable(join: &HashJoinExec) -> bool {
     // A probe row without a partner must leave no trace in the result: not as a row of its own
     // (right, full, right anti/mark joins), not as a NULL that empties a NOT IN (null-aware anti
     // joins), and NULL keys must match nothing.
     let (_, probe_may_shrink) = join.join_type().on_lr_is_preserved();
-    if !probe_may_shrink || join.null_aware || join.null_equality() != NullEquality::NullEqualsNothing {
+    probe_may_shrink && !join.null_aware && join.null_equality() == NullEquality::NullEqualsNothing
+}
+
+/// The partitioning to cut a partitioned join's build side into a Stage of its own by, when
+/// it drops rows in the join's Stage (a HAVING over an aggregate): only a Stage's output can
+/// be summarized into a key filter, and the probe side's Stages would otherwise shuffle all
+/// their rows for the join to drop most (q18 keeps 57 of 1.5 million orders). The Stage
+/// shuffles its rows as they already are, so the join reads the partitions it read.
+pub(super) fn build_side_to_cut(join: &HashJoinExec) -> Option<Partitioning> {
+    let build = join.left();
+    if *join.partition_mode() != PartitionMode::Partitioned || !linkable(join) || shuffle_partitioning(build).is_some() || !narrows_here(build) {
+        return None;
+    }
+    match build.output_partitioning() {
+        Partitioning::Hash(exprs, n) if exprs.iter().all(|e| column(e).is_some()) => Some(Partitioning::Hash(exprs.clone(), *n)),
+        _ => None,
+    }
+}
+
+/// Whether `plan` drops rows before its first Exchange.
+fn narrows_here(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    if plan.downcast_ref::<FilterExec>().is_some() || plan.downcast_ref::<GlobalLimitExec>().is_some() || plan.downcast_ref::<LocalLimitExec>().is_some() {
+        return true;
+    }
+    if shuffle_partitioning(plan).is_some() || is_gather(plan.as_ref()) {
+        return false;
+    }
+    plan.children().into_iter().any(narrows_here)
+}
+
+fn join_probes(join: &HashJoinExec) -> Option<(StageId, Vec<usize>, Probes)> {
+    if !linkable(join) {
         return None;
     }
     let build = reader_stage(join.left())?;
@@ -131,21 +175,86 @@ fn join_link(join: &HashJoinExec) -> Option<Link> {
         build_keys.push(l);
         probe_keys.push(r);
     }
-    let (probe, probe_keys) = probe_stage(join.right(), probe_keys)?;
-    (!build_keys.is_empty()).then_some((build, build_keys, probe, probe_keys))
+    let probes = probe_stages(join.right(), probe_keys);
+    (!build_keys.is_empty()).then_some((build, build_keys, probes))
 }
 
-/// The Stage whose output reaches `plan` (a join's probe input) with the key columns `keys`
-/// unchanged, and where those columns are in its output. Dropping that output's rows by key
+/// The Stages whose output reaches `plan` (a join's probe input) with the key columns `keys`
+/// unchanged, and where those columns are in their output. Dropping that output's rows by key
 /// then drops exactly the rows, or whole groups, the join finds no partner for; so the probe
 /// side may pass the operators [`keys_below`] sees through, aggregates grouped by the keys
-/// among them (q17 and q20 join an aggregate of lineitem to a few keys).
-fn probe_stage(plan: &Arc<dyn ExecutionPlan>, keys: Vec<usize>) -> Option<(StageId, Vec<usize>)> {
+/// among them (q17 and q20 join an aggregate of lineitem to a few keys), and joins below it
+/// ([`join_inputs_keys`]).
+fn probe_stages(plan: &Arc<dyn ExecutionPlan>, keys: Vec<usize>) -> Probes {
     if let Some(reader) = plan.downcast_ref::<StageReaderExec>() {
-        return Some((reader.stage(), keys));
+        let width = reader.schema().fields().len();
+        return match keys.iter().all(|&k| k < width) {
+            true => vec![(reader.stage(), keys)],
+            false => Vec::new(),
+        };
     }
-    let below = keys_below(plan, &keys)?;
-    probe_stage(plan.children()[0], below)
+    if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
+        let [left, right] = join_inputs_keys(join, &keys);
+        let mut probes = left.map_or_else(Vec::new, |k| probe_stages(join.left(), k));
+        probes.extend(right.map_or_else(Vec::new, |k| probe_stages(join.right(), k)));
+        return probes;
+    }
+    match keys_below(plan, &keys) {
+        Some(below) => probe_stages(plan.children()[0], below),
+        None => Vec::new(),
+    }
+}
+
+/// Where the columns `keys` of a join's output are in its left and its right input, for each
+/// input whose rows can be dropped by those keys with exactly the output rows that carry them:
+/// an output row carries one row of each input it pairs, so a side whose rows reach the output
+/// only through such pairs or as themselves (inner, semi, anti and outer joins on their
+/// preserved side) may be filtered by keys it holds. An inner or semi join's output rows have
+/// equal values on both sides of each `on` pair, so a key that is a join key may be looked up
+/// on the other side too (q18 filters both lineitem and orders by the keys of its HAVING).
+fn join_inputs_keys(join: &HashJoinExec, keys: &[usize]) -> [Option<Vec<usize>>; 2] {
+    use datafusion::common::JoinType::*;
+    if join.null_equality() != NullEquality::NullEqualsNothing || join.null_aware {
+        return [None, None];
+    }
+    let (left_width, right_width) = (join.left().schema().fields().len(), join.right().schema().fields().len());
+    let joined: Option<Vec<(usize, usize)>> = keys
+        .iter()
+        .map(|&k| {
+            let k = match &join.projection {
+                Some(p) => *p.get(k)?,
+                None => k,
+            };
+            // Semi and anti joins output one side; mark joins add their mark after it.
+            match join.join_type() {
+                RightSemi | RightAnti => Some((1, k)),
+                RightMark => (k < right_width).then_some((1, k)),
+                LeftSemi | LeftAnti | LeftMark => (k < left_width).then_some((0, k)),
+                _ if k < left_width => Some((0, k)),
+                _ => Some((1, k - left_width)),
+            }
+        })
+        .collect();
+    let Some(joined) = joined else { return [None, None] };
+    let on: Vec<(usize, usize)> = join.on().iter().filter_map(|(l, r)| Some((column(l)?, column(r)?))).collect();
+    let (left, right) = (join.left().schema(), join.right().schema());
+    let same_type = |l: usize, r: usize| left.field(l).data_type() == right.field(r).data_type();
+    let equal_sides = matches!(join.join_type(), Inner | LeftSemi | RightSemi);
+    let side = |want: usize| -> Option<Vec<usize>> {
+        let direct = matches!((want, join.join_type()), (0, Inner | Left | LeftSemi | LeftAnti | LeftMark) | (1, Inner | Right | RightSemi | RightAnti | RightMark));
+        joined
+            .iter()
+            .map(|&(s, c)| match s == want {
+                true => direct.then_some(c),
+                false if equal_sides => on.iter().find_map(|&(l, r)| match want {
+                    0 => (r == c && same_type(l, r)).then_some(l),
+                    _ => (l == c && same_type(l, r)).then_some(r),
+                }),
+                false => None,
+            })
+            .collect()
+    };
+    [side(0), side(1)]
 }
 
 /// Where the columns `keys` of `plan`'s output are in its only input's output, when every
@@ -456,7 +565,7 @@ mod keys_below_tests {
         ctx.sql(sql).await.unwrap().create_physical_plan().await.unwrap()
     }
 
-    fn find(plan: &Arc<dyn ExecutionPlan>, hit: &dyn Fn(&Arc<dyn ExecutionPlan>) -> bool) -> Option<Arc<dyn ExecutionPlan>> {
+    pub(super) fn find(plan: &Arc<dyn ExecutionPlan>, hit: &dyn Fn(&Arc<dyn ExecutionPlan>) -> bool) -> Option<Arc<dyn ExecutionPlan>> {
         if hit(plan) {
             return Some(Arc::clone(plan));
         }
@@ -501,6 +610,69 @@ mod keys_below_tests {
             let limited = node.with_fetch(Some(5)).unwrap_or_else(|| panic!("{} takes no fetch", node.name()));
             assert_eq!(keys_below(&limited, &[0]), None, "{} with a fetch", node.name());
         }
+    }
+}
+
+#[cfg(test)]
+mod join_inputs_tests {
+    use super::*;
+    use datafusion::common::JoinType;
+    use datafusion::prelude::{SessionConfig, SessionContext};
+
+    /// The first hash join of `sql` over `l(lk, lx)` and `r(rk, ry)`, with the column named
+    /// `key` of its output, and where each input holds that column (by name) if it does.
+    async fn case(sql: &str, key: &str) -> (JoinType, [Option<Vec<usize>>; 2], [Option<usize>; 2]) {
+        let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(2));
+        ctx.sql("CREATE TABLE l AS SELECT value % 50 AS lk, value AS lx FROM generate_series(1, 500)").await.unwrap();
+        ctx.sql("CREATE TABLE r AS SELECT value % 70 AS rk, value AS ry FROM generate_series(1, 900)").await.unwrap();
+        let plan = ctx.sql(sql).await.unwrap().create_physical_plan().await.unwrap();
+        let join = keys_below_tests::find(&plan, &|p| p.downcast_ref::<HashJoinExec>().is_some()).expect("a hash join");
+        let join = join.downcast_ref::<HashJoinExec>().unwrap();
+        let at = join.schema().index_of(key).unwrap();
+        let held = [join.left(), join.right()].map(|input| input.schema().index_of(key).ok());
+        (*join.join_type(), join_inputs_keys(join, &[at]), held)
+    }
+
+    #[tokio::test]
+    async fn inner_and_semi_joins_filter_both_inputs_by_a_join_key() {
+        let (kind, found, held) = case("SELECT lk, lx, rk, ry FROM l JOIN r ON lk = rk", "lk").await;
+        assert_eq!(kind, JoinType::Inner);
+        // Its own input by itself, the other by the join key it equals.
+        let own = held.iter().position(Option::is_some).unwrap();
+        assert_eq!(found[own], Some(vec![held[own].unwrap()]));
+        let (_, _, other_held) = case("SELECT lk, lx, rk, ry FROM l JOIN r ON lk = rk", "rk").await;
+        assert_eq!(found[1 - own], Some(vec![other_held[1 - own].unwrap()]));
+        // A column that is no join key goes only to its own side.
+        let (_, found, held) = case("SELECT lk, lx, rk, ry FROM l JOIN r ON lk = rk", "lx").await;
+        assert_eq!(found.clone().map(|f| f.is_some()), held.map(|h| h.is_some()), "{found:?}");
+        let (kind, found, _) = case("SELECT lk, lx FROM l WHERE EXISTS (SELECT 1 FROM r WHERE rk = lk)", "lk").await;
+        assert!(matches!(kind, JoinType::LeftSemi | JoinType::RightSemi), "{kind:?}");
+        assert!(found.iter().all(Option::is_some), "{kind:?}: {found:?}");
+    }
+
+    #[tokio::test]
+    async fn outer_and_anti_joins_filter_only_their_preserved_input() {
+        // A row of the other input may leave an unmatched row behind, with a NULL key.
+        let (kind, found, held) = case("SELECT lk, lx, rk, ry FROM l LEFT JOIN r ON lk = rk", "lk").await;
+        let preserved = match kind {
+            JoinType::Left => 0,
+            JoinType::Right => 1,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(found[preserved], Some(vec![held[preserved].unwrap()]));
+        assert_eq!(found[1 - preserved], None);
+        let (_, found, _) = case("SELECT lk, lx, rk, ry FROM l LEFT JOIN r ON lk = rk", "rk").await;
+        assert_eq!(found, [None, None], "the NULL-padded side's key");
+        let (kind, found, _) = case("SELECT lk, lx, rk, ry FROM l FULL JOIN r ON lk = rk", "lk").await;
+        assert_eq!((kind, found), (JoinType::Full, [None, None]));
+        let (kind, found, held) = case("SELECT lk, lx FROM l WHERE NOT EXISTS (SELECT 1 FROM r WHERE rk = lk)", "lk").await;
+        let kept = match kind {
+            JoinType::LeftAnti => 0,
+            JoinType::RightAnti => 1,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(found[kept], Some(vec![held[kept].unwrap()]));
+        assert_eq!(found[1 - kept], None, "removing the other input's rows would add output rows");
     }
 }
 

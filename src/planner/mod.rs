@@ -31,6 +31,7 @@ use datafusion::common::Result;
 use datafusion::datasource::sink::DataSinkExec;
 use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::joins::HashJoinExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
@@ -280,6 +281,7 @@ impl Builder<'_> {
             return replace_children_if_necessary(plan, vec![child]);
         }
         let plan = rules::whole_probe_side(plan)?;
+        let plan = self.cut_build_side(plan)?;
         if rules::collects_build_side(plan.as_ref()) {
             let children = plan.children();
             let build = self.broadcast(Arc::clone(children[0]))?;
@@ -287,6 +289,16 @@ impl Builder<'_> {
             return replace_children_if_necessary(plan, vec![build, probe]);
         }
         map_children(plan, |child| self.fragment(child))
+    }
+
+    /// A partitioned join whose build side drops rows in this Stage, with that side cut into a
+    /// Stage of its own so that its keys can filter the probe side (`key_filter::build_side_to_cut`).
+    fn cut_build_side(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        let Some(join) = plan.downcast_ref::<HashJoinExec>().filter(|_| self.opts.join_key_filters) else { return Ok(plan) };
+        let Some(partitioning) = key_filter::build_side_to_cut(join) else { return Ok(plan) };
+        let (build, probe) = (Arc::clone(join.left()), Arc::clone(join.right()));
+        let build = self.shuffle(Arc::new(RepartitionExec::try_new(build, partitioning.clone())?), partitioning)?;
+        replace_children_if_necessary(plan, vec![build, probe])
     }
 
     /// A join's build side: computed once by a Stage of its own, read whole by every Task.
