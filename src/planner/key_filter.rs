@@ -141,9 +141,27 @@ pub(super) fn build_side_to_cut(join: &HashJoinExec) -> Option<Partitioning> {
     if *join.partition_mode() != PartitionMode::Partitioned || !linkable(join) || shuffle_partitioning(build).is_some() || !narrows_here(build) {
         return None;
     }
+    // Keys a filter can be made of (as `join_probes` requires), and a partitioning a shuffle
+    // made: a scan may declare one of its files' own, which hashing again would not reproduce.
+    let (left, right) = (join.left().schema(), join.right().schema());
+    let columns = join.on().iter().all(|(l, r)| column(l).zip(column(r)).is_some_and(|(l, r)| left.field(l).data_type() == right.field(r).data_type()));
+    if !columns || !hashed_by_shuffle(build) {
+        return None;
+    }
     match build.output_partitioning() {
         Partitioning::Hash(exprs, n) if exprs.iter().all(|e| column(e).is_some()) => Some(Partitioning::Hash(exprs.clone(), *n)),
         _ => None,
+    }
+}
+
+/// Whether `plan`'s partitioning comes from a hash shuffle below it, through operators of one input.
+fn hashed_by_shuffle(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    if shuffle_partitioning(plan).is_some() {
+        return true;
+    }
+    match plan.children()[..] {
+        [child] => hashed_by_shuffle(child),
+        _ => false,
     }
 }
 
@@ -194,6 +212,10 @@ fn probe_stages(plan: &Arc<dyn ExecutionPlan>, keys: Vec<usize>) -> Probes {
         };
     }
     if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
+        // A join can carry a limit of its own: which rows it keeps depends on all of them.
+        if join.fetch().is_some() {
+            return Vec::new();
+        }
         let [left, right] = join_inputs_keys(join, &keys);
         let mut probes = left.map_or_else(Vec::new, |k| probe_stages(join.left(), k));
         probes.extend(right.map_or_else(Vec::new, |k| probe_stages(join.right(), k)));
