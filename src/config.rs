@@ -193,6 +193,11 @@ extensions_options! {
         /// they output after the filter reaches them. On a single host the two measured even
         /// (TPC-H SF1); off shuffles more bytes (q03: 46.6 MB against 4.8).
         pub join_key_filter_wait: bool, default = true
+        /// Scalar subqueries run beside the Query that reads them: its Stages that read no
+        /// value start at once, the others once the values are in. Off: they run before it.
+        /// (Beside, whether the Query is small enough to run on the coordinator is judged by
+        /// its files' sizes: row-group pruning would need the values.)
+        pub overlap_subqueries: bool, default = true
     }
 }
 

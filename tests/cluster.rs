@@ -416,6 +416,86 @@ async fn scalar_subqueries_run_at_once_and_answer_as_single_node() {
     t.check_same(sql).await;
 }
 
+/// Scalar subqueries read at every kind of place: in a scan's filter, a HAVING, a projection,
+/// one side of a join, a nested subquery, two operators at once, and a plan small enough to
+/// run on the coordinator. A Query runs beside its subqueries and holds the Stages that read a
+/// value until it is in; the answers are single node's, with that on and off.
+const SUBQUERY_READERS: [&str; 7] = [
+    "SELECT k, count(*) FROM ov_t WHERE v > (SELECT avg(v) FROM ov_t WHERE k = 3) GROUP BY k",
+    "SELECT k, sum(v) AS s FROM ov_t GROUP BY k HAVING sum(v) > (SELECT sum(v) / 8 FROM ov_t)",
+    "SELECT k, max(v) - (SELECT min(v) FROM ov_t WHERE k = 2) FROM ov_t GROUP BY k",
+    "SELECT a.k, count(*) FROM ov_t a JOIN ov_u b ON a.v = b.id WHERE b.w < (SELECT avg(w) FROM ov_u) GROUP BY a.k",
+    "SELECT count(*) FROM ov_t WHERE v > (SELECT max(id) FROM ov_u WHERE w < (SELECT avg(w) FROM ov_u))",
+    "SELECT a.k, count(*) FROM ov_t a JOIN ov_u b ON a.v = b.id WHERE a.v > (SELECT min(id) + 10 FROM ov_u) GROUP BY a.k HAVING count(*) > (SELECT count(*) / 100 FROM ov_u WHERE w = 1)",
+    "SELECT count(*) FROM ov_u WHERE id = (SELECT max(id) FROM ov_u WHERE w = 2)",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_query_runs_beside_its_scalar_subqueries_and_answers_as_single_node() {
+    let t = TestCluster::start(2).await;
+    t.both("CREATE TABLE ov_t AS SELECT value AS v, value % 7 AS k FROM generate_series(1, 40000)").await;
+    t.both("CREATE TABLE ov_u AS SELECT value * 3 AS id, value % 5 AS w FROM generate_series(1, 10000)").await;
+    for overlap in [true, false] {
+        t.run_all(&[&format!("SET quiver.overlap_subqueries = {overlap}")]).await;
+        for sql in SUBQUERY_READERS {
+            t.check_same(sql).await;
+        }
+    }
+    t.run_all(&["SET quiver.overlap_subqueries = true"]).await;
+    // Beside: the Query's Attempts began before its (heavier) subquery ended. Its partial
+    // aggregation reads no value; only its last Stage, with the HAVING, waits for it. Off,
+    // nothing of the Query starts before the subquery ends.
+    let sql = "SELECT k, sum(v) FROM ov_t GROUP BY k \
+               HAVING sum(v) > (SELECT count(*) FROM ov_t x JOIN ov_t y ON x.k = y.k WHERE x.v < 2000 AND y.v < 2000) * 200";
+    for overlap in [true, false] {
+        t.run_all(&[&format!("SET quiver.overlap_subqueries = {overlap}")]).await;
+        t.check_same(sql).await;
+        let (first, having, ended) = subquery_timeline(&t, sql).await;
+        // Whole milliseconds: an end rounds down by up to one.
+        assert!(having >= ended - 1, "the HAVING Stage began ({having}) before its subquery ended ({ended})");
+        assert_eq!(first < ended - 1, overlap, "overlap {overlap}: first Attempt at {first}, subquery ended at {ended}");
+    }
+    t.run_all(&["SET quiver.overlap_subqueries = true"]).await;
+    // A Query that fails while its subquery runs fails at once, cancelling the subquery.
+    let divides = "SELECT k, sum(v / (v - v)) FROM ov_t GROUP BY k \
+                   HAVING sum(v) > (SELECT count(*) FROM ov_t x JOIN ov_t y ON x.k = y.k WHERE x.v < 6000 AND y.v < 6000)";
+    let error = t.client.collect(divides).await.expect_err("v - v is 0").to_string();
+    assert!(error.to_lowercase().contains("divide by zero"), "{error}");
+    let states = t
+        .cluster_rows(&format!(
+            "SELECT state FROM quiver.queries WHERE query_id LIKE (SELECT query_id FROM quiver.queries WHERE sql = '{}') || '%' ORDER BY query_id",
+            divides.replace('\'', "''")
+        ))
+        .await;
+    assert_eq!(states, [["failed"], ["cancelled"]]);
+    // A subquery that fails fails its Query, which was already running: nothing stays running.
+    let failing = "SELECT a.k, count(*) FROM ov_t a JOIN ov_u b ON a.v = b.id WHERE a.v > (SELECT v FROM ov_t WHERE k = 1) GROUP BY a.k";
+    let error = t.client.collect(failing).await.expect_err("the subquery returns many rows").to_string();
+    assert!(error.contains("more than one row"), "{error}");
+    let running = t.cluster_rows("SELECT query_id, sql FROM quiver.queries WHERE state = 'running' AND sql NOT LIKE '%quiver.queries%'").await;
+    assert!(running.is_empty(), "{running:?}");
+    let failed = t.cluster_rows(&format!("SELECT state FROM quiver.queries WHERE sql = '{}'", failing.replace('\'', "''"))).await;
+    assert_eq!(failed, [["failed"]]);
+    t.check_same(SUBQUERY_READERS[0]).await;
+}
+
+/// When the last run of `sql` began its first Attempt, when its last Stage began, and when its
+/// subquery ended, in milliseconds.
+async fn subquery_timeline(t: &TestCluster, sql: &str) -> (i64, i64, i64) {
+    let outer = format!("(SELECT query_id FROM quiver.queries WHERE sql = '{}' ORDER BY started DESC LIMIT 1)", sql.replace('\'', "''"));
+    let ended = format!("SELECT CAST(started AS BIGINT) + duration_ms FROM quiver.queries WHERE query_id = {outer} || '.sq0'");
+    let first = format!("SELECT CAST(min(started) AS BIGINT) FROM quiver.tasks WHERE query_id = {outer}");
+    let last = format!(
+        "SELECT CAST(min(started) AS BIGINT) FROM quiver.tasks WHERE query_id = {outer} \
+         AND stage = (SELECT max(stage) FROM quiver.tasks WHERE query_id = {outer})"
+    );
+    let mut ms = Vec::new();
+    for query in [first, last, ended] {
+        ms.push(t.cluster_rows(&query).await[0][0].parse::<i64>().unwrap_or_else(|e| panic!("{query}: {e}")));
+    }
+    (ms[0], ms[1], ms[2])
+}
+
 /// Workers that compress the Task outputs they serve (LZ4, Zstandard) give the answers of
 /// workers that do not, through shuffles and gathers: readers decompress what they are sent.
 /// In-process reads are off, so that every output crosses Flight (with them on, and no

@@ -237,6 +237,9 @@ pub struct NewStage {
     pub key_summary: Vec<u32>,
     /// The build Stage whose join keys filter its output (it runs first), and its key columns.
     pub key_filter: Option<(u32, Vec<u32>)>,
+    /// Its Tasks read scalar subquery values still being computed: their plans (empty here)
+    /// come with [`QueryRun::release`], and none of them runs before.
+    pub held: bool,
 }
 
 /// A worker's report on an Attempt.
@@ -438,6 +441,8 @@ struct StageRun {
     /// The filter its Attempts assigned from now on get, decided once every build Task has its
     /// keys in; None inside when it gets none (a filter that would keep nearly every row).
     filter: Option<Option<Arc<KeyFilterSpec>>>,
+    /// Its Task plans wait for scalar subquery values (see [`NewStage::held`]).
+    held: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -501,6 +506,7 @@ impl QueryRun {
                 key_summary: stage.key_summary,
                 key_filter: stage.key_filter,
                 filter: None,
+                held: stage.held,
             });
         }
         // Consumers are numbered after their inputs: walking backwards sees them first. A key
@@ -602,6 +608,22 @@ impl QueryRun {
     /// Queues the first Attempts of the Tasks whose inputs are ready.
     pub fn start(&mut self, now: Instant, out: &mut Vec<Action>) {
         self.schedule(now, out);
+    }
+
+    /// Gives held Stage `stage` its Task plans, in Task order, now that the scalar subquery
+    /// values they read are known; its Tasks then run like any other's.
+    pub fn release(&mut self, stage: u32, plans: Vec<Vec<u8>>, now: Instant, out: &mut Vec<Action>) -> Result<(), QuiverError> {
+        let held = self.stages.get(stage as usize).is_some_and(|s| s.held);
+        let tasks: Vec<&mut TaskRun> = self.tasks.range_mut((stage, 0)..(stage + 1, 0)).map(|(_, t)| t).collect();
+        if !held || tasks.len() != plans.len() {
+            return Err(QuiverError::new(ErrorKind::Internal, format!("stage {stage} is not held, or not with {} Tasks", plans.len())));
+        }
+        for (task, plan) in tasks.into_iter().zip(plans) {
+            task.plan = Arc::new(plan);
+        }
+        self.stages[stage as usize].held = false;
+        self.schedule(now, out);
+        Ok(())
     }
 
     /// True when the Attempt is still waiting for a worker.
@@ -908,7 +930,7 @@ impl QueryRun {
             .iter()
             .filter(|(id, t)| needed.contains(id) && !t.is_done() && !t.has_live_attempt())
             .map(|(id, _)| *id)
-            .filter(|id| self.inputs_available(id.0) && self.filter_ready(id.0))
+            .filter(|id| !self.stages[id.0 as usize].held && self.inputs_available(id.0) && self.filter_ready(id.0))
             .collect();
         for id in ready {
             if let Err(error) = self.start_attempt(id, now, out) {
@@ -1074,10 +1096,20 @@ impl QueryRun {
     }
 
     /// The Tasks of `stage` may start as far as its key filter goes: it has none, it is
-    /// decided, or the Stage does not wait for it.
+    /// decided, or the Stage does not wait for it. Nor does it wait for a build side that
+    /// waits for scalar subquery values: that can take as long as the subqueries do, while
+    /// the probe Tasks could run beside them (they then filter what they output after the
+    /// filter reaches them, if it does in time).
     fn filter_ready(&self, stage: u32) -> bool {
         let run = &self.stages[stage as usize];
-        !self.key_filter_wait || run.key_filter.is_none() || run.filter.is_some()
+        let Some((build, _)) = run.key_filter else { return true };
+        !self.key_filter_wait || run.filter.is_some() || self.awaits_subqueries(build)
+    }
+
+    /// Stage `stage`, or a Stage it reads, is held for scalar subquery values.
+    fn awaits_subqueries(&self, stage: u32) -> bool {
+        let run = &self.stages[stage as usize];
+        run.held || run.inputs.iter().any(|&input| self.awaits_subqueries(input))
     }
 
     /// What the Tasks of `stage` do with join keys: the output columns to summarize, and the

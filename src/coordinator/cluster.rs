@@ -289,6 +289,15 @@ impl Cluster {
         Ok(())
     }
 
+    /// Gives a held Stage of a running Query its Task plans (see `NewStage::held`) and queues
+    /// those Tasks whose inputs are ready.
+    pub fn release(&self, query_id: &str, stage: u32, plans: Vec<Vec<u8>>) -> Result<()> {
+        let mut inner = self.lock();
+        let mut released = Err(QuiverError::new(ErrorKind::Cancelled, format!("query {query_id} ended before its scalar subqueries did")));
+        self.with_run(&mut inner, query_id, |run, out| released = run.release(stage, plans, Instant::now(), out));
+        released.map_err(QuiverError::into_datafusion)
+    }
+
     /// A worker's long poll for one lane of its slots: its `max_tasks` free slots or, when it
     /// names none, its `express_tasks` free express slots (a poll that names neither is for one
     /// slot). The next Attempt it may take, waiting up to [`TASK_POLL_WAIT_MS`], then more for

@@ -41,7 +41,11 @@ pub(super) async fn explain(core: &Arc<Core>, _id: &str, plan: &LogicalPlan) -> 
     }
     let mut text = String::new();
     for (n, subquery) in subqueries.into_iter().enumerate() {
-        let _ = writeln!(text, "Scalar subquery {n}: runs first as a Query of its own; its value reaches the Tasks as a literal (shown as NULL below)");
+        let when = match super::session::quiver_options(core).overlap_subqueries {
+            true => "runs beside the main query as a Query of its own; the Stages whose Tasks read its value start once it is in",
+            false => "runs first as a Query of its own",
+        };
+        let _ = writeln!(text, "Scalar subquery {n}: {when}; its value reaches the Tasks as a literal (shown as NULL below)");
         text.push_str(&planner::distribute(subquery, &opts)?.display(None));
     }
     if !text.is_empty() {

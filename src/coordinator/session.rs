@@ -16,18 +16,19 @@ use datafusion::logical_expr::{DdlStatement, DmlStatement, LogicalPlan, WriteOp}
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{EmptyRecordBatchStream, ExecutionPlan, ExecutionPlanProperties};
+use futures::future::Either;
 use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 
 use super::catalog::{defaults_to_sql, store_table_location, KeyDef, TableDef};
 use super::store_writes::{self, SweepOnDrop, WritePrefix};
-use super::cluster::{NewStage, NewTask, StageReads};
+use super::cluster::{NewStage, NewTask, StageReads, TaskOutcome};
 use super::source::QueryTasks;
 use super::Core;
-use crate::planner::{self, attempt_file, count_schema, task_file, DistributeOptions, COORDINATOR_FILE, DistributedPlan, Exchange, WriteKind, WriteTarget};
+use crate::planner::{self, attempt_file, count_schema, task_file, DistributeOptions, COORDINATOR_FILE, DistributedPlan, Exchange, TaskSpec, WriteKind, WriteTarget};
 use super::policy::Adaptive;
 use crate::auth::Caller;
 use crate::config::QuiverOptions;
-use crate::protocol::{cancelled_error, classify, encode_plan, quiver_error, ErrorKind};
+use crate::protocol::{cancelled_error, classify, encode_plan_when_resolved, quiver_error, ErrorKind};
 
 /// How long a Query that needs workers waits for the first one to register.
 const WORKER_WAIT_MS: u64 = 10_000;
@@ -465,16 +466,18 @@ async fn run_physical(
     Ok(start_physical(core, id, physical, write).await?.1)
 }
 
-/// Distributes a physical plan for a Query: readers read the Query's Task outputs.
-pub(super) async fn plan_query(
+/// Distributes a physical plan for a Query: readers read the Query's Task outputs. `prune`:
+/// a plan small after row-group pruning runs on the coordinator.
+async fn plan_query(
     core: &Arc<Core>,
     id: &str,
     physical: Arc<dyn ExecutionPlan>,
     write: Option<WriteTarget>,
+    prune: bool,
 ) -> Result<DistributedPlan> {
     let source = Arc::new(QueryTasks { query_id: id.to_string(), cluster: Arc::clone(&core.cluster) });
     let join_key_filters = quiver_options(core).join_key_filters;
-    let pruned_input_bytes = pruned_input_bytes(core, &physical).await;
+    let pruned_input_bytes = if prune { pruned_input_bytes(core, &physical).await } else { None };
     let mut opts = DistributeOptions {
         config: &core.config.planner,
         total_slots: core.cluster.total_slots(),
@@ -506,6 +509,8 @@ pub(super) async fn pruned_input_bytes(core: &Core, plan: &Arc<dyn ExecutionPlan
 }
 
 /// Plans, queues the Stages' Tasks and starts the final Stage; returns the plan as executed.
+/// Its scalar subqueries run first, or beside it (see `subquery`): then its Stages that read
+/// their values, and the final Stage, start once they are in.
 pub(super) async fn start_physical(
     core: &Arc<Core>,
     id: &str,
@@ -513,29 +518,106 @@ pub(super) async fn start_physical(
     write: Option<WriteTarget>,
 ) -> Result<(DistributedPlan, SendableRecordBatchStream)> {
     let started = Instant::now();
-    let physical = super::subquery::resolve(core, id, physical).await?;
-    let resolved = started.elapsed();
-    let physical = crate::storage::cache_page_indexes(physical, core.ctx.runtime_env().as_ref())?;
-    let mut stores = core.stores.for_plan(&physical);
-    // A write to a table in a store: its Tasks open that store too.
-    stores.extend(write.as_ref().and_then(|w| core.stores.for_location(&w.dir.to_string_lossy())));
-    let mut plan = plan_query(core, id, physical, write).await?;
-    let distributed = started.elapsed();
-    if plan.small_input_bytes.is_some() {
-        core.cluster.ran_small(id);
+    let mut detached = super::subquery::Detached::default();
+    let physical = match quiver_options(core).overlap_subqueries {
+        true => super::subquery::detach(physical, &mut detached)?,
+        false => super::subquery::resolve(core, id, physical).await?,
+    };
+    let (mut plan, held) = match detached.is_empty() {
+        true => submit_physical(core, id, physical, write, &detached).await?,
+        false => beside_subqueries(core, id, physical, write, &detached).await?,
+    };
+    for stage in held {
+        let plans = encode_tasks(&plan.stages[stage].tasks)?.ok_or_else(|| DataFusionError::Internal(format!("stage {stage} reads a subquery value still unknown")))?;
+        core.cluster.release(id, stage as u32, plans)?;
     }
-    if plan.is_distributed() {
-        core.cluster.set_query_stores(id, stores);
-        core.cluster.submit(id, encode_stages(&plan)?, adaptive(core))?;
-    }
-    // Where a Query's time goes before its first Task runs.
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    tracing::debug!(query = %id, subqueries_ms = ms(resolved), distribute_ms = ms(distributed - resolved), submit_ms = ms(started.elapsed() - distributed), "query planned");
+    tracing::debug!(query = %id, subqueries = !detached.is_empty(), ms = started.elapsed().as_secs_f64() * 1e3, "query started");
     if plan.root.output_partitioning().partition_count() > 1 {
         plan.root = Arc::new(CoalescePartitionsExec::new(Arc::clone(&plan.root)));
     }
     let stream = plan.root.execute(0, core.ctx.task_ctx())?;
     Ok((plan, stream))
+}
+
+/// Runs `detached`'s subqueries while `physical` is distributed and its Stages are queued (the
+/// Tasks of both share the slots, fair shares between Queries); sets their values once the
+/// plan no longer reads placeholders in their place. A Query that fails meanwhile (a Stage that
+/// does not wait for the values failed for good) fails at once, cancelling its subqueries.
+async fn beside_subqueries(
+    core: &Arc<Core>,
+    id: &str,
+    physical: Arc<dyn ExecutionPlan>,
+    write: Option<WriteTarget>,
+    detached: &super::subquery::Detached,
+) -> Result<(DistributedPlan, Vec<usize>)> {
+    let mut runs = std::pin::pin!(detached.run(core, id));
+    let submit = std::pin::pin!(submit_physical(core, id, physical, write, detached));
+    let (values, submitted) = match futures::future::select(runs.as_mut(), submit).await {
+        Either::Left((values, submit)) => (values?, submit.await?),
+        Either::Right((submitted, _)) => {
+            let submitted = submitted?;
+            let failed = std::pin::pin!(query_failed(core, id, submitted.0.stages.len()));
+            match futures::future::select(runs, failed).await {
+                Either::Left((values, _)) => (values?, submitted),
+                Either::Right((error, _)) => return Err(error),
+            }
+        }
+    };
+    detached.set(values)?;
+    Ok(submitted)
+}
+
+/// Resolves with the error of Query `id` (of `stages` Stages) once its run has failed or
+/// ended; never for a plan without Stages. Every Task's outcome turns to that error then: the
+/// last Stage's first Task stands for all.
+async fn query_failed(core: &Arc<Core>, id: &str, stages: usize) -> DataFusionError {
+    let watched = stages.checked_sub(1).and_then(|stage| core.cluster.subscribe(id, stage as u32, 0).ok());
+    let Some(mut outcome) = watched else { return futures::future::pending().await };
+    loop {
+        if let Some(TaskOutcome::Failed(error)) = &*outcome.borrow_and_update() {
+            return error.clone().into_datafusion();
+        }
+        if outcome.changed().await.is_err() {
+            return cancelled_error(format!("query {id} ended while its scalar subqueries ran"));
+        }
+    }
+}
+
+/// Distributes `physical` and queues its Stages' Tasks; returns the plan and the Stages held
+/// until `detached`'s values are in (the plan reads placeholders for them while it is
+/// distributed, see `subquery::detach`).
+async fn submit_physical(
+    core: &Arc<Core>,
+    id: &str,
+    physical: Arc<dyn ExecutionPlan>,
+    write: Option<WriteTarget>,
+    detached: &super::subquery::Detached,
+) -> Result<(DistributedPlan, Vec<usize>)> {
+    let started = Instant::now();
+    let physical = crate::storage::cache_page_indexes(physical, core.ctx.runtime_env().as_ref())?;
+    let mut stores = core.stores.for_plan(&physical);
+    // A write to a table in a store: its Tasks open that store too.
+    stores.extend(write.as_ref().and_then(|w| core.stores.for_location(&w.dir.to_string_lossy())));
+    // Row-group pruning would read the placeholders as values (and prune every row group):
+    // a plan with subqueries beside it is judged small by its files' sizes alone.
+    let plan = plan_query(core, id, physical, write, detached.is_empty()).await;
+    detached.unset();
+    let plan = plan?;
+    let distributed = started.elapsed();
+    if plan.small_input_bytes.is_some() {
+        core.cluster.ran_small(id);
+    }
+    let mut held = Vec::new();
+    if plan.is_distributed() {
+        core.cluster.set_query_stores(id, stores);
+        let stages;
+        (stages, held) = encode_stages(&plan)?;
+        core.cluster.submit(id, stages, adaptive(core))?;
+    }
+    // Where a Query's time goes before its first Task runs.
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    tracing::debug!(query = %id, distribute_ms = ms(distributed), submit_ms = ms(started.elapsed() - distributed), "query planned");
+    Ok((plan, held))
 }
 
 /// The adaptive scheduling the session's `quiver.*` settings ask for.
@@ -549,21 +631,21 @@ pub(super) fn quiver_options(core: &Core) -> QuiverOptions {
     state.config().options().extensions.get::<QuiverOptions>().cloned().unwrap_or_default()
 }
 
-/// The Stages as the cluster queues them. Tasks of one Stage often share one plan (they
-/// compute different partitions of it): it is encoded once.
-fn encode_stages(plan: &DistributedPlan) -> Result<Vec<NewStage>> {
+/// The Stages as the cluster queues them, and those held because their Tasks read scalar
+/// subquery values not known yet (their plans are encoded once they are).
+fn encode_stages(plan: &DistributedPlan) -> Result<(Vec<NewStage>, Vec<usize>)> {
     let mut stages = Vec::with_capacity(plan.stages.len());
-    for stage in &plan.stages {
-        let mut tasks = Vec::with_capacity(stage.tasks.len());
-        let mut last: Option<(&Arc<dyn ExecutionPlan>, Vec<u8>)> = None;
-        for t in &stage.tasks {
-            let bytes = match &last {
-                Some((shared, bytes)) if Arc::ptr_eq(shared, &t.plan) => bytes.clone(),
-                _ => encode_plan(Arc::clone(&t.plan))?,
-            };
-            last = Some((&t.plan, bytes.clone()));
-            tasks.push(NewTask { stage: t.stage as u32, task: t.task as u32, partition: t.partition as u32, summary: t.summary.clone(), plan: bytes, slice_bytes: t.slice_bytes });
-        }
+    let mut held = Vec::new();
+    for (index, stage) in plan.stages.iter().enumerate() {
+        let plans = encode_tasks(&stage.tasks)?;
+        let awaits_values = plans.is_none();
+        let plans = plans.unwrap_or_else(|| vec![Vec::new(); stage.tasks.len()]);
+        let tasks = stage
+            .tasks
+            .iter()
+            .zip(plans)
+            .map(|(t, plan)| NewTask { stage: t.stage as u32, task: t.task as u32, partition: t.partition as u32, summary: t.summary.clone(), plan, slice_bytes: t.slice_bytes })
+            .collect();
         let inputs = stage.inputs.iter().map(|&i| i as u32).collect();
         let (shuffle, parts) = match stage.exchange {
             Exchange::Shuffle { partitions } => (true, partitions as u32),
@@ -576,9 +658,30 @@ fn encode_stages(plan: &DistributedPlan) -> Result<Vec<NewStage>> {
         });
         let key_summary = stage.key_summary.iter().flatten().map(|&k| k as u32).collect();
         let key_filter = stage.key_filter.as_ref().map(|l| (l.build as u32, l.probe_keys.iter().map(|&k| k as u32).collect()));
-        stages.push(NewStage { inputs, shuffle, parts, tasks, adaptive, key_summary, key_filter });
+        if awaits_values {
+            held.push(index);
+        }
+        stages.push(NewStage { inputs, shuffle, parts, tasks, adaptive, key_summary, key_filter, held: awaits_values });
     }
-    Ok(stages)
+    Ok((stages, held))
+}
+
+/// The plans of a Stage's Tasks, or None when they read a scalar subquery value not known yet.
+/// Tasks of one Stage often share one plan (they compute different partitions of it): it is
+/// encoded once.
+fn encode_tasks(tasks: &[TaskSpec]) -> Result<Option<Vec<Vec<u8>>>> {
+    let mut plans: Vec<Vec<u8>> = Vec::with_capacity(tasks.len());
+    for (n, t) in tasks.iter().enumerate() {
+        let bytes = match n.checked_sub(1).map(|p| &tasks[p]) {
+            Some(previous) if Arc::ptr_eq(&previous.plan, &t.plan) => plans[n - 1].clone(),
+            _ => match encode_plan_when_resolved(Arc::clone(&t.plan))? {
+                Some(bytes) => bytes,
+                None => return Ok(None),
+            },
+        };
+        plans.push(bytes);
+    }
+    Ok(Some(plans))
 }
 
 fn empty_stream() -> SendableRecordBatchStream {

@@ -1,13 +1,19 @@
-//! Uncorrelated scalar subqueries (`WHERE x > (SELECT avg(..) ..)`) run before the Query that
-//! reads them, each as a distributed Query of its own (those of one plan node at once). Their values are then part of the plan:
-//! the Tasks that read them receive them as literals, so the rest of the Query runs on workers
-//! like any other (DataFusion would otherwise evaluate them inside the coordinator's process,
-//! keeping every operator that reads one, and everything above it, on the coordinator).
+//! Uncorrelated scalar subqueries (`WHERE x > (SELECT avg(..) ..)`), each run as a distributed
+//! Query of its own. Their values are then part of the plan: the Tasks that read them receive
+//! them as literals, so the rest of the Query runs on workers like any other (DataFusion would
+//! otherwise evaluate them inside the coordinator's process, keeping every operator that reads
+//! one, and everything above it, on the coordinator).
+//!
+//! By default they run *beside* the Query that reads them ([`detach`]): its Stages are planned
+//! as they will run once the values are known, those whose Tasks read no value start at once,
+//! and the others are held until the values are in (`quiver.overlap_subqueries`). Off, they run
+//! before it ([`resolve`]).
 
 use std::sync::Arc;
 
 use datafusion::common::{exec_err, DataFusionError, Result, ScalarValue};
-use datafusion::physical_plan::scalar_subquery::ScalarSubqueryExec;
+use datafusion::logical_expr::physical_planning_context::ScalarSubqueryResults;
+use datafusion::physical_plan::scalar_subquery::{ScalarSubqueryExec, ScalarSubqueryLink};
 use datafusion::physical_plan::{replace_children_if_necessary, ExecutionPlan};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
@@ -54,6 +60,58 @@ pub(super) fn split(plan: Arc<dyn ExecutionPlan>, subqueries: &mut Vec<Arc<dyn E
     }
     let children = plan.children().into_iter().map(|c| split(Arc::clone(c), subqueries)).collect::<Result<Vec<_>>>()?;
     replace_children_if_necessary(plan, children)
+}
+
+/// The scalar subqueries taken out of a plan by [`detach`], to be run beside it.
+#[derive(Default)]
+pub(super) struct Detached {
+    links: Vec<(ScalarSubqueryResults, ScalarSubqueryLink)>,
+}
+
+/// Takes the scalar subqueries out of `plan` (those of its own operators, not the ones nested
+/// in a subquery: each subquery's Query detaches its own). The plan reads typed NULLs in their
+/// place until [`Detached::unset`], so that it is distributed as it will run.
+pub(super) fn detach(plan: Arc<dyn ExecutionPlan>, detached: &mut Detached) -> Result<Arc<dyn ExecutionPlan>> {
+    if let Some(exec) = plan.downcast_ref::<ScalarSubqueryExec>() {
+        for link in exec.subqueries() {
+            let placeholder = ScalarValue::try_from(link.plan.schema().field(0).data_type())?;
+            exec.results().set(link.index, placeholder)?;
+            detached.links.push((exec.results().clone(), link.clone()));
+        }
+        return detach(Arc::clone(exec.input()), detached);
+    }
+    let children = plan.children().into_iter().map(|c| detach(Arc::clone(c), detached)).collect::<Result<Vec<_>>>()?;
+    replace_children_if_necessary(plan, children)
+}
+
+impl Detached {
+    pub(super) fn is_empty(&self) -> bool {
+        self.links.is_empty()
+    }
+
+    /// Forgets the placeholders: from now on, encoding a plan that reads a value waits for it
+    /// (`encode_plan_when_resolved`), and evaluating one is an error.
+    pub(super) fn unset(&self) {
+        for (results, _) in &self.links {
+            results.clear();
+        }
+    }
+
+    /// Runs the subqueries at once, as Queries `{id}.sq{n}`, and returns their values; one that
+    /// fails drops (cancels) the others.
+    pub(super) async fn run(&self, core: &Arc<Core>, id: &str) -> Result<Vec<ScalarValue>> {
+        let ids: Vec<String> = (0..self.links.len()).map(|n| format!("{id}.sq{n}")).collect();
+        let runs = self.links.iter().zip(&ids).map(|((_, link), id)| run(core, id, Arc::clone(&link.plan)));
+        futures::future::try_join_all(runs).await
+    }
+
+    /// Sets the values [`Self::run`] returned, after [`Self::unset`].
+    pub(super) fn set(&self, values: Vec<ScalarValue>) -> Result<()> {
+        for ((results, link), value) in self.links.iter().zip(values) {
+            results.set(link.index, value)?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs one subquery as a Query of its own (so its Stages and Tasks are recorded) and returns

@@ -66,6 +66,7 @@ fn schema(kind: Kind) -> SchemaRef {
             s("query_id"), u32f("stage"), u32f("task"), u32f("attempt"), sn("worker_id"), s("plan"), s("output"), s("state"),
             u64f("rows"), u64f("bytes"), u64f("elapsed_ms"), sn("error"), s("started_as"), sn("cause"), sn("reads"),
             sn("lane"), u64n("key_filter_rows_seen"), u64n("key_filter_rows_kept"),
+            Field::new("started", timestamp(), true), Field::new("ended", timestamp(), true),
         ],
     };
     Arc::new(Schema::new(fields))
@@ -97,6 +98,10 @@ fn opt_u64s(v: impl Iterator<Item = Option<u64>>) -> ArrayRef {
 
 fn stamps(v: impl Iterator<Item = SystemTime>) -> ArrayRef {
     Arc::new(TimestampMillisecondArray::from_iter_values(v.map(millis)).with_timezone("UTC"))
+}
+
+fn opt_stamps(v: impl Iterator<Item = Option<SystemTime>>) -> ArrayRef {
+    Arc::new(TimestampMillisecondArray::from_iter(v.map(|t| t.map(millis))).with_timezone("UTC"))
 }
 
 impl SystemTable {
@@ -173,6 +178,8 @@ impl SystemTable {
                     opt_strings(t.iter().map(|t| t.lane)),
                     opt_u64s(t.iter().map(|t| t.key_filter_rows.map(|(seen, _)| seen))),
                     opt_u64s(t.iter().map(|t| t.key_filter_rows.map(|(_, kept)| kept))),
+                    opt_stamps(t.iter().map(|t| t.started)),
+                    opt_stamps(t.iter().map(|t| t.ended)),
                 ]
             }
         };

@@ -1,6 +1,7 @@
 //! Plan encoding: datafusion-proto for DataFusion's operators, [`QuiverCodec`] for Quiver's
 //! (Stage readers and Task writers).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::Schema;
@@ -269,11 +270,25 @@ impl PhysicalExtensionCodec for QuiverCodec {
 /// Encodes a Task plan. Scalar subquery results the coordinator has computed travel as
 /// literals: a worker has no subquery to read them from.
 pub fn encode_plan(plan: Arc<dyn ExecutionPlan>) -> Result<Vec<u8>> {
-    Ok(physical_plan_to_bytes_with_proto_converter(plan, &QuiverCodec::default(), &SubqueryResultsAsLiterals)?.to_vec())
+    Ok(physical_plan_to_bytes_with_proto_converter(plan, &QuiverCodec::default(), &SubqueryResultsAsLiterals::default())?.to_vec())
+}
+
+/// Encodes a Task plan, or answers None when it reads a scalar subquery value that is not
+/// computed yet: such a plan is encoded once the value is known.
+pub fn encode_plan_when_resolved(plan: Arc<dyn ExecutionPlan>) -> Result<Option<Vec<u8>>> {
+    let converter = SubqueryResultsAsLiterals::default();
+    match physical_plan_to_bytes_with_proto_converter(plan, &QuiverCodec::default(), &converter) {
+        _ if converter.unresolved.load(Ordering::Relaxed) => Ok(None),
+        encoded => Ok(Some(encoded?.to_vec())),
+    }
 }
 
 /// The default conversion, except that a resolved `ScalarSubqueryExpr` becomes its value.
-struct SubqueryResultsAsLiterals;
+#[derive(Default)]
+struct SubqueryResultsAsLiterals {
+    /// It met a `ScalarSubqueryExpr` without a value (encoding then fails).
+    unresolved: AtomicBool,
+}
 
 impl PhysicalProtoConverterExtension for SubqueryResultsAsLiterals {
     fn proto_to_execution_plan(
@@ -308,7 +323,8 @@ impl PhysicalProtoConverterExtension for SubqueryResultsAsLiterals {
     ) -> Result<protobuf::PhysicalExprNode> {
         if expr.is::<ScalarSubqueryExpr>() {
             let empty = RecordBatch::new_empty(Arc::new(Schema::empty()));
-            if let ColumnarValue::Scalar(value) = expr.evaluate(&empty)? {
+            let value = expr.evaluate(&empty).inspect_err(|_| self.unresolved.store(true, Ordering::Relaxed));
+            if let ColumnarValue::Scalar(value) = value? {
                 let literal: Arc<dyn PhysicalExpr> = Arc::new(Literal::new(value));
                 return serialize_physical_expr_with_converter(&literal, codec, self);
             }

@@ -8,7 +8,7 @@ mod codec;
 mod error;
 mod messages;
 
-pub use codec::{decode_plan, encode_plan, QuiverCodec};
+pub use codec::{decode_plan, encode_plan, encode_plan_when_resolved, QuiverCodec};
 pub use error::{
     cancelled_error, classify, error_from_remote, error_text, error_to_remote, find as find_quiver_error, is_cancelled,
     quiver_error, quiver_to_remote, remote_to_quiver, ErrorKind, QuiverError,

@@ -35,7 +35,7 @@ impl QueryRun {
         }
         for stage in 0..self.stages.len() as u32 {
             let run = &self.stages[stage as usize];
-            if run.adapted || run.adaptive.is_none() || !self.inputs_available(stage) {
+            if run.adapted || run.held || run.adaptive.is_none() || !self.inputs_available(stage) {
                 continue;
             }
             self.stages[stage as usize].adapted = true;

@@ -132,6 +132,33 @@ fn a_stage_starts_when_every_task_of_its_inputs_has_an_output() {
     assert!(matches!(&d.published[..], [((1, 0), Some(TaskOutcome::Succeeded { key: k, .. }))] if *k == key(1, 0, 0)));
 }
 
+/// A Stage whose Tasks read scalar subquery values waits for their plans, even once its
+/// inputs are done; released, its Tasks queue with the plans they were given.
+#[test]
+fn a_held_stage_runs_only_once_released_with_its_plans() {
+    let task = |stage, task| NewTask { stage, task, partition: task, summary: String::new(), plan: vec![], slice_bytes: None };
+    let mut d = Driver::new(QueryRun::new(
+        "q",
+        vec![
+            NewStage { shuffle: true, parts: 2, tasks: vec![task(0, 0)], ..Default::default() },
+            NewStage { inputs: vec![0], parts: 1, tasks: (0..2).map(|t| task(1, t)).collect(), held: true, ..Default::default() },
+        ],
+    ));
+    d.succeed(&key(0, 0, 0), "w1");
+    assert!(d.waiting().is_empty(), "stage 1 is held");
+    let mut out = Vec::new();
+    let error = d.run.release(1, vec![vec![7]], d.now, &mut out).expect_err("stage 1 has 2 Tasks");
+    assert_eq!(error.kind, ErrorKind::Internal);
+    assert!(d.run.release(0, vec![vec![7]], d.now, &mut out).is_err(), "stage 0 is not held");
+    assert!(out.is_empty() && d.waiting().is_empty());
+    d.run.release(1, vec![vec![7], vec![8]], d.now, &mut out).unwrap();
+    d.take(out);
+    assert_eq!(d.waiting(), vec![key(1, 0, 0), key(1, 1, 0)]);
+    let plans: Vec<&[u8]> = d.queued.iter().filter(|q| q.key.stage == 1).map(|q| q.plan.as_slice()).collect();
+    assert_eq!(plans, [[7], [8]]);
+    assert!(d.run.release(1, vec![vec![7], vec![8]], d.now, &mut Vec::new()).is_err(), "released once");
+}
+
 #[test]
 fn a_retryable_failure_runs_again_elsewhere_after_a_backoff() {
     let mut d = Driver::new(two_stages(1));
@@ -678,6 +705,26 @@ fn the_probe_stage_waits_for_the_build_stages_keys_and_gets_their_filter() {
     d.succeed_with_keys(&key(0, 1, 0), "b", Some(SummaryForm::Hashes(vec![7])));
     assert_eq!(d.waiting(), vec![key(1, 0, 0), key(1, 1, 0)]);
     assert!(d.run.key_work(1).1.is_some(), "every probe Attempt gets the filter");
+}
+
+/// A build Stage held for scalar subquery values may wait as long as they take: its probe
+/// Stage runs beside them instead, and filters late.
+#[test]
+fn the_probe_stage_does_not_wait_for_a_build_stage_held_for_subqueries() {
+    let mut run = joined_by_key_filter();
+    run.stages[0].held = true;
+    let mut d = Driver::new(run);
+    assert_eq!(d.waiting(), vec![key(1, 0, 0), key(1, 1, 0)]);
+    assert_eq!(d.run.late_filter_keys(1), vec![1], "it filters once the filter is decided");
+    d.assign(&key(1, 0, 0), "c");
+    let mut out = Vec::new();
+    d.run.release(0, vec![vec![0], vec![0]], d.now, &mut out).unwrap();
+    d.take(out);
+    assert_eq!(d.waiting(), vec![key(1, 1, 0), key(0, 0, 0), key(0, 1, 0)]);
+    d.succeed_with_keys(&key(0, 0, 0), "a", Some(SummaryForm::Hashes(vec![1])));
+    d.succeed_with_keys(&key(0, 1, 0), "b", Some(SummaryForm::Hashes(vec![2])));
+    assert_eq!(d.filters_sent, vec![(1, vec![url("c")])], "the running probe Attempt gets the filter");
+    assert!(d.run.key_work(1).1.is_some(), "the queued one gets it with its assignment");
 }
 
 #[test]
