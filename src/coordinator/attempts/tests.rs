@@ -727,6 +727,25 @@ fn the_probe_stage_does_not_wait_for_a_build_stage_held_for_subqueries() {
     assert!(d.run.key_work(1).1.is_some(), "the queued one gets it with its assignment");
 }
 
+/// Also when the build Stage waits only because a Stage it reads is held.
+#[test]
+fn the_probe_stage_does_not_wait_for_a_build_stage_whose_input_is_held() {
+    let task = |stage, task| NewTask { stage, task, partition: task, summary: String::new(), plan: vec![], slice_bytes: None };
+    let stages = vec![
+        NewStage { shuffle: true, parts: 1, tasks: vec![task(0, 0)], held: true, ..Default::default() },
+        NewStage { inputs: vec![0], shuffle: true, parts: 1, tasks: vec![task(1, 0)], key_summary: vec![0], ..Default::default() },
+        NewStage { shuffle: true, parts: 1, tasks: vec![task(2, 0)], key_filter: Some((1, vec![0])), ..Default::default() },
+        NewStage { shuffle: true, parts: 1, tasks: vec![task(3, 0)], key_filter: Some((1, vec![0])), ..Default::default() },
+        NewStage { inputs: vec![1, 2], parts: 1, tasks: vec![task(4, 0)], ..Default::default() },
+    ];
+    let mut d = Driver::new(QueryRun::new("q", stages));
+    assert_eq!(d.waiting(), vec![key(2, 0, 0), key(3, 0, 0)]);
+    let mut out = Vec::new();
+    d.run.release(0, vec![vec![0]], d.now, &mut out).unwrap();
+    d.take(out);
+    assert_eq!(d.waiting(), vec![key(2, 0, 0), key(3, 0, 0), key(0, 0, 0)]);
+}
+
 #[test]
 fn probe_attempts_assigned_once_the_build_stage_has_finished_get_its_filter() {
     let mut d = Driver::new(joined_by_key_filter().with_key_filter_wait(false));
