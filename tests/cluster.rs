@@ -447,6 +447,10 @@ async fn a_query_runs_beside_its_scalar_subqueries_and_answers_as_single_node() 
     // nothing of the Query starts before the subquery ends.
     let sql = "SELECT k, sum(v) FROM ov_t GROUP BY k \
                HAVING sum(v) > (SELECT count(*) FROM ov_t x JOIN ov_t y ON x.k = y.k WHERE x.v < 2000 AND y.v < 2000) * 200";
+    let dag = &t.cluster_rows(&format!("EXPLAIN {sql}")).await[2][1];
+    let main = dag.split("Main query:").nth(1).expect("the main query's Stages follow its subquery's");
+    let last = main.lines().filter(|l| l.starts_with("Stage ")).count() - 1;
+    assert!(main.ends_with(&format!("Held until the scalar subquery values are in: stage {last}\n")), "{dag}");
     for overlap in [true, false] {
         t.run_all(&[&format!("SET quiver.overlap_subqueries = {overlap}")]).await;
         t.check_same(sql).await;

@@ -15,7 +15,8 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::displayable;
 use futures::StreamExt;
 
-use super::session::start_physical;
+use super::session::{encode_tasks, start_physical};
+use super::subquery::{detach, Detached};
 use super::{Core, StageMetrics};
 use crate::planner::{self, DistributeOptions, StageId, StageSource};
 
@@ -33,25 +34,39 @@ pub(super) async fn explain(core: &Arc<Core>, _id: &str, plan: &LogicalPlan) -> 
         pruned_input_bytes: None,
     };
     let shown = displayable(physical.as_ref()).indent(true).to_string();
-    let mut subqueries = Vec::new();
-    let main = super::subquery::split(physical, &mut subqueries)?;
-    // A subquery's value is unknown here (NULL below), and would prune as no row groups at all.
-    if subqueries.is_empty() {
+    let overlap = super::session::quiver_options(core).overlap_subqueries;
+    let mut detached = Detached::default();
+    let main = detach(physical, &mut detached)?;
+    // A subquery's value is unknown here, and would prune as no row groups at all.
+    if detached.is_empty() {
         opts.pruned_input_bytes = super::session::pruned_input_bytes(core, &main).await;
     }
+    // Each subquery after those nested in it, which it reads as NULLs here.
+    let mut subqueries = Vec::new();
+    for subquery in detached.plans() {
+        let outer = super::subquery::split(subquery, &mut subqueries)?;
+        subqueries.push(outer);
+    }
+    let when = match overlap {
+        true => "runs beside the query that reads it, as a Query of its own",
+        false => "runs first as a Query of its own",
+    };
     let mut text = String::new();
     for (n, subquery) in subqueries.into_iter().enumerate() {
-        let when = match super::session::quiver_options(core).overlap_subqueries {
-            true => "runs beside the main query as a Query of its own; the Stages whose Tasks read its value start once it is in",
-            false => "runs first as a Query of its own",
-        };
-        let _ = writeln!(text, "Scalar subquery {n}: {when}; its value reaches the Tasks as a literal (shown as NULL below)");
+        let _ = writeln!(text, "Scalar subquery {n}: {when}; its value reaches the Tasks as a literal");
         text.push_str(&planner::distribute(subquery, &opts)?.display(None));
     }
     if !text.is_empty() {
         text.push_str("Main query:\n");
     }
-    text.push_str(&planner::distribute(main, &opts)?.display(None));
+    let distributed = planner::distribute(main, &opts);
+    detached.unset();
+    let distributed = distributed?;
+    text.push_str(&distributed.display(None));
+    let held: Vec<String> = distributed.stages.iter().filter(|s| encode_tasks(&s.tasks).is_ok_and(|p| p.is_none())).map(|s| s.id.to_string()).collect();
+    if overlap && !held.is_empty() {
+        let _ = writeln!(text, "Held until the scalar subquery values are in: stage {}", held.join(", stage "));
+    }
     plan_rows(vec![
         ("logical_plan", logical.display_indent().to_string()),
         ("physical_plan", shown),

@@ -669,7 +669,7 @@ fn encode_stages(plan: &DistributedPlan) -> Result<(Vec<NewStage>, Vec<usize>)> 
 /// The plans of a Stage's Tasks, or None when they read a scalar subquery value not known yet.
 /// Tasks of one Stage often share one plan (they compute different partitions of it): it is
 /// encoded once.
-fn encode_tasks(tasks: &[TaskSpec]) -> Result<Option<Vec<Vec<u8>>>> {
+pub(super) fn encode_tasks(tasks: &[TaskSpec]) -> Result<Option<Vec<Vec<u8>>>> {
     let mut plans: Vec<Vec<u8>> = Vec::with_capacity(tasks.len());
     for (n, t) in tasks.iter().enumerate() {
         let bytes = match n.checked_sub(1).map(|p| &tasks[p]) {

@@ -89,6 +89,11 @@ impl Detached {
         self.links.is_empty()
     }
 
+    /// The subqueries' plans, in the order [`Self::run`] numbers them.
+    pub(super) fn plans(&self) -> impl Iterator<Item = Arc<dyn ExecutionPlan>> + '_ {
+        self.links.iter().map(|(_, link)| Arc::clone(&link.plan))
+    }
+
     /// Forgets the placeholders: from now on, encoding a plan that reads a value waits for it
     /// (`encode_plan_when_resolved`), and evaluating one is an error.
     pub(super) fn unset(&self) {
