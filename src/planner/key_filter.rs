@@ -535,7 +535,7 @@ pub enum FilterSource {
 /// `stream` without the rows `filter` rules out. After `KEY_FILTER_SAMPLE_ROWS` rows, a filter
 /// that kept more than `KEY_FILTER_KEEP_FRACTION_MAX` of them is no longer applied: it costs
 /// more than it saves.
-pub fn filter_stream(stream: SendableRecordBatchStream, source: FilterSource, keys: Vec<usize>, counts: Arc<FilterCounts>) -> SendableRecordBatchStream {
+pub(super) fn filter_stream(stream: SendableRecordBatchStream, source: FilterSource, keys: Vec<usize>, counts: Arc<FilterCounts>) -> SendableRecordBatchStream {
     let schema = stream.schema();
     let mut hashes = Vec::new();
     let mut applying = true;

@@ -41,8 +41,8 @@ use datafusion::physical_plan::{
 
 use crate::config::PlannerConfig;
 pub use adaptive::AdaptiveReads;
-pub use probe_filter::{apply_key_filter, KeyFilterExec};
-pub use key_filter::{filter_stream, summarize_stream, FilterCounts, FilterSource, KeyFilter, KeyFilterLink, KeySummary, SummaryForm};
+pub use probe_filter::apply_key_filter;
+pub use key_filter::{summarize_stream, FilterCounts, FilterSource, KeyFilter, KeyFilterLink, KeySummary, SummaryForm};
 pub use copy::{copy_attempt_dir, copy_task_dir, file_sink_config, retarget, CopyTaskExec};
 pub use reader::{Exchange, StageReaderExec, StageSource};
 pub use rules::shuffle_partitioning;
