@@ -49,10 +49,7 @@ pub(super) fn slice_scan(
     };
     let files: Vec<PartitionedFile> = scan.file_groups.iter().flat_map(|g| g.iter().cloned()).collect();
     let total: u64 = files.iter().map(file_bytes).sum();
-    let target_tasks = (total_slots.max(1) * config.tasks_per_slot.max(1)).min(config.tasks_per_stage_max.max(1));
-    // Rounded up: a rounded-down chunk leaves a remainder piece, one more Task than slots can
-    // take in even waves, and a Stage waits for its slowest wave.
-    let chunk = total.div_ceil(target_tasks as u64).max(config.task_min_bytes).max(1);
+    let chunk = chunk_bytes(total, config, total_slots);
     let splittable = scan.file_source().file_type() == "parquet";
     // Files whose order matters (sorted scans) keep one file or range per Task.
     let pack = scan.output_ordering.is_empty();
@@ -61,6 +58,23 @@ pub(super) fn slice_scan(
         pieces.extend(split_file(file, chunk, splittable));
     }
     Ok(pack_pieces(pieces, chunk, pack, config.tasks_per_stage_max))
+}
+
+/// The bytes each Task of a scan of `total` bytes reads, so that its Tasks fill the slots in
+/// even waves: a Stage waits for its slowest wave, and a last wave of fewer Tasks than slots
+/// leaves slots idle (3 Tasks on 2 slots take as long as 4). Aims at `tasks_per_slot` Tasks
+/// per slot, as many as `task_min_bytes` allows up to one wave, and between the two at the
+/// largest whole number of waves. Rounded up: a rounded-down chunk leaves a remainder piece.
+fn chunk_bytes(total: u64, config: &PlannerConfig, total_slots: usize) -> u64 {
+    let slots = total_slots.max(1) as u64;
+    let target = (slots * config.tasks_per_slot.max(1) as u64).min(config.tasks_per_stage_max.max(1) as u64);
+    let allowed = total.div_ceil(config.task_min_bytes.max(1)).max(1);
+    let tasks = match allowed {
+        n if n >= target => target,
+        n if n <= slots => n,
+        n => n - n % slots,
+    };
+    total.div_ceil(tasks).max(1)
 }
 
 /// Whether a slice of this scan can be cut into byte ranges (Parquet) or only into whole files.
@@ -274,6 +288,28 @@ mod tests {
         let counts: Vec<usize> = (0..2).map(|i| piece_of(slice.clone(), i, 2, false).len()).collect();
         assert_eq!(counts, vec![2, 3]);
         assert_eq!(piece_of(vec![], 0, 3, false).len(), 0);
+    }
+
+    #[test]
+    fn tasks_fill_the_slots_in_even_waves() {
+        let config = PlannerConfig { tasks_per_slot: 2, task_min_bytes: 16, tasks_per_stage_max: 4096, small_query_max_bytes: 0 };
+        let tasks = |total: u64, slots: usize| total.div_ceil(chunk_bytes(total, &config, slots));
+        // Regression: 43 bytes in chunks of about 16 made 3 Tasks on 2 slots.
+        assert_eq!(tasks(43, 2), 2);
+        assert_eq!(tasks(43, 3), 3, "one wave on 3 slots");
+        assert_eq!(tasks(100, 2), 4, "enough bytes: tasks_per_slot Tasks per slot");
+        assert_eq!(tasks(1000, 2), 4);
+        assert_eq!(tasks(70, 2), 4);
+        assert_eq!(tasks(70, 3), 3, "5 allowed: one wave of 3");
+        assert_eq!(tasks(20, 2), 2);
+        assert_eq!(tasks(0, 2), 0);
+        for total in [1, 15, 16, 47, 64, 65, 333, 4000] {
+            for slots in 1..6 {
+                let n = tasks(total, slots);
+                assert!(n <= (slots * 2) as u64 && n <= total.div_ceil(16), "{total} bytes, {slots} slots: {n} Tasks");
+                assert!(n <= slots as u64 || n % slots as u64 == 0, "{total} bytes, {slots} slots: {n} Tasks");
+            }
+        }
     }
 
     #[test]
