@@ -49,32 +49,32 @@ pub(super) fn slice_scan(
     };
     let files: Vec<PartitionedFile> = scan.file_groups.iter().flat_map(|g| g.iter().cloned()).collect();
     let total: u64 = files.iter().map(file_bytes).sum();
-    let chunk = chunk_bytes(total, config, total_slots);
+    let tasks = task_count(total, config, total_slots);
     let splittable = scan.file_source().file_type() == "parquet";
     // Files whose order matters (sorted scans) keep one file or range per Task.
-    let pack = scan.output_ordering.is_empty();
-    let mut pieces = Vec::new();
-    for file in files {
-        pieces.extend(split_file(file, chunk, splittable));
+    if !scan.output_ordering.is_empty() {
+        let chunk = total.div_ceil(tasks).max(1);
+        let pieces = files.into_iter().flat_map(|file| split_file(file, chunk, splittable));
+        let slices = pieces.map(|piece| TaskSlice { bytes: file_bytes(&piece), group: FileGroup::new(vec![piece]) });
+        return Ok(merge_excess(slices.collect(), config.tasks_per_stage_max));
     }
-    Ok(pack_pieces(pieces, chunk, pack, config.tasks_per_stage_max))
+    Ok(share_out(files, tasks, splittable, config.tasks_per_stage_max))
 }
 
-/// The bytes each Task of a scan of `total` bytes reads, so that its Tasks fill the slots in
-/// even waves: a Stage waits for its slowest wave, and a last wave of fewer Tasks than slots
-/// leaves slots idle (3 Tasks on 2 slots take as long as 4). Aims at `tasks_per_slot` Tasks
-/// per slot, as many as `task_min_bytes` allows up to one wave, and between the two at the
-/// largest whole number of waves. Rounded up: a rounded-down chunk leaves a remainder piece.
-fn chunk_bytes(total: u64, config: &PlannerConfig, total_slots: usize) -> u64 {
+/// How many Tasks a scan of `total` bytes is cut into, so that they fill the slots in even
+/// waves: a Stage waits for its slowest wave, and a last wave of fewer Tasks than slots leaves
+/// slots idle (3 Tasks on 2 slots take as long as 4). Aims at `tasks_per_slot` Tasks per slot,
+/// as many as `task_min_bytes` allows up to one wave, and between the two at the largest whole
+/// number of waves. Never 0: an empty scan still has one Task.
+fn task_count(total: u64, config: &PlannerConfig, total_slots: usize) -> u64 {
     let slots = total_slots.max(1) as u64;
-    let target = (slots * config.tasks_per_slot.max(1) as u64).min(config.tasks_per_stage_max.max(1) as u64);
+    let target = slots.saturating_mul(config.tasks_per_slot.max(1) as u64).min(config.tasks_per_stage_max.max(1) as u64);
     let allowed = total.div_ceil(config.task_min_bytes.max(1)).max(1);
-    let tasks = match allowed {
+    match allowed {
         n if n >= target => target,
         n if n <= slots => n,
         n => n - n % slots,
-    };
-    total.div_ceil(tasks).max(1)
+    }
 }
 
 /// Whether a slice of this scan can be cut into byte ranges (Parquet) or only into whole files.
@@ -118,7 +118,9 @@ fn piece_of(files: Vec<PartitionedFile>, index: u32, of: u32, splittable: bool) 
         let start_in_file = file.range.as_ref().map_or(0, |r| r.start.max(0) as u64);
         if splittable {
             let (a, b) = (lo.max(offset), hi.min(offset + len));
-            if a < b {
+            if a == offset && b == offset + len && len > 0 {
+                piece.push(file);
+            } else if a < b {
                 let mut part = file.clone();
                 part.range = Some(FileRange { start: (start_in_file + a - offset) as i64, end: (start_in_file + b - offset) as i64 });
                 piece.push(part);
@@ -186,20 +188,21 @@ fn split_file(file: PartitionedFile, chunk: u64, splittable: bool) -> Vec<Partit
         .collect()
 }
 
-fn pack_pieces(pieces: Vec<PartitionedFile>, chunk: u64, pack: bool, max_tasks: usize) -> Vec<TaskSlice> {
-    let mut slices: Vec<TaskSlice> = Vec::new();
-    let mut current = TaskSlice { group: FileGroup::new(vec![]), bytes: 0 };
-    for piece in pieces {
-        let bytes = file_bytes(&piece);
-        let full = !current.group.is_empty() && (!pack || current.bytes + bytes > chunk);
-        if full {
-            slices.push(std::mem::replace(&mut current, TaskSlice { group: FileGroup::new(vec![]), bytes: 0 }));
-        }
-        current.group.push(piece);
-        current.bytes += bytes;
-    }
-    if !current.group.is_empty() || slices.is_empty() {
-        slices.push(current);
+/// Cuts the files, laid end to end, into `tasks` equal contiguous byte shares ([`piece_of`]),
+/// so the Tasks of a Stage read equal bytes however the sizes of its files fall. Filling
+/// slices greedily up to a chunk instead makes slices too many or uneven whenever files
+/// straddle the chunk boundaries (two files just over half a chunk each end up in three).
+/// Unsplittable files go whole to the share that holds their middle byte; a share left empty
+/// that way makes no Task.
+fn share_out(files: Vec<PartitionedFile>, tasks: u64, splittable: bool, max_tasks: usize) -> Vec<TaskSlice> {
+    let tasks = tasks.clamp(1, u32::MAX as u64) as u32;
+    let mut slices: Vec<TaskSlice> = (0..tasks)
+        .map(|i| piece_of(files.clone(), i, tasks, splittable))
+        .filter(|group| !group.is_empty())
+        .map(|group| TaskSlice { bytes: group.iter().map(file_bytes).sum(), group: FileGroup::new(group) })
+        .collect();
+    if slices.is_empty() {
+        slices.push(TaskSlice { group: FileGroup::new(vec![]), bytes: 0 });
     }
     merge_excess(slices, max_tasks)
 }
@@ -242,14 +245,14 @@ mod tests {
     #[test]
     fn small_files_are_packed_up_to_the_chunk_size() {
         let pieces = (0..10).map(|i| file(&format!("{i}.parquet"), 100)).collect();
-        let slices = pack_pieces(pieces, 250, true, 100);
+        let slices = share_out(pieces, 5, false, 100);
         assert_eq!(slices.iter().map(|s| s.group.len()).collect::<Vec<_>>(), vec![2, 2, 2, 2, 2]);
     }
 
     #[test]
     fn the_task_bound_keeps_every_file() {
         let pieces = (0..10).map(|i| file(&format!("{i}.parquet"), 100)).collect();
-        let slices = pack_pieces(pieces, 1, true, 3);
+        let slices = share_out(pieces, 10, false, 3);
         assert_eq!(slices.len(), 3);
         assert_eq!(slices.iter().map(|s| s.group.len()).sum::<usize>(), 10);
     }
@@ -293,7 +296,7 @@ mod tests {
     #[test]
     fn tasks_fill_the_slots_in_even_waves() {
         let config = PlannerConfig { tasks_per_slot: 2, task_min_bytes: 16, tasks_per_stage_max: 4096, small_query_max_bytes: 0 };
-        let tasks = |total: u64, slots: usize| total.div_ceil(chunk_bytes(total, &config, slots));
+        let tasks = |total: u64, slots: usize| if total == 0 { 0 } else { task_count(total, &config, slots) };
         // Regression: 43 bytes in chunks of about 16 made 3 Tasks on 2 slots.
         assert_eq!(tasks(43, 2), 2);
         assert_eq!(tasks(43, 3), 3, "one wave on 3 slots");
@@ -313,7 +316,25 @@ mod tests {
     }
 
     #[test]
+    fn uneven_files_make_exactly_the_tasks_asked_for() {
+        // Regression: files of 70, 70 and 40 bytes in chunks of 90 were packed greedily into 3
+        // slices for 2 Tasks.
+        let files = vec![file("a.csv", 70), file("b.csv", 70), file("c.csv", 40)];
+        let slices = share_out(files, 2, false, 100);
+        assert_eq!(slices.iter().map(|s| s.group.len()).collect::<Vec<_>>(), vec![1, 2]);
+        let files: Vec<_> = (0..4).map(|i| file(&format!("{i}.parquet"), 1100)).collect();
+        for tasks in 1..=7u64 {
+            let slices = share_out(files.clone(), tasks, true, 100);
+            let bytes: Vec<u64> = slices.iter().map(|s| s.bytes).collect();
+            assert_eq!(slices.len() as u64, tasks, "{tasks} Tasks over 4 equal files");
+            assert_eq!(bytes.iter().sum::<u64>(), 4400);
+            assert!(bytes.iter().max().unwrap() - bytes.iter().min().unwrap() <= 1, "{tasks} Tasks: {bytes:?}");
+        }
+    }
+
+    #[test]
     fn an_empty_scan_still_has_one_task() {
-        assert_eq!(pack_pieces(vec![], 10, true, 3).len(), 1);
+        assert_eq!(share_out(vec![], 10, true, 3).len(), 1);
+        assert_eq!(share_out(vec![file("a.parquet", 0)], 2, true, 3).len(), 1);
     }
 }
