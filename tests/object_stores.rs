@@ -328,8 +328,9 @@ async fn tables_written_to_an_s3_warehouse_commit_whole_and_failed_writes_leave_
         "--warehouse", &warehouse, "--store-option", &endpoint, "--store-option", "aws.allow_http=true",
         "--store-option", "aws.region=us-east-1", "--task-min-bytes", "64KiB",
     ];
-    // One slot per worker: a write's Tasks run a few at a time, in order.
-    let mut cluster = ProcCluster::start(2, &args, &["--slots", "1"]);
+    // One slot per worker and no express slot (which takes small Queries' Tasks, as these are):
+    // a write's Tasks run two at a time, in order, so the last one starts after others ended.
+    let mut cluster = ProcCluster::start(2, &args, &["--slots", "1", "--express-slots", "0"]);
     let client = cluster.client().await;
     cluster.wait_alive(&client, 2).await;
     let local = tpch::generate(cluster.dir.path(), 0.01, Layout { files: 2, row_group_rows: 2_000 }).unwrap();

@@ -32,6 +32,7 @@ pub(super) async fn explain(core: &Arc<Core>, _id: &str, plan: &LogicalPlan) -> 
         write_dir: None,
         join_key_filters: super::session::quiver_options(core).join_key_filters,
         pruned_input_bytes: None,
+        row_group_starts: crate::storage::pruning::row_group_starts(&physical, core.ctx.runtime_env().as_ref()).await,
     };
     let shown = displayable(physical.as_ref()).indent(true).to_string();
     let overlap = super::session::quiver_options(core).overlap_subqueries;

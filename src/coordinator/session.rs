@@ -478,6 +478,11 @@ async fn plan_query(
     let source = Arc::new(QueryTasks { query_id: id.to_string(), cluster: Arc::clone(&core.cluster) });
     let join_key_filters = quiver_options(core).join_key_filters;
     let pruned_input_bytes = if prune { pruned_input_bytes(core, &physical).await } else { None };
+    // A plan small enough for the coordinator alone is not cut into Tasks.
+    let row_group_starts = match pruned_input_bytes {
+        Some(_) => Default::default(),
+        None => crate::storage::pruning::row_group_starts(&physical, core.ctx.runtime_env().as_ref()).await,
+    };
     let mut opts = DistributeOptions {
         config: &core.config.planner,
         total_slots: core.cluster.total_slots(),
@@ -485,6 +490,7 @@ async fn plan_query(
         write_dir: write,
         join_key_filters,
         pruned_input_bytes,
+        row_group_starts,
     };
     let plan = planner::distribute(Arc::clone(&physical), &opts)?;
     if !plan.is_distributed() || opts.total_slots > 0 {

@@ -46,7 +46,7 @@ pub use key_filter::{summarize_stream, FilterCounts, FilterSource, KeyFilter, Ke
 pub use copy::{copy_attempt_dir, copy_task_dir, file_sink_config, retarget, CopyTaskExec};
 pub use reader::{Exchange, StageReaderExec, StageSource};
 pub use rules::shuffle_partitioning;
-pub use split::{narrow_task_plan, TaskSlice};
+pub use split::{narrow_task_plan, RowGroupStarts, TaskSlice};
 pub use writer::{attempt_file, count_schema, task_file, AttemptNumber, TaskWriterExec, COORDINATOR_FILE};
 
 /// Index of a Stage within its Query. Stages are numbered so that inputs come first.
@@ -142,6 +142,9 @@ pub struct DistributeOptions<'a> {
     /// be at most `PlannerConfig::small_query_max_bytes` (`storage::pruning`): the plan then runs
     /// on the coordinator alone even though its table files hold more.
     pub pruned_input_bytes: Option<u64>,
+    /// Where the row groups of the scanned Parquet files begin, so that scans are cut into
+    /// Tasks at row groups; files missing from it are cut by bytes.
+    pub row_group_starts: RowGroupStarts,
 }
 
 /// Where a distributed write puts its files.
@@ -350,7 +353,7 @@ impl Builder<'_> {
         let mut adaptive = None;
         let (fragment, parts, fetch) = if sliceable {
             let chain = self.prepare_chain(plan)?;
-            let slices = split::slice_scan(&chain, self.opts.config, self.opts.total_slots)?;
+            let slices = split::slice_scan(&chain, self.opts.config, self.opts.total_slots, &self.opts.row_group_starts)?;
             // Pieces of a slice, read one after the other, compute what the slice computes,
             // unless a Task sorts its rows (a gather merges sorted runs) or writes files.
             let cuttable = split::ranges_splittable(&chain)

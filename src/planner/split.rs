@@ -4,6 +4,7 @@
 //! contiguous, equal byte ranges of the slice, so the pieces together read it exactly once and,
 //! read one after the other, in its order.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
@@ -12,9 +13,15 @@ use datafusion::datasource::listing::{FileRange, PartitionedFile};
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::physical_plan::ExecutionPlan;
+use object_store::path::Path;
 
 use super::rules::file_scan;
 use crate::config::PlannerConfig;
+
+/// Where each row group of a Parquet file begins, by file (as the coordinator read it from the
+/// footers, `storage::pruning::row_group_starts`): DataFusion's reader gives a row group to the
+/// byte range that holds this offset. Files missing from it are cut by bytes alone.
+pub type RowGroupStarts = HashMap<Path, Vec<u64>>;
 
 /// The input of one Task: a group of files or file ranges, read in order.
 #[derive(Debug, Clone)]
@@ -43,6 +50,7 @@ pub(super) fn slice_scan(
     plan: &Arc<dyn ExecutionPlan>,
     config: &PlannerConfig,
     total_slots: usize,
+    starts: &RowGroupStarts,
 ) -> Result<Vec<TaskSlice>> {
     let Some(scan) = find_scan(plan) else {
         return exec_err!("stage without a file scan");
@@ -57,6 +65,11 @@ pub(super) fn slice_scan(
         let pieces = files.into_iter().flat_map(|file| split_file(file, chunk, splittable));
         let slices = pieces.map(|piece| TaskSlice { bytes: file_bytes(&piece), group: FileGroup::new(vec![piece]) });
         return Ok(merge_excess(slices.collect(), config.tasks_per_stage_max));
+    }
+    if splittable {
+        if let Some(units) = row_group_units(&files, starts) {
+            return Ok(share_units(files, units, tasks, config.tasks_per_stage_max));
+        }
     }
     Ok(share_out(files, tasks, splittable, config.tasks_per_stage_max))
 }
@@ -207,6 +220,100 @@ fn share_out(files: Vec<PartitionedFile>, tasks: u64, splittable: bool, max_task
     merge_excess(slices, max_tasks)
 }
 
+/// A byte range of one file of a scan that holds the start of at most one row group, weighted
+/// by that row group's bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Unit {
+    file: usize,
+    start: u64,
+    end: u64,
+    weight: u64,
+}
+
+/// The scan's files, in order, cut into one [`Unit`] per row group they read (ranges that hold
+/// no row group's start become a unit of weight 0, which reads nothing); None when the row
+/// groups of some file are not known.
+fn row_group_units(files: &[PartitionedFile], starts: &RowGroupStarts) -> Option<Vec<Unit>> {
+    let mut units = Vec::new();
+    for (index, file) in files.iter().enumerate() {
+        let file_starts = starts.get(&file.object_meta.location)?;
+        let size = file.object_meta.size;
+        let (from, to) = file.range.as_ref().map_or((0, size), |r| (r.start.max(0) as u64, r.end.max(0) as u64));
+        // Each row group's bytes run to the next one's start; the last one's to the footer.
+        let groups: Vec<(u64, u64)> = file_starts
+            .iter()
+            .enumerate()
+            .map(|(i, &start)| (start, file_starts.get(i + 1).copied().unwrap_or(size).saturating_sub(start)))
+            .filter(|&(start, _)| from <= start && start < to)
+            .collect();
+        if groups.is_empty() {
+            units.push(Unit { file: index, start: from, end: to, weight: 0 });
+            continue;
+        }
+        let last = groups.len() - 1;
+        for (i, &(start, weight)) in groups.iter().enumerate() {
+            let start = if i == 0 { from } else { start };
+            let end = if i == last { to } else { groups[i + 1].0 };
+            units.push(Unit { file: index, start, end, weight });
+        }
+    }
+    Some(units)
+}
+
+/// Like [`share_out`], over whole row groups: each unit goes to the share of the total weight
+/// that holds its middle, so the Tasks read about equal bytes and each row group is read by the
+/// Task whose range DataFusion's reader gives it to. Cutting by bytes alone does not: the reader
+/// gives a row group to the range holding its start, so a cut just past a start moves a whole
+/// row group (7 row groups of partsupp on 2 Tasks were read as 4 and 3, 28 MB and 15 MB).
+fn share_units(files: Vec<PartitionedFile>, units: Vec<Unit>, tasks: u64, max_tasks: usize) -> Vec<TaskSlice> {
+    let total: u128 = units.iter().map(|u| u.weight as u128).sum();
+    let tasks = tasks.max(1) as u128;
+    let mut shares: Vec<Vec<Unit>> = vec![Vec::new(); tasks as usize];
+    let mut offset = 0u128;
+    for unit in units {
+        let middle = offset + unit.weight as u128 / 2;
+        let owner = if total == 0 { 0 } else { (middle * tasks / total).min(tasks - 1) };
+        offset += unit.weight as u128;
+        shares[owner as usize].push(unit);
+    }
+    let mut slices: Vec<TaskSlice> = shares
+        .into_iter()
+        .filter(|share| share.iter().any(|u| u.weight > 0))
+        .map(|share| units_slice(&files, &share))
+        .collect();
+    // Files with no row group at all: one Task still reads them (and finds no rows).
+    if slices.is_empty() {
+        slices.push(TaskSlice { group: FileGroup::new(files), bytes: 0 });
+    }
+    merge_excess(slices, max_tasks)
+}
+
+/// The files and ranges of a share's units, neighbouring units of one file merged into one
+/// range; a file read whole stays unranged.
+fn units_slice(files: &[PartitionedFile], share: &[Unit]) -> TaskSlice {
+    let mut merged: Vec<Unit> = Vec::new();
+    for unit in share {
+        match merged.last_mut() {
+            Some(last) if last.file == unit.file && last.end == unit.start => {
+                last.end = unit.end;
+                last.weight += unit.weight;
+            }
+            _ => merged.push(*unit),
+        }
+    }
+    let mut group = Vec::with_capacity(merged.len());
+    for unit in &merged {
+        let file = &files[unit.file];
+        let (from, to) = file.range.as_ref().map_or((0, file.object_meta.size), |r| (r.start.max(0) as u64, r.end.max(0) as u64));
+        let mut part = file.clone();
+        if (unit.start, unit.end) != (from, to) {
+            part.range = Some(FileRange { start: unit.start as i64, end: unit.end as i64 });
+        }
+        group.push(part);
+    }
+    TaskSlice { bytes: merged.iter().map(|u| u.weight).sum(), group: FileGroup::new(group) }
+}
+
 /// Respects the per-Stage Task bound by appending the surplus slices to the earlier ones.
 fn merge_excess(mut slices: Vec<TaskSlice>, max_tasks: usize) -> Vec<TaskSlice> {
     let max_tasks = max_tasks.max(1);
@@ -330,6 +437,62 @@ mod tests {
             assert_eq!(bytes.iter().sum::<u64>(), 4400);
             assert!(bytes.iter().max().unwrap() - bytes.iter().min().unwrap() <= 1, "{tasks} Tasks: {bytes:?}");
         }
+    }
+
+    fn layout(files: &[(&str, &[u64])]) -> RowGroupStarts {
+        files.iter().map(|(name, starts)| (Path::from(*name), starts.to_vec())).collect()
+    }
+
+    fn slice_ranges(slice: &TaskSlice) -> Vec<(String, Option<(i64, i64)>)> {
+        slice.group.iter().map(|f| (f.object_meta.location.to_string(), f.range.as_ref().map(|r| (r.start, r.end)))).collect()
+    }
+
+    #[test]
+    fn row_groups_are_shared_out_at_their_starts() {
+        // Regression: partsupp's 7 row groups (the last one small) cut at the byte middle gave
+        // one Task 4 row groups and the other 3, as DataFusion's reader gives a row group to the
+        // range holding its start.
+        let starts: &[u64] = &[4, 7085681, 14173004, 21260496, 28347335, 35436830, 42534484];
+        let files = vec![file("partsupp.parquet", 43376117)];
+        let units = row_group_units(&files, &layout(&[("partsupp.parquet", starts)])).unwrap();
+        assert_eq!(units.len(), 7);
+        let slices = share_units(files, units, 2, 100);
+        assert_eq!(
+            slices.iter().map(slice_ranges).collect::<Vec<_>>(),
+            vec![
+                vec![("partsupp.parquet".to_string(), Some((0, 21260496)))],
+                vec![("partsupp.parquet".to_string(), Some((21260496, 43376117)))],
+            ]
+        );
+    }
+
+    #[test]
+    fn row_group_shares_read_every_row_group_once() {
+        let starts = layout(&[("a.parquet", &[4, 100, 200]), ("b.parquet", &[4, 50]), ("c.parquet", &[4, 300, 600, 900])]);
+        let mut ranged = file("c.parquet", 1000);
+        ranged.range = Some(FileRange { start: 250, end: 1000 });
+        let files = vec![file("a.parquet", 300), file("b.parquet", 90), ranged];
+        // The row groups the reader gives each range: those whose start the range holds.
+        let read = |slices: &[TaskSlice]| {
+            let mut groups = Vec::new();
+            for slice in slices {
+                for f in slice.group.iter() {
+                    let (lo, hi) = f.range.as_ref().map_or((0, f.object_meta.size as i64), |r| (r.start, r.end));
+                    let all = &starts[&f.object_meta.location];
+                    groups.extend(all.iter().filter(|&&s| lo <= s as i64 && (s as i64) < hi).map(|s| (f.object_meta.location.to_string(), *s)));
+                }
+            }
+            groups
+        };
+        let expected = read(&[TaskSlice { group: FileGroup::new(files.clone()), bytes: 0 }]);
+        assert_eq!(expected.len(), 8, "c.parquet's range holds 3 of its 4 row groups");
+        for tasks in 1..=9 {
+            let units = row_group_units(&files, &starts).unwrap();
+            let slices = share_units(files.clone(), units, tasks, 100);
+            assert!(slices.len() as u64 <= tasks.min(8));
+            assert_eq!(read(&slices), expected, "{tasks} Tasks");
+        }
+        assert!(row_group_units(&files, &layout(&[("a.parquet", &[4])])).is_none(), "b's row groups are unknown");
     }
 
     #[test]

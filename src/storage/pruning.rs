@@ -6,7 +6,7 @@
 //! through the process's metadata cache, the same entries the scan itself reads next, so a
 //! second Query over the same files reads nothing from the store.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
@@ -21,7 +21,9 @@ use datafusion::datasource::physical_plan::FileSource;
 use datafusion::physical_optimizer::pruning::{PruningPredicate, PruningPredicateBuilder};
 use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
 use datafusion::physical_plan::ExecutionPlan;
-use futures::{FutureExt, StreamExt, TryStreamExt};
+use datafusion::common::Result;
+use futures::{FutureExt, StreamExt};
+use object_store::path::Path;
 use object_store::ObjectMeta;
 
 /// Files whose footers one estimate reads at most; a plan over more is not small.
@@ -83,32 +85,74 @@ async fn scan_bytes(scan: &FileScanConfig, files: &[&ObjectMeta], runtime: &Runt
     let schema = Arc::clone(source.table_schema().table_schema());
     let predicate = source.filter().and_then(|p| PruningPredicateBuilder::new().with_file_schema(Arc::clone(&schema)).build(p));
     let columns = read_columns(source);
-    let store = runtime.object_store(&scan.object_store_url).ok()?;
-    let cache = runtime.cache_manager.get_file_metadata_cache();
     let files: Vec<ObjectMeta> = files.iter().map(|&m| m.clone()).collect();
-    let reads = files.into_iter().map(|meta| {
-        let (store, cache) = (Arc::clone(&store), Arc::clone(&cache));
-        async move {
-            // Row-group statistics are in the footer: the page index is the scan's business
-            // (asking for it here would re-read it on every Query for a file that has none).
-            let footer = DFParquetMetadata::new(store.as_ref(), &meta)
-                .with_file_metadata_cache(Some(cache))
-                .with_page_index_policy(Some(PageIndexPolicy::Skip))
-                .fetch_metadata()
-                .await;
-            footer.map(|footer| (meta, footer))
-        }
-        .boxed()
-    });
-    let mut footers = futures::stream::iter(reads).buffer_unordered(FOOTER_READS_PARALLEL);
+    let mut footers = read_footers(scan, runtime, files)?;
     let mut total = 0u64;
-    while let Some((meta, footer)) = footers.try_next().await.ok()? {
+    while let Some((meta, footer)) = footers.next().await {
+        let footer = footer.ok()?;
         total += file_bytes(&meta, &footer, predicate.as_deref(), &schema, columns.as_ref());
         if total > limit_bytes {
             return None;
         }
     }
     Some(total)
+}
+
+/// Where each row group of the plan's Parquet files begins, by file: the offset of the row
+/// group's first column chunk, which is what DataFusion's reader matches against a byte range to
+/// decide which range reads the row group. The planner cuts scans at these offsets so that its
+/// Tasks read equal bytes (`planner::RowGroupStarts`). Files whose footer cannot be read, and
+/// every file of a plan over more than [`PRUNING_FILES_MAX`], are left out: they are cut by bytes.
+pub async fn row_group_starts(plan: &Arc<dyn ExecutionPlan>, runtime: &RuntimeEnv) -> HashMap<Path, Vec<u64>> {
+    let mut starts = HashMap::new();
+    let Some(scans) = parquet_scans(plan) else { return starts };
+    if scans.iter().map(|scan| unique_files(scan).len()).sum::<usize>() > PRUNING_FILES_MAX {
+        return starts;
+    }
+    for scan in &scans {
+        let files: Vec<ObjectMeta> = unique_files(scan).into_iter().filter(|m| !starts.contains_key(&m.location)).cloned().collect();
+        let Some(mut footers) = read_footers(scan, runtime, files) else { continue };
+        while let Some((meta, footer)) = footers.next().await {
+            if let Ok(footer) = footer {
+                starts.insert(meta.location, footer.row_groups().iter().map(group_start).collect());
+            }
+        }
+    }
+    starts
+}
+
+/// The footers of a scan's `files`, as they arrive ([`FOOTER_READS_PARALLEL`] at a time),
+/// through the process's metadata cache; None when the scan's store is not registered.
+fn read_footers(
+    scan: &FileScanConfig,
+    runtime: &RuntimeEnv,
+    files: Vec<ObjectMeta>,
+) -> Option<impl futures::Stream<Item = (ObjectMeta, Result<Arc<ParquetMetaData>>)>> {
+    let store = runtime.object_store(&scan.object_store_url).ok()?;
+    let cache = runtime.cache_manager.get_file_metadata_cache();
+    let reads = files.into_iter().map(move |meta| {
+        let (store, cache) = (Arc::clone(&store), Arc::clone(&cache));
+        async move {
+            // Row-group statistics and offsets are in the footer: the page index is the scan's
+            // business (asking for it here would re-read it on every Query for a file that has
+            // none).
+            let footer = DFParquetMetadata::new(store.as_ref(), &meta)
+                .with_file_metadata_cache(Some(cache))
+                .with_page_index_policy(Some(PageIndexPolicy::Skip))
+                .fetch_metadata()
+                .await;
+            (meta, footer)
+        }
+        .boxed()
+    });
+    Some(futures::stream::iter(reads).buffer_unordered(FOOTER_READS_PARALLEL))
+}
+
+/// The offset DataFusion's reader takes for a row group's position (its first column chunk's
+/// first page) when it assigns row groups to byte ranges.
+fn group_start(group: &RowGroupMetaData) -> u64 {
+    let first = group.columns().first();
+    first.map_or(0, |column| column.dictionary_page_offset().unwrap_or_else(|| column.data_page_offset()).max(0) as u64)
 }
 
 /// The top-level columns the scan decodes: its projection and its predicate's columns (which
