@@ -21,12 +21,13 @@ impl Granularity {
     }
 
     /// How many pieces a slice of `bytes` is cut into when a slot takes it, while its Stage has
-    /// `queued_bytes` of slices waiting (this one included) for a cluster of `slots` slots. The
-    /// fair share is what each slot would get if the queued work were spread over all slots; a
-    /// slice over twice that is cut into pieces of about the share, at most
-    /// [`SLICE_PIECES_MAX`]. 1: taken whole.
-    pub fn pieces(&self, bytes: u64, queued_bytes: u64, slots: usize) -> u32 {
-        let share = (queued_bytes / slots.max(1) as u64).max(self.piece_min_bytes);
+    /// `pending_bytes` of slices to read (this one and the other queued ones, and what its
+    /// running slices still have to read) for a cluster of `slots` slots. The fair share is
+    /// what each slot would get if the pending work were spread over all slots; a slice over
+    /// twice that is cut into pieces of about the share, at most [`SLICE_PIECES_MAX`]. 1: taken
+    /// whole.
+    pub fn pieces(&self, bytes: u64, pending_bytes: u64, slots: usize) -> u32 {
+        let share = (pending_bytes / slots.max(1) as u64).max(self.piece_min_bytes);
         if bytes <= share.saturating_mul(2) {
             return 1;
         }

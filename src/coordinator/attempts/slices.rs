@@ -31,7 +31,7 @@ impl QueryRun {
             .filter(|(_, t)| waits_whole(t))
             .filter_map(|(_, t)| t.slice_bytes)
             .sum();
-        let pieces = policy.pieces(bytes, queued, slots);
+        let pieces = policy.pieces(bytes, queued + self.running_slice_bytes(id.0, now), slots);
         if pieces < 2 {
             return false;
         }
@@ -63,6 +63,35 @@ impl QueryRun {
         run.slice_pieces += pieces;
         out.push(Action::SliceCut { pieces });
         self.schedule(now, out);
+    }
+
+    /// What the running whole slices of `stage` still have to read, estimated from how fast its
+    /// finished slices were read. A slot busy with a slice it has just started is not about to
+    /// go idle: cutting the last queued slice for it only adds a Task (a regression: q16's
+    /// last partsupp slice was cut in two, read one after the other by the same slot, while
+    /// the other slot read its equal slice whole). Without a finished slice to go by, a running
+    /// one counts whole.
+    fn running_slice_bytes(&self, stage: u32, now: Instant) -> u64 {
+        let slices = || self.tasks.range((stage, 0)..(stage + 1, 0)).filter_map(|(_, t)| t.slice_bytes.map(|b| (t, b)));
+        let (mut done_bytes, mut done_ms) = (0u64, 0u128);
+        for (task, bytes) in slices() {
+            let succeeded = task.output.and_then(|a| task.attempts.get(a as usize)).filter(|a| a.record.state == TaskState::Succeeded);
+            if let Some((start, end)) = succeeded.and_then(|a| a.assigned_at.zip(a.ended_at)) {
+                done_bytes += bytes;
+                done_ms += end.saturating_duration_since(start).as_millis().max(1);
+            }
+        }
+        let running = slices().filter(|(t, _)| !t.absorbed && t.output.is_none());
+        let started = running.filter_map(|(t, bytes)| {
+            let first = t.attempts.iter().filter(|a| a.is_live() && a.record.state == TaskState::Running).filter_map(|a| a.assigned_at).min()?;
+            Some((bytes, now.saturating_duration_since(first).as_millis()))
+        });
+        started
+            .map(|(bytes, elapsed_ms)| match done_ms {
+                0 => bytes,
+                _ => bytes.saturating_sub((elapsed_ms * done_bytes as u128 / done_ms).min(u64::MAX as u128) as u64),
+            })
+            .sum()
     }
 }
 

@@ -615,6 +615,24 @@ fn a_slice_too_large_for_the_idle_slots_is_cut_into_pieces_that_stand_for_it() {
 }
 
 #[test]
+fn a_slice_is_cut_only_for_slots_about_to_go_idle() {
+    // Regression (q16): the last slice of a Stage was cut for 2 slots while the other slot had
+    // just started an equal slice; the same slot then read both pieces one after the other.
+    let mut d = Driver::new(sliced_scan(false));
+    d.assign(&key(0, 0, 0), "w1");
+    assert!(!d.cut(&key(0, 1, 0), 2), "the other slot is busy for a whole slice");
+    assert!(!d.cut(&key(0, 1, 0), 4), "a running slice with no pace to go by counts whole");
+    // 3 slices: once one has finished in 100 ms, another that has run 100 ms is about done.
+    let mut d = Driver::new(sliced_scan_of(3, false));
+    let start = d.now;
+    d.assign(&key(0, 0, 0), "w1");
+    d.assign(&key(0, 1, 0), "w2");
+    d.at_ms(start, 100);
+    d.report(&key(0, 0, 0), "w1", TaskState::Succeeded, None);
+    assert!(d.cut(&key(0, 2, 0), 4), "w2 is about to go idle too");
+}
+
+#[test]
 fn only_a_first_attempt_still_queued_is_cut() {
     let mut d = Driver::new(sliced_scan(false));
     d.assign(&key(0, 0, 0), "w1");
@@ -645,16 +663,16 @@ fn a_piece_of_a_cut_slice_paces_its_worker_by_its_share_of_a_whole_tasks_work() 
     for (t, w) in [(0, "w1"), (1, "w2"), (2, "w3")] {
         d.assign(&key(0, t, 0), w);
     }
-    assert!(d.cut(&key(0, 3, 0), 4));
-    let (piece, of) = d.queued.iter().find_map(|q| q.slice.map(|p| (q.key.task, p.of))).unwrap();
-    assert!(of >= 2, "{of}");
-    d.assign(&key(0, piece, 0), "w4");
     d.at_ms(start, 200);
     for (t, w) in [(0, "w1"), (1, "w2"), (2, "w3")] {
         d.report(&key(0, t, 0), w, TaskState::Succeeded, None);
     }
+    assert!(d.cut(&key(0, 3, 0), 4));
+    let (piece, of) = d.queued.iter().find_map(|q| q.slice.map(|p| (q.key.task, p.of))).unwrap();
+    assert!(of >= 2, "{of}");
+    d.assign(&key(0, piece, 0), "w4");
     // Whole Tasks took 200 ms; the piece does 1/of of one, and took 1.5 times its share.
-    d.at_ms(start, 300 / of as u64);
+    d.at_ms(start, 200 + 300 / of as u64);
     d.paces.clear();
     d.report(&key(0, piece, 0), "w4", TaskState::Succeeded, None);
     let ratio = d.paces.iter().find(|(w, _)| w == "w4").map(|(_, r)| *r).unwrap();
