@@ -181,7 +181,8 @@ extensions_options! {
         pub skew_factor: f64, default = 5.0
         pub skew_min_bytes: u64, default = 32 * 1024 * 1024
         /// Dynamic granularity: a slot that takes a scan slice over twice its fair share of
-        /// what the Stage still has queued takes a piece of it, the other pieces stay queued;
+        /// what the Stage still has to read (queued, and left to its running slices) takes a
+        /// piece of it, the other pieces stay queued;
         /// no piece is cut below `slice_piece_min_bytes`.
         pub dynamic_granularity: bool, default = true
         pub slice_piece_min_bytes: u64, default = 8 * 1024 * 1024

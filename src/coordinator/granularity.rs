@@ -1,6 +1,6 @@
 //! Dynamic Task granularity for scan Stages, after guided self-scheduling: a slot that takes a
-//! scan slice much larger than its fair share of what its Stage still has queued takes a piece
-//! of it instead, and leaves the other pieces queued for the slots that free up next. Early in a
+//! scan slice much larger than its fair share of what its Stage still has to read (its queued
+//! slices, and what its running ones have left) takes a piece of it instead, and leaves the other pieces queued for the slots that free up next. Early in a
 //! Stage the planned slices pass whole (each is about one slot's share of one wave); at its
 //! tail, the last slices are cut so that no slot, a slow one least of all, starts a large slice
 //! while the others are about to go idle. Pure: `QueryRun` cuts, `Cluster` asks when.

@@ -1,5 +1,7 @@
 //! Cutting a Stage's file scan into Task slices: whole files, and byte ranges of large Parquet
-//! files (DataFusion's Parquet reader assigns each row group to exactly one range). A slice can
+//! files (DataFusion's Parquet reader assigns each row group to exactly one range: the one that
+//! holds its first page). Where the coordinator read the files' row-group offsets, the slices
+//! are cut at row groups ([`RowGroupStarts`]); otherwise at equal byte shares. A slice can
 //! be cut again at dispatch ([`narrow_task_plan`]): piece `i` of `n` reads the `i`-th of `n`
 //! contiguous, equal byte ranges of the slice, so the pieces together read it exactly once and,
 //! read one after the other, in its order.
@@ -236,8 +238,12 @@ struct Unit {
 fn row_group_units(files: &[PartitionedFile], starts: &RowGroupStarts) -> Option<Vec<Unit>> {
     let mut units = Vec::new();
     for (index, file) in files.iter().enumerate() {
-        let file_starts = starts.get(&file.object_meta.location)?;
         let size = file.object_meta.size;
+        // In file order, each once, inside the file: a layout that is not (another store's
+        // file at the same path, say) still gives units that cover the file exactly once.
+        let mut file_starts: Vec<u64> = starts.get(&file.object_meta.location)?.iter().copied().filter(|&s| s < size).collect();
+        file_starts.sort_unstable();
+        file_starts.dedup();
         let (from, to) = file.range.as_ref().map_or((0, size), |r| (r.start.max(0) as u64, r.end.max(0) as u64));
         // Each row group's bytes run to the next one's start; the last one's to the footer.
         let groups: Vec<(u64, u64)> = file_starts
@@ -276,12 +282,23 @@ fn share_units(files: Vec<PartitionedFile>, units: Vec<Unit>, tasks: u64, max_ta
         offset += unit.weight as u128;
         shares[owner as usize].push(unit);
     }
-    let mut slices: Vec<TaskSlice> = shares
-        .into_iter()
-        .filter(|share| share.iter().any(|u| u.weight > 0))
-        .map(|share| units_slice(&files, &share))
-        .collect();
-    // Files with no row group at all: one Task still reads them (and finds no rows).
+    // A share of weightless units only (ranges that hold no row group's start) makes no Task of
+    // its own, but its units are still read, by the share before it (or after, for the first):
+    // every byte of every file stays in exactly one Task, whatever the layout said.
+    let mut kept: Vec<Vec<Unit>> = Vec::new();
+    let mut leading: Vec<Unit> = Vec::new();
+    for share in shares.into_iter().filter(|share| !share.is_empty()) {
+        match kept.last_mut() {
+            Some(last) if !share.iter().any(|u| u.weight > 0) => last.extend(share),
+            None if !share.iter().any(|u| u.weight > 0) => leading.extend(share),
+            _ => kept.push(std::mem::take(&mut leading).into_iter().chain(share).collect()),
+        }
+    }
+    if kept.is_empty() {
+        kept.push(leading);
+    }
+    let mut slices: Vec<TaskSlice> = kept.iter().filter(|share| !share.is_empty()).map(|share| units_slice(&files, share)).collect();
+    // No unit at all (no file): one Task still runs the scan (and finds no rows).
     if slices.is_empty() {
         slices.push(TaskSlice { group: FileGroup::new(files), bytes: 0 });
     }
@@ -350,7 +367,7 @@ mod tests {
     }
 
     #[test]
-    fn small_files_are_packed_up_to_the_chunk_size() {
+    fn small_files_are_shared_out_evenly() {
         let pieces = (0..10).map(|i| file(&format!("{i}.parquet"), 100)).collect();
         let slices = share_out(pieces, 5, false, 100);
         assert_eq!(slices.iter().map(|s| s.group.len()).collect::<Vec<_>>(), vec![2, 2, 2, 2, 2]);
@@ -493,6 +510,33 @@ mod tests {
             assert_eq!(read(&slices), expected, "{tasks} Tasks");
         }
         assert!(row_group_units(&files, &layout(&[("a.parquet", &[4])])).is_none(), "b's row groups are unknown");
+        // A layout that is wrong (out of order, repeated, past the end, or empty) loses no
+        // byte: the units still cover every file exactly once.
+        for bad in [&[200u64, 4, 100, 100, 5000][..], &[], &[150]] {
+            let starts = layout(&[("a.parquet", bad), ("b.parquet", bad), ("c.parquet", bad)]);
+            for tasks in 1..=5 {
+                let units = row_group_units(&files, &starts).unwrap();
+                let slices = share_units(files.clone(), units, tasks, 100);
+                let mut covered: Vec<(String, i64, i64)> = slices
+                    .iter()
+                    .flat_map(|s| s.group.iter())
+                    .map(|f| {
+                        let (lo, hi) = f.range.as_ref().map_or((0, f.object_meta.size as i64), |r| (r.start, r.end));
+                        (f.object_meta.location.to_string(), lo, hi)
+                    })
+                    .collect();
+                covered.sort();
+                let mut merged: Vec<(String, i64, i64)> = Vec::new();
+                for (name, lo, hi) in covered {
+                    match merged.last_mut() {
+                        Some(last) if last.0 == name && last.2 == lo => last.2 = hi,
+                        _ => merged.push((name, lo, hi)),
+                    }
+                }
+                let whole = vec![("a.parquet".into(), 0, 300), ("b.parquet".into(), 0, 90), ("c.parquet".into(), 250, 1000)];
+                assert_eq!(merged, whole, "layout {bad:?}, {tasks} Tasks");
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! a large table counts as small and runs on the coordinator alone instead of queueing Tasks
 //! behind another Query's (a point lookup on 60 MB of `orders` reads one row group). Footers come
 //! through the process's metadata cache, the same entries the scan itself reads next, so a
-//! second Query over the same files reads nothing from the store.
+//! second Query over the same files reads nothing from the store. The same footers say where
+//! each row group begins, so that the planner cuts scans into Tasks at row groups
+//! ([`row_group_starts`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -102,7 +104,8 @@ async fn scan_bytes(scan: &FileScanConfig, files: &[&ObjectMeta], runtime: &Runt
 /// group's first column chunk, which is what DataFusion's reader matches against a byte range to
 /// decide which range reads the row group. The planner cuts scans at these offsets so that its
 /// Tasks read equal bytes (`planner::RowGroupStarts`). Files whose footer cannot be read, and
-/// every file of a plan over more than [`PRUNING_FILES_MAX`], are left out: they are cut by bytes.
+/// every file of a plan over more than [`PRUNING_FILES_MAX`] files or with a scan that is not
+/// Parquet, are left out: they are cut by bytes.
 pub async fn row_group_starts(plan: &Arc<dyn ExecutionPlan>, runtime: &RuntimeEnv) -> HashMap<Path, Vec<u64>> {
     let mut starts = HashMap::new();
     let Some(scans) = parquet_scans(plan) else { return starts };

@@ -1,6 +1,6 @@
 //! Dynamic granularity in the life of a Query: when a slot is about to take the first Attempt
 //! of a scan slice that the Query's `Granularity` finds too large for what its Stage still
-//! has queued, the slice is cut instead. Its Task is absorbed and stands for its pieces: new
+//! has to read (queued, and left to its running slices), the slice is cut instead. Its Task is absorbed and stands for its pieces: new
 //! Tasks of its Stage, numbered after the others, each reading one contiguous piece of the
 //! slice (the worker narrows the plan's files, `planner::narrow_task_plan`). Consumers read
 //! the pieces exactly as they read the pieces of a split partition: a shuffle reader takes them
@@ -17,7 +17,7 @@ use crate::protocol::{SlicePiece, TaskKey, TaskState};
 
 impl QueryRun {
     /// Cuts the Task of the queued Attempt `key` into pieces when its slice is too large for
-    /// its share of what its Stage has queued, on a cluster of `slots` slots; the pieces' first
+    /// its share of what its Stage has left to read, on a cluster of `slots` slots; the pieces' first
     /// Attempts are queued. True when it was cut (the Attempt `key` is then gone).
     pub fn cut_slice(&mut self, key: &TaskKey, slots: usize, now: Instant, out: &mut Vec<Action>) -> bool {
         let Some(policy) = self.granularity.filter(|_| self.state == RunState::Running) else { return false };
@@ -31,7 +31,7 @@ impl QueryRun {
             .filter(|(_, t)| waits_whole(t))
             .filter_map(|(_, t)| t.slice_bytes)
             .sum();
-        let pieces = policy.pieces(bytes, queued + self.running_slice_bytes(id.0, now), slots);
+        let pieces = policy.pieces(bytes, queued.saturating_add(self.running_slice_bytes(id.0, now)), slots);
         if pieces < 2 {
             return false;
         }

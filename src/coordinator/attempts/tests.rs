@@ -580,7 +580,11 @@ fn sliced_scan(shuffle: bool) -> QueryRun {
 }
 
 fn sliced_scan_of(slices: u32, shuffle: bool) -> QueryRun {
-    let slice = |task| NewTask { stage: 0, task, partition: 0, summary: format!("slice {task}"), plan: vec![0], slice_bytes: Some(64 << 20) };
+    sliced_scan_sized(slices, 64 << 20, shuffle)
+}
+
+fn sliced_scan_sized(slices: u32, bytes: u64, shuffle: bool) -> QueryRun {
+    let slice = |task| NewTask { stage: 0, task, partition: 0, summary: format!("slice {task}"), plan: vec![0], slice_bytes: Some(bytes) };
     let reader = |task| NewTask { stage: 1, task, partition: task, summary: String::new(), plan: vec![1], slice_bytes: None };
     let mut stages = vec![NewStage { inputs: vec![], shuffle, parts: if shuffle { 2 } else { 1 }, tasks: (0..slices).map(slice).collect(), adaptive: None, ..Default::default() }];
     if shuffle {
@@ -618,10 +622,28 @@ fn a_slice_too_large_for_the_idle_slots_is_cut_into_pieces_that_stand_for_it() {
 fn a_slice_is_cut_only_for_slots_about_to_go_idle() {
     // Regression (q16): the last slice of a Stage was cut for 2 slots while the other slot had
     // just started an equal slice; the same slot then read both pieces one after the other.
-    let mut d = Driver::new(sliced_scan(false));
+    // An odd size: the share of one queued slice over 2 slots, doubled, fell a byte short.
+    let mut d = Driver::new(sliced_scan_sized(2, (64 << 20) + 1, false));
     d.assign(&key(0, 0, 0), "w1");
     assert!(!d.cut(&key(0, 1, 0), 2), "the other slot is busy for a whole slice");
-    assert!(!d.cut(&key(0, 1, 0), 4), "a running slice with no pace to go by counts whole");
+    // With 2 slots idle beside it, the slice is cut for them.
+    assert!(d.cut(&key(0, 1, 0), 4));
+    // Half way through at the pace of a finished slice, a running slice counts for half.
+    let mut d = Driver::new(sliced_scan_sized(4, 64 << 20, false));
+    let start = d.now;
+    for (t, w) in [(0, "w1"), (1, "w2")] {
+        d.assign(&key(0, t, 0), w);
+    }
+    d.at_ms(start, 100);
+    d.report(&key(0, 0, 0), "w1", TaskState::Succeeded, None);
+    d.assign(&key(0, 2, 0), "w1");
+    d.at_ms(start, 150);
+    // Slice 0 took 100 ms. Left to read: slice 3 (64 MiB), slice 1 (running 150 ms: about
+    // done) and slice 2 (running 50 ms: 32 MiB left), 96 MiB. Over 3 slots the share is 32
+    // MiB, and slice 3 not over two of them (counting queued slices only, it would be cut).
+    assert!(!d.cut(&key(0, 3, 0), 3));
+    // Over 4 slots, 24 MiB: cut (counting running slices whole, it would not be).
+    assert!(d.cut(&key(0, 3, 0), 4));
     // 3 slices: once one has finished in 100 ms, another that has run 100 ms is about done.
     let mut d = Driver::new(sliced_scan_of(3, false));
     let start = d.now;
