@@ -112,13 +112,17 @@ pub async fn row_group_starts(plan: &Arc<dyn ExecutionPlan>, runtime: &RuntimeEn
     if scans.iter().map(|scan| unique_files(scan).len()).sum::<usize>() > PRUNING_FILES_MAX {
         return starts;
     }
+    // Every scan's footers at once: on a cold cache over an object store, each is a round trip.
+    let mut seen = HashSet::new();
+    let mut reads = Vec::new();
     for scan in &scans {
-        let files: Vec<ObjectMeta> = unique_files(scan).into_iter().filter(|m| !starts.contains_key(&m.location)).cloned().collect();
-        let Some(mut footers) = read_footers(scan, runtime, files) else { continue };
-        while let Some((meta, footer)) = footers.next().await {
-            if let Ok(footer) = footer {
-                starts.insert(meta.location, footer.row_groups().iter().map(group_start).collect());
-            }
+        let files: Vec<ObjectMeta> = unique_files(scan).into_iter().filter(|m| seen.insert(m.location.clone())).cloned().collect();
+        reads.extend(read_footers(scan, runtime, files).map(StreamExt::boxed));
+    }
+    let mut footers = futures::stream::select_all(reads);
+    while let Some((meta, footer)) = footers.next().await {
+        if let Ok(footer) = footer {
+            starts.insert(meta.location, footer.row_groups().iter().map(group_start).collect());
         }
     }
     starts
