@@ -119,37 +119,53 @@ pub fn narrow_task_plan(plan: Arc<dyn ExecutionPlan>, index: u32, of: u32) -> Re
     Ok(narrowed.data)
 }
 
-/// Piece `index` of `of` of `files`: the `index`-th of `of` equal, contiguous byte ranges over
-/// the files laid end to end. A file that cannot be cut belongs whole to the piece that holds
-/// its middle byte.
+/// Piece `index` of `of` of `files` ([`pieces_of`]).
 fn piece_of(files: Vec<PartitionedFile>, index: u32, of: u32, splittable: bool) -> Vec<PartitionedFile> {
+    pieces_of(files, of, splittable).swap_remove(index as usize)
+}
+
+/// `files` cut into `of` pieces: the equal, contiguous byte ranges over the files laid end to
+/// end. A file that cannot be cut belongs whole to the piece that holds its middle byte. One
+/// pass: each file is visited with the pieces it overlaps only.
+fn pieces_of(files: Vec<PartitionedFile>, of: u32, splittable: bool) -> Vec<Vec<PartitionedFile>> {
+    let of = of.max(1);
     let total: u64 = files.iter().map(file_bytes).sum();
     let boundary = |i: u32| (total as u128 * i as u128 / of as u128) as u64;
-    let (lo, hi) = (boundary(index), boundary(index + 1));
-    let mut offset = 0u64;
-    let mut piece = Vec::new();
+    let mut pieces = vec![Vec::new(); of as usize];
+    let (mut offset, mut first) = (0u64, 0u32);
     for file in files {
         let len = file_bytes(&file);
+        let end = offset + len;
+        if !splittable {
+            let middle = offset + len / 2;
+            let owner = if total == 0 { 0 } else { ((middle as u128 * of as u128) / total as u128).min(of as u128 - 1) as usize };
+            pieces[owner].push(file);
+            offset = end;
+            continue;
+        }
+        // The first piece that ends after this file begins; the pieces after it up to the one
+        // that holds the file's end.
+        while first + 1 < of && boundary(first + 1) <= offset {
+            first += 1;
+        }
         let start_in_file = file.range.as_ref().map_or(0, |r| r.start.max(0) as u64);
-        if splittable {
-            let (a, b) = (lo.max(offset), hi.min(offset + len));
-            if a == offset && b == offset + len && len > 0 {
-                piece.push(file);
+        for index in first..of {
+            let (lo, hi) = (boundary(index), boundary(index + 1));
+            if lo >= end {
+                break;
+            }
+            let (a, b) = (lo.max(offset), hi.min(end));
+            if a == offset && b == end && len > 0 {
+                pieces[index as usize].push(file.clone());
             } else if a < b {
                 let mut part = file.clone();
                 part.range = Some(FileRange { start: (start_in_file + a - offset) as i64, end: (start_in_file + b - offset) as i64 });
-                piece.push(part);
-            }
-        } else {
-            let middle = offset + len / 2;
-            let owner = if total == 0 { 0 } else { ((middle as u128 * of as u128) / total as u128).min(of as u128 - 1) as u32 };
-            if owner == index {
-                piece.push(file);
+                pieces[index as usize].push(part);
             }
         }
-        offset += len;
+        offset = end;
     }
-    piece
+    pieces
 }
 
 /// The bytes of the table files `plan` reads, when there are some and at most `max_bytes` (0:
@@ -203,7 +219,7 @@ fn split_file(file: PartitionedFile, chunk: u64, splittable: bool) -> Vec<Partit
         .collect()
 }
 
-/// Cuts the files, laid end to end, into `tasks` equal contiguous byte shares ([`piece_of`]),
+/// Cuts the files, laid end to end, into `tasks` equal contiguous byte shares ([`pieces_of`]),
 /// so the Tasks of a Stage read equal bytes however the sizes of its files fall. Filling
 /// slices greedily up to a chunk instead makes slices too many or uneven whenever files
 /// straddle the chunk boundaries (two files just over half a chunk each end up in three).
@@ -211,8 +227,8 @@ fn split_file(file: PartitionedFile, chunk: u64, splittable: bool) -> Vec<Partit
 /// that way makes no Task.
 fn share_out(files: Vec<PartitionedFile>, tasks: u64, splittable: bool, max_tasks: usize) -> Vec<TaskSlice> {
     let tasks = tasks.clamp(1, u32::MAX as u64) as u32;
-    let mut slices: Vec<TaskSlice> = (0..tasks)
-        .map(|i| piece_of(files.clone(), i, tasks, splittable))
+    let mut slices: Vec<TaskSlice> = pieces_of(files, tasks, splittable)
+        .into_iter()
         .filter(|group| !group.is_empty())
         .map(|group| TaskSlice { bytes: group.iter().map(file_bytes).sum(), group: FileGroup::new(group) })
         .collect();
