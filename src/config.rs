@@ -176,7 +176,8 @@ extensions_options! {
         pub coalesce_target_bytes: u64, default = 64 * 1024 * 1024
         /// Skew splitting: a partition over `skew_factor` times its side's median and over
         /// `skew_min_bytes` is read by several Tasks, each over a range of its producers, where
-        /// the join above lets that side be cut.
+        /// the join above lets that side be cut, or (under a final aggregate) each piece reduces
+        /// its range to partial states that the partition's own Task merges.
         pub skew_split: bool, default = true
         pub skew_factor: f64, default = 5.0
         pub skew_min_bytes: u64, default = 32 * 1024 * 1024

@@ -88,6 +88,31 @@ async fn small_partitions_are_coalesced_into_fewer_tasks() {
     assert_eq!(rows[0][0], "0");
 }
 
+/// A final aggregate's partition above the median (`quiver.skew_factor = 1`: the partial
+/// aggregates of many producers, as when DataFusion skips partial aggregation on a hot key) is
+/// cut into pieces that reduce it to partial states, and its own Task merges them: whether the
+/// aggregate's output is shuffled on, gathered, joined or filtered by a HAVING, each group
+/// appears once, with the values single-node DataFusion computes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_skewed_partition_under_a_final_aggregate_is_merged_from_partial_states() {
+    let t = skew_cluster().await;
+    t.both("SET quiver.skew_factor = 1").await;
+    for sql in [
+        "SELECT k, count(*), sum(v), min(v), max(v), avg(v) FROM skewed GROUP BY k ORDER BY k",
+        "SELECT k, count(*) AS n FROM skewed GROUP BY k HAVING count(*) > 5",
+        "SELECT n, count(*) FROM (SELECT k, count(*) AS n FROM skewed GROUP BY k) GROUP BY n ORDER BY n",
+        "SELECT s.k, s.n, u.w FROM (SELECT k, count(*) AS n FROM skewed GROUP BY k) s JOIN uniform u ON s.k = u.k ORDER BY u.w",
+    ] {
+        assert!(splits(&t, sql).await > 0, "{sql} was not split");
+    }
+    let merges = t.cluster_rows("SELECT reads FROM quiver.tasks WHERE reads LIKE '%merging the partial states%' AND state = 'succeeded'").await;
+    let pieces = t.cluster_rows("SELECT reads FROM quiver.tasks WHERE reads LIKE '%, partial states' AND state = 'succeeded'").await;
+    assert!(!merges.is_empty() && pieces.len() >= 2 * merges.len(), "{merges:?} {pieces:?}");
+    // Switched off, the aggregate reads its partitions as planned.
+    t.both("SET quiver.skew_split = false").await;
+    assert_eq!(splits(&t, "SELECT k, count(*), sum(v) FROM skewed GROUP BY k ORDER BY k").await, 0);
+}
+
 /// The scan slices the cluster cut for `sql`.
 async fn slices_cut(t: &TestCluster, sql: &str) -> u64 {
     counted(t, "slices_cut", sql).await

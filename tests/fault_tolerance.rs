@@ -169,15 +169,18 @@ async fn tpch_queries_12_to_22_survive_a_worker_killed_during_each() {
     tpch_with_a_worker_killed_in_each_query(12..=22, &[]).await;
 }
 
-/// Shuffle joins with partitions split and coalesced wherever they may be: a worker killed
-/// during each query loses pieces of split partitions, which run again reading what they read
-/// before, and every answer stays exact.
+/// Shuffle joins and final aggregates with partitions split and coalesced wherever they may be:
+/// a worker killed during each query loses pieces of split partitions (and merges of partial
+/// states), which run again reading what they read before, and every answer stays exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tpch_joins_with_split_partitions_survive_a_worker_killed_during_each() {
     let settings: Vec<&str> = SHUFFLE_JOINS.iter().chain(&["SET quiver.skew_factor = 1", "SET quiver.skew_min_bytes = 0"]).copied().collect();
     let (_cluster, client) = tpch_with_a_worker_killed_in_each_query([3, 5, 9, 18].into_iter(), &settings).await;
     let split = collect(&client, "SELECT CAST(sum(partitions_split) AS BIGINT) FROM quiver.queries").await;
     assert_ne!(split[0][0], "0", "no partition was split");
+    // Final aggregates' split partitions too: their pieces and merges died with the worker.
+    let merges = collect(&client, "SELECT count(*) FROM quiver.tasks WHERE reads LIKE '%merging the partial states%'").await;
+    assert_ne!(merges[0][0], "0", "no partition was merged from partial states");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

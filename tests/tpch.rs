@@ -103,6 +103,10 @@ async fn tpch_sf001_with_every_adaptive_mechanism_forced_on_matches_official_ans
     let [split, coalesced, speculated, cut] = [0, 1, 2, 3].map(|i| totals[0][i].parse::<u64>().unwrap());
     eprintln!("adaptive forced on: {split} partitions split, {coalesced} coalesced, {speculated} attempts speculated, {cut} slices cut");
     assert!(split > 0 && coalesced > 0 && speculated > 0 && cut > 0, "split {split}, coalesced {coalesced}, speculated {speculated}, cut {cut}");
+    // Final aggregates had partitions merged from pieces' partial states, not only joins split.
+    let merges = t.cluster_rows("SELECT count(*) FROM quiver.tasks WHERE reads LIKE '%merging the partial states%' AND state = 'succeeded'").await;
+    eprintln!("adaptive forced on: {} merges of partial states", merges[0][0]);
+    assert_ne!(merges[0][0], "0");
 }
 
 /// Regression guard for DataFusion's file-stream work stealing: with it on, a partition run in

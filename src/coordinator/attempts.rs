@@ -359,6 +359,12 @@ struct TaskRun {
     /// The Tasks of its Stage whose outputs together are its output (its partition was split,
     /// or its scan slice cut).
     pieces: Vec<u32>,
+    /// The Tasks of its Stage whose partial aggregate states it merges: it runs once they
+    /// have their outputs (its partition was split under a final aggregate).
+    merges: Vec<u32>,
+    /// The Task that merges its output: it is one of those pieces, and no other Stage, nor the
+    /// Stage's output statistics, sees it.
+    merged_into: Option<u32>,
     /// The bytes of its scan slice, while it may still be cut into pieces.
     slice_bytes: Option<u64>,
     /// The piece of its plan's scan slice it reads.
@@ -391,6 +397,8 @@ impl TaskRun {
             reads_text: None,
             absorbed: false,
             pieces: Vec::new(),
+            merges: Vec::new(),
+            merged_into: None,
             slice_bytes: None,
             slice: None,
             key_summary: None,
@@ -720,7 +728,7 @@ impl QueryRun {
                 out.push(Action::Stop { key: other.record.key.clone(), worker_url: url });
             }
         }
-        if final_input {
+        if final_input && task.merged_into.is_none() {
             out.push(Action::Publish { task: id, outcome: Some(TaskOutcome::Succeeded { key, worker_url }) });
         }
         let share = task.share();
@@ -899,11 +907,12 @@ impl QueryRun {
         attempt.record.error = Some(error.message.clone());
         let worker = attempt.record.worker_id.clone().unwrap_or_default();
         task.fail(&worker, error.clone());
-        if final_input {
+        if final_input && task.merged_into.is_none() {
             out.push(Action::Publish { task: id, outcome: None });
         }
+        // A piece's reader is the merge Task of its own Stage.
         let consumers = self.stages[key.stage as usize].consumers.clone();
-        for consumer in consumers {
+        for consumer in consumers.into_iter().chain([key.stage]) {
             for (_, task) in self.tasks.range_mut((consumer, 0)..(consumer + 1, 0)) {
                 for attempt in task.attempts.iter_mut().filter(|a| a.is_live() && a.reads(key)) {
                     if let (TaskState::Running, Some(url)) = (attempt.record.state, attempt.worker_url.clone()) {
@@ -930,7 +939,7 @@ impl QueryRun {
             .iter()
             .filter(|(id, t)| needed.contains(id) && !t.is_done() && !t.has_live_attempt())
             .map(|(id, _)| *id)
-            .filter(|id| !self.stages[id.0 as usize].held && self.inputs_available(id.0) && self.filter_ready(id.0))
+            .filter(|id| !self.stages[id.0 as usize].held && self.inputs_available(id.0) && self.filter_ready(id.0) && self.pieces_merged(*id))
             .collect();
         for id in ready {
             if let Err(error) = self.start_attempt(id, now, out) {
@@ -941,7 +950,7 @@ impl QueryRun {
     }
 
     fn start_attempt(&mut self, id: TaskId, now: Instant, out: &mut Vec<Action>) -> Result<(), QuiverError> {
-        let inputs = Arc::new(self.input_locations(id.0));
+        let inputs = Arc::new(self.input_locations(id));
         let task = self.tasks.get_mut(&id).expect("scheduled Task exists");
         let previous = task.attempts.last().map(|a| (a.record.state, a.record.cause));
         let started_as = match previous {
@@ -1011,7 +1020,7 @@ impl QueryRun {
         let Some(policy) = self.speculation.filter(|_| self.state == RunState::Running) else { return };
         for stage in 0..self.stages.len() as u32 {
             for (id, worker) in self.stragglers(stage, &policy, now) {
-                let inputs = Arc::new(self.input_locations(stage));
+                let inputs = Arc::new(self.input_locations(id));
                 out.push(Action::Queue(self.push_attempt(id, StartedAs::Speculative, inputs, now, vec![worker])));
                 out.push(Action::Speculated);
                 self.speculated += 1;
@@ -1051,6 +1060,14 @@ impl QueryRun {
             let s = index as u32;
             let consumer_active = stage.consumers.iter().any(|&c| active[c as usize]);
             for (&id, task) in self.tasks.range((s, 0)..(s + 1, 0)).filter(|(_, t)| !t.absorbed) {
+                // A piece is needed while its merge Task is and has no output (numbered after
+                // the planned Tasks, pieces come after their merge Task in this walk).
+                if let Some(merge) = task.merged_into {
+                    if needed.contains(&(s, merge)) && self.tasks.get(&(s, merge)).is_some_and(|m| m.output.is_none()) {
+                        needed.insert(id);
+                    }
+                    continue;
+                }
                 let unread = stage.consumers.is_empty() && (task.parts_read.len() as u32) < stage.parts;
                 if consumer_active || unread {
                     needed.insert(id);
@@ -1124,27 +1141,38 @@ impl QueryRun {
         self.stages[stage as usize]
             .inputs
             .iter()
-            .all(|&input| self.tasks.range((input, 0)..(input + 1, 0)).all(|(_, t)| t.is_done()))
+            .all(|&input| self.tasks.range((input, 0)..(input + 1, 0)).all(|(_, t)| t.is_done() || t.merged_into.is_some()))
     }
 
-    fn input_locations(&self, stage: u32) -> Vec<OutputLocation> {
-        let mut locations = Vec::new();
-        for &input in &self.stages[stage as usize].inputs {
-            for (&(stage, index), task) in self.tasks.range((input, 0)..(input + 1, 0)) {
-                if task.absorbed {
-                    let key = TaskKey { query_id: self.query_id.clone(), stage, task: index, attempt: 0 };
-                    locations.push(OutputLocation { key: Some(key), worker_url: String::new(), empty: true, pieces: task.pieces.clone() });
-                } else if let Some(attempt) = task.output.map(|n| &task.attempts[n as usize]) {
-                    locations.push(OutputLocation {
-                        key: Some(attempt.record.key.clone()),
-                        worker_url: attempt.worker_url.clone().unwrap_or_default(),
-                        empty: false,
-                        pieces: Vec::new(),
-                    });
-                }
-            }
+    /// A merge Task's pieces all have their outputs (true for any other Task).
+    fn pieces_merged(&self, (stage, task): TaskId) -> bool {
+        let pieces = self.tasks.get(&(stage, task)).map(|t| t.merges.as_slice()).unwrap_or_default();
+        pieces.iter().all(|&piece| self.tasks.get(&(stage, piece)).is_some_and(|p| p.output.is_some()))
+    }
+
+    /// Where the outputs Task `id` reads are: those of its Stage's inputs, and those of the
+    /// pieces it merges.
+    fn input_locations(&self, id: TaskId) -> Vec<OutputLocation> {
+        let inputs = self.stages[id.0 as usize].inputs.iter().flat_map(|&input| self.tasks.range((input, 0)..(input + 1, 0)));
+        let producers = inputs.filter(|(_, t)| t.merged_into.is_none());
+        let merges = self.tasks.get(&id).map(|t| t.merges.as_slice()).unwrap_or_default();
+        let pieces = merges.iter().filter_map(|&piece| self.tasks.get_key_value(&(id.0, piece)));
+        producers.chain(pieces).filter_map(|(&(stage, index), task)| self.output_location(stage, index, task)).collect()
+    }
+
+    /// Where Task `index` of `stage` left its output; None while it has none.
+    fn output_location(&self, stage: u32, index: u32, task: &TaskRun) -> Option<OutputLocation> {
+        if task.absorbed {
+            let key = TaskKey { query_id: self.query_id.clone(), stage, task: index, attempt: 0 };
+            return Some(OutputLocation { key: Some(key), worker_url: String::new(), empty: true, pieces: task.pieces.clone() });
         }
-        locations
+        let attempt = task.output.map(|n| &task.attempts[n as usize])?;
+        Some(OutputLocation {
+            key: Some(attempt.record.key.clone()),
+            worker_url: attempt.worker_url.clone().unwrap_or_default(),
+            empty: false,
+            pieces: Vec::new(),
+        })
     }
 
     /// (shuffle, read by the final Stage)
@@ -1223,13 +1251,15 @@ impl QueryRun {
                 let attempts = || tasks.iter().flat_map(|t| t.attempts.iter());
                 let first = attempts().filter_map(|a| a.assigned_at).min();
                 let last = attempts().filter_map(|a| a.ended_at).max();
-                let counted: Vec<&Attempt> = tasks.iter().filter_map(|t| t.counted()).collect();
+                let done = tasks.iter().filter(|t| t.counted().is_some()).count();
+                // The Stage's output is what its Tasks other than merged pieces wrote.
+                let counted: Vec<&Attempt> = tasks.iter().filter(|t| t.merged_into.is_none()).filter_map(|t| t.counted()).collect();
                 StageMetrics {
                     stage: s,
                     inputs: stage.inputs.clone(),
                     output: if stage.shuffle { "shuffle" } else { "gather" },
                     tasks: tasks.len(),
-                    tasks_done: counted.len(),
+                    tasks_done: done,
                     rows: counted.iter().map(|a| a.record.rows).sum(),
                     bytes: counted.iter().map(|a| a.record.bytes).sum(),
                     elapsed_ms: match (first, last) {

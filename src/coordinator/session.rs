@@ -24,7 +24,7 @@ use super::store_writes::{self, SweepOnDrop, WritePrefix};
 use super::cluster::{NewStage, NewTask, StageReads, TaskOutcome};
 use super::source::QueryTasks;
 use super::Core;
-use crate::planner::{self, attempt_file, count_schema, task_file, DistributeOptions, COORDINATOR_FILE, DistributedPlan, Exchange, TaskSpec, WriteKind, WriteTarget};
+use crate::planner::{self, attempt_file, count_schema, task_file, DistributeOptions, COORDINATOR_FILE, DistributedPlan, Exchange, MergeRead, TaskSpec, WriteKind, WriteTarget};
 use super::policy::Adaptive;
 use crate::auth::Caller;
 use crate::config::QuiverOptions;
@@ -657,11 +657,15 @@ fn encode_stages(plan: &DistributedPlan) -> Result<(Vec<NewStage>, Vec<usize>)> 
             Exchange::Shuffle { partitions } => (true, partitions as u32),
             Exchange::Gather => (false, 1),
         };
-        let adaptive = stage.adaptive.as_ref().map(|a| StageReads {
-            inputs: a.inputs.iter().map(|&i| i as u32).collect(),
-            splittable: a.splittable.iter().map(|&i| i as u32).collect(),
-            ordered: a.ordered,
-        });
+        let adaptive = match &stage.adaptive {
+            Some(a) => Some(StageReads {
+                inputs: a.inputs.iter().map(|&i| i as u32).collect(),
+                splittable: a.splittable.iter().map(|&i| i as u32).collect(),
+                ordered: a.ordered,
+                merge: encode_merge(a.merge.as_ref())?,
+            }),
+            None => None,
+        };
         let key_summary = stage.key_summary.iter().flatten().map(|&k| k as u32).collect();
         let key_filter = stage.key_filter.as_ref().map(|l| (l.build as u32, l.probe_keys.iter().map(|&k| k as u32).collect()));
         if awaits_values {
@@ -670,6 +674,13 @@ fn encode_stages(plan: &DistributedPlan) -> Result<(Vec<NewStage>, Vec<usize>)> 
         stages.push(NewStage { inputs, shuffle, parts, tasks, adaptive, key_summary, key_filter, held: awaits_values });
     }
     Ok((stages, held))
+}
+
+/// The input whose split partitions are merged, with the plan of their pieces; None when the
+/// pieces would read a scalar subquery value not known yet (such a Stage is held, and not split).
+fn encode_merge(merge: Option<&MergeRead>) -> Result<Option<(u32, Arc<Vec<u8>>)>> {
+    let Some(merge) = merge else { return Ok(None) };
+    Ok(encode_plan_when_resolved(Arc::clone(&merge.piece))?.map(|plan| (merge.input as u32, Arc::new(plan))))
 }
 
 /// The plans of a Stage's Tasks, or None when they read a scalar subquery value not known yet.

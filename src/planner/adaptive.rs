@@ -9,7 +9,13 @@
 //!   aggregates, per-partition sorts, and joins whose type lets that side be cut (after Spark's
 //!   rules: the left side of inner, left, left semi/anti/mark joins; the right side of inner,
 //!   right, right semi/anti/mark joins; a full join never). Anything that must see a whole
-//!   partition at once (a final aggregate, a window) makes its inputs unsplittable.
+//!   partition at once (a final aggregate, a window) makes its inputs unsplittable, with one
+//!   exception:
+//! - **merge split**: a final aggregate that reads a shuffle directly may have a skewed
+//!   partition cut into pieces, each reducing its range of producers to partial aggregate
+//!   states (`AggregateMode::PartialReduce`); the partition's planned Task then runs its plan
+//!   over the pieces' outputs in place of the producers', merging their states. The states
+//!   have the schema the producers wrote, so nothing else in the plan changes.
 //!
 //! The analysis is conservative: an operator it does not know makes the Stage keep its planned
 //! reads.
@@ -43,7 +49,27 @@ pub struct AdaptiveReads {
     /// Each Task's output is sorted: a gather that merges the Tasks' sorted runs cannot take a
     /// split partition's pieces one after the other.
     pub ordered: bool,
+    /// The input a final aggregate reads directly, whose partitions may be split into pieces
+    /// merged by their planned Task.
+    pub merge: Option<MergeRead>,
 }
+
+/// How the pieces of a split partition of `input` reduce it: `piece` (the final aggregate's
+/// input under an `AggregateMode::PartialReduce` aggregate) computes, for partition `p` of the
+/// fragment, the partial states of what it reads of `input`'s partition `p`.
+#[derive(Debug, Clone)]
+pub struct MergeRead {
+    pub input: StageId,
+    pub piece: Arc<dyn ExecutionPlan>,
+}
+
+impl PartialEq for MergeRead {
+    fn eq(&self, other: &Self) -> bool {
+        self.input == other.input && Arc::ptr_eq(&self.piece, &other.piece)
+    }
+}
+
+impl Eq for MergeRead {}
 
 /// The adaptable reads of a Stage whose Task `p` computes partition `p` of `fragment`; None
 /// when it reads no shuffle or when some operator ties a Task to its planned partition.
@@ -53,13 +79,58 @@ pub fn adaptive_reads(fragment: &Arc<dyn ExecutionPlan>) -> Option<AdaptiveReads
     if partitions < 2 || !walk(fragment, true, partitions, &mut readers) || readers.is_empty() {
         return None;
     }
+    let merge = merge_read(fragment, partitions).filter(|m| readers.iter().filter(|(stage, _)| *stage == m.input).count() == 1);
     let mut inputs: Vec<StageId> = readers.iter().map(|(stage, _)| *stage).collect();
     inputs.sort_unstable();
     inputs.dedup();
     // A Stage read twice cannot have one read split and the other whole.
     let once = |stage: &StageId| readers.iter().filter(|(s, _)| s == stage).count() == 1;
     let splittable = readers.iter().filter(|(stage, split)| *split && once(stage)).map(|(stage, _)| *stage).collect();
-    Some(AdaptiveReads { inputs, splittable, ordered: fragment.output_ordering().is_some() })
+    Some(AdaptiveReads { inputs, splittable, ordered: fragment.output_ordering().is_some(), merge })
+}
+
+/// The one final aggregate of `fragment` that reads a shuffle of `partitions` parts directly,
+/// as a [`MergeRead`]; None when there is none, or more than one.
+fn merge_read(fragment: &Arc<dyn ExecutionPlan>, partitions: usize) -> Option<MergeRead> {
+    let mut found = Vec::new();
+    final_aggregates(fragment, &mut found);
+    let [aggregate] = found.as_slice() else { return None };
+    let reader = direct_reader(aggregate.input())?;
+    if !matches!(reader.exchange(), Exchange::Shuffle { partitions: p } if p == partitions) || aggregate.limit_options().is_some() {
+        return None;
+    }
+    let piece = AggregateExec::try_new(
+        AggregateMode::PartialReduce,
+        aggregate.group_expr().clone(),
+        aggregate.aggr_expr().to_vec(),
+        aggregate.filter_expr().to_vec(),
+        Arc::clone(aggregate.input()),
+        aggregate.input_schema(),
+    )
+    .ok()?;
+    // The merge reads the pieces where it read the producers: their rows must look the same.
+    (piece.schema().fields() == aggregate.input().schema().fields()).then(|| MergeRead { input: reader.stage(), piece: Arc::new(piece) })
+}
+
+fn final_aggregates<'a>(plan: &'a Arc<dyn ExecutionPlan>, found: &mut Vec<&'a AggregateExec>) {
+    if let Some(aggregate) = plan.downcast_ref::<AggregateExec>().filter(|a| *a.mode() == AggregateMode::FinalPartitioned) {
+        found.push(aggregate);
+    }
+    for child in plan.children() {
+        final_aggregates(child, found);
+    }
+}
+
+/// The Stage reader under `plan` when nothing but batch coalescing stands between them.
+#[allow(deprecated)]
+fn direct_reader(plan: &Arc<dyn ExecutionPlan>) -> Option<&StageReaderExec> {
+    if let Some(reader) = plan.downcast_ref::<StageReaderExec>() {
+        return Some(reader);
+    }
+    if is::<CoalesceBatchesExec>(plan.as_ref()) || is::<CooperativeExec>(plan.as_ref()) {
+        return direct_reader(plan.children()[0]);
+    }
+    None
 }
 
 /// Collects the shuffle readers under `plan` with whether they may be split (`split`: every

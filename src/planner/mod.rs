@@ -40,7 +40,7 @@ use datafusion::physical_plan::{
 };
 
 use crate::config::PlannerConfig;
-pub use adaptive::AdaptiveReads;
+pub use adaptive::{AdaptiveReads, MergeRead};
 pub use probe_filter::apply_key_filter;
 pub use key_filter::{summarize_stream, FilterCounts, FilterSource, KeyFilter, KeyFilterLink, KeySummary, SummaryForm};
 pub use copy::{copy_attempt_dir, copy_task_dir, file_sink_config, retarget, CopyTaskExec};

@@ -250,6 +250,11 @@ pub struct ShuffleRead {
     /// split over several Tasks gives each a range of producers).
     #[prost(uint32, repeated, tag = "3")]
     pub tasks: Vec<u32>,
+    /// The `tasks` are Tasks of this Stage (the reading Task's own), not of `stage`: the pieces
+    /// of a split partition, each of which reduced its range of `stage`'s producers to partial
+    /// aggregate states, which the reading Task merges into the partition's aggregate.
+    #[prost(uint32, optional, tag = "4")]
+    pub merged_from: Option<u32>,
 }
 
 /// The worker that holds the output of one Attempt.

@@ -1,7 +1,8 @@
 //! How a Task reads the outputs of the Stages below it: the coordinator told it which worker
 //! holds each producer's output; parts held by this worker are read from its own store, the
 //! others are fetched over Flight. A shuffle read the coordinator adapted (coalesced
-//! partitions, a range of a skewed partition's producers) reads what the assignment names.
+//! partitions, a range of a skewed partition's producers, the pieces whose partial aggregates
+//! a Task merges) reads what the assignment names.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -81,6 +82,8 @@ impl TaskInputs {
     }
 
     fn location(&self, stage: u32, task: u32) -> Result<Location> {
+        // A merge reads its producers' pieces, Tasks of its own Stage, in their stead.
+        let stage = self.reads.get(&stage).and_then(|read| read.merged_from).unwrap_or(stage);
         self.locations.get(&(stage, task)).cloned().ok_or_else(|| {
             quiver_error(ErrorKind::Plan, format!("the task was given no location for the output of stage {stage} task {task}"))
         })

@@ -8,6 +8,12 @@
 //! other as that Task's output. A gather that merges sorted runs cannot read runs one after the
 //! other, so such a Stage is never split.
 //!
+//! A skewed partition of the input a final aggregate reads (`planner::MergeRead`) is split
+//! differently: its pieces run the pieces' plan, reducing their producers to partial states,
+//! and its planned Task is not absorbed but *merges* them: it runs once they have their
+//! outputs, reading them in place of the producers. The pieces are internal to the Stage:
+//! consumers, the final Stage and the Stage's output statistics see the merge Task alone.
+//!
 //! The layout is decided once; Attempts run again (retries, recomputes, speculation) read what
 //! their Task was given.
 
@@ -24,6 +30,9 @@ pub struct StageReads {
     pub splittable: Vec<u32>,
     /// Its Tasks' outputs are sorted runs.
     pub ordered: bool,
+    /// The input a final aggregate reads directly, with the plan of the pieces that reduce a
+    /// split partition of it to partial states (see `planner::MergeRead`).
+    pub merge: Option<(u32, Arc<Vec<u8>>)>,
 }
 
 impl QueryRun {
@@ -53,29 +62,34 @@ impl QueryRun {
         if !as_planned || !untouched {
             return;
         }
-        let may_grow = self.stages[stage as usize].shuffle || !reads.ordered;
+        let run = &self.stages[stage as usize];
+        let may_grow = run.shuffle || !reads.ordered;
+        // A piece's output is partial states, not rows: no key filter may summarize or filter
+        // it as the Stage's output.
+        let merge = reads.merge.clone().filter(|_| run.key_summary.is_empty() && run.key_filter.is_none());
         let inputs: Vec<layout::Input> = reads
             .inputs
             .iter()
             .map(|&input| layout::Input {
                 stage: input,
-                splittable: may_grow && reads.splittable.contains(&input),
+                splittable: (may_grow && reads.splittable.contains(&input)) || merge.as_ref().is_some_and(|(m, _)| *m == input),
                 producers: self.part_bytes(input),
             })
             .collect();
         let layout = layout::layout(partitions, &inputs, &self.read_policy);
-        self.apply_layout(stage, &reads.inputs, layout, out);
+        self.apply_layout(stage, &reads.inputs, merge, layout, out);
     }
 
     /// Each producer Task of `stage` with the bytes of each part of its output.
     fn part_bytes(&self, stage: u32) -> Vec<(u32, Vec<u64>)> {
         self.tasks
             .range((stage, 0)..(stage + 1, 0))
+            .filter(|(_, t)| t.merged_into.is_none())
             .filter_map(|(&(_, task), t)| t.output.map(|n| (task, t.attempts[n as usize].part_bytes.clone())))
             .collect()
     }
 
-    fn apply_layout(&mut self, stage: u32, inputs: &[u32], reads: Vec<layout::Read>, out: &mut Vec<Action>) {
+    fn apply_layout(&mut self, stage: u32, inputs: &[u32], merge: Option<(u32, Arc<Vec<u8>>)>, reads: Vec<layout::Read>, out: &mut Vec<Action>) {
         let final_input = self.stages[stage as usize].consumers.is_empty();
         let mut next = self.tasks.range((stage, 0)..(stage + 1, 0)).count() as u32;
         // The planned Task of each partition as it was, before any read replaced it.
@@ -85,11 +99,25 @@ impl QueryRun {
             .map(|(&(_, task), t)| (task, (Arc::clone(&t.plan), t.partition, t.summary.clone())))
             .collect();
         let mut pieces: BTreeMap<u32, Vec<TaskId>> = BTreeMap::new();
+        let mut merged: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         let mut coalesced = 0;
         for read in reads {
             let partition = read.parts[0];
             if read.parts.len() == 1 && read.split.is_none() {
                 continue; // read as planned
+            }
+            if let (Some(piece), Some((input, plan))) = (&read.split, &merge) {
+                if piece.stage == *input {
+                    next += 1;
+                    let summary = format!("{} (piece {} of {}: partial states)", planned[&partition].2, piece.index + 1, piece.of);
+                    let mut task = TaskRun::new(Arc::clone(plan), planned[&partition].1, summary);
+                    task.reads = Arc::new(shuffle_reads(inputs, &read));
+                    task.reads_text = Some(format!("{}, partial states", describe(&read)));
+                    task.merged_into = Some(partition);
+                    self.tasks.insert((stage, next - 1), task);
+                    merged.entry(partition).or_default().push(next - 1);
+                    continue;
+                }
             }
             let id = match &read.split {
                 Some(_) => {
@@ -118,10 +146,18 @@ impl QueryRun {
                 task.pieces = ids.iter().map(|&(_, t)| t).collect();
             }
         }
-        if coalesced > 0 || !pieces.is_empty() {
+        for (&partition, ids) in &merged {
+            let input = merge.as_ref().map(|(input, _)| *input).expect("merged pieces have a merge input");
+            let task = self.tasks.get_mut(&(stage, partition)).expect("a merged partition has its planned Task");
+            task.reads = Arc::new(merge_reads(inputs, input, stage, partition, ids));
+            task.reads_text = Some(format!("partition {partition}, merging the partial states of tasks {}", runs(ids)));
+            task.merges = ids.clone();
+        }
+        let split = (pieces.len() + merged.len()) as u32;
+        if coalesced > 0 || split > 0 {
             let run = &mut self.stages[stage as usize];
-            (run.coalesced, run.split) = (coalesced, pieces.len() as u32);
-            out.push(Action::Adapted { coalesced, split: pieces.len() as u32 });
+            (run.coalesced, run.split) = (coalesced, split);
+            out.push(Action::Adapted { coalesced, split });
         }
     }
 
@@ -145,6 +181,20 @@ fn shuffle_reads(inputs: &[u32], read: &layout::Read) -> Vec<ShuffleRead> {
             stage: input,
             parts: read.parts.clone(),
             tasks: read.split.as_ref().filter(|piece| piece.stage == input).map(|piece| piece.tasks.clone()).unwrap_or_default(),
+            merged_from: None,
+        })
+        .collect()
+}
+
+/// What the Task of a split partition `partition` reads when it merges `pieces` (Tasks of its
+/// own Stage `stage`): part 0 of each piece in place of `merged`'s producers, and its
+/// partition of every other input.
+fn merge_reads(inputs: &[u32], merged: u32, stage: u32, partition: u32, pieces: &[u32]) -> Vec<ShuffleRead> {
+    inputs
+        .iter()
+        .map(|&input| match input == merged {
+            true => ShuffleRead { stage: input, parts: vec![0], tasks: pieces.to_vec(), merged_from: Some(stage) },
+            false => ShuffleRead { stage: input, parts: vec![partition], tasks: Vec::new(), merged_from: None },
         })
         .collect()
 }

@@ -444,7 +444,7 @@ fn a_shuffle_stage_reports_its_output_per_partition_over_the_counted_attempts() 
 /// side) and shuffles into 2 parts for stage 2, which the final Stage gathers.
 fn three_stages(policy: layout::ReadPolicy) -> QueryRun {
     let task = |stage, task| NewTask { stage, task, partition: task, summary: format!("s{stage}t{task}"), plan: vec![stage as u8], slice_bytes: None };
-    let reads = StageReads { inputs: vec![0], splittable: vec![0], ordered: false };
+    let reads = StageReads { inputs: vec![0], splittable: vec![0], ordered: false, merge: None };
     QueryRun::new(
         "q",
         vec![
@@ -467,7 +467,7 @@ fn small_partitions_are_read_by_one_task_and_the_others_never_run() {
     }
     assert_eq!(d.waiting(), vec![key(1, 0, 0)], "one Task reads all four small partitions");
     let reads = &d.queued.last().unwrap().reads;
-    assert_eq!(reads.as_slice(), &[ShuffleRead { stage: 0, parts: vec![0, 1, 2, 3], tasks: vec![] }]);
+    assert_eq!(reads.as_slice(), &[ShuffleRead { stage: 0, parts: vec![0, 1, 2, 3], tasks: vec![], merged_from: None }]);
     assert_eq!(d.run.adapted(), (3, 0));
     assert_eq!(d.run.task_total(), 4 + 1 + 2);
     d.succeed_with(&key(1, 0, 0), "w1", vec![5, 5]);
@@ -537,7 +537,7 @@ fn coalesced_tasks_the_final_stage_reads_are_published_empty() {
 /// Stage 0 shuffles into 2 partitions for stage 1, which the final Stage gathers.
 fn two_stage_reads(policy: layout::ReadPolicy, splittable: Vec<u32>, ordered: bool) -> QueryRun {
     let task = |stage, task| NewTask { stage, task, partition: task, summary: String::new(), plan: vec![], slice_bytes: None };
-    let reads = StageReads { inputs: vec![0], splittable, ordered };
+    let reads = StageReads { inputs: vec![0], splittable, ordered, merge: None };
     QueryRun::new(
         "q",
         vec![
@@ -571,6 +571,83 @@ fn a_lost_piece_is_recomputed_with_the_same_read() {
     let rerun = again.iter().find(|q| q.key.task == piece.task).unwrap();
     assert_eq!(rerun.reads, reads);
     assert_eq!(d.run.adapted(), (0, 1), "the layout is decided once");
+}
+
+/// Stage 0: 4 producers shuffling into 4 parts; stage 1, a final aggregate over them (its plan
+/// `[1]`, its pieces' `[9]`), shuffling into 2 parts for stage 2, gathered by the final Stage
+/// (or, without `consumer`, stage 1 is gathered by the final Stage).
+fn aggregate_stages(consumer: bool) -> QueryRun {
+    let task = |stage, task| NewTask { stage, task, partition: task, summary: format!("s{stage}t{task}"), plan: vec![stage as u8], slice_bytes: None };
+    let reads = StageReads { inputs: vec![0], splittable: vec![], ordered: false, merge: Some((0, Arc::new(vec![9]))) };
+    let mut stages = vec![
+        NewStage { inputs: vec![], shuffle: true, parts: 4, tasks: (0..4).map(|t| task(0, t)).collect(), adaptive: None, ..Default::default() },
+        NewStage { inputs: vec![0], shuffle: consumer, parts: if consumer { 2 } else { 1 }, tasks: (0..4).map(|t| task(1, t)).collect(), adaptive: Some(reads), ..Default::default() },
+    ];
+    if consumer {
+        stages.push(NewStage { inputs: vec![1], shuffle: false, parts: 1, tasks: (0..2).map(|t| task(2, t)).collect(), adaptive: None, ..Default::default() });
+    }
+    let skew = Some(layout::Skew { factor: 5.0, min_bytes: MIB });
+    QueryRun::new("q", stages).with_read_policy(layout::ReadPolicy { coalesce_target_bytes: None, skew, slots: 4 })
+}
+
+/// Runs stage 0 of [`aggregate_stages`] with partition 2 skewed; returns the pieces queued.
+fn skew_aggregate_input(d: &mut Driver) -> Vec<QueuedAttempt> {
+    for t in 0..4 {
+        d.succeed_with(&key(0, t, 0), "w1", vec![MIB, MIB, 50 * MIB, MIB]);
+    }
+    d.queued.iter().filter(|q| q.key.stage == 1 && q.key.task >= 4).cloned().collect()
+}
+
+#[test]
+fn a_skewed_partition_under_a_final_aggregate_is_merged_from_its_pieces() {
+    let mut d = Driver::new(aggregate_stages(true));
+    let pieces = skew_aggregate_input(&mut d);
+    assert_eq!(pieces.len(), 4);
+    assert!(pieces.iter().all(|q| *q.plan == vec![9] && q.partition == 2), "pieces run the partial-states plan over partition 2");
+    let ranges: Vec<Vec<u32>> = pieces.iter().map(|q| q.reads[0].tasks.clone()).collect();
+    assert_eq!(ranges, vec![vec![0], vec![1], vec![2], vec![3]]);
+    assert!(!d.waiting().contains(&key(1, 2, 0)), "the merge waits for its pieces");
+    assert_eq!(d.run.adapted(), (0, 1));
+    for (n, q) in pieces.iter().enumerate() {
+        assert!(!d.waiting().contains(&key(1, 2, 0)), "queued after {n} pieces");
+        d.succeed_with(&q.key, "w2", vec![MIB]);
+    }
+    let merge = d.queued.iter().find(|q| q.key == key(1, 2, 0)).expect("the merge is queued once its pieces are done").clone();
+    assert_eq!(merge.reads.as_slice(), &[ShuffleRead { stage: 0, parts: vec![0], tasks: vec![4, 5, 6, 7], merged_from: Some(1) }]);
+    let read: Vec<(u32, u32)> = merge.inputs.iter().map(|l| l.key.as_ref().map(|k| (k.stage, k.task)).unwrap()).filter(|(s, _)| *s == 1).collect();
+    assert_eq!(read, vec![(1, 4), (1, 5), (1, 6), (1, 7)], "it is told where its pieces are");
+    for t in 0..4 {
+        d.succeed_with(&key(1, t, 0), "w1", vec![MIB, MIB]);
+    }
+    // The consumer reads the four planned Tasks, never the pieces.
+    let consumer = d.queued.iter().find(|q| q.key.stage == 2).expect("stage 2 runs");
+    let from_stage_1: Vec<u32> = consumer.inputs.iter().filter_map(|l| l.key.as_ref()).filter(|k| k.stage == 1).map(|k| k.task).collect();
+    assert_eq!(from_stage_1, vec![0, 1, 2, 3]);
+    let metrics = &d.run.stage_metrics()[1];
+    assert_eq!((metrics.tasks, metrics.tasks_done, metrics.split), (8, 8, 1));
+    assert_eq!(metrics.partition_bytes, vec![4 * MIB, 4 * MIB], "pieces' partial states are not the Stage's output");
+}
+
+#[test]
+fn a_lost_piece_stops_its_merge_and_runs_again_before_it() {
+    let mut d = Driver::new(aggregate_stages(false));
+    let pieces = skew_aggregate_input(&mut d);
+    for q in &pieces {
+        d.succeed_with(&q.key, "w2", vec![MIB]);
+    }
+    d.assign(&key(1, 2, 0), "w3");
+    d.lose("w2");
+    assert_eq!(d.state(&key(1, 2, 0)), TaskState::Cancelled, "the merge read outputs that are gone");
+    let again: Vec<TaskKey> = d.waiting().into_iter().filter(|k| k.stage == 1 && k.attempt == 1).collect();
+    assert_eq!(again.iter().map(|k| k.task).collect::<Vec<_>>(), vec![4, 5, 6, 7], "only the pieces run again first");
+    for k in &again {
+        d.succeed_with(k, "w1", vec![MIB]);
+    }
+    assert!(d.waiting().contains(&key(1, 2, 1)));
+    d.succeed(&key(1, 2, 1), "w1");
+    // The final Stage is told of the merge's output, never of a piece's.
+    let published: Vec<u32> = d.published.iter().filter(|(_, o)| o.is_some()).map(|((_, t), _)| *t).collect();
+    assert_eq!(published, vec![2]);
 }
 
 /// Stage 0: two scan slices of 64 MiB (cuttable at dispatch), shuffled into 2 parts when
