@@ -751,8 +751,10 @@ impl QueryRun {
     /// slice does a fraction of a planned Task's work, and measured as it is, would make its
     /// worker look fast and a whole Task beside it look slow.
     fn finished_per_task(&self, stage: u32) -> Vec<Duration> {
+        // A merge Task only combines its pieces' states: a fraction of a Task's work.
         self.tasks
             .range((stage, 0)..(stage + 1, 0))
+            .filter(|(_, t)| t.merges.is_empty())
             .filter_map(|(_, t)| t.output.map(|n| (t.share(), &t.attempts[n as usize])))
             .filter_map(|(share, a)| Some(a.ended_at?.saturating_duration_since(a.assigned_at?).div_f64(share)))
             .collect()
@@ -939,7 +941,7 @@ impl QueryRun {
             .iter()
             .filter(|(id, t)| needed.contains(id) && !t.is_done() && !t.has_live_attempt())
             .map(|(id, _)| *id)
-            .filter(|id| !self.stages[id.0 as usize].held && self.inputs_available(id.0) && self.filter_ready(id.0) && self.pieces_merged(*id))
+            .filter(|id| !self.stages[id.0 as usize].held && self.task_inputs_available(*id) && self.filter_ready(id.0) && self.pieces_merged(*id))
             .collect();
         for id in ready {
             if let Err(error) = self.start_attempt(id, now, out) {
@@ -1144,6 +1146,25 @@ impl QueryRun {
             .all(|&input| self.tasks.range((input, 0)..(input + 1, 0)).all(|(_, t)| t.is_done() || t.merged_into.is_some()))
     }
 
+    /// The inputs Task `id` reads have all finished (see [`QueryRun::inputs_of`]).
+    fn task_inputs_available(&self, id: TaskId) -> bool {
+        let done = |input: u32| self.tasks.range((input, 0)..(input + 1, 0)).all(|(_, t)| t.is_done() || t.merged_into.is_some());
+        self.inputs_of(id).into_iter().all(done)
+    }
+
+    /// The Stages Task `id` reads: its Stage's inputs, less the one a merge Task reads through
+    /// its pieces; a piece reads only the input it reduces. Neither waits for, nor is stopped
+    /// by the loss of, an output it does not read.
+    fn inputs_of(&self, id: TaskId) -> Vec<u32> {
+        let inputs = &self.stages[id.0 as usize].inputs;
+        let Some(task) = self.tasks.get(&id) else { return inputs.clone() };
+        if task.merged_into.is_some() {
+            return task.reads.iter().map(|read| read.stage).collect();
+        }
+        let merged: Vec<u32> = task.reads.iter().filter(|read| read.merged_from.is_some()).map(|read| read.stage).collect();
+        inputs.iter().copied().filter(|input| !merged.contains(input)).collect()
+    }
+
     /// A merge Task's pieces all have their outputs (true for any other Task).
     fn pieces_merged(&self, (stage, task): TaskId) -> bool {
         let pieces = self.tasks.get(&(stage, task)).map(|t| t.merges.as_slice()).unwrap_or_default();
@@ -1153,7 +1174,7 @@ impl QueryRun {
     /// Where the outputs Task `id` reads are: those of its Stage's inputs, and those of the
     /// pieces it merges.
     fn input_locations(&self, id: TaskId) -> Vec<OutputLocation> {
-        let inputs = self.stages[id.0 as usize].inputs.iter().flat_map(|&input| self.tasks.range((input, 0)..(input + 1, 0)));
+        let inputs = self.inputs_of(id).into_iter().flat_map(|input| self.tasks.range((input, 0)..(input + 1, 0)));
         let producers = inputs.filter(|(_, t)| t.merged_into.is_none());
         let merges = self.tasks.get(&id).map(|t| t.merges.as_slice()).unwrap_or_default();
         let pieces = merges.iter().filter_map(|&piece| self.tasks.get_key_value(&(id.0, piece)));

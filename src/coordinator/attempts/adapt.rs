@@ -111,7 +111,8 @@ impl QueryRun {
                     next += 1;
                     let summary = format!("{} (piece {} of {}: partial states)", planned[&partition].2, piece.index + 1, piece.of);
                     let mut task = TaskRun::new(Arc::clone(plan), planned[&partition].1, summary);
-                    task.reads = Arc::new(shuffle_reads(inputs, &read));
+                    // The pieces' plan reads the merged input alone.
+                    task.reads = Arc::new(shuffle_reads(&[*input], &read));
                     task.reads_text = Some(format!("{}, partial states", describe(&read)));
                     task.merged_into = Some(partition);
                     self.tasks.insert((stage, next - 1), task);

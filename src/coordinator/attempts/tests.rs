@@ -616,6 +616,7 @@ fn a_skewed_partition_under_a_final_aggregate_is_merged_from_its_pieces() {
     assert_eq!(merge.reads.as_slice(), &[ShuffleRead { stage: 0, parts: vec![0], tasks: vec![4, 5, 6, 7], merged_from: Some(1) }]);
     let read: Vec<(u32, u32)> = merge.inputs.iter().map(|l| l.key.as_ref().map(|k| (k.stage, k.task)).unwrap()).filter(|(s, _)| *s == 1).collect();
     assert_eq!(read, vec![(1, 4), (1, 5), (1, 6), (1, 7)], "it is told where its pieces are");
+    assert!(merge.inputs.iter().all(|l| l.key.as_ref().unwrap().stage == 1), "and not of the producers it reads through them");
     for t in 0..4 {
         d.succeed_with(&key(1, t, 0), "w1", vec![MIB, MIB]);
     }
@@ -626,6 +627,20 @@ fn a_skewed_partition_under_a_final_aggregate_is_merged_from_its_pieces() {
     let metrics = &d.run.stage_metrics()[1];
     assert_eq!((metrics.tasks, metrics.tasks_done, metrics.split), (8, 8, 1));
     assert_eq!(metrics.partition_bytes, vec![4 * MIB, 4 * MIB], "pieces' partial states are not the Stage's output");
+}
+
+#[test]
+fn a_merge_is_not_stopped_by_the_loss_of_producers_its_pieces_already_reduced() {
+    let mut d = Driver::new(aggregate_stages(false));
+    let pieces = skew_aggregate_input(&mut d);
+    for q in &pieces {
+        d.succeed_with(&q.key, "w2", vec![MIB]);
+    }
+    d.assign(&key(1, 2, 0), "w3");
+    d.lose("w1");
+    assert_eq!(d.state(&key(1, 2, 0)), TaskState::Running);
+    d.report(&key(1, 2, 0), "w3", TaskState::Succeeded, None);
+    assert!(d.published.iter().any(|(id, o)| *id == (1, 2) && o.is_some()));
 }
 
 #[test]
