@@ -1,7 +1,9 @@
 //! Every limit Quiver enforces, in one place: message sizes, queue depths, timeouts, memory.
 //! Units are part of the names so that a reader never has to guess.
 
-use datafusion::common::config::ConfigExtension;
+use std::collections::BTreeMap;
+
+use datafusion::common::config::{ConfigExtension, ConfigOptions};
 use datafusion::common::extensions_options;
 use datafusion::prelude::SessionConfig;
 
@@ -339,6 +341,37 @@ pub fn session_config(target_partitions: usize) -> SessionConfig {
     // files, never steal a sibling's (that duplicates rows across workers).
     options.execution.enable_file_stream_work_stealing = false;
     config
+}
+
+/// Execution settings that are the worker's own, whatever a session says: the scan partitions a
+/// Task was planned with, and no file-stream work stealing (see [`session_config`]).
+const WORKER_EXECUTION_OPTIONS: [&str; 2] = ["datafusion.execution.target_partitions", "datafusion.execution.enable_file_stream_work_stealing"];
+
+/// The session's `datafusion.execution.*` settings that differ from [`session_config`]'s: what
+/// a worker must apply for a Task to execute as it would on one node (batch size, partial
+/// aggregation skipping, spilling, Parquet reading). Planning settings are not sent: the
+/// coordinator has already planned.
+pub fn execution_options(session: &ConfigOptions) -> BTreeMap<String, String> {
+    let defaults: BTreeMap<String, Option<String>> = session_config(1).options().entries().into_iter().map(|e| (e.key, e.value)).collect();
+    session
+        .entries()
+        .into_iter()
+        .filter(|e| e.key.starts_with("datafusion.execution.") && !WORKER_EXECUTION_OPTIONS.contains(&e.key.as_str()))
+        .filter(|e| defaults.get(&e.key) != Some(&e.value))
+        .filter_map(|e| Some((e.key, e.value?)))
+        .collect()
+}
+
+/// `config` with a Task's [`execution_options`] applied; an option outside
+/// `datafusion.execution.`, one of the worker's own, or a bad value is an error.
+pub fn apply_execution_options(config: &mut SessionConfig, options: &BTreeMap<String, String>) -> datafusion::common::Result<()> {
+    for (key, value) in options {
+        if !key.starts_with("datafusion.execution.") || WORKER_EXECUTION_OPTIONS.contains(&key.as_str()) {
+            return datafusion::common::plan_err!("a task may not set {key}");
+        }
+        config.options_mut().set(key, value)?;
+    }
+    Ok(())
 }
 
 /// Parses sizes such as `2GiB`, `512MiB`, `100MB`, `1024`.

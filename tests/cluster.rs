@@ -542,3 +542,55 @@ async fn task_outputs_are_read_in_process_when_the_worker_is_in_this_process() {
         }
     }
 }
+
+/// The rows the first Stage of `sql` wrote, from EXPLAIN ANALYZE.
+async fn first_stage_rows(t: &TestCluster, sql: &str) -> u64 {
+    let analyze = t.cluster_rows(&format!("EXPLAIN ANALYZE {sql}")).await;
+    let dag = &analyze[0][1];
+    let stage = dag.lines().find(|l| l.starts_with("Stage 0 ")).unwrap_or_else(|| panic!("{dag}"));
+    let rows = stage.split("rows=").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()).unwrap_or_else(|| panic!("{stage}"));
+    rows.parse().unwrap()
+}
+
+/// A session's execution settings govern its Tasks on the workers, as on one node: with partial
+/// aggregation skipped after the first batch (and batches of 16 rows), the partial aggregate
+/// Stage writes nearly a row per input row instead of a row per group and Task. Settings a
+/// worker must keep are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn session_execution_settings_reach_the_workers() {
+    let t = TestCluster::start(2).await;
+    t.both("CREATE TABLE g AS SELECT value % 10 AS k, value AS v FROM generate_series(1, 6000)").await;
+    let sql = "SELECT k, count(*), sum(v) FROM g GROUP BY k ORDER BY k";
+    t.check_same(sql).await;
+    let aggregated = first_stage_rows(&t, sql).await;
+    assert!(aggregated < 1000, "{aggregated} rows: the partial aggregate should reduce");
+    for setting in [
+        "SET datafusion.execution.batch_size = 16",
+        "SET datafusion.execution.skip_partial_aggregation_probe_rows_threshold = 0",
+        "SET datafusion.execution.skip_partial_aggregation_probe_ratio_threshold = 0",
+    ] {
+        t.both(setting).await;
+    }
+    t.check_same(sql).await;
+    let skipped = first_stage_rows(&t, sql).await;
+    assert!(skipped > 5000, "{skipped} rows: the workers did not skip partial aggregation");
+}
+
+#[test]
+fn a_task_may_not_set_what_its_worker_keeps() {
+    use std::collections::BTreeMap;
+    let mut config = quiver::config::session_config(2);
+    for key in ["datafusion.execution.enable_file_stream_work_stealing", "datafusion.execution.target_partitions", "datafusion.optimizer.prefer_hash_join"] {
+        let options = BTreeMap::from([(key.to_string(), "true".to_string())]);
+        assert!(quiver::config::apply_execution_options(&mut config, &options).is_err(), "{key}");
+    }
+    assert!(!config.options().execution.enable_file_stream_work_stealing);
+    let session = {
+        let mut c = quiver::config::session_config(2);
+        c.options_mut().set("datafusion.execution.batch_size", "16").unwrap();
+        c.options_mut().set("datafusion.execution.target_partitions", "7").unwrap();
+        c
+    };
+    let sent = quiver::config::execution_options(session.options());
+    assert_eq!(sent, BTreeMap::from([("datafusion.execution.batch_size".to_string(), "16".to_string())]));
+}

@@ -7,7 +7,7 @@
 //! One mutex guards it all: every operation is short and never awaits while holding it.
 
 use std::cmp::Reverse;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -81,6 +81,8 @@ struct QueryEntry {
     running: u32,
     /// The object stores its plan reads, named in each of its assignments.
     stores: Arc<Vec<StoreConfig>>,
+    /// Its session's execution settings, sent with each of its assignments.
+    options: Arc<BTreeMap<String, String>>,
 }
 
 #[derive(Default)]
@@ -220,7 +222,7 @@ impl Cluster {
             slices_cut: 0,
         };
         let entry =
-            QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new(), running: 0, stores: Arc::default() };
+            QueryEntry { record, started: Instant::now(), run: None, outcomes: HashMap::new(), running: 0, stores: Arc::default(), options: Arc::default() };
         self.lock().queries.insert(id.to_string(), entry);
         self.metrics.query_started();
     }
@@ -232,10 +234,12 @@ impl Cluster {
         }
     }
 
-    /// The object stores the Query's plan reads: its assignments name them to the workers.
-    pub fn set_query_stores(&self, id: &str, stores: Vec<StoreConfig>) {
+    /// The object stores the Query's plan reads and its session's execution settings: its
+    /// assignments name them to the workers.
+    pub fn set_query_context(&self, id: &str, stores: Vec<StoreConfig>, options: BTreeMap<String, String>) {
         if let Some(query) = self.lock().queries.get_mut(id) {
             query.stores = Arc::new(stores);
+            query.options = Arc::new(options);
         }
     }
 
@@ -386,6 +390,7 @@ impl Cluster {
         let reads = (*queued.reads).clone();
         let slice = queued.slice;
         let stores = (*query.stores).clone();
+        let options = (*query.options).clone();
         let (summarize_keys, key_filter) = run.key_work(queued.key.stage);
         let late_filter_keys = run.late_filter_keys(queued.key.stage);
         Ok(Assigned::Task(TaskAssignment {
@@ -400,6 +405,7 @@ impl Cluster {
             summarize_keys,
             key_filter,
             late_filter_keys,
+            options,
         }))
     }
 

@@ -615,7 +615,8 @@ async fn submit_physical(
     }
     let mut held = Vec::new();
     if plan.is_distributed() {
-        core.cluster.set_query_stores(id, stores);
+        let options = crate::config::execution_options(core.ctx.state().config().options());
+        core.cluster.set_query_context(id, stores, options);
         let stages;
         (stages, held) = encode_stages(&plan)?;
         core.cluster.submit(id, stages, adaptive(core))?;

@@ -160,6 +160,11 @@ pub struct TaskAssignment {
     /// these columns of its output are filtered once the filter arrives (`StageKeyFilter`).
     #[prost(uint32, repeated, tag = "11")]
     pub late_filter_keys: Vec<u32>,
+    /// The Query's session settings that govern execution (`datafusion.execution.*`) where
+    /// they differ from the cluster's defaults: the worker runs the Task under them, as one
+    /// node would (see `config::execution_options`).
+    #[prost(btree_map = "string, string", tag = "12")]
+    pub options: std::collections::BTreeMap<String, String>,
 }
 
 /// A Bloom filter of a build Stage's join keys (`planner::KeyFilter`) and the columns of the

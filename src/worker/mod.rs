@@ -8,7 +8,7 @@ mod key_filters;
 mod outputs;
 mod peers;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -451,7 +451,7 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
             }
             let late = (!task.late_filter_keys.is_empty()).then(|| (task.late_filter_keys, state.late_filters.slot(&key.query_id, key.stage)));
             let (plan, counts) = key_filters::filter_plan(plan, task.key_filter, late)?;
-            let (stream, router) = execute_task(&plan, task.partition as usize, &state.ctx, &key)?;
+            let (stream, router) = execute_task(&plan, task.partition as usize, &state.ctx, &key, &task.options)?;
             let (stream, keys) = key_filters::summarize(stream, counts, task.summarize_keys);
             let stored = state.outputs.store(&key, stream, router).await?;
             Ok::<_, DataFusionError>((stored, keys))
@@ -531,16 +531,17 @@ fn execute_task(
     partition: usize,
     ctx: &SessionContext,
     key: &TaskKey,
+    options: &BTreeMap<String, String>,
 ) -> Result<(SendableRecordBatchStream, Router)> {
     if let Some(partitioning) = shuffle_partitioning(plan) {
         let input = plan.children()[0];
         let inputs = input.output_partitioning().partition_count();
         let parts = partitioning.partition_count();
         let partitioner = BatchPartitioner::try_new(partitioning, Time::new(), partition, inputs)?;
-        let stream = input.execute(partition, task_context(ctx, input.as_ref(), key))?;
+        let stream = input.execute(partition, task_context(ctx, input.as_ref(), key, options)?)?;
         return Ok((stream, Router::Partition { partitioner, parts }));
     }
-    Ok((plan.execute(partition, task_context(ctx, plan.as_ref(), key))?, Router::Whole))
+    Ok((plan.execute(partition, task_context(ctx, plan.as_ref(), key, options)?)?, Router::Whole))
 }
 
 /// The context a Task runs in. A hash join's dynamic filter waits until every partition of the
@@ -550,13 +551,14 @@ fn execute_task(
 ///
 /// The Attempt's number goes with it: a write Task names its file after its Attempt, so that two
 /// Attempts of one Task never write the same file.
-fn task_context(ctx: &SessionContext, executed: &dyn ExecutionPlan, key: &TaskKey) -> Arc<TaskContext> {
+fn task_context(ctx: &SessionContext, executed: &dyn ExecutionPlan, key: &TaskKey, options: &BTreeMap<String, String>) -> Result<Arc<TaskContext>> {
     let task = TaskContext::from(ctx);
     let mut config = task.session_config().clone().with_extension(Arc::new(AttemptNumber(key.attempt)));
+    crate::config::apply_execution_options(&mut config, options)?;
     if executed.output_partitioning().partition_count() > 1 {
         config.options_mut().optimizer.enable_join_dynamic_filter_pushdown = false;
     }
-    Arc::new(task.with_session_config(config))
+    Ok(Arc::new(task.with_session_config(config)))
 }
 
 /// What a succeeded Attempt reports: its stored output and what it did with join keys.
