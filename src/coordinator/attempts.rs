@@ -1143,13 +1143,17 @@ impl QueryRun {
         self.stages[stage as usize]
             .inputs
             .iter()
-            .all(|&input| self.tasks.range((input, 0)..(input + 1, 0)).all(|(_, t)| t.is_done() || t.merged_into.is_some()))
+            .all(|&input| self.stage_done(input))
+    }
+
+    /// Every Task of `stage` its consumers read has its output (pieces are read by their merge).
+    fn stage_done(&self, stage: u32) -> bool {
+        self.tasks.range((stage, 0)..(stage + 1, 0)).all(|(_, t)| t.is_done() || t.merged_into.is_some())
     }
 
     /// The inputs Task `id` reads have all finished (see [`QueryRun::inputs_of`]).
     fn task_inputs_available(&self, id: TaskId) -> bool {
-        let done = |input: u32| self.tasks.range((input, 0)..(input + 1, 0)).all(|(_, t)| t.is_done() || t.merged_into.is_some());
-        self.inputs_of(id).into_iter().all(done)
+        self.inputs_of(id).into_iter().all(|input| self.stage_done(input))
     }
 
     /// The Stages Task `id` reads: its Stage's inputs, less the one a merge Task reads through
