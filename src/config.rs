@@ -344,11 +344,8 @@ pub fn session_config(target_partitions: usize) -> SessionConfig {
 }
 
 /// Execution settings that are the worker's own, whatever a session says: the scan partitions a
-/// Task was planned with, no file-stream work stealing (see [`session_config`]), and the time
-/// zone, which functions take when the worker decodes the plan, before a Task's settings
-/// apply: sending it would change execution but not the decoded functions.
-const WORKER_EXECUTION_OPTIONS: [&str; 3] =
-    ["datafusion.execution.target_partitions", "datafusion.execution.enable_file_stream_work_stealing", "datafusion.execution.time_zone"];
+/// Task was planned with, and no file-stream work stealing (see [`session_config`]).
+const WORKER_EXECUTION_OPTIONS: [&str; 2] = ["datafusion.execution.target_partitions", "datafusion.execution.enable_file_stream_work_stealing"];
 
 /// The session's `datafusion.execution.*` settings that differ from [`session_config`]'s: what
 /// a worker must apply for a Task to execute as it would on one node (batch size, partial

@@ -576,6 +576,25 @@ async fn session_execution_settings_reach_the_workers() {
     assert!(skipped > 5000, "{skipped} rows: the workers did not skip partial aggregation");
 }
 
+/// The session's time zone reaches the workers' functions: `to_timestamp` takes the zone when
+/// it is built, and a worker that decoded its Task's plan with its own zone computed timestamps
+/// the plan did not declare ("column types must match schema types, expected Timestamp(ns,
+/// "+05:00") but found Timestamp(ns)"). DataFusion 55 fails on one node too for string
+/// arguments under a session zone, and for named zones: the test converts epoch seconds under
+/// fixed offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_session_time_zone_reaches_the_workers_functions() {
+    let t = TestCluster::start(2).await;
+    t.both("CREATE TABLE stamps AS SELECT value AS id, 1700000000 + value * 4567 AS secs FROM generate_series(1, 3000)").await;
+    let sql = "SELECT id, to_timestamp(secs) AS ts, arrow_typeof(to_timestamp(secs)) AS ty, \
+               CAST(to_timestamp(secs) AS VARCHAR) AS txt, date_part('hour', to_timestamp(secs)) AS h FROM stamps ORDER BY id";
+    for zone in ["+05:00", "-03:30"] {
+        t.both(&format!("SET datafusion.execution.time_zone = '{zone}'")).await;
+        t.check_same(sql).await;
+        assert_eq!(first_stage_rows(&t, sql).await, 3000, "the projection should run in a worker's Task");
+    }
+}
+
 #[test]
 fn a_task_may_not_set_what_its_worker_keeps() {
     use std::collections::BTreeMap;

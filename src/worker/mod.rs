@@ -444,14 +444,15 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
             }
             open_stores(&state, task.stores)?;
             let inputs = Arc::new(inputs::TaskInputs::new(Arc::clone(&state), task.inputs, task.reads));
-            let mut plan = decode_plan(&task.plan, &state.ctx.task_ctx(), Some(inputs))?;
+            let context = task_context(&state.ctx, &key, &task.options)?;
+            let mut plan = decode_plan(&task.plan, &context, Some(inputs))?;
             plan = crate::storage::cache_page_indexes(plan, state.ctx.runtime_env().as_ref())?;
             if let Some(piece) = task.slice {
                 plan = crate::planner::narrow_task_plan(plan, piece.index, piece.of)?;
             }
             let late = (!task.late_filter_keys.is_empty()).then(|| (task.late_filter_keys, state.late_filters.slot(&key.query_id, key.stage)));
             let (plan, counts) = key_filters::filter_plan(plan, task.key_filter, late)?;
-            let (stream, router) = execute_task(&plan, task.partition as usize, &state.ctx, &key, &task.options)?;
+            let (stream, router) = execute_task(&plan, task.partition as usize, context)?;
             let (stream, keys) = key_filters::summarize(stream, counts, task.summarize_keys);
             let stored = state.outputs.store(&key, stream, router).await?;
             Ok::<_, DataFusionError>((stored, keys))
@@ -526,39 +527,59 @@ fn open_stores(state: &State, stores: Vec<StoreConfig>) -> Result<()> {
 
 /// Starts a Task's plan: the partition it was given, split into output parts when the plan's
 /// root is a shuffle's repartition.
-fn execute_task(
-    plan: &Arc<dyn ExecutionPlan>,
-    partition: usize,
-    ctx: &SessionContext,
-    key: &TaskKey,
-    options: &BTreeMap<String, String>,
-) -> Result<(SendableRecordBatchStream, Router)> {
+fn execute_task(plan: &Arc<dyn ExecutionPlan>, partition: usize, context: TaskContext) -> Result<(SendableRecordBatchStream, Router)> {
     if let Some(partitioning) = shuffle_partitioning(plan) {
         let input = plan.children()[0];
         let inputs = input.output_partitioning().partition_count();
         let parts = partitioning.partition_count();
         let partitioner = BatchPartitioner::try_new(partitioning, Time::new(), partition, inputs)?;
-        let stream = input.execute(partition, task_context(ctx, input.as_ref(), key, options)?)?;
+        let stream = input.execute(partition, executing(context, input.as_ref()))?;
         return Ok((stream, Router::Partition { partitioner, parts }));
     }
-    Ok((plan.execute(partition, task_context(ctx, plan.as_ref(), key, options)?)?, Router::Whole))
+    Ok((plan.execute(partition, executing(context, plan.as_ref()))?, Router::Whole))
 }
 
-/// The context a Task runs in. A hash join's dynamic filter waits until every partition of the
-/// join has built (or probed) before any probes: that holds only when this process runs all of
-/// them, i.e. when the Task computes the plan's only partition. A Task that computes one of
-/// several partitions (the others run in other processes) runs without join dynamic filters.
+/// The context a Task's plan is decoded and run in: the worker's session under the Task's
+/// execution settings, with its Attempt's number (a write Task names its file after its
+/// Attempt, so that two Attempts of one Task never write the same file).
 ///
-/// The Attempt's number goes with it: a write Task names its file after its Attempt, so that two
-/// Attempts of one Task never write the same file.
-fn task_context(ctx: &SessionContext, executed: &dyn ExecutionPlan, key: &TaskKey, options: &BTreeMap<String, String>) -> Result<Arc<TaskContext>> {
-    let task = TaskContext::from(ctx);
+/// Functions that take a setting when they are built (`to_timestamp` takes the time zone) are
+/// rebuilt under the Task's settings, as DataFusion does on `SET`: decoded with the worker's
+/// own, they would compute in its zone while the plan declares the session's.
+fn task_context(ctx: &SessionContext, key: &TaskKey, options: &BTreeMap<String, String>) -> Result<TaskContext> {
+    let task = ctx.task_ctx();
     let mut config = task.session_config().clone().with_extension(Arc::new(AttemptNumber(key.attempt)));
     crate::config::apply_execution_options(&mut config, options)?;
+    let scalar_functions = task
+        .scalar_functions()
+        .iter()
+        .map(|(name, udf)| {
+            let rebuilt = if options.is_empty() { None } else { udf.inner().with_updated_config(config.options()) };
+            (name.clone(), rebuilt.map_or_else(|| Arc::clone(udf), Arc::new))
+        })
+        .collect();
+    Ok(TaskContext::new(
+        task.task_id(),
+        task.session_id(),
+        config,
+        scalar_functions,
+        task.higher_order_functions().clone(),
+        task.aggregate_functions().clone(),
+        task.window_functions().clone(),
+        task.runtime_env(),
+    ))
+}
+
+/// `context` for running `executed`. A hash join's dynamic filter waits until every partition
+/// of the join has built (or probed) before any probes: that holds only when this process runs
+/// all of them, i.e. when the Task computes the plan's only partition. A Task that computes one
+/// of several partitions (the others run in other processes) runs without join dynamic filters.
+fn executing(context: TaskContext, executed: &dyn ExecutionPlan) -> Arc<TaskContext> {
+    let mut config = context.session_config().clone();
     if executed.output_partitioning().partition_count() > 1 {
         config.options_mut().optimizer.enable_join_dynamic_filter_pushdown = false;
     }
-    Ok(Arc::new(task.with_session_config(config)))
+    Arc::new(context.with_session_config(config))
 }
 
 /// What a succeeded Attempt reports: its stored output and what it did with join keys.
