@@ -332,6 +332,24 @@ fn corrupt_parquet(body: usize, metadata_len: u32) -> Vec<u8> {
 /// and the client gets the Parquet error naming it. A file whose footer makes the Parquet reader
 /// panic (its metadata would start before the file: a subtraction that overflows in a debug
 /// build) fails its statement with an error too, and the cluster goes on serving.
+/// `file_row_index()` adds a virtual column to its Parquet scan, which DataFusion 55's plan
+/// encoding drops: a worker's Task failed with "Column index 1 out of bounds for projected
+/// expressions of length 1". Such a scan is not sent to the workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scan_with_file_row_index_stays_on_the_coordinator() {
+    let t = TestCluster::start(2).await;
+    let dir = t.dir.path().join("indexed");
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = format!("COPY (SELECT value AS v FROM generate_series(1, 5000)) TO '{}/data.parquet'", dir.display());
+    t.single.sql(&copy).await.unwrap().collect().await.unwrap();
+    t.both(&format!("CREATE EXTERNAL TABLE indexed (v BIGINT) STORED AS PARQUET LOCATION '{}/'", dir.display())).await;
+    t.check_same("SELECT file_row_index() AS i, v FROM indexed WHERE file_row_index() % 7 = 3 ORDER BY v").await;
+    t.check_same("SELECT count(*), sum(file_row_index()) FROM indexed").await;
+    t.check_same("SELECT count(*), sum(v) FROM indexed").await;
+    let modes = t.cluster_rows("SELECT mode FROM quiver.queries WHERE sql LIKE 'SELECT count(*), sum(v)%'").await;
+    assert_eq!(modes, [["distributed"]], "a scan without the virtual column is still distributed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_corrupt_parquet_file_fails_its_statement_with_an_error() {
     let mut config = many_tasks_config();

@@ -167,7 +167,13 @@ fn loses_in_encoding(plan: &dyn ExecutionPlan) -> bool {
     let empty_grouping_set = plan
         .downcast_ref::<AggregateExec>()
         .is_some_and(|a| a.group_expr().has_grouping_set() && a.group_expr().expr().is_empty());
-    empty_grouping_set || window_ignores_nulls(plan) || has_lossy_expression(plan)
+    empty_grouping_set || window_ignores_nulls(plan) || has_lossy_expression(plan) || has_virtual_columns(plan)
+}
+
+/// A file scan with virtual columns (`file_row_index()` adds one): the encoding drops them, and
+/// a worker's scan then fails ("Column index 1 out of bounds for projected expressions").
+fn has_virtual_columns(plan: &dyn ExecutionPlan) -> bool {
+    file_scan(plan).is_some_and(|scan| !scan.file_source().table_schema().virtual_columns().is_empty())
 }
 
 /// An expression of `plan` the encoding changes: a Float16 literal (it arrives as Float32).
