@@ -613,6 +613,25 @@ async fn the_session_time_zone_reaches_the_workers_functions() {
     }
 }
 
+/// A statement runs under the settings its plan was made with: a `SET` between asking for a
+/// result and fetching it (another admin's: settings are coordinator-wide) changes only later
+/// statements. Before, the Tasks took the time zone at the first fetch and computed
+/// timestamps the plan did not declare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_statement_runs_under_the_settings_it_was_planned_with() {
+    let t = TestCluster::start(2).await;
+    t.both("CREATE TABLE stamps AS SELECT value AS id, 1700000000 + value * 4567 AS secs FROM generate_series(1, 3000)").await;
+    let sql = "SELECT id, to_timestamp(secs) AS ts, CAST(to_timestamp(secs) AS VARCHAR) AS txt FROM stamps ORDER BY id";
+    t.both("SET datafusion.execution.time_zone = '+05:00'").await;
+    let statement = t.client.start(sql).await.unwrap();
+    t.client.collect("SET datafusion.execution.time_zone = '-03:30'").await.unwrap();
+    let fetched = t.client.fetch(&statement).await.unwrap();
+    let batches: Vec<datafusion::arrow::array::RecordBatch> =
+        futures::TryStreamExt::try_collect(fetched).await.unwrap_or_else(|e| panic!("fetching the result planned at +05:00: {e}"));
+    assert_eq!(common::rows(&batches), t.single_rows(sql).await, "the answer under +05:00");
+    assert_eq!(first_stage_rows(&t, sql).await, 3000, "the projection should run in a worker's Task");
+}
+
 #[test]
 fn a_task_may_not_set_what_its_worker_keeps() {
     use std::collections::BTreeMap;

@@ -24,19 +24,22 @@ use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
 use futures::TryStreamExt;
 
 use super::session::{start_physical, RemoveOnDrop};
+use super::snapshot::Snapshot;
 use super::Core;
 use crate::planner::{copy_attempt_dir, copy_task_dir, file_sink_config, retarget, WriteKind, WriteTarget, COORDINATOR_DIR};
 
 /// Runs a `COPY` statement; returns the number of rows written.
 pub(super) async fn copy(core: &Arc<Core>, id: &str, plan: &LogicalPlan) -> Result<u64> {
-    let physical = core.ctx.state().create_physical_plan(plan).await?;
+    let state = core.ctx.state();
+    let physical = state.create_physical_plan(plan).await?;
+    let settings = Snapshot::of(&state);
     let Some(exec) = physical.downcast_ref::<DataSinkExec>() else {
         return exec_err!("COPY was planned as {}, not as a file sink", physical.name());
     };
     let Some(config) = file_sink_config(exec.sink()) else {
         // A format whose sink Quiver cannot point elsewhere (Arrow IPC: DataFusion keeps its sink
         // private) is written as DataFusion writes it, by the coordinator, straight to the target.
-        let (_, stream) = start_physical(core, id, physical, None).await?;
+        let (_, stream) = start_physical(core, id, physical, None, &settings).await?;
         return count(stream).await;
     };
     let url = &config.table_paths[0];
@@ -45,21 +48,21 @@ pub(super) async fn copy(core: &Arc<Core>, id: &str, plan: &LogicalPlan) -> Resu
     };
     let single_file = config.table_partition_cols.is_empty() && config.file_output_mode.single_file_output(url);
     if single_file {
-        to_file(core, id, exec, &target).await
+        to_file(core, id, exec, &target, &settings).await
     } else {
-        to_directory(core, id, exec, &target).await
+        to_directory(core, id, exec, &target, &settings).await
     }
 }
 
 /// The coordinator merges the result and writes it to a hidden file beside `target`, which
 /// becomes `target` only once it is whole.
-async fn to_file(core: &Arc<Core>, id: &str, exec: &DataSinkExec, target: &Path) -> Result<u64> {
+async fn to_file(core: &Arc<Core>, id: &str, exec: &DataSinkExec, target: &Path, settings: &Snapshot) -> Result<u64> {
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let partial = target.with_file_name(format!(".{name}.{id}.partial"));
     let mut cleanup = RemoveOnDrop(Some(partial.clone()));
     let sink = retarget(exec.sink(), &partial, FileOutputMode::SingleFile)?;
     let plan = Arc::new(DataSinkExec::new(Arc::clone(exec.input()), sink, exec.sort_order().clone()));
-    let (_, stream) = start_physical(core, id, plan, None).await?;
+    let (_, stream) = start_physical(core, id, plan, None, settings).await?;
     let rows = count(stream).await?;
     std::fs::rename(&partial, target).map_err(|e| io_error(e, "cannot move the copy into", target))?;
     cleanup.0 = None;
@@ -67,7 +70,7 @@ async fn to_file(core: &Arc<Core>, id: &str, exec: &DataSinkExec, target: &Path)
 }
 
 /// Each Task writes its partition's files; the commit moves those of the counted Attempts.
-async fn to_directory(core: &Arc<Core>, id: &str, exec: &DataSinkExec, target: &Path) -> Result<u64> {
+async fn to_directory(core: &Arc<Core>, id: &str, exec: &DataSinkExec, target: &Path, settings: &Snapshot) -> Result<u64> {
     let staging = target.join(format!(".quiver-staging-{id}"));
     // A target this copy creates goes again if the copy fails (dropped last: emptied first).
     let mut created = RemoveEmptyDir((!target.exists()).then(|| target.to_path_buf()));
@@ -75,7 +78,7 @@ async fn to_directory(core: &Arc<Core>, id: &str, exec: &DataSinkExec, target: &
     let mut staging_guard = RemoveOnDrop(Some(staging.clone()));
     let sink = retarget(exec.sink(), target, FileOutputMode::Directory)?;
     let write = WriteTarget { dir: staging.clone(), kind: WriteKind::Copy { sink } };
-    let (plan, stream) = start_physical(core, id, per_partition(exec.input()), Some(write)).await?;
+    let (plan, stream) = start_physical(core, id, per_partition(exec.input()), Some(write), settings).await?;
     // The Query's other Attempts stop before the staging directory goes: DataFusion's sink
     // creates missing directories, so one still writing would bring it back.
     let rows = match count(stream).await {

@@ -16,6 +16,7 @@ use datafusion::physical_plan::displayable;
 use futures::StreamExt;
 
 use super::session::{encode_tasks, start_physical};
+use super::snapshot::Snapshot;
 use super::subquery::{detach, Detached};
 use super::{Core, StageMetrics};
 use crate::planner::{self, DistributeOptions, StageId, StageSource};
@@ -25,17 +26,18 @@ pub(super) async fn explain(core: &Arc<Core>, _id: &str, plan: &LogicalPlan) -> 
     let state = core.ctx.state();
     let logical = state.optimize(plan)?;
     let physical = state.create_physical_plan(plan).await?;
+    let settings = Snapshot::of(&state);
     let mut opts = DistributeOptions {
         config: &core.config.planner,
         total_slots: core.cluster.total_slots().max(1),
         source: Arc::new(NotRun),
         write_dir: None,
-        join_key_filters: super::session::quiver_options(core).join_key_filters,
+        join_key_filters: settings.quiver.join_key_filters,
         pruned_input_bytes: None,
         row_group_starts: crate::storage::pruning::row_group_starts(&physical, core.ctx.runtime_env().as_ref()).await,
     };
     let shown = displayable(physical.as_ref()).indent(true).to_string();
-    let overlap = super::session::quiver_options(core).overlap_subqueries;
+    let overlap = settings.quiver.overlap_subqueries;
     let mut detached = Detached::default();
     let main = detach(physical, &mut detached)?;
     // A subquery's value is unknown here, and would prune as no row groups at all.
@@ -77,9 +79,10 @@ pub(super) async fn explain(core: &Arc<Core>, _id: &str, plan: &LogicalPlan) -> 
 
 /// EXPLAIN ANALYZE: runs the Query to its end, then shows the Stage DAG with what each Stage did.
 pub(super) async fn analyze(core: &Arc<Core>, id: &str, input: &LogicalPlan) -> Result<SendableRecordBatchStream> {
-    let physical = core.ctx.state().create_physical_plan(input).await?;
+    let state = core.ctx.state();
+    let physical = state.create_physical_plan(input).await?;
     let started = Instant::now();
-    let (plan, mut stream) = start_physical(core, id, physical, None).await?;
+    let (plan, mut stream) = start_physical(core, id, physical, None, &Snapshot::of(&state)).await?;
     let mut rows = 0;
     while let Some(batch) = stream.next().await {
         rows += batch?.num_rows();

@@ -14,6 +14,7 @@ mod metrics;
 mod policy;
 mod registry;
 mod session;
+mod snapshot;
 mod source;
 mod statements;
 mod stores;

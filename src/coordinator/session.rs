@@ -23,11 +23,10 @@ use super::catalog::{defaults_to_sql, store_table_location, KeyDef, TableDef};
 use super::store_writes::{self, SweepOnDrop, WritePrefix};
 use super::cluster::{NewStage, NewTask, StageReads, TaskOutcome};
 use super::source::QueryTasks;
+use super::snapshot::Snapshot;
 use super::Core;
 use crate::planner::{self, attempt_file, count_schema, task_file, DistributeOptions, COORDINATOR_FILE, DistributedPlan, Exchange, MergeRead, TaskSpec, WriteKind, WriteTarget};
-use super::policy::Adaptive;
 use crate::auth::Caller;
-use crate::config::QuiverOptions;
 use crate::protocol::{cancelled_error, classify, encode_plan_when_resolved, quiver_error, ErrorKind};
 
 /// How long a Query that needs workers waits for the first one to register.
@@ -194,9 +193,10 @@ async fn dispatch(core: &Arc<Core>, id: &str, sql: &str, plan: LogicalPlan) -> R
         LogicalPlan::Analyze(analyze) => super::explain::analyze(core, id, &analyze.input).await,
         plan => {
             let started = Instant::now();
-            let physical = core.ctx.execute_logical_plan(plan).await?.create_physical_plan().await?;
+            let (state, plan) = core.ctx.execute_logical_plan(plan).await?.into_parts();
+            let physical = state.create_physical_plan(&plan).await?;
             tracing::debug!(query = %id, physical_ms = started.elapsed().as_secs_f64() * 1e3, "physical plan created");
-            Ok(deferred(core, id, physical))
+            Ok(deferred(core, id, physical, Snapshot::of(&state)))
         }
     }
 }
@@ -216,10 +216,10 @@ fn unreadable_location(error: DataFusionError, locations: &str) -> DataFusionErr
 
 /// A query's result that queues its Stages when first read: a client that asks for a result
 /// and never fetches it (a cursor closed unread) costs the cluster nothing while it expires.
-fn deferred(core: &Arc<Core>, id: &str, physical: Arc<dyn ExecutionPlan>) -> SendableRecordBatchStream {
+fn deferred(core: &Arc<Core>, id: &str, physical: Arc<dyn ExecutionPlan>, settings: Snapshot) -> SendableRecordBatchStream {
     let schema = physical.schema();
     let (core, id) = (Arc::clone(core), id.to_string());
-    let stream = futures::stream::once(async move { run_physical(&core, &id, physical, None).await }).try_flatten();
+    let stream = futures::stream::once(async move { Ok::<_, DataFusionError>(start_physical(&core, &id, physical, None, &settings).await?.1) }).try_flatten();
     Box::pin(RecordBatchStreamAdapter::new(schema, stream))
 }
 
@@ -362,9 +362,10 @@ async fn write_segment(
             (std::path::PathBuf::from(prefix), RemoveOnDrop(None), SweepOnDrop(Some(opened)))
         }
     };
-    let physical = core.ctx.state().create_physical_plan(input).await?;
+    let state = core.ctx.state();
+    let physical = state.create_physical_plan(input).await?;
     let target = WriteTarget { dir: staging.clone(), kind: WriteKind::Table { row_group_rows: core.config.write_row_group_rows, not_null } };
-    let (plan, stream) = start_physical(core, id, physical, Some(target)).await?;
+    let (plan, stream) = start_physical(core, id, physical, Some(target), &Snapshot::of(&state)).await?;
     let batches: Vec<RecordBatch> = stream.try_collect().await?;
     let rows = batches.iter().flat_map(|b| b.column(0).as_primitive::<UInt64Type>().iter().flatten()).sum();
     // An Attempt that lost its Task may still be writing; the commit's sweep must come after it.
@@ -456,16 +457,6 @@ async fn drop_table(core: &Arc<Core>, name: &str, if_exists: bool, view: bool) -
     Ok(empty_stream())
 }
 
-/// Distributes a physical plan, queues its Tasks and starts the final Stage.
-async fn run_physical(
-    core: &Arc<Core>,
-    id: &str,
-    physical: Arc<dyn ExecutionPlan>,
-    write: Option<WriteTarget>,
-) -> Result<SendableRecordBatchStream> {
-    Ok(start_physical(core, id, physical, write).await?.1)
-}
-
 /// Distributes a physical plan for a Query: readers read the Query's Task outputs. `prune`:
 /// a plan small after row-group pruning runs on the coordinator.
 async fn plan_query(
@@ -474,9 +465,10 @@ async fn plan_query(
     physical: Arc<dyn ExecutionPlan>,
     write: Option<WriteTarget>,
     prune: bool,
+    settings: &Snapshot,
 ) -> Result<DistributedPlan> {
     let source = Arc::new(QueryTasks { query_id: id.to_string(), cluster: Arc::clone(&core.cluster) });
-    let join_key_filters = quiver_options(core).join_key_filters;
+    let join_key_filters = settings.quiver.join_key_filters;
     let pruned_input_bytes = if prune { pruned_input_bytes(core, &physical).await } else { None };
     // A plan small enough for the coordinator alone is not cut into Tasks.
     let row_group_starts = match pruned_input_bytes {
@@ -514,24 +506,26 @@ pub(super) async fn pruned_input_bytes(core: &Core, plan: &Arc<dyn ExecutionPlan
     }
 }
 
-/// Plans, queues the Stages' Tasks and starts the final Stage; returns the plan as executed.
-/// Its scalar subqueries run first, or beside it (see `subquery`): then its Stages that read
-/// their values, and the final Stage, start once they are in.
+/// Plans, queues the Stages' Tasks and starts the final Stage, all under `settings` (those
+/// the physical plan was made with); returns the plan as executed. Its scalar subqueries run
+/// first, or beside it (see `subquery`): then its Stages that read their values, and the final
+/// Stage, start once they are in.
 pub(super) async fn start_physical(
     core: &Arc<Core>,
     id: &str,
     physical: Arc<dyn ExecutionPlan>,
     write: Option<WriteTarget>,
+    settings: &Snapshot,
 ) -> Result<(DistributedPlan, SendableRecordBatchStream)> {
     let started = Instant::now();
     let mut detached = super::subquery::Detached::default();
-    let physical = match quiver_options(core).overlap_subqueries {
+    let physical = match settings.quiver.overlap_subqueries {
         true => super::subquery::detach(physical, &mut detached)?,
-        false => super::subquery::resolve(core, id, physical).await?,
+        false => super::subquery::resolve(core, id, physical, settings).await?,
     };
     let (mut plan, held) = match detached.is_empty() {
-        true => submit_physical(core, id, physical, write, &detached).await?,
-        false => beside_subqueries(core, id, physical, write, &detached).await?,
+        true => submit_physical(core, id, physical, write, &detached, settings).await?,
+        false => beside_subqueries(core, id, physical, write, &detached, settings).await?,
     };
     for stage in held {
         let plans = encode_tasks(&plan.stages[stage].tasks)?.ok_or_else(|| DataFusionError::Internal(format!("stage {stage} reads a subquery value still unknown")))?;
@@ -541,7 +535,7 @@ pub(super) async fn start_physical(
     if plan.root.output_partitioning().partition_count() > 1 {
         plan.root = Arc::new(CoalescePartitionsExec::new(Arc::clone(&plan.root)));
     }
-    let stream = plan.root.execute(0, core.ctx.task_ctx())?;
+    let stream = plan.root.execute(0, Arc::clone(&settings.task_ctx))?;
     Ok((plan, stream))
 }
 
@@ -555,9 +549,10 @@ async fn beside_subqueries(
     physical: Arc<dyn ExecutionPlan>,
     write: Option<WriteTarget>,
     detached: &super::subquery::Detached,
+    settings: &Snapshot,
 ) -> Result<(DistributedPlan, Vec<usize>)> {
-    let mut runs = std::pin::pin!(detached.run(core, id));
-    let submit = std::pin::pin!(submit_physical(core, id, physical, write, detached));
+    let mut runs = std::pin::pin!(detached.run(core, id, settings));
+    let submit = std::pin::pin!(submit_physical(core, id, physical, write, detached, settings));
     let (values, submitted) = match futures::future::select(runs.as_mut(), submit).await {
         Either::Left((values, submit)) => (values?, submit.await?),
         Either::Right((submitted, _)) => {
@@ -598,6 +593,7 @@ async fn submit_physical(
     physical: Arc<dyn ExecutionPlan>,
     write: Option<WriteTarget>,
     detached: &super::subquery::Detached,
+    settings: &Snapshot,
 ) -> Result<(DistributedPlan, Vec<usize>)> {
     let started = Instant::now();
     let physical = crate::storage::cache_page_indexes(physical, core.ctx.runtime_env().as_ref())?;
@@ -606,7 +602,7 @@ async fn submit_physical(
     stores.extend(write.as_ref().and_then(|w| core.stores.for_location(&w.dir.to_string_lossy())));
     // Row-group pruning would read the placeholders as values (and prune every row group):
     // a plan with subqueries beside it is judged small by its files' sizes alone.
-    let plan = plan_query(core, id, physical, write, detached.is_empty()).await;
+    let plan = plan_query(core, id, physical, write, detached.is_empty(), settings).await;
     detached.unset();
     let plan = plan?;
     let distributed = started.elapsed();
@@ -615,11 +611,10 @@ async fn submit_physical(
     }
     let mut held = Vec::new();
     if plan.is_distributed() {
-        let options = crate::config::execution_options(core.ctx.state().config().options());
-        core.cluster.set_query_context(id, stores, options);
+        core.cluster.set_query_context(id, stores, settings.execution.clone());
         let stages;
         (stages, held) = encode_stages(&plan)?;
-        core.cluster.submit(id, stages, adaptive(core))?;
+        core.cluster.submit(id, stages, settings.adaptive())?;
     }
     // Where a Query's time goes before its first Task runs.
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -627,16 +622,6 @@ async fn submit_physical(
     Ok((plan, held))
 }
 
-/// The adaptive scheduling the session's `quiver.*` settings ask for.
-fn adaptive(core: &Core) -> Adaptive {
-    Adaptive::from_options(&quiver_options(core))
-}
-
-/// The session's `quiver.*` settings.
-pub(super) fn quiver_options(core: &Core) -> QuiverOptions {
-    let state = core.ctx.state();
-    state.config().options().extensions.get::<QuiverOptions>().cloned().unwrap_or_default()
-}
 
 /// The Stages as the cluster queues them, and those held because their Tasks read scalar
 /// subquery values not known yet (their plans are encoded once they are).

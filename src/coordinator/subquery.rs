@@ -19,26 +19,32 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 
 use super::session::start_physical;
+use super::snapshot::Snapshot;
 use super::Core;
 
 /// Runs the scalar subqueries of `plan` (outermost first) and returns the plan without their
 /// `ScalarSubqueryExec`s: the expressions that read them now read the computed values.
-pub(super) fn resolve<'a>(core: &'a Arc<Core>, id: &'a str, plan: Arc<dyn ExecutionPlan>) -> BoxFuture<'a, Result<Arc<dyn ExecutionPlan>>> {
+pub(super) fn resolve<'a>(
+    core: &'a Arc<Core>,
+    id: &'a str,
+    plan: Arc<dyn ExecutionPlan>,
+    settings: &'a Snapshot,
+) -> BoxFuture<'a, Result<Arc<dyn ExecutionPlan>>> {
     async move {
         if let Some(exec) = plan.downcast_ref::<ScalarSubqueryExec>() {
             // Independent of each other, they run at once: one that fails drops (cancels) the
             // others.
             let ids: Vec<String> = (0..exec.subqueries().len()).map(|n| format!("{id}.sq{n}")).collect();
-            let runs = exec.subqueries().iter().zip(&ids).map(|(link, id)| run(core, id, Arc::clone(&link.plan)));
+            let runs = exec.subqueries().iter().zip(&ids).map(|(link, id)| run(core, id, Arc::clone(&link.plan), settings));
             let values = futures::future::try_join_all(runs).await?;
             for (link, value) in exec.subqueries().iter().zip(values) {
                 exec.results().set(link.index, value)?;
             }
-            return resolve(core, id, Arc::clone(exec.input())).await;
+            return resolve(core, id, Arc::clone(exec.input()), settings).await;
         }
         let mut children = Vec::with_capacity(plan.children().len());
         for child in plan.children() {
-            children.push(resolve(core, id, Arc::clone(child)).await?);
+            children.push(resolve(core, id, Arc::clone(child), settings).await?);
         }
         replace_children_if_necessary(plan, children)
     }
@@ -104,9 +110,9 @@ impl Detached {
 
     /// Runs the subqueries at once, as Queries `{id}.sq{n}`, and returns their values; one that
     /// fails drops (cancels) the others.
-    pub(super) async fn run(&self, core: &Arc<Core>, id: &str) -> Result<Vec<ScalarValue>> {
+    pub(super) async fn run(&self, core: &Arc<Core>, id: &str, settings: &Snapshot) -> Result<Vec<ScalarValue>> {
         let ids: Vec<String> = (0..self.links.len()).map(|n| format!("{id}.sq{n}")).collect();
-        let runs = self.links.iter().zip(&ids).map(|((_, link), id)| run(core, id, Arc::clone(&link.plan)));
+        let runs = self.links.iter().zip(&ids).map(|((_, link), id)| run(core, id, Arc::clone(&link.plan), settings));
         futures::future::try_join_all(runs).await
     }
 
@@ -120,8 +126,9 @@ impl Detached {
 }
 
 /// Runs one subquery as a Query of its own (so its Stages and Tasks are recorded) and returns
-/// its value: NULL for no row, an error for more than one, as DataFusion does.
-async fn run(core: &Arc<Core>, id: &str, plan: Arc<dyn ExecutionPlan>) -> Result<ScalarValue> {
+/// its value: NULL for no row, an error for more than one, as DataFusion does. It runs under
+/// the settings of the Query that reads it.
+async fn run(core: &Arc<Core>, id: &str, plan: Arc<dyn ExecutionPlan>, settings: &Snapshot) -> Result<ScalarValue> {
     if plan.schema().fields().len() != 1 {
         return exec_err!("a scalar subquery returns {} columns", plan.schema().fields().len());
     }
@@ -129,7 +136,7 @@ async fn run(core: &Arc<Core>, id: &str, plan: Arc<dyn ExecutionPlan>) -> Result
     core.cluster.begin_query(id, &format!("scalar subquery {id}"));
     let mut ended = EndGuard { core: Arc::clone(core), id: id.to_string(), rows: 0, done: false };
     let result = async {
-        let (_, mut stream) = start_physical(core, id, plan, None).await?;
+        let (_, mut stream) = start_physical(core, id, plan, None, settings).await?;
         let mut value = None;
         while let Some(batch) = stream.next().await {
             let batch = batch?;
