@@ -109,6 +109,59 @@ async fn tpch_sf001_with_every_adaptive_mechanism_forced_on_matches_official_ans
     assert_ne!(merges[0][0], "0");
 }
 
+/// A session's DataFusion settings change how a plan is shaped (the planning ones) and how its
+/// Tasks run on the workers (the execution ones, sent with every Task): the answers must not
+/// change. Each test sets a group of non-default settings on both engines.
+async fn check_all_queries_with(settings: &[&str]) -> Vec<String> {
+    let t = tpch_cluster(0.01, settings).await;
+    check_all_queries(&t, "0.01", true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpch_sf001_under_sort_merge_joins_in_written_order() {
+    let mut settings = SHUFFLE_JOINS.to_vec();
+    settings.extend(["SET datafusion.optimizer.prefer_hash_join = false", "SET datafusion.optimizer.join_reordering = false"]);
+    settings.push("SET datafusion.optimizer.enable_piecewise_merge_join = true");
+    let plans = check_all_queries_with(&settings).await;
+    let merged = plans.iter().filter(|p| p.lines().any(|l| l.trim_start().starts_with("SortMergeJoin"))).count();
+    assert!(merged >= 10, "only {merged} queries ran sort-merge joins");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpch_sf001_under_scan_settings_filters_pushed_into_the_reader_and_file_partitions_kept() {
+    check_all_queries_with(&[
+        "SET datafusion.execution.parquet.pushdown_filters = true",
+        "SET datafusion.execution.parquet.reorder_filters = true",
+        "SET datafusion.optimizer.preserve_file_partitions = 1",
+        "SET datafusion.execution.split_file_groups_by_statistics = true",
+        "SET datafusion.optimizer.prefer_existing_sort = true",
+    ])
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpch_sf001_under_execution_settings_sent_to_the_workers() {
+    check_all_queries_with(&[
+        "SET datafusion.execution.batch_size = 37",
+        "SET datafusion.execution.sort_spill_reservation_bytes = 1024",
+        "SET datafusion.execution.sort_in_place_threshold_bytes = 16",
+        "SET datafusion.execution.skip_partial_aggregation_probe_rows_threshold = 10",
+        "SET datafusion.optimizer.enable_dynamic_filter_pushdown = false",
+        "SET datafusion.optimizer.enable_window_limits = false",
+    ])
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpch_sf001_under_other_partitioning_and_no_statistics() {
+    check_all_queries_with(&[
+        "SET datafusion.execution.target_partitions = 5",
+        "SET datafusion.execution.collect_statistics = false",
+        "SET datafusion.execution.parquet.schema_force_view_types = false",
+    ])
+    .await;
+}
+
 /// Regression guard for DataFusion's file-stream work stealing: with it on, a partition run in
 /// one process can read files of sibling partitions that other processes also read, so rows
 /// come back more than once. Many files, many Tasks, and exact counts catch it.
