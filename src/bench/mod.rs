@@ -26,6 +26,7 @@ mod straggler;
 mod tpch;
 
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::common::Result;
@@ -70,6 +71,27 @@ pub(crate) fn moved_bytes(cluster: &LocalCluster, sql: &str) -> (u64, u64) {
     let Some(last) = queries.iter().rev().find(|q| q.sql == sql) else { return (0, 0) };
     let family = |q: &&crate::coordinator::QueryRecord| q.id == last.id || q.id.starts_with(&format!("{}.", last.id));
     queries.iter().filter(family).fold((0, 0), |(s, g), q| (s + q.bytes_shuffled, g + q.bytes_gathered))
+}
+
+/// Slot time the last run of `sql` (with its scalar subqueries) left idle, and the slot time it
+/// spanned, in ms: from its first Attempt's start to its last one's end, `slots` regular slots
+/// minus what its Attempts in them ran. Idle slot time between Stages is what streaming from
+/// Stage to Stage (pipelining) could at best put to use.
+pub(crate) fn idle_slot_ms(cluster: &LocalCluster, sql: &str, slots: usize) -> (f64, f64) {
+    let queries = cluster.coordinator.core.cluster.queries();
+    let Some(last) = queries.iter().rev().find(|q| q.sql == sql) else { return (0.0, 0.0) };
+    let family = |id: &str| id == last.id || id.starts_with(&format!("{}.", last.id));
+    let tasks = cluster.coordinator.core.cluster.tasks();
+    let ran: Vec<(SystemTime, SystemTime)> = tasks
+        .iter()
+        .filter(|t| family(&t.key.query_id) && t.lane == Some("regular"))
+        .filter_map(|t| Some((t.started?, t.ended?)))
+        .collect();
+    let (Some(first), Some(last)) = (ran.iter().map(|r| r.0).min(), ran.iter().map(|r| r.1).max()) else { return (0.0, 0.0) };
+    let ms = |from: SystemTime, to: SystemTime| to.duration_since(from).map_or(0.0, |d| d.as_secs_f64() * 1e3);
+    let busy: f64 = ran.iter().map(|&(from, to)| ms(from, to)).sum();
+    let spanned = slots as f64 * ms(first, last);
+    ((spanned - busy).max(0.0), spanned)
 }
 
 /// The `q` quantile of `times` (nearest rank).

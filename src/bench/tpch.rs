@@ -10,7 +10,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
 
-use super::{duckdb, local_options, moved_bytes, tpch_cluster};
+use super::{duckdb, idle_slot_ms, local_options, moved_bytes, tpch_cluster};
 use crate::client::Client;
 use crate::cluster::LocalCluster;
 use crate::config::{default_parallelism, session_config};
@@ -69,6 +69,9 @@ pub struct Row {
     pub gathered_bytes: u64,
     /// Bytes shuffled in the last run with the compared setting at its other value.
     pub other_shuffled_bytes: Option<u64>,
+    /// Slot time the cluster's last run left idle and the slot time it spanned, in ms
+    /// ([`super::idle_slot_ms`]).
+    pub idle_slot_ms: (f64, f64),
 }
 
 pub async fn run_tpch(bench: &TpchBench) -> Result<Vec<Row>> {
@@ -98,12 +101,13 @@ pub async fn run_tpch(bench: &TpchBench) -> Result<Vec<Row>> {
         }
     };
     println!(
-        "{:>5} {:>12} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7} {:>8} {:>12} {:>12} {:>17}",
-        "query", "single_ms", "cluster_ms", "ratio", "duckdb_ms", "ratio", "other_ms", "ratio", "rows", "shuffled_MB", "gathered_MB", "other_shuffled_MB"
+        "{:>5} {:>12} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7} {:>8} {:>12} {:>12} {:>17} {:>10}",
+        "query", "single_ms", "cluster_ms", "ratio", "duckdb_ms", "ratio", "other_ms", "ratio", "rows", "shuffled_MB", "gathered_MB", "other_shuffled_MB", "idle_slot%"
     );
     let mut rows = Vec::new();
+    let slots = bench.workers * opts.worker.slots;
     for &q in &bench.queries {
-        let row = time_query(bench, q, &single, &client, duckdb.as_mut(), &cluster).await?;
+        let row = time_query(bench, q, &single, &client, duckdb.as_mut(), &cluster, slots).await?;
         print_row(&row);
         rows.push(row);
     }
@@ -120,11 +124,12 @@ async fn time_query(
     client: &Client,
     mut duckdb: Option<&mut duckdb::DuckDb>,
     cluster: &LocalCluster,
+    slots: usize,
 ) -> Result<Row> {
     let sql = tpch::query_sql(q)?;
     let (mut single_ms, mut cluster_ms, mut duckdb_ms, mut other_ms) = (f64::MAX, f64::MAX, None::<f64>, None::<f64>);
     let mut counts = (0, 0);
-    let (mut moved, mut other_shuffled_bytes) = ((0, 0), None);
+    let (mut moved, mut other_shuffled_bytes, mut idle) = ((0, 0), None, (0.0, 0.0));
     for _ in 0..bench.iterations.max(1) {
         let started = Instant::now();
         let batches: Vec<RecordBatch> = single.sql(&sql).await?.execute_stream().await?.try_collect().await?;
@@ -135,6 +140,7 @@ async fn time_query(
         cluster_ms = cluster_ms.min(started.elapsed().as_secs_f64() * 1e3);
         counts.1 = batches.iter().map(|b| b.num_rows()).sum();
         moved = moved_bytes(cluster, &sql);
+        idle = idle_slot_ms(cluster, &sql, slots);
         if let Some(c) = &bench.compare {
             client.collect(&c.set(&c.other)).await?;
             let started = Instant::now();
@@ -160,7 +166,7 @@ async fn time_query(
         return Err(DataFusionError::Execution(format!("q{q}: single node returned {} rows, cluster {}", counts.0, counts.1)));
     }
     let (shuffled_bytes, gathered_bytes) = moved;
-    Ok(Row { query: q, single_ms, cluster_ms, duckdb_ms, other_ms, rows: counts.0, shuffled_bytes, gathered_bytes, other_shuffled_bytes })
+    Ok(Row { query: q, single_ms, cluster_ms, duckdb_ms, other_ms, rows: counts.0, shuffled_bytes, gathered_bytes, other_shuffled_bytes, idle_slot_ms: idle })
 }
 
 fn print_row(row: &Row) {
@@ -168,7 +174,7 @@ fn print_row(row: &Row) {
     let (duckdb_ms, duckdb_ratio) = beside(row.duckdb_ms, row.cluster_ms);
     let (other_ms, other_ratio) = beside(row.other_ms, row.cluster_ms);
     println!(
-        "{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>12} {:>7} {:>12} {:>7} {:>8} {:>12.1} {:>12.1} {:>17}",
+        "{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>12} {:>7} {:>12} {:>7} {:>8} {:>12.1} {:>12.1} {:>17} {:>10}",
         format!("q{:02}", row.query),
         row.single_ms,
         row.cluster_ms,
@@ -180,8 +186,15 @@ fn print_row(row: &Row) {
         row.rows,
         mb(row.shuffled_bytes),
         mb(row.gathered_bytes),
-        row.other_shuffled_bytes.map_or("-".into(), |b| format!("{:.1}", mb(b)))
+        row.other_shuffled_bytes.map_or("-".into(), |b| format!("{:.1}", mb(b))),
+        idle_percent(&[row.idle_slot_ms])
     );
+}
+
+/// Idle slot time as a share of the slot time spanned, over one or more runs.
+fn idle_percent(runs: &[(f64, f64)]) -> String {
+    let (idle, spanned) = runs.iter().fold((0.0, 0.0), |(i, s), r| (i + r.0, s + r.1));
+    if spanned > 0.0 { format!("{:.1}", 100.0 * idle / spanned) } else { "-".into() }
 }
 
 /// Totals, and the cluster's ratio to each engine (`cluster/duckdb`: how much slower the
@@ -191,9 +204,10 @@ fn print_total(rows: &[Row]) {
     let cluster: f64 = rows.iter().map(|r| r.cluster_ms).sum();
     let (duckdb_ms, duckdb_ratio) = beside(rows.iter().map(|r| r.duckdb_ms).sum(), cluster);
     let (other_ms, other_ratio) = beside(rows.iter().map(|r| r.other_ms).sum(), cluster);
+    let idle = idle_percent(&rows.iter().map(|r| r.idle_slot_ms).collect::<Vec<_>>());
     println!(
-        "{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>12} {:>7} {:>12} {:>7}",
-        "total", single, cluster, cluster / single, duckdb_ms, duckdb_ratio, other_ms, other_ratio
+        "{:>5} {:>12.1} {:>12.1} {:>6.2}x {:>12} {:>7} {:>12} {:>7} {:>8} {:>12} {:>12} {:>17} {:>10}",
+        "total", single, cluster, cluster / single, duckdb_ms, duckdb_ratio, other_ms, other_ratio, "", "", "", "", idle
     );
 }
 
