@@ -178,12 +178,32 @@ async fn explain_shows_the_stage_dag_and_explain_analyze_what_each_stage_did() {
     assert!(moved[0][0].parse::<u64>().unwrap() > 0 && moved[0][1].parse::<u64>().unwrap() > 0, "{moved:?}");
 }
 
+/// A worker of another build is refused at registration, with an error that names both builds:
+/// it would decode the coordinator's Task plans wrongly or not at all. The cluster keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_of_another_build_is_refused_at_registration() {
+    use quiver::protocol::{action, build_version, classify, error_text, ErrorKind, RegisterWorker, RegisterWorkerResponse};
+    use quiver::transport::{call, connect};
+    let t = TestCluster::start(1).await;
+    let coordinator = connect(&t.cluster.url(), &t.cluster.member_security("old-worker")).await.unwrap();
+    for version in ["quiver 0.0.9 (DataFusion 54.0.0)", ""] {
+        let register = RegisterWorker { address: t.cluster.url(), slots: 1, memory_limit_bytes: 1 << 30, express_slots: 0, version: version.into() };
+        let error = call::<_, RegisterWorkerResponse>(&coordinator, action::REGISTER_WORKER, &register).await.expect_err("another build");
+        assert_eq!(classify(&error).kind, ErrorKind::Configuration, "{error}");
+        let text = error_text(&error);
+        assert!(text.contains(&build_version()) && text.contains("same build"), "{text}");
+    }
+    assert_eq!(t.cluster_rows("SELECT count(*) FROM quiver.workers").await, [["1"]]);
+    t.both("CREATE TABLE after_refusal AS SELECT value AS v FROM generate_series(1, 100)").await;
+    t.check_same("SELECT sum(v) FROM after_refusal").await;
+}
+
 /// A worker that takes a Task and then never hears of it again (the poll reply was lost on the
 /// way) while it keeps heartbeating: the Attempt is declared unacknowledged and runs again on
 /// another worker, and the Query neither waits forever nor loses the Task's rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_task_whose_assignment_was_lost_runs_again_elsewhere() {
-    use quiver::protocol::{action, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, RegisterWorker, RegisterWorkerResponse};
+    use quiver::protocol::{action, build_version, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, RegisterWorker, RegisterWorkerResponse};
     use quiver::transport::{call, connect};
     let mut t = TestCluster::start(0).await;
     t.client.collect("CREATE TABLE lost AS SELECT value AS v FROM generate_series(1, 1000)").await.unwrap();
@@ -192,7 +212,7 @@ async fn a_task_whose_assignment_was_lost_runs_again_elsewhere() {
     let coordinator = connect(&t.cluster.url(), &t.cluster.member_security("fake-worker")).await.unwrap();
     // The coordinator dials a worker's address before accepting it: the fake one gives the
     // coordinator's own, which answers, and is never asked for an output.
-    let register = RegisterWorker { address: t.cluster.url(), slots: 1, memory_limit_bytes: 1 << 30, express_slots: 0 };
+    let register = RegisterWorker { address: t.cluster.url(), slots: 1, memory_limit_bytes: 1 << 30, express_slots: 0, version: build_version() };
     let worker: RegisterWorkerResponse = call(&coordinator, action::REGISTER_WORKER, &register).await.unwrap();
     let client = t.client.clone();
     let query = tokio::spawn(async move { client.collect("SELECT sum(v) FROM lost WHERE v % 3 = 0").await });

@@ -65,7 +65,7 @@ fn stage_key_filter() -> Vec<u8> {
 fn control_messages_and_tickets_decode_or_fail_without_panicking() {
     let seeds = vec![
         OutputTicket { key: Some(key()), partition: 3 }.encode_to_vec(),
-        RegisterWorker { address: "http://127.0.0.1:1".into(), slots: 4, memory_limit_bytes: 1 << 30, express_slots: 1 }.encode_to_vec(),
+        RegisterWorker { address: "http://127.0.0.1:1".into(), slots: 4, memory_limit_bytes: 1 << 30, express_slots: 1, version: quiver::protocol::build_version() }.encode_to_vec(),
         Heartbeat { worker_id: "w-1".into(), tasks: vec![key()], ..Default::default() }.encode_to_vec(),
         PollTask { worker_id: "w-1".into(), session: 7, max_tasks: 4, express_tasks: 1 }.encode_to_vec(),
         ReleaseAttempt { key: Some(key()) }.encode_to_vec(),

@@ -176,7 +176,7 @@ async fn only_cluster_members_reach_the_control_plane_and_the_workers() {
     let t = closed_cluster().await;
     let url = t.cluster.url();
     let (token, _) = t.store.create_token(ADMIN.0, None).unwrap();
-    let register = RegisterWorker { address: "http://127.0.0.1:9".into(), slots: 1, memory_limit_bytes: 1 << 30, express_slots: 0 };
+    let register = RegisterWorker { address: "http://127.0.0.1:9".into(), slots: 1, memory_limit_bytes: 1 << 30, express_slots: 0, version: quiver::protocol::build_version() };
     let strangers = [
         ("nothing", Credentials::None),
         ("an admin's token", Credentials::Bearer(token.clone())),

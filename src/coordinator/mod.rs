@@ -43,7 +43,7 @@ use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS, LI
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use crate::protocol::{
-    error_text, quiver_error, ErrorKind, action, Empty, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, QueryProgressRequest, RegisterWorker,
+    build_version, error_text, quiver_error, ErrorKind, action, Empty, Heartbeat, HeartbeatResponse, PollTask, PollTaskResponse, QueryProgressRequest, RegisterWorker,
     RegisterWorkerResponse, ReleaseQuery, TaskReport,
 };
 use crate::auth::{Authenticator, Caller};
@@ -271,6 +271,20 @@ async fn check_advertised(url: &str, security: &ClientSecurity) -> Result<()> {
     }
 }
 
+/// Refuses a worker of another build: it would decode this coordinator's Task plans wrongly
+/// or not at all, and fail (or worse, misread) every Task it took.
+fn check_build(r: &RegisterWorker) -> Result<()> {
+    let ours = build_version();
+    if r.version == ours {
+        return Ok(());
+    }
+    let theirs = if r.version.is_empty() { "a build that does not say its version" } else { r.version.as_str() };
+    Err(quiver_error(
+        ErrorKind::Configuration,
+        format!("the worker at {} runs {theirs}, this coordinator {ours}: run the same build on every node", r.address),
+    ))
+}
+
 fn decode<M: Message + Default>(body: &Bytes) -> Result<M> {
     M::decode(body.clone()).map_err(|e| quiver_error(ErrorKind::Plan, format!("malformed message: {e}")))
 }
@@ -326,6 +340,7 @@ impl SqlHandler for Service {
         let reply = match name {
             action::REGISTER_WORKER => {
                 let r: RegisterWorker = decode(&body)?;
+                check_build(&r)?;
                 check_advertised(&r.address, self.0.cluster.security()).await?;
                 let (worker_id, session) = core.cluster.register_worker(r.address, r.slots, r.express_slots, r.memory_limit_bytes);
                 RegisterWorkerResponse { worker_id, session }.encode_to_vec()

@@ -38,6 +38,13 @@ impl fmt::Display for TaskKey {
     }
 }
 
+/// The build a worker and its coordinator must share: Task plans are encoded by one version of
+/// Quiver and DataFusion for that same version to decode, and a Task's settings are named as
+/// that DataFusion names them.
+pub fn build_version() -> String {
+    format!("quiver {} (DataFusion {})", env!("CARGO_PKG_VERSION"), datafusion::DATAFUSION_VERSION)
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RegisterWorker {
     /// Address other processes reach this worker's Flight service at, e.g. `http://127.0.0.1:4100`.
@@ -51,6 +58,9 @@ pub struct RegisterWorker {
     /// that a small Query does not wait for a large one's Tasks to end.
     #[prost(uint32, tag = "4")]
     pub express_slots: u32,
+    /// The worker's [`build_version`]; a coordinator of another build refuses it.
+    #[prost(string, tag = "5")]
+    pub version: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -35,7 +35,7 @@ use crate::config::{
 };
 use crate::planner::{shuffle_partitioning, AttemptNumber};
 use crate::protocol::{
-    action, classify, decode_plan, error_text, StoreConfig, error_to_remote, quiver_error, Empty, ErrorKind, Heartbeat, HeartbeatResponse, OutputTicket,
+    action, build_version, classify, decode_plan, error_text, StoreConfig, error_to_remote, quiver_error, Empty, ErrorKind, Heartbeat, HeartbeatResponse, OutputTicket,
     PollTask, PollTaskResponse, RegisterWorker, RegisterWorkerResponse, ReleaseAttempt, ReleaseQuery, StageKeyFilter, TaskAssignment,
     TaskKey, TaskReport, TaskState,
 };
@@ -334,6 +334,7 @@ async fn membership_loop(state: Arc<State>) {
                 slots: state.config.slots as u32,
                 memory_limit_bytes: state.config.memory_limit_bytes,
                 express_slots: state.config.express_slots as u32,
+                version: build_version(),
             };
             match call::<_, RegisterWorkerResponse>(&state.coordinator, action::REGISTER_WORKER, &request).await {
                 Ok(reply) => {
