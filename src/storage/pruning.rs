@@ -137,6 +137,9 @@ fn read_footers(
 ) -> Option<impl futures::Stream<Item = (ObjectMeta, Result<Arc<ParquetMetaData>>)>> {
     let store = runtime.object_store(&scan.object_store_url).ok()?;
     let cache = runtime.cache_manager.get_file_metadata_cache();
+    // The scan's own guess at the footer's size: one read fetches the end of the file, footer
+    // and all, where reading its length first would cost a second round trip to the store.
+    let hint = scan.file_source.downcast_ref::<ParquetSource>().and_then(|p| p.table_parquet_options().global.metadata_size_hint);
     let reads = files.into_iter().map(move |meta| {
         let (store, cache) = (Arc::clone(&store), Arc::clone(&cache));
         async move {
@@ -144,6 +147,7 @@ fn read_footers(
             // business (asking for it here would re-read it on every Query for a file that has
             // none).
             let footer = DFParquetMetadata::new(store.as_ref(), &meta)
+                .with_metadata_size_hint(hint)
                 .with_file_metadata_cache(Some(cache))
                 .with_page_index_policy(Some(PageIndexPolicy::Skip))
                 .fetch_metadata()
@@ -199,3 +203,6 @@ fn group_bytes(group: &RowGroupMetaData, columns: Option<&HashSet<String>>) -> u
     };
     group.columns().iter().filter(|c| read(c.column_path().parts().first())).map(|c| c.compressed_size().max(0) as u64).sum()
 }
+
+#[cfg(test)]
+mod tests;
