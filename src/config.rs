@@ -349,8 +349,8 @@ const WORKER_EXECUTION_OPTIONS: [&str; 2] = ["datafusion.execution.target_partit
 
 /// The session's `datafusion.execution.*` settings that differ from [`session_config`]'s: what
 /// a worker must apply for a Task to execute as it would on one node (batch size, partial
-/// aggregation skipping, spilling, Parquet reading). Planning settings are not sent: the
-/// coordinator has already planned.
+/// aggregation skipping, spilling, Parquet reading, time zone). Planning settings are not sent:
+/// the coordinator has already planned.
 pub fn execution_options(session: &ConfigOptions) -> BTreeMap<String, String> {
     let defaults: BTreeMap<String, Option<String>> = session_config(1).options().entries().into_iter().map(|e| (e.key, e.value)).collect();
     session

@@ -347,11 +347,6 @@ fn corrupt_parquet(body: usize, metadata_len: u32) -> Vec<u8> {
     bytes
 }
 
-/// A footer the small-query estimate cannot read (a corrupt Parquet file appears beside a good
-/// one) makes the Query "not small", never wrong: it is distributed, its scan meets the same file
-/// and the client gets the Parquet error naming it. A file whose footer makes the Parquet reader
-/// panic (its metadata would start before the file: a subtraction that overflows in a debug
-/// build) fails its statement with an error too, and the cluster goes on serving.
 /// `file_row_index()` adds a virtual column to its Parquet scan, which DataFusion 55's plan
 /// encoding drops: a worker's Task failed with "Column index 1 out of bounds for projected
 /// expressions of length 1". Such a scan is not sent to the workers.
@@ -370,6 +365,11 @@ async fn a_scan_with_file_row_index_stays_on_the_coordinator() {
     assert_eq!(modes, [["distributed"]], "a scan without the virtual column is still distributed");
 }
 
+/// A footer the small-query estimate cannot read (a corrupt Parquet file appears beside a good
+/// one) makes the Query "not small", never wrong: it is distributed, its scan meets the same file
+/// and the client gets the Parquet error naming it. A file whose footer makes the Parquet reader
+/// panic (its metadata would start before the file: a subtraction that overflows in a debug
+/// build) fails its statement with an error too, and the cluster goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_corrupt_parquet_file_fails_its_statement_with_an_error() {
     let mut config = many_tasks_config();
@@ -617,19 +617,25 @@ async fn session_execution_settings_reach_the_workers() {
 /// The session's time zone reaches the workers' functions: `to_timestamp` takes the zone when
 /// it is built, and a worker that decoded its Task's plan with its own zone computed timestamps
 /// the plan did not declare ("column types must match schema types, expected Timestamp(ns,
-/// "+05:00") but found Timestamp(ns)"). DataFusion 55 fails on one node too for string
+/// "+05:00") but found Timestamp(ns)"). A view defined before the SET keeps its own zone, as on
+/// one node. DataFusion 55 fails on one node too for string
 /// arguments under a session zone, and for named zones: the test converts epoch seconds under
 /// fixed offsets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_session_time_zone_reaches_the_workers_functions() {
     let t = TestCluster::start(2).await;
     t.both("CREATE TABLE stamps AS SELECT value AS id, 1700000000 + value * 4567 AS secs FROM generate_series(1, 3000)").await;
+    // A view keeps the functions it was defined with, zone and all, on one node.
+    t.both("CREATE VIEW stamps_then AS SELECT id, to_timestamp(secs) AS ts FROM stamps").await;
     let sql = "SELECT id, to_timestamp(secs) AS ts, arrow_typeof(to_timestamp(secs)) AS ty, \
                CAST(to_timestamp(secs) AS VARCHAR) AS txt, date_part('hour', to_timestamp(secs)) AS h FROM stamps ORDER BY id";
+    let view = "SELECT id, ts, arrow_typeof(ts) AS ty, CAST(ts AS VARCHAR) AS txt FROM stamps_then ORDER BY id";
     for zone in ["+05:00", "-03:30"] {
         t.both(&format!("SET datafusion.execution.time_zone = '{zone}'")).await;
         t.check_same(sql).await;
         assert_eq!(first_stage_rows(&t, sql).await, 3000, "the projection should run in a worker's Task");
+        t.check_same(view).await;
+        assert_eq!(first_stage_rows(&t, view).await, 3000, "the view's projection should run in a worker's Task");
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use datafusion::arrow::datatypes::Schema;
+use datafusion::arrow::datatypes::{DataType, Schema};
 use datafusion::common::{plan_err, DataFusionError, Result, ScalarValue};
 use datafusion::physical_expr::{AcrossPartitions, ConstExpr, EquivalenceProperties};
 use datafusion::physical_plan::Partitioning;
@@ -14,10 +14,8 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::logical_expr::ColumnarValue;
 use datafusion::physical_expr::expressions::Literal;
 use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
-use datafusion::physical_expr::PhysicalExpr;
-use datafusion_proto::bytes::{
-    physical_plan_from_bytes_with_extension_codec, physical_plan_to_bytes_with_proto_converter,
-};
+use datafusion::physical_expr::{PhysicalExpr, ScalarFunctionExpr};
+use datafusion_proto::bytes::{physical_plan_from_bytes_with_proto_converter, physical_plan_to_bytes_with_proto_converter};
 use datafusion_proto::physical_plan::from_proto::{parse_physical_exprs, parse_physical_sort_exprs, parse_protobuf_partitioning};
 use datafusion_proto::physical_plan::to_proto::{
     serialize_partitioning, serialize_physical_expr_with_converter, serialize_physical_exprs, serialize_physical_sort_exprs,
@@ -270,27 +268,29 @@ impl PhysicalExtensionCodec for QuiverCodec {
 /// Encodes a Task plan. Scalar subquery results the coordinator has computed travel as
 /// literals: a worker has no subquery to read them from.
 pub fn encode_plan(plan: Arc<dyn ExecutionPlan>) -> Result<Vec<u8>> {
-    Ok(physical_plan_to_bytes_with_proto_converter(plan, &QuiverCodec::default(), &SubqueryResultsAsLiterals::default())?.to_vec())
+    Ok(physical_plan_to_bytes_with_proto_converter(plan, &QuiverCodec::default(), &QuiverConversion::default())?.to_vec())
 }
 
 /// Encodes a Task plan, or answers None when it reads a scalar subquery value that is not
 /// computed yet: such a plan is encoded once the value is known.
 pub fn encode_plan_when_resolved(plan: Arc<dyn ExecutionPlan>) -> Result<Option<Vec<u8>>> {
-    let converter = SubqueryResultsAsLiterals::default();
+    let converter = QuiverConversion::default();
     match physical_plan_to_bytes_with_proto_converter(plan, &QuiverCodec::default(), &converter) {
         _ if converter.unresolved.load(Ordering::Relaxed) => Ok(None),
         encoded => Ok(Some(encoded?.to_vec())),
     }
 }
 
-/// The default conversion, except that a resolved `ScalarSubqueryExpr` becomes its value.
+/// DataFusion's conversion, with two changes. Encoding: a resolved `ScalarSubqueryExpr` becomes
+/// its value. Decoding: a function that takes a setting when it is built is rebuilt as the plan
+/// declares it ([`as_planned`]).
 #[derive(Default)]
-struct SubqueryResultsAsLiterals {
+struct QuiverConversion {
     /// It met a `ScalarSubqueryExpr` without a value (encoding then fails).
     unresolved: AtomicBool,
 }
 
-impl PhysicalProtoConverterExtension for SubqueryResultsAsLiterals {
+impl PhysicalProtoConverterExtension for QuiverConversion {
     fn proto_to_execution_plan(
         &self,
         proto: &protobuf::PhysicalPlanNode,
@@ -313,7 +313,7 @@ impl PhysicalProtoConverterExtension for SubqueryResultsAsLiterals {
         input_schema: &Schema,
         ctx: &PhysicalPlanDecodeContext<'_>,
     ) -> Result<Arc<dyn PhysicalExpr>> {
-        self.default_proto_to_physical_expr(proto, input_schema, ctx)
+        as_planned(self.default_proto_to_physical_expr(proto, input_schema, ctx)?)
     }
 
     fn physical_expr_to_proto(
@@ -333,13 +333,32 @@ impl PhysicalProtoConverterExtension for SubqueryResultsAsLiterals {
     }
 }
 
+/// `expr`, with its function rebuilt under the time zone its declared return type names when
+/// that function takes settings when built. `to_timestamp` and `now` take the time zone: the
+/// coordinator's plan holds the instances its logical plan was made with (under the session's
+/// zone, or the zone a view was defined under), and a worker's own instance would return another
+/// type than the plan declares. All of DataFusion 55's such functions return
+/// `Timestamp(_, zone)`, so the declared return type names the zone to rebuild with.
+fn as_planned(expr: Arc<dyn PhysicalExpr>) -> Result<Arc<dyn PhysicalExpr>> {
+    let Some(function) = expr.downcast_ref::<ScalarFunctionExpr>() else { return Ok(expr) };
+    let DataType::Timestamp(_, zone) = function.return_type() else { return Ok(expr) };
+    let mut config = function.config_options().clone();
+    config.execution.time_zone = zone.as_ref().map(|z| z.to_string());
+    let Some(rebuilt) = function.fun().inner().with_updated_config(&config) else { return Ok(expr) };
+    let declared = function.return_field(&Schema::empty())?;
+    let args = function.args().to_vec();
+    let options = Arc::new(function.config_options().clone());
+    Ok(Arc::new(ScalarFunctionExpr::new(function.name(), Arc::new(rebuilt), args, declared, options)))
+}
+
 /// Decodes a Task plan; its Stage readers read through `source`.
 ///
 /// DataFusion's plan decoding panics on some malformed input (an index out of range, a plan
 /// kind this build leaves out); the bytes come from the network, so a panic becomes an error
 /// here instead of taking a Task's thread down.
 pub fn decode_plan(bytes: &[u8], ctx: &TaskContext, source: Option<Arc<dyn StageSource>>) -> Result<Arc<dyn ExecutionPlan>> {
-    let decode = std::panic::AssertUnwindSafe(|| physical_plan_from_bytes_with_extension_codec(bytes, ctx, &QuiverCodec { source }));
+    let decode =
+        std::panic::AssertUnwindSafe(|| physical_plan_from_bytes_with_proto_converter(bytes, ctx, &QuiverCodec { source }, &QuiverConversion::default()));
     std::panic::catch_unwind(decode).unwrap_or_else(|panic| {
         let why = panic
             .downcast_ref::<String>()

@@ -38,11 +38,16 @@ impl fmt::Display for TaskKey {
     }
 }
 
+/// The version of what a worker and its coordinator exchange: these messages, the plan
+/// encoding and the settings a Task may carry. **Bump it with every change to any of them**,
+/// so that a worker built before the change is refused instead of misreading.
+pub const PROTOCOL_VERSION: u32 = 1;
+
 /// The build a worker and its coordinator must share: Task plans are encoded by one version of
 /// Quiver and DataFusion for that same version to decode, and a Task's settings are named as
 /// that DataFusion names them.
 pub fn build_version() -> String {
-    format!("quiver {} (DataFusion {})", env!("CARGO_PKG_VERSION"), datafusion::DATAFUSION_VERSION)
+    format!("quiver {} protocol {PROTOCOL_VERSION} (DataFusion {})", env!("CARGO_PKG_VERSION"), datafusion::DATAFUSION_VERSION)
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

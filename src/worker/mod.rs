@@ -542,33 +542,13 @@ fn execute_task(plan: &Arc<dyn ExecutionPlan>, partition: usize, context: TaskCo
 
 /// The context a Task's plan is decoded and run in: the worker's session under the Task's
 /// execution settings, with its Attempt's number (a write Task names its file after its
-/// Attempt, so that two Attempts of one Task never write the same file).
-///
-/// Functions that take a setting when they are built (`to_timestamp` takes the time zone) are
-/// rebuilt under the Task's settings, as DataFusion does on `SET`: decoded with the worker's
-/// own, they would compute in its zone while the plan declares the session's.
+/// Attempt, so that two Attempts of one Task never write the same file). Functions that take a
+/// setting when built are decoded as the plan declares them (`protocol::decode_plan`).
 fn task_context(ctx: &SessionContext, key: &TaskKey, options: &BTreeMap<String, String>) -> Result<TaskContext> {
-    let task = ctx.task_ctx();
+    let task = TaskContext::from(ctx);
     let mut config = task.session_config().clone().with_extension(Arc::new(AttemptNumber(key.attempt)));
     crate::config::apply_execution_options(&mut config, options)?;
-    let scalar_functions = task
-        .scalar_functions()
-        .iter()
-        .map(|(name, udf)| {
-            let rebuilt = if options.is_empty() { None } else { udf.inner().with_updated_config(config.options()) };
-            (name.clone(), rebuilt.map_or_else(|| Arc::clone(udf), Arc::new))
-        })
-        .collect();
-    Ok(TaskContext::new(
-        task.task_id(),
-        task.session_id(),
-        config,
-        scalar_functions,
-        task.higher_order_functions().clone(),
-        task.aggregate_functions().clone(),
-        task.window_functions().clone(),
-        task.runtime_env(),
-    ))
+    Ok(task.with_session_config(config))
 }
 
 /// `context` for running `executed`. A hash join's dynamic filter waits until every partition
