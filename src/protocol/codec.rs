@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Schema};
+use datafusion::common::config::ConfigOptions;
 use datafusion::common::{plan_err, DataFusionError, Result, ScalarValue};
 use datafusion::physical_expr::{AcrossPartitions, ConstExpr, EquivalenceProperties};
 use datafusion::physical_plan::Partitioning;
@@ -313,7 +314,8 @@ impl PhysicalProtoConverterExtension for QuiverConversion {
         input_schema: &Schema,
         ctx: &PhysicalPlanDecodeContext<'_>,
     ) -> Result<Arc<dyn PhysicalExpr>> {
-        as_planned(self.default_proto_to_physical_expr(proto, input_schema, ctx)?)
+        let expr = self.default_proto_to_physical_expr(proto, input_schema, ctx)?;
+        as_planned(expr, input_schema, ctx.task_ctx().session_config().options())
     }
 
     fn physical_expr_to_proto(
@@ -339,16 +341,27 @@ impl PhysicalProtoConverterExtension for QuiverConversion {
 /// zone, or the zone a view was defined under), and a worker's own instance would return another
 /// type than the plan declares. All of DataFusion 55's such functions return
 /// `Timestamp(_, zone)`, so the declared return type names the zone to rebuild with.
-fn as_planned(expr: Arc<dyn PhysicalExpr>) -> Result<Arc<dyn PhysicalExpr>> {
+fn as_planned(expr: Arc<dyn PhysicalExpr>, input_schema: &Schema, options: &Arc<ConfigOptions>) -> Result<Arc<dyn PhysicalExpr>> {
     let Some(function) = expr.downcast_ref::<ScalarFunctionExpr>() else { return Ok(expr) };
-    let DataType::Timestamp(_, zone) = function.return_type() else { return Ok(expr) };
+    let declared = function.return_type();
+    let DataType::Timestamp(_, zone) = declared else { return Ok(expr) };
+    let arg_types = function.args().iter().map(|arg| arg.data_type(input_schema)).collect::<Result<Vec<_>>>()?;
+    // Most functions that return timestamps (date_trunc, from_unixtime, …) already return
+    // what the plan declares: nothing to rebuild.
+    if function.fun().return_type(&arg_types).ok().as_ref() == Some(declared) {
+        return Ok(expr);
+    }
     let mut config = function.config_options().clone();
     config.execution.time_zone = zone.as_ref().map(|z| z.to_string());
     let Some(rebuilt) = function.fun().inner().with_updated_config(&config) else { return Ok(expr) };
-    let declared = function.return_field(&Schema::empty())?;
-    let args = function.args().to_vec();
-    let options = Arc::new(function.config_options().clone());
-    Ok(Arc::new(ScalarFunctionExpr::new(function.name(), Arc::new(rebuilt), args, declared, options)))
+    // A function whose zone is not the one it was built with: left as it is, to fail loudly
+    // (DataFusion checks a function's result against its declared type).
+    if rebuilt.return_type(&arg_types).ok().as_ref() != Some(declared) {
+        return Ok(expr);
+    }
+    let (name, args) = (function.name().to_string(), function.args().to_vec());
+    let field = function.return_field(input_schema)?;
+    Ok(Arc::new(ScalarFunctionExpr::new(&name, Arc::new(rebuilt), args, field, Arc::clone(options))))
 }
 
 /// Decodes a Task plan; its Stage readers read through `source`.
