@@ -360,6 +360,9 @@ async fn a_scan_with_file_row_index_stays_on_the_coordinator() {
     t.both(&format!("CREATE EXTERNAL TABLE indexed (v BIGINT) STORED AS PARQUET LOCATION '{}/'", dir.display())).await;
     t.check_same("SELECT file_row_index() AS i, v FROM indexed WHERE file_row_index() % 7 = 3 ORDER BY v").await;
     t.check_same("SELECT count(*), sum(file_row_index()) FROM indexed").await;
+    let explain = t.cluster_rows("EXPLAIN SELECT file_row_index() AS i, v FROM indexed").await;
+    let dag = &explain.iter().find(|r| r[0] == "distributed_plan").expect("a distributed plan")[1];
+    assert!(dag.contains("keeps file scans because DataFusion's plan encoding would lose a file scan's virtual columns"), "{dag}");
     t.check_same("SELECT count(*), sum(v) FROM indexed").await;
     let modes = t.cluster_rows("SELECT mode FROM quiver.queries WHERE sql LIKE 'SELECT count(*), sum(v)%'").await;
     assert_eq!(modes, [["distributed"]], "a scan without the virtual column is still distributed");

@@ -61,7 +61,15 @@ pub(super) fn render(plan: &DistributedPlan, annotate: Option<&dyn Fn(StageId) -
         }
         indent(&mut out, &stage.fragment, false);
     }
-    let _ = writeln!(out, "Final stage [coordinator]:");
+    let kept = plan.small_input_bytes.is_none().then(|| super::rules::why_scans_stay(&plan.root)).flatten();
+    match kept {
+        Some(why) => {
+            let _ = writeln!(out, "Final stage [coordinator], which keeps file scans because {why}:");
+        }
+        None => {
+            let _ = writeln!(out, "Final stage [coordinator]:");
+        }
+    }
     indent(&mut out, &plan.root, annotate.is_some());
     out
 }

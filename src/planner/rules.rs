@@ -164,10 +164,41 @@ const NOT_SENDABLE: [&str; 2] = ["PiecewiseMergeJoinExec", "PartitionedTopKExec"
 /// (`GROUP BY GROUPING SETS (())`) comes back as an aggregate without groups, which on a
 /// worker returns no row at all; see also the two functions below.
 fn loses_in_encoding(plan: &dyn ExecutionPlan) -> bool {
+    lost_in_encoding(plan).is_some()
+}
+
+/// What the encoding would lose of `plan` ([`loses_in_encoding`]), in words.
+fn lost_in_encoding(plan: &dyn ExecutionPlan) -> Option<&'static str> {
     let empty_grouping_set = plan
         .downcast_ref::<AggregateExec>()
         .is_some_and(|a| a.group_expr().has_grouping_set() && a.group_expr().expr().is_empty());
-    empty_grouping_set || window_ignores_nulls(plan) || has_lossy_expression(plan) || has_virtual_columns(plan)
+    match () {
+        _ if empty_grouping_set => Some("an aggregate over the empty grouping set"),
+        _ if window_ignores_nulls(plan) => Some("a window function's IGNORE NULLS"),
+        _ if has_lossy_expression(plan) => Some("a Float16 literal"),
+        _ if has_virtual_columns(plan) => Some("a file scan's virtual columns (file_row_index())"),
+        _ => None,
+    }
+}
+
+/// Why file scans in `root` (the final Stage) stay on the coordinator: the first operator, from
+/// the top, over one of them that may not run on workers, in words. None when no scan is there
+/// or none of these rules keeps it.
+pub(super) fn why_scans_stay(root: &Arc<dyn ExecutionPlan>) -> Option<String> {
+    if !reads_files(root) {
+        return None;
+    }
+    let name = root.name();
+    let own = if reads_scalar_subquery(root.as_ref()) {
+        Some(format!("{name} reads a scalar subquery's value"))
+    } else if COORDINATOR_ONLY.contains(&name) {
+        Some(format!("{name} runs only on the coordinator"))
+    } else if NOT_SENDABLE.contains(&name) {
+        Some(format!("DataFusion's plan encoding has no form for {name}"))
+    } else {
+        lost_in_encoding(root.as_ref()).map(|what| format!("DataFusion's plan encoding would lose {what} ({name})"))
+    };
+    own.or_else(|| root.children().into_iter().find_map(why_scans_stay))
 }
 
 /// A file scan with virtual columns (`file_row_index()` adds one): the encoding drops them, and
