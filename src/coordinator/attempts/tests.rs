@@ -629,14 +629,21 @@ fn a_skewed_partition_under_a_final_aggregate_is_merged_from_its_pieces() {
     assert_eq!(metrics.partition_bytes, vec![4 * MIB, 4 * MIB], "pieces' partial states are not the Stage's output");
 }
 
-#[test]
-fn a_merge_is_not_stopped_by_the_loss_of_producers_its_pieces_already_reduced() {
+/// [`skew_aggregate_input`] with every piece done on w2 and the merge Task running on w3
+/// (producers on w1).
+fn merge_running_on_w3() -> Driver {
     let mut d = Driver::new(aggregate_stages(false));
     let pieces = skew_aggregate_input(&mut d);
     for q in &pieces {
         d.succeed_with(&q.key, "w2", vec![MIB]);
     }
     d.assign(&key(1, 2, 0), "w3");
+    d
+}
+
+#[test]
+fn a_merge_is_not_stopped_by_the_loss_of_producers_its_pieces_already_reduced() {
+    let mut d = merge_running_on_w3();
     d.lose("w1");
     assert_eq!(d.state(&key(1, 2, 0)), TaskState::Running);
     d.report(&key(1, 2, 0), "w3", TaskState::Succeeded, None);
@@ -645,12 +652,7 @@ fn a_merge_is_not_stopped_by_the_loss_of_producers_its_pieces_already_reduced() 
 
 #[test]
 fn a_lost_piece_stops_its_merge_and_runs_again_before_it() {
-    let mut d = Driver::new(aggregate_stages(false));
-    let pieces = skew_aggregate_input(&mut d);
-    for q in &pieces {
-        d.succeed_with(&q.key, "w2", vec![MIB]);
-    }
-    d.assign(&key(1, 2, 0), "w3");
+    let mut d = merge_running_on_w3();
     d.lose("w2");
     assert_eq!(d.state(&key(1, 2, 0)), TaskState::Cancelled, "the merge read outputs that are gone");
     let again: Vec<TaskKey> = d.waiting().into_iter().filter(|k| k.stage == 1 && k.attempt == 1).collect();
