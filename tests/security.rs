@@ -201,6 +201,23 @@ async fn only_cluster_members_reach_the_control_plane_and_the_workers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scalar_subquery_belongs_to_whoever_started_its_query() {
+    // Regression: sub-Queries were recorded as "anonymous": their owner could not see them, and
+    // a user of that name could have seen and cancelled them.
+    let t = closed_cluster().await;
+    let taken = t.store.add_user("anonymous", Role::Reader, "a password");
+    assert!(taken.is_err(), "the name of unauthenticated callers is not a user's");
+    t.admin.collect("CREATE TABLE nums AS SELECT value AS v FROM generate_series(1, 100)").await.unwrap();
+    let (_, batches) = t.reader.collect("SELECT count(*) FROM nums WHERE v > (SELECT avg(v) FROM nums)").await.unwrap();
+    assert_eq!(rows(&batches), vec![vec!["50".to_string()]]);
+    let mine = "SELECT \"user\", state FROM quiver.queries WHERE query_id LIKE '%.sq0'";
+    let (_, batches) = t.reader.collect(mine).await.unwrap();
+    assert_eq!(rows(&batches), vec![vec![READER.0.to_string(), "succeeded".to_string()]], "the reader sees his sub-Query");
+    let (_, batches) = t.admin.collect(mine).await.unwrap();
+    assert_eq!(rows(&batches), vec![vec![READER.0.to_string(), "succeeded".to_string()]], "as his");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_http_port_asks_for_the_same_credentials() {
     let t = closed_cluster().await;
     let addr = t.cluster.http_addr().unwrap();

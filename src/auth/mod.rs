@@ -37,6 +37,8 @@ pub const AUTH_HEADER_BYTES_MAX: usize = 4 * 1024;
 pub const LOGINS_CONCURRENT_MAX: usize = 2;
 /// How long a login waits for its turn before it is refused.
 pub const LOGIN_WAIT_MS: u64 = 5_000;
+/// The name of a caller who presents nothing to a server without users; no user may take it.
+pub const ANONYMOUS: &str = "anonymous";
 
 /// Who makes a request, once authenticated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +50,7 @@ pub struct Caller {
 impl Caller {
     /// The caller of a server with no authentication: it may do anything.
     pub fn open() -> Self {
-        Self { name: "anonymous".into(), role: Role::Open }
+        Self { name: ANONYMOUS.into(), role: Role::Open }
     }
 
     /// May run SELECT, EXPLAIN and SHOW.
@@ -184,7 +186,7 @@ impl Authenticator {
         match (&self.users, &self.cluster) {
             (None, None) => Ok(Caller::open()),
             // Clients are not authenticated, but only nodes hold the cluster key.
-            (None, Some(_)) => Ok(Caller { name: "anonymous".into(), role: Role::Admin }),
+            (None, Some(_)) => Ok(Caller { name: ANONYMOUS.into(), role: Role::Admin }),
             (Some(_), _) => Err(Refused("authentication required: log in with a user and password, or a token".into())),
         }
     }

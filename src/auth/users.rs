@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{Caller, Refused};
+use super::{Caller, Refused, ANONYMOUS};
 
 /// Where, under the data directory, users and tokens are kept.
 pub const AUTH_DIR: &str = "auth";
@@ -248,6 +248,11 @@ fn info(t: &Token) -> TokenInfo {
 }
 
 fn check_user_name(name: &str) -> Result<(), Refused> {
+    if name == ANONYMOUS {
+        // The name of every caller of a server without users: a user of that name would own
+        // their Queries after a restart with users, and they his.
+        return Err(Refused(format!("'{ANONYMOUS}' is the name of unauthenticated callers; choose another")));
+    }
     let valid = !name.is_empty()
         && name.len() <= USER_NAME_BYTES_MAX
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));

@@ -194,13 +194,14 @@ impl Cluster {
         }
     }
 
-    /// Records a Query as started. Its text is kept with the values of secret options (an
+    /// Records a Query as started by `user`, who alone (or an admin) may fetch, follow or
+    /// cancel it, from its first moment. Its text is kept with the values of secret options (an
     /// object store's keys) hidden: `quiver.queries` and the web UI show it.
-    pub fn begin_query(&self, id: &str, sql: &str) {
+    pub fn begin_query(&self, id: &str, sql: &str, user: &str) {
         let record = QueryRecord {
             id: id.to_string(),
             sql: crate::storage::redact_sql(sql),
-            user: "anonymous".to_string(),
+            user: user.to_string(),
             state: "running",
             mode: "coordinator",
             stages: 0,
@@ -227,11 +228,12 @@ impl Cluster {
         self.metrics.query_started();
     }
 
-    /// Records who started the Query: only they (or an admin) may fetch, follow or cancel it.
-    pub fn set_query_user(&self, id: &str, user: &str) {
-        if let Some(query) = self.lock().queries.get_mut(id) {
-            query.record.user = user.to_string();
-        }
+    /// Records a Query that `parent` runs for its own sake (a scalar subquery): it belongs to
+    /// whoever started `parent`, who alone (or an admin) may see, follow or cancel it. A parent
+    /// already gone leaves it to admins: no user has an empty name.
+    pub fn begin_subquery(&self, id: &str, parent: &str, sql: &str) {
+        let user = self.lock().queries.get(parent).map(|q| q.record.user.clone()).unwrap_or_default();
+        self.begin_query(id, sql, &user);
     }
 
     /// The object stores the Query's plan reads and its session's execution settings: its
@@ -898,10 +900,10 @@ mod tests {
     async fn small_query_behind_a_large_one(fair_share: bool) -> Vec<String> {
         let cluster = Cluster::new(fair_share);
         let worker = cluster.register_worker("http://w".into(), 4, 0, 1 << 30);
-        cluster.begin_query("large", "large");
+        cluster.begin_query("large", "large", "anonymous");
         cluster.submit("large", stage(4), Adaptive::default()).unwrap();
         let mut order = vec![next_query(&cluster, &worker).await];
-        cluster.begin_query("small", "small");
+        cluster.begin_query("small", "small", "anonymous");
         cluster.submit("small", stage(1), Adaptive::default()).unwrap();
         for _ in 0..2 {
             order.push(next_query(&cluster, &worker).await);
@@ -920,7 +922,7 @@ mod tests {
         let cluster = Cluster::new(true);
         let big = cluster.register_worker("http://big".into(), 4, 0, 1 << 30);
         let _other = cluster.register_worker("http://other".into(), 2, 0, 1 << 30);
-        cluster.begin_query("q", "q");
+        cluster.begin_query("q", "q", "anonymous");
         cluster.submit("q", stage(8), Adaptive::default()).unwrap();
         // 8 ready, 2 free slots elsewhere: the big worker fills its 4 slots in one round trip.
         assert_eq!(cluster.poll(&big.0, big.1, 4, 0).await.unwrap().len(), 4);
@@ -934,13 +936,13 @@ mod tests {
     async fn an_express_slot_takes_only_a_small_querys_tasks() {
         let cluster = Cluster::new(true);
         let worker = cluster.register_worker("http://w".into(), 1, 1, 1 << 30);
-        cluster.begin_query("large", "large");
+        cluster.begin_query("large", "large", "anonymous");
         cluster.submit("large", stage(8), Adaptive::default()).unwrap();
         let taken = cluster.poll(&worker.0, worker.1, 1, 1).await.unwrap();
         assert_eq!(taken.iter().map(|t| t.express).collect::<Vec<_>>(), [false], "the large Query fills the regular slot only");
         // The regular slot is busy: only the express slot polls, and the large Query's Tasks wait.
         assert!(matches!(cluster.try_assign(&worker.0, worker.1, Lane::Express), Ok(Assigned::NotBefore(_))));
-        cluster.begin_query("small", "small");
+        cluster.begin_query("small", "small", "anonymous");
         cluster.submit("small", stage(1), Adaptive::default()).unwrap();
         let express = cluster.poll(&worker.0, worker.1, 0, 1).await.unwrap();
         assert_eq!(express.len(), 1);
@@ -966,7 +968,7 @@ mod tests {
         ];
         let cluster = Cluster::new(true);
         let worker = cluster.register_worker("http://w".into(), 2, 0, 1 << 30);
-        cluster.begin_query("q", "q");
+        cluster.begin_query("q", "q", "anonymous");
         cluster.submit("q", stages, Adaptive::default()).unwrap();
         {
             let mut inner = cluster.lock();
@@ -983,7 +985,7 @@ mod tests {
         let cluster = Cluster::new(true);
         let full = cluster.register_worker("http://full".into(), 2, 0, 1000);
         let roomy = cluster.register_worker("http://roomy".into(), 2, 0, 1000);
-        cluster.begin_query("q", "q");
+        cluster.begin_query("q", "q", "anonymous");
         cluster.submit("q", stage(2), Adaptive::default()).unwrap();
         let beat = Beat { running_tasks: 0, memory_used_bytes: 950, unreachable_peers: Vec::new() };
         assert!(cluster.heartbeat(&full.0, full.1, beat, &[]).is_some());
@@ -991,7 +993,7 @@ mod tests {
         assert!(matches!(cluster.try_assign(&roomy.0, roomy.1, Lane::Regular), Ok(Assigned::Task(_))));
         // Once the roomy worker has no free slot, the full one still helps.
         assert!(matches!(cluster.try_assign(&roomy.0, roomy.1, Lane::Regular), Ok(Assigned::Task(_))));
-        cluster.begin_query("r", "r");
+        cluster.begin_query("r", "r", "anonymous");
         cluster.submit("r", stage(1), Adaptive::default()).unwrap();
         assert!(matches!(cluster.try_assign(&full.0, full.1, Lane::Regular), Ok(Assigned::Task(_))));
     }

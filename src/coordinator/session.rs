@@ -42,8 +42,7 @@ pub async fn start(
     parameters: Option<ParamValues>,
 ) -> Result<(String, SendableRecordBatchStream)> {
     let id = format!("q-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    core.cluster.begin_query(&id, sql);
-    core.cluster.set_query_user(&id, &caller.name);
+    core.cluster.begin_query(&id, sql, &caller.name);
     tracing::info!(query = %id, "query started: {}", crate::storage::redact_sql(sql.trim()));
     let abandoned = Abandoned { core: Some(Arc::clone(core)), id: id.clone() };
     // A panic while the statement is planned (a dependency's bug on a corrupt file, say) is

@@ -35,7 +35,7 @@ pub(super) fn resolve<'a>(
             // Independent of each other, they run at once: one that fails drops (cancels) the
             // others.
             let ids: Vec<String> = (0..exec.subqueries().len()).map(|n| format!("{id}.sq{n}")).collect();
-            let runs = exec.subqueries().iter().zip(&ids).map(|(link, id)| run(core, id, Arc::clone(&link.plan), settings));
+            let runs = exec.subqueries().iter().zip(&ids).map(|(link, sub)| run(core, id, sub, Arc::clone(&link.plan), settings));
             let values = futures::future::try_join_all(runs).await?;
             for (link, value) in exec.subqueries().iter().zip(values) {
                 exec.results().set(link.index, value)?;
@@ -112,7 +112,7 @@ impl Detached {
     /// fails drops (cancels) the others.
     pub(super) async fn run(&self, core: &Arc<Core>, id: &str, settings: &Snapshot) -> Result<Vec<ScalarValue>> {
         let ids: Vec<String> = (0..self.links.len()).map(|n| format!("{id}.sq{n}")).collect();
-        let runs = self.links.iter().zip(&ids).map(|((_, link), id)| run(core, id, Arc::clone(&link.plan), settings));
+        let runs = self.links.iter().zip(&ids).map(|((_, link), sub)| run(core, id, sub, Arc::clone(&link.plan), settings));
         futures::future::try_join_all(runs).await
     }
 
@@ -127,13 +127,13 @@ impl Detached {
 
 /// Runs one subquery as a Query of its own (so its Stages and Tasks are recorded) and returns
 /// its value: NULL for no row, an error for more than one, as DataFusion does. It runs under
-/// the settings of the Query that reads it.
-async fn run(core: &Arc<Core>, id: &str, plan: Arc<dyn ExecutionPlan>, settings: &Snapshot) -> Result<ScalarValue> {
+/// the settings of the Query that reads it, `parent`, and belongs to the same user.
+async fn run(core: &Arc<Core>, parent: &str, id: &str, plan: Arc<dyn ExecutionPlan>, settings: &Snapshot) -> Result<ScalarValue> {
     if plan.schema().fields().len() != 1 {
         return exec_err!("a scalar subquery returns {} columns", plan.schema().fields().len());
     }
     let data_type = plan.schema().field(0).data_type().clone();
-    core.cluster.begin_query(id, &format!("scalar subquery {id}"));
+    core.cluster.begin_subquery(id, parent, &format!("scalar subquery {id}"));
     let mut ended = EndGuard { core: Arc::clone(core), id: id.to_string(), rows: 0, done: false };
     let result = async {
         let (_, mut stream) = start_physical(core, id, plan, None, settings).await?;
