@@ -198,6 +198,12 @@ async fn only_cluster_members_reach_the_control_plane_and_the_workers() {
     }
     let member = connect(&worker_url, &t.cluster.member_security("a-member")).await.unwrap();
     call::<_, Empty>(&member, action::RELEASE_QUERY, &release).await.expect("a member may release");
+
+    // And a member is not a client: it runs no statement, not even one Quiver reads itself.
+    let member = Client::connect_with(&url, &t.cluster.member_security("a-member")).await.unwrap();
+    for sql in ["SELECT 1", "REFRESH TABLE anything"] {
+        assert_denied(member.collect(sql).await, sql);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

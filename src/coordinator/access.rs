@@ -33,9 +33,7 @@ pub(super) fn may_see(owner: &str) -> bool {
 /// Refuses a statement the caller's role does not allow, or that touches files outside the
 /// allowed roots.
 pub(super) fn check(caller: &Caller, plan: &LogicalPlan, paths: &AllowedPaths) -> Result<()> {
-    if !caller.may_query() {
-        return Err(denied(format!("'{}' is a cluster member, not a client: it may not run statements", caller.name)));
-    }
+    may_run_statements(caller)?;
     if writes(plan) && !caller.may_write() {
         return Err(denied(format!(
             "'{}' is a reader: readers may run SELECT, EXPLAIN and SHOW; {} needs an admin",
@@ -49,6 +47,14 @@ pub(super) fn check(caller: &Caller, plan: &LogicalPlan, paths: &AllowedPaths) -
         }
     }
     Ok(())
+}
+
+/// Refuses a caller that may run no statement at all: a cluster member.
+pub(super) fn may_run_statements(caller: &Caller) -> Result<()> {
+    match caller.may_query() {
+        true => Ok(()),
+        false => Err(denied(format!("'{}' is a cluster member, not a client: it may not run statements", caller.name))),
+    }
 }
 
 /// True when the statement changes the catalog, the session or files.

@@ -19,7 +19,7 @@ use futures::StreamExt;
 use super::{session, Core};
 use crate::config::{PREPARED_STATEMENTS_MAX, PREPARED_STATEMENT_IDLE_MS, RESULTS_WAITING_MAX, RESULT_CLAIM_TIMEOUT_MS};
 use crate::auth::Caller;
-use crate::protocol::{cancelled_error, quiver_error, ErrorKind};
+use crate::protocol::cancelled_error;
 use crate::transport::{Cancelled, Prepared, Started, TableEntry};
 
 #[derive(Default)]
@@ -147,9 +147,7 @@ impl Statements {
     }
 
     pub async fn prepare(&self, core: &Core, caller: &Caller, sql: &str) -> Result<Prepared> {
-        if !caller.may_query() {
-            return Err(quiver_error(ErrorKind::Denied, format!("'{}' may not run statements", caller.name)));
-        }
+        super::access::may_run_statements(caller)?;
         let plan = core.ctx.state().create_logical_plan(sql).await?;
         super::access::check(caller, &plan, &core.config.allowed_paths)?;
         let prepared = Prepared {
