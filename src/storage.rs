@@ -116,6 +116,44 @@ pub fn is_store_option(key: &str) -> bool {
     ["aws.", "gcp.", "azure.", "http."].iter().any(|p| key.to_ascii_lowercase().starts_with(p))
 }
 
+/// May a table's `OPTIONS` carry `key` on a coordinator that confines tables to allowed roots?
+/// Credentials, regions and client tuning, yes. Not an option that decides where a location's
+/// store is (an endpoint, a bucket, an account, a proxy), nor one that makes the coordinator
+/// read a local file or call another service for credentials (token and key files, metadata,
+/// STS and MSI endpoints, the Azure CLI): with those, an allowed `s3://bucket/prefix` would
+/// reach another bucket or host, signed with the coordinator's own credentials. Only the
+/// coordinator's configuration (its environment, `--store-option`) sets them there.
+pub fn confined_table_option(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    let Some((prefix, rest)) = key.split_once('.') else { return false };
+    let client = |c: &ClientConfigKey| !matches!(c, ClientConfigKey::ProxyUrl | ClientConfigKey::ProxyCaCertificate | ClientConfigKey::ProxyExcludes);
+    match prefix {
+        "aws" => AmazonS3ConfigKey::from_str(rest).is_ok_and(|k| {
+            use AmazonS3ConfigKey::*;
+            match &k {
+                Client(c) => client(c),
+                AccessKeyId | SecretAccessKey | Token | Region | DefaultRegion | SkipSignature | UnsignedPayload | Checksum | RequestPayer | Encryption(_) => true,
+                _ => false,
+            }
+        }),
+        "gcp" => GoogleConfigKey::from_str(rest).is_ok_and(|k| match &k {
+            GoogleConfigKey::Client(c) => client(c),
+            GoogleConfigKey::ServiceAccountKey | GoogleConfigKey::SkipSignature => true,
+            _ => false,
+        }),
+        "azure" => AzureConfigKey::from_str(rest).is_ok_and(|k| {
+            use AzureConfigKey::*;
+            match &k {
+                Client(c) => client(c),
+                AccessKey | SasKey | Token | ClientId | ClientSecret | AuthorityId | SkipSignature => true,
+                _ => false,
+            }
+        }),
+        "http" => ClientConfigKey::from_str(rest).is_ok_and(|c| client(&c)),
+        _ => false,
+    }
+}
+
 /// Does this option's value have to be kept secret (keys, tokens, passwords)?
 pub fn is_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
@@ -431,6 +469,38 @@ fn byte_offset(sql: &str, location: Location) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_confined_table_names_credentials_never_where_its_store_is() {
+        for allowed in ["aws.region", "AWS.ACCESS_KEY_ID", "aws.secret_access_key", "aws.token", "aws.skip_signature", "aws.timeout", "gcp.service_account_key", "azure.sas_key", "azure.client_secret", "http.connect_timeout"] {
+            assert!(confined_table_option(allowed), "{allowed}");
+        }
+        for placing in [
+            "aws.endpoint",
+            "aws.bucket",
+            "aws.virtual_hosted_style_request",
+            "aws.proxy_url",
+            "aws.sts_endpoint",
+            "aws.web_identity_token_file",
+            "aws.metadata_endpoint",
+            "aws.container_credentials_full_uri",
+            "gcp.bucket",
+            "gcp.service_account",
+            "gcp.application_credentials",
+            "gcp.base_url",
+            "azure.account_name",
+            "azure.endpoint",
+            "azure.use_emulator",
+            "azure.federated_token_file",
+            "azure.use_azure_cli",
+            "azure.msi_endpoint",
+            "http.proxy_url",
+            "aws.no_such_option",
+            "region",
+        ] {
+            assert!(!confined_table_option(placing), "{placing}");
+        }
+    }
 
     fn options(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()

@@ -4,13 +4,13 @@
 
 mod common;
 
-use common::{http_request_with, many_tasks_config, rows};
+use common::{http_request_with, many_tasks_config, rows, TestCluster};
 use datafusion::common::DataFusionError;
 use prost::Message;
-use quiver::auth::{basic_header, ClusterKey, Credentials, Role, UserStore};
+use quiver::auth::{basic_header, AllowedPaths, ClusterKey, Credentials, Role, UserStore};
 use quiver::client::Client;
 use quiver::cluster::{LocalCluster, LocalOptions};
-use quiver::config::WorkerConfig;
+use quiver::config::{CoordinatorConfig, WorkerConfig};
 use quiver::protocol::{action, classify, error_text, ErrorKind, Empty, OutputTicket, RegisterWorker, RegisterWorkerResponse, ReleaseQuery, TaskKey};
 use quiver::transport::{call, connect, fetch_batches, ClientSecurity};
 
@@ -149,6 +149,26 @@ async fn table_files_stay_under_the_allowed_roots() {
     t.admin.collect(&format!("CREATE EXTERNAL TABLE ok STORED AS PARQUET LOCATION '{}'", inside.display())).await.unwrap();
     let (_, batches) = t.reader.collect("SELECT a FROM ok").await.unwrap();
     assert_eq!(rows(&batches), vec![vec!["1".to_string()]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_allowed_store_prefix_cannot_be_pointed_elsewhere_by_table_options() {
+    // Regression: the location was checked, but `aws.endpoint` (and the like) in its OPTIONS
+    // sent the allowed s3://ok/data to another bucket or host, signed with the coordinator's
+    // credentials.
+    let config = CoordinatorConfig { allowed_paths: AllowedPaths::under(&["s3://ok/data".into()]), ..many_tasks_config() };
+    let t = TestCluster::start_configured(1, WorkerConfig::default(), config, None).await;
+    for option in [
+        "'aws.endpoint' 'https://elsewhere.s3.us-east-1.amazonaws.com'",
+        "'aws.virtual_hosted_style_request' 'true'",
+        "'aws.proxy_url' 'http://127.0.0.1:9'",
+        "'aws.web_identity_token_file' '/etc/hostname'",
+    ] {
+        let sql = format!("CREATE EXTERNAL TABLE x STORED AS PARQUET LOCATION 's3://ok/data/' OPTIONS ('aws.region' 'us-east-1', {option})");
+        assert_denied(t.client.collect(&sql).await, &sql);
+    }
+    let outside = "CREATE EXTERNAL TABLE x STORED AS PARQUET LOCATION 's3://other/data/' OPTIONS ('aws.region' 'us-east-1')";
+    assert_denied(t.client.collect(outside).await, outside);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -11,6 +11,7 @@ use datafusion::datasource::source_as_provider;
 use datafusion::logical_expr::{DdlStatement, LogicalPlan};
 
 use crate::auth::{AllowedPaths, Caller};
+use crate::storage::{confined_table_option, is_store_option};
 use crate::protocol::{quiver_error, ErrorKind};
 
 tokio::task_local! {
@@ -45,8 +46,24 @@ pub(super) fn check(caller: &Caller, plan: &LogicalPlan, paths: &AllowedPaths) -
         for location in locations(plan)? {
             paths.check(&location)?;
         }
+        confined_options(plan)?;
     }
     Ok(())
+}
+
+/// Where paths are restricted, an external table's `OPTIONS` may give its store's credentials
+/// and client settings, never where the store is: an allowed location would lead elsewhere.
+fn confined_options(plan: &LogicalPlan) -> Result<()> {
+    let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(create)) = plan else { return Ok(()) };
+    let mut keys: Vec<&String> = create.options.keys().filter(|k| is_store_option(k) && !confined_table_option(k)).collect();
+    keys.sort();
+    match keys.first() {
+        None => Ok(()),
+        Some(key) => Err(denied(format!(
+            "option '{key}' decides where the table's store is or where the coordinator looks for credentials; \
+             where table paths are restricted only the coordinator's configuration sets it (--store-option)"
+        ))),
+    }
 }
 
 /// Refuses a caller that may run no statement at all: a cluster member.
