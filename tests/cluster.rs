@@ -51,6 +51,22 @@ async fn writes_run_as_tasks_that_each_write_one_file() {
     t.check_same_count("SELECT count(DISTINCT v), min(v), max(v) FROM a", vec!["10000", "1", "10000"]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prepared_insert_runs_and_commits_as_an_insert_does() {
+    // Regression: EXECUTE of an INSERT prepared in SQL ran DataFusion's own insert on the
+    // coordinator, which wrote into the table's directory outside the catalog's commit.
+    let t = TestCluster::start(2).await;
+    t.client.collect("CREATE TABLE pa AS SELECT value AS v FROM generate_series(1, 5000)").await.unwrap();
+    t.client.collect("PREPARE grow(BIGINT) AS INSERT INTO pa SELECT v + $1 FROM pa").await.unwrap();
+    assert_eq!(t.cluster_rows("EXECUTE grow(5000)").await, vec![vec!["5000".to_string()]]);
+    let table_dir = t.dir.path().join("data/tables/pa");
+    let segments = std::fs::read_dir(&table_dir).unwrap().filter_map(|e| e.ok()).filter(|e| !e.file_name().to_string_lossy().starts_with('.')).count();
+    assert_eq!(segments, 2, "the INSERT committed a segment of its own");
+    t.check_same_count("SELECT count(DISTINCT v), min(v), max(v) FROM pa", vec!["10000", "1", "10000"]).await;
+    t.client.collect("PREPARE few(BIGINT) AS SELECT count(*) FROM pa WHERE v <= $1").await.unwrap();
+    assert_eq!(t.cluster_rows("EXECUTE few(10)").await, vec![vec!["10".to_string()]]);
+}
+
 /// Regression: a scan limited as a single partition, then spread by round-robin, was cut into
 /// Tasks that each applied the limit; the merge did not apply it again (returned 8, not 7).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

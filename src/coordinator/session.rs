@@ -12,7 +12,7 @@ use datafusion::arrow::array::{AsArray, RecordBatch, UInt64Array};
 use datafusion::arrow::datatypes::{Schema, SchemaRef, UInt64Type};
 use datafusion::common::{exec_err, not_impl_err, plan_err, DFSchema, DataFusionError, ParamValues, Result, TableReference};
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream};
-use datafusion::logical_expr::{DdlStatement, DmlStatement, LogicalPlan, WriteOp};
+use datafusion::logical_expr::{DdlStatement, DmlStatement, LogicalPlan, Statement, WriteOp};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{EmptyRecordBatchStream, ExecutionPlan, ExecutionPlanProperties};
@@ -121,8 +121,22 @@ async fn run(
         Some(values) => plan.with_param_values(values)?,
         None => plan,
     };
+    let plan = prepared_plan(core, caller, plan).await?;
     let done = matches!(plan, LogicalPlan::Ddl(_) | LogicalPlan::Dml(_) | LogicalPlan::Copy(_));
     Ok((dispatch(core, id, sql, plan).await?, done))
+}
+
+/// What an `EXECUTE` runs: the plan its `PREPARE` stored, with its values, checked and then
+/// run as the statement itself would be (a prepared INSERT as a distributed, committed write;
+/// DataFusion would run it as its own insert, writing into the table's directory outside the
+/// catalog). Any other plan as it is.
+async fn prepared_plan(core: &Arc<Core>, caller: &Caller, plan: LogicalPlan) -> Result<LogicalPlan> {
+    if !matches!(plan, LogicalPlan::Statement(Statement::Execute(_))) {
+        return Ok(plan);
+    }
+    let (_, prepared) = core.ctx.execute_logical_plan(plan).await?.into_parts();
+    super::access::check(caller, &prepared, &core.config.allowed_paths)?;
+    Ok(prepared)
 }
 
 /// The table of a `REFRESH TABLE name` statement (Spark's and Hive's words; DataFusion's parser
