@@ -84,6 +84,9 @@ pub enum Cause {
     Superseded,
     /// Its Query ended (succeeded, failed or cancelled) before it did.
     QueryEnded,
+    /// A speculative Attempt still queued when the Attempt it raced ended without an output:
+    /// the Task runs again as a retry instead.
+    RaceEnded,
 }
 
 impl Cause {
@@ -96,6 +99,7 @@ impl Cause {
             Cause::OutputLost => "output_lost",
             Cause::Superseded => "superseded",
             Cause::QueryEnded => "query_ended",
+            Cause::RaceEnded => "race_ended",
         }
     }
 }
@@ -424,6 +428,18 @@ impl TaskRun {
         self.failures += 1;
         self.avoid.insert(worker.to_string());
         self.last_error = Some(error);
+    }
+
+    /// Ends the queued speculative Attempts of a Task none of whose Attempts runs any more:
+    /// the straggler they raced ended without an output. Left queued, one would stand in for
+    /// the Task's retry (skipping its backoff), yet never run on the worker it avoids, even
+    /// when no other is left: the Task would wait forever.
+    fn end_orphaned_speculation(&mut self, now: Instant) -> Vec<Action> {
+        if self.attempts.iter().any(|a| a.record.state == TaskState::Running) {
+            return Vec::new();
+        }
+        let orphans = self.attempts.iter_mut().filter(|a| a.record.state == TaskState::Queued && a.record.started_as == StartedAs::Speculative);
+        orphans.filter_map(|a| a.end(TaskState::Cancelled, Some(Cause::RaceEnded), None, now)).collect()
     }
 }
 
@@ -773,13 +789,19 @@ impl QueryRun {
         out.extend(attempt.end(TaskState::Failed, Some(Cause::Error(error.kind)), Some(&error.message), now));
         if retryable {
             task.fail(worker_id, error);
+            out.extend(task.end_orphaned_speculation(now));
         } else {
             self.fail(error, now, out);
         }
     }
 
     /// The worker `worker_id` was lost: its running Attempts failed and its outputs are gone.
+    /// Once the run has ended or failed, nothing it held matters any more (and the final
+    /// Stage's readers must keep the outcome they were told).
     pub fn worker_lost(&mut self, worker_id: &str, message: &str, now: Instant, out: &mut Vec<Action>) {
+        if self.state != RunState::Running {
+            return;
+        }
         let mut lost_outputs = Vec::new();
         for task in self.tasks.values_mut() {
             for (n, attempt) in task.attempts.iter_mut().enumerate() {
@@ -796,6 +818,7 @@ impl QueryRun {
                     lost_outputs.push(attempt.record.key.clone());
                 }
             }
+            out.extend(task.end_orphaned_speculation(now));
         }
         let error = QuiverError::new(ErrorKind::WorkerLost, message);
         for key in lost_outputs {
@@ -809,6 +832,7 @@ impl QueryRun {
     pub fn unacknowledged(&mut self, worker_id: &str, held: &[TaskKey], timeout: Duration, now: Instant, out: &mut Vec<Action>) {
         let mut changed = false;
         for task in self.tasks.values_mut() {
+            let mut ended = false;
             for attempt in task.attempts.iter_mut() {
                 let silent = attempt.record.state == TaskState::Running
                     && attempt.record.worker_id.as_deref() == Some(worker_id)
@@ -826,6 +850,10 @@ impl QueryRun {
                 task.failures += 1;
                 task.avoid.insert(worker_id.to_string());
                 task.last_error = Some(QuiverError::new(ErrorKind::Unreachable, message));
+                ended = true;
+            }
+            if ended {
+                out.extend(task.end_orphaned_speculation(now));
                 changed = true;
             }
         }
@@ -954,10 +982,15 @@ impl QueryRun {
     fn start_attempt(&mut self, id: TaskId, now: Instant, out: &mut Vec<Action>) -> Result<(), QuiverError> {
         let inputs = Arc::new(self.input_locations(id));
         let task = self.tasks.get_mut(&id).expect("scheduled Task exists");
-        let previous = task.attempts.last().map(|a| (a.record.state, a.record.cause));
+        // The last Attempt that ran (or was lost) for the Task; a speculative one that never
+        // started tells nothing.
+        let previous = task.attempts.iter().rev().find(|a| a.record.cause != Some(Cause::RaceEnded)).map(|a| (a.record.state, a.record.cause));
+        // An Attempt that failed for a cause of its own is retried after a backoff, a recompute
+        // of a lost output included; an output lost is recomputed at once.
+        let failed_itself = matches!(previous, Some((TaskState::Failed, Some(Cause::Error(_) | Cause::WorkerLost | Cause::Unacknowledged))));
         let started_as = match previous {
             None => StartedAs::First,
-            Some(_) if task.attempts.iter().any(|a| a.record.state == TaskState::Succeeded) => StartedAs::Recompute,
+            Some(_) if !failed_itself && task.attempts.iter().any(|a| a.record.state == TaskState::Succeeded) => StartedAs::Recompute,
             Some(_) => StartedAs::Retry,
         };
         if let Some(error) = policy::task_exhausted(task.failures, task.last_error.as_ref(), id) {

@@ -173,6 +173,39 @@ fn a_retryable_failure_runs_again_elsewhere_after_a_backoff() {
 }
 
 #[test]
+fn a_recompute_that_fails_is_retried_after_a_backoff() {
+    // Regression: a Task that had ever succeeded was queued again at once after any failure,
+    // so a recompute could spend every Attempt on a passing fault within milliseconds.
+    let mut d = Driver::new(two_stages(1));
+    d.succeed(&key(0, 0, 0), "w1");
+    d.lose("w1");
+    assert_eq!(d.waiting(), vec![key(0, 0, 1)]);
+    assert_eq!(d.queued.last().unwrap().ready_at, d.now, "a lost output is recomputed at once");
+    d.assign(&key(0, 0, 1), "w2");
+    d.report(&key(0, 0, 1), "w2", TaskState::Failed, Some(io_error()));
+    assert_eq!(d.waiting(), vec![key(0, 0, 2)]);
+    assert!(d.queued.last().unwrap().ready_at > d.now, "its failure waits for a backoff");
+    assert_eq!(d.restarted.last(), Some(&(StartedAs::Retry, Cause::Error(ErrorKind::Io))));
+}
+
+#[test]
+fn a_worker_lost_after_the_query_failed_changes_no_outcome() {
+    // Regression: the loss published "no output yet" over the failure the final Stage's
+    // readers had been told, and a reader waiting on it then waited forever.
+    let mut d = Driver::new(two_stages(1));
+    d.succeed(&key(0, 0, 0), "w2");
+    d.succeed(&key(1, 0, 0), "w1");
+    d.assign(&key(1, 1, 0), "w2");
+    d.report(&key(1, 1, 0), "w2", TaskState::Failed, Some(QuiverError::new(ErrorKind::Execution, "Divide by zero error")));
+    assert!(d.failed.is_some());
+    d.published.clear();
+    d.queued.clear();
+    d.lose("w1");
+    assert!(d.published.is_empty(), "{:?}", d.published);
+    assert!(d.waiting().is_empty());
+}
+
+#[test]
 fn a_failure_that_running_again_cannot_fix_fails_the_query_at_once() {
     let mut d = Driver::new(two_stages(2));
     d.assign(&key(0, 0, 0), "w1");
@@ -407,6 +440,36 @@ fn a_straggler_that_finishes_first_stops_its_speculative_attempt() {
     d.report(&key(0, 3, 1), "w1", TaskState::Succeeded, None);
     assert_eq!(d.run.speculated(), (1, 0));
     assert_eq!(d.queued.last().unwrap().inputs[3].key, Some(key(0, 3, 0)), "consumers read the straggler's output");
+}
+
+#[test]
+fn a_straggler_that_fails_before_its_speculative_attempt_starts_is_retried_as_a_failure() {
+    // Regression: the queued speculative Attempt stood in for the retry, and never ran on the
+    // straggler's worker even when it was the only one left: the Query waited forever.
+    let (mut d, start) = with_a_straggler();
+    d.at_ms(start, 400);
+    d.speculate();
+    d.report(&key(0, 3, 0), "w4", TaskState::Failed, Some(io_error()));
+    assert_eq!(d.state(&key(0, 3, 1)), TaskState::Cancelled, "the race it was queued for is over");
+    assert_eq!(d.run.records().find(|r| r.key == key(0, 3, 1)).unwrap().cause, Some(Cause::RaceEnded));
+    assert_eq!(d.waiting(), vec![key(0, 3, 2)]);
+    let retry = d.queued.last().unwrap();
+    assert!(!retry.speculative && retry.ready_at > d.now, "an ordinary retry, after its backoff");
+    assert_eq!(retry.avoid, vec!["w4".to_string()], "which may still run on w4 when no other worker is left");
+    assert_eq!(d.restarted, vec![(StartedAs::Retry, Cause::Error(ErrorKind::Io))]);
+}
+
+#[test]
+fn a_running_speculative_attempt_outlives_its_failed_straggler() {
+    let (mut d, start) = with_a_straggler();
+    d.at_ms(start, 400);
+    d.speculate();
+    d.assign(&key(0, 3, 1), "w1");
+    d.report(&key(0, 3, 0), "w4", TaskState::Failed, Some(io_error()));
+    assert_eq!(d.state(&key(0, 3, 1)), TaskState::Running);
+    assert!(d.waiting().is_empty(), "no retry beside a running Attempt");
+    d.report(&key(0, 3, 1), "w1", TaskState::Succeeded, None);
+    assert_eq!(d.waiting(), vec![key(1, 0, 0), key(1, 1, 0)]);
 }
 
 #[test]
