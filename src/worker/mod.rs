@@ -433,7 +433,7 @@ async fn run_task(state: &Arc<State>, registration: &Registration, task: TaskAss
 /// (its Query ended, or the coordinator stopped it) leaves no output and is not reported.
 async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskKey, task: TaskAssignment) {
     let started = Instant::now();
-    if state.is_released(&key) {
+    if state.is_released(&key) || state.registration().as_ref() != Some(registration) {
         return;
     }
     report(state, registration, &key, TaskState::Running, None, None, started).await;
@@ -460,11 +460,13 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
         }
     });
     {
-        // Checked under the lock `release_query` takes after marking the Query released: a
-        // release that came while the Attempt was starting stops it either way.
+        // Checked under the lock `release_query` and `forget` take after marking the Query
+        // released or dropping the registration: a release, or a coordinator that forgot this
+        // worker (and ran the Attempt elsewhere), while the Attempt was starting (its Running
+        // report can take a while on a bad network) stops it either way.
         let mut running = state.running.lock().expect("running lock");
         running.insert(key.clone(), job.abort_handle());
-        if state.is_released(&key) {
+        if state.is_released(&key) || state.registration().as_ref() != Some(registration) {
             job.abort();
         }
     }
