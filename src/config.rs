@@ -102,6 +102,9 @@ pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 pub const LOST_WORKERS_MAX: usize = 256;
 /// How many released Query ids a worker remembers, to drop outputs of Tasks that finish late.
 pub const RELEASED_QUERIES_MAX: usize = 4096;
+/// How many Queries a worker lists in a heartbeat as holding outputs or Attempts of, so the
+/// coordinator can name those that ended while their release could not reach it.
+pub const HELD_QUERIES_REPORTED_MAX: usize = 256;
 /// How long a worker's answer to a Query's release waits for the Query's Attempts to stop: a
 /// write's commit waits for that answer, so that no Attempt writes behind it.
 pub const RELEASE_WAIT_MS: u64 = 2_000;

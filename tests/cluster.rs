@@ -262,6 +262,31 @@ async fn a_task_whose_assignment_was_lost_runs_again_elsewhere() {
     assert_ne!(attempts[1][1], worker.worker_id, "the retry runs on another worker");
 }
 
+/// A worker that missed a Query's release (unreachable when the Query ended) lists the Query in
+/// its heartbeats, and the coordinator names it as ended, so that its outputs are freed; a
+/// Query still running is not named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_heartbeat_names_the_held_queries_that_have_ended() {
+    use quiver::protocol::{action, build_version, Heartbeat, HeartbeatResponse, RegisterWorker, RegisterWorkerResponse};
+    use quiver::transport::{call, connect};
+    let t = TestCluster::start(1).await;
+    t.client.collect("CREATE TABLE held AS SELECT value AS v FROM generate_series(1, 1000)").await.unwrap();
+    t.client.collect("SELECT sum(v) FROM held").await.unwrap();
+    let ended = t.cluster_rows("SELECT query_id FROM quiver.queries WHERE sql = 'SELECT sum(v) FROM held'").await[0][0].clone();
+    let running = t.client.start("SELECT count(*) FROM held").await.unwrap();
+    let coordinator = connect(&t.cluster.url(), &t.cluster.member_security("forgetful")).await.unwrap();
+    let register = RegisterWorker { address: t.cluster.url(), slots: 1, memory_limit_bytes: 1 << 30, express_slots: 0, version: build_version() };
+    let worker: RegisterWorkerResponse = call(&coordinator, action::REGISTER_WORKER, &register).await.unwrap();
+    let held_queries = vec![ended.clone(), running.handle.clone(), "q-long-forgotten".to_string()];
+    let beat = Heartbeat { worker_id: worker.worker_id, session: worker.session, held_queries, ..Default::default() };
+    let reply: HeartbeatResponse = call(&coordinator, action::HEARTBEAT, &beat).await.unwrap();
+    assert!(reply.known);
+    assert_eq!(reply.ended_queries, vec![ended, "q-long-forgotten".to_string()]);
+    let stream = t.client.fetch(&running).await.unwrap();
+    let batches: Vec<_> = futures::TryStreamExt::try_collect(stream).await.unwrap();
+    assert_eq!(common::rows(&batches), vec![vec!["1000".to_string()]]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn registering_tpch_at_another_scale_replaces_the_tables_of_the_first() {
     // Regression: `quiver local --tpch 0.1` on a data directory first used at 0.01 kept the

@@ -34,6 +34,15 @@ use crate::transport::{release_attempt, send_key_filter, ClientSecurity};
 /// bound only keeps one poll's work under the lock short.
 const SLICE_CUTS_PER_POLL_MAX: u32 = 4;
 
+/// The coordinator's answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BeatReply {
+    /// The addresses of the worker's live peers.
+    pub peers: Vec<String>,
+    /// The Queries the worker said it holds that have ended: it frees them.
+    pub ended_queries: Vec<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct QueryRecord {
     pub id: String,
@@ -162,12 +171,11 @@ impl Cluster {
         registered
     }
 
-    /// Records a heartbeat; false when the worker must register again. `held` are the Attempts
-    /// the worker knows of: one assigned to it long ago that it does not list was lost on the
-    /// way (or its report was), and runs again.
-    /// Records a heartbeat; returns the addresses of the worker's live peers, or None when the
-    /// worker is unknown (it registers again).
-    pub fn heartbeat(&self, worker_id: &str, session: u64, beat: Beat, held: &[TaskKey]) -> Option<Vec<String>> {
+    /// Records a heartbeat; None when the worker is unknown (it registers again). `held` are
+    /// the Attempts the worker knows of: one assigned to it long ago that it does not list was
+    /// lost on the way (or its report was), and runs again. `held_queries` are the Queries it
+    /// holds anything of: the reply names those that have ended, whose release it missed.
+    pub fn heartbeat(&self, worker_id: &str, session: u64, beat: Beat, held: &[TaskKey], held_queries: &[String]) -> Option<BeatReply> {
         let mut inner = self.lock();
         let now = Instant::now();
         if !inner.workers.heartbeat(worker_id, session, beat, now) {
@@ -175,7 +183,10 @@ impl Cluster {
         }
         let timeout = Duration::from_millis(ASSIGNMENT_ACK_TIMEOUT_MS);
         self.for_each_run(&mut inner, |run, out| run.unacknowledged(worker_id, held, timeout, now, out));
-        Some(inner.workers.peers_of(worker_id))
+        // A Query the history no longer holds ended long ago.
+        let running = |id: &String| inner.queries.get(id).is_some_and(|q| q.record.state == "running");
+        let ended_queries = held_queries.iter().filter(|id| !running(id)).cloned().collect();
+        Some(BeatReply { peers: inner.workers.peers_of(worker_id), ended_queries })
     }
 
     pub fn total_slots(&self) -> usize {
@@ -988,7 +999,7 @@ mod tests {
         cluster.begin_query("q", "q", "anonymous");
         cluster.submit("q", stage(2), Adaptive::default()).unwrap();
         let beat = Beat { running_tasks: 0, memory_used_bytes: 950, unreachable_peers: Vec::new() };
-        assert!(cluster.heartbeat(&full.0, full.1, beat, &[]).is_some());
+        assert!(cluster.heartbeat(&full.0, full.1, beat, &[], &[]).is_some());
         assert!(matches!(cluster.try_assign(&full.0, full.1, Lane::Regular), Ok(Assigned::NotBefore(_))), "the full worker waits");
         assert!(matches!(cluster.try_assign(&roomy.0, roomy.1, Lane::Regular), Ok(Assigned::Task(_))));
         // Once the roomy worker has no free slot, the full one still helps.

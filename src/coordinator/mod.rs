@@ -39,7 +39,7 @@ pub use cluster::{Beat, Cluster, QueryRecord, StageMetrics, TaskRecord, WorkerRe
 pub use cluster::QueryDetail;
 pub use metrics::METRICS_CONTENT_TYPE;
 
-use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS, LIST_FILES_CACHE_TTL_MS, SPECULATION_CHECK_INTERVAL_MS, STOP_ATTEMPTS_WAIT_MS};
+use crate::config::{session_config, CoordinatorConfig, HEARTBEAT_INTERVAL_MS, HELD_QUERIES_REPORTED_MAX, LIST_FILES_CACHE_TTL_MS, SPECULATION_CHECK_INTERVAL_MS, STOP_ATTEMPTS_WAIT_MS};
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use crate::protocol::{
@@ -348,8 +348,12 @@ impl SqlHandler for Service {
             action::HEARTBEAT => {
                 let h: Heartbeat = decode(&body)?;
                 let beat = Beat { running_tasks: h.running_tasks, memory_used_bytes: h.memory_used_bytes, unreachable_peers: h.unreachable_peers };
-                let peers = core.cluster.heartbeat(&h.worker_id, h.session, beat, &h.tasks);
-                HeartbeatResponse { known: peers.is_some(), peers: peers.unwrap_or_default() }.encode_to_vec()
+                let held_queries = &h.held_queries[..h.held_queries.len().min(HELD_QUERIES_REPORTED_MAX)];
+                match core.cluster.heartbeat(&h.worker_id, h.session, beat, &h.tasks, held_queries) {
+                    Some(reply) => HeartbeatResponse { known: true, peers: reply.peers, ended_queries: reply.ended_queries },
+                    None => HeartbeatResponse { known: false, ..Default::default() },
+                }
+                .encode_to_vec()
             }
             action::POLL_TASK => {
                 let p: PollTask = decode(&body)?;

@@ -41,7 +41,7 @@ impl fmt::Display for TaskKey {
 /// The version of what a worker and its coordinator exchange: these messages, the plan
 /// encoding and the settings a Task may carry. **Bump it with every change to any of them**,
 /// so that a worker built before the change is refused instead of misreading.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The build a worker and its coordinator must share: Task plans are encoded by one version of
 /// Quiver and DataFusion for that same version to decode, and a Task's settings are named as
@@ -94,6 +94,10 @@ pub struct Heartbeat {
     /// Peers (addresses from `HeartbeatResponse::peers`) the worker could not connect to.
     #[prost(string, repeated, tag = "6")]
     pub unreachable_peers: Vec<String>,
+    /// The Queries the worker holds outputs or Attempts of (at most
+    /// `HELD_QUERIES_REPORTED_MAX`): the coordinator names those that have ended.
+    #[prost(string, repeated, tag = "7")]
+    pub held_queries: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -106,6 +110,10 @@ pub struct HeartbeatResponse {
     /// Task outputs: it checks each once, and those it failed to reach again.
     #[prost(string, repeated, tag = "2")]
     pub peers: Vec<String>,
+    /// Of the `held_queries`, those that have ended: their release did not reach the worker
+    /// (it was unreachable then), which frees them now.
+    #[prost(string, repeated, tag = "3")]
+    pub ended_queries: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

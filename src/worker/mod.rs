@@ -30,7 +30,7 @@ use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::arrow::ipc::CompressionType;
 use crate::config::{
-    session_config, ShuffleCompression, WorkerConfig, HEARTBEAT_INTERVAL_MS, REGISTER_RETRY_MS, RELEASED_ATTEMPTS_MAX, RELEASED_QUERIES_MAX, RELEASE_POLL_MS, RELEASE_WAIT_MS,
+    session_config, ShuffleCompression, WorkerConfig, HEARTBEAT_INTERVAL_MS, HELD_QUERIES_REPORTED_MAX, REGISTER_RETRY_MS, RELEASED_ATTEMPTS_MAX, RELEASED_QUERIES_MAX, RELEASE_POLL_MS, RELEASE_WAIT_MS,
     REPORT_RETRIES_MAX,
 };
 use crate::planner::{shuffle_partitioning, AttemptNumber};
@@ -259,6 +259,13 @@ impl State {
             || self.released_attempts.lock().expect("released lock").contains(key)
     }
 
+    /// The Queries this worker holds outputs or Attempts of, as a heartbeat lists them.
+    fn held_queries(&self) -> Vec<String> {
+        let mut queries = self.outputs.query_ids();
+        queries.extend(self.held.lock().expect("held lock").iter().map(|key| key.query_id.clone()));
+        queries.into_iter().take(HELD_QUERIES_REPORTED_MAX).collect()
+    }
+
     fn release_query(&self, query_id: &str) {
         self.released_queries.lock().expect("released lock").insert(query_id.to_string());
         self.running.lock().expect("running lock").retain(|key, handle| {
@@ -359,6 +366,8 @@ async fn membership_loop(state: Arc<State>) {
             }
             continue;
         };
+        // Taken before the message: its fields' lock guards live to the end of the statement.
+        let held_queries = state.held_queries();
         let beat = Heartbeat {
             worker_id: registration.id.clone(),
             running_tasks: state.running.lock().expect("running lock").len() as u32,
@@ -366,10 +375,17 @@ async fn membership_loop(state: Arc<State>) {
             tasks: state.held.lock().expect("held lock").iter().cloned().collect(),
             session: registration.session,
             unreachable_peers: state.peers.lock().expect("peers lock").unreachable(),
+            held_queries,
         };
         match call::<_, HeartbeatResponse>(&state.coordinator, action::HEARTBEAT, &beat).await {
             Ok(reply) if !reply.known => state.forget(&registration),
-            Ok(reply) => check_peers(&state, &reply.peers),
+            Ok(reply) => {
+                for query in &reply.ended_queries {
+                    tracing::info!(query = %query, "freeing an ended query's outputs: its release did not reach this worker");
+                    state.release_query(query);
+                }
+                check_peers(&state, &reply.peers);
+            }
             Err(e) => tracing::debug!("heartbeat failed: {e}"),
         }
         tokio::time::sleep(Duration::from_millis(HEARTBEAT_INTERVAL_MS)).await;

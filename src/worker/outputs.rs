@@ -222,6 +222,11 @@ impl OutputStore {
         }
     }
 
+    /// The Queries it holds outputs of.
+    pub fn query_ids(&self) -> std::collections::BTreeSet<String> {
+        self.outputs.lock().expect("outputs lock").keys().map(|(key, _)| key.query_id.clone()).collect()
+    }
+
     /// Frees every output of a Query.
     pub fn release_query(&self, query_id: &str) {
         self.release_where(|key| key.query_id == query_id);
