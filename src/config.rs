@@ -133,8 +133,6 @@ pub const RESULTS_WAITING_MAX: usize = 256;
 pub const PREPARED_STATEMENTS_MAX: usize = 1_024;
 /// A prepared statement unused this long is closed for its client.
 pub const PREPARED_STATEMENT_IDLE_MS: u64 = 3_600_000;
-/// Batches a Stage reader buffers ahead of its consumer.
-pub const READER_BUFFER_BATCHES: usize = 4;
 
 /// Coalescing never makes a Task's target smaller than this, however many slots share the data:
 /// below it, a Task's fixed cost outweighs what one more slot would save.

@@ -314,25 +314,41 @@ fn compact(batch: RecordBatch) -> Result<(RecordBatch, u64)> {
     Ok((RecordBatch::try_new_with_options(batch.schema(), columns, &options)?, size))
 }
 
-/// Reads a spill file on a blocking thread, a few batches ahead of the consumer.
+/// Reads a spill file one batch per blocking call, as the consumer asks for it: a reader nobody
+/// polls holds no thread. (A thread per open reader, blocked until its consumer reads on, could
+/// fill the runtime's blocking pool: a merge opening a part of each of many spilled outputs
+/// would hold a thread per part read so far and wait forever for parts that get none.)
 fn read_spill(schema: SchemaRef, path: PathBuf) -> SendableRecordBatchStream {
-    let (tx, rx) = tokio::sync::mpsc::channel(crate::config::READER_BUFFER_BATCHES);
-    tokio::task::spawn_blocking(move || {
-        let reader = File::open(&path).map_err(DataFusionError::from).and_then(|f| Ok(FileReader::try_new(f, None)?));
-        match reader {
-            Ok(reader) => {
-                for batch in reader {
-                    if tx.blocking_send(batch.map_err(DataFusionError::from)).is_err() {
-                        return;
-                    }
-                }
-            }
-            Err(e) => {
-                let _ = tx.blocking_send(Err(e));
-            }
+    let batches = futures::stream::unfold(Spill::Closed(path), |spill| async move {
+        match tokio::task::spawn_blocking(move || spill.next()).await {
+            Ok(next) => next,
+            Err(e) => Some((Err(DataFusionError::External(Box::new(e))), Spill::Done)),
         }
     });
-    Box::pin(RecordBatchStreamAdapter::new(schema, tokio_stream::wrappers::ReceiverStream::new(rx)))
+    Box::pin(RecordBatchStreamAdapter::new(schema, batches))
+}
+
+/// Where a spill file's reader is.
+enum Spill {
+    Closed(PathBuf),
+    Open(FileReader<File>),
+    Done,
+}
+
+impl Spill {
+    /// The next batch and what is left; blocks on the file.
+    fn next(self) -> Option<(Result<RecordBatch>, Spill)> {
+        let mut reader = match self {
+            Spill::Done => return None,
+            Spill::Open(reader) => reader,
+            Spill::Closed(path) => match File::open(&path).map_err(DataFusionError::from).and_then(|f| Ok(FileReader::try_new(f, None)?)) {
+                Ok(reader) => reader,
+                Err(e) => return Some((Err(e), Spill::Done)),
+            },
+        };
+        let batch = reader.next()?;
+        Some((batch.map_err(DataFusionError::from), Spill::Open(reader)))
+    }
 }
 
 #[cfg(test)]
@@ -340,6 +356,7 @@ mod tests {
     use super::*;
     use datafusion::arrow::array::Int64Array;
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use futures::TryStreamExt;
 
     fn batch_of(column: ArrayRef) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
@@ -350,6 +367,31 @@ mod tests {
     /// a full batch. Stored as they were, a reader in this process (`quiver local`) held and
     /// accounted for every such buffer, and a join's build side over many of them ran out of
     /// memory (a NOT IN over 30,000 rows asked for 512 MB).
+    /// Regression: each open spilled part read ahead on a blocking thread of its own until its
+    /// consumer read on; with the blocking pool full of such readers, a part opened next never
+    /// got a thread, and a merge waiting for its first batch waited forever.
+    #[test]
+    fn spilled_parts_read_at_once_need_no_thread_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("part.arrow");
+        let batch = batch_of(Arc::new(Int64Array::from_iter_values(0..10)));
+        let mut writer = FileWriter::try_new(File::create(&path).unwrap(), &batch.schema()).unwrap();
+        for _ in 0..20 {
+            writer.write(&batch).unwrap();
+        }
+        writer.finish().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().max_blocking_threads(1).enable_all().build().unwrap();
+        runtime.block_on(async {
+            let mut readers: Vec<_> = (0..3).map(|_| read_spill(batch.schema(), path.clone())).collect();
+            for reader in &mut readers {
+                let first = tokio::time::timeout(std::time::Duration::from_secs(10), reader.next()).await;
+                assert_eq!(first.expect("a batch, not a wait").unwrap().unwrap().num_rows(), 10);
+            }
+            let rest: Vec<RecordBatch> = readers.remove(0).try_collect().await.unwrap();
+            assert_eq!(rest.len(), 19);
+        });
+    }
+
     #[test]
     fn a_few_rows_in_large_buffers_are_stored_in_buffers_of_their_own_size() {
         let full: ArrayRef = Arc::new(Int64Array::from_iter_values(0..8192));
