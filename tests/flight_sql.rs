@@ -173,6 +173,8 @@ async fn updates_through_do_put_return_the_rows_they_wrote() {
     assert_eq!(client.execute_update("CREATE TABLE upd (v BIGINT)".into(), None).await.unwrap(), 0);
     let written = client.execute_update("INSERT INTO upd SELECT value FROM generate_series(1, 300)".into(), None).await.unwrap();
     assert_eq!(written, 300);
+    // Regression: a result without columns panicked the handler, which read column 0 first.
+    assert_eq!(client.execute_update("SELECT FROM (VALUES (1), (2)) t".into(), None).await.unwrap(), 2);
     let mut prepared = client.prepare("INSERT INTO upd VALUES ($1)".into(), None).await.unwrap();
     let schema = Arc::new(Schema::new(vec![Field::new("$1", DataType::Int64, false)]));
     prepared.set_parameters(RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1000]))]).unwrap()).unwrap();

@@ -256,10 +256,14 @@ impl<H: SqlHandler> FlightSqlAdapter<H> {
 /// A write answers with one `count` row; anything else counts its rows.
 fn changed_rows(batch: &RecordBatch) -> i64 {
     use datafusion::arrow::array::{Array, UInt64Array};
-    let is_count = batch.num_columns() == 1 && batch.schema().field(0).name() == "count";
-    match batch.column(0).as_any().downcast_ref::<UInt64Array>() {
-        Some(counts) if is_count => counts.iter().flatten().map(|c| c as i64).sum(),
-        _ => batch.num_rows() as i64,
+    // A batch may have no column at all (`SELECT FROM t`): it counts its rows too.
+    let counts = match batch.columns() {
+        [only] if batch.schema().field(0).name() == "count" => only.as_any().downcast_ref::<UInt64Array>(),
+        _ => None,
+    };
+    match counts {
+        Some(counts) => counts.iter().flatten().map(|c| c as i64).sum(),
+        None => batch.num_rows() as i64,
     }
 }
 
