@@ -177,9 +177,9 @@ pub fn classify(error: &DataFusionError) -> QuiverError {
         DataFusionError::ResourcesExhausted(_) => ErrorKind::ResourcesExhausted,
         DataFusionError::Configuration(_) => ErrorKind::Configuration,
         DataFusionError::Internal(_) => ErrorKind::Internal,
-        DataFusionError::IoError(_) | DataFusionError::ObjectStore(_) => ErrorKind::Io,
-        _ if has_io_cause(root) => ErrorKind::Io,
-        _ => ErrorKind::Execution,
+        DataFusionError::IoError(_) => ErrorKind::Io,
+        DataFusionError::ObjectStore(store) => object_store_kind(store),
+        _ => io_cause_kind(root).unwrap_or(ErrorKind::Execution),
     };
     let message = match root {
         // The parser's own words ("sql parser error: Expected ..."), not its Debug form.
@@ -189,16 +189,34 @@ pub fn classify(error: &DataFusionError) -> QuiverError {
     QuiverError::new(kind, message)
 }
 
-/// An I/O or object store error anywhere below `error` (e.g. inside a Parquet or Arrow error).
-fn has_io_cause(error: &DataFusionError) -> bool {
+/// The kind of an I/O or object store error anywhere below `error` (e.g. inside a Parquet or
+/// Arrow error), if there is one.
+fn io_cause_kind(error: &DataFusionError) -> Option<ErrorKind> {
     let mut current = std::error::Error::source(error);
     while let Some(e) = current {
-        if e.is::<std::io::Error>() || e.is::<object_store::Error>() {
-            return true;
+        if let Some(store) = e.downcast_ref::<object_store::Error>() {
+            return Some(object_store_kind(store));
+        }
+        if e.is::<std::io::Error>() {
+            return Some(ErrorKind::Io);
         }
         current = e.source();
     }
-    false
+    None
+}
+
+/// An object store's error is worth another Attempt (a timeout or a reset the store's own
+/// retries did not overcome), unless it names an object or path that is not there, an
+/// operation the store lacks, or credentials it refuses: every worker reads the same store
+/// with the same options, and would fail alike, up to the retry limit. (A local file that is
+/// not there may be missing on one worker's disk only: that stays an I/O error.)
+fn object_store_kind(error: &object_store::Error) -> ErrorKind {
+    use object_store::Error::*;
+    match error {
+        NotFound { .. } | InvalidPath { .. } | NotSupported { .. } | NotImplemented { .. } => ErrorKind::Execution,
+        PermissionDenied { .. } | Unauthenticated { .. } | UnknownConfigurationKey { .. } => ErrorKind::Configuration,
+        _ => ErrorKind::Io,
+    }
 }
 
 /// What a user reads of an error: one prefix, the engine's own words.
@@ -264,6 +282,20 @@ mod tests {
         }
         assert_eq!(error_text(&error), "Arrow error: Divide by zero error");
         assert!(!classify(&error).kind.is_retryable());
+    }
+
+    #[test]
+    fn a_store_error_no_retry_can_fix_is_not_retried() {
+        // Regression: every object store error was I/O, retried up to the limit on each worker:
+        // a file deleted after listing, or a key the store refuses, failed 4 Attempts per Task.
+        let missing = || object_store::Error::NotFound { path: "t/part-0.parquet".into(), source: "404".into() };
+        let refused = object_store::Error::PermissionDenied { path: "t/part-0.parquet".into(), source: "403".into() };
+        let timeout = object_store::Error::Generic { store: "S3", source: "request timed out".into() };
+        assert_eq!(classify(&DataFusionError::ObjectStore(Box::new(missing()))).kind, ErrorKind::Execution);
+        assert_eq!(classify(&DataFusionError::ObjectStore(Box::new(refused))).kind, ErrorKind::Configuration);
+        assert_eq!(classify(&DataFusionError::ObjectStore(Box::new(timeout))).kind, ErrorKind::Io);
+        let below = DataFusionError::ArrowError(Box::new(ArrowError::ExternalError(Box::new(missing()))), None);
+        assert!(!classify(&below).kind.is_retryable(), "{:?}", classify(&below));
     }
 
     #[test]
