@@ -160,10 +160,12 @@ impl Registry {
         lost
     }
 
-    /// Lost workers are listed (in `quiver.workers`) until there are too many of them.
+    /// Lost workers are listed (in `quiver.workers`) until there are too many of them; then
+    /// those heard from longest ago go first (ids sort as text: "w10" before "w9").
     fn forget_oldest_lost(&mut self) {
-        let lost: Vec<String> = self.workers.values().filter(|w| !w.alive).map(|w| w.id.clone()).collect();
-        for id in lost.iter().take(lost.len().saturating_sub(LOST_WORKERS_MAX)) {
+        let mut lost: Vec<(Instant, String)> = self.workers.values().filter(|w| !w.alive).map(|w| (w.last_seen, w.id.clone())).collect();
+        lost.sort();
+        for (_, id) in lost.iter().take(lost.len().saturating_sub(LOST_WORKERS_MAX)) {
             self.workers.remove(id);
         }
     }
@@ -233,5 +235,27 @@ impl Registry {
 
     pub fn records(&self) -> Vec<WorkerRecord> {
         self.workers.values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workers_lost_longest_ago_are_forgotten_first() {
+        // Regression: they were forgotten in the text order of their ids (w1, w10, w100, …),
+        // so w2…w9 stayed listed for ever and the workers lost last were hidden.
+        let mut registry = Registry::default();
+        let start = Instant::now();
+        let total = LOST_WORKERS_MAX + 44;
+        for n in 0..total {
+            let (id, _) = registry.register(format!("http://w{n}"), 1, 0, 1 << 30, start);
+            registry.workers.get_mut(&id).unwrap().last_seen = start + Duration::from_millis(n as u64);
+        }
+        registry.take_lost(Duration::from_secs(1), start + Duration::from_secs(10));
+        let mut kept: Vec<u64> = registry.workers.keys().map(|id| id[1..].parse().unwrap()).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, (45..=total as u64).collect::<Vec<_>>(), "the {LOST_WORKERS_MAX} lost last stay");
     }
 }
