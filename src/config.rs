@@ -58,7 +58,7 @@ pub const POLL_TASKS_MAX: usize = 64;
 /// How often a worker tells the coordinator it is alive.
 pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
 /// A Task the coordinator assigned must show up in its worker's heartbeats within this time;
-/// otherwise the assignment (or the Task's report) was lost and its Query fails.
+/// otherwise the assignment (or the Task's report) was lost, and it runs again elsewhere.
 pub const ASSIGNMENT_ACK_TIMEOUT_MS: u64 = 5_000;
 /// A worker whose heartbeat is this late is probed: if its port refuses connections, its
 /// process is gone and it is declared lost at once, without waiting for `WORKER_TIMEOUT_MS`.
@@ -122,7 +122,10 @@ pub const QUERY_HISTORY_MAX: usize = 1_000;
 pub const WEB_RECENT_QUERIES_DEFAULT: usize = 100;
 /// How long stopping the web server waits for requests in flight before dropping them.
 pub const WEB_SHUTDOWN_WAIT_MS: u64 = 2_000;
-/// How many Tasks may wait in the coordinator's queue at once (across all queries).
+/// How many Tasks the coordinator's queue may hold when a Query is submitted, counting every
+/// Task of the new Query's Stages (a Query larger than this is refused even on an idle
+/// cluster). It bounds admission, not the queue itself: the later Stages of Queries already
+/// admitted, their retries, speculative Attempts and slice pieces are queued beyond it.
 pub const TASK_QUEUE_MAX: usize = 100_000;
 /// How long a started statement's result waits for its client's `DoGet` before the Query is
 /// cancelled (a client that asked for a `FlightInfo` and went away).
@@ -169,7 +172,8 @@ extensions_options! {
         pub speculation_lone_task_ms: u64, default = 10_000
         /// Slow-worker placement: a worker whose Attempts take longer than their Stages' medians
         /// by more than `slow_worker_pace` (an average over its recent Attempts) takes a Task
-        /// only when the faster workers have no free slot for it.
+        /// only when there are more ready than the faster workers' slots would clear in the
+        /// time it runs one (slots × pace, after LATE).
         pub slow_worker_placement: bool, default = true
         pub slow_worker_pace: f64, default = 2.0
         /// Coalescing: once a Stage's shuffled inputs have finished, neighbouring small

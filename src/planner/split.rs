@@ -100,7 +100,8 @@ pub(super) fn ranges_splittable(plan: &Arc<dyn ExecutionPlan>) -> bool {
 /// A Task plan over one slice, narrowed to piece `index` of `of` of that slice. The plan must
 /// hold exactly one file scan (the probe chain of a sliced Stage).
 pub fn narrow_task_plan(plan: Arc<dyn ExecutionPlan>, index: u32, of: u32) -> Result<Arc<dyn ExecutionPlan>> {
-    if of == 0 || index >= of {
+    // `of` comes off the network: it sizes what is allocated here.
+    if of == 0 || index >= of || of > crate::config::SLICE_PIECES_MAX {
         return exec_err!("slice piece {index} of {of}");
     }
     let mut scans = 0;
