@@ -88,6 +88,24 @@ async fn small_partitions_are_coalesced_into_fewer_tasks() {
     assert_eq!(rows[0][0], "0");
 }
 
+/// Regression: a Stage gathered by a coordinator-side operator that pairs partition `p` with
+/// partition `p` of another input (a partitioned join against an in-memory table, which runs on
+/// the coordinator) was coalesced like any other: its Task 0 held every group, the others
+/// nothing, and the join lost the matches of every other partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stage_whose_partitions_the_coordinator_pairs_is_never_coalesced() {
+    let t = TestCluster::start(2).await;
+    t.both("CREATE TABLE grouped AS SELECT value % 20 AS k, value AS v FROM generate_series(1, 600)").await;
+    for sql in SHUFFLE_JOINS.iter().chain(&["SET datafusion.execution.batch_size = 64", "SET quiver.coalesce_partitions = true"]) {
+        t.both(sql).await;
+    }
+    let values = "(VALUES (1, 'a'), (2, 'b'), (3, 'c'), (4, 'd'), (5, 'e'), (6, 'f'), (7, 'g'), (8, 'h')) AS n(k, name)";
+    for join in ["JOIN", "LEFT JOIN", "RIGHT JOIN", "FULL JOIN"] {
+        let sql = format!("SELECT a.k, a.c, n.name FROM (SELECT k, count(*) AS c FROM grouped GROUP BY k) a {join} {values} ON a.k = n.k");
+        t.check_same(&sql).await;
+    }
+}
+
 /// A final aggregate's partition above the median (`quiver.skew_factor = 1`: the partial
 /// aggregates of many producers, as when DataFusion skips partial aggregation on a hot key) is
 /// cut into pieces that reduce it to partial states, and its own Task merges them: whether the

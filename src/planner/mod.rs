@@ -257,15 +257,31 @@ impl Builder<'_> {
     /// Cuts a subtree that runs in the final Stage: every maximal subtree that can run on
     /// workers becomes Stages, read back through a gather or a shuffle reader.
     fn coordinator(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        self.coordinator_under(plan, true)
+    }
+
+    /// [`Self::coordinator`] for a subtree whose parent reads its partitions `merged` (a merge,
+    /// or the Query's result), or else one by one.
+    fn coordinator_under(&mut self, plan: Arc<dyn ExecutionPlan>, merged: bool) -> Result<Arc<dyn ExecutionPlan>> {
         if rules::runs_on_workers(&plan) && rules::reads_files(&plan) {
             if let Some(partitioning) = rules::shuffle_partitioning(&plan) {
                 return self.shuffle(plan, partitioning);
             }
             if !rules::is_gather(plan.as_ref()) {
-                return self.gather(plan);
+                let reader = self.gather(plan)?;
+                if !merged {
+                    // A parent that reads partition `p` alone may pair it with partition `p`
+                    // of another input (a partitioned join, an interleave): each Task must
+                    // stay its partition, never coalesced with its neighbours.
+                    if let Some(stage) = self.stages.last_mut() {
+                        stage.adaptive = None;
+                    }
+                }
+                return Ok(reader);
             }
         }
-        map_children(plan, |child| self.coordinator(child))
+        let merges = rules::is_gather(plan.as_ref());
+        map_children(plan, |child| self.coordinator_under(child, merges))
     }
 
     /// Cuts a subtree that runs inside a worker Stage's Tasks at its Exchanges.
