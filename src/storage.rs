@@ -428,15 +428,25 @@ pub fn redact_sql(sql: &str) -> String {
         return "(a statement that cannot be tokenized, hidden: it may hold secrets)".to_string();
     };
     let mut hidden = Vec::new();
-    let mut hide_next = false;
+    // The option key the tokens just read spell: a quoted literal, or words joined by dots
+    // (`aws.secret_access_key`, which DataFusion's parser takes unquoted too).
+    let mut key: Option<String> = None;
+    let mut dotted = false;
     for token in tokens.iter().filter(|t| !matches!(t.token, Token::Whitespace(_))) {
-        if std::mem::take(&mut hide_next) {
+        if key.as_deref().is_some_and(|k| is_store_option(k) && is_secret(k)) {
             hidden.push((byte_offset(sql, token.span.start), byte_offset(sql, token.span.end)));
+            key = None;
             continue;
         }
-        hide_next = match &token.token {
-            Token::SingleQuotedString(text) | Token::DoubleQuotedString(text) => is_store_option(text) && is_secret(text),
-            _ => false,
+        (key, dotted) = match &token.token {
+            Token::SingleQuotedString(text)
+            | Token::DoubleQuotedString(text)
+            | Token::EscapedStringLiteral(text)
+            | Token::NationalStringLiteral(text) => (Some(text.clone()), false),
+            Token::Word(word) if dotted => (key.map(|k| k + &word.value), false),
+            Token::Word(word) => (Some(word.value.clone()), false),
+            Token::Period if key.is_some() && !dotted => (key.map(|k| k + "."), true),
+            _ => (None, false),
         };
     }
     let mut out = String::with_capacity(sql.len());
@@ -576,6 +586,13 @@ mod tests {
         let redacted = redact_sql(escaped);
         assert_eq!(redacted, "OPTIONS (\n  -- 'aws.secret_access_key' 'x'\n  'aws.secret_access_key' '***', 'aws.region' 'é')");
         assert!(!redact_sql("SELECT 'aws.secret_access_key' 'unterminated").contains("unterminated"));
+        // Regression: keys DataFusion's parser takes unquoted or escaped were not recognised.
+        for key in ["aws.secret_access_key", "AWS.SECRET_ACCESS_KEY", "E'aws.secret_access_key'", "\"aws.secret_access_key\""] {
+            let sql = format!("CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION 's3://b/t' OPTIONS ({key} 'S3CRET', aws.region 'eu')");
+            let redacted = redact_sql(&sql);
+            assert!(!redacted.contains("S3CRET") && redacted.contains("aws.region 'eu'"), "{redacted}");
+        }
+        assert_eq!(redact_sql("SELECT t.v FROM t"), "SELECT t.v FROM t");
     }
 }
 
