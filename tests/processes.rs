@@ -98,6 +98,38 @@ fn workers_register_join_late_and_the_catalog_survives_a_coordinator_restart() {
     drop(coord);
 }
 
+/// Regression: a managed table that failed to register at start (here a DEFAULT that no longer
+/// parses) was invisible, so CREATE TABLE IF NOT EXISTS went ahead and deleted its files. The
+/// catalog's tables count as existing; DROP TABLE removes such a table.
+#[test]
+fn a_table_that_failed_to_restore_is_neither_overwritten_nor_undroppable() {
+    let (port, servers) = coordinator_and_worker();
+    let dir = servers._dir.path().to_path_buf();
+    let mut coord = servers._coordinator;
+    sql_ok(port, "CREATE TABLE kept (a INT DEFAULT 7, b INT)");
+    sql_ok(port, "INSERT INTO kept (b) VALUES (1), (2)");
+    let segments = || -> Vec<_> { std::fs::read_dir(dir.join("tables/kept")).unwrap().map(|e| e.unwrap().file_name()).collect() };
+    let written = segments();
+    assert_eq!(written.len(), 1);
+    drop(coord);
+    let catalog = dir.join("catalog.json");
+    let text = std::fs::read_to_string(&catalog).unwrap();
+    assert!(text.contains("\"7\""), "{text}");
+    std::fs::write(&catalog, text.replace("\"7\"", "\"(((\"")).unwrap();
+    coord = coordinator(port, &dir);
+    eventually(port, ALIVE, "n\n1");
+    assert!(!sql(port, "SELECT * FROM kept").status.success(), "the table did not register");
+    sql_ok(port, "CREATE TABLE IF NOT EXISTS kept AS SELECT 1 AS a");
+    assert_eq!(segments(), written, "its files are still there, and no others");
+    let out = sql(port, "CREATE TABLE kept AS SELECT 1 AS a");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    sql_ok(port, "DROP TABLE kept");
+    assert!(!dir.join("tables/kept").exists());
+    sql_ok(port, "CREATE TABLE kept AS SELECT 1 AS a");
+    assert_eq!(sql_ok(port, "SELECT a FROM kept"), "a\n1\n");
+    drop(coord);
+}
+
 #[test]
 fn bad_sql_exits_non_zero_with_the_engines_message() {
     let (port, _servers) = coordinator_and_worker();

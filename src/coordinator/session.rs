@@ -272,7 +272,9 @@ async fn create_table(
     DFSchema::from_unqualified_fields(input.schema().fields().clone(), Default::default())?;
     let _catalog = core.catalog_lock.lock().await;
     let old = core.catalog.get(name)?;
-    if core.ctx.table_exist(TableReference::bare(name))? {
+    // The catalog counts too: a table it holds that failed to register at start (logged then)
+    // is not in the context, yet its files are still its own, and replacing it deletes them.
+    if old.is_some() || core.ctx.table_exist(TableReference::bare(name))? {
         if if_not_exists {
             return Ok(empty_stream());
         }
@@ -453,8 +455,10 @@ fn has_files(dir: &Path) -> bool {
 /// Drops a table (`view` false) or a view: each statement drops only its own kind.
 async fn drop_table(core: &Arc<Core>, name: &str, if_exists: bool, view: bool) -> Result<SendableRecordBatchStream> {
     let _catalog = core.catalog_lock.lock().await;
-    let is_view = matches!(core.catalog.get(name)?, Some(TableDef::View { .. }));
-    if !core.ctx.table_exist(TableReference::bare(name))? || is_view != view {
+    let def = core.catalog.get(name)?;
+    let is_view = matches!(def, Some(TableDef::View { .. }));
+    // A table of the catalog that failed to register at start can be dropped all the same.
+    if !(def.is_some() || core.ctx.table_exist(TableReference::bare(name))?) || is_view != view {
         if if_exists {
             return Ok(empty_stream());
         }
