@@ -908,6 +908,24 @@ impl QueryRun {
                 out.extend(attempt.end(TaskState::Cancelled, Some(Cause::QueryEnded), None, now));
             }
         }
+        self.shed();
+    }
+
+    /// Drops what only running the Query needed: Task plans, join key summaries (up to a MiB
+    /// per build Task) and filters, input locations. The history keeps `QUERY_HISTORY_MAX`
+    /// ended Queries for what they show (Attempt records, Stage statistics), not for these.
+    fn shed(&mut self) {
+        let no_plan = Arc::new(Vec::new());
+        for task in self.tasks.values_mut() {
+            task.plan = Arc::clone(&no_plan);
+            task.key_summary = None;
+            for attempt in &mut task.attempts {
+                attempt.inputs = Arc::new(Vec::new());
+            }
+        }
+        for stage in &mut self.stages {
+            stage.filter = stage.filter.take().map(|_| None);
+        }
     }
 
     fn stop_live(&mut self, now: Instant, out: &mut Vec<Action>) {

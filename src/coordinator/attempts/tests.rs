@@ -894,6 +894,23 @@ impl Driver {
 }
 
 #[test]
+fn an_ended_query_keeps_its_records_but_not_its_plans_summaries_and_filters() {
+    // Regression: the history (up to QUERY_HISTORY_MAX Queries) kept every Task's plan and
+    // every build Task's key summary, up to a MiB each, long after its Query ended.
+    let mut d = Driver::new(joined_by_key_filter());
+    d.succeed_with_keys(&key(0, 0, 0), "a", Some(SummaryForm::Hashes(vec![1, 2, 3])));
+    d.succeed_with_keys(&key(0, 1, 0), "b", Some(SummaryForm::Hashes(vec![7])));
+    assert!(d.run.stages[1].filter.is_some());
+    let records = d.run.records().count();
+    let mut out = Vec::new();
+    d.run.end(d.now, &mut out);
+    assert_eq!(d.run.records().count(), records, "what the history shows stays");
+    assert!(d.run.tasks.values().all(|t| t.plan.is_empty() && t.key_summary.is_none()));
+    assert!(d.run.tasks.values().flat_map(|t| &t.attempts).all(|a| a.inputs.is_empty()));
+    assert!(d.run.stages.iter().all(|s| s.filter.as_ref().is_none_or(Option::is_none)));
+}
+
+#[test]
 fn the_probe_stage_waits_for_the_build_stages_keys_and_gets_their_filter() {
     let mut d = Driver::new(joined_by_key_filter());
     assert_eq!(d.waiting(), vec![key(0, 0, 0), key(0, 1, 0)], "the probe Stage waits for the build Stage");
