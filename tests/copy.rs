@@ -171,6 +171,21 @@ async fn a_failed_copy_leaves_nothing_behind() {
     assert_eq!(t.cluster_rows(&sql).await, vec![vec!["9".to_string()]]);
 }
 
+/// Regression: a commit that failed half-way (here a partition's directory cannot be made: a
+/// file of that name is in the target) left the partitions moved before it in the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_whose_commit_fails_half_way_leaves_the_target_as_it_was() {
+    let t = cluster_with_files().await;
+    let dir = t.dir.path().join("taken");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("k=3"), b"not a directory").unwrap();
+    let sql = format!("COPY ({QUERY}) TO '{}' STORED AS PARQUET PARTITIONED BY (k)", dir.display());
+    let err = t.client.collect(&sql).await.unwrap_err();
+    assert!(err.to_string().contains("k=3"), "{err}");
+    assert_eq!(entries(&dir), vec![dir.join("k=3")], "only what was there before");
+    assert_eq!(std::fs::read(dir.join("k=3")).unwrap(), b"not a directory");
+}
+
 /// Regression (DataFusion's copy.slt): COPY to Arrow IPC, whose sink DataFusion keeps private,
 /// failed with "not supported"; it is written by DataFusion's sink on the coordinator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

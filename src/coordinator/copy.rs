@@ -100,8 +100,12 @@ async fn to_directory(core: &Arc<Core>, id: &str, exec: &DataSinkExec, target: &
             .collect(),
         None => vec![staging.join(COORDINATOR_DIR)],
     };
-    for dir in written.iter().filter(|d| d.exists()) {
-        move_tree(dir, target)?;
+    let mut moved = Moved::default();
+    if let Err(e) = written.iter().filter(|d| d.exists()).try_for_each(|dir| move_tree(dir, target, &mut moved)) {
+        // Half a copy is no copy: what was moved in goes again.
+        moved.undo();
+        remove_settled(&staging).await;
+        return Err(e);
     }
     remove_settled(&staging).await;
     staging_guard.0 = None;
@@ -144,19 +148,44 @@ fn per_partition(input: &Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
 }
 
 /// Moves every file under `from` to the same relative path under `to` (hive partition
-/// directories included). File names carry a random write id, so they never collide.
-fn move_tree(from: &Path, to: &Path) -> Result<()> {
+/// directories included), noting in `moved` what it added there. File names carry a random
+/// write id, so they never collide.
+fn move_tree(from: &Path, to: &Path, moved: &mut Moved) -> Result<()> {
     for entry in std::fs::read_dir(from).map_err(|e| io_error(e, "cannot list", from))? {
         let path = entry?.path();
         let dest = to.join(path.file_name().expect("a directory entry has a name"));
         if path.is_dir() {
-            std::fs::create_dir_all(&dest).map_err(|e| io_error(e, "cannot create", &dest))?;
-            move_tree(&path, &dest)?;
+            match std::fs::create_dir(&dest) {
+                Ok(()) => moved.dirs.push(dest.clone()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dest.is_dir() => {}
+                Err(e) => return Err(io_error(e, "cannot create", &dest)),
+            }
+            move_tree(&path, &dest, moved)?;
         } else {
             std::fs::rename(&path, &dest).map_err(|e| io_error(e, "cannot move the copy into", &dest))?;
+            moved.files.push(dest);
         }
     }
     Ok(())
+}
+
+/// What a copy's commit moved into its target so far: the files, and the directories it made.
+#[derive(Default)]
+struct Moved {
+    files: Vec<PathBuf>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Moved {
+    /// Takes a commit that failed half-way back out of the target.
+    fn undo(self) {
+        for file in self.files.iter().rev() {
+            let _ = std::fs::remove_file(file);
+        }
+        for dir in self.dirs.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 async fn count(stream: SendableRecordBatchStream) -> Result<u64> {
