@@ -166,7 +166,8 @@ impl Catalog {
         std::io::Write::write_all(&mut file, text.as_bytes())?;
         file.sync_all()?;
         std::fs::rename(&tmp, self.data_dir.join(CATALOG_FILE))?;
-        Ok(())
+        // The rename itself is on disk only once its directory is.
+        sync_dir(&self.data_dir)
     }
 
     /// Registers a definition with DataFusion, replacing any table of the same name. The name
@@ -312,6 +313,12 @@ fn dir_name(name: &str) -> String {
         }
     }
     out
+}
+
+/// Puts a directory's entries (renames, new and removed files) on disk.
+pub(super) fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
 }
 
 #[cfg(test)]

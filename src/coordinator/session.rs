@@ -445,6 +445,9 @@ fn commit_segment(core: &Core, id: &str, table: &str, written: &Written) -> Resu
         let _ = std::fs::remove_dir_all(&segment);
         return Ok(None);
     }
+    // The rename and the removals reach the disk before the catalog lists the segment.
+    crate::coordinator::catalog::sync_dir(&segment)?;
+    crate::coordinator::catalog::sync_dir(&core.catalog.table_dir(table))?;
     Ok(Some(id.to_string()))
 }
 

@@ -180,9 +180,21 @@ async fn write_parquet(
     }
     if let Some(writer) = writer {
         writer.close().await.map_err(|e| cannot_write(&path, e))?;
+        sync_local(&path).await?;
     }
     let counts = UInt64Array::from(vec![rows]);
     Ok(RecordBatch::try_new(count_schema(), vec![Arc::new(counts)])?)
+}
+
+/// Puts a local file's data on disk before its write reports it written: the commit that
+/// lists it survives a power loss, and must not list a file that did not. (An object store's
+/// object is durable once its upload completes.)
+async fn sync_local(path: &Path) -> Result<()> {
+    if crate::storage::object_location(&path.to_string_lossy()).is_some() {
+        return Ok(());
+    }
+    let synced = async { tokio::fs::File::open(path).await?.sync_all().await };
+    synced.await.map_err(|e| DataFusionError::IoError(std::io::Error::new(e.kind(), format!("cannot sync {}: {e}", path.display()))))
 }
 
 /// A failed write (a store that refuses the upload, a full disk) names the file.
