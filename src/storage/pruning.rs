@@ -17,6 +17,8 @@ use datafusion::datasource::physical_plan::parquet::{ParquetAccessPlan, ParquetF
 use datafusion::datasource::physical_plan::{FileScanConfig, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::parquet::arrow::parquet_to_arrow_schema;
 use datafusion::parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, RowGroupMetaData};
 use datafusion::physical_expr::utils::collect_columns;
 use datafusion::datasource::physical_plan::FileSource;
@@ -188,11 +190,36 @@ fn file_bytes(
 ) -> u64 {
     let groups = footer.row_groups();
     let mut access = RowGroupAccessPlanFilter::new(ParquetAccessPlan::new_all(groups.len()));
-    if let Some(predicate) = predicate {
+    if let Some(predicate) = predicate.filter(|_| laid_out_as(schema, footer)) {
         let metrics = ParquetFileMetrics::new(0, meta.location.as_ref(), &ExecutionPlanMetricsSet::new());
         access.prune_by_statistics(schema, footer.file_metadata().schema_descr(), groups, predicate, &metrics);
     }
     access.row_group_indexes().map(|i| group_bytes(&groups[i], columns)).sum()
+}
+
+/// Whether the file holds the table's columns in the table's order and in types whose
+/// statistics read alike. The statistics are matched to the table's columns by position and read
+/// in the table's types (DataFusion's scan adapts each file first): a file whose columns are in
+/// another order, or whose timestamps are in another unit, would have its row groups judged by
+/// the wrong numbers, and a large scan counted small. Such a file is counted whole.
+fn laid_out_as(table: &datafusion::arrow::datatypes::Schema, footer: &ParquetMetaData) -> bool {
+    let metadata = footer.file_metadata();
+    let Ok(file) = parquet_to_arrow_schema(metadata.schema_descr(), metadata.key_value_metadata()) else { return false };
+    table.fields().len() <= file.fields().len()
+        && table.fields().iter().zip(file.fields()).all(|(t, f)| t.name() == f.name() && read_alike(t.data_type(), f.data_type()))
+}
+
+/// Types whose Parquet statistics DataFusion reads the same way: equal ones, and the string,
+/// binary and dictionary forms of one kind of value.
+fn read_alike(table: &DataType, file: &DataType) -> bool {
+    use DataType::*;
+    match (table, file) {
+        _ if table == file => true,
+        (Dictionary(_, value), other) | (other, Dictionary(_, value)) => read_alike(value, other),
+        (Utf8 | LargeUtf8 | Utf8View, Utf8 | LargeUtf8 | Utf8View) => true,
+        (Binary | LargeBinary | BinaryView, Binary | LargeBinary | BinaryView) => true,
+        _ => false,
+    }
 }
 
 fn group_bytes(group: &RowGroupMetaData, columns: Option<&HashSet<String>>) -> u64 {

@@ -22,7 +22,7 @@ use object_store::{
 };
 use url::Url;
 
-use super::row_group_starts;
+use super::{row_group_starts, small_scan_bytes};
 
 /// An in-memory store that counts the reads made through it.
 #[derive(Debug, Default)]
@@ -107,4 +107,42 @@ async fn a_footer_is_read_in_one_request() {
     let starts = row_group_starts(&plan, &cold).await;
     assert_eq!(store.reads.load(Ordering::SeqCst) - before, 1, "reads of one footer");
     assert_eq!(starts.get(&Path::from("t/data.parquet")).map(Vec::len), Some(3));
+}
+
+/// A Parquet file of three row groups of columns `a` (0 to 2999) and `b` (2999 down to 0).
+fn two_columns() -> Vec<u8> {
+    let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, false), Field::new("b", DataType::Int64, false)]));
+    let (a, b) = (Int64Array::from_iter_values(0..3000), Int64Array::from_iter_values((0..3000).rev()));
+    let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(a), Arc::new(b)]).unwrap();
+    let properties = WriterProperties::builder().set_max_row_group_row_count(Some(1000)).build();
+    let mut bytes = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut bytes, schema, Some(properties)).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    bytes
+}
+
+/// Regression: the small-query estimate matched row-group statistics to the table's columns by
+/// position, so a table declared with its columns in another order than the file's judged `a`
+/// by `b`'s statistics, and could count a large scan small. Such a file now counts whole.
+#[tokio::test]
+async fn a_file_laid_out_unlike_its_table_is_not_pruned_by_the_estimate() {
+    let store = Arc::new(InMemory::new());
+    let file = two_columns();
+    // Under the file's size: the footer is read (a file at most the limit counts whole unread).
+    let limit = file.len() as u64 - 1;
+    store.put(&Path::from("t/data.parquet"), PutPayload::from(file)).await.unwrap();
+    let url = Url::parse("memory://bucket").unwrap();
+    let runtime = RuntimeEnvBuilder::new().build_arc().unwrap();
+    runtime.register_object_store(&url, Arc::clone(&store) as Arc<dyn ObjectStore>);
+    let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), Arc::clone(&runtime));
+    let swapped = Schema::new(vec![Field::new("b", DataType::Int64, false), Field::new("a", DataType::Int64, false)]);
+    ctx.register_parquet("as_written", "memory://bucket/t/", ParquetReadOptions::default()).await.unwrap();
+    ctx.register_parquet("swapped", "memory://bucket/t/", ParquetReadOptions::default().schema(&swapped)).await.unwrap();
+    let mut estimates = Vec::new();
+    for table in ["as_written", "swapped"] {
+        let plan = ctx.sql(&format!("SELECT a FROM {table} WHERE a < 10")).await.unwrap().create_physical_plan().await.unwrap();
+        estimates.push(small_scan_bytes(&plan, &runtime, limit).await.expect("an estimate"));
+    }
+    assert!(estimates[1] > 2 * estimates[0], "one row group as written, all three when swapped: {estimates:?}");
 }
