@@ -74,16 +74,29 @@ impl ObjectStore for Counting {
     }
 }
 
-/// A Parquet file of three row groups.
-fn three_row_groups() -> Vec<u8> {
-    let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
-    let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(Int64Array::from_iter_values(0..3000))]).unwrap();
+/// A Parquet file of three row groups of 1000 rows: `columns` named in order, each holding
+/// `0..3000`, or `3000..0` where `descending`.
+fn three_row_groups_of(columns: &[(&str, bool)]) -> Vec<u8> {
+    let fields: Vec<Field> = columns.iter().map(|(name, _)| Field::new(*name, DataType::Int64, false)).collect();
+    let schema = Arc::new(Schema::new(fields));
+    let arrays = columns
+        .iter()
+        .map(|(_, descending)| match descending {
+            false => Arc::new(Int64Array::from_iter_values(0..3000)) as _,
+            true => Arc::new(Int64Array::from_iter_values((0..3000).rev())) as _,
+        })
+        .collect();
+    let batch = RecordBatch::try_new(Arc::clone(&schema), arrays).unwrap();
     let properties = WriterProperties::builder().set_max_row_group_row_count(Some(1000)).build();
     let mut bytes = Vec::new();
     let mut writer = ArrowWriter::try_new(&mut bytes, schema, Some(properties)).unwrap();
     writer.write(&batch).unwrap();
     writer.close().unwrap();
     bytes
+}
+
+fn three_row_groups() -> Vec<u8> {
+    three_row_groups_of(&[("v", false)])
 }
 
 /// On a cold cache, a footer is one read from the store: the end of the file, as much as the
@@ -109,26 +122,14 @@ async fn a_footer_is_read_in_one_request() {
     assert_eq!(starts.get(&Path::from("t/data.parquet")).map(Vec::len), Some(3));
 }
 
-/// A Parquet file of three row groups of columns `a` (0 to 2999) and `b` (2999 down to 0).
-fn two_columns() -> Vec<u8> {
-    let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, false), Field::new("b", DataType::Int64, false)]));
-    let (a, b) = (Int64Array::from_iter_values(0..3000), Int64Array::from_iter_values((0..3000).rev()));
-    let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(a), Arc::new(b)]).unwrap();
-    let properties = WriterProperties::builder().set_max_row_group_row_count(Some(1000)).build();
-    let mut bytes = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut bytes, schema, Some(properties)).unwrap();
-    writer.write(&batch).unwrap();
-    writer.close().unwrap();
-    bytes
-}
-
 /// Regression: the small-query estimate matched row-group statistics to the table's columns by
 /// position, so a table declared with its columns in another order than the file's judged `a`
 /// by `b`'s statistics, and could count a large scan small. Such a file now counts whole.
 #[tokio::test]
 async fn a_file_laid_out_unlike_its_table_is_not_pruned_by_the_estimate() {
     let store = Arc::new(InMemory::new());
-    let file = two_columns();
+    // `a` ascending, `b` descending: a filter on `a` keeps the first row group, on `b` the last.
+    let file = three_row_groups_of(&[("a", false), ("b", true)]);
     // Under the file's size: the footer is read (a file at most the limit counts whole unread).
     let limit = file.len() as u64 - 1;
     store.put(&Path::from("t/data.parquet"), PutPayload::from(file)).await.unwrap();
