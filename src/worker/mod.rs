@@ -254,6 +254,12 @@ impl State {
         }
     }
 
+    /// An Attempt whose output nobody will read: its Query or itself was released, or it was
+    /// given under a registration the coordinator has forgotten.
+    fn is_stale(&self, key: &TaskKey, registration: &Registration) -> bool {
+        self.is_released(key) || self.registration().as_ref() != Some(registration)
+    }
+
     fn is_released(&self, key: &TaskKey) -> bool {
         self.released_queries.lock().expect("released lock").contains(&key.query_id)
             || self.released_attempts.lock().expect("released lock").contains(key)
@@ -449,7 +455,7 @@ async fn run_task(state: &Arc<State>, registration: &Registration, task: TaskAss
 /// (its Query ended, or the coordinator stopped it) leaves no output and is not reported.
 async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskKey, task: TaskAssignment) {
     let started = Instant::now();
-    if state.is_released(&key) || state.registration().as_ref() != Some(registration) {
+    if state.is_stale(&key, registration) {
         return;
     }
     report(state, registration, &key, TaskState::Running, None, None, started).await;
@@ -482,13 +488,13 @@ async fn run_attempt(state: &Arc<State>, registration: &Registration, key: TaskK
         // report can take a while on a bad network) stops it either way.
         let mut running = state.running.lock().expect("running lock");
         running.insert(key.clone(), job.abort_handle());
-        if state.is_released(&key) || state.registration().as_ref() != Some(registration) {
+        if state.is_stale(&key, registration) {
             job.abort();
         }
     }
     let outcome = job.await;
     state.running.lock().expect("running lock").remove(&key);
-    if state.is_released(&key) || state.registration().as_ref() != Some(registration) {
+    if state.is_stale(&key, registration) {
         state.outputs.release_attempt(&key);
         state.sweep_late_filters_if_released(&key.query_id);
         return;
