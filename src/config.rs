@@ -57,6 +57,15 @@ pub const EXPRESS_QUERY_TASKS_MAX: usize = 4;
 pub const POLL_TASKS_MAX: usize = 64;
 /// How often a worker tells the coordinator it is alive.
 pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
+/// A worker watches for its process being held off the CPU (see `worker::stalls`) by sleeping
+/// ticks of this length...
+pub const STALL_TICK_MS: u64 = 10;
+/// ...and counts a tick as stalled when it woke more than this late: scheduling jitter on a
+/// busy host stays under it, a stopped or CPU-throttled process does not.
+pub const STALL_LATE_MS: u64 = 20;
+/// A heartbeat slows its worker's pace by its stalls only when Attempts ran for at least this
+/// much of its interval: an idle worker's stalls say nothing of how it runs Tasks.
+pub const STALL_SAMPLE_BUSY_MIN_MS: u64 = HEARTBEAT_INTERVAL_MS / 2;
 /// A Task the coordinator assigned must show up in its worker's heartbeats within this time;
 /// otherwise the assignment (or the Task's report) was lost, and it runs again elsewhere.
 pub const ASSIGNMENT_ACK_TIMEOUT_MS: u64 = 5_000;

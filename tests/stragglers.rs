@@ -2,7 +2,8 @@
 //! processes, one worker throttled with `cpulimit`. Its Tasks get speculative Attempts on the
 //! other workers, the first Attempt to succeed wins, and the answers stay exact; the coordinator
 //! learns the worker is slow (its pace; that test slows the worker with `--task-delay-ms`
-//! instead, so its pace does not depend on the machine's load). A worker that stalls longer
+//! instead, so its pace does not depend on the machine's load), and learns it too of a worker
+//! whose process is stopped most of the time. A worker that stalls longer
 //! than the test has its superseded Attempts stopped and its slots back. With
 //! `SET quiver.speculation = false` nothing is speculated.
 
@@ -145,6 +146,70 @@ async fn a_delayed_worker_is_learned_to_be_slow() {
     assert_eq!(paces[0][0], cluster.workers[2].url(), "the delayed worker is the slowest: {paces:?}");
     assert!(paces[0][1].parse::<f64>().unwrap() > 2.0, "the delayed worker counts as slow: {paces:?}");
     assert!(paces[1][1].parse::<f64>().unwrap() < 2.0, "the healthy workers do not: {paces:?}");
+}
+
+/// A worker whose process is stopped three quarters of the time, as `cpulimit` or a cgroup's CPU
+/// quota does, runs short Attempts at full speed between stops, so their times hide it; but
+/// every Task reading its outputs waits out its stops. Its heartbeats carry how long it was
+/// held off the CPU while busy, and the coordinator counts it slow by that. The stops here come
+/// in a fixed cycle, not from `cpulimit`, so the share is the same under any load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_held_off_the_cpu_is_learned_to_be_slow() {
+    let cluster = ProcCluster::start(3, &SMALL_TASKS, &WORKER_ARGS);
+    let client = tpch_tables(&cluster).await;
+    collect(&client, "SET quiver.speculation = false").await;
+    collect(&client, "SET quiver.slow_worker_placement = false").await;
+    let held = StopCycle::start(cluster.workers[2].pid().expect("worker 2 runs"));
+    run_queries(&client).await;
+    drop(held);
+    let sql = "SELECT address, pace, stalled_pct FROM quiver.workers WHERE alive ORDER BY stalled_pct DESC";
+    let workers = collect(&client, sql).await;
+    let number = |row: usize, column: usize| workers[row][column].parse::<f64>().unwrap();
+    assert_eq!(workers[0][0], cluster.workers[2].url(), "the stopped worker stalled most: {workers:?}");
+    assert!(number(0, 2) > 40.0 && number(0, 1) > 2.0, "stopped {STOPPED_MS} ms of every {} it counts as slow: {workers:?}", STOPPED_MS + RUNNING_MS);
+    assert!(number(1, 2) < 50.0 && number(1, 1) < 2.0, "the other workers do not count as slow: {workers:?}");
+}
+
+/// The stop cycle of the held worker: stopped this long...
+const STOPPED_MS: u64 = 300;
+/// ...then running this long.
+const RUNNING_MS: u64 = 100;
+
+/// Stops and continues a process in a fixed cycle until dropped; leaves it running.
+struct StopCycle {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StopCycle {
+    fn start(pid: u32) -> Self {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let signal = move |name: &str| {
+            let status = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().expect("kill runs");
+            assert!(status.success(), "kill -{name} {pid}");
+        };
+        let thread = std::thread::spawn({
+            let done = std::sync::Arc::clone(&done);
+            move || {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    signal("STOP");
+                    std::thread::sleep(Duration::from_millis(STOPPED_MS));
+                    signal("CONT");
+                    std::thread::sleep(Duration::from_millis(RUNNING_MS));
+                }
+            }
+        });
+        Self { done, thread: Some(thread) }
+    }
+}
+
+impl Drop for StopCycle {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// A worker that stalls before every Attempt (`--task-delay-ms`, far longer than the test)

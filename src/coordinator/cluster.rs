@@ -193,6 +193,12 @@ impl Cluster {
         self.lock().workers.total_slots()
     }
 
+    /// The slots Tasks are sized for under slow-worker placement `slow` (see
+    /// `Registry::paced_slots`).
+    pub fn paced_slots(&self, slow: Option<f64>) -> usize {
+        self.lock().workers.paced_slots(slow)
+    }
+
     /// Waits up to `wait` for at least one live worker; returns the total slots then.
     pub async fn wait_for_slots(&self, wait: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + wait;
@@ -288,7 +294,7 @@ impl Cluster {
         query.record.mode = "distributed";
         query.record.stages = stages.len() as u32;
         query.record.tasks = task_count as u32;
-        let read_policy = layout::ReadPolicy { slots: workers.total_slots().max(1), ..adaptive.reads };
+        let read_policy = layout::ReadPolicy { slots: workers.paced_slots(adaptive.slow_pace).max(1), ..adaptive.reads };
         let mut run = QueryRun::new(query_id, stages)
             .with_speculation(adaptive.speculation)
             .with_slow_pace(adaptive.slow_pace)
@@ -383,7 +389,7 @@ impl Cluster {
             // A scan slice too large for what is left of its Stage is cut, and the poll takes
             // one of its pieces (or whatever else is first now).
             let mut out = Vec::new();
-            if cuts < SLICE_CUTS_PER_POLL_MAX && run.cut_slice(&queued.key, workers.total_slots(), now, &mut out) {
+            if cuts < SLICE_CUTS_PER_POLL_MAX && run.cut_slice(&queued.key, workers.paced_slots(run.slow_pace()), now, &mut out) {
                 cuts += 1;
                 self.apply(query, queue, workers, out);
                 continue;
@@ -640,7 +646,7 @@ impl Cluster {
                         workers.attempt_ended(&worker, express);
                     }
                 }
-                Action::Paced { worker, ratio, at_least } => workers.paced(&worker, ratio, at_least),
+                Action::Paced { worker, ratio, at_least, read_from } => workers.paced(&worker, ratio, at_least, &read_from),
                 Action::Output { rows, bytes, shuffle } => {
                     self.metrics.attempt_output(rows, bytes, shuffle);
                     match shuffle {
@@ -998,7 +1004,7 @@ mod tests {
         let roomy = cluster.register_worker("http://roomy".into(), 2, 0, 1000);
         cluster.begin_query("q", "q", "anonymous");
         cluster.submit("q", stage(2), Adaptive::default()).unwrap();
-        let beat = Beat { running_tasks: 0, memory_used_bytes: 950, unreachable_peers: Vec::new() };
+        let beat = Beat { running_tasks: 0, memory_used_bytes: 950, unreachable_peers: Vec::new(), busy_ms: 0, stalled_ms: 0 };
         assert!(cluster.heartbeat(&full.0, full.1, beat, &[], &[]).is_some());
         assert!(matches!(cluster.try_assign(&full.0, full.1, Lane::Regular), Ok(Assigned::NotBefore(_))), "the full worker waits");
         assert!(matches!(cluster.try_assign(&roomy.0, roomy.1, Lane::Regular), Ok(Assigned::Task(_))));

@@ -347,7 +347,13 @@ impl SqlHandler for Service {
             }
             action::HEARTBEAT => {
                 let h: Heartbeat = decode(&body)?;
-                let beat = Beat { running_tasks: h.running_tasks, memory_used_bytes: h.memory_used_bytes, unreachable_peers: h.unreachable_peers };
+                let beat = Beat {
+                    running_tasks: h.running_tasks,
+                    memory_used_bytes: h.memory_used_bytes,
+                    unreachable_peers: h.unreachable_peers,
+                    busy_ms: h.busy_ms,
+                    stalled_ms: h.stalled_ms,
+                };
                 let held_queries = &h.held_queries[..h.held_queries.len().min(HELD_QUERIES_REPORTED_MAX)];
                 match core.cluster.heartbeat(&h.worker_id, h.session, beat, &h.tasks, held_queries) {
                     Some(reply) => HeartbeatResponse { known: true, peers: reply.peers, ended_queries: reply.ended_queries },

@@ -121,6 +121,15 @@ pub fn pace_now(pace: f64, since: Duration) -> f64 {
     1.0 + (pace - 1.0) * 0.5f64.powf(since.as_secs_f64() * 1e3 / PACE_HALF_LIFE_MS as f64)
 }
 
+/// How many times longer work takes on a worker whose process was held off the CPU for
+/// `stalled_ms` of the `busy_ms` it ran Attempts: stopped three quarters of the time, it does a
+/// quarter of the work, 4 times slower. Its Attempts' durations hide this when they are short
+/// enough to fit between stalls, but whatever reads its outputs waits out every stall.
+pub fn stall_ratio(busy_ms: u64, stalled_ms: u64) -> f64 {
+    let running = busy_ms.saturating_sub(stalled_ms).max(1) as f64;
+    (busy_ms.max(1) as f64 / running).min(PACE_RATIO_MAX)
+}
+
 /// Whether a worker whose pace is over the limit leaves the ready Attempts to the faster
 /// workers (after LATE, OSDI 2008). While it runs one Attempt, `pace` times a typical one, each
 /// faster slot runs about `pace` of them: when the faster slots can clear every ready Attempt
@@ -211,6 +220,14 @@ mod tests {
 
     fn whole(threshold: Option<Threshold>) -> Option<Duration> {
         threshold.map(|t| t.for_share(1.0))
+    }
+
+    #[test]
+    fn a_worker_stopped_most_of_the_time_is_as_slow_as_its_share_of_the_cpu() {
+        assert_eq!(stall_ratio(500, 0), 1.0);
+        assert_eq!(stall_ratio(500, 375), 4.0);
+        assert_eq!(stall_ratio(500, 500), PACE_RATIO_MAX, "a sample is bounded");
+        assert_eq!(stall_ratio(0, 0), 1.0);
     }
 
     #[test]

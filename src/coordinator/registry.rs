@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::policy;
-use crate::config::LOST_WORKERS_MAX;
+use crate::config::{LOST_WORKERS_MAX, STALL_SAMPLE_BUSY_MIN_MS};
 
 #[derive(Debug, Clone)]
 pub struct WorkerRecord {
@@ -26,9 +26,9 @@ pub struct WorkerRecord {
     pub express_assigned: u32,
     /// How long its Attempts take against their Stages' medians (1 is typical; see
     /// `policy::pace_after`).
-    pub pace: f64,
-    /// When `pace` last had a sample: it returns towards 1 from then (`policy::pace_now`).
-    paced_at: Instant,
+    task_pace: Pace,
+    /// How much longer its work takes for the stalls of its process (see `policy::stall_ratio`).
+    stall_pace: Pace,
     /// Other workers it could not connect to, as its last heartbeat said.
     pub unreachable_peers: Vec<String>,
     last_seen: Instant,
@@ -40,9 +40,44 @@ pub struct WorkerRecord {
 }
 
 impl WorkerRecord {
-    /// Its pace as of now (see `policy::pace_now`).
+    /// Its pace as of now: the slower of what its Attempts' durations and its stalls say (a
+    /// worker that never stalls may still be faster than typical).
     pub fn pace_now(&self) -> f64 {
-        policy::pace_now(self.pace, self.paced_at.elapsed())
+        let (task, stall) = (self.task_pace.now(), self.stall_pace.now());
+        if stall > 1.0 {
+            task.max(stall)
+        } else {
+            task
+        }
+    }
+
+    /// The share of its busy time its process was held off the CPU lately, in percent (what its
+    /// stall pace amounts to: a pace of 4 is 75%).
+    pub fn stalled_pct(&self) -> f64 {
+        100.0 * (1.0 - 1.0 / self.stall_pace.now().max(1.0))
+    }
+}
+
+/// A pace (1 is typical, 4 four times slower) and when it last had a sample: it returns towards
+/// 1 from then (`policy::pace_now`).
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    value: f64,
+    at: Instant,
+}
+
+impl Pace {
+    fn new(now: Instant) -> Self {
+        Self { value: 1.0, at: now }
+    }
+
+    fn now(&self) -> f64 {
+        policy::pace_now(self.value, self.at.elapsed())
+    }
+
+    fn sample(&mut self, ratio: f64, at_least: bool) {
+        self.value = policy::pace_after(self.now(), ratio, at_least);
+        self.at = Instant::now();
     }
 }
 
@@ -51,6 +86,10 @@ pub struct Beat {
     pub running_tasks: u32,
     pub memory_used_bytes: u64,
     pub unreachable_peers: Vec<String>,
+    /// How long Attempts ran since the last heartbeat, and how much of it the worker's process
+    /// was held off the CPU.
+    pub busy_ms: u64,
+    pub stalled_ms: u64,
 }
 
 #[derive(Default)]
@@ -77,8 +116,8 @@ impl Registry {
             assigned: 0,
             express_slots,
             express_assigned: 0,
-            pace: 1.0,
-            paced_at: now,
+            task_pace: Pace::new(now),
+            stall_pace: Pace::new(now),
             unreachable_peers: Vec::new(),
             last_seen: now,
             session,
@@ -106,6 +145,9 @@ impl Registry {
                     tracing::warn!(worker = %id, url = %w.url, peers = ?beat.unreachable_peers, "a worker cannot reach other workers: Tasks there that read their outputs will fail");
                 }
                 w.unreachable_peers = beat.unreachable_peers;
+                if beat.busy_ms >= STALL_SAMPLE_BUSY_MIN_MS {
+                    w.stall_pace.sample(policy::stall_ratio(beat.busy_ms, beat.stalled_ms), false);
+                }
                 true
             }
             _ => false,
@@ -190,11 +232,18 @@ impl Registry {
     }
 
     /// An Attempt on worker `id` took `ratio` times its Stage's median (`at_least`: it was
-    /// stopped after that long).
-    pub fn paced(&mut self, id: &str, ratio: f64, at_least: bool) {
+    /// stopped after that long), reading outputs of the workers at `read_from`. A slow Attempt
+    /// that read from a worker slower than its own may have spent its time waiting on that one
+    /// (a worker held off the CPU serves its outputs only between stalls): it says nothing
+    /// against its own worker, which would otherwise look as slow as the one it waited on.
+    pub fn paced(&mut self, id: &str, ratio: f64, at_least: bool, read_from: &[String]) {
+        let Some(own) = self.workers.get(id).map(WorkerRecord::pace_now) else { return };
+        let slower_source = || self.workers.values().any(|w| read_from.contains(&w.url) && w.pace_now() > own);
+        if ratio > 1.0 && slower_source() {
+            return;
+        }
         if let Some(w) = self.workers.get_mut(id) {
-            w.pace = policy::pace_after(w.pace_now(), ratio, at_least);
-            w.paced_at = Instant::now();
+            w.task_pace.sample(ratio, at_least);
         }
     }
 
@@ -233,6 +282,24 @@ impl Registry {
         self.live().map(|w| w.slots as usize).sum()
     }
 
+    /// The slots a Stage's Tasks are sized for, in slots of a typical pace. With slow-worker
+    /// placement (`slow`: its pace limit), a worker slower than the limit takes a Task only when
+    /// the others have more than they can clear, so its slots count only at its pace: a slot 4
+    /// times slower is a quarter of one. Counted whole, 3 slots of which one is slow give 3
+    /// Tasks per wave for 2 slots that take them, and each wave runs twice. Every slot counts
+    /// whole without placement, or when no worker is within the limit (placement then passes
+    /// over none).
+    pub fn paced_slots(&self, slow: Option<f64>) -> usize {
+        let total = self.total_slots();
+        let Some(limit) = slow else { return total };
+        let fast = self.slots_at_pace(limit);
+        if fast == 0 {
+            return total;
+        }
+        let slow_share: f64 = self.live().map(|w| (w.slots as f64, w.pace_now())).filter(|&(_, pace)| pace > limit).map(|(slots, pace)| slots / pace).sum();
+        fast + slow_share.floor() as usize
+    }
+
     pub fn records(&self) -> Vec<WorkerRecord> {
         self.workers.values().cloned().collect()
     }
@@ -257,5 +324,56 @@ mod tests {
         let mut kept: Vec<u64> = registry.workers.keys().map(|id| id[1..].parse().unwrap()).collect();
         kept.sort_unstable();
         assert_eq!(kept, (45..=total as u64).collect::<Vec<_>>(), "the {LOST_WORKERS_MAX} lost last stay");
+    }
+
+    #[test]
+    fn a_slow_worker_counts_for_its_share_of_a_slot_when_tasks_are_sized() {
+        let mut registry = Registry::default();
+        let now = Instant::now();
+        let fast: Vec<String> = (0..2).map(|n| registry.register(format!("http://f{n}"), 2, 0, 1 << 30, now).0).collect();
+        let (slow, _) = registry.register("http://slow".into(), 2, 0, 1 << 30, now);
+        assert_eq!(registry.paced_slots(Some(2.0)), 6, "no pace known yet");
+        registry.workers.get_mut(&slow).unwrap().task_pace.value = 8.0;
+        assert_eq!(registry.paced_slots(Some(2.0)), 4, "two slots at an eighth of the pace: none whole");
+        assert_eq!(registry.paced_slots(None), 6, "without slow-worker placement every slot takes Tasks");
+        for id in &fast {
+            registry.workers.get_mut(id).unwrap().task_pace.value = 8.0;
+        }
+        assert_eq!(registry.paced_slots(Some(2.0)), 6, "all slow: placement passes over none");
+    }
+
+    #[test]
+    fn a_worker_held_off_the_cpu_while_busy_is_slow_whatever_its_attempts_took() {
+        let mut registry = Registry::default();
+        let now = Instant::now();
+        let (id, session) = registry.register("http://w".into(), 1, 0, 1 << 30, now);
+        let beat = |busy_ms, stalled_ms| Beat { running_tasks: 1, memory_used_bytes: 0, unreachable_peers: Vec::new(), busy_ms, stalled_ms };
+        // Stalls while idle say nothing of how it runs Tasks.
+        assert!(registry.heartbeat(&id, session, beat(STALL_SAMPLE_BUSY_MIN_MS - 1, STALL_SAMPLE_BUSY_MIN_MS - 1), now));
+        assert_eq!(registry.pace(&id), 1.0);
+        // Its short Attempts look typical, but it is stopped three quarters of the time.
+        for _ in 0..8 {
+            registry.paced(&id, 1.0, false, &[]);
+            assert!(registry.heartbeat(&id, session, beat(500, 375), now));
+        }
+        assert!(registry.pace(&id) > 3.5, "pace {}", registry.pace(&id));
+        // Its Attempts' own samples neither hide nor add to it.
+        registry.paced(&id, 1.0, false, &[]);
+        assert!(registry.pace(&id) > 3.5);
+    }
+
+    #[test]
+    fn a_slow_attempt_that_read_from_a_slower_worker_does_not_slow_its_own() {
+        let mut registry = Registry::default();
+        let now = Instant::now();
+        let (fast, _) = registry.register("http://fast".into(), 1, 0, 1 << 30, now);
+        let (slow, _) = registry.register("http://slow".into(), 1, 0, 1 << 30, now);
+        registry.workers.get_mut(&slow).unwrap().task_pace.value = 4.0;
+        registry.paced(&fast, 6.0, false, &["http://slow".into()]);
+        assert_eq!(registry.pace(&fast), 1.0, "it waited on the slow worker");
+        registry.paced(&fast, 0.5, false, &["http://slow".into()]);
+        assert!(registry.pace(&fast) < 1.0, "a fast Attempt counts whatever it read");
+        registry.paced(&slow, 6.0, false, &["http://fast".into()]);
+        assert!(registry.pace(&slow) > 4.0, "reading from a faster worker excuses nothing");
     }
 }

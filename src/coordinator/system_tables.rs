@@ -54,7 +54,7 @@ fn schema(kind: Kind) -> SchemaRef {
             s("worker_id"), s("address"), u32f("slots"), s("state"), Field::new("alive", DataType::Boolean, false),
             Field::new("last_heartbeat", timestamp(), false), u32f("running_tasks"),
             u64f("memory_limit_bytes"), u64f("memory_used_bytes"), Field::new("pace", DataType::Float64, false),
-            u32f("express_slots"), u32f("express_running"), sn("unreachable_peers"),
+            Field::new("stalled_pct", DataType::Float64, false), u32f("express_slots"), u32f("express_running"), sn("unreachable_peers"),
         ],
         Kind::Queries => vec![
             s("query_id"), s("sql"), s("state"), s("mode"), u32f("stages"), u32f("tasks"), u32f("workers_used"),
@@ -122,6 +122,7 @@ impl SystemTable {
                     u64s(w.iter().map(|w| w.memory_limit_bytes)),
                     u64s(w.iter().map(|w| w.memory_used_bytes)),
                     Arc::new(Float64Array::from_iter_values(w.iter().map(|w| w.pace_now()))) as ArrayRef,
+                    Arc::new(Float64Array::from_iter_values(w.iter().map(|w| w.stalled_pct()))) as ArrayRef,
                     u32s(w.iter().map(|w| w.express_slots)),
                     u32s(w.iter().map(|w| w.express_assigned)),
                     opt_strings(peer_lists.iter().map(|p| p.as_deref())),

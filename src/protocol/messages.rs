@@ -98,6 +98,12 @@ pub struct Heartbeat {
     /// `HELD_QUERIES_REPORTED_MAX`): the coordinator names those that have ended.
     #[prost(string, repeated, tag = "7")]
     pub held_queries: Vec<String>,
+    /// Since the last heartbeat: how long Attempts ran on the worker, and how much of that its
+    /// process was held off the CPU (see `worker::stalls`).
+    #[prost(uint64, tag = "8")]
+    pub busy_ms: u64,
+    #[prost(uint64, tag = "9")]
+    pub stalled_ms: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -7,6 +7,7 @@ mod inputs;
 mod key_filters;
 mod outputs;
 mod peers;
+mod stalls;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
@@ -91,6 +92,8 @@ struct State {
     ipc: IpcWriteOptions,
     /// Key filters for probe Attempts that started before their filter was decided.
     late_filters: key_filters::LateFilters,
+    /// How long the process was held off the CPU while Attempts ran, for the heartbeats.
+    stalls: Arc<stalls::StallClock>,
 }
 
 /// The last `capacity` values seen, for membership tests.
@@ -155,6 +158,7 @@ impl Worker {
             peers: Mutex::default(),
             ipc,
             late_filters: key_filters::LateFilters::default(),
+            stalls: stalls::StallClock::start()?,
         });
         let service = Arc::new(Service(Arc::clone(&state)));
         let mut server = serve(Arc::clone(&service), listener, &security.server)?;
@@ -374,6 +378,7 @@ async fn membership_loop(state: Arc<State>) {
         };
         // Taken before the message: its fields' lock guards live to the end of the statement.
         let held_queries = state.held_queries();
+        let (busy_ms, stalled_ms) = state.stalls.take();
         let beat = Heartbeat {
             worker_id: registration.id.clone(),
             running_tasks: state.running.lock().expect("running lock").len() as u32,
@@ -382,6 +387,8 @@ async fn membership_loop(state: Arc<State>) {
             session: registration.session,
             unreachable_peers: state.peers.lock().expect("peers lock").unreachable(),
             held_queries,
+            busy_ms,
+            stalled_ms,
         };
         match call::<_, HeartbeatResponse>(&state.coordinator, action::HEARTBEAT, &beat).await {
             Ok(reply) if !reply.known => state.forget(&registration),
@@ -446,6 +453,7 @@ async fn dispatch_loop(state: Arc<State>, express: bool) {
 
 async fn run_task(state: &Arc<State>, registration: &Registration, task: TaskAssignment) {
     let Some(key) = task.key.clone() else { return };
+    let _busy = state.stalls.busy();
     state.held.lock().expect("held lock").insert(key.clone());
     run_attempt(state, registration, key.clone(), task).await;
     state.held.lock().expect("held lock").remove(&key);

@@ -1,0 +1,109 @@
+//! How long this worker's process was held off the CPU while it ran Attempts: stopped
+//! (`cpulimit`, a debugger), throttled by its cgroup's CPU quota, or starved by its host. Such a
+//! worker runs short Attempts at full speed between stalls, so its Attempts' durations hide
+//! it; but every Task reading its outputs waits out its stalls. A thread of its own sleeps in
+//! short ticks and counts a tick that woke far too late as stalled; heartbeats carry the sums
+//! to the coordinator, which slows the worker's pace by them.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use crate::config::{STALL_LATE_MS, STALL_TICK_MS};
+
+/// Time watched while Attempts ran, and the part of it the process was held off the CPU.
+#[derive(Default)]
+pub(super) struct StallClock {
+    busy: AtomicUsize,
+    watched_us: AtomicU64,
+    stalled_us: AtomicU64,
+}
+
+/// Marks the worker busy while it lives: an Attempt runs.
+pub(super) struct Busy(Arc<StallClock>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl StallClock {
+    /// A clock whose thread watches until the clock is dropped.
+    pub(super) fn start() -> std::io::Result<Arc<Self>> {
+        let clock = Arc::new(Self::default());
+        let weak = Arc::downgrade(&clock);
+        std::thread::Builder::new().name("quiver-stalls".into()).spawn(move || watch(weak))?;
+        Ok(clock)
+    }
+
+    pub(super) fn busy(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(Arc::clone(self))
+    }
+
+    /// Milliseconds watched busy and stalled since the last call.
+    pub(super) fn take(&self) -> (u64, u64) {
+        (self.watched_us.swap(0, Ordering::Relaxed) / 1000, self.stalled_us.swap(0, Ordering::Relaxed) / 1000)
+    }
+
+    /// One tick that took `elapsed` where [`STALL_TICK_MS`] was asked for.
+    fn tick(&self, elapsed: Duration) {
+        if self.busy.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let us = elapsed.as_micros() as u64;
+        self.watched_us.fetch_add(us, Ordering::Relaxed);
+        self.stalled_us.fetch_add(stalled_us(us), Ordering::Relaxed);
+    }
+}
+
+/// The stalled part of a tick that lasted `us`: all of its lateness once it is late by more than
+/// [`STALL_LATE_MS`]. Scheduling jitter on a loaded host wakes a thread a few ms late; a process
+/// that was stopped wakes hundreds of ms late.
+fn stalled_us(us: u64) -> u64 {
+    let late = us.saturating_sub(STALL_TICK_MS * 1000);
+    if late > STALL_LATE_MS * 1000 {
+        late
+    } else {
+        0
+    }
+}
+
+fn watch(clock: Weak<StallClock>) {
+    let tick = Duration::from_millis(STALL_TICK_MS);
+    loop {
+        let started = Instant::now();
+        std::thread::sleep(tick);
+        let Some(clock) = clock.upgrade() else { return };
+        clock.tick(started.elapsed());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_tick_that_woke_far_too_late_counts_as_stalled() {
+        let tick_us = STALL_TICK_MS * 1000;
+        assert_eq!(stalled_us(tick_us + 100), 0, "timer slack");
+        assert_eq!(stalled_us(tick_us + STALL_LATE_MS * 1000), 0, "scheduling jitter");
+        assert_eq!(stalled_us(tick_us + 300_000), 300_000, "a stopped process");
+    }
+
+    #[test]
+    fn an_idle_worker_is_not_watched() {
+        let clock = Arc::new(StallClock::default());
+        clock.tick(Duration::from_millis(500));
+        assert_eq!(clock.take(), (0, 0));
+        let busy = clock.busy();
+        clock.tick(Duration::from_millis(STALL_TICK_MS + 400));
+        clock.tick(Duration::from_millis(STALL_TICK_MS));
+        assert_eq!(clock.take(), (2 * STALL_TICK_MS + 400, 400));
+        assert_eq!(clock.take(), (0, 0), "taken once");
+        drop(busy);
+        clock.tick(Duration::from_millis(500));
+        assert_eq!(clock.take(), (0, 0));
+    }
+}
