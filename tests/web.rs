@@ -44,6 +44,8 @@ fn assert_worker_shape(w: &Value) {
     u64_of(w, "heartbeat_age_ms");
     assert!(u64_of(w, "last_heartbeat_ms") > 0, "{w}");
     assert_eq!(w["alive"], true, "{w}");
+    assert!(w["pace"].as_f64().is_some_and(|p| p > 0.0), "pace in {w}");
+    assert!(w["stalled_pct"].as_f64().is_some_and(|p| (0.0..=100.0).contains(&p)), "stalled_pct in {w}");
 }
 
 fn assert_query_shape(q: &Value) {
@@ -229,6 +231,7 @@ async fn the_ui_renders_workers_queries_the_stage_dag_and_a_task_timeline_in_chr
     let overview = tokio::task::spawn_blocking(move || rendered_dom(&format!("http://{addr}/"), 3_000)).await.unwrap();
     let workers: Vec<&str> = opening_tags(&overview, "tr").into_iter().filter_map(|tag| attribute(tag, "data-worker-id")).collect();
     assert_eq!(workers, ["w1", "w2"], "worker rows in:\n{overview}");
+    assert!(overview.contains(">Pace</th>") && overview.contains("×</td>"), "each worker's pace in:\n{overview}");
     let listed = opening_tags(&overview, "tr").into_iter().find(|tag| attribute(tag, "data-query-id") == Some(id.as_str()));
     assert!(listed.is_some(), "query {id} is not listed in:\n{overview}");
     assert!(overview.contains(r#"id="cluster-summary""#), "{overview}");

@@ -55,6 +55,10 @@ pub struct WorkerJson {
     express_running: u32,
     /// Other workers it could not connect to at their advertised addresses.
     unreachable_peers: Vec<String>,
+    /// How slow it runs Tasks (1 typical, 4 four times slower), and the share of its busy time
+    /// its process was held off the CPU lately, in percent.
+    pace: f64,
+    stalled_pct: f64,
 }
 
 #[derive(Serialize)]
@@ -231,6 +235,8 @@ fn worker_json(w: &WorkerRecord, now: SystemTime) -> WorkerJson {
         express_slots: w.express_slots,
         express_running: w.express_assigned,
         unreachable_peers: w.unreachable_peers.clone(),
+        pace: w.pace_now(),
+        stalled_pct: w.stalled_pct(),
     }
 }
 

@@ -127,8 +127,9 @@ function workersTable(workers) {
     el("td", {}, badge(w.alive ? "alive" : "lost")),
     el("td", {}, meter(w.running_tasks, w.slots), `${w.running_tasks} / ${w.slots}`),
     el("td", {}, meter(w.memory_used_bytes, w.memory_limit_bytes), `${fmtBytes(w.memory_used_bytes)} / ${fmtBytes(w.memory_limit_bytes)}`),
+    el("td", { title: `held off the CPU ${w.stalled_pct.toFixed(0)}% of its busy time lately` }, `${w.pace.toFixed(2)}×`),
     el("td", { title: fmtTime(w.last_heartbeat_ms) }, `${fmtMs(w.heartbeat_age_ms)} ago`)));
-  const headers = [["Worker"], ["Address"], ["State"], ["Slots in use"], ["Memory"], ["Last heartbeat"]];
+  const headers = [["Worker"], ["Address"], ["State"], ["Slots in use"], ["Memory"], ["Pace"], ["Last heartbeat"]];
   return table("workers", headers, rows, "No worker has registered.");
 }
 
