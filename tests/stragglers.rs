@@ -132,8 +132,10 @@ async fn a_throttled_workers_tasks_are_speculated_and_answers_stay_exact() {
 /// The coordinator learns which worker is slow. The slow worker waits before each Attempt
 /// (`--task-delay-ms`), which makes it slow the same way on any machine and under any load:
 /// cpulimit's 5% of a core gave it a pace anywhere between 0.6 and 9 on this 2-core machine, as
-/// the other tests' load came and went. Speculation is off so that each of its Attempts runs
-/// to its end and counts whole.
+/// the other tests' load came and went. (A pace also counts how long a worker's process was
+/// held off the CPU; a healthy worker's stays far below the limit unless the host starves it
+/// half the time.) Speculation is off so that each of its Attempts runs to its end and counts
+/// whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_delayed_worker_is_learned_to_be_slow() {
     let mut cluster = ProcCluster::start(2, &SMALL_TASKS, &WORKER_ARGS);

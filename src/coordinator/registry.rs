@@ -86,8 +86,8 @@ pub struct Beat {
     pub running_tasks: u32,
     pub memory_used_bytes: u64,
     pub unreachable_peers: Vec<String>,
-    /// How long Attempts ran since the last heartbeat, and how much of it the worker's process
-    /// was held off the CPU.
+    /// Since the last heartbeat: wall time while at least one Attempt ran (in whole stall-clock
+    /// ticks), and how much of it the worker's process was held off the CPU.
     pub busy_ms: u64,
     pub stalled_ms: u64,
 }
@@ -233,12 +233,14 @@ impl Registry {
 
     /// An Attempt on worker `id` took `ratio` times its Stage's median (`at_least`: it was
     /// stopped after that long), reading outputs of the workers at `read_from`. A slow Attempt
-    /// that read from a worker slower than its own may have spent its time waiting on that one
+    /// that read from a clearly slower worker than its own (`policy::SLOWER_SOURCE_FACTOR`)
+    /// may have spent its time waiting on that one
     /// (a worker held off the CPU serves its outputs only between stalls): it says nothing
     /// against its own worker, which would otherwise look as slow as the one it waited on.
     pub fn paced(&mut self, id: &str, ratio: f64, at_least: bool, read_from: &[String]) {
         let Some(own) = self.workers.get(id).map(WorkerRecord::pace_now) else { return };
-        let slower_source = || self.workers.values().any(|w| read_from.contains(&w.url) && w.pace_now() > own);
+        let slower = own.max(1.0) * policy::SLOWER_SOURCE_FACTOR;
+        let slower_source = || self.workers.values().any(|w| read_from.contains(&w.url) && w.pace_now() > slower);
         if ratio > 1.0 && slower_source() {
             return;
         }
@@ -282,22 +284,19 @@ impl Registry {
         self.live().map(|w| w.slots as usize).sum()
     }
 
-    /// The slots a Stage's Tasks are sized for, in slots of a typical pace. With slow-worker
-    /// placement (`slow`: its pace limit), a worker slower than the limit takes a Task only when
-    /// the others have more than they can clear, so its slots count only at its pace: a slot 4
-    /// times slower is a quarter of one. Counted whole, 3 slots of which one is slow give 3
-    /// Tasks per wave for 2 slots that take them, and each wave runs twice. Every slot counts
-    /// whole without placement, or when no worker is within the limit (placement then passes
-    /// over none).
+    /// The slots a Stage's Tasks are sized for. With slow-worker placement (`slow`: its pace
+    /// limit), a worker slower than the limit takes a Task only when the faster ones have more
+    /// ready than they clear in the time it runs one (`policy::leave_to_faster_workers`), which
+    /// Tasks sized for the faster slots never are: only their slots count. Counted whole, 2
+    /// fast slots and a slow one get 3 Tasks per wave, the slow worker is passed over, and the
+    /// third Task runs as a second wave. Every slot counts without placement, or when no worker
+    /// is within the limit (placement then passes over none).
     pub fn paced_slots(&self, slow: Option<f64>) -> usize {
         let total = self.total_slots();
-        let Some(limit) = slow else { return total };
-        let fast = self.slots_at_pace(limit);
-        if fast == 0 {
-            return total;
+        match slow.map(|limit| self.slots_at_pace(limit)) {
+            Some(fast) if fast > 0 => fast,
+            _ => total,
         }
-        let slow_share: f64 = self.live().map(|w| (w.slots as f64, w.pace_now())).filter(|&(_, pace)| pace > limit).map(|(slots, pace)| slots / pace).sum();
-        fast + slow_share.floor() as usize
     }
 
     pub fn records(&self) -> Vec<WorkerRecord> {
@@ -334,7 +333,7 @@ mod tests {
         let (slow, _) = registry.register("http://slow".into(), 2, 0, 1 << 30, now);
         assert_eq!(registry.paced_slots(Some(2.0)), 6, "no pace known yet");
         registry.workers.get_mut(&slow).unwrap().task_pace.value = 8.0;
-        assert_eq!(registry.paced_slots(Some(2.0)), 4, "two slots at an eighth of the pace: none whole");
+        assert_eq!(registry.paced_slots(Some(2.0)), 4, "the slow worker's slots take no Task of a wave");
         assert_eq!(registry.paced_slots(None), 6, "without slow-worker placement every slot takes Tasks");
         for id in &fast {
             registry.workers.get_mut(id).unwrap().task_pace.value = 8.0;
@@ -358,8 +357,9 @@ mod tests {
         }
         assert!(registry.pace(&id) > 3.5, "pace {}", registry.pace(&id));
         // Its Attempts' own samples neither hide nor add to it.
+        let before = registry.pace(&id);
         registry.paced(&id, 1.0, false, &[]);
-        assert!(registry.pace(&id) > 3.5);
+        assert!((registry.pace(&id) - before).abs() < 0.01, "{before} became {}", registry.pace(&id));
     }
 
     #[test]
@@ -368,6 +368,10 @@ mod tests {
         let now = Instant::now();
         let (fast, _) = registry.register("http://fast".into(), 1, 0, 1 << 30, now);
         let (slow, _) = registry.register("http://slow".into(), 1, 0, 1 << 30, now);
+        registry.workers.get_mut(&slow).unwrap().task_pace.value = 1.2;
+        registry.paced(&fast, 6.0, false, &["http://slow".into()]);
+        assert!(registry.pace(&fast) > 1.5, "a source about as fast as its own excuses nothing");
+        registry.workers.get_mut(&fast).unwrap().task_pace.value = 1.0;
         registry.workers.get_mut(&slow).unwrap().task_pace.value = 4.0;
         registry.paced(&fast, 6.0, false, &["http://slow".into()]);
         assert_eq!(registry.pace(&fast), 1.0, "it waited on the slow worker");

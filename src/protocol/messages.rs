@@ -98,8 +98,9 @@ pub struct Heartbeat {
     /// `HELD_QUERIES_REPORTED_MAX`): the coordinator names those that have ended.
     #[prost(string, repeated, tag = "7")]
     pub held_queries: Vec<String>,
-    /// Since the last heartbeat: how long Attempts ran on the worker, and how much of that its
-    /// process was held off the CPU (see `worker::stalls`).
+    /// Since the last heartbeat: wall time while at least one Attempt ran on the worker (in whole
+    /// stall-clock ticks), and how much of it its process was held off the CPU (see
+    /// `worker::stalls`).
     #[prost(uint64, tag = "8")]
     pub busy_ms: u64,
     #[prost(uint64, tag = "9")]

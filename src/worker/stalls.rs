@@ -5,8 +5,8 @@
 //! short ticks and counts a tick that woke far too late as stalled; heartbeats carry the sums
 //! to the coordinator, which slows the worker's pace by them.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::config::{STALL_LATE_MS, STALL_TICK_MS};
@@ -15,8 +15,9 @@ use crate::config::{STALL_LATE_MS, STALL_TICK_MS};
 #[derive(Default)]
 pub(super) struct StallClock {
     busy: AtomicUsize,
-    watched_us: AtomicU64,
-    stalled_us: AtomicU64,
+    /// Watched and stalled µs, taken together: a heartbeat must never get a tick's stall
+    /// without the time it stalled in.
+    sums: Mutex<(u64, u64)>,
 }
 
 /// Marks the worker busy while it lives: an Attempt runs.
@@ -44,7 +45,8 @@ impl StallClock {
 
     /// Milliseconds watched busy and stalled since the last call.
     pub(super) fn take(&self) -> (u64, u64) {
-        (self.watched_us.swap(0, Ordering::Relaxed) / 1000, self.stalled_us.swap(0, Ordering::Relaxed) / 1000)
+        let (watched, stalled) = std::mem::take(&mut *self.sums.lock().expect("stall sums lock"));
+        (watched / 1000, stalled / 1000)
     }
 
     /// One tick that took `elapsed` where [`STALL_TICK_MS`] was asked for.
@@ -53,8 +55,9 @@ impl StallClock {
             return;
         }
         let us = elapsed.as_micros() as u64;
-        self.watched_us.fetch_add(us, Ordering::Relaxed);
-        self.stalled_us.fetch_add(stalled_us(us), Ordering::Relaxed);
+        let mut sums = self.sums.lock().expect("stall sums lock");
+        sums.0 += us;
+        sums.1 += stalled_us(us);
     }
 }
 
