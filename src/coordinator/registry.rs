@@ -292,10 +292,9 @@ impl Registry {
     /// third Task runs as a second wave. Every slot counts without placement, or when no worker
     /// is within the limit (placement then passes over none).
     pub fn paced_slots(&self, slow: Option<f64>) -> usize {
-        let total = self.total_slots();
         match slow.map(|limit| self.slots_at_pace(limit)) {
             Some(fast) if fast > 0 => fast,
-            _ => total,
+            _ => self.total_slots(),
         }
     }
 
@@ -326,7 +325,7 @@ mod tests {
     }
 
     #[test]
-    fn a_slow_worker_counts_for_its_share_of_a_slot_when_tasks_are_sized() {
+    fn only_the_slots_within_the_pace_limit_size_tasks() {
         let mut registry = Registry::default();
         let now = Instant::now();
         let fast: Vec<String> = (0..2).map(|n| registry.register(format!("http://f{n}"), 2, 0, 1 << 30, now).0).collect();
