@@ -154,10 +154,13 @@ async fn a_delayed_worker_is_learned_to_be_slow() {
 /// quota does, runs short Attempts at full speed between stops, so their times hide it; but
 /// every Task reading its outputs waits out its stops. Its heartbeats carry how long it was
 /// held off the CPU while busy, and the coordinator counts it slow by that. The stops here come
-/// in a fixed cycle, not from `cpulimit`, so the share is the same under any load.
+/// in a fixed cycle, not from `cpulimit`, so the share is the same under any load. Its Attempts
+/// wait `HELD_WORKER_DELAY_MS` first, so that each spans stops: Attempts short enough to fit
+/// between two stops (as CI's load made them, one run in two) never stall while running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_held_off_the_cpu_is_learned_to_be_slow() {
-    let cluster = ProcCluster::start(3, &SMALL_TASKS, &WORKER_ARGS);
+    let mut cluster = ProcCluster::start(2, &SMALL_TASKS, &WORKER_ARGS);
+    cluster.add_worker_with(&["--task-delay-ms", HELD_WORKER_DELAY_MS]);
     let client = tpch_tables(&cluster).await;
     collect(&client, "SET quiver.speculation = false").await;
     collect(&client, "SET quiver.slow_worker_placement = false").await;
@@ -172,6 +175,8 @@ async fn a_worker_held_off_the_cpu_is_learned_to_be_slow() {
     assert!(number(1, 2) < 50.0 && number(1, 1) < 2.0, "the other workers do not count as slow: {workers:?}");
 }
 
+/// How long the held worker waits before each Attempt: longer than a whole stop cycle.
+const HELD_WORKER_DELAY_MS: &str = "500";
 /// The stop cycle of the held worker: stopped this long...
 const STOPPED_MS: u64 = 300;
 /// ...then running this long.

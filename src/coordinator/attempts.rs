@@ -615,11 +615,6 @@ impl QueryRun {
         self
     }
 
-    /// The pace over which a worker leaves Tasks to faster ones; None: placement is off.
-    pub fn slow_pace(&self) -> Option<f64> {
-        self.slow_pace
-    }
-
     /// Speculative Attempts started, and how many of them won their Task.
     pub fn speculated(&self) -> (u32, u32) {
         (self.speculated, self.speculation_wins)

@@ -193,12 +193,6 @@ impl Cluster {
         self.lock().workers.total_slots()
     }
 
-    /// The slots Tasks are sized for under slow-worker placement `slow` (see
-    /// `Registry::paced_slots`).
-    pub fn paced_slots(&self, slow: Option<f64>) -> usize {
-        self.lock().workers.paced_slots(slow)
-    }
-
     /// Waits up to `wait` for at least one live worker; returns the total slots then.
     pub async fn wait_for_slots(&self, wait: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + wait;
@@ -294,7 +288,7 @@ impl Cluster {
         query.record.mode = "distributed";
         query.record.stages = stages.len() as u32;
         query.record.tasks = task_count as u32;
-        let read_policy = layout::ReadPolicy { slots: workers.paced_slots(adaptive.slow_pace).max(1), ..adaptive.reads };
+        let read_policy = layout::ReadPolicy { slots: workers.total_slots().max(1), ..adaptive.reads };
         let mut run = QueryRun::new(query_id, stages)
             .with_speculation(adaptive.speculation)
             .with_slow_pace(adaptive.slow_pace)
@@ -389,7 +383,7 @@ impl Cluster {
             // A scan slice too large for what is left of its Stage is cut, and the poll takes
             // one of its pieces (or whatever else is first now).
             let mut out = Vec::new();
-            if cuts < SLICE_CUTS_PER_POLL_MAX && run.cut_slice(&queued.key, workers.paced_slots(run.slow_pace()), now, &mut out) {
+            if cuts < SLICE_CUTS_PER_POLL_MAX && run.cut_slice(&queued.key, workers.total_slots(), now, &mut out) {
                 cuts += 1;
                 self.apply(query, queue, workers, out);
                 continue;

@@ -29,7 +29,7 @@ pub(super) async fn explain(core: &Arc<Core>, _id: &str, plan: &LogicalPlan) -> 
     let settings = Snapshot::of(&state);
     let mut opts = DistributeOptions {
         config: &core.config.planner,
-        total_slots: core.cluster.paced_slots(settings.adaptive().slow_pace).max(1),
+        total_slots: core.cluster.total_slots().max(1),
         source: Arc::new(NotRun),
         write_dir: None,
         join_key_filters: settings.quiver.join_key_filters,

@@ -284,20 +284,6 @@ impl Registry {
         self.live().map(|w| w.slots as usize).sum()
     }
 
-    /// The slots a Stage's Tasks are sized for. With slow-worker placement (`slow`: its pace
-    /// limit), a worker slower than the limit takes a Task only when the faster ones have more
-    /// ready than they clear in the time it runs one (`policy::leave_to_faster_workers`), which
-    /// Tasks sized for the faster slots never are: only their slots count. Counted whole, 2
-    /// fast slots and a slow one get 3 Tasks per wave, the slow worker is passed over, and the
-    /// third Task runs as a second wave. Every slot counts without placement, or when no worker
-    /// is within the limit (placement then passes over none).
-    pub fn paced_slots(&self, slow: Option<f64>) -> usize {
-        match slow.map(|limit| self.slots_at_pace(limit)) {
-            Some(fast) if fast > 0 => fast,
-            _ => self.total_slots(),
-        }
-    }
-
     pub fn records(&self) -> Vec<WorkerRecord> {
         self.workers.values().cloned().collect()
     }
@@ -322,22 +308,6 @@ mod tests {
         let mut kept: Vec<u64> = registry.workers.keys().map(|id| id[1..].parse().unwrap()).collect();
         kept.sort_unstable();
         assert_eq!(kept, (45..=total as u64).collect::<Vec<_>>(), "the {LOST_WORKERS_MAX} lost last stay");
-    }
-
-    #[test]
-    fn only_the_slots_within_the_pace_limit_size_tasks() {
-        let mut registry = Registry::default();
-        let now = Instant::now();
-        let fast: Vec<String> = (0..2).map(|n| registry.register(format!("http://f{n}"), 2, 0, 1 << 30, now).0).collect();
-        let (slow, _) = registry.register("http://slow".into(), 2, 0, 1 << 30, now);
-        assert_eq!(registry.paced_slots(Some(2.0)), 6, "no pace known yet");
-        registry.workers.get_mut(&slow).unwrap().task_pace.value = 8.0;
-        assert_eq!(registry.paced_slots(Some(2.0)), 4, "the slow worker's slots take no Task of a wave");
-        assert_eq!(registry.paced_slots(None), 6, "without slow-worker placement every slot takes Tasks");
-        for id in &fast {
-            registry.workers.get_mut(id).unwrap().task_pace.value = 8.0;
-        }
-        assert_eq!(registry.paced_slots(Some(2.0)), 6, "all slow: placement passes over none");
     }
 
     #[test]

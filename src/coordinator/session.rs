@@ -500,7 +500,7 @@ async fn plan_query(
     };
     let mut opts = DistributeOptions {
         config: &core.config.planner,
-        total_slots: core.cluster.paced_slots(settings.adaptive().slow_pace),
+        total_slots: core.cluster.total_slots(),
         source,
         write_dir: write,
         join_key_filters,
