@@ -196,9 +196,8 @@ pub enum Action {
     Ended { state: TaskState, ran: Option<Duration>, worker: Option<String>, express: bool },
     /// An Attempt on `worker` took `ratio` times the median time of its Stage's finished
     /// Tasks: how fast that worker is. `at_least`: it was beaten and stopped after running
-    /// that long, so it would have taken longer. `read_from`: the other workers whose outputs
-    /// it read (it may have spent its time waiting on them).
-    Paced { worker: String, ratio: f64, at_least: bool, read_from: Vec<String> },
+    /// that long, so it would have taken longer.
+    Paced { worker: String, ratio: f64, at_least: bool },
     /// An Attempt succeeded with this output.
     Output { rows: u64, bytes: u64, shuffle: bool },
     /// An Attempt beyond its Task's first was started, after an Attempt that ended for `cause`.
@@ -332,28 +331,14 @@ impl Attempt {
         Some(Action::Ended { state, ran, worker, express: self.express })
     }
 
-    /// The worker of an assigned Attempt, how long it has run by `now`, and the other workers
-    /// it read outputs from.
-    fn pace_sample(&self, now: Instant, at_least: bool) -> Option<PaceSample> {
-        let own = self.worker_url.as_deref();
-        let mut read_from: Vec<String> = self.inputs.iter().map(|l| &l.worker_url).filter(|url| Some(url.as_str()) != own && !url.is_empty()).cloned().collect();
-        read_from.sort();
-        read_from.dedup();
-        let ran = now.saturating_duration_since(self.assigned_at?);
-        Some(PaceSample { worker: self.record.worker_id.clone()?, ran, at_least, read_from })
+    /// The worker of an assigned Attempt and how long it has run by `now`.
+    fn pace_sample(&self, now: Instant) -> Option<(String, Duration)> {
+        Some((self.record.worker_id.clone()?, now.saturating_duration_since(self.assigned_at?)))
     }
 
     fn reads(&self, output: &TaskKey) -> bool {
         self.inputs.iter().any(|l| l.key.as_ref() == Some(output))
     }
-}
-
-/// How long an Attempt ran, for its worker's pace (see `Action::Paced`).
-struct PaceSample {
-    worker: String,
-    ran: Duration,
-    at_least: bool,
-    read_from: Vec<String>,
 }
 
 struct TaskRun {
@@ -751,9 +736,9 @@ impl QueryRun {
             self.speculation_wins += 1;
             out.push(Action::SpeculationWon);
         }
-        let mut paces: Vec<PaceSample> = attempt.pace_sample(now, false).into_iter().collect();
+        let mut paces: Vec<(String, Duration, bool)> = attempt.pace_sample(now).map(|(w, ran)| (w, ran, false)).into_iter().collect();
         for other in task.attempts.iter_mut().filter(|a| a.is_live()) {
-            paces.extend(other.pace_sample(now, true));
+            paces.extend(other.pace_sample(now).map(|(w, ran)| (w, ran, true)));
             out.extend(other.end(TaskState::Cancelled, Some(Cause::Superseded), None, now));
             if let Some(url) = other.worker_url.clone() {
                 out.push(Action::Stop { key: other.record.key.clone(), worker_url: url });
@@ -768,12 +753,12 @@ impl QueryRun {
 
     /// How fast the workers of `samples`, Attempts of a Task of `share`, ran against the median
     /// of `stage`'s finished Tasks.
-    fn pace(&self, stage: u32, share: f64, samples: Vec<PaceSample>, out: &mut Vec<Action>) {
+    fn pace(&self, stage: u32, share: f64, samples: Vec<(String, Duration, bool)>, out: &mut Vec<Action>) {
         let mut finished = self.finished_per_task(stage);
         if let Some(median) = policy::median_if_enough(&mut finished) {
-            for PaceSample { worker, ran, at_least, read_from } in samples {
+            for (worker, ran, at_least) in samples {
                 let ratio = ran.as_secs_f64() / share / median.as_secs_f64().max(1e-3);
-                out.push(Action::Paced { worker, ratio, at_least, read_from });
+                out.push(Action::Paced { worker, ratio, at_least });
             }
         }
     }

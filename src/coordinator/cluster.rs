@@ -640,7 +640,7 @@ impl Cluster {
                         workers.attempt_ended(&worker, express);
                     }
                 }
-                Action::Paced { worker, ratio, at_least, read_from } => workers.paced(&worker, ratio, at_least, &read_from),
+                Action::Paced { worker, ratio, at_least } => workers.paced(&worker, ratio, at_least),
                 Action::Output { rows, bytes, shuffle } => {
                     self.metrics.attempt_output(rows, bytes, shuffle);
                     match shuffle {

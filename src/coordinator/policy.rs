@@ -130,11 +130,6 @@ pub fn stall_ratio(busy_ms: u64, stalled_ms: u64) -> f64 {
     (busy_ms.max(1) as f64 / running).min(PACE_RATIO_MAX)
 }
 
-/// A slow Attempt's sample is dropped when it read outputs of a worker this many times slower
-/// than its own (see `Registry::paced`): a little slower proves nothing, and would drop half
-/// the samples of workers about as fast as each other.
-pub const SLOWER_SOURCE_FACTOR: f64 = 1.5;
-
 /// Whether a worker whose pace is over the limit leaves the ready Attempts to the faster
 /// workers (after LATE, OSDI 2008). While it runs one Attempt, `pace` times a typical one, each
 /// faster slot runs about `pace` of them: when the faster slots can clear every ready Attempt
