@@ -395,6 +395,7 @@ enum BenchCommand {
         /// the same on any machine, whatever else runs on it.
         #[arg(long)]
         delay_ms: Option<u64>,
+        /// Rounds, each running every query once in every configuration; the fastest counts.
         #[arg(long, default_value_t = 1)]
         iterations: usize,
     },

@@ -63,13 +63,23 @@ pub(super) async fn connect(url: &str) -> Result<Client> {
 }
 
 pub(super) async fn wait_for_workers(client: &Client, n: usize) -> Result<()> {
+    wait_for_live(client, |live| live >= n, &format!("{n} workers did not register")).await
+}
+
+/// Waits until no more than `n` workers are alive: one killed was seen to be lost.
+pub(super) async fn wait_for_workers_at_most(client: &Client, n: usize) -> Result<()> {
+    wait_for_live(client, |live| live <= n, "a killed worker was not lost").await
+}
+
+/// Waits until the count of live workers satisfies `done`; else fails with `failure`.
+async fn wait_for_live(client: &Client, done: impl Fn(usize) -> bool, failure: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_millis(STARTUP_DEADLINE_MS);
     loop {
-        if count(client, "SELECT count(*) FROM quiver.workers WHERE alive").await? >= n as i64 {
+        if done(count(client, "SELECT count(*) FROM quiver.workers WHERE alive").await?.max(0) as usize) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(DataFusionError::Execution(format!("{n} workers did not register within {STARTUP_DEADLINE_MS} ms")));
+            return Err(DataFusionError::Execution(format!("{failure} within {STARTUP_DEADLINE_MS} ms")));
         }
         tokio::time::sleep(Duration::from_millis(STARTUP_POLL_MS)).await;
     }
