@@ -6,10 +6,15 @@
 //! to the coordinator, which keeps them as the worker's stall pace (`quiver.workers.stalled_pct`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crate::config::{STALL_LATE_MS, STALL_TICK_MS};
+
+/// How long the watching thread of an idle worker parks before it looks again whether its
+/// clock still exists (an Attempt's start wakes it at once).
+const STALL_IDLE_PARK_MS: u64 = 1000;
 
 /// Time watched while Attempts ran, and the part of it the process was held off the CPU.
 #[derive(Default)]
@@ -18,6 +23,8 @@ pub(super) struct StallClock {
     /// Watched and stalled µs, taken together: a heartbeat must never get a tick's stall
     /// without the time it stalled in.
     sums: Mutex<(u64, u64)>,
+    /// The watching thread, woken when an Attempt starts on an idle worker.
+    watcher: OnceLock<Thread>,
 }
 
 /// Marks the worker busy while it lives: an Attempt runs.
@@ -34,12 +41,17 @@ impl StallClock {
     pub(super) fn start() -> std::io::Result<Arc<Self>> {
         let clock = Arc::new(Self::default());
         let weak = Arc::downgrade(&clock);
-        std::thread::Builder::new().name("quiver-stalls".into()).spawn(move || watch(weak))?;
+        let watcher = std::thread::Builder::new().name("quiver-stalls".into()).spawn(move || watch(weak))?;
+        let _ = clock.watcher.set(watcher.thread().clone());
         Ok(clock)
     }
 
     pub(super) fn busy(self: &Arc<Self>) -> Busy {
-        self.busy.fetch_add(1, Ordering::Relaxed);
+        if self.busy.fetch_add(1, Ordering::Relaxed) == 0 {
+            if let Some(watcher) = self.watcher.get() {
+                watcher.unpark();
+            }
+        }
         Busy(Arc::clone(self))
     }
 
@@ -73,9 +85,20 @@ fn stalled_us(us: u64) -> u64 {
     }
 }
 
+/// Ticks while Attempts run; parks while none does, so that an idle worker's thread does not
+/// wake a hundred times a second (an unpark, or the clock's end within a second, wakes it).
 fn watch(clock: Weak<StallClock>) {
     let tick = Duration::from_millis(STALL_TICK_MS);
     loop {
+        let idle = clock.upgrade().map(|clock| clock.busy.load(Ordering::Relaxed) == 0);
+        match idle {
+            None => return,
+            Some(true) => {
+                std::thread::park_timeout(Duration::from_millis(STALL_IDLE_PARK_MS));
+                continue;
+            }
+            Some(false) => {}
+        }
         let started = Instant::now();
         std::thread::sleep(tick);
         let Some(clock) = clock.upgrade() else { return };
@@ -93,6 +116,22 @@ mod tests {
         assert_eq!(stalled_us(tick_us + 100), 0, "timer slack");
         assert_eq!(stalled_us(tick_us + STALL_LATE_MS * 1000), 0, "scheduling jitter");
         assert_eq!(stalled_us(tick_us + 300_000), 300_000, "a stopped process");
+    }
+
+    #[test]
+    fn an_attempt_starting_wakes_the_parked_watcher() {
+        let clock = StallClock::start().unwrap();
+        std::thread::sleep(Duration::from_millis(50)); // idle: the watcher parks
+        let parked = Instant::now();
+        let _busy = clock.busy();
+        // Unwoken, it would tick again only once its park ends.
+        let before_park_ends = Duration::from_millis(STALL_IDLE_PARK_MS * 4 / 5);
+        let mut watched = 0;
+        while watched == 0 && parked.elapsed() < before_park_ends {
+            std::thread::sleep(Duration::from_millis(STALL_TICK_MS));
+            watched += clock.take().0;
+        }
+        assert!(watched > 0, "no tick within {before_park_ends:?} of an Attempt's start");
     }
 
     #[test]
