@@ -63,7 +63,7 @@ pub const STALL_TICK_MS: u64 = 10;
 /// ...and counts a tick as stalled when it woke more than this late: scheduling jitter on a
 /// busy host stays under it, a stopped or CPU-throttled process does not.
 pub const STALL_LATE_MS: u64 = 20;
-/// A heartbeat's stalls count towards its worker's stall pace only when Attempts ran for at least this
+/// A heartbeat slows its worker's pace by its stalls only when Attempts ran for at least this
 /// much of its interval: an idle worker's stalls say nothing of how it runs Tasks.
 pub const STALL_SAMPLE_BUSY_MIN_MS: u64 = HEARTBEAT_INTERVAL_MS / 2;
 /// A Task the coordinator assigned must show up in its worker's heartbeats within this time;
@@ -185,6 +185,10 @@ extensions_options! {
         /// time it runs one (slots × pace, after LATE).
         pub slow_worker_placement: bool, default = true
         pub slow_worker_pace: f64, default = 2.0
+        /// A worker's pace counts how much of its busy time its process was held off the CPU
+        /// (`cpulimit`, a cgroup quota; `quiver.workers.stalled_pct`) when that is slower
+        /// than what its Attempts' times say.
+        pub slow_worker_stalls: bool, default = true
         /// Coalescing: once a Stage's shuffled inputs have finished, neighbouring small
         /// partitions are read by one Task, up to `coalesce_target_bytes` (lowered to the
         /// data's share of one slot, so no slot the planned Tasks would use goes idle).

@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::policy::SlowPace;
 use super::{granularity, layout, policy};
 use crate::planner::{KeyFilter, SummaryForm};
 use crate::protocol::{ErrorKind, KeyFilterSpec, OutputLocation, QuiverError, ShuffleRead, SlicePiece, TaskKey, TaskState};
@@ -174,7 +175,7 @@ pub struct QueuedAttempt {
     pub speculative: bool,
     /// A worker slower than this pace takes it only when the faster ones have no free slot for
     /// it (see `policy::leave_to_faster_workers`); None: any worker takes it.
-    pub slow_pace: Option<f64>,
+    pub slow_pace: Option<SlowPace>,
     /// Adapted shuffle reads (coalesced or split partitions); empty: read as planned.
     pub reads: Arc<Vec<ShuffleRead>>,
     /// The piece of its plan's scan slice it reads; None: the whole slice.
@@ -196,8 +197,9 @@ pub enum Action {
     Ended { state: TaskState, ran: Option<Duration>, worker: Option<String>, express: bool },
     /// An Attempt on `worker` took `ratio` times the median time of its Stage's finished
     /// Tasks: how fast that worker is. `at_least`: it was beaten and stopped after running
-    /// that long, so it would have taken longer.
-    Paced { worker: String, ratio: f64, at_least: bool },
+    /// that long, so it would have taken longer. `read_from`: the other workers whose outputs
+    /// it read (it may have spent its time waiting on them).
+    Paced { worker: String, ratio: f64, at_least: bool, read_from: Vec<String> },
     /// An Attempt succeeded with this output.
     Output { rows: u64, bytes: u64, shuffle: bool },
     /// An Attempt beyond its Task's first was started, after an Attempt that ended for `cause`.
@@ -331,14 +333,28 @@ impl Attempt {
         Some(Action::Ended { state, ran, worker, express: self.express })
     }
 
-    /// The worker of an assigned Attempt and how long it has run by `now`.
-    fn pace_sample(&self, now: Instant) -> Option<(String, Duration)> {
-        Some((self.record.worker_id.clone()?, now.saturating_duration_since(self.assigned_at?)))
+    /// The worker of an assigned Attempt, how long it has run by `now`, and the other workers
+    /// it read outputs from.
+    fn pace_sample(&self, now: Instant, at_least: bool) -> Option<PaceSample> {
+        let own = self.worker_url.as_deref();
+        let mut read_from: Vec<String> = self.inputs.iter().map(|l| &l.worker_url).filter(|url| Some(url.as_str()) != own && !url.is_empty()).cloned().collect();
+        read_from.sort();
+        read_from.dedup();
+        let ran = now.saturating_duration_since(self.assigned_at?);
+        Some(PaceSample { worker: self.record.worker_id.clone()?, ran, at_least, read_from })
     }
 
     fn reads(&self, output: &TaskKey) -> bool {
         self.inputs.iter().any(|l| l.key.as_ref() == Some(output))
     }
+}
+
+/// How long an Attempt ran, for its worker's pace (see `Action::Paced`).
+struct PaceSample {
+    worker: String,
+    ran: Duration,
+    at_least: bool,
+    read_from: Vec<String>,
 }
 
 struct TaskRun {
@@ -489,7 +505,7 @@ pub struct QueryRun {
     /// When stragglers get speculative Attempts; None when speculation is off.
     speculation: Option<policy::Speculation>,
     /// Workers slower than this pace are left the Tasks faster ones cannot take; None: off.
-    slow_pace: Option<f64>,
+    slow_pace: Option<SlowPace>,
     speculated: u32,
     speculation_wins: u32,
     /// How Stages adapt their shuffle reads.
@@ -595,7 +611,7 @@ impl QueryRun {
     }
 
     /// Leaves the Tasks faster workers can take to them when `slow_pace` is set.
-    pub fn with_slow_pace(mut self, slow_pace: Option<f64>) -> Self {
+    pub fn with_slow_pace(mut self, slow_pace: Option<SlowPace>) -> Self {
         self.slow_pace = slow_pace;
         self
     }
@@ -736,9 +752,9 @@ impl QueryRun {
             self.speculation_wins += 1;
             out.push(Action::SpeculationWon);
         }
-        let mut paces: Vec<(String, Duration, bool)> = attempt.pace_sample(now).map(|(w, ran)| (w, ran, false)).into_iter().collect();
+        let mut paces: Vec<PaceSample> = attempt.pace_sample(now, false).into_iter().collect();
         for other in task.attempts.iter_mut().filter(|a| a.is_live()) {
-            paces.extend(other.pace_sample(now).map(|(w, ran)| (w, ran, true)));
+            paces.extend(other.pace_sample(now, true));
             out.extend(other.end(TaskState::Cancelled, Some(Cause::Superseded), None, now));
             if let Some(url) = other.worker_url.clone() {
                 out.push(Action::Stop { key: other.record.key.clone(), worker_url: url });
@@ -753,12 +769,12 @@ impl QueryRun {
 
     /// How fast the workers of `samples`, Attempts of a Task of `share`, ran against the median
     /// of `stage`'s finished Tasks.
-    fn pace(&self, stage: u32, share: f64, samples: Vec<(String, Duration, bool)>, out: &mut Vec<Action>) {
+    fn pace(&self, stage: u32, share: f64, samples: Vec<PaceSample>, out: &mut Vec<Action>) {
         let mut finished = self.finished_per_task(stage);
         if let Some(median) = policy::median_if_enough(&mut finished) {
-            for (worker, ran, at_least) in samples {
+            for PaceSample { worker, ran, at_least, read_from } in samples {
                 let ratio = ran.as_secs_f64() / share / median.as_secs_f64().max(1e-3);
-                out.push(Action::Paced { worker, ratio, at_least });
+                out.push(Action::Paced { worker, ratio, at_least, read_from });
             }
         }
     }

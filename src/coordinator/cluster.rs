@@ -640,7 +640,7 @@ impl Cluster {
                         workers.attempt_ended(&worker, express);
                     }
                 }
-                Action::Paced { worker, ratio, at_least } => workers.paced(&worker, ratio, at_least),
+                Action::Paced { worker, ratio, at_least, read_from } => workers.paced(&worker, ratio, at_least, &read_from),
                 Action::Output { rows, bytes, shuffle } => {
                     self.metrics.attempt_output(rows, bytes, shuffle);
                     match shuffle {
@@ -803,7 +803,8 @@ fn choose(
     if workers.full_while_others_have_room(worker_id) {
         return (None, next_ready);
     }
-    let pace = workers.pace(worker_id);
+    // This worker's pace without and with its stalls (`SlowPace::stalls`).
+    let paces = [false, true].map(|stalls| workers.pace_counting(worker_id, stalls));
     let url = workers.url(worker_id).unwrap_or_default();
     let ready = queue.iter().filter(|q| q.ready_at <= now).count();
     // Per Query, computed once per poll: Tasks left, and whether it is small (express lane).
@@ -839,8 +840,8 @@ fn choose(
             }
         }
         // A slow worker leaves what the faster ones have room for to them.
-        let slow = queued.slow_pace.filter(|&limit| pace > limit);
-        if slow.is_some_and(|limit| policy::leave_to_faster_workers(ready, pace, workers.slots_at_pace(limit))) {
+        let slow = queued.slow_pace.map(|slow| (slow, paces[slow.stalls as usize])).filter(|&(slow, pace)| pace > slow.limit);
+        if slow.is_some_and(|(slow, pace)| policy::leave_to_faster_workers(ready, pace, workers.slots_at_pace(slow.limit, slow.stalls))) {
             continue;
         }
         // Among equal shares, the Query with the fewest Tasks left (a small Query finishes

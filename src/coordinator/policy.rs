@@ -49,8 +49,8 @@ pub fn query_exhausted(extra: u32, last: Option<&QuiverError>) -> Option<QuiverE
 #[derive(Clone, Debug, Default)]
 pub struct Adaptive {
     pub speculation: Option<Speculation>,
-    /// Workers slower than this pace leave Tasks to faster ones; None: off.
-    pub slow_pace: Option<f64>,
+    /// Workers slower than this leave Tasks to faster ones; None: off.
+    pub slow_pace: Option<SlowPace>,
     /// How shuffle reads adapt (its slots are the cluster's when the Query is submitted).
     pub reads: ReadPolicy,
     /// When queued scan slices are cut into pieces; None: never.
@@ -61,7 +61,9 @@ pub struct Adaptive {
 
 impl Adaptive {
     pub fn from_options(options: &QuiverOptions) -> Self {
-        let slow_pace = options.slow_worker_placement.then_some(options.slow_worker_pace.max(1.0));
+        let slow_pace = options
+            .slow_worker_placement
+            .then_some(SlowPace { limit: options.slow_worker_pace.max(1.0), stalls: options.slow_worker_stalls });
         Self {
             speculation: Speculation::from_options(options),
             slow_pace,
@@ -70,6 +72,14 @@ impl Adaptive {
             key_filter_wait: options.join_key_filter_wait,
         }
     }
+}
+
+/// When a worker counts as slow for placement: its pace is over `limit`, counting its stalls
+/// (how long its process was held off the CPU) when `stalls` is set.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SlowPace {
+    pub limit: f64,
+    pub stalls: bool,
 }
 
 /// Batched dispatch: a poll that already took an Attempt takes another only while `ready`
@@ -129,6 +139,11 @@ pub fn stall_ratio(busy_ms: u64, stalled_ms: u64) -> f64 {
     let running = busy_ms.saturating_sub(stalled_ms.min(busy_ms)).max(1) as f64;
     (busy_ms.max(1) as f64 / running).min(PACE_RATIO_MAX)
 }
+
+/// A slow Attempt's sample is dropped when it read outputs of a worker this many times slower
+/// than its own (see `Registry::paced`): a little slower proves nothing, and would drop half
+/// the samples of workers about as fast as each other.
+pub const SLOWER_SOURCE_FACTOR: f64 = 1.5;
 
 /// Whether a worker whose pace is over the limit leaves the ready Attempts to the faster
 /// workers (after LATE, OSDI 2008). While it runs one Attempt, `pace` times a typical one, each

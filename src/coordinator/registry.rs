@@ -27,8 +27,7 @@ pub struct WorkerRecord {
     /// How long its Attempts take against their Stages' medians (1 is typical; see
     /// `policy::pace_after`).
     task_pace: Pace,
-    /// How much longer its work takes for the stalls of its process (see `policy::stall_ratio`):
-    /// shown (`stalled_pct`), not yet used for placement (see ARCHITECTURE.md).
+    /// How much longer its work takes for the stalls of its process (see `policy::stall_ratio`).
     stall_pace: Pace,
     /// Other workers it could not connect to, as its last heartbeat said.
     pub unreachable_peers: Vec<String>,
@@ -41,9 +40,20 @@ pub struct WorkerRecord {
 }
 
 impl WorkerRecord {
-    /// Its pace as of now (see `policy::pace_now`).
+    /// Its pace as of now: the slower of what its Attempts' durations and its stalls say (a
+    /// worker that never stalls may still be faster than typical).
     pub fn pace_now(&self) -> f64 {
-        self.task_pace.now()
+        self.pace_counting(true)
+    }
+
+    /// Its pace as of now, counting its stalls or not (`quiver.slow_worker_stalls`).
+    pub fn pace_counting(&self, stalls: bool) -> f64 {
+        let (task, stall) = (self.task_pace.now(), self.stall_pace.now());
+        if stalls && stall > 1.0 {
+            task.max(stall)
+        } else {
+            task
+        }
     }
 
     /// The share of its busy time its process was held off the CPU lately, in percent (what its
@@ -227,21 +237,37 @@ impl Registry {
     }
 
     /// An Attempt on worker `id` took `ratio` times its Stage's median (`at_least`: it was
-    /// stopped after that long).
-    pub fn paced(&mut self, id: &str, ratio: f64, at_least: bool) {
+    /// stopped after that long), reading outputs of the workers at `read_from`. A slow Attempt
+    /// that read from a clearly slower worker than its own (`policy::SLOWER_SOURCE_FACTOR`)
+    /// may have spent its time waiting on that one
+    /// (a worker held off the CPU serves its outputs only between stalls): it says nothing
+    /// against its own worker, which would otherwise look as slow as the one it waited on.
+    pub fn paced(&mut self, id: &str, ratio: f64, at_least: bool, read_from: &[String]) {
+        let Some(own) = self.workers.get(id).map(WorkerRecord::pace_now) else { return };
+        let slower = own.max(1.0) * policy::SLOWER_SOURCE_FACTOR;
+        let slower_source = || self.workers.values().any(|w| read_from.contains(&w.url) && w.pace_now() > slower);
+        if ratio > 1.0 && slower_source() {
+            return;
+        }
         if let Some(w) = self.workers.get_mut(id) {
             w.task_pace.sample(ratio, at_least);
         }
     }
 
     /// The pace of live worker `id` now; 1 when unknown.
+    #[cfg(test)]
     pub fn pace(&self, id: &str) -> f64 {
-        self.workers.get(id).map_or(1.0, WorkerRecord::pace_now)
+        self.pace_counting(id, true)
     }
 
-    /// Slots of the live workers no slower than `pace`.
-    pub fn slots_at_pace(&self, pace: f64) -> usize {
-        self.live().filter(|w| w.pace_now() <= pace).map(|w| w.slots as usize).sum()
+    /// The pace of live worker `id` now, counting its stalls or not; 1 when unknown.
+    pub fn pace_counting(&self, id: &str, stalls: bool) -> f64 {
+        self.workers.get(id).map_or(1.0, |w| w.pace_counting(stalls))
+    }
+
+    /// Slots of the live workers no slower than `pace` (counting their stalls or not).
+    pub fn slots_at_pace(&self, pace: f64, stalls: bool) -> usize {
+        self.live().filter(|w| w.pace_counting(stalls) <= pace).map(|w| w.slots as usize).sum()
     }
 
     /// Free slots of the live workers other than `id`.
@@ -296,21 +322,44 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_held_off_the_cpu_while_busy_shows_it_whatever_its_attempts_took() {
+    fn a_worker_held_off_the_cpu_while_busy_is_slow_whatever_its_attempts_took() {
         let mut registry = Registry::default();
         let now = Instant::now();
         let (id, session) = registry.register("http://w".into(), 1, 0, 1 << 30, now);
         let beat = |busy_ms, stalled_ms| Beat { running_tasks: 1, memory_used_bytes: 0, unreachable_peers: Vec::new(), busy_ms, stalled_ms };
-        let stalled = |registry: &Registry| registry.workers[&id].stalled_pct();
         // Stalls while idle say nothing of how it runs Tasks.
         assert!(registry.heartbeat(&id, session, beat(STALL_SAMPLE_BUSY_MIN_MS - 1, STALL_SAMPLE_BUSY_MIN_MS - 1), now));
-        assert_eq!(stalled(&registry), 0.0);
+        assert_eq!(registry.pace(&id), 1.0);
         // Its short Attempts look typical, but it is stopped three quarters of the time.
         for _ in 0..8 {
-            registry.paced(&id, 1.0, false);
+            registry.paced(&id, 1.0, false, &[]);
             assert!(registry.heartbeat(&id, session, beat(500, 375), now));
         }
-        assert!(stalled(&registry) > 70.0, "stalled {}%", stalled(&registry));
-        assert!(registry.pace(&id) <= 1.0, "its Attempts' pace is its own");
+        assert!(registry.pace(&id) > 3.5, "pace {}", registry.pace(&id));
+        assert!(registry.slots_at_pace(2.0, true) == 0 && registry.slots_at_pace(2.0, false) == 1, "placement may count stalls or not");
+        assert!(registry.pace_counting(&id, false) <= 1.0, "its Attempts alone look typical");
+        // Its Attempts' own samples neither hide nor add to it.
+        let before = registry.pace(&id);
+        registry.paced(&id, 1.0, false, &[]);
+        assert!((registry.pace(&id) - before).abs() < 0.01, "{before} became {}", registry.pace(&id));
+    }
+
+    #[test]
+    fn a_slow_attempt_that_read_from_a_slower_worker_does_not_slow_its_own() {
+        let mut registry = Registry::default();
+        let now = Instant::now();
+        let (fast, _) = registry.register("http://fast".into(), 1, 0, 1 << 30, now);
+        let (slow, _) = registry.register("http://slow".into(), 1, 0, 1 << 30, now);
+        registry.workers.get_mut(&slow).unwrap().task_pace.value = 1.2;
+        registry.paced(&fast, 6.0, false, &["http://slow".into()]);
+        assert!(registry.pace(&fast) > 1.5, "a source about as fast as its own excuses nothing");
+        registry.workers.get_mut(&fast).unwrap().task_pace.value = 1.0;
+        registry.workers.get_mut(&slow).unwrap().task_pace.value = 4.0;
+        registry.paced(&fast, 6.0, false, &["http://slow".into()]);
+        assert_eq!(registry.pace(&fast), 1.0, "it waited on the slow worker");
+        registry.paced(&fast, 0.5, false, &["http://slow".into()]);
+        assert!(registry.pace(&fast) < 1.0, "a fast Attempt counts whatever it read");
+        registry.paced(&slow, 6.0, false, &["http://fast".into()]);
+        assert!(registry.pace(&slow) > 4.0, "reading from a faster worker excuses nothing");
     }
 }

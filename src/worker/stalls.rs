@@ -3,7 +3,7 @@
 //! worker runs short Attempts at full speed between stalls, so its Attempts' durations hide
 //! it; but every Task reading its outputs waits out its stalls. A thread of its own sleeps in
 //! short ticks and counts a tick that woke far too late as stalled; heartbeats carry the sums
-//! to the coordinator, which keeps them as the worker's stall pace (`quiver.workers.stalled_pct`).
+//! to the coordinator, which slows the worker's pace by them.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
