@@ -32,6 +32,8 @@ const STOP_DEADLINE: Duration = Duration::from_secs(20);
 /// Queries run while a worker stalls: after the first, only stopped Attempts free its slots.
 const QUERIES_ON_STALLED_WORKER: usize = 2;
 const QUERY_DEADLINE: Duration = Duration::from_secs(180);
+/// Passes over [`QUERIES`] the throttled worker's test runs, at most, until one speculates.
+const SPECULATION_PASSES_MAX: usize = 3;
 /// Queries with scans, shuffles, joins and a final sort.
 const QUERIES: [usize; 3] = [1, 3, 18];
 
@@ -121,8 +123,18 @@ async fn a_throttled_workers_tasks_are_speculated_and_answers_stay_exact() {
     // there would be nothing left to speculate on: this test is about speculation.
     collect(&client, "SET quiver.speculation_min_runtime_ms = 50").await;
     collect(&client, "SET quiver.slow_worker_placement = false").await;
-    let (speculated, won, superseded) = run_queries(&client).await;
-    assert!(speculated > 0, "no Attempt of the throttled worker was speculated");
+    // cpulimit clamps a process only once it has seen it busy for a while (it keeps a moving
+    // average of its CPU use): a pass of short queries after an idle spell can end before it
+    // does (this test found nothing to speculate in some CI runs). Passes repeat until one
+    // speculates, as the kill tests repeat their kills.
+    let (mut speculated, mut won, mut superseded) = (0, 0, 0);
+    for _ in 0..SPECULATION_PASSES_MAX {
+        (speculated, won, superseded) = run_queries(&client).await;
+        if won > 0 {
+            break;
+        }
+    }
+    assert!(speculated > 0, "no Attempt of the throttled worker was speculated in {SPECULATION_PASSES_MAX} passes");
     assert!(won > 0, "no speculative Attempt beat a worker running at {THROTTLE_PERCENT}% of a core");
     assert!(superseded >= won, "each win supersedes its straggler: {superseded} < {won}");
     let speculative = collect(&client, "SELECT count(*) FROM quiver.tasks WHERE started_as = 'speculative'").await;
