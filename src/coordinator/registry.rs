@@ -238,14 +238,16 @@ impl Registry {
 
     /// An Attempt on worker `id` took `ratio` times its Stage's median (`at_least`: it was
     /// stopped after that long), reading outputs of the workers at `read_from`. A slow Attempt
-    /// that read from a clearly slower worker than its own (`policy::SLOWER_SOURCE_FACTOR`)
-    /// may have spent its time waiting on that one
-    /// (a worker held off the CPU serves its outputs only between stalls): it says nothing
-    /// against its own worker, which would otherwise look as slow as the one it waited on.
+    /// that read from a live worker whose stalls make it clearly slower than its own
+    /// (`policy::SLOWER_SOURCE_FACTOR`) may have spent its time waiting on that one (a worker
+    /// held off the CPU serves its outputs only between stalls): it says nothing against its
+    /// own worker, which would otherwise look as slow as the one it waited on. Only a source's
+    /// stalls count: an Attempt starts once its inputs exist, so however slowly a source
+    /// computed them, it never waited for that.
     pub fn paced(&mut self, id: &str, ratio: f64, at_least: bool, read_from: &[String]) {
         let Some(own) = self.workers.get(id).map(WorkerRecord::pace_now) else { return };
         let slower = own.max(1.0) * policy::SLOWER_SOURCE_FACTOR;
-        let slower_source = || self.workers.values().any(|w| read_from.contains(&w.url) && w.pace_now() > slower);
+        let slower_source = || self.live().any(|w| read_from.contains(&w.url) && w.stall_pace.now() > slower);
         if ratio > 1.0 && slower_source() {
             return;
         }
@@ -350,11 +352,16 @@ mod tests {
         let now = Instant::now();
         let (fast, _) = registry.register("http://fast".into(), 1, 0, 1 << 30, now);
         let (slow, _) = registry.register("http://slow".into(), 1, 0, 1 << 30, now);
-        registry.workers.get_mut(&slow).unwrap().task_pace.value = 1.2;
+        registry.workers.get_mut(&slow).unwrap().stall_pace.value = 1.2;
         registry.paced(&fast, 6.0, false, &["http://slow".into()]);
         assert!(registry.pace(&fast) > 1.5, "a source about as fast as its own excuses nothing");
         registry.workers.get_mut(&fast).unwrap().task_pace.value = 1.0;
+        registry.workers.get_mut(&slow).unwrap().stall_pace.value = 1.0;
         registry.workers.get_mut(&slow).unwrap().task_pace.value = 4.0;
+        registry.paced(&fast, 6.0, false, &["http://slow".into()]);
+        assert!(registry.pace(&fast) > 1.5, "a source that only computed slowly excuses nothing");
+        registry.workers.get_mut(&fast).unwrap().task_pace.value = 1.0;
+        registry.workers.get_mut(&slow).unwrap().stall_pace.value = 4.0;
         registry.paced(&fast, 6.0, false, &["http://slow".into()]);
         assert_eq!(registry.pace(&fast), 1.0, "it waited on the slow worker");
         registry.paced(&fast, 0.5, false, &["http://slow".into()]);

@@ -120,9 +120,11 @@ mod tests {
 
     #[test]
     fn an_attempt_starting_wakes_the_parked_watcher() {
-        let clock = StallClock::start().unwrap();
-        std::thread::sleep(Duration::from_millis(50)); // idle: the watcher parks
+        // The watcher parks at once (it is idle) until unparked, or until its park ends, which
+        // is no sooner than `STALL_IDLE_PARK_MS` after the clock starts.
         let parked = Instant::now();
+        let clock = StallClock::start().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
         let _busy = clock.busy();
         // Unwoken, it would tick again only once its park ends.
         let before_park_ends = Duration::from_millis(STALL_IDLE_PARK_MS * 4 / 5);
@@ -131,7 +133,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(STALL_TICK_MS));
             watched += clock.take().0;
         }
-        assert!(watched > 0, "no tick within {before_park_ends:?} of an Attempt's start");
+        assert!(watched > 0, "an Attempt started, yet no tick within {before_park_ends:?} of the clock's start");
     }
 
     #[test]
