@@ -185,10 +185,12 @@ extensions_options! {
         /// time it runs one (slots × pace, after LATE).
         pub slow_worker_placement: bool, default = true
         pub slow_worker_pace: f64, default = 2.0
-        /// A worker's pace counts how much of its busy time its process was held off the CPU
-        /// (`cpulimit`, a cgroup quota; `quiver.workers.stalled_pct`) when that is slower
-        /// than what its Attempts' times say.
-        pub slow_worker_stalls: bool, default = true
+        /// Slow-worker placement counts how much of a worker's busy time its process was held
+        /// off the CPU (`cpulimit`, a cgroup quota; `quiver.workers.stalled_pct`) when that is
+        /// slower than what its Attempts' times say. (Only placement: `quiver.workers.pace`
+        /// always counts the stalls.) Off by default: in `quiver bench straggler` it gained
+        /// nothing measurable over Attempt paces (1.02–1.09x of two healthy workers either way).
+        pub slow_worker_stalls: bool, default = false
         /// Coalescing: once a Stage's shuffled inputs have finished, neighbouring small
         /// partitions are read by one Task, up to `coalesce_target_bytes` (lowered to the
         /// data's share of one slot, so no slot the planned Tasks would use goes idle).

@@ -4,7 +4,7 @@
 //! throttled with `cpulimit` (Debian package `cpulimit`), or, with `--delay-ms`, slowed by a wait
 //! before each Attempt, which does not depend on the machine's load. Each round runs every
 //! TPC-H query, in one session: on 2 healthy workers; then with a third worker held to a share
-//! of one core, with every adaptive mechanism on, with its stalls left out of its pace, with
+//! of one core, with the default adaptive mechanisms, with its stalls counted in its pace, with
 //! dynamic granularity off, with speculation off, and with slow-worker placement off too; the
 //! third worker leaves at the round's end. The fastest of the rounds counts. Answers must agree
 //! across all of them.
@@ -39,7 +39,7 @@ pub struct StragglerBench {
 /// The configurations with the slow worker: a name and the settings that make it.
 const THROTTLED: [(&str, &[&str]); 5] = [
     ("adaptive", &[]),
-    ("no_stalls", &["SET quiver.slow_worker_stalls = false"]),
+    ("stalls", &["SET quiver.slow_worker_stalls = true"]),
     ("no_cuts", &["SET quiver.dynamic_granularity = false"]),
     ("no_spec", &["SET quiver.speculation = false"]),
     ("neither", &["SET quiver.speculation = false", "SET quiver.slow_worker_placement = false"]),
@@ -75,6 +75,7 @@ pub async fn run_straggler(bench: &StragglerBench) -> Result<()> {
 /// configurations, repeat, so that the machine's drift over a run (it moved the two-worker
 /// times by up to 40% here) spreads over every configuration instead of favouring the first.
 async fn run_round(exe: &Path, slow_args: &[String], client: &Client, bench: &StragglerBench) -> Result<Vec<Vec<Run>>> {
+    set_all(client, &[]).await?;
     let mut runs = vec![run_all(client, bench).await?];
     let mut slow = spawn(exe, slow_args)?;
     wait_for_workers(client, 3).await?;
@@ -83,21 +84,28 @@ async fn run_round(exe: &Path, slow_args: &[String], client: &Client, bench: &St
         None => Some(throttle(slow.0.id(), bench.throttle_percent)?),
     };
     for (_, settings) in THROTTLED {
-        let defaults = [
-            "SET quiver.speculation = true",
-            "SET quiver.slow_worker_placement = true",
-            "SET quiver.slow_worker_stalls = true",
-            "SET quiver.dynamic_granularity = true",
-        ];
-        for sql in defaults.iter().chain(settings.iter()) {
-            client.collect(sql).await?;
-        }
+        set_all(client, settings).await?;
         runs.push(run_all(client, bench).await?);
     }
     drop(throttle);
     let _ = slow.0.kill();
     wait_for_workers_at_most(client, 2).await?;
     Ok(runs)
+}
+
+/// Every mechanism a configuration may switch back to its default, then `settings`: the session keeps
+/// what the previous configuration (or round) set.
+async fn set_all(client: &Client, settings: &[&str]) -> Result<()> {
+    let defaults = [
+        "SET quiver.speculation = true",
+        "SET quiver.slow_worker_placement = true",
+        "SET quiver.slow_worker_stalls = false",
+        "SET quiver.dynamic_granularity = true",
+    ];
+    for sql in defaults.iter().chain(settings) {
+        client.collect(sql).await?;
+    }
+    Ok(())
 }
 
 /// Per configuration and query, the faster of two rounds' runs; their answers must agree.
@@ -145,7 +153,7 @@ async fn run_all(client: &Client, bench: &StragglerBench) -> Result<Vec<Run>> {
 
 /// The pace of the slowest live worker (1: typical).
 async fn slowest_pace(client: &Client) -> Result<f64> {
-    let (_, batches) = client.collect("SELECT max(pace) FROM quiver.workers").await?;
+    let (_, batches) = client.collect("SELECT max(pace) FROM quiver.workers WHERE alive").await?;
     let value = batches.first().and_then(|b| b.column(0).as_primitive_opt::<Float64Type>().map(|a| a.value(0)));
     value.ok_or_else(|| DataFusionError::Execution("no pace in quiver.workers".into()))
 }
