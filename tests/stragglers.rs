@@ -85,6 +85,18 @@ fn tpch_data(cluster: &ProcCluster) -> std::path::PathBuf {
     tpch::generate(cluster.dir.path(), 0.1, Layout { files: 1, row_group_rows: 20_000 }).unwrap()
 }
 
+/// 2 healthy workers and a third (`workers[2]`) that waits `delay_ms` before each Attempt, with
+/// the TPC-H tables, and speculation and slow-worker placement off: every Attempt runs to its
+/// end on the worker that took it, so that each counts whole towards that worker's pace.
+async fn cluster_with_a_delayed_worker(delay_ms: &str) -> (ProcCluster, Client) {
+    let mut cluster = ProcCluster::start(2, &SMALL_TASKS, &WORKER_ARGS);
+    cluster.add_worker_with(&["--task-delay-ms", delay_ms]);
+    let client = tpch_tables(&cluster).await;
+    collect(&client, "SET quiver.speculation = false").await;
+    collect(&client, "SET quiver.slow_worker_placement = false").await;
+    (cluster, client)
+}
+
 /// `sql`'s rows from single-node DataFusion over the same files, sorted.
 async fn single_node_rows(cluster: &ProcCluster, sql: &str) -> Vec<Vec<String>> {
     let ctx = datafusion::prelude::SessionContext::new();
@@ -150,11 +162,7 @@ async fn a_throttled_workers_tasks_are_speculated_and_answers_stay_exact() {
 /// whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_delayed_worker_is_learned_to_be_slow() {
-    let mut cluster = ProcCluster::start(2, &SMALL_TASKS, &WORKER_ARGS);
-    cluster.add_worker_with(&["--task-delay-ms", SLOW_WORKER_DELAY_MS]);
-    let client = tpch_tables(&cluster).await;
-    collect(&client, "SET quiver.speculation = false").await;
-    collect(&client, "SET quiver.slow_worker_placement = false").await;
+    let (cluster, client) = cluster_with_a_delayed_worker(SLOW_WORKER_DELAY_MS).await;
     run_queries(&client).await;
     let paces = collect(&client, "SELECT address, pace FROM quiver.workers WHERE alive ORDER BY pace DESC").await;
     assert_eq!(paces[0][0], cluster.workers[2].url(), "the delayed worker is the slowest: {paces:?}");
@@ -171,11 +179,7 @@ async fn a_delayed_worker_is_learned_to_be_slow() {
 /// between two stops (as CI's load made them, one run in two) never stall while running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_held_off_the_cpu_is_learned_to_be_slow() {
-    let mut cluster = ProcCluster::start(2, &SMALL_TASKS, &WORKER_ARGS);
-    cluster.add_worker_with(&["--task-delay-ms", HELD_WORKER_DELAY_MS]);
-    let client = tpch_tables(&cluster).await;
-    collect(&client, "SET quiver.speculation = false").await;
-    collect(&client, "SET quiver.slow_worker_placement = false").await;
+    let (cluster, client) = cluster_with_a_delayed_worker(HELD_WORKER_DELAY_MS).await;
     let held = StopCycle::start(cluster.workers[2].pid().expect("worker 2 runs"));
     run_queries(&client).await;
     drop(held);

@@ -136,7 +136,7 @@ pub fn pace_now(pace: f64, since: Duration) -> f64 {
 /// quarter of the work, 4 times slower. Its Attempts' durations hide this when they are short
 /// enough to fit between stalls, but whatever reads its outputs waits out every stall.
 pub fn stall_ratio(busy_ms: u64, stalled_ms: u64) -> f64 {
-    let running = busy_ms.saturating_sub(stalled_ms.min(busy_ms)).max(1) as f64;
+    let running = busy_ms.saturating_sub(stalled_ms).max(1) as f64;
     (busy_ms.max(1) as f64 / running).min(PACE_RATIO_MAX)
 }
 
