@@ -63,7 +63,7 @@ pub const STALL_TICK_MS: u64 = 10;
 /// ...and counts a tick as stalled when it woke more than this late: scheduling jitter on a
 /// busy host stays under it, a stopped or CPU-throttled process does not.
 pub const STALL_LATE_MS: u64 = 20;
-/// A heartbeat slows its worker's pace by its stalls only when Attempts ran for at least this
+/// A heartbeat's stalls count towards its worker's stall pace only when Attempts ran for at least this
 /// much of its interval: an idle worker's stalls say nothing of how it runs Tasks.
 pub const STALL_SAMPLE_BUSY_MIN_MS: u64 = HEARTBEAT_INTERVAL_MS / 2;
 /// A Task the coordinator assigned must show up in its worker's heartbeats within this time;
