@@ -6,7 +6,7 @@
 //! contiguous, equal byte ranges of the slice, so the pieces together read it exactly once and,
 //! read one after the other, in its order.
 
-use std::collections::HashMap;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
@@ -63,8 +63,8 @@ pub(super) fn slice_scan(
     let splittable = scan.file_source().file_type() == "parquet";
     // Files whose order matters (sorted scans) keep one file or range per Task.
     if !scan.output_ordering.is_empty() {
-        let chunk = total.div_ceil(tasks).max(1);
-        let pieces = files.into_iter().flat_map(|file| split_file(file, chunk, splittable));
+        let parts = ordered_parts(&files, tasks, splittable);
+        let pieces = files.into_iter().zip(parts).flat_map(|(file, parts)| split_file(file, parts));
         let slices = pieces.map(|piece| TaskSlice { bytes: file_bytes(&piece), group: FileGroup::new(vec![piece]) });
         return Ok(merge_excess(slices.collect(), config.tasks_per_stage_max));
     }
@@ -202,21 +202,62 @@ fn file_bytes(file: &PartitionedFile) -> u64 {
     }
 }
 
-fn split_file(file: PartitionedFile, chunk: u64, splittable: bool) -> Vec<PartitionedFile> {
+/// How many ranges each file of a sorted scan is cut into, one Task each, for `tasks` Tasks
+/// in all: every file gets one, and each further one goes to the file whose ranges are then the
+/// largest, so the largest Task (the one a Stage waits for) is as small as it can be. Cutting
+/// each file at a fixed chunk instead made a Task too many whenever a file was a byte over the
+/// chunk: 4 equal files for 4 Tasks became 5 Tasks, a third wave on 2 slots.
+fn ordered_parts(files: &[PartitionedFile], tasks: u64, splittable: bool) -> Vec<u64> {
+    let cuttable = |file: &PartitionedFile| splittable && file.range.is_none() && file.object_meta.size > 1;
+    let mut parts = vec![1u64; files.len()];
+    // By largest range first: (bytes per range, parts), then the file.
+    let mut heap: BinaryHeap<(Ratio, usize)> =
+        files.iter().enumerate().filter(|(_, f)| cuttable(f)).map(|(i, f)| (Ratio(file_bytes(f), 1), i)).collect();
+    let mut total = files.len() as u64;
+    while total < tasks {
+        let Some((Ratio(bytes, n), i)) = heap.pop() else { break };
+        if bytes <= n {
+            break; // ranges of a byte at most: nothing left to cut
+        }
+        parts[i] = n + 1;
+        total += 1;
+        heap.push((Ratio(bytes, n + 1), i));
+    }
+    parts
+}
+
+/// `bytes / parts`, ordered exactly (without rounding) by cross-multiplication.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Ratio(u64, u64);
+
+impl Ord for Ratio {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.0 as u128 * other.1 as u128).cmp(&(other.0 as u128 * self.1 as u128))
+    }
+}
+
+impl PartialOrd for Ratio {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// `file` cut into `parts` contiguous byte ranges of equal size (the last may be shorter).
+fn split_file(file: PartitionedFile, parts: u64) -> Vec<PartitionedFile> {
     let size = file.object_meta.size;
-    if !splittable || file.range.is_some() || size <= chunk {
+    if parts <= 1 || file.range.is_some() {
         return vec![file];
     }
-    let parts = size.div_ceil(chunk);
     let step = size.div_ceil(parts);
     (0..parts)
         .map(|i| {
-            let start = (i * step) as i64;
+            let start = (i * step).min(size) as i64;
             let end = ((i + 1) * step).min(size) as i64;
             let mut piece = file.clone();
             piece.range = Some(FileRange { start, end });
             piece
         })
+        .filter(|piece| piece.range.as_ref().is_some_and(|r| r.start < r.end))
         .collect()
 }
 
@@ -373,14 +414,34 @@ mod tests {
 
     #[test]
     fn large_parquet_file_is_cut_into_contiguous_ranges() {
-        let pieces = split_file(file("a.parquet", 1000), 300, true);
+        let pieces = split_file(file("a.parquet", 1000), 4);
         let ranges: Vec<_> = pieces.iter().map(|p| p.range.clone().unwrap()).map(|r| (r.start, r.end)).collect();
         assert_eq!(ranges, vec![(0, 250), (250, 500), (500, 750), (750, 1000)]);
     }
 
     #[test]
     fn unsplittable_files_stay_whole() {
-        assert_eq!(split_file(file("a.csv", 1000), 300, false).len(), 1);
+        let files = [file("a.csv", 1000), file("b.csv", 10)];
+        assert_eq!(ordered_parts(&files, 8, false), vec![1, 1]);
+    }
+
+    #[test]
+    fn a_sorted_scan_makes_the_tasks_asked_for_with_the_largest_as_small_as_can_be() {
+        // Regression: 4 files, the first a few bytes over a quarter of the total, made 5 Tasks
+        // for 4 (a third wave on 2 slots) when files were cut at a fixed chunk.
+        let files = [file("0.parquet", 16_852_332), file("1.parquet", 16_823_783), file("2.parquet", 16_829_858), file("3.parquet", 16_817_292)];
+        assert_eq!(ordered_parts(&files, 4, true), vec![1, 1, 1, 1]);
+        assert_eq!(ordered_parts(&files, 8, true), vec![2, 2, 2, 2]);
+        // One large file and a small one: the large one takes the extra Tasks.
+        assert_eq!(ordered_parts(&[file("a.parquet", 1000), file("b.parquet", 100)], 4, true), vec![3, 1]);
+        assert_eq!(ordered_parts(&[file("a.parquet", 1000)], 4, true), vec![4]);
+        // More files than Tasks: one each (the Task bound merges them later).
+        assert_eq!(ordered_parts(&[file("a.parquet", 10), file("b.parquet", 10), file("c.parquet", 10)], 2, true), vec![1, 1, 1]);
+        // Never into empty ranges.
+        assert_eq!(ordered_parts(&[file("a.parquet", 2)], 8, true), vec![2]);
+        let pieces = split_file(file("a.parquet", 10), 4);
+        let ranges: Vec<_> = pieces.iter().map(|p| p.range.clone().unwrap()).map(|r| (r.start, r.end)).collect();
+        assert_eq!(ranges, vec![(0, 3), (3, 6), (6, 9), (9, 10)]);
     }
 
     #[test]
