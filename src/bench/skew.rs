@@ -49,6 +49,9 @@ struct Outcome {
     slowest_task_ms: u64,
     median_task_ms: u64,
     split: u32,
+    /// Speculative Attempts started, in the fastest run: a skewed Task left whole is weighed by
+    /// its bytes and should not count as a straggler.
+    speculated: u32,
 }
 
 pub async fn run_skew(bench: &SkewBench) -> Result<()> {
@@ -81,10 +84,10 @@ pub async fn run_skew(bench: &SkewBench) -> Result<()> {
         return Err(DataFusionError::Execution("skew splitting changed the answer".into()));
     }
     let single_ms = single_node(&dir, bench, &QUERY.replace("{facts}", "facts"), &outcomes[1].rows).await?;
-    println!("{:>16} {:>10} {:>10} {:>16} {:>15} {:>6}", "variant", "ms", "ratio", "slowest_task_ms", "median_task_ms", "split");
+    println!("{:>16} {:>10} {:>10} {:>16} {:>15} {:>6} {:>11}", "variant", "ms", "ratio", "slowest_task_ms", "median_task_ms", "split", "speculated");
     for ((name, _, _), o) in variants.iter().zip(&outcomes) {
         let ratio = o.ms / outcomes[0].ms;
-        println!("{name:>16} {:>10.1} {ratio:>9.2}x {:>16} {:>15} {:>6}", o.ms, o.slowest_task_ms, o.median_task_ms, o.split);
+        println!("{name:>16} {:>10.1} {ratio:>9.2}x {:>16} {:>15} {:>6} {:>11}", o.ms, o.slowest_task_ms, o.median_task_ms, o.split, o.speculated);
     }
     println!("{:>16} {:>10.1} {:>9.2}x   (single-node DataFusion, skewed)", "single_node", single_ms, single_ms / outcomes[0].ms);
     println!("skew handling: {:.2}x faster than without it", outcomes[2].ms / outcomes[1].ms);
@@ -117,14 +120,15 @@ async fn run_variant(client: &Client, sql: &str, iterations: usize) -> Result<Ou
         if best.as_ref().is_some_and(|b| b.ms <= ms) {
             continue;
         }
-        let (slowest_task_ms, median_task_ms, split) = join_tasks(client, sql).await?;
-        best = Some(Outcome { ms, rows: sorted_rows(&batches)?, slowest_task_ms, median_task_ms, split });
+        let (slowest_task_ms, median_task_ms, split, speculated) = join_tasks(client, sql).await?;
+        best = Some(Outcome { ms, rows: sorted_rows(&batches)?, slowest_task_ms, median_task_ms, split, speculated });
     }
     best.ok_or_else(|| DataFusionError::Execution("no run".into()))
 }
 
-/// The slowest and median Task of the last run's join Stage, and the partitions it split.
-async fn join_tasks(client: &Client, sql: &str) -> Result<(u64, u64, u32)> {
+/// The slowest and median Task of the last run's join Stage, the partitions it split, and the
+/// Query's speculative Attempts.
+async fn join_tasks(client: &Client, sql: &str) -> Result<(u64, u64, u32, u32)> {
     let escaped = sql.replace('\'', "''");
     let last = format!("(SELECT query_id FROM quiver.queries WHERE sql = '{escaped}' ORDER BY started DESC LIMIT 1)");
     let tasks = format!(
@@ -132,12 +136,13 @@ async fn join_tasks(client: &Client, sql: &str) -> Result<(u64, u64, u32)> {
     );
     let (_, batches) = client.collect(&tasks).await?;
     let times: Vec<u64> = batches.iter().flat_map(|b| b.column(0).as_primitive::<UInt64Type>().values().to_vec()).collect();
-    let split = format!("SELECT CAST(partitions_split AS BIGINT) FROM quiver.queries WHERE query_id = {last}");
-    let (_, batches) = client.collect(&split).await?;
-    let split = batches.first().map_or(0, |b| b.column(0).as_primitive::<Int64Type>().value(0)) as u32;
+    let counts = format!("SELECT CAST(partitions_split AS BIGINT), CAST(attempts_speculated AS BIGINT) FROM quiver.queries WHERE query_id = {last}");
+    let (_, batches) = client.collect(&counts).await?;
+    let count = |column: usize| batches.first().map_or(0, |b| b.column(column).as_primitive::<Int64Type>().value(0)) as u32;
+    let (split, speculated) = (count(0), count(1));
     let slowest = times.last().copied().unwrap_or(0);
     let median = times.get(times.len().saturating_sub(1) / 2).copied().unwrap_or(0);
-    Ok((slowest, median, split))
+    Ok((slowest, median, split, speculated))
 }
 
 /// The hottest key's share of the fact rows.

@@ -27,6 +27,7 @@ use crate::protocol::{ErrorKind, KeyFilterSpec, OutputLocation, QuiverError, Shu
 
 mod adapt;
 mod slices;
+mod weights;
 pub use adapt::StageReads;
 
 /// A Task by (Stage, index).
@@ -389,17 +390,21 @@ struct TaskRun {
     slice_bytes: Option<u64>,
     /// The piece of its plan's scan slice it reads.
     slice: Option<SlicePiece>,
+    /// How many times its Stage's median Task's bytes it reads, at least 1; set when its
+    /// Stage's inputs have finished (see `weights`).
+    weight: f64,
     /// The join keys of its output, from its first succeeded Attempt, when its Stage is a
     /// key filter's build side. Kept when the output is lost: the keys are the same.
     key_summary: Option<Arc<SummaryForm>>,
 }
 
 impl TaskRun {
-    /// The fraction of a planned Task's work it does: a piece of a slice cut in `of` does
-    /// `1/of` (the cut aims at equal pieces). Speculation and worker paces compare Attempts
-    /// by their time per share.
-    fn share(&self) -> f64 {
-        self.slice.map_or(1.0, |piece| 1.0 / piece.of.max(1) as f64)
+    /// Its work in units of a typical Task of its Stage: a piece of a slice cut in `of` does
+    /// `1/of` (the cut aims at equal pieces), and a Task reading several times its Stage's
+    /// median bytes does that many times more ([`TaskRun::weight`]). Speculation and worker
+    /// paces compare Attempts by their time per unit of work.
+    fn work(&self) -> f64 {
+        self.slice.map_or(1.0, |piece| 1.0 / piece.of.max(1) as f64) * self.weight
     }
 
     fn new(plan: Arc<Vec<u8>>, partition: u32, summary: String) -> Self {
@@ -421,6 +426,7 @@ impl TaskRun {
             merged_into: None,
             slice_bytes: None,
             slice: None,
+            weight: 1.0,
             key_summary: None,
         }
     }
@@ -468,6 +474,8 @@ struct StageRun {
     adaptive: Option<StageReads>,
     /// Its reads were laid out (adapted or not) when its inputs finished.
     adapted: bool,
+    /// Its Tasks were weighed by the bytes they read, once its inputs finished.
+    weighed: bool,
     /// Partitions coalesced into a neighbour's Task, and skewed partitions split.
     coalesced: u32,
     split: u32,
@@ -538,6 +546,7 @@ impl QueryRun {
                 parts: stage.parts.max(1),
                 adaptive: stage.adaptive,
                 adapted: false,
+                weighed: false,
                 coalesced: 0,
                 split: 0,
                 slices_cut: 0,
@@ -763,17 +772,17 @@ impl QueryRun {
         if final_input && task.merged_into.is_none() {
             out.push(Action::Publish { task: id, outcome: Some(TaskOutcome::Succeeded { key, worker_url }) });
         }
-        let share = task.share();
-        self.pace(id.0, share, paces, out);
+        let work = task.work();
+        self.pace(id.0, work, paces, out);
     }
 
-    /// How fast the workers of `samples`, Attempts of a Task of `share`, ran against the median
-    /// of `stage`'s finished Tasks.
-    fn pace(&self, stage: u32, share: f64, samples: Vec<PaceSample>, out: &mut Vec<Action>) {
+    /// How fast the workers of `samples`, Attempts of a Task doing `work` typical Tasks' work,
+    /// ran against the median of `stage`'s finished Tasks.
+    fn pace(&self, stage: u32, work: f64, samples: Vec<PaceSample>, out: &mut Vec<Action>) {
         let mut finished = self.finished_per_task(stage);
         if let Some(median) = policy::median_if_enough(&mut finished) {
             for PaceSample { worker, ran, at_least, read_from } in samples {
-                let ratio = ran.as_secs_f64() / share / median.as_secs_f64().max(1e-3);
+                let ratio = ran.as_secs_f64() / work / median.as_secs_f64().max(1e-3);
                 out.push(Action::Paced { worker, ratio, at_least, read_from });
             }
         }
@@ -787,8 +796,8 @@ impl QueryRun {
         self.tasks
             .range((stage, 0)..(stage + 1, 0))
             .filter(|(_, t)| t.merges.is_empty())
-            .filter_map(|(_, t)| t.output.map(|n| (t.share(), &t.attempts[n as usize])))
-            .filter_map(|(share, a)| Some(a.ended_at?.saturating_duration_since(a.assigned_at?).div_f64(share)))
+            .filter_map(|(_, t)| t.output.map(|n| (t.work(), &t.attempts[n as usize])))
+            .filter_map(|(work, a)| Some(a.ended_at?.saturating_duration_since(a.assigned_at?).div_f64(work)))
             .collect()
     }
 
@@ -996,6 +1005,7 @@ impl QueryRun {
             return;
         }
         self.adapt_ready_stages(out);
+        self.weigh_ready_stages();
         self.decide_key_filters(out);
         let needed = self.needed();
         let ready: Vec<TaskId> = self
@@ -1112,7 +1122,7 @@ impl QueryRun {
             .filter_map(|(id, t)| {
                 let live = t.attempts.iter().find(|a| a.is_live())?;
                 let ran = now.saturating_duration_since(live.assigned_at?);
-                (ran > threshold.for_share(t.share())).then(|| (ran, **id, live.record.worker_id.clone().unwrap_or_default()))
+                (ran > threshold.for_work(t.work())).then(|| (ran, **id, live.record.worker_id.clone().unwrap_or_default()))
             })
             .collect();
         slow.sort_by(|a, b| b.0.cmp(&a.0));

@@ -98,6 +98,22 @@ const PACE_WEIGHT: f64 = 0.3;
 const PACE_RATIO_MAX: f64 = 20.0;
 /// A pace's excess over 1 halves every this long without a new sample (see [`pace_now`]).
 pub const PACE_HALF_LIFE_MS: u64 = 10_000;
+/// A Task's reads count as at least this many bytes when it is weighed against its Stage's
+/// median (see [`task_weights`]): below it, a Task's time is mostly fixed cost.
+pub const TASK_WEIGHT_BYTES_MIN: u64 = 1024 * 1024;
+
+/// Each Task's work against its Stage's median Task, from the bytes each reads: a Task reading
+/// `k` times the median does `k` times the work. Never below 1: fixed costs dominate a small
+/// Task, and measured by its bytes it would make its worker look slow. Reads under
+/// [`TASK_WEIGHT_BYTES_MIN`] count as that much, so that a Stage of mostly empty partitions
+/// does not weigh its one real Task without bound. The lower median: of two Tasks (one per
+/// slot on a small cluster), the upper would be the heavy one itself.
+pub fn task_weights(bytes: &[u64]) -> Vec<f64> {
+    let mut sorted = bytes.to_vec();
+    sorted.sort_unstable();
+    let median = sorted.get(sorted.len().saturating_sub(1) / 2).copied().unwrap_or(0).max(TASK_WEIGHT_BYTES_MIN);
+    bytes.iter().map(|&b| (b.max(TASK_WEIGHT_BYTES_MIN) as f64 / median as f64).max(1.0)).collect()
+}
 
 /// The median of `durations`, when there are enough of them to judge a pace by.
 pub fn median_if_enough(durations: &mut [Duration]) -> Option<Duration> {
@@ -176,8 +192,8 @@ pub struct Speculation {
     pub lone_runtime: Option<Duration>,
 }
 
-/// How long an Attempt may run before it is a straggler: `per_task` for a whole Task's work,
-/// scaled to the Attempt's Task's share of it, and never less than `floor`.
+/// How long an Attempt may run before it is a straggler: `per_task` for a typical Task's work,
+/// scaled to the work of the Attempt's Task, and never less than `floor`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Threshold {
     per_task: Duration,
@@ -185,9 +201,10 @@ pub struct Threshold {
 }
 
 impl Threshold {
-    /// The threshold of a Task doing `share` of a whole Task's work (a piece of a cut slice).
-    pub fn for_share(&self, share: f64) -> Duration {
-        self.per_task.mul_f64(share).max(self.floor)
+    /// The threshold of a Task doing `work` typical Tasks' work (a fraction for a piece of a
+    /// cut slice, more for a Task that reads more than its Stage's median).
+    pub fn for_work(&self, work: f64) -> Duration {
+        self.per_task.mul_f64(work).max(self.floor)
     }
 }
 
@@ -234,7 +251,7 @@ mod tests {
     }
 
     fn whole(threshold: Option<Threshold>) -> Option<Duration> {
-        threshold.map(|t| t.for_share(1.0))
+        threshold.map(|t| t.for_work(1.0))
     }
 
     #[test]
@@ -260,8 +277,8 @@ mod tests {
     fn a_piece_of_a_task_is_a_straggler_after_its_share_of_the_threshold() {
         let s = Speculation { quantile: 0.75, multiplier: 1.5, min_runtime: ms(100), max_fraction: 0.25, lone_runtime: None };
         let threshold = s.threshold(&mut [ms(400), ms(200), ms(300)], 4, true).unwrap();
-        assert_eq!(threshold.for_share(0.5), ms(225));
-        assert_eq!(threshold.for_share(0.1), ms(100), "the minimum runtime holds for a piece too");
+        assert_eq!(threshold.for_work(0.5), ms(225));
+        assert_eq!(threshold.for_work(0.1), ms(100), "the minimum runtime holds for a piece too");
     }
 
     #[test]
@@ -327,6 +344,17 @@ mod tests {
         assert!(Speculation::from_options(&options).is_none());
     }
     use crate::protocol::ErrorKind;
+
+    #[test]
+    fn a_task_weighs_its_bytes_against_the_lower_median_and_never_under_one() {
+        const MIB: u64 = 1024 * 1024;
+        assert_eq!(task_weights(&[10 * MIB, 10 * MIB, 50 * MIB, 5 * MIB]), vec![1.0, 1.0, 5.0, 1.0]);
+        assert_eq!(task_weights(&[8 * MIB, 40 * MIB]), vec![1.0, 5.0], "of two, the heavy one is not its own median");
+        // Tiny reads count as the minimum: a mostly empty Stage does not weigh without bound.
+        assert_eq!(task_weights(&[0, 0, 0, 3 * MIB]), vec![1.0, 1.0, 1.0, 3.0]);
+        assert_eq!(task_weights(&[0, 10]), vec![1.0, 1.0]);
+        assert!(task_weights(&[]).is_empty());
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_bound() {

@@ -81,7 +81,7 @@ impl QueryRun {
     }
 
     /// Each producer Task of `stage` with the bytes of each part of its output.
-    fn part_bytes(&self, stage: u32) -> Vec<(u32, Vec<u64>)> {
+    pub(super) fn part_bytes(&self, stage: u32) -> Vec<(u32, Vec<u64>)> {
         self.tasks
             .range((stage, 0)..(stage + 1, 0))
             .filter(|(_, t)| t.merged_into.is_none())
