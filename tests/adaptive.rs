@@ -131,6 +131,32 @@ async fn a_skewed_partition_under_a_final_aggregate_is_merged_from_partial_state
     assert_eq!(splits(&t, "SELECT k, count(*), sum(v) FROM skewed GROUP BY k ORDER BY k").await, 0);
 }
 
+/// A skewed partition left whole (here a right join's skewed side, which may never be cut)
+/// is read by a Task weighed by its bytes: `quiver.tasks.work` shows it doing several typical
+/// Tasks' work, which is what its straggler threshold and its worker's pace are scaled by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_skewed_partition_left_whole_is_weighed_by_its_bytes() {
+    let t = TestCluster::start(2).await;
+    // Key 7 holds 90% of 150 000 rows of about 80 bytes (10 MB of the shuffle); the rest are
+    // spread thin. (The test cluster writes row groups of 7 rows, at most 32 767 per file.)
+    let heavy = "SELECT CASE WHEN value % 10 < 9 THEN 7 ELSE value % 1000 END AS k, value AS v, repeat('x', 64) AS pad FROM generate_series(1, 150000)";
+    t.both(&format!("CREATE TABLE heavy AS {heavy}")).await;
+    t.both("CREATE TABLE keys AS SELECT value AS k, value * 2 AS w FROM generate_series(0, 999)").await;
+    for sql in SHUFFLE_JOINS.iter().chain(&["SET quiver.coalesce_partitions = false"]) {
+        t.both(sql).await;
+    }
+    let sql = "SELECT count(*), sum(h.v), sum(length(h.pad)), sum(k.w) FROM heavy h RIGHT JOIN keys k ON h.k = k.k";
+    assert_eq!(splits(&t, sql).await, 0, "a right join's left side is never split");
+    let escaped = sql.replace('\'', "''");
+    let work = t.cluster_rows(&format!(
+        "SELECT t.work FROM quiver.tasks t JOIN quiver.queries q ON t.query_id = q.query_id WHERE q.sql = '{escaped}' AND t.plan LIKE '%HashJoinExec%' ORDER BY t.work"
+    ))
+    .await;
+    let work: Vec<f64> = work.iter().map(|r| r[0].parse().unwrap()).collect();
+    assert!(work.len() >= 2 && work[0] == 1.0, "the join's typical Tasks count one Task's work: {work:?}");
+    assert!(*work.last().unwrap() > 3.0, "the Task of key 7's partition does several: {work:?}");
+}
+
 /// The scan slices the cluster cut for `sql`.
 async fn slices_cut(t: &TestCluster, sql: &str) -> u64 {
     counted(t, "slices_cut", sql).await

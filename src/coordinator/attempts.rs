@@ -134,6 +134,9 @@ pub struct TaskRecord {
     pub lane: Option<&'static str>,
     /// Rows its join key filter saw and kept, as last reported; None when its Stage has none.
     pub key_filter_rows: Option<(u64, u64)>,
+    /// Its Task's work in units of a typical Task of its Stage (see `TaskRun::work`): what
+    /// speculation and worker paces measure its time against.
+    pub work: f64,
 }
 
 impl TaskRecord {
@@ -156,6 +159,7 @@ impl TaskRecord {
             reads: None,
             lane: None,
             key_filter_rows: None,
+            work: 1.0,
         }
     }
 }
@@ -1076,7 +1080,7 @@ impl QueryRun {
         let key = TaskKey { query_id: self.query_id.clone(), stage: id.0, task: id.1, attempt: task.attempts.len() as u32 };
         let unassigned = TaskRecord::unassigned(key.clone(), &task.summary, shuffle, TaskState::Queued, started_as, None);
         task.attempts.push(Attempt {
-            record: TaskRecord { reads: task.reads_text.clone(), key_filter_rows, ..unassigned },
+            record: TaskRecord { reads: task.reads_text.clone(), key_filter_rows, work: task.work(), ..unassigned },
             part_rows: Vec::new(),
             part_bytes: Vec::new(),
             worker_url: None,
@@ -1301,7 +1305,7 @@ impl QueryRun {
             let waiting = t.attempts.is_empty().then(|| {
                 let key = TaskKey { query_id: self.query_id.clone(), stage, task, attempt: 0 };
                 let shuffle = self.stages[stage as usize].shuffle;
-                TaskRecord { reads: t.reads_text.clone(), ..TaskRecord::unassigned(key, &t.summary, shuffle, state, StartedAs::First, cause) }
+                TaskRecord { reads: t.reads_text.clone(), work: t.work(), ..TaskRecord::unassigned(key, &t.summary, shuffle, state, StartedAs::First, cause) }
             });
             t.attempts.iter().map(|a| a.record.clone()).chain(waiting)
         })

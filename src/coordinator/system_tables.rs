@@ -66,7 +66,7 @@ fn schema(kind: Kind) -> SchemaRef {
             s("query_id"), u32f("stage"), u32f("task"), u32f("attempt"), sn("worker_id"), s("plan"), s("output"), s("state"),
             u64f("rows"), u64f("bytes"), u64f("elapsed_ms"), sn("error"), s("started_as"), sn("cause"), sn("reads"),
             sn("lane"), u64n("key_filter_rows_seen"), u64n("key_filter_rows_kept"),
-            Field::new("started", timestamp(), true), Field::new("ended", timestamp(), true),
+            Field::new("started", timestamp(), true), Field::new("ended", timestamp(), true), Field::new("work", DataType::Float64, false),
         ],
     };
     Arc::new(Schema::new(fields))
@@ -181,6 +181,7 @@ impl SystemTable {
                     opt_u64s(t.iter().map(|t| t.key_filter_rows.map(|(_, kept)| kept))),
                     opt_stamps(t.iter().map(|t| t.started)),
                     opt_stamps(t.iter().map(|t| t.ended)),
+                    Arc::new(Float64Array::from_iter_values(t.iter().map(|t| t.work))),
                 ]
             }
         };

@@ -144,6 +144,9 @@ pub struct TaskJson {
     /// Rows its join key filter saw and kept; null when its Stage has none.
     key_filter_rows_seen: Option<u64>,
     key_filter_rows_kept: Option<u64>,
+    /// Its work in units of a typical Task of its Stage: above 1 for a Task reading more than
+    /// its Stage's median bytes, below 1 for a piece of a cut scan slice.
+    work: f64,
 }
 
 /// A query's record (as `/api/queries` lists it) with its Stage DAG and its Tasks.
@@ -312,5 +315,6 @@ fn task_json(t: &TaskRecord) -> TaskJson {
         lane: t.lane,
         key_filter_rows_seen: t.key_filter_rows.map(|(seen, _)| seen),
         key_filter_rows_kept: t.key_filter_rows.map(|(_, kept)| kept),
+        work: t.work,
     }
 }

@@ -372,11 +372,12 @@ function tasksTable(tasks, queryStart) {
     el("td", { class: "num" }, t.ended_ms ? `+${fmtMs(t.ended_ms - queryStart)}` : "–"),
     el("td", { class: "plan" }, t.plan),
     el("td", {}, t.reads ?? ""),
+    el("td", { class: "num", "data-work": t.work }, t.work === 1 ? "" : `${t.work.toFixed(2)}×`),
     el("td", { class: "num", "data-key-filter": t.key_filter_rows_seen ?? "" },
       t.key_filter_rows_seen == null ? "" : `${fmtNum(t.key_filter_rows_kept)} / ${fmtNum(t.key_filter_rows_seen)}`),
     el("td", { class: "error-text" }, t.error ?? "")));
   const headers = [["Stage", "num"], ["Task", "num"], ["Attempt", "num"], ["Started as"], ["Worker"], ["State"], ["Cause"], ["Rows", "num"],
-    ["Bytes", "num"], ["Elapsed", "num"], ["Started", "num"], ["Ended", "num"], ["Plan"], ["Reads"], ["Key filter kept / seen", "num"], ["Error"]];
+    ["Bytes", "num"], ["Elapsed", "num"], ["Started", "num"], ["Ended", "num"], ["Plan"], ["Reads"], ["Work", "num"], ["Key filter kept / seen", "num"], ["Error"]];
   return table("tasks", headers, rows, "This query has no Tasks.");
 }
 
