@@ -101,18 +101,23 @@ pub const PACE_HALF_LIFE_MS: u64 = 10_000;
 /// A Task's reads count as at least this many bytes when it is weighed against its Stage's
 /// median (see [`task_weights`]): below it, a Task's time is mostly fixed cost.
 pub const TASK_WEIGHT_BYTES_MIN: u64 = 1024 * 1024;
+/// No Task counts more than this many typical Tasks' work: a Task's time grows slower than
+/// its bytes (fixed costs, the other side of a join read whole), and a heavy Task on a slow
+/// worker must still be speculated in bounded time, its fast pace sample bounded too.
+pub const TASK_WEIGHT_MAX: f64 = 8.0;
 
 /// Each Task's work against its Stage's median Task, from the bytes each reads: a Task reading
 /// `k` times the median does `k` times the work. Never below 1: fixed costs dominate a small
 /// Task, and measured by its bytes it would make its worker look slow. Reads under
 /// [`TASK_WEIGHT_BYTES_MIN`] count as that much, so that a Stage of mostly empty partitions
-/// does not weigh its one real Task without bound. The lower median: of two Tasks (one per
-/// slot on a small cluster), the upper would be the heavy one itself.
+/// does not weigh its one real Task without bound; and never over [`TASK_WEIGHT_MAX`]. The
+/// lower median: of two Tasks (one per slot on a small cluster), the upper would be the heavy
+/// one itself.
 pub fn task_weights(bytes: &[u64]) -> Vec<f64> {
     let mut sorted = bytes.to_vec();
     sorted.sort_unstable();
     let median = sorted.get(sorted.len().saturating_sub(1) / 2).copied().unwrap_or(0).max(TASK_WEIGHT_BYTES_MIN);
-    bytes.iter().map(|&b| (b.max(TASK_WEIGHT_BYTES_MIN) as f64 / median as f64).max(1.0)).collect()
+    bytes.iter().map(|&b| (b.max(TASK_WEIGHT_BYTES_MIN) as f64 / median as f64).clamp(1.0, TASK_WEIGHT_MAX)).collect()
 }
 
 /// The median of `durations`, when there are enough of them to judge a pace by.
@@ -353,6 +358,7 @@ mod tests {
         // Tiny reads count as the minimum: a mostly empty Stage does not weigh without bound.
         assert_eq!(task_weights(&[0, 0, 0, 3 * MIB]), vec![1.0, 1.0, 1.0, 3.0]);
         assert_eq!(task_weights(&[0, 10]), vec![1.0, 1.0]);
+        assert_eq!(task_weights(&[MIB, MIB, 200 * MIB]), vec![1.0, 1.0, TASK_WEIGHT_MAX], "bounded");
         assert!(task_weights(&[]).is_empty());
     }
 

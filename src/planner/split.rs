@@ -202,32 +202,43 @@ fn file_bytes(file: &PartitionedFile) -> u64 {
     }
 }
 
-/// How many ranges each file of a sorted scan is cut into, one Task each, for `tasks` Tasks
-/// in all: every file gets one, and each further one goes to the file whose ranges are then the
-/// largest, so the largest Task (the one a Stage waits for) is as small as it can be. Cutting
-/// each file at a fixed chunk instead made a Task too many whenever a file was a byte over the
-/// chunk: 4 equal files for 4 Tasks became 5 Tasks, a third wave on 2 slots.
+/// A range of a sorted scan may run this far over the even share (total bytes over Tasks) once
+/// the scan has its Tasks: a file a few bytes over the share stays whole, while one several
+/// shares large beside many small files is still cut, at the cost of a few more Tasks.
+const ORDERED_RANGE_SLACK_PCT: u64 = 150;
+
+/// How many ranges each file of a sorted scan is cut into, one Task each. Every file gets one;
+/// each further one goes to the file whose ranges are then the largest, until the scan has
+/// `tasks` Tasks and no range is over [`ORDERED_RANGE_SLACK_PCT`] of the even share. So the
+/// count is what was asked for unless a large file needs more, and the largest Task (the one a
+/// Stage waits for) is as small as that count allows. Cutting each file at a fixed chunk
+/// instead made a Task too many whenever a file was a byte over the chunk: 4 equal files for 4
+/// Tasks became 5 Tasks, a third wave on 2 slots.
 fn ordered_parts(files: &[PartitionedFile], tasks: u64, splittable: bool) -> Vec<u64> {
+    let total: u64 = files.iter().map(file_bytes).sum();
+    let limit = total.div_ceil(tasks.max(1)).saturating_mul(ORDERED_RANGE_SLACK_PCT) / 100;
     let cuttable = |file: &PartitionedFile| splittable && file.range.is_none() && file.object_meta.size > 1;
     let mut parts = vec![1u64; files.len()];
-    // By largest range first: (bytes per range, parts), then the file.
+    // Largest range first: (bytes over ranges, file).
     let mut heap: BinaryHeap<(Ratio, usize)> =
         files.iter().enumerate().filter(|(_, f)| cuttable(f)).map(|(i, f)| (Ratio(file_bytes(f), 1), i)).collect();
-    let mut total = files.len() as u64;
-    while total < tasks {
-        let Some((Ratio(bytes, n), i)) = heap.pop() else { break };
-        if bytes <= n {
-            break; // ranges of a byte at most: nothing left to cut
+    let mut count = files.len() as u64;
+    while let Some(&(Ratio(bytes, n), i)) = heap.peek() {
+        let over_limit = bytes as u128 > limit as u128 * n as u128;
+        // Stop with the Tasks asked for and no range over the limit, or ranges of a byte.
+        if (count >= tasks && !over_limit) || bytes <= n {
+            break;
         }
+        heap.pop();
         parts[i] = n + 1;
-        total += 1;
+        count += 1;
         heap.push((Ratio(bytes, n + 1), i));
     }
     parts
 }
 
-/// `bytes / parts`, ordered exactly (without rounding) by cross-multiplication.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// `bytes / parts`, compared exactly (without rounding) by cross-multiplication.
+#[derive(Clone, Copy)]
 struct Ratio(u64, u64);
 
 impl Ord for Ratio {
@@ -242,22 +253,28 @@ impl PartialOrd for Ratio {
     }
 }
 
-/// `file` cut into `parts` contiguous byte ranges of equal size (the last may be shorter).
+impl PartialEq for Ratio {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Ratio {}
+
+/// `file` cut into `parts` contiguous byte ranges of equal size, at most one per byte.
 fn split_file(file: PartitionedFile, parts: u64) -> Vec<PartitionedFile> {
     let size = file.object_meta.size;
+    let parts = parts.min(size);
     if parts <= 1 || file.range.is_some() {
         return vec![file];
     }
-    let step = size.div_ceil(parts);
+    let boundary = |i: u64| (size as u128 * i as u128 / parts as u128) as i64;
     (0..parts)
         .map(|i| {
-            let start = (i * step).min(size) as i64;
-            let end = ((i + 1) * step).min(size) as i64;
             let mut piece = file.clone();
-            piece.range = Some(FileRange { start, end });
+            piece.range = Some(FileRange { start: boundary(i), end: boundary(i + 1) });
             piece
         })
-        .filter(|piece| piece.range.as_ref().is_some_and(|r| r.start < r.end))
         .collect()
 }
 
@@ -437,11 +454,19 @@ mod tests {
         assert_eq!(ordered_parts(&[file("a.parquet", 1000)], 4, true), vec![4]);
         // More files than Tasks: one each (the Task bound merges them later).
         assert_eq!(ordered_parts(&[file("a.parquet", 10), file("b.parquet", 10), file("c.parquet", 10)], 2, true), vec![1, 1, 1]);
+        // A large file beside many small ones is still cut, to within the slack of the share.
+        let mib = 1024 * 1024;
+        let files = [file("a.parquet", mib), file("b.parquet", mib), file("c.parquet", mib), file("d.parquet", 1024 * mib)];
+        assert_eq!(ordered_parts(&files, 4, true), vec![1, 1, 1, 3]);
         // Never into empty ranges.
         assert_eq!(ordered_parts(&[file("a.parquet", 2)], 8, true), vec![2]);
-        let pieces = split_file(file("a.parquet", 10), 4);
-        let ranges: Vec<_> = pieces.iter().map(|p| p.range.clone().unwrap()).map(|r| (r.start, r.end)).collect();
-        assert_eq!(ranges, vec![(0, 3), (3, 6), (6, 9), (9, 10)]);
+        let ranges = |size: u64, parts: u64| -> Vec<(i64, i64)> {
+            split_file(file("a.parquet", size), parts).iter().map(|p| p.range.clone().unwrap()).map(|r| (r.start, r.end)).collect()
+        };
+        assert_eq!(ranges(10, 4), vec![(0, 2), (2, 5), (5, 7), (7, 10)]);
+        assert_eq!(ranges(5, 4).len(), 4, "as many ranges as asked, each at least a byte");
+        assert_eq!(ranges(10, 6).len(), 6);
+        assert_eq!(ranges(3, 8), vec![(0, 1), (1, 2), (2, 3)]);
     }
 
     #[test]

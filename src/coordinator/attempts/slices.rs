@@ -50,10 +50,12 @@ impl QueryRun {
         task.slice_bytes = None;
         task.pieces = ids.clone();
         let (plan, partition, summary, reads) = (Arc::clone(&task.plan), task.partition, task.summary.clone(), Arc::clone(&task.reads));
+        let weight = task.weight;
         for (index, &piece_number) in ids.iter().enumerate() {
             let mut piece = TaskRun::new(Arc::clone(&plan), partition, format!("{summary} (piece {} of {pieces})", index + 1));
             piece.reads = Arc::clone(&reads);
             piece.slice = Some(SlicePiece { index: index as u32, of: pieces });
+            piece.weight = weight;
             piece.reads_text = Some(format!("piece {} of {pieces} of task {number}'s slice", index + 1));
             self.tasks.insert((stage, piece_number), piece);
         }
