@@ -121,6 +121,10 @@ pub const RELEASE_WAIT_MS: u64 = 2_000;
 pub const RELEASE_POLL_MS: u64 = 2;
 /// How long a committing write waits for the answers to its Query's release.
 pub const STOP_ATTEMPTS_WAIT_MS: u64 = 3_000;
+
+/// Removals of files a DROP or REPLACE took out of the catalog that may wait for the Queries
+/// still reading them (`coordinator::retired`); past it, files are removed at once.
+pub const RETIRED_REMOVALS_MAX: usize = 1024;
 /// How long the coordinator trusts a table's file listing: files added to a table's directory
 /// or object-store prefix show within this time, or at once after `REFRESH TABLE t`.
 pub const LIST_FILES_CACHE_TTL_MS: u64 = 30_000;

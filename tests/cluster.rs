@@ -4,6 +4,8 @@
 mod common;
 
 use common::*;
+use quiver::client::Client;
+use quiver::config::WorkerConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_sql_and_unknown_tables_are_clear_errors_and_the_cluster_keeps_serving() {
@@ -719,4 +721,55 @@ fn a_task_may_not_set_what_its_worker_keeps() {
     };
     let sent = quiver::config::execution_options(session.options());
     assert_eq!(sent, BTreeMap::from([("datafusion.execution.batch_size".to_string(), "16".to_string())]));
+}
+
+/// Waits until the Query running `sql` has been planned into Tasks.
+async fn wait_until_planned(t: &TestCluster, sql: &str) {
+    let escaped = sql.replace('\'', "''");
+    let planned = format!("SELECT tasks FROM quiver.queries WHERE sql = '{escaped}' AND state = 'running' AND tasks > 0");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while t.cluster_rows(&planned).await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "{sql} was never planned");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `change` (a DROP or REPLACE of table `name`) while a Query reads the table, whose
+/// Tasks wait on the workers first: the Query still answers from the files it planned over,
+/// which stay until it ends and go after.
+async fn check_a_reader_outlives(t: &TestCluster, name: &str, change: &str) {
+    let table_dir = t.dir.path().join("data").join("tables").join(name);
+    let old: Vec<std::path::PathBuf> = std::fs::read_dir(&table_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(!old.is_empty());
+    let sql = format!("SELECT count(*), sum(v) FROM {name}");
+    let reader = Client::connect(&t.cluster.url()).await.unwrap();
+    let reading = tokio::spawn({
+        let sql = sql.clone();
+        async move { reader.collect(&sql).await.map(|(_, batches)| rows(&batches)) }
+    });
+    wait_until_planned(t, &sql).await;
+    t.run_all(&[change]).await;
+    assert!(old.iter().all(|p| p.exists()), "{change} removed files a running Query reads");
+    let answer = reading.await.unwrap().unwrap_or_else(|e| panic!("the Query reading {name} failed: {e}"));
+    assert_eq!(answer, vec![vec!["1000".to_string(), "500500".to_string()]]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while old.iter().any(|p| p.exists()) {
+        assert!(std::time::Instant::now() < deadline, "the files of {name} outlived the last Query reading them");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Regression: DROP TABLE and CREATE OR REPLACE TABLE removed the table's files at once, so a
+/// Query planned over them failed half-way with files not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_query_reading_a_dropped_or_replaced_table_answers_and_its_files_go_after() {
+    let worker = WorkerConfig { slots: 2, memory_limit_bytes: 1 << 30, task_delay_ms: 1000, ..WorkerConfig::default() };
+    let t = TestCluster::start_with(2, worker).await;
+    for name in ["dropped", "replaced"] {
+        t.run_all(&[&format!("CREATE TABLE {name} AS SELECT value AS v FROM generate_series(1, 1000)")]).await;
+    }
+    check_a_reader_outlives(&t, "dropped", "DROP TABLE dropped").await;
+    assert!(t.client.collect("SELECT * FROM dropped").await.is_err(), "a dropped table is gone for new Queries");
+    check_a_reader_outlives(&t, "replaced", "CREATE OR REPLACE TABLE replaced AS SELECT value AS v FROM generate_series(1, 10)").await;
+    assert_eq!(t.cluster_rows("SELECT count(*), sum(v) FROM replaced").await, vec![vec!["10".to_string(), "55".to_string()]]);
 }

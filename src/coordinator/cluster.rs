@@ -205,6 +205,11 @@ impl Cluster {
         }
     }
 
+    /// The Queries begun and not yet ended (planned or not).
+    pub fn running_query_ids(&self) -> std::collections::BTreeSet<String> {
+        self.lock().queries.iter().filter(|(_, q)| q.record.state == "running").map(|(id, _)| id.clone()).collect()
+    }
+
     /// Records a Query as started by `user`, who alone (or an admin) may fetch, follow or
     /// cancel it, from its first moment. Its text is kept with the values of secret options (an
     /// object store's keys) hidden: `quiver.queries` and the web UI show it.

@@ -13,6 +13,7 @@ mod layout;
 mod metrics;
 mod policy;
 mod registry;
+mod retired;
 mod session;
 mod snapshot;
 mod source;
@@ -66,6 +67,8 @@ pub struct Core {
     pub auth: Arc<Authenticator>,
     /// The object stores tables live in.
     stores: stores::Stores,
+    /// Files out of the catalog that running Queries may still read.
+    retired: retired::Retired,
 }
 
 impl Core {
@@ -83,6 +86,18 @@ impl Core {
         futures::future::join_all(self.end_query(id, 0, Some(error), false)).await;
     }
 
+    /// Runs `remove`, which removes files statement `id` (a DROP or REPLACE) took out of the
+    /// catalog, once every other Query running now has ended: any of them may have planned
+    /// over those files.
+    fn retire(&self, id: &str, remove: impl FnOnce() + Send + 'static) {
+        let others = || {
+            let mut running = self.cluster.running_query_ids();
+            running.remove(id);
+            running
+        };
+        self.retired.remove_after(others, remove);
+    }
+
     /// Records a Query's end; returns the calls that release it on its workers.
     fn end_query(
         &self,
@@ -92,6 +107,7 @@ impl Core {
         cancelled: bool,
     ) -> Vec<impl std::future::Future<Output = ()> + Send + 'static> {
         let Some(workers) = self.cluster.finish_query(id, rows, error, cancelled) else { return vec![] };
+        self.retired.query_ended(id);
         if let Some(q) = self.cluster.query(id) {
             let (duration_ms, tasks, state) = (q.duration_ms, q.tasks, q.state);
             match error {
@@ -175,6 +191,7 @@ impl Coordinator {
             statements: Arc::default(),
             auth: Arc::clone(&security.server.auth),
             stores,
+            retired: retired::Retired::default(),
         });
         let server = serve_sql(Arc::new(Service(Arc::clone(&core))), listener, &security.server)?;
         let statements = Arc::clone(&core.statements);

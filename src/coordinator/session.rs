@@ -2,7 +2,7 @@
 //! distributed Tasks that each write a Parquet file, and queries as a Stage DAG whose final Stage
 //! streams to the client.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -196,8 +196,8 @@ async fn dispatch(core: &Arc<Core>, id: &str, sql: &str, plan: LogicalPlan) -> R
             let defaults = defaults_to_sql(&c.column_defaults)?;
             create_table(core, id, &name, c.input, (keys, defaults), c.if_not_exists, c.or_replace).await
         }
-        LogicalPlan::Ddl(DdlStatement::DropTable(d)) => drop_table(core, d.name.table(), d.if_exists, false).await,
-        LogicalPlan::Ddl(DdlStatement::DropView(d)) => drop_table(core, d.name.table(), d.if_exists, true).await,
+        LogicalPlan::Ddl(DdlStatement::DropTable(d)) => drop_table(core, id, d.name.table(), d.if_exists, false).await,
+        LogicalPlan::Ddl(DdlStatement::DropView(d)) => drop_table(core, id, d.name.table(), d.if_exists, true).await,
         LogicalPlan::Dml(DmlStatement { op: WriteOp::Insert(_), table_name, input, .. }) => {
             let rows = insert(core, id, table_name.table(), &input).await?;
             Ok(count_stream(rows))
@@ -306,13 +306,14 @@ async fn create_table(
     if let Some(TableDef::Managed { segments: old_segments, location: old_location, files: old_files, .. }) = old {
         match old_location {
             Some(old_location) => {
-                let replaced = old_files.into_iter().filter(|f| !files.contains(f)).collect();
-                store_writes::remove_files(&core.ctx, &old_location, replaced);
+                let replaced: Vec<String> = old_files.into_iter().filter(|f| !files.contains(f)).collect();
+                let ctx = core.ctx.clone();
+                core.retire(id, move || store_writes::remove_files(&ctx, &old_location, replaced));
             }
             None => {
-                for s in old_segments.iter().filter(|s| !segments.contains(s)) {
-                    let _ = std::fs::remove_dir_all(core.catalog.table_dir(name).join(s));
-                }
+                let dir = core.catalog.table_dir(name);
+                let replaced: Vec<PathBuf> = old_segments.iter().filter(|s| !segments.contains(s)).map(|s| dir.join(s)).collect();
+                core.retire(id, move || remove_paths(&replaced));
             }
         }
     }
@@ -412,6 +413,17 @@ fn file_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
+/// Removes each file or directory (with its contents), as far as it can.
+fn remove_paths(paths: &[PathBuf]) {
+    for path in paths {
+        let removed = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+        match removed {
+            Err(e) if path.exists() => tracing::warn!("cannot remove {}: {e}", path.display()),
+            _ => {}
+        }
+    }
+}
+
 /// Removes a file or a directory (with its contents) when dropped, unless emptied first.
 pub(super) struct RemoveOnDrop(pub(super) Option<std::path::PathBuf>);
 
@@ -455,8 +467,9 @@ fn has_files(dir: &Path) -> bool {
     std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false)
 }
 
-/// Drops a table (`view` false) or a view: each statement drops only its own kind.
-async fn drop_table(core: &Arc<Core>, name: &str, if_exists: bool, view: bool) -> Result<SendableRecordBatchStream> {
+/// Drops a table (`view` false) or a view: each statement drops only its own kind. Its files
+/// go once the Queries running now, which may read them, have ended (`Core::retire`).
+async fn drop_table(core: &Arc<Core>, id: &str, name: &str, if_exists: bool, view: bool) -> Result<SendableRecordBatchStream> {
     let _catalog = core.catalog_lock.lock().await;
     let def = core.catalog.get(name)?;
     let is_view = matches!(def, Some(TableDef::View { .. }));
@@ -471,9 +484,19 @@ async fn drop_table(core: &Arc<Core>, name: &str, if_exists: bool, view: bool) -
     let removed = core.catalog.remove(name)?;
     core.ctx.deregister_table(TableReference::bare(name))?;
     match removed {
-        Some(TableDef::Managed { location: Some(location), files, .. }) => store_writes::remove_files(&core.ctx, &location, files),
+        Some(TableDef::Managed { location: Some(location), files, .. }) => {
+            let ctx = core.ctx.clone();
+            core.retire(id, move || store_writes::remove_files(&ctx, &location, files));
+        }
         Some(TableDef::Managed { .. }) => {
-            let _ = std::fs::remove_dir_all(core.catalog.table_dir(name));
+            // What the directory holds now: a table created under the same name later writes
+            // segments of its own beside them, which stay.
+            let dir = core.catalog.table_dir(name);
+            let entries: Vec<PathBuf> = std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
+            core.retire(id, move || {
+                remove_paths(&entries);
+                let _ = std::fs::remove_dir(&dir); // only when nothing else came
+            });
         }
         _ => {}
     }

@@ -97,9 +97,13 @@ pub(super) async fn probe(ctx: &SessionContext, location: &str) -> Result<()> {
 }
 
 /// Removes the given objects of a table in a store (files of a dropped or replaced table),
-/// in the background: the catalog no longer lists them, so no reader reads them.
+/// in the background: the catalog no longer lists them, and no Query that read them runs.
 pub(super) fn remove_files(ctx: &SessionContext, location: &str, files: Vec<String>) {
     if files.is_empty() {
+        return;
+    }
+    if tokio::runtime::Handle::try_current().is_err() {
+        tracing::warn!("cannot remove {} files of '{location}' outside the runtime", files.len());
         return;
     }
     match WritePrefix::open(ctx, location.trim_end_matches('/')) {
