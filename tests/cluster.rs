@@ -773,3 +773,54 @@ async fn a_query_reading_a_dropped_or_replaced_table_answers_and_its_files_go_af
     check_a_reader_outlives(&t, "replaced", "CREATE OR REPLACE TABLE replaced AS SELECT value AS v FROM generate_series(1, 10)").await;
     assert_eq!(t.cluster_rows("SELECT count(*), sum(v) FROM replaced").await, vec![vec!["10".to_string(), "55".to_string()]]);
 }
+
+/// Regression: a view kept the plan it was created with, its table's sources included, so it
+/// missed rows inserted since, read a replaced table's old rows, and a dropped table's files.
+/// Views (of views too) are planned again over the tables as they are after each change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_view_reads_its_tables_as_they_are_now() {
+    let t = TestCluster::start(2).await;
+    let row = |a: &str, b: &str| vec![vec![a.to_string(), b.to_string()]];
+    t.run_all(&[
+        "CREATE TABLE t AS SELECT value AS v FROM generate_series(1, 1000)",
+        "CREATE VIEW w AS SELECT v FROM t",
+        "CREATE VIEW ww AS SELECT count(*) AS n, sum(v) AS s FROM w",
+        "INSERT INTO t SELECT value FROM generate_series(1, 10)",
+    ])
+    .await;
+    assert_eq!(t.cluster_rows("SELECT count(*), sum(v) FROM w").await, row("1010", "500555"));
+    assert_eq!(t.cluster_rows("SELECT n, s FROM ww").await, row("1010", "500555"));
+    t.run_all(&["CREATE OR REPLACE TABLE t AS SELECT value AS v FROM generate_series(1, 10)"]).await;
+    assert_eq!(t.cluster_rows("SELECT count(*), sum(v) FROM w").await, row("10", "55"));
+    assert_eq!(t.cluster_rows("SELECT n, s FROM ww").await, row("10", "55"));
+    t.run_all(&["DROP TABLE t"]).await;
+    for view in ["w", "ww"] {
+        let error = t.client.collect(&format!("SELECT * FROM {view}")).await.expect_err("a view over a dropped table has no rows to give");
+        assert!(error.to_string().contains("not found"), "{error}");
+    }
+    t.run_all(&["CREATE TABLE t AS SELECT value AS v FROM generate_series(1, 3)"]).await;
+    assert_eq!(t.cluster_rows("SELECT n, s FROM ww").await, row("3", "6"));
+}
+
+/// Regression: `EXECUTE` ran the plan its `PREPARE` stored with the table sources of PREPARE
+/// time: it missed rows inserted since. It now reads each table as it is, and a table whose
+/// columns changed or that is gone fails it with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prepared_statement_reads_its_tables_as_they_are_now() {
+    let t = TestCluster::start(2).await;
+    t.run_all(&[
+        "CREATE TABLE t AS SELECT value AS v FROM generate_series(1, 1000)",
+        "PREPARE p(BIGINT) AS SELECT count(*), sum(v) FROM t WHERE v > $1",
+        "INSERT INTO t SELECT value FROM generate_series(1, 10)",
+    ])
+    .await;
+    assert_eq!(t.cluster_rows("EXECUTE p(0)").await, vec![vec!["1010".to_string(), "500555".to_string()]]);
+    t.run_all(&["CREATE OR REPLACE TABLE t AS SELECT value AS v FROM generate_series(1, 10)"]).await;
+    assert_eq!(t.cluster_rows("EXECUTE p(5)").await, vec![vec!["5".to_string(), "40".to_string()]]);
+    t.run_all(&["CREATE OR REPLACE TABLE t AS SELECT value AS v, value AS w FROM generate_series(1, 10)"]).await;
+    let changed = t.client.collect("EXECUTE p(0)").await.expect_err("the table's columns changed");
+    assert!(changed.to_string().contains("prepare it again"), "{changed}");
+    t.run_all(&["DROP TABLE t"]).await;
+    let gone = t.client.collect("EXECUTE p(0)").await.expect_err("the table is gone");
+    assert!(gone.to_string().contains("No table named 't'"), "{gone}");
+}

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
 use datafusion::catalog::MemTable;
 use datafusion::catalog::TableProvider;
-use datafusion::common::{Constraint, Constraints, DFSchema, DataFusionError, Result, TableReference};
+use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
+use datafusion::common::{plan_err, Constraint, Constraints, DFSchema, DataFusionError, Result, TableReference};
+use datafusion::datasource::provider_as_source;
 use datafusion::logical_expr::{DdlStatement, Expr, LogicalPlan};
 use datafusion::sql::unparser::expr_to_sql;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -142,6 +144,36 @@ impl Catalog {
         tables.retain(|t| t.name() != def.name());
         tables.push(def);
         self.store(tables)
+    }
+
+    /// Plans every view again over the tables as they are now. DataFusion keeps the plan a
+    /// view was created with, its tables' sources included: without this, a view goes on
+    /// reading a table as it was (missing rows inserted since, or the files of a table dropped
+    /// or replaced since). A view that cannot be planned now (a table it reads was dropped)
+    /// stays unregistered, so a Query naming it fails, until it can be again.
+    pub async fn replan_views(&self, ctx: &SessionContext) -> Result<()> {
+        let mut pending: Vec<(String, String)> =
+            self.load()?.into_iter().filter_map(|d| if let TableDef::View { name, sql } = d { Some((name, sql)) } else { None }).collect();
+        for (name, _) in &pending {
+            ctx.deregister_table(TableReference::bare(name.as_str()))?;
+        }
+        // A view may read another: plan in passes until one plans nothing more.
+        loop {
+            let before = pending.len();
+            let mut failed = Vec::new();
+            for (name, sql) in pending {
+                if let Err(e) = ctx.sql(&sql).await {
+                    failed.push((name, sql, e));
+                }
+            }
+            if failed.is_empty() || failed.len() == before {
+                for (name, _, e) in &failed {
+                    tracing::warn!(view = %name, "the view cannot be planned over the tables as they are now: {e}");
+                }
+                return Ok(());
+            }
+            pending = failed.into_iter().map(|(name, sql, _)| (name, sql)).collect();
+        }
     }
 
     pub fn remove(&self, name: &str) -> Result<Option<TableDef>> {
@@ -319,6 +351,37 @@ fn dir_name(name: &str) -> String {
 pub(super) fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+/// `plan` with each table it scans bound to that table as it is now. A plan stored by SQL
+/// `PREPARE` holds the sources its tables had then: without this, `EXECUTE` would miss rows
+/// inserted since, or read the files of a table dropped or replaced since. A table that is gone,
+/// or whose columns changed, fails the statement: it must be prepared again.
+pub async fn bind_current_tables(ctx: &SessionContext, plan: LogicalPlan) -> Result<LogicalPlan> {
+    let mut names = Vec::new();
+    plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            names.push(scan.table_name.clone());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    let mut current = HashMap::new();
+    for name in names {
+        let provider = ctx.table_provider(name.clone()).await?;
+        current.insert(name, provider);
+    }
+    let bound = plan.transform_up_with_subqueries(|node| match node {
+        LogicalPlan::TableScan(mut scan) => {
+            let provider = &current[&scan.table_name];
+            if provider.schema().fields() != scan.source.schema().fields() {
+                return plan_err!("table {} changed since the statement was prepared: prepare it again", scan.table_name);
+            }
+            scan.source = provider_as_source(Arc::clone(provider));
+            Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+        }
+        other => Ok(Transformed::no(other)),
+    })?;
+    Ok(bound.data)
 }
 
 #[cfg(test)]

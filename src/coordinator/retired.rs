@@ -29,12 +29,12 @@ impl Retired {
         let waits_for = running();
         if waits_for.is_empty() {
             drop(pending);
-            return remove();
+            return run(vec![Box::new(remove)]);
         }
         if pending.len() >= RETIRED_REMOVALS_MAX {
             drop(pending);
             tracing::warn!("{RETIRED_REMOVALS_MAX} removals of dropped files already wait for running queries: removing at once");
-            return remove();
+            return run(vec![Box::new(remove)]);
         }
         pending.push((waits_for, Box::new(remove)));
     }
@@ -50,13 +50,24 @@ impl Retired {
             *pending = waiting;
             ready.into_iter().map(|(_, remove)| remove).collect()
         };
-        for remove in ready {
-            remove();
-        }
+        run(ready);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(BTreeSet<String>, Removal)>> {
         self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Runs removals off the async threads when there is a runtime (they remove directories, and
+/// whatever ends a Query may be polling a stream); inline otherwise.
+fn run(removals: Vec<Removal>) {
+    if removals.is_empty() {
+        return;
+    }
+    let all = move || removals.into_iter().for_each(|remove| remove());
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(all)),
+        Err(_) => all(),
     }
 }
 

@@ -58,7 +58,13 @@ pub async fn start(
         }
         Ok((stream, true)) => {
             let schema = stream.schema();
-            let batches: Vec<RecordBatch> = stream.try_collect().await?;
+            let batches: Vec<RecordBatch> = match stream.try_collect().await {
+                Ok(batches) => batches,
+                Err(error) => {
+                    core.finish(&id, 0, Some(&error), false);
+                    return Err(error);
+                }
+            };
             core.finish(&id, batches.iter().map(|b| b.num_rows() as u64).sum(), None, false);
             let stream = RecordBatchStreamAdapter::new(schema, futures::stream::iter(batches.into_iter().map(Ok)));
             Ok((id, Box::pin(stream)))
@@ -126,7 +132,8 @@ async fn run(
     Ok((dispatch(core, id, sql, plan).await?, done))
 }
 
-/// What an `EXECUTE` runs: the plan its `PREPARE` stored, with its values, checked and then
+/// What an `EXECUTE` runs: the plan its `PREPARE` stored, with its values and its tables as
+/// they are now (`catalog::bind_current_tables`), checked and then
 /// run as the statement itself would be (a prepared INSERT as a distributed, committed write;
 /// DataFusion would run it as its own insert, writing into the table's directory outside the
 /// catalog). Any other plan as it is.
@@ -135,6 +142,7 @@ async fn prepared_plan(core: &Arc<Core>, caller: &Caller, plan: LogicalPlan) -> 
         return Ok(plan);
     }
     let (_, prepared) = core.ctx.execute_logical_plan(plan).await?.into_parts();
+    let prepared = super::catalog::bind_current_tables(&core.ctx, prepared).await?;
     super::access::check(caller, &prepared, &core.config.allowed_paths)?;
     Ok(prepared)
 }
@@ -253,6 +261,7 @@ async fn define(
     if !(existed && if_not_exists) {
         core.catalog.put(def(name))?;
     }
+    core.catalog.replan_views(&core.ctx).await?;
     Ok(empty_stream())
 }
 
@@ -303,6 +312,7 @@ async fn create_table(
     };
     core.catalog.put(def.clone())?;
     core.catalog.register(&core.ctx, &core.stores, &def).await?;
+    core.catalog.replan_views(&core.ctx).await?;
     if let Some(TableDef::Managed { segments: old_segments, location: old_location, files: old_files, .. }) = old {
         match old_location {
             Some(old_location) => {
@@ -331,6 +341,7 @@ async fn insert(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan) ->
     let def = TableDef::Managed { name, schema, segments, location, files, keys, defaults };
     core.catalog.put(def.clone())?;
     core.catalog.register(&core.ctx, &core.stores, &def).await?;
+    core.catalog.replan_views(&core.ctx).await?;
     Ok(rows)
 }
 
@@ -372,7 +383,9 @@ async fn write_segment(
     let (staging, mut local, store) = match location {
         None => {
             let staging = staging_dir(core, id, table);
-            std::fs::create_dir_all(&staging)?;
+            // Once more if the table's directory went between its creation and the staging
+            // directory's: a dropped table of this name is removed while its readers end.
+            std::fs::create_dir_all(&staging).or_else(|_| std::fs::create_dir_all(&staging))?;
             (staging.clone(), RemoveOnDrop(Some(staging)), SweepOnDrop(None))
         }
         Some(location) => {
@@ -483,6 +496,7 @@ async fn drop_table(core: &Arc<Core>, id: &str, name: &str, if_exists: bool, vie
     }
     let removed = core.catalog.remove(name)?;
     core.ctx.deregister_table(TableReference::bare(name))?;
+    core.catalog.replan_views(&core.ctx).await?;
     match removed {
         Some(TableDef::Managed { location: Some(location), files, .. }) => {
             let ctx = core.ctx.clone();
