@@ -790,6 +790,9 @@ async fn a_view_reads_its_tables_as_they_are_now() {
     .await;
     assert_eq!(t.cluster_rows("SELECT count(*), sum(v) FROM w").await, row("1010", "500555"));
     assert_eq!(t.cluster_rows("SELECT n, s FROM ww").await, row("1010", "500555"));
+    // `w` replaced is listed after `ww`, which reads it: it must be planned again first.
+    t.run_all(&["CREATE OR REPLACE VIEW w AS SELECT v FROM t WHERE v > 0", "INSERT INTO t SELECT 1"]).await;
+    assert_eq!(t.cluster_rows("SELECT n, s FROM ww").await, row("1011", "500556"));
     t.run_all(&["CREATE OR REPLACE TABLE t AS SELECT value AS v FROM generate_series(1, 10)"]).await;
     assert_eq!(t.cluster_rows("SELECT count(*), sum(v) FROM w").await, row("10", "55"));
     assert_eq!(t.cluster_rows("SELECT n, s FROM ww").await, row("10", "55"));
@@ -820,6 +823,21 @@ async fn a_prepared_statement_reads_its_tables_as_they_are_now() {
     t.run_all(&["CREATE OR REPLACE TABLE t AS SELECT value AS v, value AS w FROM generate_series(1, 10)"]).await;
     let changed = t.client.collect("EXECUTE p(0)").await.expect_err("the table's columns changed");
     assert!(changed.to_string().contains("prepare it again"), "{changed}");
+    // Nor does a prepared INSERT write the old columns into the new table.
+    t.run_all(&["CREATE TABLE u AS SELECT value AS v FROM generate_series(1, 3)", "PREPARE ins(BIGINT) AS INSERT INTO u VALUES ($1)"]).await;
+    t.run_all(&["EXECUTE ins(4)", "CREATE OR REPLACE TABLE u AS SELECT 'a' AS v, 1 AS w"]).await;
+    let target = t.client.collect("EXECUTE ins(5)").await.expect_err("the INSERT's table changed");
+    assert!(target.to_string().contains("prepare it again"), "{target}");
+    // Scans that are not tables of the catalog stay as they were prepared: a table function,
+    // and a recursive CTE's work table even where a table has the CTE's name and columns.
+    t.run_all(&[
+        "PREPARE series(BIGINT) AS SELECT count(*) FROM generate_series(1, 100) WHERE value > $1",
+        "CREATE TABLE r AS SELECT 7 AS n",
+        "PREPARE walk(BIGINT) AS WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < $1) SELECT count(*), sum(n) FROM r",
+    ])
+    .await;
+    assert_eq!(t.cluster_rows("EXECUTE series(90)").await, vec![vec!["10".to_string()]]);
+    assert_eq!(t.cluster_rows("EXECUTE walk(4)").await, vec![vec!["4".to_string(), "10".to_string()]]);
     t.run_all(&["DROP TABLE t"]).await;
     let gone = t.client.collect("EXECUTE p(0)").await.expect_err("the table is gone");
     assert!(gone.to_string().contains("No table named 't'"), "{gone}");

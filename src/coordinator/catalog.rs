@@ -12,7 +12,9 @@ use datafusion::catalog::MemTable;
 use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
 use datafusion::common::{plan_err, Constraint, Constraints, DFSchema, DataFusionError, Result, TableReference};
-use datafusion::datasource::provider_as_source;
+use datafusion::catalog::view::ViewTable;
+use datafusion::datasource::{provider_as_source, source_as_provider};
+use datafusion::logical_expr::TableSource;
 use datafusion::logical_expr::{DdlStatement, Expr, LogicalPlan};
 use datafusion::sql::unparser::expr_to_sql;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -149,30 +151,21 @@ impl Catalog {
     /// Plans every view again over the tables as they are now. DataFusion keeps the plan a
     /// view was created with, its tables' sources included: without this, a view goes on
     /// reading a table as it was (missing rows inserted since, or the files of a table dropped
-    /// or replaced since). A view that cannot be planned now (a table it reads was dropped)
-    /// stays unregistered, so a Query naming it fails, until it can be again.
-    pub async fn replan_views(&self, ctx: &SessionContext) -> Result<()> {
-        let mut pending: Vec<(String, String)> =
-            self.load()?.into_iter().filter_map(|d| if let TableDef::View { name, sql } = d { Some((name, sql)) } else { None }).collect();
-        for (name, _) in &pending {
-            ctx.deregister_table(TableReference::bare(name.as_str()))?;
-        }
-        // A view may read another: plan in passes until one plans nothing more.
-        loop {
-            let before = pending.len();
-            let mut failed = Vec::new();
-            for (name, sql) in pending {
-                if let Err(e) = ctx.sql(&sql).await {
-                    failed.push((name, sql, e));
-                }
+    /// or replaced since). Each view is replaced in one step (`CREATE OR REPLACE VIEW`), so a
+    /// Query running meanwhile finds it; a view over another comes after it. A view that cannot
+    /// be planned now (a table it reads was dropped) is unregistered, so a Query naming it
+    /// fails, until a later change can plan it again. Never fails: the change that called it
+    /// has happened; what could not be planned is logged.
+    pub async fn replan_views(&self, ctx: &SessionContext) {
+        let views = match self.load() {
+            Ok(defs) => defs.into_iter().filter_map(|d| if let TableDef::View { name, sql } = d { Some((name, sql)) } else { None }).collect(),
+            Err(e) => return tracing::warn!("cannot read the catalog to plan its views again: {e}"),
+        };
+        for (name, sql) in views_in_order(ctx, views).await {
+            if let Err(e) = replace_view(ctx, &sql).await {
+                tracing::warn!(view = %name, "the view cannot be planned over the tables as they are now: {e}");
+                let _ = ctx.deregister_table(TableReference::bare(name.as_str()));
             }
-            if failed.is_empty() || failed.len() == before {
-                for (name, _, e) in &failed {
-                    tracing::warn!(view = %name, "the view cannot be planned over the tables as they are now: {e}");
-                }
-                return Ok(());
-            }
-            pending = failed.into_iter().map(|(name, sql, _)| (name, sql)).collect();
         }
     }
 
@@ -353,15 +346,62 @@ pub(super) fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `plan` with each table it scans bound to that table as it is now. A plan stored by SQL
-/// `PREPARE` holds the sources its tables had then: without this, `EXECUTE` would miss rows
-/// inserted since, or read the files of a table dropped or replaced since. A table that is gone,
-/// or whose columns changed, fails the statement: it must be prepared again.
+/// `views` ordered so that a view comes after the views its statement names.
+async fn views_in_order(ctx: &SessionContext, views: Vec<(String, String)>) -> Vec<(String, String)> {
+    let names: Vec<String> = views.iter().map(|(name, _)| name.clone()).collect();
+    let mut reads: Vec<Vec<String>> = Vec::with_capacity(views.len());
+    // From the statement's text: a planned view has the views it reads inlined already.
+    let state = ctx.state();
+    let dialect = state.config().options().sql_parser.dialect;
+    for (_, sql) in &views {
+        let named = state.sql_to_statement(sql, &dialect).and_then(|statement| state.resolve_table_references(&statement));
+        let named: Vec<String> = named.unwrap_or_default().iter().map(|t| t.table().to_string()).collect();
+        reads.push(named.into_iter().filter(|t| names.contains(t)).collect());
+    }
+    let mut ordered = Vec::with_capacity(views.len());
+    let mut left: Vec<((String, String), Vec<String>)> = views.into_iter().zip(reads).collect();
+    while !left.is_empty() {
+        let placed: Vec<String> = ordered.iter().map(|(name, _): &(String, String)| name.clone()).collect();
+        let ready = left.iter().position(|((name, _), reads)| reads.iter().all(|r| r == name || placed.contains(r)));
+        // No view is ready only in a cycle, which DataFusion cannot create: take the first.
+        let (view, _) = left.remove(ready.unwrap_or(0));
+        ordered.push(view);
+    }
+    ordered
+}
+
+/// Runs a stored `CREATE VIEW` statement as `CREATE OR REPLACE VIEW`.
+async fn replace_view(ctx: &SessionContext, sql: &str) -> Result<()> {
+    let plan = match ctx.state().create_logical_plan(sql).await? {
+        LogicalPlan::Ddl(DdlStatement::CreateView(mut create)) => {
+            create.or_replace = true;
+            LogicalPlan::Ddl(DdlStatement::CreateView(create))
+        }
+        other => other,
+    };
+    ctx.execute_logical_plan(plan).await?;
+    Ok(())
+}
+
+/// `plan` with each table of the catalog it scans bound to that table as it is now. A plan
+/// stored by SQL `PREPARE` holds the sources its tables had then: without this, `EXECUTE` would
+/// miss rows inserted since, or read the files of a table dropped or replaced since. A table
+/// that is gone, or whose columns changed (the table scanned, or the one an INSERT writes),
+/// fails the statement: it must be prepared again. Other scans (table functions, a recursive
+/// CTE's work table, system tables) are left as they are: they are told apart by their
+/// provider, since a CTE's work table may share a table's name.
 pub async fn bind_current_tables(ctx: &SessionContext, plan: LogicalPlan) -> Result<LogicalPlan> {
+    // The kinds of provider the catalog registers (`Catalog::register`): files, an empty
+    // managed table, a view.
+    let of_catalog = |_: &TableReference, source: &Arc<dyn TableSource>| {
+        source_as_provider(source).is_ok_and(|p| p.is::<ListingTable>() || p.is::<MemTable>() || p.is::<ViewTable>())
+    };
     let mut names = Vec::new();
     plan.apply_with_subqueries(|node| {
-        if let LogicalPlan::TableScan(scan) = node {
-            names.push(scan.table_name.clone());
+        match node {
+            LogicalPlan::TableScan(scan) if of_catalog(&scan.table_name, &scan.source) => names.push(scan.table_name.clone()),
+            LogicalPlan::Dml(dml) if of_catalog(&dml.table_name, &dml.target) => names.push(dml.table_name.clone()),
+            _ => {}
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
@@ -370,14 +410,21 @@ pub async fn bind_current_tables(ctx: &SessionContext, plan: LogicalPlan) -> Res
         let provider = ctx.table_provider(name.clone()).await?;
         current.insert(name, provider);
     }
+    let changed = |name: &TableReference| plan_err!("table {name} changed since the statement was prepared: prepare it again");
     let bound = plan.transform_up_with_subqueries(|node| match node {
-        LogicalPlan::TableScan(mut scan) => {
+        LogicalPlan::TableScan(mut scan) if current.contains_key(&scan.table_name) => {
             let provider = &current[&scan.table_name];
             if provider.schema().fields() != scan.source.schema().fields() {
-                return plan_err!("table {} changed since the statement was prepared: prepare it again", scan.table_name);
+                return changed(&scan.table_name);
             }
             scan.source = provider_as_source(Arc::clone(provider));
             Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+        }
+        LogicalPlan::Dml(dml) if current.contains_key(&dml.table_name) => {
+            if current[&dml.table_name].schema().fields() != dml.target.schema().fields() {
+                return changed(&dml.table_name);
+            }
+            Ok(Transformed::no(LogicalPlan::Dml(dml)))
         }
         other => Ok(Transformed::no(other)),
     })?;

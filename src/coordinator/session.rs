@@ -261,7 +261,7 @@ async fn define(
     if !(existed && if_not_exists) {
         core.catalog.put(def(name))?;
     }
-    core.catalog.replan_views(&core.ctx).await?;
+    core.catalog.replan_views(&core.ctx).await;
     Ok(empty_stream())
 }
 
@@ -312,7 +312,7 @@ async fn create_table(
     };
     core.catalog.put(def.clone())?;
     core.catalog.register(&core.ctx, &core.stores, &def).await?;
-    core.catalog.replan_views(&core.ctx).await?;
+    core.catalog.replan_views(&core.ctx).await;
     if let Some(TableDef::Managed { segments: old_segments, location: old_location, files: old_files, .. }) = old {
         match old_location {
             Some(old_location) => {
@@ -341,7 +341,7 @@ async fn insert(core: &Arc<Core>, id: &str, table: &str, input: &LogicalPlan) ->
     let def = TableDef::Managed { name, schema, segments, location, files, keys, defaults };
     core.catalog.put(def.clone())?;
     core.catalog.register(&core.ctx, &core.stores, &def).await?;
-    core.catalog.replan_views(&core.ctx).await?;
+    core.catalog.replan_views(&core.ctx).await;
     Ok(rows)
 }
 
@@ -496,7 +496,7 @@ async fn drop_table(core: &Arc<Core>, id: &str, name: &str, if_exists: bool, vie
     }
     let removed = core.catalog.remove(name)?;
     core.ctx.deregister_table(TableReference::bare(name))?;
-    core.catalog.replan_views(&core.ctx).await?;
+    core.catalog.replan_views(&core.ctx).await;
     match removed {
         Some(TableDef::Managed { location: Some(location), files, .. }) => {
             let ctx = core.ctx.clone();
