@@ -838,6 +838,10 @@ async fn a_prepared_statement_reads_its_tables_as_they_are_now() {
     .await;
     assert_eq!(t.cluster_rows("EXECUTE series(90)").await, vec![vec!["10".to_string()]]);
     assert_eq!(t.cluster_rows("EXECUTE walk(4)").await, vec![vec!["4".to_string(), "10".to_string()]]);
+    // Both in one plan: the table `r` is bound, the CTE's work table of the same name is not.
+    t.run_all(&["PREPARE both(BIGINT) AS SELECT (SELECT count(*) FROM r), (WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < $1) SELECT sum(n) FROM r)"]).await;
+    t.run_all(&["INSERT INTO r SELECT 8"]).await;
+    assert_eq!(t.cluster_rows("EXECUTE both(3)").await, vec![vec!["2".to_string(), "6".to_string()]]);
     t.run_all(&["DROP TABLE t"]).await;
     let gone = t.client.collect("EXECUTE p(0)").await.expect_err("the table is gone");
     assert!(gone.to_string().contains("No table named 't'"), "{gone}");

@@ -90,11 +90,18 @@ fn workers_register_join_late_and_the_catalog_survives_a_coordinator_restart() {
     eventually(port, ALIVE, "n\n2");
     assert_eq!(sql_ok(port, "SELECT sum(v) AS s FROM t"), "s\n500500\n");
 
-    // Restart the coordinator on the same data directory: tables come back, workers rejoin.
+    // A view over a view replaced since: the catalog lists the inner one last.
+    sql_ok(port, "CREATE VIEW w AS SELECT v FROM t");
+    sql_ok(port, "CREATE VIEW ww AS SELECT sum(v) AS s FROM w");
+    sql_ok(port, "CREATE OR REPLACE VIEW w AS SELECT v FROM t WHERE v > 500");
+
+    // Restart the coordinator on the same data directory: tables and views come back, workers
+    // rejoin.
     drop(coord);
     coord = coordinator(port, dir.path());
     eventually(port, ALIVE, "n\n2");
     assert_eq!(sql_ok(port, "SELECT count(*) AS c FROM t WHERE v > 500"), "c\n500\n");
+    assert_eq!(sql_ok(port, "SELECT s FROM ww"), "s\n375250\n");
     drop(coord);
 }
 

@@ -151,8 +151,9 @@ impl Catalog {
     /// Plans every view again over the tables as they are now. DataFusion keeps the plan a
     /// view was created with, its tables' sources included: without this, a view goes on
     /// reading a table as it was (missing rows inserted since, or the files of a table dropped
-    /// or replaced since). Each view is replaced in one step (`CREATE OR REPLACE VIEW`), so a
-    /// Query running meanwhile finds it; a view over another comes after it. A view that cannot
+    /// or replaced since). Each view is replaced where it is (`CREATE OR REPLACE VIEW`: no wait
+    /// between taking the old one out and putting the new one in), so a Query planned meanwhile
+    /// finds it; a view over another comes after it. A view that cannot
     /// be planned now (a table it reads was dropped) is unregistered, so a Query naming it
     /// fails, until a later change can plan it again. Never fails: the change that called it
     /// has happened; what could not be planned is logged.
@@ -355,7 +356,9 @@ async fn views_in_order(ctx: &SessionContext, views: Vec<(String, String)>) -> V
     let dialect = state.config().options().sql_parser.dialect;
     for (_, sql) in &views {
         let named = state.sql_to_statement(sql, &dialect).and_then(|statement| state.resolve_table_references(&statement));
-        let named: Vec<String> = named.unwrap_or_default().iter().map(|t| t.table().to_string()).collect();
+        // Views live in the default schema: `quiver.queries` is no view `queries`.
+        let default_schema = |t: &TableReference| t.schema().is_none_or(|s| s == "public");
+        let named: Vec<String> = named.unwrap_or_default().iter().filter(|t| default_schema(t)).map(|t| t.table().to_string()).collect();
         reads.push(named.into_iter().filter(|t| names.contains(t)).collect());
     }
     let mut ordered = Vec::with_capacity(views.len());
@@ -393,14 +396,14 @@ async fn replace_view(ctx: &SessionContext, sql: &str) -> Result<()> {
 pub async fn bind_current_tables(ctx: &SessionContext, plan: LogicalPlan) -> Result<LogicalPlan> {
     // The kinds of provider the catalog registers (`Catalog::register`): files, an empty
     // managed table, a view.
-    let of_catalog = |_: &TableReference, source: &Arc<dyn TableSource>| {
+    let of_catalog = |source: &Arc<dyn TableSource>| {
         source_as_provider(source).is_ok_and(|p| p.is::<ListingTable>() || p.is::<MemTable>() || p.is::<ViewTable>())
     };
     let mut names = Vec::new();
     plan.apply_with_subqueries(|node| {
         match node {
-            LogicalPlan::TableScan(scan) if of_catalog(&scan.table_name, &scan.source) => names.push(scan.table_name.clone()),
-            LogicalPlan::Dml(dml) if of_catalog(&dml.table_name, &dml.target) => names.push(dml.table_name.clone()),
+            LogicalPlan::TableScan(scan) if of_catalog(&scan.source) => names.push(scan.table_name.clone()),
+            LogicalPlan::Dml(dml) if of_catalog(&dml.target) => names.push(dml.table_name.clone()),
             _ => {}
         }
         Ok(TreeNodeRecursion::Continue)
@@ -412,7 +415,8 @@ pub async fn bind_current_tables(ctx: &SessionContext, plan: LogicalPlan) -> Res
     }
     let changed = |name: &TableReference| plan_err!("table {name} changed since the statement was prepared: prepare it again");
     let bound = plan.transform_up_with_subqueries(|node| match node {
-        LogicalPlan::TableScan(mut scan) if current.contains_key(&scan.table_name) => {
+        // By provider again: a recursive CTE's work table may share a scanned table's name.
+        LogicalPlan::TableScan(mut scan) if of_catalog(&scan.source) && current.contains_key(&scan.table_name) => {
             let provider = &current[&scan.table_name];
             if provider.schema().fields() != scan.source.schema().fields() {
                 return changed(&scan.table_name);
@@ -420,7 +424,7 @@ pub async fn bind_current_tables(ctx: &SessionContext, plan: LogicalPlan) -> Res
             scan.source = provider_as_source(Arc::clone(provider));
             Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
         }
-        LogicalPlan::Dml(dml) if current.contains_key(&dml.table_name) => {
+        LogicalPlan::Dml(dml) if of_catalog(&dml.target) && current.contains_key(&dml.table_name) => {
             if current[&dml.table_name].schema().fields() != dml.target.schema().fields() {
                 return changed(&dml.table_name);
             }

@@ -260,14 +260,13 @@ fn open_warehouse(ctx: &SessionContext, stores: &stores::Stores, warehouse: Opti
 }
 
 async fn restore_catalog(ctx: &SessionContext, catalog: &catalog::Catalog, stores: &stores::Stores) -> Result<()> {
-    let mut defs = catalog.load()?;
-    // Views last: they may read the tables.
-    defs.sort_by_key(|d| matches!(d, catalog::TableDef::View { .. }));
-    for def in defs {
+    // Tables first; then the views, each after the views it reads.
+    for def in catalog.load()?.into_iter().filter(|d| !matches!(d, catalog::TableDef::View { .. })) {
         if let Err(e) = catalog.register(ctx, stores, &def).await {
             tracing::error!(table = def.name(), "cannot restore table: {e}");
         }
     }
+    catalog.replan_views(ctx).await;
     Ok(())
 }
 

@@ -27,14 +27,15 @@ impl Retired {
     pub fn remove_after(&self, running: impl FnOnce() -> BTreeSet<String>, remove: impl FnOnce() + Send + 'static) {
         let mut pending = self.lock();
         let waits_for = running();
+        // At once, the statement that asked is answered once the files are gone.
         if waits_for.is_empty() {
             drop(pending);
-            return run(vec![Box::new(remove)]);
+            return remove();
         }
         if pending.len() >= RETIRED_REMOVALS_MAX {
             drop(pending);
             tracing::warn!("{RETIRED_REMOVALS_MAX} removals of dropped files already wait for running queries: removing at once");
-            return run(vec![Box::new(remove)]);
+            return remove();
         }
         pending.push((waits_for, Box::new(remove)));
     }
@@ -58,8 +59,8 @@ impl Retired {
     }
 }
 
-/// Runs removals off the async threads when there is a runtime (they remove directories, and
-/// whatever ends a Query may be polling a stream); inline otherwise.
+/// Runs the removals that waited off the async threads when there is a runtime (they remove
+/// directories, and whatever ends a Query may be polling a stream); inline otherwise.
 fn run(removals: Vec<Removal>) {
     if removals.is_empty() {
         return;
