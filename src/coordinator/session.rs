@@ -391,7 +391,7 @@ async fn write_segment(
         Some(location) => {
             let prefix = format!("{location}{id}");
             let opened = WritePrefix::open(&core.ctx, &prefix)?;
-            (std::path::PathBuf::from(prefix), RemoveOnDrop(None), SweepOnDrop(Some(opened)))
+            (PathBuf::from(prefix), RemoveOnDrop(None), SweepOnDrop(Some(opened)))
         }
     };
     let state = core.ctx.state();
@@ -438,17 +438,17 @@ fn remove_paths(paths: &[PathBuf]) {
 }
 
 /// Removes a file or a directory (with its contents) when dropped, unless emptied first.
-pub(super) struct RemoveOnDrop(pub(super) Option<std::path::PathBuf>);
+pub(super) struct RemoveOnDrop(pub(super) Option<PathBuf>);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         if let Some(path) = self.0.take() {
-            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            remove_paths(&[path]);
         }
     }
 }
 
-fn staging_dir(core: &Core, id: &str, table: &str) -> std::path::PathBuf {
+fn staging_dir(core: &Core, id: &str, table: &str) -> PathBuf {
     core.catalog.table_dir(table).join(format!(".staging-{id}"))
 }
 
